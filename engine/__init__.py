@@ -1,0 +1,1 @@
+"""The shared library of the three RLHF steps. It never imports a step."""

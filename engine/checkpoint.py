@@ -1,0 +1,184 @@
+"""Saving: Hugging Face folders (LoRA fused, safetensors, atomic) and DeepSpeed checkpoints for --resume.
+
+A Hugging Face folder is written into a staging folder and then published: renamed into place when
+the target does not exist yet, or, for a step's output folder that already holds logs, moved in file
+by file with `config.json` removed first and written last, so a crash never leaves a folder that
+loads as a model with half of its weights.
+
+Resume state: DeepSpeed's own checkpoint (model, optimizer, scheduler) plus, per rank, the RNG states
+and data position, written with safetensors/JSON (no pickle).
+"""
+from __future__ import annotations
+
+import json
+import logging
+import os
+import random
+import shutil
+import tempfile
+from pathlib import Path
+from typing import Any, Callable
+
+import torch
+from safetensors.torch import load_file, save_file
+
+from engine.distributed import DistInfo, barrier
+from engine.errors import UserError
+
+logger = logging.getLogger("engine")
+
+DS_CHECKPOINT_DIR = "ds_checkpoint"
+
+
+# ----------------------------------------------------------------------------------------------
+# Full weights from any ZeRO stage
+# ----------------------------------------------------------------------------------------------
+def gather_state_dict(module: torch.nn.Module, zero_stage: int, is_main: bool) -> dict[str, torch.Tensor] | None:
+    """The module's full state dict on rank 0 (CPU tensors), None on the other ranks.
+
+    Under ZeRO-3 every rank takes part in gathering one parameter at a time, so no rank ever holds
+    more than one full parameter beyond its shard.
+    """
+    out: dict[str, torch.Tensor] = {}
+    if zero_stage == 3:
+        import deepspeed
+
+        for name, p in module.named_parameters():
+            with deepspeed.zero.GatheredParameters([p], modifier_rank=None):
+                if is_main:
+                    out[name] = p.detach().cpu().clone()
+        if is_main:
+            for name, b in module.named_buffers():
+                out[name] = b.detach().cpu().clone()
+            persistent = set(module.state_dict().keys())
+            out = {k: v for k, v in out.items() if k in persistent}
+        return out if is_main else None
+    if not is_main:
+        return None
+    return {k: v.detach().cpu().clone() for k, v in module.state_dict().items()}
+
+
+def _merged_model(module: torch.nn.Module, state: dict[str, torch.Tensor]) -> torch.nn.Module:
+    """A CPU copy of `module`'s architecture holding `state`, with any LoRA fused in.
+
+    The skeleton is built on the meta device (no memory, no init) and the gathered tensors are
+    assigned into it; peft's `merge_and_unload` then folds the adapters into the base weights.
+    """
+    from peft import PeftModel, get_peft_model
+
+    base = module.get_base_model() if isinstance(module, PeftModel) else module
+    with torch.device("meta"):
+        skeleton = type(base)(base.config)
+    if isinstance(module, PeftModel):
+        skeleton = get_peft_model(skeleton, module.peft_config["default"])
+    missing, unexpected = skeleton.load_state_dict(state, strict=False, assign=True)
+    if unexpected:
+        raise RuntimeError(f"state dict keys not in the model: {unexpected[:5]}")
+    if isinstance(skeleton, PeftModel):
+        skeleton = skeleton.merge_and_unload()
+    skeleton.tie_weights()
+    still_meta = [n for n, p in skeleton.named_parameters() if p.is_meta]
+    if still_meta:
+        raise RuntimeError(f"weights missing from the gathered state: {still_meta[:5]} (missing {missing[:5]})")
+    return skeleton
+
+
+# ----------------------------------------------------------------------------------------------
+# Atomic Hugging Face folders
+# ----------------------------------------------------------------------------------------------
+def publish_folder(staging: Path, target: Path) -> None:
+    """Move a finished staging folder to `target` so that a crash never leaves a loadable half."""
+    if not target.exists():
+        os.rename(staging, target)
+        return
+    (target / "config.json").unlink(missing_ok=True)  # not loadable until the move completes
+    files = sorted(p for p in staging.iterdir() if p.name != "config.json")
+    for path in files + [staging / "config.json"]:
+        dest = target / path.name
+        if dest.is_dir() and not path.is_dir():
+            shutil.rmtree(dest)
+        os.replace(path, dest)
+    shutil.rmtree(staging, ignore_errors=True)
+
+
+def save_hf_folder(module: torch.nn.Module, tokenizer: Any, target: Path, zero_stage: int, dist: DistInfo,
+                   extra: Callable[[Path], None] | None = None) -> None:
+    """Write `module` (LoRA fused) as a Hugging Face folder at `target`; all ranks must call this.
+
+    `extra(folder)` adds files (e.g. the resolved config) before the folder is published.
+    """
+    state = gather_state_dict(module, zero_stage, dist.is_main)
+    if dist.is_main:
+        target.parent.mkdir(parents=True, exist_ok=True)
+        staging = Path(tempfile.mkdtemp(prefix=f".{target.name}.staging-", dir=target.parent))
+        try:
+            model = _merged_model(module, state)
+            model.config.use_cache = True
+            model.save_pretrained(str(staging))
+            tokenizer.save_pretrained(str(staging))
+            if extra is not None:
+                extra(staging)
+            publish_folder(staging, target)
+        finally:
+            shutil.rmtree(staging, ignore_errors=True)
+        logger.info("saved model to %s", target)
+    barrier()
+
+
+# ----------------------------------------------------------------------------------------------
+# DeepSpeed checkpoints + RNG + data position, for --resume
+# ----------------------------------------------------------------------------------------------
+def _rng_file(folder: Path, rank: int) -> Path:
+    return folder / f"rng_rank{rank}.safetensors"
+
+
+def save_resume_state(engine: Any, output_dir: Path, tag: str, client_state: dict[str, Any], dist: DistInfo) -> None:
+    """DeepSpeed checkpoint `tag` plus this rank's RNG states; `latest` points at it once all is written."""
+    folder = output_dir / DS_CHECKPOINT_DIR
+    # DeepSpeed writes its `latest` file at the end of save_checkpoint; we write ours only after the
+    # RNG files too, so an interrupted save is never picked up by --resume.
+    engine.save_checkpoint(str(folder), tag=tag, client_state=client_state, save_latest=False)
+    tensors = {"torch": torch.get_rng_state()}
+    if torch.cuda.is_available():
+        tensors["cuda"] = torch.cuda.get_rng_state()
+    meta = {"python": json.dumps(random.getstate())}
+    save_file(tensors, str(_rng_file(folder / tag, dist.rank)), metadata=meta)
+    barrier()
+    if dist.is_main:
+        tmp = folder / "latest.tmp"
+        tmp.write_text(tag)
+        os.replace(tmp, folder / "latest")
+    barrier()
+
+
+def _restore_rng(path: Path) -> None:
+    from safetensors import safe_open
+
+    tensors = load_file(str(path))
+    torch.set_rng_state(tensors["torch"])
+    if "cuda" in tensors and torch.cuda.is_available():
+        torch.cuda.set_rng_state(tensors["cuda"])
+    with safe_open(str(path), framework="pt") as f:
+        state = json.loads(f.metadata()["python"])
+    random.setstate((state[0], tuple(state[1]), state[2]))
+
+
+def load_resume_state(engine: Any, output_dir: Path, dist: DistInfo) -> dict[str, Any]:
+    """Restore the last checkpoint written by `save_resume_state`; returns its client state."""
+    folder = output_dir / DS_CHECKPOINT_DIR
+    latest = folder / "latest"
+    if not latest.is_file():
+        raise UserError(f"--resume: no checkpoint in {folder}; run without --resume, or set "
+                        "--save_interval so that checkpoints are written")
+    tag = latest.read_text().strip()
+    rng = _rng_file(folder / tag, dist.rank)
+    if not rng.is_file():
+        raise UserError(f"--resume: {rng} is missing; was the checkpoint written with a different "
+                        "number of ranks? Resume with the same world size")
+    load_path, client_state = engine.load_checkpoint(str(folder), tag=tag, load_optimizer_states=True,
+                                                     load_lr_scheduler_states=True)
+    if load_path is None:
+        raise UserError(f"--resume: DeepSpeed could not load {folder / tag}")
+    _restore_rng(rng)
+    logger.info("resumed from %s (step %s)", folder / tag, client_state.get("global_step"))
+    return client_state

@@ -1,0 +1,375 @@
+"""Typed configs built from shared parts, with CLI flags generated from the fields.
+
+Each step's config is a dataclass whose fields are parts (`ModelArgs`, `DataArgs`, ...). Every leaf
+field is one flag with the same name (DeepSpeed-Chat's flat names: `--zero_stage`, `--lora_dim`);
+its help text lives once, next to the field. Precedence: field default < `--config file.yaml` <
+command-line flag. Unknown keys and contradictory settings raise `UserError`; nothing is rewritten
+after parsing.
+"""
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import importlib.util
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Sequence, TypeVar
+
+import yaml
+
+from engine.errors import UserError
+
+C = TypeVar("C")
+
+
+def arg(default: Any = None, help: str = "", choices: Sequence[Any] | None = None,
+        default_factory: Any = None) -> Any:
+    """A config field: its default, its help text and, optionally, the allowed values."""
+    meta = {"help": help, "choices": tuple(choices) if choices else None}
+    if default_factory is not None:
+        return field(default_factory=default_factory, metadata=meta)
+    return field(default=default, metadata=meta)
+
+
+def _cuda_available() -> bool:
+    import torch
+
+    return torch.cuda.is_available()
+
+
+def default_dtype() -> str:
+    """DeepSpeed-Chat defaults to fp16, which DeepSpeed cannot run on a CPU; bf16 can."""
+    return "fp16" if _cuda_available() else "bf16"
+
+
+# ----------------------------------------------------------------------------------------------
+# Shared parts
+# ----------------------------------------------------------------------------------------------
+@dataclass
+class ModelArgs:
+    model_name_or_path: str | None = arg(
+        None, "Hugging Face model folder or hub name. Default: the built-in tiny Llama model "
+        "(random weights from a fixed seed), made on first use.")
+    dropout: float | None = arg(
+        None, "Set every dropout probability in the model config to this value (None keeps the model's).")
+    attn_implementation: str = arg(
+        "sdpa", "Attention kernel. flash_attention_2 needs the flash-attn package (a GPU extra).",
+        choices=("sdpa", "eager", "flash_attention_2"))
+    trust_remote_code: bool = arg(
+        False, "Allow model/tokenizer code from the model folder or hub to run. Off: only built-in "
+        "transformers architectures load.")
+
+
+@dataclass
+class DataArgs:
+    data_path: list[str] = arg(
+        default_factory=list, help="Datasets: DeepSpeed-Chat hub names (e.g. Dahoas/rm-static), "
+        "local/jsonfile, a .json/.jsonl/.parquet file, or a folder with train.* and eval.* files. "
+        "Several are concatenated. Default: the bundled synthetic sorting task.")
+    data_split: str = arg(
+        "2,4,4", "Comma-separated weights of the slices given to steps 1, 2 and 3 (disjoint, seeded).")
+    sft_only_data_path: list[str] = arg(
+        default_factory=list, help="Datasets used whole by step 1 only (not split between steps).")
+    data_output_path: str | None = arg(
+        None, "Folder for the tokenized cache. Default: <output_dir>/data_cache (DeepSpeed-Chat "
+        "uses /tmp/data_files, a shared world-writable folder; we do not).")
+    max_seq_len: int = arg(512, "Maximum tokens per training sequence (prompt + answer).")
+    train_on_prompt: bool = arg(
+        False, "Also put loss on the prompt tokens, as DeepSpeed-Chat does. Default: loss on the "
+        "answer tokens only (as TRL and OpenRLHF do), so the model is not trained to write prompts.")
+    overlength: str = arg(
+        "truncate", "What to do with rows longer than --max_seq_len: truncate them (DeepSpeed-Chat's "
+        "behaviour) or drop them. Either way the count is logged.", choices=("truncate", "drop"))
+    add_eot_token: bool = arg(
+        False, "Add --eot_token to the tokenizer as a special token and end every answer with it.")
+    eot_token: str = arg("<|endoftext|>", "The end-of-text token used with --add_eot_token.")
+
+
+@dataclass
+class TrainArgs:
+    per_device_train_batch_size: int = arg(16, "Micro-batch size per rank for training.")
+    per_device_eval_batch_size: int = arg(16, "Batch size per rank for evaluation.")
+    learning_rate: float = arg(1e-3, "Peak learning rate (DeepSpeed-Chat's step-1 default).")
+    weight_decay: float = arg(0.0, "AdamW weight decay (not applied to biases and norm weights).")
+    num_train_epochs: int = arg(1, "Number of passes over the training slice.")
+    gradient_accumulation_steps: int = arg(1, "Micro-batches per optimizer step.")
+    lr_scheduler_type: str = arg(
+        "cosine", "Learning-rate schedule (transformers' get_scheduler).",
+        choices=("linear", "cosine", "cosine_with_restarts", "polynomial", "constant",
+                 "constant_with_warmup"))
+    num_warmup_steps: int = arg(0, "Warm-up optimizer steps of the schedule.")
+    adam_beta1: float = arg(0.9, "Adam beta1 (DeepSpeed-Chat: 0.9).")
+    adam_beta2: float = arg(0.95, "Adam beta2 (DeepSpeed-Chat: 0.95).")
+    seed: int = arg(1234, "Seed of the data split, shuffling, dropout and the built-in model.")
+    test_stop_step: int = arg(
+        0, "Stop after this many optimizer steps without changing the schedule (0: run to the end). "
+        "For tests and quick checks.")
+
+
+@dataclass
+class DeepSpeedArgs:
+    zero_stage: int = arg(0, "ZeRO stage.", choices=(0, 1, 2, 3))
+    offload: bool = arg(False, "Offload optimizer state to CPU (ZeRO >= 2) and parameters (ZeRO 3).")
+    dtype: str = arg(
+        default_factory=default_dtype, choices=("fp16", "bf16", "fp32"),
+        help="Training dtype. Default: fp16 on GPU (DeepSpeed-Chat's default), bf16 on a CPU-only "
+        "machine, where DeepSpeed cannot run fp16.")
+    gradient_checkpointing: bool = arg(False, "Recompute activations in the backward pass.")
+    compute_fp32_loss: bool = arg(False, "Compute the loss from fp32 logits (for bf16/fp16 training).")
+    gradient_clipping: float = arg(1.0, "Global gradient-norm clip (DeepSpeed-Chat: 1.0).")
+    deepspeed_config: str | None = arg(
+        None, "A DeepSpeed JSON config (see ds_configs/). Its \"auto\" values are filled from the "
+        "flags; explicit values are kept.")
+    deepspeed: bool = arg(False, "Accepted for DeepSpeed-Chat launch scripts; DeepSpeed is always on.")
+    local_rank: int = arg(-1, "Set by the launcher; ignored (LOCAL_RANK from the environment wins).")
+
+
+@dataclass
+class LoRAArgs:
+    lora_dim: int = arg(0, "LoRA rank; > 0 enables LoRA (peft).")
+    lora_module_name: str = arg(
+        "auto", "LoRA goes on the Linear layers whose name contains this string. 'auto': every "
+        "Linear layer of the decoder stack, for any model family. DeepSpeed-Chat's default "
+        "'decoder.layers.' matches OPT only.")
+    only_optimize_lora: bool = arg(False, "Train only the LoRA weights; the base model stays frozen.")
+    lora_learning_rate: float = arg(5e-4, "Learning rate of the LoRA weights.")
+    lora_scaling: float = arg(
+        1.0, "LoRA output scale numerator: the update is multiplied by lora_scaling / lora_dim "
+        "(DeepSpeed-Chat's convention; peft's lora_alpha).")
+
+
+@dataclass
+class LogArgs:
+    output_dir: str = arg("output/step1_sft", "Where the model, checkpoints, metrics and plots go.")
+    enable_tensorboard: bool = arg(False, "Write TensorBoard events.")
+    tensorboard_path: str = arg("step1_tensorboard", "TensorBoard folder; relative to --output_dir.")
+    enable_wandb: bool = arg(False, "Log to Weights & Biases (needs the wandb package).")
+    wandb_project: str = arg("rlhf-engine", "W&B project name.")
+    print_loss: bool = arg(False, "Log the loss of every step on every rank (DeepSpeed-Chat flag).")
+    print_interval: int = arg(10, "Log throughput, TFLOPs and peak memory every N optimizer steps.")
+    save_interval: int = arg(
+        0, "Every N optimizer steps write a Hugging Face folder checkpoint-<step>/ and a DeepSpeed "
+        "checkpoint for --resume (0: only the final model).")
+    resume: bool = arg(False, "Continue from the last DeepSpeed checkpoint in --output_dir.")
+    disable_tqdm: bool = arg(False, "No progress bar.")
+
+
+@dataclass
+class Step1Config:
+    """Step 1: supervised fine-tuning."""
+
+    model: ModelArgs = field(default_factory=ModelArgs)
+    data: DataArgs = field(default_factory=DataArgs)
+    train: TrainArgs = field(default_factory=TrainArgs)
+    ds: DeepSpeedArgs = field(default_factory=DeepSpeedArgs)
+    lora: LoRAArgs = field(default_factory=LoRAArgs)
+    log: LogArgs = field(default_factory=LogArgs)
+
+
+# ----------------------------------------------------------------------------------------------
+# Flags from fields
+# ----------------------------------------------------------------------------------------------
+def leaf_fields(config_cls: type) -> dict[str, tuple[str, dataclasses.Field, Any]]:
+    """flag name -> (part attribute, field, resolved type), over every part of a step config."""
+    out: dict[str, tuple[str, dataclasses.Field, Any]] = {}
+    for part in dataclasses.fields(config_cls):
+        part_cls = typing.get_type_hints(config_cls)[part.name]
+        hints = typing.get_type_hints(part_cls)
+        for f in dataclasses.fields(part_cls):
+            if f.name in out:
+                raise TypeError(f"flag --{f.name} is declared twice ({out[f.name][0]}, {part.name})")
+            out[f.name] = (part.name, f, hints[f.name])
+    return out
+
+
+def _base_type(tp: Any) -> tuple[Any, bool]:
+    """(scalar type, optional?) for `int`, `float | None`, `list[str]`..."""
+    if isinstance(tp, types.UnionType) or typing.get_origin(tp) is typing.Union:
+        args = [a for a in typing.get_args(tp) if a is not type(None)]
+        return args[0], True
+    return tp, False
+
+
+def _field_default(f: dataclasses.Field) -> Any:
+    if f.default_factory is not dataclasses.MISSING:
+        return f.default_factory()
+    return f.default
+
+
+def build_parser(config_cls: type, description: str = "") -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(description=description,
+                                     formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    parser.add_argument("--config", default=None, help="YAML file of flag values; flags override it.")
+    for name, (_, f, tp) in leaf_fields(config_cls).items():
+        base, _ = _base_type(tp)
+        kwargs: dict[str, Any] = {"help": f.metadata.get("help", ""), "default": argparse.SUPPRESS}
+        if f.metadata.get("choices"):
+            kwargs["choices"] = f.metadata["choices"]
+        if base is bool:
+            parser.add_argument(f"--{name}", action=argparse.BooleanOptionalAction, **kwargs)
+        elif typing.get_origin(base) is list:
+            parser.add_argument(f"--{name}", nargs="*", type=typing.get_args(base)[0], **kwargs)
+        else:
+            parser.add_argument(f"--{name}", type=base, **kwargs)
+    return parser
+
+
+def _coerce(name: str, value: Any, tp: Any) -> Any:
+    """Check a YAML value against the field type (YAML reads 1e-3 as a string)."""
+    base, optional = _base_type(tp)
+    if value is None:
+        if optional:
+            return None
+        raise UserError(f"config key '{name}' cannot be null; give a value or remove the key")
+    try:
+        if base is bool:
+            if isinstance(value, bool):
+                return value
+            raise ValueError
+        if typing.get_origin(base) is list:
+            items = value if isinstance(value, list) else [value]
+            return [typing.get_args(base)[0](v) for v in items]
+        if base is int and isinstance(value, float) and not value.is_integer():
+            raise ValueError
+        return base(value)
+    except (TypeError, ValueError):
+        raise UserError(f"config key '{name}': {value!r} is not a valid "
+                        f"{getattr(base, '__name__', base)}") from None
+
+
+def _read_yaml(path: str, config_cls: type) -> dict[str, Any]:
+    """Flat keys (`zero_stage: 3`) or keys grouped under part names (`ds: {zero_stage: 3}`)."""
+    p = Path(path)
+    if not p.is_file():
+        raise UserError(f"--config {path}: no such file")
+    try:
+        raw = yaml.safe_load(p.read_text()) or {}
+    except yaml.YAMLError as err:
+        raise UserError(f"--config {path} is not valid YAML: {err}") from None
+    if not isinstance(raw, dict):
+        raise UserError(f"--config {path} must hold a mapping of flag names to values")
+    parts = {f.name for f in dataclasses.fields(config_cls)}
+    flat: dict[str, Any] = {}
+    for key, value in raw.items():
+        if key in parts and isinstance(value, dict):
+            flat.update(value)
+        else:
+            flat[key] = value
+    return flat
+
+
+def parse_config(config_cls: type[C], argv: Sequence[str] | None = None, description: str = "") -> C:
+    """Defaults < --config YAML < flags; then `validate` the result."""
+    parser = build_parser(config_cls, description)
+    ns, unknown = parser.parse_known_args(argv)
+    if unknown:
+        raise UserError(f"unknown flag(s) {' '.join(unknown)}; see --help for the flags of this step")
+    cli = {k: v for k, v in vars(ns).items() if k != "config"}
+    leaves = leaf_fields(config_cls)
+    from_file = _read_yaml(ns.config, config_cls) if ns.config else {}
+    bad = sorted(set(from_file) - set(leaves))
+    if bad:
+        raise UserError(f"--config {ns.config}: unknown key(s) {', '.join(bad)}; keys are flag names")
+    values = {k: _coerce(k, v, leaves[k][2]) for k, v in from_file.items()}
+    values.update(cli)
+    for name, value in values.items():
+        choices = leaves[name][1].metadata.get("choices")
+        if choices and value not in choices:
+            raise UserError(f"--{name} {value!r}: choose one of {', '.join(map(str, choices))}")
+    return make_config(config_cls, values)
+
+
+def make_config(config_cls: type[C], values: dict[str, Any] | None = None) -> C:
+    """Build a step config from flat flag values (the rest default) and validate it."""
+    values = values or {}
+    leaves = leaf_fields(config_cls)
+    bad = sorted(set(values) - set(leaves))
+    if bad:
+        raise UserError(f"unknown config key(s) {', '.join(bad)}")
+    per_part: dict[str, dict[str, Any]] = {}
+    for name, (part, f, _) in leaves.items():
+        per_part.setdefault(part, {})[name] = values[name] if name in values else _field_default(f)
+    hints = typing.get_type_hints(config_cls)
+    cfg = config_cls(**{part: hints[part](**kw) for part, kw in per_part.items()})
+    validate(cfg)
+    return cfg
+
+
+def config_to_dict(cfg: Any) -> dict[str, Any]:
+    return dataclasses.asdict(cfg)
+
+
+def save_config_yaml(cfg: Any, path: Path) -> None:
+    path.write_text(yaml.safe_dump(config_to_dict(cfg), sort_keys=False))
+
+
+# ----------------------------------------------------------------------------------------------
+# Validation: raise, never rewrite
+# ----------------------------------------------------------------------------------------------
+def parse_data_split(text: str) -> list[float]:
+    """'2,4,4' -> [0.2, 0.4, 0.4]."""
+    try:
+        weights = [float(x) for x in text.split(",")]
+    except ValueError:
+        raise UserError(f"--data_split {text!r}: give three comma-separated numbers, e.g. 2,4,4") from None
+    if len(weights) != 3 or any(w < 0 for w in weights) or sum(weights) <= 0:
+        raise UserError(f"--data_split {text!r}: give three non-negative numbers with a positive "
+                        "sum, one per step, e.g. 2,4,4")
+    total = sum(weights)
+    return [w / total for w in weights]
+
+
+def _validate_part(part: Any) -> list[str]:
+    problems: list[str] = []
+    if isinstance(part, DeepSpeedArgs):
+        if part.offload and part.zero_stage < 2:
+            problems.append(f"--offload needs --zero_stage 2 or 3 (got {part.zero_stage}); "
+                            "DeepSpeed ignores offload below stage 2")
+        if part.dtype == "fp16" and not _cuda_available():
+            problems.append("--dtype fp16 needs a GPU (DeepSpeed cannot run fp16 on a CPU); "
+                            "use --dtype bf16 or fp32")
+        if part.gradient_clipping < 0:
+            problems.append("--gradient_clipping must be >= 0 (0 disables clipping)")
+        if part.deepspeed_config and not Path(part.deepspeed_config).is_file():
+            problems.append(f"--deepspeed_config {part.deepspeed_config}: no such file")
+    elif isinstance(part, LoRAArgs):
+        if part.lora_dim < 0:
+            problems.append(f"--lora_dim must be >= 0 (got {part.lora_dim}); 0 disables LoRA")
+        if part.only_optimize_lora and part.lora_dim == 0:
+            problems.append("--only_optimize_lora needs --lora_dim > 0")
+        if not part.lora_module_name:
+            problems.append("--lora_module_name is empty; use 'auto' or a name fragment like 'layers.'")
+    elif isinstance(part, ModelArgs):
+        if part.dropout is not None and not 0.0 <= part.dropout < 1.0:
+            problems.append(f"--dropout must be in [0, 1) (got {part.dropout})")
+        if part.attn_implementation == "flash_attention_2" and not importlib.util.find_spec("flash_attn"):
+            problems.append("--attn_implementation flash_attention_2 needs the flash-attn package "
+                            "(pip install -e '.[flash]' on a CUDA machine); use sdpa or eager")
+    elif isinstance(part, DataArgs):
+        parse_data_split(part.data_split)
+        if part.max_seq_len < 2:
+            problems.append(f"--max_seq_len must be >= 2 (got {part.max_seq_len})")
+    elif isinstance(part, TrainArgs):
+        for name in ("per_device_train_batch_size", "per_device_eval_batch_size",
+                     "gradient_accumulation_steps", "num_train_epochs"):
+            if getattr(part, name) < 1:
+                problems.append(f"--{name} must be >= 1 (got {getattr(part, name)})")
+        if part.learning_rate <= 0:
+            problems.append(f"--learning_rate must be > 0 (got {part.learning_rate})")
+        if part.num_warmup_steps < 0 or part.test_stop_step < 0:
+            problems.append("--num_warmup_steps and --test_stop_step must be >= 0")
+    elif isinstance(part, LogArgs):
+        if part.save_interval < 0 or part.print_interval < 1:
+            problems.append("--save_interval must be >= 0 and --print_interval >= 1")
+    return problems
+
+
+def validate(cfg: Any) -> None:
+    """Raise one UserError listing every problem of the config."""
+    problems: list[str] = []
+    for part in dataclasses.fields(cfg):
+        problems += _validate_part(getattr(cfg, part.name))
+    if problems:
+        raise UserError("invalid configuration:\n  - " + "\n  - ".join(problems))

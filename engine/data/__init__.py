@@ -1,0 +1,1 @@
+"""Datasets: sources (hub names, local files, bundled synthetic task), splits, tokenisation, cache."""

@@ -1,0 +1,182 @@
+"""Where rows come from: the bundled task, local files and folders, and DeepSpeed-Chat hub names.
+
+Every source becomes `(train_rows, eval_rows)` of `Row`. Accepted row schemas:
+- DeepSpeed-Chat's `prompt`, `chosen`, `rejected` (rejected optional for SFT);
+- `prompt` + `response`;
+- chat rows: `messages` (a list of {role, content}, the last one the assistant's answer), rendered
+  with the tokenizer's chat template when it has one, DeepSpeed-Chat's " Human: ... Assistant:"
+  otherwise.
+Local files are read here rather than by `datasets` so a bad line is reported by file and line.
+"""
+from __future__ import annotations
+
+import json
+import logging
+import random
+from pathlib import Path
+from typing import Any, Iterable
+
+from engine.data.rows import Row
+from engine.errors import UserError
+from engine.synthetic import ASSET_DIR as BUNDLED_DIR
+
+logger = logging.getLogger("engine")
+
+BUNDLED = "bundled/synthetic_sort"
+LOCAL_JSONFILE = "local/jsonfile"
+# DeepSpeed-Chat's local/jsonfile reads <DeepSpeed-Chat>/data/{train,eval}.json; ours is the repo root.
+LOCAL_JSONFILE_DIR = Path(__file__).resolve().parents[2] / "data"
+SUFFIXES = (".jsonl", ".json", ".parquet")
+EVAL_FRACTION = 0.1
+
+
+def carve_eval(rows: list[Row], seed: int, fraction: float = EVAL_FRACTION) -> tuple[list[Row], list[Row]]:
+    """Seeded split of a source that has no eval part: (train, eval), disjoint, deterministic."""
+    order = list(range(len(rows)))
+    random.Random(seed).shuffle(order)
+    n_eval = max(1, int(len(rows) * fraction)) if len(rows) > 1 else 0
+    eval_idx = set(order[:n_eval])
+    return ([r for i, r in enumerate(rows) if i not in eval_idx],
+            [r for i, r in enumerate(rows) if i in eval_idx])
+
+
+# ----------------------------------------------------------------------------------------------
+# Row schemas
+# ----------------------------------------------------------------------------------------------
+def _text(record: dict[str, Any], key: str, where: str) -> str:
+    value = record.get(key)
+    if value is None:
+        raise UserError(f"{where}: missing field '{key}'; rows need prompt + chosen (+ rejected), "
+                        "prompt + response, or messages")
+    if not isinstance(value, str):
+        raise UserError(f"{where}: field '{key}' must be a string, not {type(value).__name__}")
+    if not value.strip():
+        raise UserError(f"{where}: field '{key}' is empty; remove the row or fill it in")
+    return value
+
+
+def render_messages(messages: Any, tokenizer: Any, where: str) -> tuple[str, str]:
+    """(prompt, answer) of a chat whose last message is the assistant's answer."""
+    if (not isinstance(messages, list) or len(messages) < 2
+            or not all(isinstance(m, dict) and "role" in m and "content" in m for m in messages)):
+        raise UserError(f"{where}: 'messages' must be a list of at least two {{role, content}} objects")
+    if messages[-1]["role"] != "assistant" or not str(messages[-1]["content"]).strip():
+        raise UserError(f"{where}: the last message must be a non-empty assistant answer")
+    if getattr(tokenizer, "chat_template", None):
+        prompt = tokenizer.apply_chat_template(messages[:-1], tokenize=False, add_generation_prompt=True)
+        full = tokenizer.apply_chat_template(messages, tokenize=False)
+        answer = full[len(prompt):] if full.startswith(prompt) else messages[-1]["content"]
+        return prompt, answer
+    turns = {"user": " Human: ", "assistant": " Assistant: ", "system": " "}
+    parts = []
+    for m in messages[:-1]:
+        if m["role"] not in turns:
+            raise UserError(f"{where}: unknown role {m['role']!r}; use system, user or assistant")
+        parts.append(turns[m["role"]] + str(m["content"]))
+    return "".join(parts) + " Assistant:", " " + str(messages[-1]["content"])
+
+
+def record_to_row(record: Any, tokenizer: Any, where: str) -> Row:
+    if not isinstance(record, dict):
+        raise UserError(f"{where}: each row must be a JSON object, not {type(record).__name__}")
+    if "messages" in record:
+        prompt, chosen = render_messages(record["messages"], tokenizer, where)
+        return Row(prompt, chosen)
+    prompt = _text(record, "prompt", where)
+    if "chosen" in record:
+        rejected = _text(record, "rejected", where) if record.get("rejected") is not None else None
+        return Row(prompt, _text(record, "chosen", where), rejected)
+    if "response" in record:
+        return Row(prompt, _text(record, "response", where))
+    raise UserError(f"{where}: no answer field; rows need 'chosen' or 'response' (or use 'messages')")
+
+
+# ----------------------------------------------------------------------------------------------
+# Files and folders
+# ----------------------------------------------------------------------------------------------
+def _records(path: Path) -> Iterable[tuple[str, Any]]:
+    """(where, record) for each row of a .jsonl / .json / .parquet file."""
+    if path.suffix == ".jsonl":
+        with path.open(encoding="utf-8", errors="strict") as f:
+            for lineno, line in enumerate(f, 1):
+                if not line.strip():
+                    continue
+                try:
+                    yield f"{path}:{lineno}", json.loads(line)
+                except json.JSONDecodeError as err:
+                    raise UserError(f"{path}:{lineno}: malformed JSON ({err.msg}); fix or remove "
+                                    "that line") from None
+    elif path.suffix == ".json":
+        try:
+            data = json.loads(path.read_text(encoding="utf-8"))
+        except json.JSONDecodeError as err:
+            raise UserError(f"{path}:{err.lineno}: malformed JSON ({err.msg})") from None
+        if not isinstance(data, list):
+            raise UserError(f"{path}: a .json dataset must be a list of row objects (or use .jsonl)")
+        for i, rec in enumerate(data):
+            yield f"{path}[{i}]", rec
+    else:
+        import pyarrow.parquet as pq
+
+        try:
+            table = pq.read_table(path)
+        except Exception as err:  # pyarrow raises several types for a damaged file
+            raise UserError(f"{path}: cannot read it as parquet ({err})") from None
+        for i, rec in enumerate(table.to_pylist()):
+            yield f"{path}[row {i}]", rec
+
+
+def read_rows(path: Path, tokenizer: Any) -> list[Row]:
+    try:
+        rows = [record_to_row(rec, tokenizer, where) for where, rec in _records(path)]
+    except UnicodeDecodeError as err:
+        raise UserError(f"{path}: not UTF-8 text ({err.reason} at byte {err.start}); re-encode it as UTF-8") from None
+    if not rows:
+        raise UserError(f"{path}: the file holds no rows")
+    return rows
+
+
+def _find_split_file(folder: Path, names: tuple[str, ...]) -> Path | None:
+    for name in names:
+        for suffix in SUFFIXES:
+            if (folder / f"{name}{suffix}").is_file():
+                return folder / f"{name}{suffix}"
+    return None
+
+
+def load_folder(folder: Path, tokenizer: Any, seed: int) -> tuple[list[Row], list[Row]]:
+    train_file = _find_split_file(folder, ("train",))
+    if train_file is None:
+        raise UserError(f"{folder}: no train.jsonl, train.json or train.parquet in this folder")
+    eval_file = _find_split_file(folder, ("eval", "test", "validation"))
+    train = read_rows(train_file, tokenizer)
+    if eval_file is None:
+        logger.info("%s has no eval file; holding out a seeded %d%% of train", folder, EVAL_FRACTION * 100)
+        return carve_eval(train, seed)
+    return train, read_rows(eval_file, tokenizer)
+
+
+def load_source(spec: str, tokenizer: Any, seed: int) -> tuple[list[Row], list[Row]]:
+    """(train_rows, eval_rows) of one --data_path entry."""
+    if spec == BUNDLED:
+        return load_folder(BUNDLED_DIR, tokenizer, seed)
+    if spec == LOCAL_JSONFILE:
+        if not LOCAL_JSONFILE_DIR.is_dir():
+            raise UserError(f"local/jsonfile reads {LOCAL_JSONFILE_DIR}/train.json and eval.json; "
+                            "that folder does not exist")
+        return load_folder(LOCAL_JSONFILE_DIR, tokenizer, seed)
+    path = Path(spec).expanduser()
+    if path.is_dir():
+        return load_folder(path, tokenizer, seed)
+    if path.is_file():
+        if path.suffix not in SUFFIXES:
+            raise UserError(f"{path}: unsupported file type; use .jsonl, .json or .parquet")
+        return carve_eval(read_rows(path, tokenizer), seed)
+    from engine.data.hub import find_hub_dataset, load_hub_dataset
+
+    if find_hub_dataset(spec) is None:
+        hint = " (the file does not exist)" if path.suffix in SUFFIXES or "/" not in spec else ""
+        raise UserError(f"--data_path {spec}: not a file, folder or known dataset name{hint}; give a "
+                        ".jsonl/.json/.parquet file, a folder with train.* and eval.*, local/jsonfile, "
+                        "or a DeepSpeed-Chat dataset name such as Dahoas/rm-static")
+    return load_hub_dataset(spec, seed)

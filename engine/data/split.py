@@ -1,0 +1,44 @@
+"""`--data_split`: each step gets its own disjoint, seeded, deterministic slice of every dataset."""
+from __future__ import annotations
+
+import random
+from typing import Any, Sequence
+
+from engine.config import DataArgs, parse_data_split
+from engine.data.rows import Row
+from engine.data.sources import BUNDLED, load_source
+
+
+def phase_slice(n: int, weights: Sequence[float], phase: int, seed: int) -> list[int]:
+    """Indices of rows 0..n-1 that step `phase` (1, 2 or 3) uses.
+
+    One seeded permutation per dataset; contiguous ranges of it by the cumulative weights, so the
+    three steps' slices are disjoint and together cover every row.
+    """
+    if phase not in (1, 2, 3):
+        raise ValueError(f"phase must be 1, 2 or 3, not {phase}")
+    order = list(range(n))
+    random.Random(seed).shuffle(order)
+    bounds = [0]
+    for w in weights:
+        bounds.append(bounds[-1] + w)
+    cuts = [round(n * b) for b in bounds]
+    cuts[-1] = n
+    return sorted(order[cuts[phase - 1]:cuts[phase]])
+
+
+def phase_rows(data: DataArgs, tokenizer: Any, phase: int, seed: int) -> tuple[list[Row], list[Row]]:
+    """(train, eval) rows of one step over all --data_path sources (+ --sft_only_data_path for step 1)."""
+    weights = parse_data_split(data.data_split)
+    train: list[Row] = []
+    evals: list[Row] = []
+    for spec in data.data_path or [BUNDLED]:
+        tr, ev = load_source(spec, tokenizer, seed)
+        train += [tr[i] for i in phase_slice(len(tr), weights, phase, seed)]
+        evals += [ev[i] for i in phase_slice(len(ev), weights, phase, seed)]
+    if phase == 1:
+        for spec in data.sft_only_data_path:
+            tr, ev = load_source(spec, tokenizer, seed)
+            train += tr
+            evals += ev
+    return train, evals

@@ -1,0 +1,94 @@
+"""Process-group set-up for `deepspeed`, `torchrun` and plain `python` (a world of one).
+
+DeepSpeed picks the backend from its accelerator: nccl on CUDA, gloo on CPU.
+"""
+from __future__ import annotations
+
+import logging
+import os
+import random
+import socket
+from dataclasses import dataclass
+
+import torch
+
+logger = logging.getLogger("engine")
+
+
+@dataclass(frozen=True)
+class DistInfo:
+    rank: int
+    local_rank: int
+    world_size: int
+    device: torch.device
+
+    @property
+    def is_main(self) -> bool:
+        return self.rank == 0
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def init_distributed(seed: int) -> DistInfo:
+    """Join (or create) the process group and seed every RNG the same way on every rank."""
+    import deepspeed
+
+    if "RANK" not in os.environ:  # plain `python main.py`: a world of one
+        os.environ.update(RANK="0", LOCAL_RANK="0", WORLD_SIZE="1",
+                          MASTER_ADDR="127.0.0.1", MASTER_PORT=str(_free_port()))
+    if not torch.distributed.is_initialized():
+        deepspeed.init_distributed(verbose=False)
+    local_rank = int(os.environ.get("LOCAL_RANK", "0"))
+    if torch.cuda.is_available():
+        torch.cuda.set_device(local_rank)
+        device = torch.device("cuda", local_rank)
+    else:
+        device = torch.device("cpu")
+    set_seed(seed)
+    return DistInfo(rank=torch.distributed.get_rank(), local_rank=local_rank,
+                    world_size=torch.distributed.get_world_size(), device=device)
+
+
+def set_seed(seed: int) -> None:
+    random.seed(seed)
+    torch.manual_seed(seed)
+    if torch.cuda.is_available():
+        torch.cuda.manual_seed_all(seed)
+
+
+def barrier() -> None:
+    if torch.distributed.is_initialized():
+        torch.distributed.barrier()
+
+
+def all_reduce_mean(value: float, device: torch.device) -> float:
+    """Mean of a Python float over all ranks."""
+    t = torch.tensor([value], dtype=torch.float64, device=device)
+    if torch.distributed.is_initialized():
+        torch.distributed.all_reduce(t)
+        t /= torch.distributed.get_world_size()
+    return float(t.item())
+
+
+def all_reduce_sum(values: list[float], device: torch.device) -> list[float]:
+    t = torch.tensor(values, dtype=torch.float64, device=device)
+    if torch.distributed.is_initialized():
+        torch.distributed.all_reduce(t)
+    return t.tolist()
+
+
+def any_rank(flag: bool, device: torch.device) -> bool:
+    """True on every rank when `flag` is True on at least one."""
+    return all_reduce_sum([float(flag)], device)[0] > 0
+
+
+def setup_logging(is_main: bool) -> None:
+    """Rank 0 logs at INFO; the other ranks only warnings and errors."""
+    logging.basicConfig(level=logging.INFO if is_main else logging.WARNING,
+                        format="%(asctime)s %(levelname)s %(message)s", datefmt="%H:%M:%S", force=True)
+    for noisy in ("DeepSpeed", "deepspeed", "torch.distributed", "httpx", "datasets"):
+        logging.getLogger(noisy).setLevel(logging.WARNING)

@@ -1,0 +1,93 @@
+"""LoRA through peft, and the optimizer parameter groups (decay / no decay / LoRA).
+
+peft's `get_peft_model` is applied after the (possibly ZeRO-3-partitioned) model is built and
+before `deepspeed.initialize`, which is the order the CPU notes measured to work. Merging for a
+save happens on a gathered copy (`engine.checkpoint`), never on the partitioned model.
+"""
+from __future__ import annotations
+
+import logging
+from typing import Any
+
+import torch
+
+from engine.config import LoRAArgs
+from engine.errors import UserError
+
+logger = logging.getLogger("engine")
+
+AUTO = "auto"
+
+
+def _is_linear(module: torch.nn.Module) -> bool:
+    # transformers' Conv1D (GPT-2 family) is a Linear with transposed weight; peft handles both.
+    return isinstance(module, torch.nn.Linear) or type(module).__name__ == "Conv1D"
+
+
+def lora_target_modules(model: torch.nn.Module, module_name: str) -> list[str]:
+    """Qualified names of the Linear layers that get LoRA.
+
+    'auto': every Linear layer except the output head(s); otherwise those whose name contains
+    `module_name` (DeepSpeed-Chat's `--lora_module_name` meaning).
+    """
+    heads = set()
+    out_emb = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
+    for name, module in model.named_modules():
+        if module is out_emb or name.split(".")[-1] in ("lm_head", "score", "v_head", "classifier"):
+            heads.add(name)
+    names = [name for name, m in model.named_modules()
+             if _is_linear(m) and name not in heads and (module_name == AUTO or module_name in name)]
+    if not names:
+        sample = [n for n, m in model.named_modules() if _is_linear(m)][:3]
+        raise UserError(f"--lora_module_name {module_name!r} matches no Linear layer of "
+                        f"{type(model).__name__} (its layers are named like {sample}); use 'auto' or a "
+                        "fragment of those names, e.g. 'layers.' for Llama-family models")
+    return names
+
+
+def apply_lora(model: torch.nn.Module, lora: LoRAArgs) -> torch.nn.Module:
+    """Wrap `model` with LoRA adapters (peft). Without --only_optimize_lora the base trains too."""
+    from peft import LoraConfig, get_peft_model
+
+    targets = lora_target_modules(model, lora.lora_module_name)
+    config = LoraConfig(r=lora.lora_dim, lora_alpha=lora.lora_scaling, lora_dropout=0.0,
+                        target_modules=targets, bias="none")
+    peft_model = get_peft_model(model, config)
+    if not lora.only_optimize_lora:
+        for p in peft_model.parameters():
+            p.requires_grad_(True)
+    logger.info("LoRA rank %d on %d Linear layers (%s)", lora.lora_dim, len(targets),
+                "LoRA only" if lora.only_optimize_lora else "base weights train too")
+    return peft_model
+
+
+def is_lora_param(name: str) -> bool:
+    return "lora_A" in name or "lora_B" in name
+
+
+def _no_decay_names(model: torch.nn.Module) -> set[str]:
+    """Biases and the weights of every normalisation layer (by module type, for any family)."""
+    out = set()
+    for mod_name, module in model.named_modules():
+        is_norm = "norm" in type(module).__name__.lower()
+        for p_name, _ in module.named_parameters(recurse=False):
+            if is_norm or p_name == "bias":
+                out.add(f"{mod_name}.{p_name}" if mod_name else p_name)
+    return out
+
+
+def optimizer_param_groups(model: torch.nn.Module, weight_decay: float, lora_learning_rate: float
+                           ) -> list[dict[str, Any]]:
+    """DeepSpeed-Chat's three groups: decayed, LoRA (own learning rate), not decayed. Only trainable params."""
+    no_decay = _no_decay_names(model)
+    groups: dict[str, dict[str, Any]] = {
+        "decay": {"params": [], "weight_decay": weight_decay},
+        "lora": {"params": [], "weight_decay": weight_decay, "lr": lora_learning_rate},
+        "no_decay": {"params": [], "weight_decay": 0.0},
+    }
+    for name, p in model.named_parameters():
+        if not p.requires_grad:
+            continue
+        key = "lora" if is_lora_param(name) else "no_decay" if name in no_decay else "decay"
+        groups[key]["params"].append(p)
+    return [g for g in groups.values() if g["params"]]

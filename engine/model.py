@@ -1,0 +1,126 @@
+"""Tokenizer and causal-LM construction for any Hugging Face model family, ZeRO-3-safe.
+
+ZeRO-3 models are built inside `zero3_construction`, which keeps transformers' `HfDeepSpeedConfig`
+alive only while the model is made: transformers then creates it already partitioned (the working
+route; `deepspeed.zero.Init` around a model class breaks HF's weight init, see the CPU notes).
+"""
+from __future__ import annotations
+
+import contextlib
+import logging
+from pathlib import Path
+from typing import Any, Iterator
+
+import torch
+
+from engine.config import DataArgs, ModelArgs
+from engine.distributed import DistInfo, barrier
+from engine.errors import UserError
+
+logger = logging.getLogger("engine")
+
+DTYPES = {"fp16": torch.float16, "bf16": torch.bfloat16, "fp32": torch.float32}
+# Config keys that hold a dropout probability across model families (OPT, GPT-2, Llama, NeoX...).
+DROPOUT_KEYS = ("dropout", "attention_dropout", "hidden_dropout", "activation_dropout", "resid_pdrop",
+                "embd_pdrop", "attn_pdrop", "summary_first_dropout", "classifier_dropout")
+
+
+def resolve_model_path(model: ModelArgs, seed: int, dist: DistInfo) -> str:
+    """The folder or hub name to load; builds the embedded tiny model when none is given."""
+    if model.model_name_or_path is None:
+        from engine.embedded import ensure_tiny_model
+
+        if dist.local_rank == 0:
+            ensure_tiny_model(seed)
+        barrier()
+        return str(ensure_tiny_model(seed))
+    path = Path(model.model_name_or_path).expanduser()
+    if path.is_dir():
+        if not (path / "config.json").is_file():
+            raise UserError(f"--model_name_or_path {path}: the folder has no config.json, so it is not a "
+                            "Hugging Face model folder (for a step output, point at the folder holding config.json)")
+        return str(path)
+    if path.exists() or str(path).startswith((".", "/", "~")) or str(path).count("/") > 1:
+        raise UserError(f"--model_name_or_path {model.model_name_or_path}: no such model folder")
+    return model.model_name_or_path  # a hub name
+
+
+def _hub_error(name: str, err: Exception) -> UserError:
+    return UserError(f"cannot load '{name}' ({type(err).__name__}: {str(err).splitlines()[0][:200]}); "
+                     "check the name, your network or HF_TOKEN, or pass a local model folder")
+
+
+def load_tokenizer(path: str, model: ModelArgs, data: DataArgs | None = None) -> Any:
+    """Right-padding tokenizer with a pad token (eos when the tokenizer has none, as DeepSpeed-Chat)."""
+    from transformers import AutoTokenizer
+
+    try:
+        tok = AutoTokenizer.from_pretrained(path, padding_side="right", trust_remote_code=model.trust_remote_code)
+    except (OSError, ValueError) as err:
+        raise _hub_error(path, err) from None
+    if tok.pad_token is None:
+        if tok.eos_token is None:
+            raise UserError(f"the tokenizer of {path} has neither a pad nor an eos token; add a pad "
+                            "token to its tokenizer_config.json")
+        logger.info("tokenizer has no pad token; using eos %r as pad (masked by attention_mask)", tok.eos_token)
+        tok.pad_token = tok.eos_token
+    if data is not None and data.add_eot_token and data.eot_token not in tok.get_vocab():
+        tok.add_special_tokens({"additional_special_tokens": [data.eot_token]})
+    return tok
+
+
+@contextlib.contextmanager
+def zero3_construction(ds_config: dict[str, Any] | None) -> Iterator[None]:
+    """Make transformers build models partitioned for ZeRO-3 inside the block (no-op otherwise)."""
+    stage = (ds_config or {}).get("zero_optimization", {}).get("stage", 0)
+    if stage != 3:
+        yield
+        return
+    from transformers.integrations.deepspeed import HfDeepSpeedConfig, unset_hf_deepspeed_config
+
+    keep_alive = HfDeepSpeedConfig(ds_config)  # transformers holds only a weak reference
+    try:
+        yield
+    finally:
+        unset_hf_deepspeed_config()
+        del keep_alive
+
+
+def _configure(hf_config: Any, model: ModelArgs, pad_token_id: int) -> None:
+    if model.dropout is not None:
+        for key in DROPOUT_KEYS:
+            if isinstance(getattr(hf_config, key, None), float):
+                setattr(hf_config, key, model.dropout)
+    hf_config.pad_token_id = pad_token_id
+    hf_config.use_cache = False  # training; generation turns it back on
+
+
+def load_causal_lm(path: str, model: ModelArgs, tokenizer: Any, dtype: str,
+                   ds_config: dict[str, Any] | None, gradient_checkpointing: bool) -> torch.nn.Module:
+    """A causal LM ready for `deepspeed.initialize` (partitioned already under ZeRO-3)."""
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    try:
+        hf_config = AutoConfig.from_pretrained(path, trust_remote_code=model.trust_remote_code)
+    except (OSError, ValueError) as err:
+        raise _hub_error(path, err) from None
+    _configure(hf_config, model, tokenizer.pad_token_id)
+    with zero3_construction(ds_config):
+        try:
+            lm = AutoModelForCausalLM.from_pretrained(
+                path, config=hf_config, dtype=DTYPES[dtype], attn_implementation=model.attn_implementation,
+                trust_remote_code=model.trust_remote_code)
+        except (OSError, ValueError) as err:
+            raise _hub_error(path, err) from None
+        emb = lm.get_input_embeddings().weight
+        if len(tokenizer) > (emb.ds_shape[0] if hasattr(emb, "ds_shape") else emb.shape[0]):
+            lm.resize_token_embeddings(len(tokenizer), pad_to_multiple_of=8)
+    if gradient_checkpointing:
+        # Non-reentrant checkpointing needs no input grads, so it also works with frozen base weights.
+        lm.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    return lm
+
+
+def num_parameters(module: torch.nn.Module) -> int:
+    """Full parameter count, also under ZeRO-3 (where `numel()` of a partitioned param is 0)."""
+    return sum(getattr(p, "ds_numel", p.numel()) for p in module.parameters())

@@ -1,0 +1,135 @@
+"""Training plumbing shared by the steps: output folder, DeepSpeed engine, loaders, LM evaluation."""
+from __future__ import annotations
+
+import logging
+import math
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Callable, Iterator
+
+import torch
+
+from engine.config import DeepSpeedArgs, TrainArgs
+from engine.distributed import DistInfo, all_reduce_sum
+from engine.ds_config import fill_template, load_template, train_ds_config
+from engine.errors import UserError
+from engine.losses import causal_lm_loss
+
+logger = logging.getLogger("engine")
+
+
+def check_output_dir(output_dir: str) -> Path:
+    """The output folder as a Path; refuses a file or an unwritable place before any work starts."""
+    path = Path(output_dir).expanduser()
+    if path.exists() and not path.is_dir():
+        raise UserError(f"--output_dir {path} is a file; give a folder path")
+    parent = path if path.exists() else next((p for p in path.parents if p.exists()), Path("."))
+    import os
+
+    if not os.access(parent, os.W_OK):
+        raise UserError(f"--output_dir {path}: no permission to write in {parent}")
+    return path
+
+
+def build_ds_config(ds: DeepSpeedArgs, train: TrainArgs, world_size: int, tensorboard_path: str = "",
+                    tensorboard_job: str = "") -> dict[str, Any]:
+    """The training DeepSpeed config from the flags, or the user's template filled from them."""
+    built = train_ds_config(zero_stage=ds.zero_stage, offload=ds.offload, dtype=ds.dtype,
+                            micro_batch_size=train.per_device_train_batch_size,
+                            gradient_accumulation_steps=train.gradient_accumulation_steps,
+                            world_size=world_size, gradient_clipping=ds.gradient_clipping,
+                            tensorboard_path=tensorboard_path, tensorboard_job=tensorboard_job)
+    if ds.deepspeed_config:
+        return fill_template(load_template(ds.deepspeed_config), built, source=ds.deepspeed_config)
+    return built
+
+
+def make_optimizer(param_groups: list[dict[str, Any]], lr: float, betas: tuple[float, float],
+                   offload: bool) -> torch.optim.Optimizer:
+    """DeepSpeedCPUAdam with offload, FusedAdam on GPU, torch AdamW on CPU (DeepSpeed-Chat's choice + CPU)."""
+    if offload:
+        from deepspeed.ops.adam import DeepSpeedCPUAdam
+
+        return DeepSpeedCPUAdam(param_groups, lr=lr, betas=betas, adamw_mode=True)
+    if torch.cuda.is_available():
+        from deepspeed.ops.adam import FusedAdam
+
+        return FusedAdam(param_groups, lr=lr, betas=betas)
+    return torch.optim.AdamW(param_groups, lr=lr, betas=betas)
+
+
+def make_scheduler(optimizer: torch.optim.Optimizer, name: str, warmup: int, total_steps: int) -> Any:
+    from transformers import get_scheduler
+
+    return get_scheduler(name, optimizer=optimizer, num_warmup_steps=warmup, num_training_steps=total_steps)
+
+
+def deepspeed_initialize(model: torch.nn.Module, optimizer: Any, scheduler: Any, ds_config: dict[str, Any]) -> Any:
+    import deepspeed
+
+    engine, *_ = deepspeed.initialize(model=model, optimizer=optimizer, lr_scheduler=scheduler,
+                                      config=ds_config, dist_init_required=False)
+    return engine
+
+
+class ResumableSampler(torch.utils.data.DistributedSampler):
+    """A DistributedSampler that can start part-way through an epoch (for --resume)."""
+
+    def __init__(self, dataset: Any, dist: DistInfo, shuffle: bool, seed: int):
+        super().__init__(dataset, num_replicas=dist.world_size, rank=dist.rank, shuffle=shuffle, seed=seed)
+        self.start = 0
+
+    def __iter__(self) -> Iterator[int]:
+        return iter(list(super().__iter__())[self.start:])
+
+    def __len__(self) -> int:
+        return super().__len__() - self.start
+
+
+def make_loader(dataset: Any, batch_size: int, dist: DistInfo, shuffle: bool, seed: int,
+                collate: Callable[[list[Any]], Any]) -> torch.utils.data.DataLoader:
+    # Its own generator: creating an iterator then draws from it, not from the global RNG that
+    # dropout uses, so a resumed run sees the same dropout masks as an uninterrupted one.
+    return torch.utils.data.DataLoader(dataset, batch_size=batch_size, collate_fn=collate,
+                                       sampler=ResumableSampler(dataset, dist, shuffle, seed),
+                                       generator=torch.Generator().manual_seed(seed))
+
+
+@dataclass
+class Schedule:
+    """Optimizer steps per epoch and in total. Derived here only."""
+
+    steps_per_epoch: int
+    total_steps: int
+
+    @classmethod
+    def of(cls, micro_batches_per_epoch: int, accumulation: int, epochs: int) -> "Schedule":
+        steps = micro_batches_per_epoch // accumulation
+        if steps == 0:
+            raise UserError(f"an epoch has {micro_batches_per_epoch} micro-batches per rank, fewer than "
+                            f"--gradient_accumulation_steps {accumulation}; lower the batch size or accumulation")
+        return cls(steps, steps * epochs)
+
+
+def to_device(batch: dict[str, torch.Tensor], device: torch.device) -> dict[str, torch.Tensor]:
+    return {k: v.to(device) for k, v in batch.items()}
+
+
+@torch.no_grad()
+def evaluate_lm(engine: Any, loader: torch.utils.data.DataLoader, device: torch.device, fp32_loss: bool
+                ) -> dict[str, float]:
+    """Token-weighted eval loss and perplexity over the whole eval set, all ranks together."""
+    was_training = engine.module.training
+    engine.eval()
+    loss_sum, tokens = 0.0, 0.0
+    for batch in loader:
+        batch = to_device(batch, device)
+        logits = engine(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
+        _, stats = causal_lm_loss(logits, batch["labels"], fp32=fp32_loss)
+        loss_sum += float(stats["loss_sum"])
+        tokens += float(stats["tokens"])
+    loss_sum, tokens = all_reduce_sum([loss_sum, tokens], device)
+    if was_training:
+        engine.train()
+    loss = loss_sum / max(tokens, 1.0)
+    return {"eval/loss": loss, "eval/perplexity": math.exp(min(loss, 50.0))}

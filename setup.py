@@ -1,0 +1,50 @@
+"""Dependencies, with one rule pyproject.toml cannot express: never pull a CUDA torch by accident.
+
+With no torch installed, an unpinned `torch` (asked for by us or by deepspeed) resolves to the newest
+CUDA build, several GB. So when the target environment has no torch we pin torch==2.13.0 (a CPU wheel
+is available for it); when it has one, any torch >= 2.1 is kept as it is.
+"""
+import os
+import subprocess
+import sys
+
+from setuptools import setup
+
+
+def installed_torch() -> str | None:
+    # pip builds in an isolated environment that hides the target's site-packages; ask the target
+    # interpreter itself, without the isolation's PYTHONPATH.
+    env = {k: v for k, v in os.environ.items() if k not in ("PYTHONPATH", "PYTHONNOUSERSITE")}
+    probe = "import importlib.metadata as m; print(m.version('torch'))"
+    try:
+        result = subprocess.run([sys.executable, "-c", probe], env=env, capture_output=True, text=True, timeout=60)
+    except (OSError, subprocess.TimeoutExpired):
+        return None
+    return result.stdout.strip() or None if result.returncode == 0 else None
+
+
+torch_req = "torch>=2.1" if installed_torch() else "torch==2.13.0"
+
+setup(
+    install_requires=[
+        torch_req,
+        "deepspeed>=0.15",
+        "transformers>=4.46",
+        "datasets>=2.19",
+        "peft>=0.12",
+        "bitsandbytes>=0.43",
+        "safetensors>=0.4",
+        "tokenizers>=0.19",
+        "tensorboard>=2.14",
+        "matplotlib>=3.7",
+        "tqdm>=4.66",
+        "pyyaml>=6",
+        "psutil>=5.9",
+        "pyarrow>=14",
+    ],
+    extras_require={
+        "dev": ["pytest>=8"],
+        "flash": ["flash-attn>=2.5"],
+        "wandb": ["wandb"],
+    },
+)

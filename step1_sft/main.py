@@ -1,0 +1,173 @@
+"""Step 1: supervised fine-tuning of a causal LM on prompt + chosen answer.
+
+    # the built-in tiny model on the bundled sorting task, one process
+    python step1_sft/main.py --output_dir output/step1
+    # 2 ranks (GPUs, or CPU processes on gloo when there is no GPU)
+    deepspeed --num_gpus 2 step1_sft/main.py --zero_stage 3 --offload --lora_dim 8 \
+        --gradient_checkpointing --dtype bf16 --model_name_or_path ./my-model --data_path ./data.jsonl
+    torchrun --nproc_per_node 2 step1_sft/main.py ...
+
+Every flag: `python step1_sft/main.py --help`. Writes a Hugging Face folder to --output_dir, with
+metrics.jsonl, curves.png and the resolved config.yaml.
+"""
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+from functools import partial
+from pathlib import Path
+from typing import Any, Sequence
+
+from tqdm import tqdm
+
+from engine.checkpoint import load_resume_state, save_hf_folder, save_resume_state
+from engine.config import Step1Config, config_to_dict, parse_config, save_config_yaml
+from engine.data.sft import collate_right_padded, load_sft_data
+from engine.distributed import DistInfo, all_reduce_sum, init_distributed, setup_logging
+from engine.errors import run_main
+from engine.lora import apply_lora, optimizer_param_groups
+from engine.losses import causal_lm_loss
+from engine.metrics import MetricsLogger, plot_curves
+from engine.model import load_causal_lm, load_tokenizer, resolve_model_path
+from engine.perf import StepTimer, peak_memory_gb, step1_throughput
+from engine.training import (Schedule, build_ds_config, check_output_dir, deepspeed_initialize,
+                             evaluate_lm, make_loader, make_optimizer, make_scheduler, to_device)
+
+logger = logging.getLogger("engine")
+
+
+def main(argv: Sequence[str] | None = None) -> None:
+    cfg = parse_config(Step1Config, argv, description=__doc__)
+    out = check_output_dir(cfg.log.output_dir)
+    dist = init_distributed(cfg.train.seed)
+    setup_logging(dist.is_main)
+
+    # Model path, tokenizer and data first: bad input fails before anything is written.
+    model_path = resolve_model_path(cfg.model, cfg.train.seed, dist)
+    tokenizer = load_tokenizer(model_path, cfg.model, cfg.data)
+    cache_dir = Path(cfg.data.data_output_path or out / "data_cache")
+    train_set, eval_set = load_sft_data(cfg.data, tokenizer, cache_dir, cfg.train.seed, dist)
+    collate = partial(collate_right_padded, pad_id=tokenizer.pad_token_id)
+    train_loader = make_loader(train_set, cfg.train.per_device_train_batch_size, dist, True, cfg.train.seed, collate)
+    eval_loader = make_loader(eval_set, cfg.train.per_device_eval_batch_size, dist, False, cfg.train.seed, collate)
+    schedule = Schedule.of(len(train_loader), cfg.train.gradient_accumulation_steps, cfg.train.num_train_epochs)
+
+    # Model, LoRA, optimizer, DeepSpeed.
+    tb_dir = str(out / cfg.log.tensorboard_path) if cfg.log.enable_tensorboard else ""
+    ds_config = build_ds_config(cfg.ds, cfg.train, dist.world_size)
+    zero_stage = ds_config["zero_optimization"]["stage"]
+    model = load_causal_lm(model_path, cfg.model, tokenizer, cfg.ds.dtype, ds_config, cfg.ds.gradient_checkpointing)
+    if cfg.lora.lora_dim > 0:
+        model = apply_lora(model, cfg.lora)
+    groups = optimizer_param_groups(model, cfg.train.weight_decay, cfg.lora.lora_learning_rate)
+    optimizer = make_optimizer(groups, cfg.train.learning_rate, (cfg.train.adam_beta1, cfg.train.adam_beta2),
+                               cfg.ds.offload)
+    scheduler = make_scheduler(optimizer, cfg.train.lr_scheduler_type, cfg.train.num_warmup_steps, schedule.total_steps)
+    engine = deepspeed_initialize(model, optimizer, scheduler, ds_config)
+
+    # Resume or start.
+    position = {"epoch": 0, "step_in_epoch": 0, "global_step": 0}
+    if cfg.log.resume:
+        position.update(load_resume_state(engine, out, dist))
+    out.mkdir(parents=True, exist_ok=True)
+    if dist.is_main:
+        save_config_yaml(cfg, out / "config.yaml")
+    metrics = MetricsLogger(out, is_main=dist.is_main, tensorboard_dir=tb_dir or None,
+                            wandb_project=cfg.log.wandb_project if cfg.log.enable_wandb else None,
+                            wandb_config=config_to_dict(cfg), run_name=out.name, resume=cfg.log.resume)
+    logger.info("training %d steps (%d per epoch), %d ranks, ZeRO-%d", schedule.total_steps,
+                schedule.steps_per_epoch, dist.world_size, zero_stage)
+    if position["global_step"] == 0:
+        metrics.log(0, evaluate_lm(engine, eval_loader, dist.device, cfg.ds.compute_fp32_loss))
+
+    run = Run(cfg, engine, tokenizer, dist, out, zero_stage, metrics)
+    stopped = train(run, train_loader, eval_loader, schedule, position)
+
+    save_hf_folder(engine.module, tokenizer, out, zero_stage, dist,
+                   extra=lambda folder: save_config_yaml(cfg, folder / "config.yaml"))
+    metrics.close()
+    if dist.is_main:
+        plot_curves(out / "metrics.jsonl", out / "curves.png",
+                    ["train/loss", "eval/loss", "eval/perplexity"], title="Step 1: SFT")
+        logger.info("done%s; model in %s", " (stopped by --test_stop_step)" if stopped else "", out)
+
+
+@dataclass
+class Run:
+    """What the loop and the checkpoint writer share."""
+
+    cfg: Step1Config
+    engine: Any
+    tokenizer: Any
+    dist: DistInfo
+    out: Path
+    zero_stage: int
+    metrics: MetricsLogger
+
+
+def train(run: Run, train_loader, eval_loader, schedule: Schedule, position: dict[str, int]) -> bool:
+    """The SFT loop; returns True when --test_stop_step ended it early."""
+    cfg, engine, dist = run.cfg, run.engine, run.dist
+    accum, micro = cfg.train.gradient_accumulation_steps, cfg.train.per_device_train_batch_size
+    step = position["global_step"]
+    bar = tqdm(total=schedule.total_steps, initial=step, disable=not dist.is_main or cfg.log.disable_tqdm,
+               desc="step 1 SFT")
+    for epoch in range(position["epoch"], cfg.train.num_train_epochs):
+        first = position["step_in_epoch"] if epoch == position["epoch"] else 0
+        train_loader.sampler.set_epoch(epoch)
+        train_loader.sampler.start = first * accum * micro  # resume: skip what was trained
+        batches = iter(train_loader)
+        for step_in_epoch in range(first, schedule.steps_per_epoch):
+            row = train_step(run, [next(batches) for _ in range(accum)])
+            step += 1
+            row |= {"train/lr": engine.get_lr()[0], "train/epoch": epoch}
+            if step % cfg.log.print_interval == 0 or step == schedule.total_steps:
+                logger.info("step %d: %s", step, ", ".join(f"{k}={v:.4g}" for k, v in row.items()))
+            run.metrics.log(step, row)
+            bar.update(1)
+            bar.set_postfix(loss=f"{row['train/loss']:.4f}")
+            if cfg.log.save_interval and step % cfg.log.save_interval == 0:
+                save_checkpoint(run, step, {"epoch": epoch, "step_in_epoch": step_in_epoch + 1, "global_step": step})
+            if cfg.train.test_stop_step and step >= cfg.train.test_stop_step:
+                bar.close()
+                return True
+        run.metrics.log(step, evaluate_lm(engine, eval_loader, dist.device, cfg.ds.compute_fp32_loss))
+    bar.close()
+    return False
+
+
+def train_step(run: Run, batches: list[dict]) -> dict[str, float]:
+    """One optimizer step over `batches` (the accumulation window); the loss is token-weighted."""
+    cfg, engine, dist = run.cfg, run.engine, run.dist
+    timer = StepTimer()
+    timer.start()
+    loss_sum, tokens, width = 0.0, 0.0, 0
+    for batch in batches:
+        batch = to_device(batch, dist.device)
+        logits = engine(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
+        loss, stats = causal_lm_loss(logits, batch["labels"], fp32=cfg.ds.compute_fp32_loss)
+        engine.backward(loss)
+        engine.step()  # DeepSpeed only updates at the accumulation boundary
+        loss_sum, tokens = loss_sum + float(stats["loss_sum"]), tokens + float(stats["tokens"])
+        width = max(width, batch["input_ids"].shape[1])
+    step_time = timer.stop()
+    if cfg.log.print_loss:
+        logger.warning("rank %d loss %.4f", dist.rank, loss_sum / max(tokens, 1.0))
+    loss_sum, tokens = all_reduce_sum([loss_sum, tokens], dist.device)
+    row = {"train/loss": loss_sum / max(tokens, 1.0)}
+    row |= step1_throughput(step_time_s=step_time, per_device_batch=len(batches) * cfg.train.per_device_train_batch_size,
+                            world_size=dist.world_size, seq_length=width, hf_config=engine.module.config,
+                            gradient_checkpointing=cfg.ds.gradient_checkpointing, lora_dim=cfg.lora.lora_dim)
+    row["memory/peak_gb"] = peak_memory_gb(dist.device)
+    return row
+
+
+def save_checkpoint(run: Run, step: int, position: dict[str, int]) -> None:
+    """A Hugging Face folder checkpoint-<step>/ and the DeepSpeed state that --resume reads."""
+    save_hf_folder(run.engine.module, run.tokenizer, run.out / f"checkpoint-{step}", run.zero_stage, run.dist,
+                   extra=lambda folder: save_config_yaml(run.cfg, folder / "config.yaml"))
+    save_resume_state(run.engine, run.out, f"step{step}", position, run.dist)
+
+
+if __name__ == "__main__":
+    run_main(main)

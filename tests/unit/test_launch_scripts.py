@@ -1,0 +1,250 @@
+"""Static checks of the launch scripts under `step*/training_scripts/`.
+
+Every script must be valid, executable bash with `set -euo pipefail`, and pass `main.py` only flags
+its step's config knows (`engine.config.leaf_fields(Step<N>Config)`), with the right number of
+values and, where a flag has `choices` and the value is a literal, an allowed value. A script of a
+step whose config class does not exist yet is skipped, with the reason.
+"""
+from __future__ import annotations
+
+import os
+import re
+import shlex
+import shutil
+import subprocess
+import typing
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+import engine.config as engine_config
+from engine.config import leaf_fields
+
+ROOT = Path(__file__).resolve().parents[2]
+SCRIPTS = sorted(ROOT.glob("step*/training_scripts/**/*.sh"))
+SCRIPT_IDS = [str(p.relative_to(ROOT)) for p in SCRIPTS]
+STEP_DIR = re.compile(r"^step(\d+)_")
+# The end of the main.py command: a redirection, pipe or command separator.
+COMMAND_END = {"|", "||", "&&", ";", "&", "2>&1", "&>", ">", ">>", "2>"}
+
+
+def script_step(script: Path) -> int:
+    top = script.relative_to(ROOT).parts[0]
+    match = STEP_DIR.match(top)
+    assert match, f"{top}: launch-script folders are named step<N>_<name>"
+    return int(match.group(1))
+
+
+def config_class(script: Path) -> type:
+    name = f"Step{script_step(script)}Config"
+    cls = getattr(engine_config, name, None)
+    if cls is None:
+        pytest.skip(f"engine.config has no {name} yet, so the flags of {script.name} cannot be checked")
+    return cls
+
+
+def code_lines(text: str) -> str:
+    """The script with backslash continuations joined and comment lines dropped."""
+    joined = re.sub(r"\\\n", " ", text)
+    return "\n".join(line for line in joined.splitlines() if not line.lstrip().startswith("#"))
+
+
+def main_py_args(script: Path) -> list[str]:
+    """The words after `.../main.py` in the (single) command that runs it, up to a redirection/pipe."""
+    commands = [line for line in code_lines(script.read_text()).splitlines()
+                if re.search(r"main\.py\b", line)]
+    assert len(commands) == 1, f"{script}: expected one command running main.py, found {len(commands)}"
+    words = shlex.split(commands[0], comments=True)
+    at = [i for i, w in enumerate(words) if w.endswith("main.py")]
+    assert at, f"{script}: no main.py word in {commands[0]!r}"
+    args: list[str] = []
+    for word in words[at[0] + 1:]:
+        if word in COMMAND_END or word.startswith(("2>", "&>", ">", "|")):
+            break
+        args.append(word)
+    return args
+
+
+def parse_flags(args: list[str]) -> list[tuple[str, list[str]]]:
+    """[(flag name without dashes, its values)] in order; `--flag=value` is split."""
+    flags: list[tuple[str, list[str]]] = []
+    for word in args:
+        if word.startswith("--"):
+            name, eq, value = word[2:].partition("=")
+            flags.append((name, [value] if eq else []))
+        else:
+            assert flags, f"value {word!r} before any flag"
+            flags[-1][1].append(word)
+    return flags
+
+
+def _base(tp: Any) -> Any:
+    args = [a for a in typing.get_args(tp) if a is not type(None)]
+    if args and typing.get_origin(tp) is not list:
+        return args[0]
+    return tp
+
+
+def is_literal(value: str) -> bool:
+    return "$" not in value and "`" not in value
+
+
+def check_flags(script: Path, cls: type) -> None:
+    leaves = leaf_fields(cls)
+    args = main_py_args(script)
+    assert args, f"{script}: no flags after main.py"
+    problems: list[str] = []
+    for name, values in parse_flags(args):
+        negated = name.startswith("no-") and name[3:] in leaves
+        key = name[3:] if negated else name
+        if key not in leaves:
+            problems.append(f"--{name} is not a flag of {cls.__name__}")
+            continue
+        _, field, tp = leaves[key]
+        base = _base(tp)
+        if base is bool:
+            if values:
+                problems.append(f"--{name} is a switch and takes no value (got {values})")
+            continue
+        if negated:
+            problems.append(f"--{name}: only switches have a --no- form")
+            continue
+        if typing.get_origin(base) is list:
+            if not values:
+                problems.append(f"--{name} given without values")
+            item_type = typing.get_args(base)[0]
+        elif len(values) != 1:
+            problems.append(f"--{name} takes one value (got {values})")
+            continue
+        else:
+            item_type = base
+        choices = field.metadata.get("choices")
+        for value in values:
+            if not is_literal(value):
+                continue
+            try:
+                converted = item_type(value)
+            except (TypeError, ValueError):
+                problems.append(f"--{name} {value!r} is not a valid {item_type.__name__}")
+                continue
+            if choices and converted not in choices:
+                problems.append(f"--{name} {value!r}: choose one of {', '.join(map(str, choices))}")
+    shown = script.relative_to(ROOT) if script.is_relative_to(ROOT) else script
+    assert not problems, f"{shown}:\n  " + "\n  ".join(problems)
+
+
+# ----------------------------------------------------------------------------------------------
+# The parser of this test, on known text
+# ----------------------------------------------------------------------------------------------
+SAMPLE = """#!/usr/bin/env bash
+# runs main.py (this comment mentions main.py and --bogus_flag, and is ignored)
+set -euo pipefail
+deepspeed --num_gpus 2 --master_port 12346 "$ROOT/step1_sft/main.py" \\
+   --data_path a b \\
+   --zero_stage "$ZERO_STAGE" \\
+   --dtype=bf16 \\
+   --no-offload \\
+   --output_dir "$OUTPUT" \\
+   2>&1 | tee "$OUTPUT/training.log"
+"""
+
+
+def test_parser_reads_only_main_py_flags(tmp_path: Path) -> None:
+    script = tmp_path / "s.sh"
+    script.write_text(SAMPLE)
+    assert parse_flags(main_py_args(script)) == [
+        ("data_path", ["a", "b"]), ("zero_stage", ["$ZERO_STAGE"]), ("dtype", ["bf16"]),
+        ("no-offload", []), ("output_dir", ["$OUTPUT"])]
+    check_flags(script, engine_config.Step1Config)
+
+
+@pytest.mark.parametrize("line,message", [
+    ("--zero_stage 4", "choose one of"),
+    ("--dtype fp8", "choose one of"),
+    ("--not_a_flag 1", "not a flag"),
+    ("--offload yes", "takes no value"),
+    ("--max_seq_len", "takes one value"),
+    ("--max_seq_len many", "not a valid int"),
+])
+def test_checker_catches_bad_flags(tmp_path: Path, line: str, message: str) -> None:
+    script = tmp_path / "s.sh"
+    script.write_text(f'deepspeed main.py \\\n  {line} \\\n  --output_dir x 2>&1 | tee log\n')
+    with pytest.raises(AssertionError, match=message):
+        check_flags(script, engine_config.Step1Config)
+
+
+# ----------------------------------------------------------------------------------------------
+# The scripts
+# ----------------------------------------------------------------------------------------------
+def test_step1_scripts_exist() -> None:
+    names = {str(p.relative_to(ROOT / "step1_sft" / "training_scripts")) for p in SCRIPTS
+             if p.is_relative_to(ROOT / "step1_sft")}
+    assert {"opt/single_gpu/run_1.3b.sh", "opt/single_node/run_1.3b.sh", "opt/multi_node/run_66b.sh",
+            "llama2/run_llama2_7b.sh", "llama2/run_llama2_7b_lora.sh", "tiny/run_cpu.sh"} <= names
+
+
+@pytest.mark.skipif(shutil.which("bash") is None, reason="bash is not installed")
+@pytest.mark.parametrize("script", SCRIPTS, ids=SCRIPT_IDS)
+def test_bash_syntax(script: Path) -> None:
+    result = subprocess.run(["bash", "-n", str(script)], capture_output=True, text=True)
+    assert result.returncode == 0, result.stderr
+
+
+@pytest.mark.parametrize("script", SCRIPTS, ids=SCRIPT_IDS)
+def test_executable(script: Path) -> None:
+    assert os.access(script, os.X_OK), f"chmod +x {script.relative_to(ROOT)}"
+
+
+@pytest.mark.parametrize("script", SCRIPTS, ids=SCRIPT_IDS)
+def test_header(script: Path) -> None:
+    lines = script.read_text().splitlines()
+    assert lines[0] == "#!/usr/bin/env bash"
+    assert lines[1].startswith("#"), "a comment saying what the script trains, on what hardware"
+    assert re.search(r"^set -euo pipefail$", script.read_text(), re.M)
+
+
+@pytest.mark.parametrize("script", SCRIPTS, ids=SCRIPT_IDS)
+def test_flags_are_known(script: Path) -> None:
+    check_flags(script, config_class(script))
+
+
+@pytest.mark.parametrize("script", SCRIPTS, ids=SCRIPT_IDS)
+def test_logs_to_output(script: Path) -> None:
+    args = main_py_args(script)
+    assert "--deepspeed" in args
+    text = code_lines(script.read_text())
+    assert re.search(r'\|\s*tee\s+"\$OUTPUT/training\.log"', text), "output goes to $OUTPUT/training.log"
+
+
+@pytest.mark.parametrize("script", [p for p in SCRIPTS if p.is_relative_to(ROOT / "step1_sft")],
+                         ids=[i for i in SCRIPT_IDS if i.startswith("step1_sft")])
+def test_step1_positional_args(script: Path) -> None:
+    text = script.read_text()
+    assert re.search(r"^OUTPUT=\$\{1:-[^}]+\}$", text, re.M)
+    assert re.search(r"^ZERO_STAGE=\$\{2:-[0-3]\}$", text, re.M)
+    assert 'mkdir -p "$OUTPUT"' in text
+    args = parse_flags(main_py_args(script))
+    assert ("zero_stage", ["$ZERO_STAGE"]) in args
+    assert ("output_dir", ["$OUTPUT"]) in args
+
+
+@pytest.mark.parametrize("script", SCRIPTS, ids=SCRIPT_IDS)
+def test_a_named_model_comes_with_named_data(script: Path) -> None:
+    """Without --data_path the engine trains on the bundled toy task: fine for the built-in tiny
+    model, never what a script fine-tuning a real hub model means (DeepSpeed-Chat's default data is
+    Dahoas/rm-static, ours is not)."""
+    flags = dict(parse_flags(main_py_args(script)))
+    if any(name.endswith("model_name_or_path") for name in flags):
+        assert "data_path" in flags or "sft_only_data_path" in flags, \
+            f"{script.relative_to(ROOT)} names a model but no --data_path"
+
+
+def test_tiny_cpu_script_uses_builtin_model_and_data() -> None:
+    script = ROOT / "step1_sft" / "training_scripts" / "tiny" / "run_cpu.sh"
+    flags = dict(parse_flags(main_py_args(script)))
+    assert "model_name_or_path" not in flags and "data_path" not in flags
+    assert flags["dtype"] == ["bf16"] and flags["lora_dim"] == ["8"]
+    assert {"offload", "gradient_checkpointing"} <= set(flags)
+    assert re.search(r"^ZERO_STAGE=\$\{2:-3\}$", script.read_text(), re.M)
+    assert re.search(r"deepspeed --num_gpus 2 ", code_lines(script.read_text()))
