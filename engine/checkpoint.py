@@ -10,6 +10,7 @@ and data position, written with safetensors/JSON (no pickle).
 """
 from __future__ import annotations
 
+import copy
 import json
 import logging
 import os
@@ -68,7 +69,7 @@ def _merged_model(module: torch.nn.Module, state: dict[str, torch.Tensor]) -> to
 
     base = module.get_base_model() if isinstance(module, PeftModel) else module
     with torch.device("meta"):
-        skeleton = type(base)(base.config)
+        skeleton = type(base)(copy.deepcopy(base.config))  # a copy: the save must not touch training
     if isinstance(module, PeftModel):
         skeleton = get_peft_model(skeleton, module.peft_config["default"])
     missing, unexpected = skeleton.load_state_dict(state, strict=False, assign=True)

@@ -199,12 +199,15 @@ def _field_default(f: dataclasses.Field) -> Any:
 
 
 def build_parser(config_cls: type, description: str = "") -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(description=description,
-                                     formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    parser = argparse.ArgumentParser(description=description, allow_abbrev=False,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--config", default=None, help="YAML file of flag values; flags override it.")
     for name, (_, f, tp) in leaf_fields(config_cls).items():
         base, _ = _base_type(tp)
-        kwargs: dict[str, Any] = {"help": f.metadata.get("help", ""), "default": argparse.SUPPRESS}
+        # Defaults are SUPPRESSed so that only flags given on the command line override the YAML;
+        # the help shows the field's default itself.
+        help_text = f"{f.metadata.get('help', '')} (default: {_field_default(f)!r})"
+        kwargs: dict[str, Any] = {"help": help_text.replace("%", "%%"), "default": argparse.SUPPRESS}
         if f.metadata.get("choices"):
             kwargs["choices"] = f.metadata["choices"]
         if base is bool:

@@ -8,6 +8,7 @@ import logging
 import os
 import random
 import socket
+import warnings
 from dataclasses import dataclass
 
 import torch
@@ -90,5 +91,7 @@ def setup_logging(is_main: bool) -> None:
     """Rank 0 logs at INFO; the other ranks only warnings and errors."""
     logging.basicConfig(level=logging.INFO if is_main else logging.WARNING,
                         format="%(asctime)s %(levelname)s %(message)s", datefmt="%H:%M:%S", force=True)
+    # Deprecation notices from transformers/torch internals, once per rank, bury the training log.
+    warnings.filterwarnings("ignore", category=FutureWarning)
     for noisy in ("DeepSpeed", "deepspeed", "torch.distributed", "httpx", "datasets"):
         logging.getLogger(noisy).setLevel(logging.WARNING)

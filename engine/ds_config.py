@@ -105,7 +105,7 @@ def fill_template(template: dict[str, Any], built: dict[str, Any], source: str =
     """Replace every "auto" in `template` with the builder's value at the same place.
 
     Explicit values are kept, except that those in MUST_AGREE must equal the builder's (else
-    UserError naming the key and the flag to change).
+    UserError naming the key and the flag to change); keys the template lacks take the builder's.
     """
     for path in MUST_AGREE:
         mine, theirs = _get(template, path), _get(built, path)
@@ -114,18 +114,21 @@ def fill_template(template: dict[str, Any], built: dict[str, Any], source: str =
             raise UserError(f"{source}: {key} = {mine!r} contradicts the flags ({theirs!r}); set it "
                             f"to \"auto\" or pass the matching flag")
 
-    def fill(node: Any, path: tuple[str, ...]) -> Any:
+    def fill(node: Any, base: Any, path: tuple[str, ...]) -> Any:
         if isinstance(node, dict):
-            return {k: fill(v, path + (k,)) for k, v in node.items()}
+            # Keys the template leaves out take the builder's value, so a short template still
+            # agrees with the flags on everything in MUST_AGREE.
+            merged = copy.deepcopy(base) if isinstance(base, dict) else {}
+            merged.update({k: fill(v, _get(built, path + (k,)), path + (k,)) for k, v in node.items()})
+            return merged
         if node == AUTO:
-            value = _get(built, path)
-            if value is None:
+            if base is None:
                 raise UserError(f"{source}: no flag gives a value for \"auto\" at {'.'.join(path)}; "
                                 "write an explicit value")
-            return copy.deepcopy(value)
+            return copy.deepcopy(base)
         return node
 
-    return fill(template, ())
+    return fill(template, built, ())
 
 
 def load_template(path: str) -> dict[str, Any]:

@@ -1,0 +1,51 @@
+"""Shared fixtures: an isolated cache for the built-in model, and a runner for the step scripts."""
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+@pytest.fixture(scope="session")
+def engine_cache(tmp_path_factory) -> Path:
+    """One cache folder for the built-in tiny model for the whole test session."""
+    return tmp_path_factory.mktemp("engine_cache")
+
+
+@pytest.fixture(scope="session")
+def run_step(engine_cache):
+    """run_step(script, args, nprocs=1) -> CompletedProcess; nprocs > 1 uses the deepspeed launcher."""
+
+    def run(script: str, args: list[str], nprocs: int = 1, timeout: int = 600, check: bool = True):
+        env = dict(os.environ, RLHF_ENGINE_CACHE=str(engine_cache), HF_HUB_OFFLINE="1",
+                   HF_DATASETS_OFFLINE="1", TOKENIZERS_PARALLELISM="false", OMP_NUM_THREADS="1")
+        if nprocs == 1:
+            cmd = [sys.executable, str(ROOT / script)]
+        else:
+            port = str(29500 + os.getpid() % 1000)
+            cmd = ["deepspeed", "--num_gpus", str(nprocs), "--master_port", port, str(ROOT / script)]
+        proc = subprocess.run(cmd + ["--disable_tqdm", *args], cwd=ROOT, env=env, capture_output=True,
+                              text=True, timeout=timeout)
+        if check and proc.returncode != 0:
+            raise AssertionError(f"{script} failed ({proc.returncode}):\n{proc.stderr[-4000:]}\n{proc.stdout[-2000:]}")
+        return proc
+
+    return run
+
+
+def read_metrics(folder: Path) -> list[dict]:
+    return [json.loads(line) for line in (folder / "metrics.jsonl").read_text().splitlines() if line.strip()]
+
+
+def eval_rows(folder: Path) -> list[dict]:
+    return [r for r in read_metrics(folder) if "eval/perplexity" in r]
+
+
+def train_losses(folder: Path) -> dict[int, float]:
+    return {r["step"]: r["train/loss"] for r in read_metrics(folder) if "train/loss" in r}

@@ -1,0 +1,85 @@
+"""Step 1 end to end on the built-in tiny model and bundled data, one process, a few seconds each."""
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from tests.conftest import eval_rows, read_metrics, train_losses
+
+pytestmark = pytest.mark.smoke
+
+SMALL = ["--per_device_train_batch_size", "16", "--max_seq_len", "64"]
+
+
+def tiny_base(engine_cache: Path) -> dict[str, torch.Tensor]:
+    folders = sorted(engine_cache.glob("tiny-llama-*"))
+    assert len(folders) == 1, folders
+    return load_file(str(folders[0] / "model.safetensors"))
+
+
+@pytest.fixture(scope="module")
+def sft_run(run_step, tmp_path_factory) -> Path:
+    out = tmp_path_factory.mktemp("sft")
+    run_step("step1_sft/main.py", ["--output_dir", str(out), *SMALL, "--print_interval", "5"])
+    return out
+
+
+def test_eval_perplexity_falls_and_artifacts_exist(sft_run):
+    evals = eval_rows(sft_run)
+    assert [r["step"] for r in evals] == [0, 50]  # before training and after the one epoch
+    # Measured ~288 -> ~21 on the bundled task; require at least a 5x drop.
+    assert evals[-1]["eval/perplexity"] < evals[0]["eval/perplexity"] / 5
+    for name in ("config.json", "model.safetensors", "tokenizer.json", "config.yaml", "curves.png"):
+        assert (sft_run / name).is_file(), name
+    perf = [r for r in read_metrics(sft_run) if "perf/tflops" in r]
+    assert perf and all(r["perf/samples_per_s"] > 0 and r["memory/peak_gb"] > 0 for r in perf)
+    assert {"train/loss", "train/lr"} <= set(read_metrics(sft_run)[1])
+
+
+def test_all_parameters_trained(sft_run, engine_cache):
+    base, trained = tiny_base(engine_cache), load_file(str(sft_run / "model.safetensors"))
+    assert base.keys() == trained.keys()
+    unchanged = [k for k in base if torch.equal(base[k].float(), trained[k].float())]
+    assert unchanged == []
+
+
+def test_saved_folder_loads_and_sorts(sft_run):
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    model = AutoModelForCausalLM.from_pretrained(str(sft_run))
+    tok = AutoTokenizer.from_pretrained(str(sft_run))
+    ids = tok(" Human: sort 7 2 5 Assistant:", return_tensors="pt")
+    with torch.no_grad():
+        logits = model(**ids).logits
+    assert torch.isfinite(logits).all()
+
+
+def test_lora_only_keeps_frozen_weights(run_step, tmp_path, engine_cache):
+    out = tmp_path / "lora"
+    run_step("step1_sft/main.py", ["--output_dir", str(out), *SMALL, "--lora_dim", "4", "--only_optimize_lora",
+                                   "--lora_learning_rate", "5e-3", "--test_stop_step", "10"])
+    base, trained = tiny_base(engine_cache), load_file(str(out / "model.safetensors"))
+    assert not any("lora" in k for k in trained), "LoRA must be fused into a plain model"
+    for key in base:
+        # Training ran in bf16: compare with the base weights rounded the same way.
+        changed = not torch.equal(base[key].to(trained[key].dtype), trained[key])
+        is_lora_target = key.endswith("proj.weight")  # attention and MLP Linear layers
+        assert changed == is_lora_target, key
+
+
+def test_resume_is_bit_identical(run_step, tmp_path):
+    """20 steps, stop, resume to 50 == 50 steps straight (losses and final weights), with dropout on."""
+    common = [*SMALL, "--dropout", "0.1", "--save_interval", "20"]
+    straight, resumed = tmp_path / "straight", tmp_path / "resumed"
+    run_step("step1_sft/main.py", ["--output_dir", str(straight), *common])
+    run_step("step1_sft/main.py", ["--output_dir", str(resumed), *common, "--test_stop_step", "20"])
+    assert max(train_losses(resumed)) == 20
+    run_step("step1_sft/main.py", ["--output_dir", str(resumed), *common, "--resume"])
+    a, b = train_losses(straight), train_losses(resumed)
+    assert sorted(a) == sorted(b) == list(range(1, 51))
+    assert [a[s] for s in range(21, 51)] == [b[s] for s in range(21, 51)]
+    wa, wb = load_file(str(straight / "model.safetensors")), load_file(str(resumed / "model.safetensors"))
+    assert all(torch.equal(wa[k], wb[k]) for k in wa)
