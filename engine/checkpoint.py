@@ -63,7 +63,7 @@ def _merged_model(module: torch.nn.Module, state: dict[str, torch.Tensor]) -> to
     """A CPU copy of `module`'s architecture holding `state`, with any LoRA fused in.
 
     The skeleton is built on the meta device (no memory, no init) and the gathered tensors are
-    assigned into it; peft's `merge_and_unload` then folds the adapters into the base weights.
+    assigned into it (so `state` must be a copy, as `gather_state_dict` returns, not live weights); peft's `merge_and_unload` then folds the adapters into the base weights.
     """
     from peft import PeftModel, get_peft_model
 
@@ -75,6 +75,16 @@ def _merged_model(module: torch.nn.Module, state: dict[str, torch.Tensor]) -> to
     missing, unexpected = skeleton.load_state_dict(state, strict=False, assign=True)
     if unexpected:
         raise RuntimeError(f"state dict keys not in the model: {unexpected[:5]}")
+    # Non-persistent buffers (rotary inv_freq...) are not in the state dict; ZeRO never partitions
+    # buffers, so the live module's are whole.
+    live_buffers = dict(module.named_buffers())
+    for name, buf in list(skeleton.named_buffers()):
+        if buf.is_meta and name in live_buffers:
+            owner, _, leaf = name.rpartition(".")
+            skeleton.get_submodule(owner).register_buffer(leaf, live_buffers[name].detach().cpu().clone(),
+                                                          persistent=False)
+    # Tie before merging, so tied output embeddings (OPT, GPT-2) stay one tensor.
+    (skeleton.get_base_model() if isinstance(skeleton, PeftModel) else skeleton).tie_weights()
     if isinstance(skeleton, PeftModel):
         skeleton = skeleton.merge_and_unload()
     skeleton.tie_weights()
@@ -113,7 +123,9 @@ def save_hf_folder(module: torch.nn.Module, tokenizer: Any, target: Path, zero_s
         target.parent.mkdir(parents=True, exist_ok=True)
         staging = Path(tempfile.mkdtemp(prefix=f".{target.name}.staging-", dir=target.parent))
         try:
-            model = _merged_model(module, state)
+            # Building the skeleton runs weight init; keep it from moving the training RNG.
+            with torch.random.fork_rng(devices=[]):
+                model = _merged_model(module, state)
             model.config.use_cache = True
             model.save_pretrained(str(staging))
             tokenizer.save_pretrained(str(staging))

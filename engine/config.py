@@ -198,8 +198,15 @@ def _field_default(f: dataclasses.Field) -> Any:
     return f.default
 
 
+class _Parser(argparse.ArgumentParser):
+    """argparse, but a bad flag value is a UserError (one line, exit 2) like every other input error."""
+
+    def error(self, message: str) -> None:  # type: ignore[override]
+        raise UserError(f"{message}; see --help")
+
+
 def build_parser(config_cls: type, description: str = "") -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(description=description, allow_abbrev=False,
+    parser = _Parser(description=description, allow_abbrev=False,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--config", default=None, help="YAML file of flag values; flags override it.")
     for name, (_, f, tp) in leaf_fields(config_cls).items():
@@ -351,7 +358,10 @@ def _validate_part(part: Any) -> list[str]:
             problems.append("--attn_implementation flash_attention_2 needs the flash-attn package "
                             "(pip install -e '.[flash]' on a CUDA machine); use sdpa or eager")
     elif isinstance(part, DataArgs):
-        parse_data_split(part.data_split)
+        try:
+            parse_data_split(part.data_split)
+        except UserError as err:
+            problems.append(str(err))
         if part.max_seq_len < 2:
             problems.append(f"--max_seq_len must be >= 2 (got {part.max_seq_len})")
     elif isinstance(part, TrainArgs):

@@ -110,6 +110,7 @@ def train(run: Run, train_loader, eval_loader, schedule: Schedule, position: dic
     cfg, engine, dist = run.cfg, run.engine, run.dist
     accum, micro = cfg.train.gradient_accumulation_steps, cfg.train.per_device_train_batch_size
     step = position["global_step"]
+    engine.train()  # from_pretrained returns a model in eval mode: dropout would be off
     bar = tqdm(total=schedule.total_steps, initial=step, disable=not dist.is_main or cfg.log.disable_tqdm,
                desc="step 1 SFT")
     for epoch in range(position["epoch"], cfg.train.num_train_epochs):

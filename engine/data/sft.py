@@ -23,11 +23,11 @@ from engine.data.sources import BUNDLED, LOCAL_JSONFILE, LOCAL_JSONFILE_DIR
 from engine.data.split import phase_rows
 from engine.distributed import DistInfo, all_reduce_sum, barrier
 from engine.errors import UserError
+from engine.losses import IGNORE_INDEX
 from engine.synthetic import ASSET_DIR as BUNDLED_DIR
 
 logger = logging.getLogger("engine")
 
-from engine.losses import IGNORE_INDEX
 CACHE_VERSION = 1  # bump when the tokenisation below changes
 
 
@@ -82,12 +82,22 @@ def tokenize_rows(rows: list[Row], tokenizer: Any, data: DataArgs, end_id: int,
 # ----------------------------------------------------------------------------------------------
 # Cache
 # ----------------------------------------------------------------------------------------------
+HASH_LIMIT = 256 * 2**20  # files up to this size are keyed by content, larger ones by size + mtime
+
+
+def _file_fingerprint(f: Path) -> list[Any]:
+    stat = f.stat()
+    if stat.st_size <= HASH_LIMIT:
+        return [str(f.resolve()), hashlib.sha256(f.read_bytes()).hexdigest()]
+    return [str(f.resolve()), stat.st_size, stat.st_mtime_ns]
+
+
 def _source_fingerprint(spec: str) -> Any:
-    """Name plus size and mtime of local files, so an edited file is re-tokenised."""
+    """The name plus each local file's content hash, so an edited file is re-tokenised."""
     folder = {BUNDLED: BUNDLED_DIR, LOCAL_JSONFILE: LOCAL_JSONFILE_DIR}.get(spec)
     path = folder or Path(spec).expanduser()
-    files = sorted(path.iterdir()) if path.is_dir() else [path] if path.is_file() else []
-    return [spec] + [[str(f.resolve()), f.stat().st_size, f.stat().st_mtime_ns] for f in files]
+    files = sorted(f for f in path.iterdir() if f.is_file()) if path.is_dir() else [path] if path.is_file() else []
+    return [spec] + [_file_fingerprint(f) for f in files]
 
 
 def _tokenizer_fingerprint(tokenizer: Any) -> str:
@@ -102,6 +112,7 @@ def cache_key(data: DataArgs, tokenizer: Any, phase: int, seed: int) -> str:
         "sources": [_source_fingerprint(s) for s in data.data_path or [BUNDLED]],
         "sft_only": [_source_fingerprint(s) for s in data.sft_only_data_path] if phase == 1 else [],
         "split": data.data_split, "max_seq_len": data.max_seq_len, "overlength": data.overlength,
+        "train_on_prompt": data.train_on_prompt,
         "eot": [data.add_eot_token, data.eot_token], "tokenizer": _tokenizer_fingerprint(tokenizer),
     }
     return hashlib.sha256(json.dumps(parts, sort_keys=True).encode()).hexdigest()[:16]

@@ -94,11 +94,20 @@ def record_to_row(record: Any, tokenizer: Any, where: str) -> Row:
 # ----------------------------------------------------------------------------------------------
 # Files and folders
 # ----------------------------------------------------------------------------------------------
+def _decode(raw: bytes, where: str) -> str:
+    try:
+        return raw.decode("utf-8")
+    except UnicodeDecodeError as err:
+        raise UserError(f"{where}: not UTF-8 text ({err.reason} at byte {err.start}); re-encode the "
+                        "file as UTF-8") from None
+
+
 def _records(path: Path) -> Iterable[tuple[str, Any]]:
     """(where, record) for each row of a .jsonl / .json / .parquet file."""
     if path.suffix == ".jsonl":
-        with path.open(encoding="utf-8", errors="strict") as f:
-            for lineno, line in enumerate(f, 1):
+        with path.open("rb") as f:
+            for lineno, raw in enumerate(f, 1):
+                line = _decode(raw, f"{path}:{lineno}")
                 if not line.strip():
                     continue
                 try:
@@ -108,7 +117,7 @@ def _records(path: Path) -> Iterable[tuple[str, Any]]:
                                     "that line") from None
     elif path.suffix == ".json":
         try:
-            data = json.loads(path.read_text(encoding="utf-8"))
+            data = json.loads(_decode(path.read_bytes(), str(path)))
         except json.JSONDecodeError as err:
             raise UserError(f"{path}:{err.lineno}: malformed JSON ({err.msg})") from None
         if not isinstance(data, list):
@@ -127,10 +136,7 @@ def _records(path: Path) -> Iterable[tuple[str, Any]]:
 
 
 def read_rows(path: Path, tokenizer: Any) -> list[Row]:
-    try:
-        rows = [record_to_row(rec, tokenizer, where) for where, rec in _records(path)]
-    except UnicodeDecodeError as err:
-        raise UserError(f"{path}: not UTF-8 text ({err.reason} at byte {err.start}); re-encode it as UTF-8") from None
+    rows = [record_to_row(rec, tokenizer, where) for where, rec in _records(path)]
     if not rows:
         raise UserError(f"{path}: the file holds no rows")
     return rows

@@ -185,12 +185,10 @@ def test_empty_field_names_file_and_line(tmp_path, tok):
 def test_non_utf8_bytes_are_a_user_error(tmp_path, tok):
     path = tmp_path / "d.jsonl"
     path.write_bytes(GOOD.encode() + b'{"prompt": "caf\xe9", "chosen": " a"}\n')  # latin-1 e-acute
-    with pytest.raises(UserError, match=rf"^{path}: not UTF-8"):
+    with pytest.raises(UserError, match=rf"^{path}:2: not UTF-8"):
         read_rows(path, tok)
 
 
-@pytest.mark.xfail(strict=True, reason="engine/data/sources.py read_rows: err.start is the offset inside "
-                   "the text decoder's 8 KiB chunk, not in the file, and no line number is given")
 def test_non_utf8_error_gives_the_true_position(tmp_path, tok):
     path = tmp_path / "d.jsonl"
     # 200 good lines, then the bad byte on line 201 after '{"prompt": "caf' (15 bytes).
@@ -501,9 +499,6 @@ def test_cache_key_changes_when_the_file_changes(tmp_path, tok):
     assert cache_key(data, tok, 1, 7) != before
 
 
-@pytest.mark.xfail(strict=True, reason="engine/data/sft.py _source_fingerprint: a local file is keyed by "
-                   "size and mtime only, so same-size edits with an unchanged mtime (cp -p, rsync -t, "
-                   "tar x, coarse timestamps) reuse a stale cache")
 def test_cache_key_changes_on_same_size_edit_with_kept_mtime(tmp_path, tok):
     data = _local_data(tmp_path)
     path = tmp_path / "d.jsonl"
@@ -553,9 +548,6 @@ def test_load_sft_data_with_no_usable_rows_is_a_user_error(tmp_path, tok):
         load_sft_data(data, tok, tmp_path / "cache", 3, DIST)
 
 
-@pytest.mark.xfail(strict=True, reason="engine/data/sft.py cache_key: tokenize_rows keeps or drops "
-                   "prompt-only rows by --train_on_prompt, but the key leaves it out, so a cache built "
-                   "with it serves rows without any answer label to a run without it")
 def test_cache_built_with_train_on_prompt_is_not_reused_without_it(tmp_path, tok):
     folder = tmp_path / "src"
     folder.mkdir()
