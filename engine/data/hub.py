@@ -16,19 +16,17 @@ from __future__ import annotations
 import functools
 import logging
 import os
-import random
 import re
 from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass
 from typing import Any
 
-from engine.data.rows import Row
+from engine.data.rows import EVAL_FRACTION, Row, carve_eval
 from engine.errors import UserError
 
 logger = logging.getLogger(__name__)
 
 # DeepSpeed-Chat splits train-only datasets 9:1 into train and eval.
-EVAL_FRACTION = 0.1
 
 Adapter = Callable[[Mapping[str, Any]], "Row | None"]
 Loader = Callable[..., Mapping[str, Iterable[Mapping[str, Any]]]]
@@ -269,22 +267,6 @@ def _adapt_all(spec: HubSpec, raw_rows: Iterable[Mapping[str, Any]]) -> tuple[li
         else:
             rows.append(row)
     return rows, skipped
-
-
-def carve_eval(rows: list[Row], seed: int,
-               fraction: float = EVAL_FRACTION) -> tuple[list[Row], list[Row]]:
-    """Split `rows` into (train, eval), eval being `fraction` of them picked by `seed`.
-
-    Deterministic for a given seed and input order (random.Random, not torch, so it needs no
-    framework and is the same on every rank). Both parts keep the input order. With fewer than
-    two rows there is nothing to hold out and eval is empty.
-    """
-    if len(rows) < 2:
-        return list(rows), []
-    n_eval = max(1, int(len(rows) * fraction))
-    held_out = set(random.Random(seed).sample(range(len(rows)), n_eval))
-    train = [r for i, r in enumerate(rows) if i not in held_out]
-    return train, [r for i, r in enumerate(rows) if i in held_out]
 
 
 def _split(raw: Mapping[str, Any], split: str, name: str) -> Any:

@@ -1,7 +1,10 @@
 """The one row type every data source is normalised to."""
 from __future__ import annotations
 
+import random
 from dataclasses import dataclass
+
+EVAL_FRACTION = 0.1  # held out of a source that has no eval part (DeepSpeed-Chat's 9:1)
 
 
 @dataclass(frozen=True)
@@ -15,3 +18,19 @@ class Row:
     prompt: str
     chosen: str
     rejected: str | None = None
+
+
+def carve_eval(rows: list[Row], seed: int,
+               fraction: float = EVAL_FRACTION) -> tuple[list[Row], list[Row]]:
+    """Split `rows` into (train, eval), eval being `fraction` of them picked by `seed`.
+
+    Deterministic for a given seed and input order (random.Random, not torch, so it needs no
+    framework and is the same on every rank). Both parts keep the input order. With fewer than
+    two rows there is nothing to hold out and eval is empty.
+    """
+    if len(rows) < 2:
+        return list(rows), []
+    n_eval = max(1, int(len(rows) * fraction))
+    held_out = set(random.Random(seed).sample(range(len(rows)), n_eval))
+    train = [r for i, r in enumerate(rows) if i not in held_out]
+    return train, [r for i, r in enumerate(rows) if i in held_out]

@@ -12,11 +12,10 @@ from __future__ import annotations
 
 import json
 import logging
-import random
 from pathlib import Path
 from typing import Any, Iterable
 
-from engine.data.rows import Row
+from engine.data.rows import EVAL_FRACTION, Row, carve_eval
 from engine.errors import UserError
 from engine.synthetic import ASSET_DIR as BUNDLED_DIR
 
@@ -27,17 +26,6 @@ LOCAL_JSONFILE = "local/jsonfile"
 # DeepSpeed-Chat's local/jsonfile reads <DeepSpeed-Chat>/data/{train,eval}.json; ours is the repo root.
 LOCAL_JSONFILE_DIR = Path(__file__).resolve().parents[2] / "data"
 SUFFIXES = (".jsonl", ".json", ".parquet")
-EVAL_FRACTION = 0.1
-
-
-def carve_eval(rows: list[Row], seed: int, fraction: float = EVAL_FRACTION) -> tuple[list[Row], list[Row]]:
-    """Seeded split of a source that has no eval part: (train, eval), disjoint, deterministic."""
-    order = list(range(len(rows)))
-    random.Random(seed).shuffle(order)
-    n_eval = max(1, int(len(rows) * fraction)) if len(rows) > 1 else 0
-    eval_idx = set(order[:n_eval])
-    return ([r for i, r in enumerate(rows) if i not in eval_idx],
-            [r for i, r in enumerate(rows) if i in eval_idx])
 
 
 # ----------------------------------------------------------------------------------------------

@@ -14,7 +14,8 @@ from typing import Any
 
 import pytest
 
-from engine.data.hub import HUB_DATASETS, carve_eval, find_hub_dataset, load_hub_dataset
+from engine.data.hub import HUB_DATASETS, find_hub_dataset, load_hub_dataset
+from engine.data.rows import carve_eval
 from engine.data.rows import Row
 from engine.errors import UserError
 
