@@ -307,6 +307,18 @@ def make_config(config_cls: type[C], values: dict[str, Any] | None = None) -> C:
     return cfg
 
 
+def flag_table(config_cls: type) -> str:
+    """The Markdown flag reference of a step (the README embeds it; a test keeps the two equal)."""
+    rows = ["| flag | default | meaning |", "|---|---|---|"]
+    for name, (_, f, _) in leaf_fields(config_cls).items():
+        default = "fp16 on GPU, bf16 on CPU" if name == "dtype" else repr(_field_default(f))
+        text = f.metadata.get("help", "").replace("|", "/")
+        if f.metadata.get("choices"):
+            text += " Choices: " + ", ".join(map(str, f.metadata["choices"])) + "."
+        rows.append(f"| `--{name}` | `{default}` | {text} |")
+    return "\n".join(rows) + "\n"
+
+
 def config_to_dict(cfg: Any) -> dict[str, Any]:
     return dataclasses.asdict(cfg)
 

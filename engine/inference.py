@@ -1,0 +1,33 @@
+"""Plain (non-DeepSpeed) loading and generation, for evaluation scripts and chat."""
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from engine.errors import UserError
+
+
+def load_for_inference(path: str, trust_remote_code: bool = False) -> tuple[Any, Any]:
+    """(model in eval mode, left-padding tokenizer) from a Hugging Face folder or hub name."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    if Path(path).expanduser().exists() and not (Path(path).expanduser() / "config.json").is_file():
+        raise UserError(f"{path}: no config.json there; give a Hugging Face model folder (a step's --output_dir)")
+    try:
+        tok = AutoTokenizer.from_pretrained(path, padding_side="left", trust_remote_code=trust_remote_code)
+        model = AutoModelForCausalLM.from_pretrained(path, trust_remote_code=trust_remote_code)
+    except (OSError, ValueError) as err:
+        raise UserError(f"cannot load model '{path}': {str(err).splitlines()[0][:200]}") from None
+    if tok.pad_token is None:
+        tok.pad_token = tok.eos_token
+    return model.eval(), tok
+
+
+@torch.no_grad()
+def generate(model: Any, tok: Any, prompts: list[str], max_new_tokens: int = 64, **sampling: Any) -> list[str]:
+    """The answers (decoded new tokens, special tokens dropped) to a batch of prompts."""
+    enc = tok(prompts, return_tensors="pt", padding=True)
+    out = model.generate(**enc, max_new_tokens=max_new_tokens, pad_token_id=tok.pad_token_id, **sampling)
+    return tok.batch_decode(out[:, enc["input_ids"].shape[1]:], skip_special_tokens=True)

@@ -1,0 +1,20 @@
+"""The README's flag reference is the config's, so the two cannot drift."""
+from pathlib import Path
+
+from engine.config import Step1Config, flag_table
+
+README = Path(__file__).resolve().parents[2] / "README.md"
+
+
+def test_step1_flag_reference_matches_config():
+    text = README.read_text()
+    start, end = "<!-- flags:step1 -->\n", "<!-- /flags:step1 -->"
+    assert start in text and end in text
+    assert text.split(start, 1)[1].split(end, 1)[0] == flag_table(Step1Config)
+
+
+def test_quick_start_has_two_commands():
+    block = README.read_text().split("## Quick start", 1)[1].split("```bash\n", 1)[1].split("```", 1)[0]
+    assert [line for line in block.splitlines() if line.strip()] == [
+        'pip install -e ".[dev]" && python step1_sft/main.py --output_dir output/step1',
+        "python -m pytest -q"]
