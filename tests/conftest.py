@@ -20,16 +20,21 @@ def engine_cache(tmp_path_factory) -> Path:
 
 @pytest.fixture(scope="session")
 def run_step(engine_cache):
-    """run_step(script, args, nprocs=1) -> CompletedProcess; nprocs > 1 uses the deepspeed launcher."""
+    """run_step(script, args, nprocs=1) -> CompletedProcess; nprocs > 1 uses `launcher` (deepspeed or torchrun)."""
 
-    def run(script: str, args: list[str], nprocs: int = 1, timeout: int = 600, check: bool = True):
+    def run(script: str, args: list[str], nprocs: int = 1, timeout: int = 600, check: bool = True,
+            launcher: str = "deepspeed"):
         env = dict(os.environ, RLHF_ENGINE_CACHE=str(engine_cache), HF_HUB_OFFLINE="1",
                    HF_DATASETS_OFFLINE="1", TOKENIZERS_PARALLELISM="false", OMP_NUM_THREADS="1")
         if nprocs == 1:
             cmd = [sys.executable, str(ROOT / script)]
-        else:
+        elif launcher == "deepspeed":
             port = str(29500 + os.getpid() % 1000)
             cmd = ["deepspeed", "--num_gpus", str(nprocs), "--master_port", port, str(ROOT / script)]
+        else:
+            port = str(28500 + os.getpid() % 1000)
+            cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", str(nprocs),
+                   "--master_port", port, str(ROOT / script)]
         proc = subprocess.run(cmd + ["--disable_tqdm", *args], cwd=ROOT, env=env, capture_output=True,
                               text=True, timeout=timeout)
         if check and proc.returncode != 0:

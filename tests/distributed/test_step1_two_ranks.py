@@ -67,3 +67,12 @@ def test_zero3_resume_two_ranks_is_bit_identical(run_step, tmp_path):
     assert [a[s] for s in range(11, 31)] == [b[s] for s in range(11, 31)]
     wa, wb = load_file(str(straight / "model.safetensors")), load_file(str(resumed / "model.safetensors"))
     assert all(torch.equal(wa[k], wb[k]) for k in wa)
+
+
+def test_torchrun_two_ranks(run_step, tmp_path):
+    out = tmp_path / "torchrun"
+    run_step("step1_sft/main.py", ["--output_dir", str(out), "--zero_stage", "2", "--max_seq_len", "64",
+                                   "--per_device_train_batch_size", "8", "--test_stop_step", "5"],
+             nprocs=2, launcher="torchrun")
+    assert max(train_losses(out)) == 5
+    assert (out / "model.safetensors").is_file()

@@ -59,8 +59,11 @@ def test_saved_folder_loads_and_sorts(sft_run):
 
 def test_lora_only_keeps_frozen_weights(run_step, tmp_path, engine_cache):
     out = tmp_path / "lora"
+    # With gradient checkpointing too: DeepSpeed-Chat needed a fix for "does not require grad" there.
     run_step("step1_sft/main.py", ["--output_dir", str(out), *SMALL, "--lora_dim", "4", "--only_optimize_lora",
-                                   "--lora_learning_rate", "5e-3", "--test_stop_step", "10"])
+                                   "--lora_learning_rate", "5e-3", "--test_stop_step", "10",
+                                   "--gradient_checkpointing", "--enable_tensorboard"])
+    assert list((out / "step1_tensorboard").glob("events.out.tfevents.*")), "TensorBoard events missing"
     base, trained = tiny_base(engine_cache), load_file(str(out / "model.safetensors"))
     assert not any("lora" in k for k in trained), "LoRA must be fused into a plain model"
     for key in base:
@@ -72,7 +75,8 @@ def test_lora_only_keeps_frozen_weights(run_step, tmp_path, engine_cache):
 
 def test_resume_is_bit_identical(run_step, tmp_path):
     """20 steps, stop, resume to 50 == 50 steps straight (losses and final weights), with dropout on."""
-    common = [*SMALL, "--dropout", "0.1", "--save_interval", "20"]
+    common = [*SMALL, "--dropout", "0.1", "--save_interval", "20", "--per_device_train_batch_size", "8",
+              "--gradient_accumulation_steps", "2"]
     straight, resumed = tmp_path / "straight", tmp_path / "resumed"
     run_step("step1_sft/main.py", ["--output_dir", str(straight), *common])
     run_step("step1_sft/main.py", ["--output_dir", str(resumed), *common, "--test_stop_step", "20"])
@@ -83,3 +87,18 @@ def test_resume_is_bit_identical(run_step, tmp_path):
     assert [a[s] for s in range(21, 51)] == [b[s] for s in range(21, 51)]
     wa, wb = load_file(str(straight / "model.safetensors")), load_file(str(resumed / "model.safetensors"))
     assert all(torch.equal(wa[k], wb[k]) for k in wa)
+
+
+def test_prompt_eval_compares_two_models(run_step, sft_run, engine_cache):
+    import subprocess
+    import sys
+
+    from tests.conftest import ROOT
+
+    base = sorted(engine_cache.glob("tiny-llama-*"))[0]
+    proc = subprocess.run([sys.executable, str(ROOT / "step1_sft/prompt_eval.py"), "--model_name_or_path_baseline",
+                           str(base), "--model_name_or_path_finetune", str(sft_run)],
+                          capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert proc.stderr.count("==========prompt==========") == 8
+    assert "finetune:" in proc.stderr and "answers correct by the sorting rule" in proc.stderr
