@@ -52,7 +52,9 @@ def apply_lora(model: torch.nn.Module, lora: LoRAArgs) -> torch.nn.Module:
     targets = lora_target_modules(model, lora.lora_module_name)
     config = LoraConfig(r=lora.lora_dim, lora_alpha=lora.lora_scaling, lora_dropout=0.0,
                         target_modules=targets, bias="none")
-    peft_model = get_peft_model(model, config)
+    # Adapters in the base model's dtype: DeepSpeed keeps fp32 master copies itself, and ZeRO needs
+    # one dtype across a parameter group (peft's default upcasts bf16 adapters to fp32).
+    peft_model = get_peft_model(model, config, autocast_adapter_dtype=False)
     if not lora.only_optimize_lora:
         for p in peft_model.parameters():
             p.requires_grad_(True)
