@@ -29,6 +29,7 @@ from engine.errors import UserError
 logger = logging.getLogger("engine")
 
 DS_CHECKPOINT_DIR = "ds_checkpoint"
+POSITION_KEYS = ("epoch", "step_in_epoch", "global_step")  # the data position a step saves
 
 
 # ----------------------------------------------------------------------------------------------
@@ -194,4 +195,5 @@ def load_resume_state(engine: Any, output_dir: Path, dist: DistInfo) -> dict[str
         raise UserError(f"--resume: DeepSpeed could not load {folder / tag}")
     _restore_rng(rng)
     logger.info("resumed from %s (step %s)", folder / tag, client_state.get("global_step"))
-    return client_state
+    # DeepSpeed adds its own keys to the client state; hand back only the position we saved.
+    return {k: client_state[k] for k in POSITION_KEYS}

@@ -168,6 +168,47 @@ class Step1Config:
     log: LogArgs = field(default_factory=LogArgs)
 
 
+@dataclass
+class RewardTrainArgs(TrainArgs):
+    learning_rate: float = arg(5e-5, "Peak learning rate (DeepSpeed-Chat's step-2 default).")
+    eval_interval: int = arg(
+        0, "Also evaluate every N optimizer steps (0: only before training and after each epoch).")
+    eval_iters: int = arg(100, "Evaluate on at most this many batches per rank.")
+
+
+@dataclass
+class RewardArgs:
+    num_padding_at_beginning: int = arg(
+        1, "Leading tokens that may equal the pad id yet are real (OPT's BOS when pad = bos; "
+        "DeepSpeed-Chat's flag). Used where a mask is rebuilt from pad ids; padded batches carry their own mask.")
+    rm_loss: str = arg(
+        "end", "Pairwise loss: 'end' = Bradley-Terry on the end scores (as TRL and OpenRLHF; the score "
+        "step 3 uses), 'span' = DeepSpeed-Chat's per-token loss over the span where chosen and rejected "
+        "differ.", choices=("end", "span"))
+    rm_margin: float = arg(0.0, "Required score gap: loss = -logsigmoid(chosen - rejected - margin).")
+    rm_l2_coef: float = arg(
+        0.0, "Adds coef * mean((chosen + rejected)^2), which centres scores on 0 (0: off).")
+
+
+@dataclass
+class RewardLogArgs(LogArgs):
+    output_dir: str = arg("output/step2_reward", "Where the model, checkpoints, metrics and plots go.")
+    tensorboard_path: str = arg("step2_tensorboard", "TensorBoard folder; relative to --output_dir.")
+
+
+@dataclass
+class Step2Config:
+    """Step 2: reward model."""
+
+    model: ModelArgs = field(default_factory=ModelArgs)
+    data: DataArgs = field(default_factory=DataArgs)
+    train: RewardTrainArgs = field(default_factory=RewardTrainArgs)
+    ds: DeepSpeedArgs = field(default_factory=DeepSpeedArgs)
+    lora: LoRAArgs = field(default_factory=LoRAArgs)
+    reward: RewardArgs = field(default_factory=RewardArgs)
+    log: RewardLogArgs = field(default_factory=RewardLogArgs)
+
+
 # ----------------------------------------------------------------------------------------------
 # Flags from fields
 # ----------------------------------------------------------------------------------------------
@@ -385,6 +426,11 @@ def _validate_part(part: Any) -> list[str]:
             problems.append(f"--learning_rate must be > 0 (got {part.learning_rate})")
         if part.num_warmup_steps < 0 or part.test_stop_step < 0:
             problems.append("--num_warmup_steps and --test_stop_step must be >= 0")
+        if isinstance(part, RewardTrainArgs) and (part.eval_interval < 0 or part.eval_iters < 1):
+            problems.append("--eval_interval must be >= 0 and --eval_iters >= 1")
+    elif isinstance(part, RewardArgs):
+        if part.num_padding_at_beginning < 0 or part.rm_margin < 0 or part.rm_l2_coef < 0:
+            problems.append("--num_padding_at_beginning, --rm_margin and --rm_l2_coef must be >= 0")
     elif isinstance(part, LogArgs):
         if part.save_interval < 0 or part.print_interval < 1:
             problems.append("--save_interval must be >= 0 and --print_interval >= 1")
@@ -396,5 +442,11 @@ def validate(cfg: Any) -> None:
     problems: list[str] = []
     for part in dataclasses.fields(cfg):
         problems += _validate_part(getattr(cfg, part.name))
+    if not isinstance(cfg, Step1Config):
+        # Shared DataArgs carries two step-1-only flags; elsewhere they would be silently ignored.
+        if cfg.data.sft_only_data_path:
+            problems.append("--sft_only_data_path is a step-1 flag; pass those datasets to step 1")
+        if cfg.data.train_on_prompt:
+            problems.append("--train_on_prompt is a step-1 flag (the reward model scores whole sequences)")
     if problems:
         raise UserError("invalid configuration:\n  - " + "\n  - ".join(problems))

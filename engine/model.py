@@ -45,7 +45,7 @@ def resolve_model_path(model: ModelArgs, seed: int, dist: DistInfo) -> str:
     return model.model_name_or_path  # a hub name
 
 
-def _hub_error(name: str, err: Exception) -> UserError:
+def hub_error(name: str, err: Exception) -> UserError:
     return UserError(f"cannot load '{name}' ({type(err).__name__}: {str(err).splitlines()[0][:200]}); "
                      "check the name, your network or HF_TOKEN, or pass a local model folder")
 
@@ -57,7 +57,7 @@ def load_tokenizer(path: str, model: ModelArgs, data: DataArgs | None = None) ->
     try:
         tok = AutoTokenizer.from_pretrained(path, padding_side="right", trust_remote_code=model.trust_remote_code)
     except (OSError, ValueError) as err:
-        raise _hub_error(path, err) from None
+        raise hub_error(path, err) from None
     if tok.pad_token is None:
         if tok.eos_token is None:
             raise UserError(f"the tokenizer of {path} has neither a pad nor an eos token; add a pad "
@@ -86,13 +86,20 @@ def zero3_construction(ds_config: dict[str, Any] | None) -> Iterator[None]:
         del keep_alive
 
 
-def _configure(hf_config: Any, model: ModelArgs, pad_token_id: int) -> None:
+def configure_model_config(hf_config: Any, model: ModelArgs, pad_token_id: int) -> None:
     if model.dropout is not None:
         for key in DROPOUT_KEYS:
             if isinstance(getattr(hf_config, key, None), float):
                 setattr(hf_config, key, model.dropout)
     hf_config.pad_token_id = pad_token_id
     hf_config.use_cache = False  # training; generation turns it back on
+
+
+def resize_embeddings(model: torch.nn.Module, tokenizer: Any) -> None:
+    """Grow the embeddings (to a multiple of 8) when the tokenizer gained tokens (--add_eot_token)."""
+    emb = model.get_input_embeddings().weight
+    if len(tokenizer) > (emb.ds_shape[0] if hasattr(emb, "ds_shape") else emb.shape[0]):
+        model.resize_token_embeddings(len(tokenizer), pad_to_multiple_of=8)
 
 
 def load_causal_lm(path: str, model: ModelArgs, tokenizer: Any, dtype: str,
@@ -103,18 +110,16 @@ def load_causal_lm(path: str, model: ModelArgs, tokenizer: Any, dtype: str,
     try:
         hf_config = AutoConfig.from_pretrained(path, trust_remote_code=model.trust_remote_code)
     except (OSError, ValueError) as err:
-        raise _hub_error(path, err) from None
-    _configure(hf_config, model, tokenizer.pad_token_id)
+        raise hub_error(path, err) from None
+    configure_model_config(hf_config, model, tokenizer.pad_token_id)
     with zero3_construction(ds_config):
         try:
             lm = AutoModelForCausalLM.from_pretrained(
                 path, config=hf_config, dtype=DTYPES[dtype], attn_implementation=model.attn_implementation,
                 trust_remote_code=model.trust_remote_code)
         except (OSError, ValueError) as err:
-            raise _hub_error(path, err) from None
-        emb = lm.get_input_embeddings().weight
-        if len(tokenizer) > (emb.ds_shape[0] if hasattr(emb, "ds_shape") else emb.shape[0]):
-            lm.resize_token_embeddings(len(tokenizer), pad_to_multiple_of=8)
+            raise hub_error(path, err) from None
+        resize_embeddings(lm, tokenizer)
     if gradient_checkpointing:
         # Non-reentrant checkpointing needs no input grads, so it also works with frozen base weights.
         lm.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})

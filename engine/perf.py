@@ -74,7 +74,7 @@ def model_shape(hf_config) -> tuple[int, int, int]:
     return tuple(shape)
 
 
-def step1_throughput(*, step_time_s: float, per_device_batch: int, world_size: int, seq_length: int, hf_config,
+def train_throughput(*, step_time_s: float, per_device_batch: int, world_size: int, seq_length: int, hf_config,
                      gradient_checkpointing: bool, lora_dim: int) -> dict[str, float]:
     """Throughput of one timed step in which every device trained on `per_device_batch` sequences.
 

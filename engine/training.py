@@ -14,6 +14,7 @@ from engine.distributed import DistInfo, all_reduce_sum
 from engine.ds_config import fill_template, load_template, train_ds_config
 from engine.errors import UserError
 from engine.losses import causal_lm_loss
+from engine.metrics import MetricsLogger
 
 logger = logging.getLogger("engine")
 
@@ -133,3 +134,26 @@ def evaluate_lm(engine: Any, loader: torch.utils.data.DataLoader, device: torch.
         engine.train()
     loss = loss_sum / max(tokens, 1.0)
     return {"eval/loss": loss, "eval/perplexity": math.exp(min(loss, 50.0))}
+
+
+@dataclass
+class RunContext:
+    """What a step's loop and its checkpoint writer share."""
+
+    cfg: Any
+    engine: Any
+    tokenizer: Any
+    dist: DistInfo
+    out: Path
+    zero_stage: int
+    metrics: MetricsLogger
+
+
+def save_checkpoint(run: RunContext, module: torch.nn.Module, step: int, position: dict[str, int]) -> None:
+    """A Hugging Face folder checkpoint-<step>/ of `module` and the DeepSpeed state --resume reads."""
+    from engine.checkpoint import save_hf_folder, save_resume_state
+    from engine.config import save_config_yaml
+
+    save_hf_folder(module, run.tokenizer, run.out / f"checkpoint-{step}", run.zero_stage, run.dist,
+                   extra=lambda folder: save_config_yaml(run.cfg, folder / "config.yaml"))
+    save_resume_state(run.engine, run.out, f"step{step}", position, run.dist)

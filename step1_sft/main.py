@@ -13,25 +13,25 @@ metrics.jsonl, curves.png and the resolved config.yaml.
 from __future__ import annotations
 
 import logging
-from dataclasses import dataclass
 from functools import partial
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Sequence
 
 from tqdm import tqdm
 
-from engine.checkpoint import load_resume_state, save_hf_folder, save_resume_state
+from engine.checkpoint import load_resume_state, save_hf_folder
 from engine.config import Step1Config, config_to_dict, parse_config, save_config_yaml
 from engine.data.sft import collate_right_padded, load_sft_data
-from engine.distributed import DistInfo, all_reduce_sum, init_distributed, setup_logging
+from engine.distributed import all_reduce_sum, init_distributed, setup_logging
 from engine.errors import run_main
 from engine.lora import apply_lora, optimizer_param_groups
 from engine.losses import causal_lm_loss
 from engine.metrics import MetricsLogger, plot_curves
 from engine.model import load_causal_lm, load_tokenizer, resolve_model_path
-from engine.perf import StepTimer, peak_memory_gb, step1_throughput
-from engine.training import (Schedule, build_ds_config, check_output_dir, deepspeed_initialize,
-                             evaluate_lm, make_loader, make_optimizer, make_scheduler, to_device)
+from engine.perf import StepTimer, peak_memory_gb, train_throughput
+from engine.training import (RunContext, Schedule, build_ds_config, check_output_dir, deepspeed_initialize,
+                             evaluate_lm, make_loader, make_optimizer, make_scheduler, save_checkpoint,
+                             to_device)
 
 logger = logging.getLogger("engine")
 
@@ -80,7 +80,7 @@ def main(argv: Sequence[str] | None = None) -> None:
     if position["global_step"] == 0:
         metrics.log(0, evaluate_lm(engine, eval_loader, dist.device, cfg.ds.compute_fp32_loss))
 
-    run = Run(cfg, engine, tokenizer, dist, out, zero_stage, metrics)
+    run = RunContext(cfg, engine, tokenizer, dist, out, zero_stage, metrics)
     stopped = train(run, train_loader, eval_loader, schedule, position)
 
     save_hf_folder(engine.module, tokenizer, out, zero_stage, dist,
@@ -92,20 +92,7 @@ def main(argv: Sequence[str] | None = None) -> None:
         logger.info("done%s; model in %s", " (stopped by --test_stop_step)" if stopped else "", out)
 
 
-@dataclass
-class Run:
-    """What the loop and the checkpoint writer share."""
-
-    cfg: Step1Config
-    engine: Any
-    tokenizer: Any
-    dist: DistInfo
-    out: Path
-    zero_stage: int
-    metrics: MetricsLogger
-
-
-def train(run: Run, train_loader, eval_loader, schedule: Schedule, position: dict[str, int]) -> bool:
+def train(run: RunContext, train_loader, eval_loader, schedule: Schedule, position: dict[str, int]) -> bool:
     """The SFT loop; returns True when --test_stop_step ended it early."""
     cfg, engine, dist = run.cfg, run.engine, run.dist
     accum, micro = cfg.train.gradient_accumulation_steps, cfg.train.per_device_train_batch_size
@@ -128,7 +115,7 @@ def train(run: Run, train_loader, eval_loader, schedule: Schedule, position: dic
             bar.update(1)
             bar.set_postfix(loss=f"{row['train/loss']:.4f}")
             if cfg.log.save_interval and step % cfg.log.save_interval == 0:
-                save_checkpoint(run, step, {"epoch": epoch, "step_in_epoch": step_in_epoch + 1, "global_step": step})
+                save_checkpoint(run, engine.module, step, {"epoch": epoch, "step_in_epoch": step_in_epoch + 1, "global_step": step})
             if cfg.train.test_stop_step and step >= cfg.train.test_stop_step:
                 bar.close()
                 return True
@@ -137,7 +124,7 @@ def train(run: Run, train_loader, eval_loader, schedule: Schedule, position: dic
     return False
 
 
-def train_step(run: Run, batches: list[dict]) -> dict[str, float]:
+def train_step(run: RunContext, batches: list[dict]) -> dict[str, float]:
     """One optimizer step over `batches` (the accumulation window); the loss is token-weighted."""
     cfg, engine, dist = run.cfg, run.engine, run.dist
     timer = StepTimer()
@@ -156,18 +143,11 @@ def train_step(run: Run, batches: list[dict]) -> dict[str, float]:
         logger.warning("rank %d loss %.4f", dist.rank, loss_sum / max(tokens, 1.0))
     loss_sum, tokens = all_reduce_sum([loss_sum, tokens], dist.device)
     row = {"train/loss": loss_sum / max(tokens, 1.0)}
-    row |= step1_throughput(step_time_s=step_time, per_device_batch=len(batches) * cfg.train.per_device_train_batch_size,
+    row |= train_throughput(step_time_s=step_time, per_device_batch=len(batches) * cfg.train.per_device_train_batch_size,
                             world_size=dist.world_size, seq_length=width, hf_config=engine.module.config,
                             gradient_checkpointing=cfg.ds.gradient_checkpointing, lora_dim=cfg.lora.lora_dim)
     row["memory/peak_gb"] = peak_memory_gb(dist.device)
     return row
-
-
-def save_checkpoint(run: Run, step: int, position: dict[str, int]) -> None:
-    """A Hugging Face folder checkpoint-<step>/ and the DeepSpeed state that --resume reads."""
-    save_hf_folder(run.engine.module, run.tokenizer, run.out / f"checkpoint-{step}", run.zero_stage, run.dist,
-                   extra=lambda folder: save_config_yaml(run.cfg, folder / "config.yaml"))
-    save_resume_state(run.engine, run.out, f"step{step}", position, run.dist)
 
 
 if __name__ == "__main__":

@@ -54,3 +54,18 @@ def eval_rows(folder: Path) -> list[dict]:
 
 def train_losses(folder: Path) -> dict[int, float]:
     return {r["step"]: r["train/loss"] for r in read_metrics(folder) if "train/loss" in r}
+
+
+def tiny_model_folder(engine_cache: Path, seed: int = 1234) -> Path:
+    """The built-in model folder for `seed` inside the test cache (the default --seed is 1234)."""
+    from engine import embedded
+
+    old = os.environ.get("RLHF_ENGINE_CACHE")
+    os.environ["RLHF_ENGINE_CACHE"] = str(engine_cache)
+    try:
+        return embedded.tiny_model_dir(seed)
+    finally:
+        if old is None:
+            del os.environ["RLHF_ENGINE_CACHE"]
+        else:
+            os.environ["RLHF_ENGINE_CACHE"] = old

@@ -7,7 +7,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from tests.conftest import eval_rows, read_metrics, train_losses
+from tests.conftest import eval_rows, read_metrics, tiny_model_folder, train_losses
 
 pytestmark = pytest.mark.smoke
 
@@ -15,9 +15,7 @@ SMALL = ["--per_device_train_batch_size", "16", "--max_seq_len", "64"]
 
 
 def tiny_base(engine_cache: Path) -> dict[str, torch.Tensor]:
-    folders = sorted(engine_cache.glob("tiny-llama-*"))
-    assert len(folders) == 1, folders
-    return load_file(str(folders[0] / "model.safetensors"))
+    return load_file(str(tiny_model_folder(engine_cache) / "model.safetensors"))
 
 
 @pytest.fixture(scope="module")
@@ -95,7 +93,7 @@ def test_prompt_eval_compares_two_models(run_step, sft_run, engine_cache):
 
     from tests.conftest import ROOT
 
-    base = sorted(engine_cache.glob("tiny-llama-*"))[0]
+    base = tiny_model_folder(engine_cache)
     proc = subprocess.run([sys.executable, str(ROOT / "step1_sft/prompt_eval.py"), "--model_name_or_path_baseline",
                            str(base), "--model_name_or_path_finetune", str(sft_run)],
                           capture_output=True, text=True, timeout=300)

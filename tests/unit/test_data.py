@@ -21,8 +21,9 @@ from engine.config import DataArgs
 from engine.data.rows import Row
 from engine.data.sources import carve_eval, load_folder, load_source, read_rows, record_to_row
 from engine.data.split import phase_rows, phase_slice
-from engine.data.sft import (SFTDataset, TokenizeStats, _pack, cache_key, collate_right_padded,
-                             load_sft_data, tokenize_rows, tokenize_sft_row)
+from engine.data.cache import cache_key, pack_sequences
+from engine.data.sft import (SFTDataset, TokenizeStats, collate_right_padded, load_sft_data, tokenize_rows,
+                             tokenize_sft_row)
 from engine.distributed import DistInfo
 from engine.errors import UserError
 from engine.losses import IGNORE_INDEX
@@ -435,7 +436,8 @@ def test_train_on_prompt_keeps_prompt_only_rows(tok):
 # Dataset, labels and collator
 # ----------------------------------------------------------------------------------------------
 def _dataset(train_on_prompt: bool) -> SFTDataset:
-    return SFTDataset(_pack([[5, 6, 7, 8, EOS], [9, 10, EOS]], [3, 1]), train_on_prompt)
+    tensors = pack_sequences([[5, 6, 7, 8, EOS], [9, 10, EOS]]) | {"prompt_lens": torch.tensor([3, 1])}
+    return SFTDataset(tensors, train_on_prompt)
 
 
 def test_labels_are_ignored_on_prompt_tokens():
@@ -535,7 +537,7 @@ def test_load_sft_data_builds_then_reuses_a_safetensors_cache(tmp_path, tok, mon
     def no_rebuild(*args, **kwargs):
         raise AssertionError("the cache was rebuilt")
 
-    monkeypatch.setattr(sft, "_build_cache", no_rebuild)
+    monkeypatch.setattr(sft, "_build", no_rebuild)
     train2, _ = load_sft_data(data, tok, cache_dir, 3, DIST)
     assert files[0].stat().st_mtime_ns == mtime
     assert [x["input_ids"].tolist() for x in train2] == [x["input_ids"].tolist() for x in train]

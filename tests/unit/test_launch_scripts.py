@@ -62,8 +62,22 @@ def main_py_args(script: Path) -> list[str]:
     for word in words[at[0] + 1:]:
         if word in COMMAND_END or word.startswith(("2>", "&>", ">", "|")):
             break
-        args.append(word)
+        array = re.fullmatch(r"\$\{(\w+)\[@\]\}", word)
+        if array:  # a bash array of optional flags: check what the script may put in it
+            args += array_words(script, array.group(1))
+        else:
+            args.append(word)
     return args
+
+
+def array_words(script: Path, name: str) -> list[str]:
+    """The words a script assigns or appends to the bash array `name`."""
+    words: list[str] = []
+    for line in code_lines(script.read_text()).splitlines():
+        m = re.match(rf"\s*{name}\+?=\((.*)\)\s*$", line)
+        if m:
+            words += shlex.split(m.group(1))
+    return words
 
 
 def parse_flags(args: list[str]) -> list[tuple[str, list[str]]]:
@@ -235,7 +249,10 @@ def test_a_named_model_comes_with_named_data(script: Path) -> None:
     model, never what a script fine-tuning a real hub model means (DeepSpeed-Chat's default data is
     Dahoas/rm-static, ours is not)."""
     flags = dict(parse_flags(main_py_args(script)))
-    if any(name.endswith("model_name_or_path") for name in flags):
+    named = [v for name, v in flags.items() if name.endswith("model_name_or_path")]
+    # A model given by the caller (a shell variable, e.g. a step-1 output trained on the same bundled
+    # task) is fine; a hard-coded hub model is the mistake this test is for.
+    if any(is_literal(v[0]) for v in named if v):
         assert "data_path" in flags or "sft_only_data_path" in flags, \
             f"{script.relative_to(ROOT)} names a model but no --data_path"
 

@@ -9,7 +9,7 @@ import torch
 from transformers import GPT2Config, LlamaConfig, OPTConfig
 
 from engine.perf import (StepTimer, activation_factor, calculate_flops, current_memory_gb, model_shape,
-                         peak_memory_gb, reset_peak_memory, step1_throughput)
+                         peak_memory_gb, reset_peak_memory, train_throughput)
 
 
 def test_calculate_flops_hand_worked():
@@ -63,30 +63,30 @@ def test_model_shape_plain_namespace_and_missing_field():
         model_shape(SimpleNamespace(num_hidden_layers=2, vocab_size=10))
 
 
-def test_step1_throughput_hand_worked():
+def test_train_throughput_hand_worked():
     cfg = SimpleNamespace(num_hidden_layers=2, hidden_size=4, vocab_size=10)
-    out = step1_throughput(step_time_s=0.5, per_device_batch=2, world_size=4, seq_length=8, hf_config=cfg,
+    out = train_throughput(step_time_s=0.5, per_device_batch=2, world_size=4, seq_length=8, hf_config=cfg,
                            gradient_checkpointing=False, lora_dim=0)
     # samples/s (global) = 2 * 4 / 0.5 = 16
     # flops(k=3, B=2, s=8, L=2, h=4, V=10) = 52032 (see above); per-device TFLOPs = 52032 / (0.5 * 1e12)
     assert out == pytest.approx({"perf/samples_per_s": 16.0, "perf/tflops": 1.04064e-7, "perf/step_time_s": 0.5})
 
 
-def test_step1_throughput_does_not_depend_on_world_size_per_device():
+def test_train_throughput_does_not_depend_on_world_size_per_device():
     cfg = SimpleNamespace(num_hidden_layers=2, hidden_size=4, vocab_size=10)
     kwargs = dict(step_time_s=1.0, per_device_batch=2, seq_length=8, hf_config=cfg, gradient_checkpointing=True,
                   lora_dim=0)
-    one, eight = step1_throughput(world_size=1, **kwargs), step1_throughput(world_size=8, **kwargs)
+    one, eight = train_throughput(world_size=1, **kwargs), train_throughput(world_size=8, **kwargs)
     assert eight["perf/tflops"] == pytest.approx(one["perf/tflops"])  # per device: DS-Chat would divide by 8
     assert eight["perf/samples_per_s"] == pytest.approx(8 * one["perf/samples_per_s"])
     # k = 4 with checkpointing: 52032 * 4/3 = 69376
     assert one["perf/tflops"] == pytest.approx(69376 / 1e12)
 
 
-def test_step1_throughput_rejects_zero_time():
+def test_train_throughput_rejects_zero_time():
     cfg = SimpleNamespace(num_hidden_layers=2, hidden_size=4, vocab_size=10)
     with pytest.raises(ValueError, match="step_time_s"):
-        step1_throughput(step_time_s=0.0, per_device_batch=1, world_size=1, seq_length=8, hf_config=cfg,
+        train_throughput(step_time_s=0.0, per_device_batch=1, world_size=1, seq_length=8, hf_config=cfg,
                          gradient_checkpointing=False, lora_dim=0)
 
 

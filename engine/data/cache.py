@@ -1,0 +1,99 @@
+"""The tokenized-data cache every step uses: safetensors (no pickle), keyed by a hash of all that
+shapes it, built by rank 0 while the other ranks wait."""
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import tempfile
+from pathlib import Path
+from typing import Any, Callable
+
+import torch
+from safetensors import safe_open
+from safetensors.torch import load_file, save_file
+
+from engine.config import DataArgs
+from engine.data.sources import BUNDLED, LOCAL_JSONFILE, LOCAL_JSONFILE_DIR
+from engine.distributed import DistInfo, all_reduce_sum, barrier
+from engine.errors import UserError
+from engine.synthetic import ASSET_DIR as BUNDLED_DIR
+
+CACHE_VERSION = 2  # bump when any step's tokenisation changes
+HASH_LIMIT = 256 * 2**20  # files up to this size are keyed by content, larger ones by size + mtime
+
+
+def _file_fingerprint(f: Path) -> list[Any]:
+    stat = f.stat()
+    if stat.st_size <= HASH_LIMIT:
+        return [str(f.resolve()), hashlib.sha256(f.read_bytes()).hexdigest()]
+    return [str(f.resolve()), stat.st_size, stat.st_mtime_ns]
+
+
+def _source_fingerprint(spec: str) -> Any:
+    """The name plus each local file's content hash, so an edited file is re-tokenised."""
+    folder = {BUNDLED: BUNDLED_DIR, LOCAL_JSONFILE: LOCAL_JSONFILE_DIR}.get(spec)
+    path = folder or Path(spec).expanduser()
+    files = sorted(f for f in path.iterdir() if f.is_file()) if path.is_dir() else [path] if path.is_file() else []
+    return [spec] + [_file_fingerprint(f) for f in files]
+
+
+def _tokenizer_fingerprint(tokenizer: Any) -> str:
+    text = json.dumps([sorted(tokenizer.get_vocab().items()), tokenizer.eos_token, tokenizer.pad_token,
+                       getattr(tokenizer, "chat_template", None), type(tokenizer).__name__])
+    return hashlib.sha256(text.encode()).hexdigest()
+
+
+def cache_key(data: DataArgs, tokenizer: Any, phase: int, seed: int) -> str:
+    parts = {
+        "version": CACHE_VERSION, "phase": phase, "seed": seed,
+        "sources": [_source_fingerprint(s) for s in data.data_path or [BUNDLED]],
+        "sft_only": [_source_fingerprint(s) for s in data.sft_only_data_path] if phase == 1 else [],
+        "split": data.data_split, "max_seq_len": data.max_seq_len, "overlength": data.overlength,
+        "train_on_prompt": data.train_on_prompt,
+        "eot": [data.add_eot_token, data.eot_token], "tokenizer": _tokenizer_fingerprint(tokenizer),
+    }
+    return hashlib.sha256(json.dumps(parts, sort_keys=True).encode()).hexdigest()[:16]
+
+
+def pack_sequences(seqs: list[list[int]]) -> dict[str, torch.Tensor]:
+    """Ragged token lists as one flat tensor plus offsets (row i is ids[offsets[i]:offsets[i+1]])."""
+    lengths = torch.tensor([len(s) for s in seqs], dtype=torch.int64)
+    return {"input_ids": torch.tensor([t for s in seqs for t in s], dtype=torch.int64),
+            "offsets": torch.cat([torch.zeros(1, dtype=torch.int64), lengths.cumsum(0)])}
+
+
+def sequence_at(ids: torch.Tensor, offsets: torch.Tensor, i: int) -> torch.Tensor:
+    return ids[offsets[i]:offsets[i + 1]]
+
+
+def split_tensors(tensors: dict[str, torch.Tensor], split: str) -> dict[str, torch.Tensor]:
+    """{'train/x': ...} -> {'x': ...} for one split."""
+    prefix = split + "/"
+    return {k[len(prefix):]: v for k, v in tensors.items() if k.startswith(prefix)}
+
+
+def _write(path: Path, tensors: dict[str, torch.Tensor], meta: dict[str, str]) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=path.name + ".tmp-", dir=path.parent)
+    os.close(fd)
+    save_file(tensors, tmp, metadata=meta)
+    os.replace(tmp, path)
+
+
+def cached_tensors(path: Path, build: Callable[[], tuple[dict[str, torch.Tensor], dict[str, str]]],
+                   dist: DistInfo) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
+    """(tensors, metadata) of the cache at `path`, which rank 0 builds with `build()` if missing."""
+    failed = ""
+    if dist.is_main and not path.is_file():
+        try:
+            _write(path, *build())
+        except UserError as err:
+            failed = str(err)
+    # Every rank learns whether rank 0 failed, so none is left waiting at a barrier.
+    if all_reduce_sum([float(bool(failed))], dist.device)[0] > 0:
+        raise UserError(failed or "rank 0 could not build the dataset; see its error")
+    barrier()
+    with safe_open(str(path), framework="pt") as f:
+        meta = f.metadata() or {}
+    return load_file(str(path)), meta

@@ -1,0 +1,130 @@
+"""Step-2 data: (chosen, rejected) token pairs, their cache, dataset and collator.
+
+Each side is prompt + answer (+ the end token when it differs from the pad token, so that the last
+real token is the same one Hugging Face's sequence-classification pooling reads). Pairs that cannot
+teach a preference are skipped and counted: no rejected answer, or chosen and rejected identical
+(also after truncation).
+"""
+from __future__ import annotations
+
+import json
+import logging
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from engine.config import DataArgs
+from engine.data.cache import cache_key, cached_tensors, pack_sequences, sequence_at, split_tensors
+from engine.data.rows import Row
+from engine.data.sft import end_token_id, right_pad
+from engine.data.split import phase_rows
+from engine.distributed import DistInfo
+from engine.errors import UserError
+
+logger = logging.getLogger("engine")
+
+
+@dataclass
+class PairStats:
+    rows: int = 0
+    kept: int = 0
+    no_rejected: int = 0
+    identical: int = 0
+    truncated: int = 0
+    dropped_overlength: int = 0
+
+
+def tokenize_scored(prompt: str, answer: str, tokenizer: Any, end_id: int) -> list[int]:
+    """Token ids of a sequence to score: prompt + answer, ending with `end_id` unless it is the pad id."""
+    ids = tokenizer(prompt + answer)["input_ids"]
+    if end_id != tokenizer.pad_token_id and (not ids or ids[-1] != end_id):
+        ids = ids + [end_id]
+    return ids
+
+
+def tokenize_pair(row: Row, tokenizer: Any, end_id: int) -> tuple[list[int], list[int]]:
+    """Token ids of prompt + chosen and of prompt + rejected."""
+    return (tokenize_scored(row.prompt, row.chosen, tokenizer, end_id),
+            tokenize_scored(row.prompt, row.rejected, tokenizer, end_id))
+
+
+def tokenize_pairs(rows: list[Row], tokenizer: Any, data: DataArgs, end_id: int, stats: PairStats
+                   ) -> tuple[list[list[int]], list[list[int]]]:
+    chosen, rejected = [], []
+    for row in rows:
+        stats.rows += 1
+        if row.rejected is None:
+            stats.no_rejected += 1
+            continue
+        c, r = tokenize_pair(row, tokenizer, end_id)
+        if max(len(c), len(r)) > data.max_seq_len:
+            if data.overlength == "drop":
+                stats.dropped_overlength += 1
+                continue
+            stats.truncated += 1
+            c, r = c[:data.max_seq_len], r[:data.max_seq_len]
+        if c == r:
+            stats.identical += 1
+            continue
+        stats.kept += 1
+        chosen.append(c)
+        rejected.append(r)
+    return chosen, rejected
+
+
+def _build(data: DataArgs, tokenizer: Any, seed: int) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
+    train_rows, eval_rows = phase_rows(data, tokenizer, 2, seed)
+    end_id = end_token_id(tokenizer, data)
+    tensors, meta = {}, {}
+    for split, rows in (("train", train_rows), ("eval", eval_rows)):
+        stats = PairStats()
+        chosen, rejected = tokenize_pairs(rows, tokenizer, data, end_id, stats)
+        if not chosen:
+            raise UserError(f"no usable {split} preference pairs for step 2 ({asdict(stats)}); rows need a "
+                            "'rejected' answer that differs from 'chosen'; check --data_path and --data_split")
+        for side, seqs in (("chosen", chosen), ("rejected", rejected)):
+            tensors |= {f"{split}/{side}_{k}": v for k, v in pack_sequences(seqs).items()}
+        meta[f"{split}_stats"] = json.dumps(asdict(stats))
+    return tensors, meta
+
+
+def _log_stats(meta: dict[str, str], data: DataArgs) -> None:
+    for split in ("train", "eval"):
+        s = json.loads(meta[f"{split}_stats"])
+        logger.info("%s pairs: %d rows, %d kept", split, s["rows"], s["kept"])
+        if s["no_rejected"] or s["identical"]:
+            logger.warning("%s pairs: skipped %d rows without a rejected answer and %d whose chosen and "
+                           "rejected are identical", split, s["no_rejected"], s["identical"])
+        if s["truncated"] or s["dropped_overlength"]:
+            logger.warning("%s pairs: %d pairs over --max_seq_len %d were %s", split,
+                           s["truncated"] + s["dropped_overlength"], data.max_seq_len,
+                           "truncated" if data.overlength == "truncate" else "dropped")
+
+
+def load_pair_data(data: DataArgs, tokenizer: Any, cache_dir: Path, seed: int, dist: DistInfo
+                   ) -> tuple["PairDataset", "PairDataset"]:
+    """Build (rank 0) or reuse the tokenized cache of step 2's slice, then load it on every rank."""
+    path = cache_dir / f"pairs_{cache_key(data, tokenizer, 2, seed)}.safetensors"
+    tensors, meta = cached_tensors(path, lambda: _build(data, tokenizer, seed), dist)
+    _log_stats(meta, data)
+    return tuple(PairDataset(split_tensors(tensors, split)) for split in ("train", "eval"))
+
+
+class PairDataset(torch.utils.data.Dataset):
+    def __init__(self, tensors: dict[str, torch.Tensor]):
+        self.t = tensors
+
+    def __len__(self) -> int:
+        return len(self.t["chosen_offsets"]) - 1
+
+    def __getitem__(self, i: int) -> dict[str, torch.Tensor]:
+        return {side: sequence_at(self.t[f"{side}_input_ids"], self.t[f"{side}_offsets"], i)
+                for side in ("chosen", "rejected")}
+
+
+def collate_pairs(batch: list[dict[str, torch.Tensor]], pad_id: int) -> dict[str, torch.Tensor]:
+    """Right-padded (2B, T) input_ids and attention_mask: the B chosen rows, then the B rejected rows."""
+    input_ids, mask = right_pad([b["chosen"] for b in batch] + [b["rejected"] for b in batch], pad_id)
+    return {"input_ids": input_ids, "attention_mask": mask}

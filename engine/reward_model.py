@@ -1,0 +1,73 @@
+"""The reward model: a Hugging Face `*ForSequenceClassification` (num_labels 1) read per token.
+
+Its `score` layer is a bias-free Linear(hidden, 1): exactly the value head DeepSpeed-Chat puts on the
+base transformer. Using the Hugging Face class means the saved folder loads with plain
+`AutoModelForSequenceClassification.from_pretrained(folder)` and gives the same scores (its pooling
+reads the last non-pad token, as `engine.reward_math.end_scores` does), while `RewardModel` exposes the
+per-token values that step 3's critic needs.
+"""
+from __future__ import annotations
+
+import logging
+from typing import Any
+
+import torch
+
+from engine.config import ModelArgs
+from engine.errors import UserError
+from engine.model import DTYPES, configure_model_config, hub_error, resize_embeddings, zero3_construction
+from engine.reward_math import end_scores
+
+logger = logging.getLogger("engine")
+
+HEAD = "score"  # the value head's attribute name in every transformers *ForSequenceClassification
+
+
+def hf_model(model: torch.nn.Module) -> Any:
+    """The Hugging Face model inside an optional peft wrapper."""
+    return model.get_base_model() if hasattr(model, "get_base_model") else model
+
+
+class RewardModel(torch.nn.Module):
+    """Per-token values of a sequence-classification model: forward(ids, mask) -> (B, T) float32."""
+
+    def __init__(self, model: torch.nn.Module):
+        super().__init__()
+        self.model = model  # HF *ForSequenceClassification, possibly wrapped by peft
+        inner = hf_model(model)
+        if not isinstance(getattr(inner, HEAD, None), torch.nn.Linear):
+            raise UserError(f"{type(inner).__name__} has no '{HEAD}' value head; the reward model must be a "
+                            "transformers *ForSequenceClassification model")
+
+    def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
+        inner = hf_model(self.model)
+        hidden = inner.base_model(input_ids=input_ids, attention_mask=attention_mask).last_hidden_state
+        return getattr(inner, HEAD)(hidden).squeeze(-1).float()
+
+    def scores(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
+        """(B,) score of each sequence: the value at its last real token."""
+        return end_scores(self(input_ids, attention_mask), attention_mask)
+
+
+def load_reward_model(path: str, model: ModelArgs, tokenizer: Any, dtype: str, ds_config: dict[str, Any] | None,
+                      gradient_checkpointing: bool) -> RewardModel:
+    """A reward model from a reward-model folder or, with a fresh value head, from a causal-LM folder."""
+    from transformers import AutoConfig, AutoModelForSequenceClassification
+
+    try:
+        hf_config = AutoConfig.from_pretrained(path, trust_remote_code=model.trust_remote_code)
+    except (OSError, ValueError) as err:
+        raise hub_error(path, err) from None
+    hf_config.num_labels = 1
+    configure_model_config(hf_config, model, tokenizer.pad_token_id)
+    with zero3_construction(ds_config):
+        try:
+            seq_cls = AutoModelForSequenceClassification.from_pretrained(
+                path, config=hf_config, dtype=DTYPES[dtype], attn_implementation=model.attn_implementation,
+                trust_remote_code=model.trust_remote_code)
+        except (OSError, ValueError) as err:
+            raise hub_error(path, err) from None
+        resize_embeddings(seq_cls, tokenizer)
+    if gradient_checkpointing:
+        seq_cls.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    return RewardModel(seq_cls)

@@ -1,0 +1,200 @@
+"""Step 2: train a reward model on (prompt, chosen, rejected) pairs.
+
+    # the built-in tiny model on the bundled sorting task, one process
+    python step2_reward/main.py --output_dir output/step2
+    # from a step-1 output, 2 ranks (GPUs, or CPU processes on gloo)
+    deepspeed --num_gpus 2 step2_reward/main.py --model_name_or_path output/step1 --zero_stage 3 ...
+
+Every flag: `python step2_reward/main.py --help`. Writes a Hugging Face folder (a
+*ForSequenceClassification model, num_labels 1) to --output_dir that step 3 loads as critic and reward
+model and `AutoModelForSequenceClassification.from_pretrained` loads as is, plus reward_stats.json
+(score mean and std on the eval set), metrics.jsonl, curves.png and config.yaml.
+"""
+from __future__ import annotations
+
+import json
+import logging
+from functools import partial
+from pathlib import Path
+from typing import Sequence
+
+import torch
+from tqdm import tqdm
+
+from engine.checkpoint import load_resume_state, save_hf_folder
+from engine.config import Step2Config, config_to_dict, parse_config, save_config_yaml
+from engine.data.pairs import collate_pairs, load_pair_data
+from engine.distributed import all_reduce_sum, init_distributed, setup_logging
+from engine.errors import UserError, run_main
+from engine.lora import apply_lora, optimizer_param_groups
+from engine.metrics import MetricsLogger, plot_curves
+from engine.model import load_tokenizer, resolve_model_path
+from engine.perf import StepTimer, peak_memory_gb, train_throughput
+from engine.reward_math import end_scores, reward_loss
+from engine.reward_model import HEAD, hf_model, load_reward_model
+from engine.training import (RunContext, Schedule, build_ds_config, check_output_dir, deepspeed_initialize,
+                             make_loader, make_optimizer, make_scheduler, save_checkpoint, to_device)
+
+logger = logging.getLogger("engine")
+
+
+def main(argv: Sequence[str] | None = None) -> None:
+    cfg = parse_config(Step2Config, argv, description=__doc__)
+    out = check_output_dir(cfg.log.output_dir)
+    dist = init_distributed(cfg.train.seed)
+    setup_logging(dist.is_main)
+
+    # Model path, tokenizer and data first: bad input fails before anything is written.
+    model_path = resolve_model_path(cfg.model, cfg.train.seed, dist)
+    tokenizer = load_tokenizer(model_path, cfg.model, cfg.data)
+    cache_dir = Path(cfg.data.data_output_path or out / "data_cache")
+    train_set, eval_set = load_pair_data(cfg.data, tokenizer, cache_dir, cfg.train.seed, dist)
+    collate = partial(collate_pairs, pad_id=tokenizer.pad_token_id)
+    train_loader = make_loader(train_set, cfg.train.per_device_train_batch_size, dist, True, cfg.train.seed, collate)
+    eval_loader = make_loader(eval_set, cfg.train.per_device_eval_batch_size, dist, False, cfg.train.seed, collate)
+    schedule = Schedule.of(len(train_loader), cfg.train.gradient_accumulation_steps, cfg.train.num_train_epochs)
+
+    # Reward model (value head on the base transformer), LoRA, optimizer, DeepSpeed.
+    ds_config = build_ds_config(cfg.ds, cfg.train, dist.world_size)
+    zero_stage = ds_config["zero_optimization"]["stage"]
+    model = load_reward_model(model_path, cfg.model, tokenizer, cfg.ds.dtype, ds_config, cfg.ds.gradient_checkpointing)
+    if cfg.lora.lora_dim > 0:
+        model.model = apply_lora(model.model, cfg.lora)
+        getattr(hf_model(model.model), HEAD).requires_grad_(True)  # the value head always trains
+    groups = optimizer_param_groups(model, cfg.train.weight_decay, cfg.lora.lora_learning_rate)
+    optimizer = make_optimizer(groups, cfg.train.learning_rate, (cfg.train.adam_beta1, cfg.train.adam_beta2),
+                               cfg.ds.offload)
+    scheduler = make_scheduler(optimizer, cfg.train.lr_scheduler_type, cfg.train.num_warmup_steps, schedule.total_steps)
+    engine = deepspeed_initialize(model, optimizer, scheduler, ds_config)
+
+    # Resume or start.
+    position = {"epoch": 0, "step_in_epoch": 0, "global_step": 0}
+    if cfg.log.resume:
+        position.update(load_resume_state(engine, out, dist))
+    out.mkdir(parents=True, exist_ok=True)
+    if dist.is_main:
+        save_config_yaml(cfg, out / "config.yaml")
+    tb_dir = out / cfg.log.tensorboard_path if cfg.log.enable_tensorboard else None
+    metrics = MetricsLogger(out, is_main=dist.is_main, tensorboard_dir=tb_dir,
+                            wandb_project=cfg.log.wandb_project if cfg.log.enable_wandb else None,
+                            wandb_config=config_to_dict(cfg), run_name=out.name, resume=cfg.log.resume)
+    logger.info("training %d steps (%d per epoch), %d ranks, ZeRO-%d, %s loss", schedule.total_steps,
+                schedule.steps_per_epoch, dist.world_size, zero_stage, cfg.reward.rm_loss)
+    run = RunContext(cfg, engine, tokenizer, dist, out, zero_stage, metrics)
+    if position["global_step"] == 0:
+        metrics.log(0, evaluate(run, eval_loader))
+
+    if train(run, train_loader, eval_loader, schedule, position) is not None:
+        logger.info("stopped by --test_stop_step at step %d", position["global_step"])
+
+    final = evaluate(run, eval_loader)
+    metrics.log(position["global_step"], final)
+    stats = {"score_mean": final["eval/score_mean"], "score_std": final["eval/score_std"],
+             "reward_accuracy": final["eval/reward_accuracy"], "eval_pairs": final["eval/pairs"]}
+
+    def extra(folder: Path) -> None:
+        save_config_yaml(cfg, folder / "config.yaml")
+        (folder / "reward_stats.json").write_text(json.dumps(stats, indent=2) + "\n")
+
+    save_hf_folder(engine.module.model, tokenizer, out, zero_stage, dist, extra=extra)
+    metrics.close()
+    if dist.is_main:
+        plot_curves(out / "metrics.jsonl", out / "curves.png",
+                    ["train/loss", "train/accuracy", "eval/reward_accuracy", "eval/score_margin"],
+                    title="Step 2: reward model")
+        logger.info("done: eval reward accuracy %.3f; model in %s", stats["reward_accuracy"], out)
+
+
+def train(run: RunContext, train_loader, eval_loader, schedule: Schedule, position: dict[str, int]) -> int | None:
+    """The reward-model loop; returns the step at which --test_stop_step ended it, else None."""
+    cfg, engine, dist = run.cfg, run.engine, run.dist
+    accum, micro = cfg.train.gradient_accumulation_steps, cfg.train.per_device_train_batch_size
+    step = position["global_step"]
+    engine.train()
+    bar = tqdm(total=schedule.total_steps, initial=step, disable=not dist.is_main or cfg.log.disable_tqdm,
+               desc="step 2 RM")
+    for epoch in range(position["epoch"], cfg.train.num_train_epochs):
+        first = position["step_in_epoch"] if epoch == position["epoch"] else 0
+        train_loader.sampler.set_epoch(epoch)
+        train_loader.sampler.start = first * accum * micro  # resume: skip what was trained
+        batches = iter(train_loader)
+        for step_in_epoch in range(first, schedule.steps_per_epoch):
+            row = train_step(run, [next(batches) for _ in range(accum)], step + 1)
+            step += 1
+            position.update(epoch=epoch, step_in_epoch=step_in_epoch + 1, global_step=step)
+            row |= {"train/lr": engine.get_lr()[0], "train/epoch": epoch}
+            if cfg.train.eval_interval and step % cfg.train.eval_interval == 0:
+                row |= evaluate(run, eval_loader)
+            if step % cfg.log.print_interval == 0 or step == schedule.total_steps:
+                logger.info("step %d: %s", step, ", ".join(f"{k}={v:.4g}" for k, v in row.items()))
+            run.metrics.log(step, row)
+            bar.update(1)
+            bar.set_postfix(loss=f"{row['train/loss']:.4f}", acc=f"{row['train/accuracy']:.3f}")
+            if cfg.log.save_interval and step % cfg.log.save_interval == 0:
+                save_checkpoint(run, engine.module.model, step, dict(position))
+            if cfg.train.test_stop_step and step >= cfg.train.test_stop_step:
+                bar.close()
+                return step
+        if epoch + 1 < cfg.train.num_train_epochs:  # the last epoch's evaluation is the final one
+            run.metrics.log(step, evaluate(run, eval_loader))
+    bar.close()
+    return None
+
+
+def train_step(run: RunContext, batches: list[dict], step: int) -> dict[str, float]:
+    """One optimizer step over the accumulation window; stops the run if a score is NaN or inf."""
+    cfg, engine, dist = run.cfg, run.engine, run.dist
+    timer = StepTimer()
+    timer.start()
+    sums = torch.zeros(4, dtype=torch.float64)  # loss, accuracy, micro-batches, non-finite flag
+    width = 0
+    for batch in batches:
+        batch = to_device(batch, dist.device)
+        values = engine(batch["input_ids"], batch["attention_mask"])
+        loss, stats = reward_loss(values, batch["input_ids"], batch["attention_mask"], cfg.reward.rm_loss,
+                                  cfg.reward.rm_margin, cfg.reward.rm_l2_coef)
+        sums += torch.tensor([float(loss), float(stats["accuracy"]), 1.0, float(not torch.isfinite(values).all())],
+                             dtype=torch.float64)
+        engine.backward(loss)
+        engine.step()
+        width = max(width, batch["input_ids"].shape[1])
+    step_time = timer.stop()
+    loss_sum, acc_sum, n, bad = all_reduce_sum(sums.tolist(), dist.device)
+    if bad:
+        raise UserError(f"step {step}: the reward model produced NaN or inf scores; lower --learning_rate, "
+                        "use --dtype bf16 or fp32, or check the data of this step")
+    row = {"train/loss": loss_sum / n, "train/accuracy": acc_sum / n}
+    row |= train_throughput(step_time_s=step_time, per_device_batch=2 * len(batches) * cfg.train.per_device_train_batch_size,
+                            world_size=dist.world_size, seq_length=width, hf_config=hf_model(engine.module.model).config,
+                            gradient_checkpointing=cfg.ds.gradient_checkpointing, lora_dim=cfg.lora.lora_dim)
+    row["memory/peak_gb"] = peak_memory_gb(dist.device)
+    return row
+
+
+@torch.no_grad()
+def evaluate(run: RunContext, loader) -> dict[str, float]:
+    """Pairwise accuracy and score statistics over at most --eval_iters batches per rank, all ranks."""
+    engine, dist = run.engine, run.dist
+    engine.eval()
+    # pairs, correct, sum chosen, sum rejected, score count, score sum, score sum of squares
+    sums = torch.zeros(7, dtype=torch.float64)
+    for i, batch in enumerate(loader):
+        if i >= run.cfg.train.eval_iters:
+            break
+        batch = to_device(batch, dist.device)
+        scores = end_scores(engine(batch["input_ids"], batch["attention_mask"]), batch["attention_mask"]).double().cpu()
+        b = scores.shape[0] // 2
+        c, r = scores[:b], scores[b:]
+        sums += torch.stack([torch.tensor(float(b)), (c > r).sum().double(), c.sum(), r.sum(),
+                             torch.tensor(float(2 * b)), scores.sum(), (scores ** 2).sum()])
+    engine.train()
+    pairs, correct, c_sum, r_sum, n, s_sum, sq_sum = all_reduce_sum(sums.tolist(), dist.device)
+    mean = s_sum / n
+    return {"eval/reward_accuracy": correct / pairs, "eval/chosen_score": c_sum / pairs,
+            "eval/rejected_score": r_sum / pairs, "eval/score_margin": (c_sum - r_sum) / pairs,
+            "eval/score_mean": mean, "eval/score_std": max(sq_sum / n - mean ** 2, 0.0) ** 0.5,
+            "eval/pairs": pairs}
+
+
+if __name__ == "__main__":
+    run_main(main)

@@ -1,0 +1,39 @@
+#!/usr/bin/env bash
+# Step 2 (reward model): a quick end-to-end check on a CPU-only machine (no GPU needed): 2 CPU ranks
+# train a reward model from the built-in tiny Llama model on the bundled synthetic sorting pairs (no
+# --data_path) with ZeRO-3, rank-8 LoRA and bf16 (DeepSpeed cannot run fp16 on a CPU), evaluating
+# every 50 optimizer steps. By default it starts from the built-in model's random weights; pass a
+# step-1 output folder as MODEL (e.g. the one step1_sft/training_scripts/tiny/run_cpu.sh wrote) to
+# start from the fine-tuned model instead.
+#
+# Usage: run_cpu.sh [OUTPUT=./output_step2_tiny] [ZERO_STAGE=3] [MODEL=built-in tiny model]
+set -euo pipefail
+
+OUTPUT=${1:-./output_step2_tiny}
+ZERO_STAGE=${2:-3}
+MODEL=${3:-}
+ROOT=$(cd "$(dirname "${BASH_SOURCE[0]}")/../../.." && pwd)
+export PYTHONPATH="$ROOT${PYTHONPATH:+:$PYTHONPATH}"
+mkdir -p "$OUTPUT"
+
+MODEL_ARGS=()
+if [[ -n "$MODEL" ]]; then
+   MODEL_ARGS=(--model_name_or_path "$MODEL")
+fi
+
+deepspeed --num_gpus 2 "$ROOT/step2_reward/main.py" \
+   --per_device_train_batch_size 8 \
+   --per_device_eval_batch_size 8 \
+   --max_seq_len 64 \
+   --learning_rate 1e-3 \
+   --num_train_epochs 2 \
+   --gradient_accumulation_steps 1 \
+   --seed 1234 \
+   --eval_interval 50 \
+   --zero_stage "$ZERO_STAGE" \
+   --lora_dim 8 \
+   --dtype bf16 \
+   --deepspeed \
+   --output_dir "$OUTPUT" \
+   "${MODEL_ARGS[@]}" \
+   2>&1 | tee "$OUTPUT/training.log"

@@ -1,0 +1,125 @@
+"""Step 2 end to end on the built-in tiny model and the bundled pairs, one process."""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from tests.conftest import read_metrics, tiny_model_folder, train_losses
+
+pytestmark = pytest.mark.smoke
+
+FAST = ["--learning_rate", "1e-3", "--per_device_train_batch_size", "16", "--max_seq_len", "64"]
+
+
+def reward_evals(folder: Path) -> list[dict]:
+    return [r for r in read_metrics(folder) if "eval/reward_accuracy" in r]
+
+
+@pytest.fixture(scope="module")
+def rm_run(run_step, tmp_path_factory) -> Path:
+    out = tmp_path_factory.mktemp("rm")
+    run_step("step2_reward/main.py", ["--output_dir", str(out), *FAST, "--eval_interval", "25"])
+    return out
+
+
+def test_reward_accuracy_rises(rm_run):
+    evals = reward_evals(rm_run)
+    assert [r["step"] for r in evals] == [0, 25, 50, 75, 100, 100]  # before, every 25 steps, final
+    assert 0.3 <= evals[0]["eval/reward_accuracy"] <= 0.7  # an untrained head is a coin flip
+    # Measured 1.0 on the 160 held-out pairs; require 0.95 (the issue's bar).
+    assert evals[-1]["eval/reward_accuracy"] >= 0.95
+    assert evals[-1]["eval/score_margin"] > 1.0
+    stats = json.loads((rm_run / "reward_stats.json").read_text())
+    assert stats["score_std"] > 0 and stats["eval_pairs"] == evals[-1]["eval/pairs"]
+    assert stats["score_mean"] == pytest.approx(evals[-1]["eval/score_mean"])
+
+
+def test_saved_folder_scores_the_same_in_plain_transformers(rm_run):
+    from transformers import AutoModelForSequenceClassification, AutoTokenizer
+
+    from engine.reward_model import RewardModel
+
+    model = AutoModelForSequenceClassification.from_pretrained(str(rm_run)).eval()
+    tok = AutoTokenizer.from_pretrained(str(rm_run))
+    texts = [" Human: sort 3 1 2 Assistant: 1 2 3<|endoftext|>", " Human: sort 9 8 Assistant: 9<|endoftext|>"]
+    enc = tok(texts, return_tensors="pt", padding=True)  # right padding, different lengths
+    with torch.no_grad():
+        hf = model(**enc).logits.squeeze(-1)
+        ours = RewardModel(model).scores(enc["input_ids"], enc["attention_mask"])
+    torch.testing.assert_close(hf.float(), ours, rtol=0, atol=1e-6)
+    assert hf[0] > hf[1]  # a correct sort outscores a wrong one
+    # Step 3 loads the folder through the engine (as critic and as reward model): same scores.
+    from engine.config import ModelArgs
+    from engine.reward_model import load_reward_model
+
+    engine_rm = load_reward_model(str(rm_run), ModelArgs(), tok, "fp32", None, False).eval()
+    with torch.no_grad():
+        torch.testing.assert_close(engine_rm.scores(enc["input_ids"], enc["attention_mask"]), hf.float(),
+                                   rtol=0, atol=1e-2)  # bf16 weights read in fp32 vs bf16 compute
+
+
+def test_lora_only_trains_adapters_and_value_head(run_step, tmp_path, engine_cache):
+    out = tmp_path / "lora"
+    run_step("step2_reward/main.py", ["--output_dir", str(out), *FAST, "--lora_dim", "4", "--only_optimize_lora",
+                                      "--test_stop_step", "5"])
+    base = load_file(str(tiny_model_folder(engine_cache) / "model.safetensors"))
+    trained = load_file(str(out / "model.safetensors"))
+    assert "score.weight" in trained and "lm_head.weight" not in trained
+    for key, value in trained.items():
+        if key == "score.weight":
+            continue  # new head: trained from its fresh init
+        changed = not torch.equal(base[key].to(value.dtype), value)
+        assert changed == key.endswith("proj.weight"), key
+
+
+def test_span_loss_trains(run_step, tmp_path):
+    out = tmp_path / "span"
+    run_step("step2_reward/main.py", ["--output_dir", str(out), *FAST, "--rm_loss", "span"])
+    # Measured 1.0 after the 100-step epoch (0.79 after 40 steps: the span loss learns end scores slower).
+    assert reward_evals(out)[-1]["eval/reward_accuracy"] >= 0.95
+
+
+def test_resume_is_bit_identical(run_step, tmp_path):
+    common = [*FAST, "--dropout", "0.1", "--save_interval", "10", "--test_stop_step", "25"]
+    straight, resumed = tmp_path / "straight", tmp_path / "resumed"
+    run_step("step2_reward/main.py", ["--output_dir", str(straight), *common])
+    run_step("step2_reward/main.py", ["--output_dir", str(resumed), *common[:-1], "10"])
+    run_step("step2_reward/main.py", ["--output_dir", str(resumed), *common, "--resume"])
+    a, b = train_losses(straight), train_losses(resumed)
+    assert sorted(a) == sorted(b) == list(range(1, 26))
+    assert [a[s] for s in range(11, 26)] == [b[s] for s in range(11, 26)]
+    wa, wb = load_file(str(straight / "model.safetensors")), load_file(str(resumed / "model.safetensors"))
+    assert all(torch.equal(wa[k], wb[k]) for k in wa)
+
+
+def test_pairs_without_preference_are_a_clear_error(run_step, tmp_path):
+    data = tmp_path / "same.jsonl"
+    data.write_text("".join(json.dumps({"prompt": f" Human: q{i} Assistant:", "chosen": " a", "rejected": " a"}) + "\n"
+                            for i in range(20)))
+    out = tmp_path / "out"
+    # 20 rows, 2 held out as eval (10%), all 18 others in step 2's slice (--data_split 0,10,0).
+    proc = run_step("step2_reward/main.py", ["--output_dir", str(out), "--data_path", str(data),
+                                             "--data_split", "0,10,0"], check=False)
+    assert proc.returncode == 2 and "Traceback" not in proc.stderr
+    assert "no usable train preference pairs" in proc.stderr and "'identical': 18" in proc.stderr
+    assert not out.exists() or not any(out.iterdir())
+
+
+def test_nan_scores_stop_training_naming_the_step(run_step, tmp_path, engine_cache):
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    base = tiny_model_folder(engine_cache)
+    poisoned = tmp_path / "poisoned"
+    model = AutoModelForCausalLM.from_pretrained(str(base))
+    with torch.no_grad():
+        model.model.norm.weight[0] = float("nan")  # every hidden state gets a NaN feature
+    model.save_pretrained(str(poisoned))
+    AutoTokenizer.from_pretrained(str(base)).save_pretrained(str(poisoned))
+    proc = run_step("step2_reward/main.py", ["--output_dir", str(tmp_path / "out"), "--model_name_or_path",
+                                             str(poisoned), *FAST], check=False)
+    assert proc.returncode == 2 and "Traceback" not in proc.stderr
+    assert "step 1: the reward model produced NaN or inf scores" in proc.stderr
