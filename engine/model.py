@@ -102,28 +102,42 @@ def resize_embeddings(model: torch.nn.Module, tokenizer: Any) -> None:
         model.resize_token_embeddings(len(tokenizer), pad_to_multiple_of=8)
 
 
-def load_causal_lm(path: str, model: ModelArgs, tokenizer: Any, dtype: str,
-                   ds_config: dict[str, Any] | None, gradient_checkpointing: bool) -> torch.nn.Module:
-    """A causal LM ready for `deepspeed.initialize` (partitioned already under ZeRO-3)."""
-    from transformers import AutoConfig, AutoModelForCausalLM
+def load_pretrained(auto_class: Any, path: str, model: ModelArgs, tokenizer: Any, dtype: str,
+                    ds_config: dict[str, Any] | None, gradient_checkpointing: bool, **config_overrides: Any
+                    ) -> torch.nn.Module:
+    """`auto_class.from_pretrained(path)` ready for `deepspeed.initialize` (partitioned under ZeRO-3).
+
+    `config_overrides` set config attributes first (e.g. num_labels=1 for a reward model).
+    """
+    from transformers import AutoConfig
 
     try:
         hf_config = AutoConfig.from_pretrained(path, trust_remote_code=model.trust_remote_code)
     except (OSError, ValueError) as err:
         raise hub_error(path, err) from None
+    for key, value in config_overrides.items():
+        setattr(hf_config, key, value)
     configure_model_config(hf_config, model, tokenizer.pad_token_id)
     with zero3_construction(ds_config):
         try:
-            lm = AutoModelForCausalLM.from_pretrained(
+            loaded = auto_class.from_pretrained(
                 path, config=hf_config, dtype=DTYPES[dtype], attn_implementation=model.attn_implementation,
                 trust_remote_code=model.trust_remote_code)
         except (OSError, ValueError) as err:
             raise hub_error(path, err) from None
-        resize_embeddings(lm, tokenizer)
+        resize_embeddings(loaded, tokenizer)
     if gradient_checkpointing:
         # Non-reentrant checkpointing needs no input grads, so it also works with frozen base weights.
-        lm.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
-    return lm
+        loaded.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    return loaded
+
+
+def load_causal_lm(path: str, model: ModelArgs, tokenizer: Any, dtype: str,
+                   ds_config: dict[str, Any] | None, gradient_checkpointing: bool) -> torch.nn.Module:
+    """A causal LM ready for `deepspeed.initialize`."""
+    from transformers import AutoModelForCausalLM
+
+    return load_pretrained(AutoModelForCausalLM, path, model, tokenizer, dtype, ds_config, gradient_checkpointing)
 
 
 def num_parameters(module: torch.nn.Module) -> int:

@@ -15,7 +15,7 @@ import torch
 
 from engine.config import ModelArgs
 from engine.errors import UserError
-from engine.model import DTYPES, configure_model_config, hub_error, resize_embeddings, zero3_construction
+from engine.model import load_pretrained
 from engine.reward_math import end_scores
 
 logger = logging.getLogger("engine")
@@ -52,22 +52,7 @@ class RewardModel(torch.nn.Module):
 def load_reward_model(path: str, model: ModelArgs, tokenizer: Any, dtype: str, ds_config: dict[str, Any] | None,
                       gradient_checkpointing: bool) -> RewardModel:
     """A reward model from a reward-model folder or, with a fresh value head, from a causal-LM folder."""
-    from transformers import AutoConfig, AutoModelForSequenceClassification
+    from transformers import AutoModelForSequenceClassification
 
-    try:
-        hf_config = AutoConfig.from_pretrained(path, trust_remote_code=model.trust_remote_code)
-    except (OSError, ValueError) as err:
-        raise hub_error(path, err) from None
-    hf_config.num_labels = 1
-    configure_model_config(hf_config, model, tokenizer.pad_token_id)
-    with zero3_construction(ds_config):
-        try:
-            seq_cls = AutoModelForSequenceClassification.from_pretrained(
-                path, config=hf_config, dtype=DTYPES[dtype], attn_implementation=model.attn_implementation,
-                trust_remote_code=model.trust_remote_code)
-        except (OSError, ValueError) as err:
-            raise hub_error(path, err) from None
-        resize_embeddings(seq_cls, tokenizer)
-    if gradient_checkpointing:
-        seq_cls.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
-    return RewardModel(seq_cls)
+    return RewardModel(load_pretrained(AutoModelForSequenceClassification, path, model, tokenizer, dtype, ds_config,
+                                       gradient_checkpointing, num_labels=1))

@@ -112,6 +112,19 @@ class Schedule:
         return cls(steps, steps * epochs)
 
 
+def epoch_windows(loader: torch.utils.data.DataLoader, epoch: int, first_step: int, schedule: Schedule,
+                  accumulation: int) -> Iterator[list[Any]]:
+    """The accumulation windows (lists of micro-batches) of one epoch, from optimizer step `first_step`.
+
+    A resumed run starts part-way: the sampler skips the micro-batches of the steps already taken.
+    """
+    loader.sampler.set_epoch(epoch)
+    loader.sampler.start = first_step * accumulation * loader.batch_size
+    batches = iter(loader)
+    for _ in range(first_step, schedule.steps_per_epoch):
+        yield [next(batches) for _ in range(accumulation)]
+
+
 def to_device(batch: dict[str, torch.Tensor], device: torch.device) -> dict[str, torch.Tensor]:
     return {k: v.to(device) for k, v in batch.items()}
 

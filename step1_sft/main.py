@@ -30,8 +30,8 @@ from engine.metrics import MetricsLogger, plot_curves
 from engine.model import load_causal_lm, load_tokenizer, resolve_model_path
 from engine.perf import StepTimer, peak_memory_gb, train_throughput
 from engine.training import (RunContext, Schedule, build_ds_config, check_output_dir, deepspeed_initialize,
-                             evaluate_lm, make_loader, make_optimizer, make_scheduler, save_checkpoint,
-                             to_device)
+                             epoch_windows, evaluate_lm, make_loader, make_optimizer, make_scheduler,
+                             save_checkpoint, to_device)
 
 logger = logging.getLogger("engine")
 
@@ -95,18 +95,16 @@ def main(argv: Sequence[str] | None = None) -> None:
 def train(run: RunContext, train_loader, eval_loader, schedule: Schedule, position: dict[str, int]) -> bool:
     """The SFT loop; returns True when --test_stop_step ended it early."""
     cfg, engine, dist = run.cfg, run.engine, run.dist
-    accum, micro = cfg.train.gradient_accumulation_steps, cfg.train.per_device_train_batch_size
+    accum = cfg.train.gradient_accumulation_steps
     step = position["global_step"]
     engine.train()  # from_pretrained returns a model in eval mode: dropout would be off
     bar = tqdm(total=schedule.total_steps, initial=step, disable=not dist.is_main or cfg.log.disable_tqdm,
                desc="step 1 SFT")
     for epoch in range(position["epoch"], cfg.train.num_train_epochs):
         first = position["step_in_epoch"] if epoch == position["epoch"] else 0
-        train_loader.sampler.set_epoch(epoch)
-        train_loader.sampler.start = first * accum * micro  # resume: skip what was trained
-        batches = iter(train_loader)
-        for step_in_epoch in range(first, schedule.steps_per_epoch):
-            row = train_step(run, [next(batches) for _ in range(accum)])
+        windows = epoch_windows(train_loader, epoch, first, schedule, accum)
+        for step_in_epoch, window in enumerate(windows, start=first):
+            row = train_step(run, window)
             step += 1
             row |= {"train/lr": engine.get_lr()[0], "train/epoch": epoch}
             if step % cfg.log.print_interval == 0 or step == schedule.total_steps:

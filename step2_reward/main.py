@@ -33,7 +33,8 @@ from engine.perf import StepTimer, peak_memory_gb, train_throughput
 from engine.reward_math import end_scores, reward_loss
 from engine.reward_model import HEAD, hf_model, load_reward_model
 from engine.training import (RunContext, Schedule, build_ds_config, check_output_dir, deepspeed_initialize,
-                             make_loader, make_optimizer, make_scheduler, save_checkpoint, to_device)
+                             epoch_windows, make_loader, make_optimizer, make_scheduler, save_checkpoint,
+                             to_device)
 
 logger = logging.getLogger("engine")
 
@@ -88,7 +89,8 @@ def main(argv: Sequence[str] | None = None) -> None:
         logger.info("stopped by --test_stop_step at step %d", position["global_step"])
 
     final = evaluate(run, eval_loader)
-    metrics.log(position["global_step"], final)
+    if not interval_eval_due(cfg, position["global_step"]):  # else this step's evaluation is logged already
+        metrics.log(position["global_step"], final)
     stats = {"score_mean": final["eval/score_mean"], "score_std": final["eval/score_std"],
              "reward_accuracy": final["eval/reward_accuracy"], "eval_pairs": final["eval/pairs"]}
 
@@ -108,22 +110,20 @@ def main(argv: Sequence[str] | None = None) -> None:
 def train(run: RunContext, train_loader, eval_loader, schedule: Schedule, position: dict[str, int]) -> int | None:
     """The reward-model loop; returns the step at which --test_stop_step ended it, else None."""
     cfg, engine, dist = run.cfg, run.engine, run.dist
-    accum, micro = cfg.train.gradient_accumulation_steps, cfg.train.per_device_train_batch_size
+    accum = cfg.train.gradient_accumulation_steps
     step = position["global_step"]
     engine.train()
     bar = tqdm(total=schedule.total_steps, initial=step, disable=not dist.is_main or cfg.log.disable_tqdm,
                desc="step 2 RM")
     for epoch in range(position["epoch"], cfg.train.num_train_epochs):
         first = position["step_in_epoch"] if epoch == position["epoch"] else 0
-        train_loader.sampler.set_epoch(epoch)
-        train_loader.sampler.start = first * accum * micro  # resume: skip what was trained
-        batches = iter(train_loader)
-        for step_in_epoch in range(first, schedule.steps_per_epoch):
-            row = train_step(run, [next(batches) for _ in range(accum)], step + 1)
+        windows = epoch_windows(train_loader, epoch, first, schedule, accum)
+        for step_in_epoch, window in enumerate(windows, start=first):
+            row = train_step(run, window, step + 1)
             step += 1
             position.update(epoch=epoch, step_in_epoch=step_in_epoch + 1, global_step=step)
             row |= {"train/lr": engine.get_lr()[0], "train/epoch": epoch}
-            if cfg.train.eval_interval and step % cfg.train.eval_interval == 0:
+            if interval_eval_due(cfg, step):
                 row |= evaluate(run, eval_loader)
             if step % cfg.log.print_interval == 0 or step == schedule.total_steps:
                 logger.info("step %d: %s", step, ", ".join(f"{k}={v:.4g}" for k, v in row.items()))
@@ -135,10 +135,15 @@ def train(run: RunContext, train_loader, eval_loader, schedule: Schedule, positi
             if cfg.train.test_stop_step and step >= cfg.train.test_stop_step:
                 bar.close()
                 return step
-        if epoch + 1 < cfg.train.num_train_epochs:  # the last epoch's evaluation is the final one
+        # After each epoch (the last one's evaluation is the final one, in main).
+        if epoch + 1 < cfg.train.num_train_epochs and not interval_eval_due(cfg, step):
             run.metrics.log(step, evaluate(run, eval_loader))
     bar.close()
     return None
+
+
+def interval_eval_due(cfg: Step2Config, step: int) -> bool:
+    return bool(cfg.train.eval_interval) and step % cfg.train.eval_interval == 0
 
 
 def train_step(run: RunContext, batches: list[dict], step: int) -> dict[str, float]:

@@ -57,13 +57,13 @@ def train_losses(folder: Path) -> dict[int, float]:
 
 
 def tiny_model_folder(engine_cache: Path, seed: int = 1234) -> Path:
-    """The built-in model folder for `seed` inside the test cache (the default --seed is 1234)."""
+    """The built-in model folder for `seed` inside the test cache, made if missing (default --seed: 1234)."""
     from engine import embedded
 
     old = os.environ.get("RLHF_ENGINE_CACHE")
     os.environ["RLHF_ENGINE_CACHE"] = str(engine_cache)
     try:
-        return embedded.tiny_model_dir(seed)
+        return embedded.ensure_tiny_model(seed)
     finally:
         if old is None:
             del os.environ["RLHF_ENGINE_CACHE"]

@@ -10,29 +10,20 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from tests.conftest import eval_rows, train_losses
+from tests.conftest import eval_rows, tiny_model_folder, train_losses
 
 pytestmark = pytest.mark.distributed
 
 
 @pytest.fixture(scope="module")
-def local_inputs(tmp_path_factory, engine_cache, monkeypatch_module) -> tuple[Path, Path]:
+def local_inputs(tmp_path_factory, engine_cache) -> tuple[Path, Path]:
     """A local model folder and a local jsonl dataset (prompt + response schema)."""
-    from engine import embedded, synthetic
+    from engine import synthetic
 
-    monkeypatch_module.setenv("RLHF_ENGINE_CACHE", str(engine_cache))
-    model_dir = embedded.ensure_tiny_model(seed=7)
     data = tmp_path_factory.mktemp("data") / "sort.jsonl"
     rows = synthetic.generate(1500, seed=3)
     data.write_text("".join(json.dumps({"prompt": r.prompt, "response": r.chosen}) + "\n" for r in rows))
-    return model_dir, data
-
-
-@pytest.fixture(scope="module")
-def monkeypatch_module():
-    mp = pytest.MonkeyPatch()
-    yield mp
-    mp.undo()
+    return tiny_model_folder(engine_cache), data
 
 
 def test_zero3_offload_lora_checkpointing(run_step, local_inputs, tmp_path):

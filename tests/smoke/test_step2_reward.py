@@ -28,7 +28,7 @@ def rm_run(run_step, tmp_path_factory) -> Path:
 
 def test_reward_accuracy_rises(rm_run):
     evals = reward_evals(rm_run)
-    assert [r["step"] for r in evals] == [0, 25, 50, 75, 100, 100]  # before, every 25 steps, final
+    assert [r["step"] for r in evals] == [0, 25, 50, 75, 100]  # before and every 25 steps (100 is the end)
     assert 0.3 <= evals[0]["eval/reward_accuracy"] <= 0.7  # an untrained head is a coin flip
     # Measured 1.0 on the 160 held-out pairs; require 0.95 (the bar).
     assert evals[-1]["eval/reward_accuracy"] >= 0.95
@@ -56,10 +56,10 @@ def test_saved_folder_scores_the_same_in_plain_transformers(rm_run):
     from engine.config import ModelArgs
     from engine.reward_model import load_reward_model
 
-    engine_rm = load_reward_model(str(rm_run), ModelArgs(), tok, "fp32", None, False).eval()
+    engine_rm = load_reward_model(str(rm_run), ModelArgs(), tok, "bf16", None, False).eval()
     with torch.no_grad():
         torch.testing.assert_close(engine_rm.scores(enc["input_ids"], enc["attention_mask"]), hf.float(),
-                                   rtol=0, atol=1e-2)  # bf16 weights read in fp32 vs bf16 compute
+                                   rtol=0, atol=1e-6)
 
 
 def test_lora_only_trains_adapters_and_value_head(run_step, tmp_path, engine_cache):

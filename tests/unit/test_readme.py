@@ -1,16 +1,19 @@
 """The README's flag reference is the config's, so the two cannot drift."""
 from pathlib import Path
 
-from engine.config import Step1Config, flag_table
+import pytest
+
+from engine.config import Step1Config, Step2Config, flag_table
 
 README = Path(__file__).resolve().parents[2] / "README.md"
 
 
-def test_step1_flag_reference_matches_config():
+@pytest.mark.parametrize("step, config", [("step1", Step1Config), ("step2", Step2Config)])
+def test_flag_reference_matches_config(step, config):
     text = README.read_text()
-    start, end = "<!-- flags:step1 -->\n", "<!-- /flags:step1 -->"
+    start, end = f"<!-- flags:{step} -->\n", f"<!-- /flags:{step} -->"
     assert start in text and end in text
-    assert text.split(start, 1)[1].split(end, 1)[0] == flag_table(Step1Config)
+    assert text.split(start, 1)[1].split(end, 1)[0] == flag_table(config)
 
 
 def test_quick_start_has_two_commands():

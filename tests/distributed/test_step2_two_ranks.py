@@ -1,0 +1,35 @@
+"""Step 2 with 2 CPU ranks: ZeRO-3 + LoRA on a local model folder and a local preference jsonl."""
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+
+import pytest
+
+from tests.conftest import read_metrics, tiny_model_folder
+
+pytestmark = pytest.mark.distributed
+
+
+def test_zero3_lora_reward_model(run_step, engine_cache, tmp_path):
+    from engine import synthetic
+
+    model_dir = tiny_model_folder(engine_cache)  # a local model folder, standing in for a step-1 output
+    data = tmp_path / "prefs.jsonl"
+    rows = synthetic.generate(2000, seed=5)
+    data.write_text("".join(json.dumps({"prompt": r.prompt, "chosen": r.chosen, "rejected": r.rejected}) + "\n"
+                            for r in rows))
+    out = tmp_path / "rm"
+    run_step("step2_reward/main.py", ["--model_name_or_path", str(model_dir), "--data_path", str(data),
+                                      "--zero_stage", "3", "--lora_dim", "8", "--dtype", "bf16",
+                                      "--learning_rate", "1e-3", "--per_device_train_batch_size", "8",
+                                      "--max_seq_len", "64", "--eval_interval", "25", "--output_dir", str(out)],
+             nprocs=2)
+    acc = [r["eval/reward_accuracy"] for r in read_metrics(out) if "eval/reward_accuracy" in r]
+    assert acc[0] < 0.7 and acc[-1] >= 0.95 and acc[-1] > acc[0]
+    probe = ("import sys; from transformers import AutoModelForSequenceClassification as M; "
+             "m = M.from_pretrained(sys.argv[1]); assert m.config.num_labels == 1; "
+             "assert not any('lora' in k for k in m.state_dict()); print('ok')")
+    proc = subprocess.run([sys.executable, "-c", probe, str(out)], capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0 and proc.stdout.strip().endswith("ok"), proc.stderr[-2000:]
