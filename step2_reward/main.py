@@ -164,6 +164,8 @@ def train_step(run: RunContext, batches: list[dict], step: int) -> dict[str, flo
         engine.step()
         width = max(width, batch["input_ids"].shape[1])
     step_time = timer.stop()
+    if cfg.log.print_loss:
+        logger.warning("rank %d step %d loss %.4f", dist.rank, step, float(sums[0] / sums[2]))
     loss_sum, acc_sum, n, bad = all_reduce_sum(sums.tolist(), dist.device)
     if bad:
         raise UserError(f"step {step}: the reward model produced NaN or inf scores; lower --learning_rate, "

@@ -123,3 +123,27 @@ def test_nan_scores_stop_training_naming_the_step(run_step, tmp_path, engine_cac
                                              str(poisoned), *FAST], check=False)
     assert proc.returncode == 2 and "Traceback" not in proc.stderr
     assert "step 1: the reward model produced NaN or inf scores" in proc.stderr
+
+
+def test_rw_eval_scores_pairs_and_prompts(rm_run, tmp_path):
+    import subprocess
+    import sys
+
+    from tests.conftest import ROOT
+
+    pairs = tmp_path / "pairs.jsonl"
+    pairs.write_text("".join((ROOT / "engine/assets/synthetic_sort/eval.jsonl").read_text().splitlines(True)[:20]))
+    script = str(ROOT / "step2_reward/rw_eval.py")
+    proc = subprocess.run([sys.executable, script, "--model_name_or_path", str(rm_run), "--data_file", str(pairs)],
+                          capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    wins = int(proc.stderr.split("pairwise accuracy: ")[1].split("/")[0])
+    assert wins >= 18  # of 20
+    proc = subprocess.run([sys.executable, script, "--model_name_or_path", str(rm_run), "--prompt",
+                           " Human: sort 3 1 2 Assistant:", "--response", " 1 2 3", " 3 2 1"],
+                          capture_output=True, text=True, timeout=300)
+    scores = [float(line.split()[0]) for line in proc.stderr.splitlines() if line.strip().endswith("'")]
+    assert len(scores) == 2 and scores[0] > scores[1]
+    proc = subprocess.run([sys.executable, script, "--model_name_or_path", str(tmp_path / "nope"), "--prompt", "x",
+                           "--response", "y"], capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 2 and "not a model folder" in proc.stderr and "Traceback" not in proc.stderr
