@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import logging
 import math
+import os
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable, Iterator
@@ -25,8 +26,6 @@ def check_output_dir(output_dir: str) -> Path:
     if path.exists() and not path.is_dir():
         raise UserError(f"--output_dir {path} is a file; give a folder path")
     parent = path if path.exists() else next((p for p in path.parents if p.exists()), Path("."))
-    import os
-
     if not os.access(parent, os.W_OK):
         raise UserError(f"--output_dir {path}: no permission to write in {parent}")
     return path
