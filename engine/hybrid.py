@@ -1,0 +1,97 @@
+"""The hybrid train/generate mode: generate with the actor the way an inference engine would.
+
+Under plain ZeRO-3, `generate` fetches every layer's shards for every new token (hooks on each
+module), and every rank must keep stepping until all ranks finish (`synced_gpus`). The hybrid mode
+instead gathers the shards once per generation batch, binds the gathered tensors into a hook-free
+replica of the model (built on the meta device, so no weights are copied), folds LoRA into the base
+weights, and generates with a KV cache, each rank on its own. On exit the gathered tensors are
+released (ZeRO-3 re-partitions them) and the module is back in training mode, unchanged.
+
+It works for any Hugging Face causal LM and on CPU: it relies on transformers' own `generate`, not on
+DeepSpeed-Inference kernels (DeepSpeed's hybrid engine knows a fixed list of families and needs CUDA).
+"""
+from __future__ import annotations
+
+import contextlib
+import copy
+from typing import Any, Iterator
+
+import torch
+
+
+def _inner(module: torch.nn.Module) -> torch.nn.Module:
+    return module.get_base_model() if hasattr(module, "get_base_model") else module
+
+
+def meta_skeleton(model: torch.nn.Module) -> torch.nn.Module:
+    """An empty (meta-device) model of the same class and config: no memory, no weight init."""
+    with torch.device("meta"), torch.random.fork_rng(devices=[]):
+        return type(model)(copy.deepcopy(model.config))
+
+
+def copy_missing_buffers(skeleton: torch.nn.Module, live: torch.nn.Module) -> None:
+    """Give the skeleton the live model's non-persistent buffers (rotary inv_freq...): ZeRO never
+    partitions buffers, so they are whole."""
+    live_buffers = dict(live.named_buffers())
+    for name, buf in list(skeleton.named_buffers()):
+        if buf.is_meta and name in live_buffers:
+            owner, _, leaf = name.rpartition(".")
+            skeleton.get_submodule(owner).register_buffer(leaf, live_buffers[name].detach(), persistent=False)
+
+
+def _fused_tensors(inner: torch.nn.Module, may_modify: bool) -> dict[str, torch.Tensor]:
+    """name -> tensor for a plain (LoRA-free) copy of `inner`, with every LoRA layer folded in.
+
+    `may_modify`: the gathered base weights are throw-away buffers, so LoRA is added in place; else
+    (weights that are the training parameters themselves) the fused weight is a new tensor.
+    """
+    tensors: dict[str, torch.Tensor] = {}
+    lora_layers = {name: m for name, m in inner.named_modules() if hasattr(m, "get_delta_weight")}
+    for name, p in inner.named_parameters():
+        tensors[name] = p.data
+    for name, layer in lora_layers.items():
+        base = layer.get_base_layer().weight
+        delta = sum(layer.get_delta_weight(a) for a in layer.active_adapters).to(base.dtype)
+        in_place = may_modify and not getattr(base, "ds_persist", False)  # persistent params stay resident
+        tensors[f"{name}.weight"] = base.data.add_(delta) if in_place else base.data + delta
+        tensors.pop(f"{name}.base_layer.weight")
+        if f"{name}.base_layer.bias" in tensors:
+            tensors[f"{name}.bias"] = tensors.pop(f"{name}.base_layer.bias")
+        for key in [k for k in tensors if k.startswith(f"{name}.lora_")]:
+            tensors.pop(key)
+    return tensors
+
+
+def hook_free_replica(module: torch.nn.Module, may_modify: bool) -> torch.nn.Module:
+    """A plain Hugging Face model bound to `module`'s (gathered) weights, LoRA fused, eval mode."""
+    inner = _inner(module)
+    replica = meta_skeleton(inner)
+    replica.load_state_dict(_fused_tensors(inner, may_modify), strict=False, assign=True)
+    copy_missing_buffers(replica, inner)
+    replica.tie_weights()
+    replica.config.use_cache = True
+    return replica.eval().requires_grad_(False)
+
+
+@contextlib.contextmanager
+def generation_mode(engine: Any, zero_stage: int) -> Iterator[torch.nn.Module]:
+    """`with generation_mode(actor_engine, stage) as model: model.generate(...)`.
+
+    Yields a hook-free replica (ZeRO-3: gathered once for the whole block). Restores the training
+    mode on exit, whatever happens inside.
+    """
+    module = engine.module
+    was_training = module.training
+    module.eval()
+    try:
+        with torch.no_grad():
+            if zero_stage == 3:
+                import deepspeed
+
+                params = list(module.parameters())
+                with deepspeed.zero.GatheredParameters(params, modifier_rank=None):
+                    yield hook_free_replica(module, may_modify=True)
+            else:
+                yield hook_free_replica(module, may_modify=False)
+    finally:
+        module.train(was_training)
