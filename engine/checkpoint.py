@@ -10,7 +10,6 @@ and data position, written with safetensors/JSON (no pickle).
 """
 from __future__ import annotations
 
-import copy
 import json
 import logging
 import os
@@ -25,6 +24,7 @@ from safetensors.torch import load_file, save_file
 
 from engine.distributed import DistInfo, barrier
 from engine.errors import UserError
+from engine.model import copy_missing_buffers, meta_skeleton
 
 logger = logging.getLogger("engine")
 
@@ -64,26 +64,19 @@ def _merged_model(module: torch.nn.Module, state: dict[str, torch.Tensor]) -> to
     """A CPU copy of `module`'s architecture holding `state`, with any LoRA fused in.
 
     The skeleton is built on the meta device (no memory, no init) and the gathered tensors are
-    assigned into it (so `state` must be a copy, as `gather_state_dict` returns, not live weights); peft's `merge_and_unload` then folds the adapters into the base weights.
+    assigned into it (so `state` must be a copy, as `gather_state_dict` returns, not live weights);
+    peft's `merge_and_unload` then folds the adapters into the base weights.
     """
     from peft import PeftModel, get_peft_model
 
     base = module.get_base_model() if isinstance(module, PeftModel) else module
-    with torch.device("meta"):
-        skeleton = type(base)(copy.deepcopy(base.config))  # a copy: the save must not touch training
+    skeleton = meta_skeleton(base)  # config copied: the save must not touch the training model
     if isinstance(module, PeftModel):
         skeleton = get_peft_model(skeleton, module.peft_config["default"])
     missing, unexpected = skeleton.load_state_dict(state, strict=False, assign=True)
     if unexpected:
         raise RuntimeError(f"state dict keys not in the model: {unexpected[:5]}")
-    # Non-persistent buffers (rotary inv_freq...) are not in the state dict; ZeRO never partitions
-    # buffers, so the live module's are whole.
-    live_buffers = dict(module.named_buffers())
-    for name, buf in list(skeleton.named_buffers()):
-        if buf.is_meta and name in live_buffers:
-            owner, _, leaf = name.rpartition(".")
-            skeleton.get_submodule(owner).register_buffer(leaf, live_buffers[name].detach().cpu().clone(),
-                                                          persistent=False)
+    copy_missing_buffers(skeleton, module, clone=True)
     # Tie before merging, so tied output embeddings (OPT, GPT-2) stay one tensor.
     (skeleton.get_base_model() if isinstance(skeleton, PeftModel) else skeleton).tie_weights()
     if isinstance(skeleton, PeftModel):

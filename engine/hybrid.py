@@ -13,30 +13,15 @@ DeepSpeed-Inference kernels (DeepSpeed's hybrid engine knows a fixed list of fam
 from __future__ import annotations
 
 import contextlib
-import copy
 from typing import Any, Iterator
 
 import torch
 
+from engine.model import copy_missing_buffers, meta_skeleton
+
 
 def _inner(module: torch.nn.Module) -> torch.nn.Module:
     return module.get_base_model() if hasattr(module, "get_base_model") else module
-
-
-def meta_skeleton(model: torch.nn.Module) -> torch.nn.Module:
-    """An empty (meta-device) model of the same class and config: no memory, no weight init."""
-    with torch.device("meta"), torch.random.fork_rng(devices=[]):
-        return type(model)(copy.deepcopy(model.config))
-
-
-def copy_missing_buffers(skeleton: torch.nn.Module, live: torch.nn.Module) -> None:
-    """Give the skeleton the live model's non-persistent buffers (rotary inv_freq...): ZeRO never
-    partitions buffers, so they are whole."""
-    live_buffers = dict(live.named_buffers())
-    for name, buf in list(skeleton.named_buffers()):
-        if buf.is_meta and name in live_buffers:
-            owner, _, leaf = name.rpartition(".")
-            skeleton.get_submodule(owner).register_buffer(leaf, live_buffers[name].detach(), persistent=False)
 
 
 def _fused_tensors(inner: torch.nn.Module, may_modify: bool) -> dict[str, torch.Tensor]:

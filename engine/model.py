@@ -7,6 +7,7 @@ route; `deepspeed.zero.Init` around a model class breaks HF's weight init, see t
 from __future__ import annotations
 
 import contextlib
+import copy
 import logging
 from pathlib import Path
 from typing import Any, Iterator
@@ -138,6 +139,24 @@ def load_causal_lm(path: str, model: ModelArgs, tokenizer: Any, dtype: str,
     from transformers import AutoModelForCausalLM
 
     return load_pretrained(AutoModelForCausalLM, path, model, tokenizer, dtype, ds_config, gradient_checkpointing)
+
+
+def meta_skeleton(model: torch.nn.Module) -> torch.nn.Module:
+    """An empty (meta-device) model of the same class and config: no memory, no weight init."""
+    with torch.device("meta"), torch.random.fork_rng(devices=[]):
+        return type(model)(copy.deepcopy(model.config))
+
+
+def copy_missing_buffers(skeleton: torch.nn.Module, live: torch.nn.Module, clone: bool = False) -> None:
+    """Give a meta skeleton the live model's non-persistent buffers (rotary inv_freq...), which no
+    state dict holds; ZeRO never partitions buffers, so they are whole. `clone`: CPU copies, not shared."""
+    live_buffers = dict(live.named_buffers())
+    for name, buf in list(skeleton.named_buffers()):
+        if buf.is_meta and name in live_buffers:
+            owner, _, leaf = name.rpartition(".")
+            value = live_buffers[name].detach()
+            skeleton.get_submodule(owner).register_buffer(leaf, value.cpu().clone() if clone else value,
+                                                          persistent=False)
 
 
 def num_parameters(module: torch.nn.Module) -> int:

@@ -49,3 +49,17 @@ def test_generation_mode_restores_training_mode_and_generates():
     with torch.no_grad():
         greedy = peft_model.generate(input_ids=ids, max_new_tokens=4, do_sample=False, pad_token_id=0)
     assert torch.equal(out, greedy)
+
+
+def test_replica_keeps_tied_embeddings_of_opt():
+    from transformers import OPTConfig, OPTForCausalLM
+
+    torch.manual_seed(0)
+    model = OPTForCausalLM(OPTConfig(hidden_size=32, ffn_dim=64, num_hidden_layers=1, num_attention_heads=4,
+                                     vocab_size=64, word_embed_proj_dim=32, max_position_embeddings=64)).eval()
+    peft_model = apply_lora(model, LoRAArgs(lora_dim=4))
+    replica = hook_free_replica(peft_model, may_modify=False)
+    assert replica.lm_head.weight is replica.model.decoder.embed_tokens.weight
+    ids = torch.tensor([[3, 4, 5]])
+    with torch.no_grad():
+        torch.testing.assert_close(replica(input_ids=ids).logits, peft_model(input_ids=ids).logits)
