@@ -169,3 +169,24 @@ def save_checkpoint(run: RunContext, module: torch.nn.Module, step: int, positio
     save_hf_folder(module, run.tokenizer, run.out / f"checkpoint-{step}", run.zero_stage, run.dist,
                    extra=lambda folder: save_config_yaml(run.cfg, folder / "config.yaml"))
     save_resume_state(run.engine, run.out, f"step{step}", position, run.dist)
+
+
+def start_run(cfg: Any, engine: Any, out: Path, dist: DistInfo) -> tuple[dict[str, int], MetricsLogger]:
+    """(data position, metrics logger) of a step: from the last checkpoint with --resume, else zero.
+
+    Also creates --output_dir and saves the resolved config there (the first thing a run writes).
+    """
+    from engine.checkpoint import load_resume_state
+    from engine.config import config_to_dict, save_config_yaml
+
+    position = {"epoch": 0, "step_in_epoch": 0, "global_step": 0}
+    if cfg.log.resume:
+        position.update(load_resume_state(engine, out, dist))
+    out.mkdir(parents=True, exist_ok=True)
+    if dist.is_main:
+        save_config_yaml(cfg, out / "config.yaml")
+    metrics = MetricsLogger(out, is_main=dist.is_main,
+                            tensorboard_dir=out / cfg.log.tensorboard_path if cfg.log.enable_tensorboard else None,
+                            wandb_project=cfg.log.wandb_project if cfg.log.enable_wandb else None,
+                            wandb_config=config_to_dict(cfg), run_name=out.name, resume=cfg.log.resume)
+    return position, metrics

@@ -19,19 +19,19 @@ from typing import Sequence
 
 from tqdm import tqdm
 
-from engine.checkpoint import load_resume_state, save_hf_folder
-from engine.config import Step1Config, config_to_dict, parse_config, save_config_yaml
+from engine.checkpoint import save_hf_folder
+from engine.config import Step1Config, parse_config, save_config_yaml
 from engine.data.sft import collate_right_padded, load_sft_data
 from engine.distributed import all_reduce_sum, init_distributed, setup_logging
 from engine.errors import run_main
 from engine.lora import apply_lora, optimizer_param_groups
 from engine.losses import causal_lm_loss
-from engine.metrics import MetricsLogger, plot_curves
+from engine.metrics import plot_curves
 from engine.model import load_causal_lm, load_tokenizer, resolve_model_path
 from engine.perf import StepTimer, peak_memory_gb, train_throughput
 from engine.training import (RunContext, Schedule, build_ds_config, check_output_dir, deepspeed_initialize,
                              epoch_windows, evaluate_lm, make_loader, make_optimizer, make_scheduler,
-                             save_checkpoint, to_device)
+                             save_checkpoint, start_run, to_device)
 
 logger = logging.getLogger("engine")
 
@@ -53,7 +53,6 @@ def main(argv: Sequence[str] | None = None) -> None:
     schedule = Schedule.of(len(train_loader), cfg.train.gradient_accumulation_steps, cfg.train.num_train_epochs)
 
     # Model, LoRA, optimizer, DeepSpeed.
-    tb_dir = str(out / cfg.log.tensorboard_path) if cfg.log.enable_tensorboard else ""
     ds_config = build_ds_config(cfg.ds, cfg.train, dist.world_size)
     zero_stage = ds_config["zero_optimization"]["stage"]
     model = load_causal_lm(model_path, cfg.model, tokenizer, cfg.ds.dtype, ds_config, cfg.ds.gradient_checkpointing)
@@ -66,15 +65,7 @@ def main(argv: Sequence[str] | None = None) -> None:
     engine = deepspeed_initialize(model, optimizer, scheduler, ds_config)
 
     # Resume or start.
-    position = {"epoch": 0, "step_in_epoch": 0, "global_step": 0}
-    if cfg.log.resume:
-        position.update(load_resume_state(engine, out, dist))
-    out.mkdir(parents=True, exist_ok=True)
-    if dist.is_main:
-        save_config_yaml(cfg, out / "config.yaml")
-    metrics = MetricsLogger(out, is_main=dist.is_main, tensorboard_dir=tb_dir or None,
-                            wandb_project=cfg.log.wandb_project if cfg.log.enable_wandb else None,
-                            wandb_config=config_to_dict(cfg), run_name=out.name, resume=cfg.log.resume)
+    position, metrics = start_run(cfg, engine, out, dist)
     logger.info("training %d steps (%d per epoch), %d ranks, ZeRO-%d", schedule.total_steps,
                 schedule.steps_per_epoch, dist.world_size, zero_stage)
     if position["global_step"] == 0:

@@ -21,19 +21,19 @@ from typing import Sequence
 import torch
 from tqdm import tqdm
 
-from engine.checkpoint import load_resume_state, save_hf_folder
-from engine.config import Step2Config, config_to_dict, parse_config, save_config_yaml
+from engine.checkpoint import save_hf_folder
+from engine.config import Step2Config, parse_config, save_config_yaml
 from engine.data.pairs import collate_pairs, load_pair_data
 from engine.distributed import all_reduce_sum, init_distributed, setup_logging
 from engine.errors import UserError, run_main
 from engine.lora import apply_lora, optimizer_param_groups
-from engine.metrics import MetricsLogger, plot_curves
+from engine.metrics import plot_curves
 from engine.model import load_tokenizer, resolve_model_path
 from engine.perf import StepTimer, peak_memory_gb, train_throughput
 from engine.reward_math import end_scores, reward_loss
 from engine.reward_model import HEAD, hf_model, load_reward_model
 from engine.training import (RunContext, Schedule, build_ds_config, check_output_dir, deepspeed_initialize,
-                             epoch_windows, make_loader, make_optimizer, make_scheduler, save_checkpoint,
+                             epoch_windows, make_loader, make_optimizer, make_scheduler, save_checkpoint, start_run,
                              to_device)
 
 logger = logging.getLogger("engine")
@@ -69,16 +69,7 @@ def main(argv: Sequence[str] | None = None) -> None:
     engine = deepspeed_initialize(model, optimizer, scheduler, ds_config)
 
     # Resume or start.
-    position = {"epoch": 0, "step_in_epoch": 0, "global_step": 0}
-    if cfg.log.resume:
-        position.update(load_resume_state(engine, out, dist))
-    out.mkdir(parents=True, exist_ok=True)
-    if dist.is_main:
-        save_config_yaml(cfg, out / "config.yaml")
-    tb_dir = out / cfg.log.tensorboard_path if cfg.log.enable_tensorboard else None
-    metrics = MetricsLogger(out, is_main=dist.is_main, tensorboard_dir=tb_dir,
-                            wandb_project=cfg.log.wandb_project if cfg.log.enable_wandb else None,
-                            wandb_config=config_to_dict(cfg), run_name=out.name, resume=cfg.log.resume)
+    position, metrics = start_run(cfg, engine, out, dist)
     logger.info("training %d steps (%d per epoch), %d ranks, ZeRO-%d, %s loss", schedule.total_steps,
                 schedule.steps_per_epoch, dist.world_size, zero_stage, cfg.reward.rm_loss)
     run = RunContext(cfg, engine, tokenizer, dist, out, zero_stage, metrics)
