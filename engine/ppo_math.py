@@ -174,3 +174,22 @@ class AdaptiveKLController:
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         self.coef, self.target, self.horizon = state["coef"], state["target"], state["horizon"]
+
+
+def answer_action_mask(sequences: torch.Tensor, prompt_width: int, pad_id: int, eos_id: int) -> torch.Tensor:
+    """The action mask of generated sequences: which actions produced a real answer token.
+
+    Args:
+        sequences: (B, T) left-padded prompts of width `prompt_width` followed by generated tokens.
+        prompt_width: where answers start (the prompts' padded width).
+        pad_id, eos_id: the tokenizer's pad and end tokens (they may be equal).
+    Returns (B, T-1) long: position t is 1 when token t+1 is an answer token up to and including the
+    first eos. What `generate` writes after an eos (padding) is 0, and so is the prompt.
+    """
+    answer = sequences[:, prompt_width:]
+    is_eos = answer == eos_id
+    after_first_eos = (is_eos.long().cumsum(1) - is_eos.long()) > 0
+    real = ~after_first_eos & ((answer != pad_id) | is_eos)
+    token_mask = torch.zeros_like(sequences)
+    token_mask[:, prompt_width:] = real.long()
+    return token_mask[:, 1:]

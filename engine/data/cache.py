@@ -44,8 +44,10 @@ def _tokenizer_fingerprint(tokenizer: Any) -> str:
     return hashlib.sha256(text.encode()).hexdigest()
 
 
-def cache_key(data: DataArgs, tokenizer: Any, phase: int, seed: int) -> str:
+def cache_key(data: DataArgs, tokenizer: Any, phase: int, seed: int, extra: dict[str, Any] | None = None) -> str:
+    """Hash of everything that shapes a step's tokenized data; `extra` holds step-specific settings."""
     parts = {
+        "extra": extra or {},
         "version": CACHE_VERSION, "phase": phase, "seed": seed,
         "sources": [_source_fingerprint(s) for s in data.data_path or [BUNDLED]],
         "sft_only": [_source_fingerprint(s) for s in data.sft_only_data_path] if phase == 1 else [],

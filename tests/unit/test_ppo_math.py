@@ -6,7 +6,7 @@ import math
 import pytest
 import torch
 
-from engine.ppo_math import (AdaptiveKLController, compute_rewards, entropy_from_logits, gae, kl_penalty,
+from engine.ppo_math import (AdaptiveKLController, answer_action_mask, compute_rewards, entropy_from_logits, gae, kl_penalty,
                              logprobs_from_logits, masked_mean, policy_loss, score_position, value_loss, whiten)
 
 # Sequence [pad, pad, p0, p1, a0, a1, eos, pad]: 8 tokens -> 7 actions; action t produces token t+1.
@@ -130,3 +130,22 @@ def test_policy_loss_micro_batch_invariance():
     halves = (policy_loss(new[:2], old[:2], adv[:2], mask[:2], 0.2)[0]
               + policy_loss(new[2:], old[2:], adv[2:], mask[2:], 0.2)[0]) / 2
     assert whole.item() == pytest.approx(halves.item())
+
+
+def test_answer_action_mask_on_the_reference_layout():
+    # [pad, pad, p0, p1, a0, a1, eos, pad] with prompts left-padded to width 4 (pad 0, eos 9)
+    seq = torch.tensor([[0, 0, 11, 12, 21, 22, 9, 0]])
+    mask = answer_action_mask(seq, prompt_width=4, pad_id=0, eos_id=9)
+    assert mask.tolist() == ACTION_MASK.tolist() == [[0, 0, 0, 1, 1, 1, 0]]
+    assert score_position(mask).item() == 5  # the action that produced the eos
+
+
+def test_answer_action_mask_when_pad_is_eos():
+    # pad == eos == 9: the first 9 after the prompt ends the answer, the rest is padding
+    seq = torch.tensor([[9, 11, 12, 21, 9, 9]])
+    assert answer_action_mask(seq, prompt_width=3, pad_id=9, eos_id=9).tolist() == [[0, 0, 1, 1, 0]]
+
+
+def test_answer_action_mask_without_eos_keeps_every_answer_token():
+    seq = torch.tensor([[11, 12, 21, 22]])  # cut at max length, no eos
+    assert answer_action_mask(seq, prompt_width=2, pad_id=0, eos_id=9).tolist() == [[0, 1, 1]]
