@@ -159,6 +159,12 @@ def copy_missing_buffers(skeleton: torch.nn.Module, live: torch.nn.Module, clone
                                                           persistent=False)
 
 
+def position_ids(attention_mask: torch.Tensor) -> torch.Tensor:
+    """(B, T) positions that count real tokens only, so a left-padded row starts at position 0 as in
+    training and in `generate` (a plain forward would count the padding)."""
+    return (attention_mask.long().cumsum(-1) - 1).clamp(min=0)
+
+
 def num_parameters(module: torch.nn.Module) -> int:
     """Full parameter count, also under ZeRO-3 (where `numel()` of a partitioned param is 0)."""
     return sum(getattr(p, "ds_numel", p.numel()) for p in module.parameters())

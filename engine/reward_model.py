@@ -15,7 +15,7 @@ import torch
 
 from engine.config import ModelArgs
 from engine.errors import UserError
-from engine.model import load_pretrained
+from engine.model import load_pretrained, position_ids
 from engine.reward_math import end_scores
 
 logger = logging.getLogger("engine")
@@ -41,7 +41,8 @@ class RewardModel(torch.nn.Module):
 
     def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
         inner = hf_model(self.model)
-        hidden = inner.base_model(input_ids=input_ids, attention_mask=attention_mask).last_hidden_state
+        hidden = inner.base_model(input_ids=input_ids, attention_mask=attention_mask,
+                                  position_ids=position_ids(attention_mask)).last_hidden_state
         return getattr(inner, HEAD)(hidden).squeeze(-1).float()
 
     def scores(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:

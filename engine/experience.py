@@ -1,0 +1,86 @@
+"""Step-3 experience: what PPO learns from, made from one batch of generated sequences.
+
+`make_experience` runs the four roles on the sequences (actor and reference log-probs, critic values,
+reward-model scores) and turns them into rewards, advantages and returns with `engine.ppo_math`.
+Every tensor is indexed by action (see `engine.ppo_math`): position t is the action that produced
+token t + 1.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, fields
+from typing import Any
+
+import torch
+
+from engine.model import position_ids
+from engine.ppo_math import answer_action_mask, compute_rewards, gae, logprobs_from_logits, masked_mean, whiten
+from engine.reward_math import end_scores
+
+
+@dataclass
+class Experience:
+    sequences: torch.Tensor       # (B, T) prompt left-padded to width P, then the answer (right-padded)
+    attention_mask: torch.Tensor  # (B, T) 1 on real tokens
+    action_mask: torch.Tensor     # (B, T-1) 1 on actions that produced answer tokens
+    logprobs: torch.Tensor        # (B, T-1) log pi_old(a_t | s_t), the actor at generation time
+    ref_logprobs: torch.Tensor    # (B, T-1) log pi_ref(a_t | s_t)
+    values: torch.Tensor          # (B, T-1) V_old(s_t), the critic at generation time
+    scores: torch.Tensor          # (B,) reward-model score of each answer
+    rewards: torch.Tensor         # (B, T-1) -kl_coef * KL, plus the clipped score on the last action
+    advantages: torch.Tensor      # (B, T-1) GAE advantages (whitened if asked)
+    returns: torch.Tensor         # (B, T-1) value targets
+
+    def select(self, index: torch.Tensor | slice) -> "Experience":
+        """The rows `index` of every field (for micro-batches)."""
+        return Experience(**{f.name: getattr(self, f.name)[index] for f in fields(self)})
+
+    def __len__(self) -> int:
+        return self.sequences.shape[0]
+
+
+def sequence_logprobs(model: Any, sequences: torch.Tensor, attention_mask: torch.Tensor
+                      ) -> tuple[torch.Tensor, torch.Tensor]:
+    """(log-probs (B, T-1) of each taken token, logits (B, T-1, V)) of a causal LM on `sequences`."""
+    logits = model(input_ids=sequences, attention_mask=attention_mask,
+                   position_ids=position_ids(attention_mask)).logits[:, :-1]
+    return logprobs_from_logits(logits, sequences[:, 1:]), logits
+
+
+def critic_values(critic: Any, sequences: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
+    """(B, T-1) V(s_t): the critic's value at token t, the state before action t."""
+    return critic(sequences, attention_mask)[:, :-1]
+
+
+def reward_scores(reward: Any, sequences: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
+    """(B,) the reward model's score: its value at the last real token."""
+    return end_scores(reward(sequences, attention_mask), attention_mask)
+
+
+@torch.no_grad()
+def make_experience(actor: Any, ref: Any, critic: Any, reward: Any, sequences: torch.Tensor, prompt_width: int,
+                    pad_id: int, eos_id: int, *, kl_coef: float, clip_reward_value: float, gamma: float,
+                    lam: float, kl_estimator: str = "k1", whiten_advantages: bool = False,
+                    reward_mean: float = 0.0, reward_std: float = 1.0) -> tuple[Experience, dict[str, float]]:
+    """The experience of a batch of generated `sequences` (B, T), plus rollout statistics.
+
+    `reward_mean`/`reward_std` normalise the scores first (defaults: none); `whiten_advantages`
+    whitens advantages over the answer actions of the batch.
+    """
+    action_mask = answer_action_mask(sequences, prompt_width, pad_id, eos_id)
+    attention_mask = (sequences != pad_id).long()
+    attention_mask[:, prompt_width:] = action_mask[:, prompt_width - 1:]  # answer token t <- action t-1
+    logprobs, _ = sequence_logprobs(actor, sequences, attention_mask)
+    ref_logprobs, _ = sequence_logprobs(ref, sequences, attention_mask)
+    values = critic_values(critic, sequences, attention_mask).float() * action_mask
+    scores = (reward_scores(reward, sequences, attention_mask).float() - reward_mean) / reward_std
+    rewards, stats = compute_rewards(logprobs, ref_logprobs, scores, action_mask, kl_coef, clip_reward_value,
+                                     kl_estimator)
+    advantages, returns = gae(rewards, values, action_mask, gamma, lam)
+    if whiten_advantages:
+        advantages = whiten(advantages, action_mask) * action_mask
+    exp = Experience(sequences, attention_mask, action_mask, logprobs, ref_logprobs, values, scores, rewards,
+                     advantages, returns)
+    lengths = action_mask.sum(1).float()
+    return exp, {"rollout/score_mean": float(scores.mean()), "rollout/score_std": float(scores.std(unbiased=False)),
+                 "rollout/kl": float(stats["kl"]), "rollout/response_len": float(lengths.mean()),
+                 "rollout/value_mean": float(masked_mean(values, action_mask))}
