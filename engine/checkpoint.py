@@ -24,7 +24,7 @@ from safetensors.torch import load_file, save_file
 
 from engine.distributed import DistInfo, barrier
 from engine.errors import UserError
-from engine.model import copy_missing_buffers, meta_skeleton
+from engine.model import copy_missing_buffers, hf_model, meta_skeleton
 
 logger = logging.getLogger("engine")
 
@@ -69,8 +69,7 @@ def _merged_model(module: torch.nn.Module, state: dict[str, torch.Tensor]) -> to
     """
     from peft import PeftModel, get_peft_model
 
-    base = module.get_base_model() if isinstance(module, PeftModel) else module
-    skeleton = meta_skeleton(base)  # config copied: the save must not touch the training model
+    skeleton = meta_skeleton(hf_model(module))  # config copied: the save must not touch the training model
     if isinstance(module, PeftModel):
         skeleton = get_peft_model(skeleton, module.peft_config["default"])
     missing, unexpected = skeleton.load_state_dict(state, strict=False, assign=True)

@@ -66,25 +66,11 @@ def barrier() -> None:
         torch.distributed.barrier()
 
 
-def all_reduce_mean(value: float, device: torch.device) -> float:
-    """Mean of a Python float over all ranks."""
-    t = torch.tensor([value], dtype=torch.float64, device=device)
-    if torch.distributed.is_initialized():
-        torch.distributed.all_reduce(t)
-        t /= torch.distributed.get_world_size()
-    return float(t.item())
-
-
 def all_reduce_sum(values: list[float], device: torch.device) -> list[float]:
     t = torch.tensor(values, dtype=torch.float64, device=device)
     if torch.distributed.is_initialized():
         torch.distributed.all_reduce(t)
     return t.tolist()
-
-
-def any_rank(flag: bool, device: torch.device) -> bool:
-    """True on every rank when `flag` is True on at least one."""
-    return all_reduce_sum([float(flag)], device)[0] > 0
 
 
 def setup_logging(is_main: bool) -> None:

@@ -17,11 +17,7 @@ from typing import Any, Iterator
 
 import torch
 
-from engine.model import copy_missing_buffers, meta_skeleton
-
-
-def _inner(module: torch.nn.Module) -> torch.nn.Module:
-    return module.get_base_model() if hasattr(module, "get_base_model") else module
+from engine.model import copy_missing_buffers, hf_model, meta_skeleton
 
 
 def _fused_tensors(inner: torch.nn.Module, may_modify: bool) -> dict[str, torch.Tensor]:
@@ -49,7 +45,7 @@ def _fused_tensors(inner: torch.nn.Module, may_modify: bool) -> dict[str, torch.
 
 def hook_free_replica(module: torch.nn.Module, may_modify: bool) -> torch.nn.Module:
     """A plain Hugging Face model bound to `module`'s (gathered) weights, LoRA fused, eval mode."""
-    inner = _inner(module)
+    inner = hf_model(module)
     replica = meta_skeleton(inner)
     replica.load_state_dict(_fused_tensors(inner, may_modify), strict=False, assign=True)
     copy_missing_buffers(replica, inner)

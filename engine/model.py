@@ -96,6 +96,11 @@ def configure_model_config(hf_config: Any, model: ModelArgs, pad_token_id: int) 
     hf_config.use_cache = False  # training; generation turns it back on
 
 
+def hf_model(model: torch.nn.Module) -> Any:
+    """The Hugging Face model inside an optional peft wrapper."""
+    return model.get_base_model() if hasattr(model, "get_base_model") else model
+
+
 def resize_embeddings(model: torch.nn.Module, tokenizer: Any) -> None:
     """Grow the embeddings (to a multiple of 8) when the tokenizer gained tokens (--add_eot_token)."""
     emb = model.get_input_embeddings().weight
@@ -163,8 +168,3 @@ def position_ids(attention_mask: torch.Tensor) -> torch.Tensor:
     """(B, T) positions that count real tokens only, so a left-padded row starts at position 0 as in
     training and in `generate` (a plain forward would count the padding)."""
     return (attention_mask.long().cumsum(-1) - 1).clamp(min=0)
-
-
-def num_parameters(module: torch.nn.Module) -> int:
-    """Full parameter count, also under ZeRO-3 (where `numel()` of a partitioned param is 0)."""
-    return sum(getattr(p, "ds_numel", p.numel()) for p in module.parameters())

@@ -15,17 +15,12 @@ import torch
 
 from engine.config import ModelArgs
 from engine.errors import UserError
-from engine.model import load_pretrained, position_ids
+from engine.model import hf_model, load_pretrained, position_ids
 from engine.reward_math import end_scores
 
 logger = logging.getLogger("engine")
 
 HEAD = "score"  # the value head's attribute name in every transformers *ForSequenceClassification
-
-
-def hf_model(model: torch.nn.Module) -> Any:
-    """The Hugging Face model inside an optional peft wrapper."""
-    return model.get_base_model() if hasattr(model, "get_base_model") else model
 
 
 class RewardModel(torch.nn.Module):

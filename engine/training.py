@@ -31,14 +31,14 @@ def check_output_dir(output_dir: str) -> Path:
     return path
 
 
-def build_ds_config(ds: DeepSpeedArgs, train: TrainArgs, world_size: int, tensorboard_path: str = "",
-                    tensorboard_job: str = "") -> dict[str, Any]:
-    """The training DeepSpeed config from the flags, or the user's template filled from them."""
+def build_ds_config(ds: DeepSpeedArgs, train: TrainArgs, world_size: int) -> dict[str, Any]:
+    """The training DeepSpeed config from the flags, or the user's template filled from them.
+
+    DeepSpeed's own TensorBoard writer stays off: every metric goes through `engine.metrics`."""
     built = train_ds_config(zero_stage=ds.zero_stage, offload=ds.offload, dtype=ds.dtype,
                             micro_batch_size=train.per_device_train_batch_size,
                             gradient_accumulation_steps=train.gradient_accumulation_steps,
-                            world_size=world_size, gradient_clipping=ds.gradient_clipping,
-                            tensorboard_path=tensorboard_path, tensorboard_job=tensorboard_job)
+                            world_size=world_size, gradient_clipping=ds.gradient_clipping)
     if ds.deepspeed_config:
         return fill_template(load_template(ds.deepspeed_config), built, source=ds.deepspeed_config)
     return built

@@ -28,10 +28,10 @@ from engine.distributed import all_reduce_sum, init_distributed, setup_logging
 from engine.errors import UserError, run_main
 from engine.lora import apply_lora, optimizer_param_groups
 from engine.metrics import plot_curves
-from engine.model import load_tokenizer, resolve_model_path
 from engine.perf import StepTimer, peak_memory_gb, train_throughput
 from engine.reward_math import end_scores, reward_loss
-from engine.reward_model import HEAD, hf_model, load_reward_model
+from engine.model import hf_model, load_tokenizer, resolve_model_path
+from engine.reward_model import HEAD, load_reward_model
 from engine.training import (RunContext, Schedule, build_ds_config, check_output_dir, deepspeed_initialize,
                              epoch_windows, make_loader, make_optimizer, make_scheduler, save_checkpoint, start_run,
                              to_device)

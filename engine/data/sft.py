@@ -37,7 +37,7 @@ def end_token_id(tokenizer: Any, data: DataArgs) -> int:
     return tokenizer.convert_tokens_to_ids(data.eot_token) if data.add_eot_token else tokenizer.eos_token_id
 
 
-def tokenize_sft_row(row: Row, tokenizer: Any, max_len: int, end_id: int) -> tuple[list[int], int]:
+def tokenize_sft_row(row: Row, tokenizer: Any, end_id: int) -> tuple[list[int], int]:
     """(ids of prompt + chosen + end token, number of prompt tokens), before any length limit.
 
     The prompt length is that of the prompt tokenised alone; answers start with a space (or a chat
@@ -56,7 +56,7 @@ def tokenize_rows(rows: list[Row], tokenizer: Any, data: DataArgs, end_id: int,
     seqs, prompt_lens = [], []
     for row in rows:
         stats.rows += 1
-        ids, n_prompt = tokenize_sft_row(row, tokenizer, data.max_seq_len, end_id)
+        ids, n_prompt = tokenize_sft_row(row, tokenizer, end_id)
         if len(ids) > data.max_seq_len:
             if data.overlength == "drop":
                 stats.dropped_overlength += 1

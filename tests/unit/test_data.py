@@ -379,14 +379,14 @@ ROW_C = Row(" Human: sort 3 1 4 2 Assistant:", " 1 2 3 4")   # 9 prompt + 4 answ
 
 
 def test_tokenize_sft_row_by_hand(tok):
-    ids, n_prompt = tokenize_sft_row(ROW_A, tok, 512, EOS)
+    ids, n_prompt = tokenize_sft_row(ROW_A, tok, EOS)
     #           " Human" ":"  " sort" " 3" " 1" " Assistant" ":"  | " 1" " 3" | eos
     assert ids == [HUMAN, COLON, SORT, T3, T1, ASSISTANT, COLON, T1, T3, EOS]
     assert n_prompt == 7
 
 
 def test_tokenize_sft_row_with_a_custom_end_token(tok):
-    ids, n_prompt = tokenize_sft_row(ROW_B, tok, 512, end_id=0)
+    ids, n_prompt = tokenize_sft_row(ROW_B, tok, end_id=0)
     assert ids == [HUMAN, COLON, SORT, T1, ASSISTANT, COLON, T1, 0]
     assert n_prompt == 6
 
