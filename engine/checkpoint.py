@@ -60,6 +60,35 @@ def gather_state_dict(module: torch.nn.Module, zero_stage: int, is_main: bool) -
     return {k: v.detach().cpu().clone() for k, v in module.state_dict().items()}
 
 
+def save_module_tensors(module: torch.nn.Module, zero_stage: int, path: Path, dist: DistInfo) -> None:
+    """The module's full state dict as one safetensors file (rank 0 writes; all ranks must call)."""
+    state = gather_state_dict(module, zero_stage, dist.is_main)
+    if dist.is_main:
+        tmp = path.with_name(path.name + ".tmp")
+        save_file({k: v.contiguous() for k, v in state.items()}, str(tmp))
+        os.replace(tmp, path)
+    barrier()
+
+
+@torch.no_grad()
+def load_module_tensors(module: torch.nn.Module, zero_stage: int, path: Path, dist: DistInfo) -> None:
+    """Load a `save_module_tensors` file into `module`, whose ZeRO-3 shards are updated in place."""
+    if not path.is_file():
+        raise UserError(f"--resume: {path} is missing; the checkpoint is incomplete")
+    state = load_file(str(path))
+    if zero_stage == 3:
+        import deepspeed
+
+        for name, p in module.named_parameters():
+            with deepspeed.zero.GatheredParameters([p], modifier_rank=0):
+                if dist.is_main:
+                    p.data.copy_(state[name])
+        return
+    missing, unexpected = module.load_state_dict(state, strict=False)
+    if unexpected or [k for k in missing if k in dict(module.named_parameters())]:
+        raise UserError(f"--resume: {path} does not match the model ({(unexpected or missing)[:3]})")
+
+
 def _merged_model(module: torch.nn.Module, state: dict[str, torch.Tensor]) -> torch.nn.Module:
     """A CPU copy of `module`'s architecture holding `state`, with any LoRA fused in.
 
@@ -138,12 +167,23 @@ def _rng_file(folder: Path, rank: int) -> Path:
     return folder / f"rng_rank{rank}.safetensors"
 
 
-def save_resume_state(engine: Any, output_dir: Path, tag: str, client_state: dict[str, Any], dist: DistInfo) -> None:
-    """DeepSpeed checkpoint `tag` plus this rank's RNG states; `latest` points at it once all is written."""
+def _named_engines(engines: Any) -> dict[str, Any]:
+    """One engine (saved at the checkpoint folder's top) or {role: engine} (one subfolder per role)."""
+    return engines if isinstance(engines, dict) else {"": engines}
+
+
+def save_resume_state(engines: Any, output_dir: Path, tag: str, client_state: dict[str, Any], dist: DistInfo,
+                      extra: Callable[[Path], None] | None = None) -> None:
+    """DeepSpeed checkpoint `tag` of one engine or {role: engine}, plus this rank's RNG states;
+    `latest` points at it once all is written. `extra(tag_folder)` (called on every rank) adds files."""
     folder = output_dir / DS_CHECKPOINT_DIR
     # DeepSpeed writes its `latest` file at the end of save_checkpoint; we write ours only after the
     # RNG files too, so an interrupted save is never picked up by --resume.
-    engine.save_checkpoint(str(folder), tag=tag, client_state=client_state, save_latest=False)
+    for name, engine in _named_engines(engines).items():
+        engine.save_checkpoint(str(folder / name), tag=tag, client_state=client_state, save_latest=False)
+    (folder / tag).mkdir(parents=True, exist_ok=True)
+    if extra is not None:
+        extra(folder / tag)
     tensors = {"torch": torch.get_rng_state()}
     if torch.cuda.is_available():
         tensors["cuda"] = torch.cuda.get_rng_state()
@@ -169,23 +209,33 @@ def _restore_rng(path: Path) -> None:
     random.setstate((state[0], tuple(state[1]), state[2]))
 
 
-def load_resume_state(engine: Any, output_dir: Path, dist: DistInfo) -> dict[str, Any]:
-    """Restore the last checkpoint written by `save_resume_state`; returns its client state."""
+def latest_checkpoint(output_dir: Path) -> Path:
+    """The tag folder `latest` points at; a UserError when there is none."""
     folder = output_dir / DS_CHECKPOINT_DIR
     latest = folder / "latest"
     if not latest.is_file():
         raise UserError(f"--resume: no checkpoint in {folder}; run without --resume, or set "
                         "--save_interval so that checkpoints are written")
-    tag = latest.read_text().strip()
-    rng = _rng_file(folder / tag, dist.rank)
+    return folder / latest.read_text().strip()
+
+
+def load_resume_state(engines: Any, output_dir: Path, dist: DistInfo, keys: tuple[str, ...] = POSITION_KEYS
+                      ) -> dict[str, Any]:
+    """Restore the last checkpoint written by `save_resume_state`; returns the `keys` of its client state."""
+    tag_folder = latest_checkpoint(output_dir)
+    folder, tag = tag_folder.parent, tag_folder.name
+    rng = _rng_file(tag_folder, dist.rank)
     if not rng.is_file():
         raise UserError(f"--resume: {rng} is missing; was the checkpoint written with a different "
                         "number of ranks? Resume with the same world size")
-    load_path, client_state = engine.load_checkpoint(str(folder), tag=tag, load_optimizer_states=True,
-                                                     load_lr_scheduler_states=True)
-    if load_path is None:
-        raise UserError(f"--resume: DeepSpeed could not load {folder / tag}")
+    client_state: dict[str, Any] = {}
+    for name, engine in _named_engines(engines).items():
+        load_path, state = engine.load_checkpoint(str(folder / name), tag=tag, load_optimizer_states=True,
+                                                  load_lr_scheduler_states=True)
+        if load_path is None:
+            raise UserError(f"--resume: DeepSpeed could not load {folder / name / tag}")
+        client_state = client_state or state
     _restore_rng(rng)
-    logger.info("resumed from %s (step %s)", folder / tag, client_state.get("global_step"))
-    # DeepSpeed adds its own keys to the client state; hand back only the position we saved.
-    return {k: client_state[k] for k in POSITION_KEYS}
+    logger.info("resumed from %s (step %s)", tag_folder, client_state.get("global_step"))
+    # DeepSpeed adds its own keys to the client state; hand back only what we saved.
+    return {k: client_state[k] for k in keys}

@@ -209,6 +209,214 @@ class Step2Config:
     log: RewardLogArgs = field(default_factory=RewardLogArgs)
 
 
+@dataclass
+class Step3ModelArgs:
+    actor_model_name_or_path: str = arg(
+        "output/step1_sft", "The step-1 (SFT) model folder: the actor starts from it and the frozen "
+        "reference is a copy of it. Default: where step 1 writes by default.")
+    critic_model_name_or_path: str = arg(
+        "output/step2_reward", "The step-2 reward-model folder: the frozen reward model and the "
+        "critic's starting point. Default: where step 2 writes by default.")
+    actor_dropout: float | None = arg(None, "Set every dropout probability of the actor (None keeps the model's).")
+    critic_dropout: float | None = arg(None, "Set every dropout probability of the critic (None keeps the model's).")
+    attn_implementation: str = arg(
+        "sdpa", "Attention kernel. flash_attention_2 needs the flash-attn package (a GPU extra).",
+        choices=("sdpa", "eager", "flash_attention_2"))
+    trust_remote_code: bool = arg(
+        False, "Allow model/tokenizer code from the model folders or hub to run. Off: only built-in "
+        "transformers architectures load.")
+    num_padding_at_beginning: int = arg(
+        1, "Accepted for DeepSpeed-Chat scripts (OPT's BOS equals its pad id). Step 3 carries real "
+        "attention masks from the prompts and generation, so no count of leading pads is needed.")
+
+
+@dataclass
+class Step3DataArgs:
+    data_path: list[str] = arg(
+        default_factory=list, help="Prompt datasets (any step-1/step-2 format; only the prompt is used). "
+        "Default: the bundled synthetic sorting task.")
+    data_split: str = arg(
+        "2,4,4", "Comma-separated weights of the slices given to steps 1, 2 and 3; step 3 uses the third.")
+    data_output_path: str | None = arg(
+        None, "Folder for the tokenized cache. Default: <output_dir>/data_cache.")
+    max_prompt_seq_len: int = arg(
+        256, "Prompts are left-padded to this many tokens; longer prompts are dropped and counted.")
+    max_answer_seq_len: int = arg(256, "Most tokens generated per answer.")
+    add_eot_token: bool = arg(
+        False, "Add --eot_token to the tokenizer as a special token (as step 1 did with the same flag).")
+    eot_token: str = arg("<|endoftext|>", "The end-of-text token used with --add_eot_token.")
+    unsupervised_dataset_name: str | None = arg(
+        None, "PTX: a pretraining-style dataset mixed into the actor's updates (a hub name with "
+        "--unsupervised_dataset_config_name, or a local .txt/.json/.jsonl/.parquet file or folder). "
+        "None: no PTX.")
+    unsupervised_dataset_config_name: str | None = arg(
+        None, "The hub dataset's config name (e.g. wikitext-2-raw-v1 for wikitext).")
+    unsup_coef: float = arg(
+        27.8, "Weight of the PTX language-modelling loss (InstructGPT's value, DeepSpeed-Chat's default).")
+    preprocessing_num_workers: int | None = arg(
+        None, "Processes for tokenizing the PTX dataset (datasets' num_proc).")
+
+
+@dataclass
+class Step3TrainArgs:
+    per_device_generation_batch_size: int = arg(16, "Prompts per rank per generation batch.")
+    per_device_training_batch_size: int = arg(16, "Sequences per rank per PPO micro-batch.")
+    generation_batches: int = arg(
+        1, "Generation batches collected before the PPO updates that use them (one PPO step).")
+    ppo_epochs: int = arg(1, "Passes of PPO updates over each step's experience.")
+    actor_learning_rate: float = arg(9.65e-6, "Peak learning rate of the actor.")
+    critic_learning_rate: float = arg(5e-6, "Peak learning rate of the critic.")
+    actor_weight_decay: float = arg(0.0, "AdamW weight decay of the actor.")
+    critic_weight_decay: float = arg(0.0, "AdamW weight decay of the critic.")
+    num_train_epochs: int = arg(1, "Passes over the step-3 prompts.")
+    gradient_accumulation_steps: int = arg(1, "PPO micro-batches per optimizer step.")
+    lr_scheduler_type: str = arg(
+        "cosine", "Learning-rate schedule of both trained roles (transformers' get_scheduler).",
+        choices=("linear", "cosine", "cosine_with_restarts", "polynomial", "constant",
+                 "constant_with_warmup"))
+    num_warmup_steps: int = arg(100, "Warm-up optimizer steps of the schedules (DeepSpeed-Chat: 100).")
+    adam_beta1: float = arg(0.9, "Adam beta1 (DeepSpeed-Chat: 0.9).")
+    adam_beta2: float = arg(0.95, "Adam beta2 (DeepSpeed-Chat: 0.95).")
+    seed: int = arg(1234, "Seed of the data split, shuffling, sampling and dropout.")
+    enable_test_mode: bool = arg(False, "Stop after --test_stop_step PPO steps (DeepSpeed-Chat flag).")
+    test_stop_step: int = arg(
+        0, "Stop after this many PPO steps without changing the schedule (0: run to the end).")
+
+
+@dataclass
+class PPOArgs:
+    kl_ctl: float = arg(0.1, "Per-token KL penalty coefficient (the initial one with --target_kl).")
+    kl_estimator: str = arg(
+        "k1", "Per-token KL estimate: k1 = log p - log p_ref (DeepSpeed-Chat), k2 = (log ratio)^2 / 2, "
+        "k3 = exp(r) - 1 - r (never negative).", choices=("k1", "k2", "k3"))
+    target_kl: float | None = arg(
+        None, "Adaptive KL controller (Ziegler et al.): steer the KL per sequence towards this value. "
+        "None: fixed --kl_ctl.")
+    kl_horizon: int = arg(10000, "Horizon (in sequences) of the adaptive KL controller.")
+    clip_reward_value: float = arg(5.0, "Reward-model scores are clipped to [-v, v].")
+    normalize_reward: bool = arg(
+        False, "Normalise scores by the running mean and std of all scores seen so far (before clipping).")
+    gamma: float = arg(1.0, "GAE discount.")
+    lam: float = arg(0.95, "GAE lambda.")
+    whiten_advantages: bool = arg(False, "Whiten advantages over each generation batch (DeepSpeed-Chat: no).")
+    cliprange: float = arg(0.2, "PPO ratio clip epsilon.")
+    cliprange_value: float = arg(0.2, "Value clip epsilon around the old values.")
+    entropy_coef: float = arg(0.0, "Entropy bonus coefficient in the actor loss.")
+    do_sample: bool = arg(True, "Sample answers (off: greedy decoding).")
+    temperature: float = arg(1.0, "Sampling temperature.")
+    top_p: float = arg(1.0, "Nucleus sampling: keep the smallest token set with this probability mass.")
+    top_k: int = arg(0, "Sample among the k most likely tokens (0: all).")
+    enable_ema: bool = arg(False, "Keep an exponential moving average of the actor, saved as actor_ema/.")
+    ema_decay: float = arg(0.992, "EMA decay: ema = decay * ema + (1 - decay) * actor after each actor update.")
+    align_overflow: bool = arg(
+        False, "fp16: when the actor or the critic overflows, skip both optimizer steps.")
+    eval_interval: int = arg(
+        0, "Also evaluate the actor (greedy answers on held-out prompts: reward score, length, and the "
+        "rule-checked success rate where the data defines one) every N PPO steps (0: before and after training).")
+    eval_prompts: int = arg(64, "Held-out prompts per evaluation (all ranks together, at most).")
+    warn_kl_above: float = arg(
+        10.0, "Log a warning when the mean KL to the reference per sequence exceeds this (nats).")
+
+
+@dataclass
+class Step3DeepSpeedArgs:
+    actor_zero_stage: int = arg(0, "ZeRO stage of the actor (the reference follows: 3 if this is 3, else 0).",
+                                choices=(0, 1, 2, 3))
+    critic_zero_stage: int = arg(0, "ZeRO stage of the critic (the reward model follows: 3 if this is 3, else 0).",
+                                 choices=(0, 1, 2, 3))
+    offload: bool = arg(False, "Offload the actor's and critic's optimizer state (and ZeRO-3 parameters) to CPU.")
+    offload_reference_model: bool = arg(False, "Offload the reference model's parameters to CPU (ZeRO-3 actor).")
+    offload_reward_model: bool = arg(False, "Offload the reward model's parameters to CPU (ZeRO-3 critic).")
+    dtype: str = arg(
+        default_factory=default_dtype, choices=("fp16", "bf16", "fp32"),
+        help="Dtype of all four roles. Default: fp16 on GPU (DeepSpeed-Chat's default), bf16 on a "
+        "CPU-only machine, where DeepSpeed cannot run fp16.")
+    actor_gradient_checkpointing: bool = arg(False, "Recompute the actor's activations in the backward pass.")
+    critic_gradient_checkpointing: bool = arg(False, "Recompute the critic's activations in the backward pass.")
+    compute_fp32_loss: bool = arg(
+        False, "Accepted for DeepSpeed-Chat scripts: step 3 always computes log-probs and losses in fp32.")
+    gradient_clipping: float = arg(1.0, "Global gradient-norm clip of both trained roles.")
+    enable_hybrid_engine: bool = arg(
+        False, "Generate with the hybrid train/generate mode: the actor's ZeRO-3 shards gathered once "
+        "per generation batch, LoRA fused, KV cache, any model family, CPU too.")
+    unpin_actor_parameters: bool = arg(
+        False, "Hybrid mode under ZeRO-3: do not hold the gathered actor for the whole generation; "
+        "gather layer by layer per token instead (less memory, much slower).")
+    release_inference_cache: bool = arg(
+        False, "Hybrid mode: return the generation's cached memory (KV cache) to the device after each "
+        "generation batch.")
+    inference_tp_size: int = arg(
+        1, "Tensor-parallel degree of generation. Only 1 is implemented; other values are refused.")
+    tp_gather_partition_size: int = arg(
+        8, "Layers gathered at a time for tensor-parallel generation; used only with --inference_tp_size > 1.")
+    enable_mixed_precision_lora: bool = arg(
+        False, "MixZ++: quantize the actor's frozen base weights under ZeRO-3 with LoRA (needs a CUDA GPU).")
+    deepspeed_config: str | None = arg(
+        None, "A DeepSpeed JSON config for the trained roles; its \"auto\" values are filled from the flags.")
+    deepspeed: bool = arg(False, "Accepted for DeepSpeed-Chat launch scripts; DeepSpeed is always on.")
+    local_rank: int = arg(-1, "Set by the launcher; ignored (LOCAL_RANK from the environment wins).")
+
+
+@dataclass
+class Step3LoRAArgs:
+    actor_lora_dim: int = arg(0, "LoRA rank of the actor; > 0 enables LoRA (peft).")
+    critic_lora_dim: int = arg(0, "LoRA rank of the critic; > 0 enables LoRA (peft).")
+    actor_lora_module_name: str = arg(
+        "auto", "Actor Linear layers whose name contains this get LoRA ('auto': every decoder Linear layer).")
+    critic_lora_module_name: str = arg(
+        "auto", "Critic Linear layers whose name contains this get LoRA ('auto': every decoder Linear layer).")
+    only_optimize_lora: bool = arg(False, "Train only the LoRA weights (and the critic's value head).")
+    actor_lora_learning_rate: float = arg(5e-4, "Learning rate of the actor's LoRA weights.")
+    critic_lora_learning_rate: float = arg(5e-4, "Learning rate of the critic's LoRA weights.")
+    lora_scaling: float = arg(1.0, "LoRA output scale numerator (update x lora_scaling / lora_dim).")
+
+
+@dataclass
+class Step3LogArgs(LogArgs):
+    output_dir: str = arg("output/step3_rlhf", "Where actor/, critic/, actor_ema/, checkpoints, metrics and plots go.")
+    tensorboard_path: str = arg("step3_tensorboard", "TensorBoard folder; relative to --output_dir.")
+    print_interval: int = arg(1, "Log a summary line every N PPO steps.")
+    save_interval: int = arg(
+        0, "Every N PPO steps write checkpoint-<step>/{actor,critic} and the state --resume reads (0: only "
+        "the final models).")
+    print_answers: bool = arg(False, "Print a prompt and its generated answer from every rank.")
+    print_answers_interval: int = arg(1, "With --print_answers, every N PPO steps.")
+
+
+@dataclass
+class Step3Config:
+    """Step 3: PPO RLHF with actor, critic, reference and reward model."""
+
+    model: Step3ModelArgs = field(default_factory=Step3ModelArgs)
+    data: Step3DataArgs = field(default_factory=Step3DataArgs)
+    train: Step3TrainArgs = field(default_factory=Step3TrainArgs)
+    ppo: PPOArgs = field(default_factory=PPOArgs)
+    ds: Step3DeepSpeedArgs = field(default_factory=Step3DeepSpeedArgs)
+    lora: Step3LoRAArgs = field(default_factory=Step3LoRAArgs)
+    log: Step3LogArgs = field(default_factory=Step3LogArgs)
+
+    # Per-role views in the shared parts' types, for the loaders steps 1 and 2 use.
+    def role_model(self, role: str) -> ModelArgs:
+        """ModelArgs of 'actor' or 'critic' (the reference and reward model load like them)."""
+        return ModelArgs(model_name_or_path=getattr(self.model, f"{role}_model_name_or_path"),
+                         dropout=getattr(self.model, f"{role}_dropout"),
+                         attn_implementation=self.model.attn_implementation,
+                         trust_remote_code=self.model.trust_remote_code)
+
+    def role_lora(self, role: str) -> LoRAArgs:
+        return LoRAArgs(lora_dim=getattr(self.lora, f"{role}_lora_dim"),
+                        lora_module_name=getattr(self.lora, f"{role}_lora_module_name"),
+                        only_optimize_lora=self.lora.only_optimize_lora,
+                        lora_learning_rate=getattr(self.lora, f"{role}_lora_learning_rate"),
+                        lora_scaling=self.lora.lora_scaling)
+
+    def data_args(self) -> DataArgs:
+        """The step-3 data flags as DataArgs (for the shared split, cache and tokenizer code)."""
+        return DataArgs(data_path=list(self.data.data_path), data_split=self.data.data_split,
+                        data_output_path=self.data.data_output_path, add_eot_token=self.data.add_eot_token,
+                        eot_token=self.data.eot_token)
+
+
 # ----------------------------------------------------------------------------------------------
 # Flags from fields
 # ----------------------------------------------------------------------------------------------
@@ -437,12 +645,127 @@ def _validate_part(part: Any) -> list[str]:
     return problems
 
 
+def _validate_step3(cfg: "Step3Config") -> list[str]:
+    """Cross-part checks of step 3 (each part's own ranges are below, in `_validate_part`)."""
+    problems: list[str] = []
+    t, d, ds, ppo, lora = cfg.train, cfg.data, cfg.ds, cfg.ppo, cfg.lora
+    for name in ("per_device_generation_batch_size", "per_device_training_batch_size", "generation_batches",
+                 "ppo_epochs", "num_train_epochs", "gradient_accumulation_steps"):
+        if getattr(t, name) < 1:
+            problems.append(f"--{name} must be >= 1 (got {getattr(t, name)})")
+    if not problems:
+        rollout = t.per_device_generation_batch_size * t.generation_batches
+        if t.per_device_generation_batch_size % t.per_device_training_batch_size:
+            problems.append(f"--per_device_generation_batch_size {t.per_device_generation_batch_size} must be a "
+                            f"multiple of --per_device_training_batch_size {t.per_device_training_batch_size} "
+                            "(each generation batch is cut into PPO micro-batches)")
+        elif (rollout // t.per_device_training_batch_size) % t.gradient_accumulation_steps:
+            problems.append(f"a PPO step has {rollout // t.per_device_training_batch_size} micro-batches per rank, "
+                            f"not a multiple of --gradient_accumulation_steps {t.gradient_accumulation_steps}")
+    for name in ("actor_learning_rate", "critic_learning_rate", "actor_lora_learning_rate", "critic_lora_learning_rate"):
+        value = getattr(t if hasattr(t, name) else lora, name)
+        if value <= 0:
+            problems.append(f"--{name} must be > 0 (got {value})")
+    if t.num_warmup_steps < 0 or t.test_stop_step < 0:
+        problems.append("--num_warmup_steps and --test_stop_step must be >= 0")
+    if t.enable_test_mode and t.test_stop_step == 0:
+        problems.append("--enable_test_mode needs --test_stop_step > 0 (the PPO step to stop after)")
+    if d.max_prompt_seq_len < 1 or d.max_answer_seq_len < 1:
+        problems.append("--max_prompt_seq_len and --max_answer_seq_len must be >= 1")
+    if d.unsupervised_dataset_config_name and not d.unsupervised_dataset_name:
+        problems.append("--unsupervised_dataset_config_name needs --unsupervised_dataset_name")
+    if d.unsup_coef < 0:
+        problems.append(f"--unsup_coef must be >= 0 (got {d.unsup_coef})")
+    try:
+        parse_data_split(d.data_split)
+    except UserError as err:
+        problems.append(str(err))
+    for role in ("actor", "critic"):
+        dropout = getattr(cfg.model, f"{role}_dropout")
+        if dropout is not None and not 0.0 <= dropout < 1.0:
+            problems.append(f"--{role}_dropout must be in [0, 1) (got {dropout})")
+        if getattr(lora, f"{role}_lora_dim") < 0:
+            problems.append(f"--{role}_lora_dim must be >= 0 (0 disables LoRA)")
+        if not getattr(lora, f"{role}_lora_module_name"):
+            problems.append(f"--{role}_lora_module_name is empty; use 'auto' or a name fragment like 'layers.'")
+    if lora.only_optimize_lora and lora.actor_lora_dim == 0 and lora.critic_lora_dim == 0:
+        problems.append("--only_optimize_lora needs --actor_lora_dim or --critic_lora_dim > 0")
+    if cfg.model.num_padding_at_beginning < 0:
+        problems.append("--num_padding_at_beginning must be >= 0")
+    if cfg.model.attn_implementation == "flash_attention_2" and not importlib.util.find_spec("flash_attn"):
+        problems.append("--attn_implementation flash_attention_2 needs the flash-attn package; use sdpa or eager")
+    # DeepSpeed settings per role.
+    if ds.offload and min(ds.actor_zero_stage, ds.critic_zero_stage) < 2:
+        problems.append(f"--offload needs --actor_zero_stage and --critic_zero_stage >= 2 (got "
+                        f"{ds.actor_zero_stage} and {ds.critic_zero_stage}); DeepSpeed ignores offload below stage 2")
+    if ds.offload_reference_model and ds.actor_zero_stage != 3:
+        problems.append("--offload_reference_model needs --actor_zero_stage 3 (the reference is partitioned "
+                        "like the actor; DeepSpeed offloads parameters only under ZeRO-3)")
+    if ds.offload_reward_model and ds.critic_zero_stage != 3:
+        problems.append("--offload_reward_model needs --critic_zero_stage 3 (the reward model is partitioned "
+                        "like the critic; DeepSpeed offloads parameters only under ZeRO-3)")
+    if ds.dtype == "fp16" and not _cuda_available():
+        problems.append("--dtype fp16 needs a GPU (DeepSpeed cannot run fp16 on a CPU); use --dtype bf16 or fp32")
+    if ds.gradient_clipping < 0:
+        problems.append("--gradient_clipping must be >= 0 (0 disables clipping)")
+    if ds.deepspeed_config and not Path(ds.deepspeed_config).is_file():
+        problems.append(f"--deepspeed_config {ds.deepspeed_config}: no such file")
+    if ds.inference_tp_size != 1:
+        problems.append(f"--inference_tp_size {ds.inference_tp_size}: tensor-parallel generation is not "
+                        "implemented; use 1 (the hybrid mode gathers the whole actor on each rank, and "
+                        "--unpin_actor_parameters lowers its memory)")
+    if ds.tp_gather_partition_size < 1:
+        problems.append("--tp_gather_partition_size must be >= 1")
+    if ds.unpin_actor_parameters and not ds.enable_hybrid_engine:
+        problems.append("--unpin_actor_parameters is a hybrid-mode setting; add --enable_hybrid_engine")
+    if ds.release_inference_cache and not ds.enable_hybrid_engine:
+        problems.append("--release_inference_cache is a hybrid-mode setting; add --enable_hybrid_engine")
+    if ds.enable_mixed_precision_lora:
+        if lora.actor_lora_dim == 0 or ds.actor_zero_stage != 3:
+            problems.append("--enable_mixed_precision_lora needs --actor_lora_dim > 0 and --actor_zero_stage 3")
+        elif not _cuda_available():
+            problems.append("--enable_mixed_precision_lora needs a CUDA GPU (DeepSpeed's quantized ZeRO-3 "
+                            "weights have no CPU kernels); drop the flag on this machine")
+        elif ds.enable_hybrid_engine:
+            problems.append("--enable_mixed_precision_lora cannot be combined with --enable_hybrid_engine "
+                            "(the hybrid mode gathers full-precision weights); choose one, as DeepSpeed-Chat's "
+                            "llama2 _mixz script does")
+    if ppo.align_overflow and ds.dtype != "fp16":
+        problems.append("--align_overflow is about fp16 loss-scale overflow; bf16 and fp32 never overflow, "
+                        "so use it only with --dtype fp16")
+    elif ppo.align_overflow and min(ds.actor_zero_stage, ds.critic_zero_stage) < 1:
+        problems.append("--align_overflow needs --actor_zero_stage and --critic_zero_stage >= 1 (it reads the "
+                        "ZeRO optimizers' overflow flags)")
+    # PPO coefficients.
+    if ppo.kl_ctl < 0 or ppo.entropy_coef < 0:
+        problems.append("--kl_ctl and --entropy_coef must be >= 0")
+    if ppo.target_kl is not None and ppo.target_kl <= 0:
+        problems.append("--target_kl must be > 0 (or left unset for a fixed --kl_ctl)")
+    if ppo.kl_horizon < 1:
+        problems.append("--kl_horizon must be >= 1")
+    if ppo.clip_reward_value <= 0 or ppo.cliprange <= 0 or ppo.cliprange_value <= 0:
+        problems.append("--clip_reward_value, --cliprange and --cliprange_value must be > 0")
+    if not (0.0 <= ppo.gamma <= 1.0 and 0.0 <= ppo.lam <= 1.0):
+        problems.append("--gamma and --lam must be in [0, 1]")
+    if ppo.temperature <= 0 or not 0.0 < ppo.top_p <= 1.0 or ppo.top_k < 0:
+        problems.append("--temperature must be > 0, --top_p in (0, 1] and --top_k >= 0")
+    if not 0.0 <= ppo.ema_decay <= 1.0:
+        problems.append(f"--ema_decay must be in [0, 1] (got {ppo.ema_decay})")
+    if ppo.eval_interval < 0 or ppo.eval_prompts < 1:
+        problems.append("--eval_interval must be >= 0 and --eval_prompts >= 1")
+    if cfg.log.print_answers_interval < 1:
+        problems.append("--print_answers_interval must be >= 1")
+    return problems
+
+
 def validate(cfg: Any) -> None:
     """Raise one UserError listing every problem of the config."""
     problems: list[str] = []
     for part in dataclasses.fields(cfg):
         problems += _validate_part(getattr(cfg, part.name))
-    if not isinstance(cfg, Step1Config):
+    if isinstance(cfg, Step3Config):
+        problems += _validate_step3(cfg)
+    elif not isinstance(cfg, Step1Config):
         # Shared DataArgs carries two step-1-only flags; elsewhere they would be silently ignored.
         if cfg.data.sft_only_data_path:
             problems.append("--sft_only_data_path is a step-1 flag; pass those datasets to step 1")

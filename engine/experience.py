@@ -8,7 +8,7 @@ token t + 1.
 from __future__ import annotations
 
 from dataclasses import dataclass, fields
-from typing import Any
+from typing import Any, Callable
 
 import torch
 
@@ -25,7 +25,7 @@ class Experience:
     logprobs: torch.Tensor        # (B, T-1) log pi_old(a_t | s_t), the actor at generation time
     ref_logprobs: torch.Tensor    # (B, T-1) log pi_ref(a_t | s_t)
     values: torch.Tensor          # (B, T-1) V_old(s_t), the critic at generation time
-    scores: torch.Tensor          # (B,) reward-model score of each answer
+    scores: torch.Tensor          # (B,) reward-model score of each answer (raw, before normalising)
     rewards: torch.Tensor         # (B, T-1) -kl_coef * KL, plus the clipped score on the last action
     advantages: torch.Tensor      # (B, T-1) GAE advantages (whitened if asked)
     returns: torch.Tensor         # (B, T-1) value targets
@@ -56,31 +56,45 @@ def reward_scores(reward: Any, sequences: torch.Tensor, attention_mask: torch.Te
     return end_scores(reward(sequences, attention_mask), attention_mask)
 
 
+def sequence_masks(sequences: torch.Tensor, prompt_width: int, pad_id: int, eos_id: int,
+                   prompt_mask: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """(attention_mask (B, T), action_mask (B, T-1)) of generated sequences: real prompt tokens and the
+    answer up to and including its first eos; what `generate` wrote after that is padding.
+
+    `prompt_mask` (B, prompt_width), the prompts' own mask, is exact where a prompt token equals the
+    pad id (pad = eos tokenizers); without it the prompt mask is rebuilt from the pad id."""
+    action_mask = answer_action_mask(sequences, prompt_width, pad_id, eos_id)
+    attention_mask = (sequences != pad_id).long()
+    if prompt_mask is not None:
+        attention_mask[:, :prompt_width] = prompt_mask
+    attention_mask[:, prompt_width:] = action_mask[:, prompt_width - 1:]  # answer token t <- action t-1
+    return attention_mask, action_mask
+
+
 @torch.no_grad()
 def make_experience(actor: Any, ref: Any, critic: Any, reward: Any, sequences: torch.Tensor, prompt_width: int,
                     pad_id: int, eos_id: int, *, kl_coef: float, clip_reward_value: float, gamma: float,
                     lam: float, kl_estimator: str = "k1", whiten_advantages: bool = False,
-                    reward_mean: float = 0.0, reward_std: float = 1.0) -> tuple[Experience, dict[str, float]]:
-    """The experience of a batch of generated `sequences` (B, T), plus rollout statistics.
+                    score_transform: Callable[[torch.Tensor], torch.Tensor] | None = None,
+                    prompt_mask: torch.Tensor | None = None) -> tuple[Experience, dict[str, torch.Tensor]]:
+    """The experience of a batch of generated `sequences` (B, T), plus per-sequence statistics (B,):
+    "score" (raw), "kl" (the estimator summed over the answer), "response_len" and "value_mean".
 
-    `reward_mean`/`reward_std` normalise the scores first (defaults: none); `whiten_advantages`
-    whitens advantages over the answer actions of the batch.
+    `score_transform` maps raw scores before they become rewards (e.g. running normalisation);
+    `whiten_advantages` whitens advantages over the answer actions of the batch.
     """
-    action_mask = answer_action_mask(sequences, prompt_width, pad_id, eos_id)
-    attention_mask = (sequences != pad_id).long()
-    attention_mask[:, prompt_width:] = action_mask[:, prompt_width - 1:]  # answer token t <- action t-1
+    attention_mask, action_mask = sequence_masks(sequences, prompt_width, pad_id, eos_id, prompt_mask)
     logprobs, _ = sequence_logprobs(actor, sequences, attention_mask)
     ref_logprobs, _ = sequence_logprobs(ref, sequences, attention_mask)
     values = critic_values(critic, sequences, attention_mask).float() * action_mask
-    scores = (reward_scores(reward, sequences, attention_mask).float() - reward_mean) / reward_std
-    rewards, stats = compute_rewards(logprobs, ref_logprobs, scores, action_mask, kl_coef, clip_reward_value,
+    scores = reward_scores(reward, sequences, attention_mask).float()
+    shaped = score_transform(scores) if score_transform is not None else scores
+    rewards, stats = compute_rewards(logprobs, ref_logprobs, shaped, action_mask, kl_coef, clip_reward_value,
                                      kl_estimator)
     advantages, returns = gae(rewards, values, action_mask, gamma, lam)
     if whiten_advantages:
         advantages = whiten(advantages, action_mask) * action_mask
     exp = Experience(sequences, attention_mask, action_mask, logprobs, ref_logprobs, values, scores, rewards,
                      advantages, returns)
-    lengths = action_mask.sum(1).float()
-    return exp, {"rollout/score_mean": float(scores.mean()), "rollout/score_std": float(scores.std(unbiased=False)),
-                 "rollout/kl": float(stats["kl"]), "rollout/response_len": float(lengths.mean()),
-                 "rollout/value_mean": float(masked_mean(values, action_mask))}
+    return exp, {"score": scores, "kl": stats["kl"], "response_len": action_mask.sum(1).float(),
+                 "value_mean": masked_mean(values, action_mask, dim=1)}

@@ -26,8 +26,12 @@ DROPOUT_KEYS = ("dropout", "attention_dropout", "hidden_dropout", "activation_dr
                 "embd_pdrop", "attn_pdrop", "summary_first_dropout", "classifier_dropout")
 
 
-def resolve_model_path(model: ModelArgs, seed: int, dist: DistInfo) -> str:
-    """The folder or hub name to load; builds the embedded tiny model when none is given."""
+def resolve_model_path(model: ModelArgs, seed: int, dist: DistInfo, flag: str = "model_name_or_path",
+                       hint: str = "") -> str:
+    """The folder or hub name to load; builds the embedded tiny model when none is given.
+
+    `flag` names the flag in error messages; `hint` is appended to them (e.g. which step writes it).
+    """
     if model.model_name_or_path is None:
         from engine.embedded import ensure_tiny_model
 
@@ -38,11 +42,12 @@ def resolve_model_path(model: ModelArgs, seed: int, dist: DistInfo) -> str:
     path = Path(model.model_name_or_path).expanduser()
     if path.is_dir():
         if not (path / "config.json").is_file():
-            raise UserError(f"--model_name_or_path {path}: the folder has no config.json, so it is not a "
-                            "Hugging Face model folder (for a step output, point at the folder holding config.json)")
+            raise UserError(f"--{flag} {path}: the folder has no config.json, so it is not a "
+                            "Hugging Face model folder (for a step output, point at the folder holding "
+                            f"config.json){hint}")
         return str(path)
     if path.exists() or str(path).startswith((".", "/", "~")) or str(path).count("/") > 1:
-        raise UserError(f"--model_name_or_path {model.model_name_or_path}: no such model folder")
+        raise UserError(f"--{flag} {model.model_name_or_path}: no such model folder{hint}")
     return model.model_name_or_path  # a hub name
 
 

@@ -169,3 +169,40 @@ class StepTimer:
         elapsed = time.perf_counter() - self._start
         self._start = None
         return elapsed
+
+
+def step3_throughput(*, per_device_generation_batch: int, generation_batches: int, ppo_epochs: int, ptx: bool,
+                     world_size: int, seq_length: int, decode_steps: float, actor_config, critic_config,
+                     actor_k: float, critic_k: float, generate_s: float, train_s: float, e2e_s: float,
+                     actor_params: int, bytes_per_param: int) -> dict[str, float]:
+    """DeepSpeed-Chat's step-3 throughput print, per device, with its PTX slip fixed.
+
+    Args:
+        per_device_generation_batch, generation_batches, ppo_epochs, ptx: the PPO step's shape. The
+            samples of a step are gen batch x generation_batches x ppo_epochs, doubled with PTX
+            (DeepSpeed-Chat wrote `... * 1 if no PTX else 2`, which by precedence is 2 with PTX).
+        seq_length: prompt + answer tokens (max_prompt_seq_len + max_answer_seq_len, as it counts).
+        decode_steps: tokens generated per generation batch (the longest answer), for the latency.
+        actor_config, critic_config: Hugging Face configs; actor_k, critic_k: `activation_factor`s.
+        generate_s: seconds of one generation batch; train_s: seconds of the PPO updates; e2e_s: the
+            whole PPO step (generation, experience, updates).
+        actor_params, bytes_per_param: for the generation's weight-read bandwidth.
+    Returns perf/samples_per_s (global), perf/{train,gen,total}_tflops (per device),
+    perf/gen_token_latency_s, perf/gen_bw_gb_s and perf/e2e_s.
+    """
+    if min(generate_s, train_s, e2e_s) <= 0:
+        raise ValueError("phase times must be > 0")
+    samples = per_device_generation_batch * generation_batches * ppo_epochs * (2 if ptx else 1)
+    train_flops = sum(calculate_flops(k, samples, seq_length, *model_shape(c))
+                      for k, c in ((actor_k, actor_config), (critic_k, critic_config)))
+    gen_flops = calculate_flops(1.0, per_device_generation_batch, seq_length, *model_shape(actor_config))
+    token_latency = generate_s / max(decode_steps, 1.0)
+    return {
+        "perf/samples_per_s": samples * world_size / e2e_s,
+        "perf/train_tflops": train_flops / (train_s * 1e12),
+        "perf/gen_tflops": gen_flops / (generate_s * 1e12),
+        "perf/total_tflops": (train_flops + gen_flops * generation_batches) / (e2e_s * 1e12),
+        "perf/gen_token_latency_s": token_latency,
+        "perf/gen_bw_gb_s": actor_params * bytes_per_param / (token_latency * 1e9),
+        "perf/e2e_s": e2e_s,
+    }

@@ -84,7 +84,8 @@ def compute_rewards(logprobs: torch.Tensor, ref_logprobs: torch.Tensor, scores: 
         action_mask: (B, L) 1 on answer actions.
         kl_coef: the KL penalty coefficient (DeepSpeed-Chat: 0.1).
         clip_reward_value: scores are clamped to [-v, v] (DeepSpeed-Chat: 5).
-    Returns rewards (B, L), zero outside the mask, and stats (mean KL per sequence, mean clipped score).
+    Returns rewards (B, L), zero outside the mask, and per-sequence stats (B,): the KL estimate summed
+    over the answer ("kl") and the clipped score ("score_clipped").
     """
     mask = action_mask.to(logprobs.dtype)
     kl = kl_penalty(logprobs, ref_logprobs, kl_estimator) * mask
@@ -93,7 +94,7 @@ def compute_rewards(logprobs: torch.Tensor, ref_logprobs: torch.Tensor, scores: 
     has_answer = action_mask.sum(1) > 0
     rows = torch.arange(rewards.shape[0], device=rewards.device)
     rewards[rows, score_position(action_mask)] += torch.where(has_answer, clipped, torch.zeros_like(clipped))
-    return rewards, {"kl": kl.sum(1).mean().detach(), "score_clipped": clipped.mean().detach()}
+    return rewards, {"kl": kl.sum(1).detach(), "score_clipped": clipped.detach()}
 
 
 def gae(rewards: torch.Tensor, values: torch.Tensor, action_mask: torch.Tensor, gamma: float, lam: float

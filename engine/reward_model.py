@@ -13,7 +13,7 @@ from typing import Any
 
 import torch
 
-from engine.config import ModelArgs
+from engine.config import LoRAArgs, ModelArgs
 from engine.errors import UserError
 from engine.model import hf_model, load_pretrained, position_ids
 from engine.reward_math import end_scores
@@ -52,3 +52,28 @@ def load_reward_model(path: str, model: ModelArgs, tokenizer: Any, dtype: str, d
 
     return RewardModel(load_pretrained(AutoModelForSequenceClassification, path, model, tokenizer, dtype, ds_config,
                                        gradient_checkpointing, num_labels=1))
+
+
+def add_lora(model: RewardModel, lora: LoRAArgs) -> RewardModel:
+    """LoRA on the reward model's transformer; the value head always trains (it is never a LoRA target)."""
+    from engine.lora import apply_lora
+
+    model.model = apply_lora(model.model, lora)
+    getattr(hf_model(model.model), HEAD).requires_grad_(True)
+    return model
+
+
+def check_reward_model_config(path: str, flag: str, trust_remote_code: bool) -> None:
+    """Refuse a folder that is not a reward model (a *ForSequenceClassification with one label)."""
+    from transformers import AutoConfig
+
+    try:
+        config = AutoConfig.from_pretrained(path, trust_remote_code=trust_remote_code)
+    except (OSError, ValueError) as err:
+        from engine.model import hub_error
+
+        raise hub_error(path, err) from None
+    archs = config.architectures or []
+    if not any(a.endswith("ForSequenceClassification") for a in archs) or config.num_labels != 1:
+        raise UserError(f"--{flag} {path} is not a reward model (architectures {archs}, {config.num_labels} "
+                        "labels); pass the folder step 2 wrote (a *ForSequenceClassification with one label)")

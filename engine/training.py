@@ -171,17 +171,20 @@ def save_checkpoint(run: RunContext, module: torch.nn.Module, step: int, positio
     save_resume_state(run.engine, run.out, f"step{step}", position, run.dist)
 
 
-def start_run(cfg: Any, engine: Any, out: Path, dist: DistInfo) -> tuple[dict[str, int], MetricsLogger]:
+def start_run(cfg: Any, engine: Any, out: Path, dist: DistInfo, keys: tuple[str, ...] | None = None
+              ) -> tuple[dict[str, Any], MetricsLogger]:
     """(data position, metrics logger) of a step: from the last checkpoint with --resume, else zero.
 
-    Also creates --output_dir and saves the resolved config there (the first thing a run writes).
+    `engine`: one DeepSpeed engine or {role: engine}; `keys`: the client-state keys to restore
+    (default: the data position). Also creates --output_dir and saves the resolved config there (the
+    first thing a run writes).
     """
-    from engine.checkpoint import load_resume_state
+    from engine.checkpoint import POSITION_KEYS, load_resume_state
     from engine.config import config_to_dict, save_config_yaml
 
-    position = {"epoch": 0, "step_in_epoch": 0, "global_step": 0}
+    position: dict[str, Any] = {"epoch": 0, "step_in_epoch": 0, "global_step": 0}
     if cfg.log.resume:
-        position.update(load_resume_state(engine, out, dist))
+        position.update(load_resume_state(engine, out, dist, keys or POSITION_KEYS))
     out.mkdir(parents=True, exist_ok=True)
     if dist.is_main:
         save_config_yaml(cfg, out / "config.yaml")

@@ -1,0 +1,245 @@
+"""Step 3's PPO trainer: generation, experience, and the actor/critic updates of one micro-batch.
+
+The math lives in `engine.ppo_math` (pure functions); this module runs the models. Conventions:
+sequences are prompts left-padded to --max_prompt_seq_len followed by the generated answer, and
+every per-position tensor is indexed by action (see `engine.ppo_math`).
+"""
+from __future__ import annotations
+
+import contextlib
+import logging
+import math
+from typing import Any, Iterator
+
+import torch
+
+from engine.config import Step3Config
+from engine.distributed import DistInfo, all_reduce_sum
+from engine.ema import ema_update
+from engine.experience import Experience, make_experience
+from engine.hybrid import generation_mode
+from engine.losses import causal_lm_loss
+from engine.model import position_ids
+from engine.ppo_math import (AdaptiveKLController, entropy_from_logits, logprobs_from_logits, masked_mean,
+                             policy_loss, value_loss)
+from engine.rlhf_engine import Roles
+
+logger = logging.getLogger("engine")
+
+
+class RunningMoments:
+    """Mean and standard deviation of every score seen so far, over all ranks (for --normalize_reward)."""
+
+    def __init__(self) -> None:
+        self.count, self.mean, self.m2 = 0.0, 0.0, 0.0
+
+    def update(self, n: float, total: float, total_sq: float) -> None:
+        """Merge a batch given as (count, sum, sum of squares) (Chan et al.'s parallel update)."""
+        if n == 0:
+            return
+        batch_mean = total / n
+        batch_m2 = max(total_sq - n * batch_mean ** 2, 0.0)
+        delta = batch_mean - self.mean
+        count = self.count + n
+        self.mean += delta * n / count
+        self.m2 += batch_m2 + delta ** 2 * self.count * n / count
+        self.count = count
+
+    @property
+    def std(self) -> float:
+        return math.sqrt(self.m2 / self.count) if self.count > 1 else 1.0
+
+    def state_dict(self) -> dict[str, float]:
+        return {"count": self.count, "mean": self.mean, "m2": self.m2}
+
+    def load_state_dict(self, state: dict[str, float]) -> None:
+        self.count, self.mean, self.m2 = state["count"], state["mean"], state["m2"]
+
+
+def generation_kwargs(cfg: Step3Config, tokenizer: Any) -> dict[str, Any]:
+    kwargs: dict[str, Any] = {"max_new_tokens": cfg.data.max_answer_seq_len, "do_sample": cfg.ppo.do_sample,
+                              "pad_token_id": tokenizer.pad_token_id, "eos_token_id": tokenizer.eos_token_id}
+    if cfg.ppo.do_sample:
+        kwargs.update(temperature=cfg.ppo.temperature, top_p=cfg.ppo.top_p, top_k=cfg.ppo.top_k)
+    return kwargs
+
+
+@torch.no_grad()
+def generate_sequences(actor: Any, zero_stage: int, input_ids: torch.Tensor, attention_mask: torch.Tensor,
+                       gen_kwargs: dict[str, Any], hybrid: bool, unpin: bool = False) -> torch.Tensor:
+    """(B, P + n) prompts followed by answers, from the actor engine.
+
+    hybrid: a hook-free replica, gathered once (ZeRO-3), LoRA fused, KV cache (`engine.hybrid`).
+    Otherwise (or with `unpin` under ZeRO-3) the training module itself generates: ZeRO-3 gathers
+    each layer per token, and `synced_gpus` keeps every rank stepping until all have finished.
+    """
+    if hybrid and not (unpin and zero_stage == 3):
+        with generation_mode(actor, zero_stage) as model:
+            return model.generate(input_ids=input_ids, attention_mask=attention_mask, **gen_kwargs)
+    module = actor.module
+    was_training = module.training
+    module.eval()
+    try:
+        synced = zero_stage == 3 and torch.distributed.is_initialized() and torch.distributed.get_world_size() > 1
+        return module.generate(input_ids=input_ids, attention_mask=attention_mask, use_cache=True,
+                               synced_gpus=synced, **gen_kwargs)
+    finally:
+        module.train(was_training)
+
+
+@contextlib.contextmanager
+def _skipped_step(engine: Any) -> Iterator[None]:
+    """Make DeepSpeed's ZeRO optimizer treat this step as an overflow: no update, as for a real one."""
+    optimizer = engine.optimizer
+    original = optimizer.has_overflow
+    optimizer.has_overflow = lambda *args, **kwargs: True
+    try:
+        yield
+    finally:
+        optimizer.has_overflow = original
+
+
+class PPOTrainer:
+    """Runs the roles for one PPO step: `generate`, `experience`, then `train_micro_batch` per micro-batch."""
+
+    def __init__(self, cfg: Step3Config, roles: Roles, tokenizer: Any, dist: DistInfo):
+        self.cfg, self.roles, self.tokenizer, self.dist = cfg, roles, tokenizer, dist
+        self.kl_ctl = AdaptiveKLController(cfg.ppo.kl_ctl, cfg.ppo.target_kl, cfg.ppo.kl_horizon)
+        self.score_moments = RunningMoments()
+        self.gen_kwargs = generation_kwargs(cfg, tokenizer)
+
+    # -- rollout ---------------------------------------------------------------------------------
+    def generate(self, batch: dict[str, torch.Tensor]) -> torch.Tensor:
+        ds = self.cfg.ds
+        sequences = generate_sequences(self.roles.actor, self.roles.actor_stage, batch["input_ids"],
+                                       batch["attention_mask"], self.gen_kwargs, ds.enable_hybrid_engine,
+                                       ds.unpin_actor_parameters)
+        if ds.release_inference_cache and torch.cuda.is_available():
+            torch.cuda.empty_cache()
+        return sequences
+
+    def experience(self, sequences: torch.Tensor, prompt_mask: torch.Tensor
+                   ) -> tuple[Experience, dict[str, torch.Tensor]]:
+        """Score `sequences` with all four roles (eval mode) and turn them into PPO targets."""
+        roles, cfg = self.roles, self.cfg
+        roles.actor.eval()
+        roles.critic.eval()
+        try:
+            transform = self._normalise if cfg.ppo.normalize_reward else None
+            return make_experience(roles.actor, roles.ref, roles.critic, roles.reward, sequences,
+                                   cfg.data.max_prompt_seq_len, self.tokenizer.pad_token_id,
+                                   self.tokenizer.eos_token_id, kl_coef=self.kl_ctl.coef,
+                                   clip_reward_value=cfg.ppo.clip_reward_value, gamma=cfg.ppo.gamma,
+                                   lam=cfg.ppo.lam, kl_estimator=cfg.ppo.kl_estimator,
+                                   whiten_advantages=cfg.ppo.whiten_advantages, score_transform=transform,
+                                   prompt_mask=prompt_mask)
+        finally:
+            roles.actor.train()
+            roles.critic.train()
+
+    def _normalise(self, scores: torch.Tensor) -> torch.Tensor:
+        n, total, total_sq = all_reduce_sum([float(scores.numel()), float(scores.sum()), float((scores ** 2).sum())],
+                                            self.dist.device)
+        self.score_moments.update(n, total, total_sq)
+        return (scores - self.score_moments.mean) / max(self.score_moments.std, 1e-6)
+
+    # -- updates ---------------------------------------------------------------------------------
+    def train_micro_batch(self, exp: Experience) -> dict[str, float]:
+        """One PPO update of the actor, then of the critic, on a micro-batch of experience."""
+        cfg, actor, critic = self.cfg, self.roles.actor, self.roles.critic
+        seq, mask, action_mask = exp.sequences, exp.attention_mask, exp.action_mask
+        logits = actor(input_ids=seq, attention_mask=mask, position_ids=position_ids(mask)).logits[:, :-1]
+        logprobs = logprobs_from_logits(logits, seq[:, 1:])
+        pg_loss, pg_stats = policy_loss(logprobs, exp.logprobs, exp.advantages, action_mask, cfg.ppo.cliprange)
+        if cfg.ppo.entropy_coef > 0:
+            entropy = masked_mean(entropy_from_logits(logits), action_mask)
+            actor_loss = pg_loss - cfg.ppo.entropy_coef * entropy
+        else:
+            with torch.no_grad():
+                entropy = masked_mean(entropy_from_logits(logits), action_mask)
+            actor_loss = pg_loss
+        actor.backward(actor_loss)
+        if not cfg.ppo.align_overflow:
+            actor.step()
+
+        values = critic(seq, mask)[:, :-1]
+        v_loss, v_stats = value_loss(values, exp.values, exp.returns, action_mask, cfg.ppo.cliprange_value)
+        critic.backward(v_loss)
+        if cfg.ppo.align_overflow:
+            self._aligned_steps()
+        else:
+            critic.step()
+        pg_loss, v_loss = pg_loss.detach(), v_loss.detach()
+        return {"ppo/policy_loss": float(pg_loss), "ppo/value_loss": float(v_loss),
+                "ppo/clipfrac": float(pg_stats["clipfrac"]), "ppo/approx_kl": float(pg_stats["approx_kl"]),
+                "ppo/ratio_max": float(pg_stats["ratio_max"]), "ppo/entropy": float(entropy),
+                "ppo/vf_clipfrac": float(v_stats["vf_clipfrac"]),
+                "ppo/nonfinite": float(not (math.isfinite(float(pg_loss)) and math.isfinite(float(v_loss))))}
+
+    def _aligned_steps(self) -> None:
+        """--align_overflow (fp16): when exactly one of actor and critic overflowed, skip the other's step too."""
+        actor, critic = self.roles.actor, self.roles.critic
+        actor_over, critic_over = (bool(e.optimizer.has_overflow(getattr(e.optimizer, "partition_gradients", True)))
+                                   for e in (actor, critic))
+        with _skipped_step(actor) if critic_over and not actor_over else contextlib.nullcontext():
+            actor.step()
+        with _skipped_step(critic) if actor_over and not critic_over else contextlib.nullcontext():
+            critic.step()
+        if actor_over or critic_over:
+            logger.warning("fp16 overflow (actor %s, critic %s): both steps skipped", actor_over, critic_over)
+
+    def train_ptx(self, batch: dict[str, torch.Tensor]) -> dict[str, float]:
+        """One language-modelling update of the actor on a PTX batch, weighted by --unsup_coef."""
+        actor = self.roles.actor
+        logits = actor(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
+        loss, _ = causal_lm_loss(logits, batch["labels"], fp32=True)
+        actor.backward(self.cfg.data.unsup_coef * loss)
+        actor.step()
+        return {"ppo/ptx_loss": float(loss.detach())}
+
+    def update_ema(self) -> None:
+        if self.roles.ema is not None:
+            ema_update(self.roles.ema.module, self.roles.actor.module, self.cfg.ppo.ema_decay, self.roles.actor_stage)
+
+    # -- state for --resume ----------------------------------------------------------------------
+    def state_dict(self) -> dict[str, Any]:
+        return {"kl_ctl": self.kl_ctl.state_dict(), "score_moments": self.score_moments.state_dict()}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        self.kl_ctl.load_state_dict(state["kl_ctl"])
+        self.score_moments.load_state_dict(state["score_moments"])
+
+
+# Thresholds of `health_warnings` (the KL bound is a flag, --warn_kl_above).
+RATIO_LIMIT = 10.0          # a probability ratio this far from 1 means the policy moved far within one step
+STD_COLLAPSE = 0.05         # reward std below this share of the first step's: answers all look alike to the RM
+LENGTH_COLLAPSE = 0.5       # answers shorter than half of what they were while the score rises
+TREND_WINDOW = 5            # PPO steps per window when comparing trends
+
+
+def _window_mean(rows: list[dict[str, float]], key: str) -> float:
+    return sum(r[key] for r in rows) / len(rows)
+
+
+def health_warnings(history: list[dict[str, float]], kl_bound: float) -> list[str]:
+    """Warnings about the latest PPO step (`history[-1]`) given the steps before it: KL above the bound,
+    reward std collapsing, ratio explosions, and reward rising while answers get much shorter."""
+    row, out = history[-1], []
+    if row["rollout/kl"] > kl_bound:
+        out.append(f"KL to the reference is {row['rollout/kl']:.3g} per answer, above --warn_kl_above {kl_bound:g}: "
+                   "the actor drifts; raise --kl_ctl, set --target_kl or lower --actor_learning_rate")
+    first_std = history[0]["rollout/score_std"]
+    if len(history) > 1 and first_std > 0 and row["rollout/score_std"] < STD_COLLAPSE * first_std:
+        out.append(f"reward std collapsed to {row['rollout/score_std']:.3g} (first step: {first_std:.3g}): the "
+                   "answers look alike to the reward model, so advantages carry little signal")
+    if row.get("ppo/ratio_max", 1.0) > RATIO_LIMIT:
+        out.append(f"PPO ratio reached {row['ppo/ratio_max']:.3g}: the policy moved far from the one that "
+                   "generated; lower --actor_learning_rate, --ppo_epochs or --generation_batches")
+    if len(history) >= 2 * TREND_WINDOW:
+        before, now = history[-2 * TREND_WINDOW:-TREND_WINDOW], history[-TREND_WINDOW:]
+        len_before, len_now = _window_mean(before, "rollout/response_len"), _window_mean(now, "rollout/response_len")
+        if (_window_mean(now, "rollout/score_mean") > _window_mean(before, "rollout/score_mean")
+                and len_now < LENGTH_COLLAPSE * len_before):
+            out.append(f"reward rises while answers shrank from {len_before:.3g} to {len_now:.3g} tokens: possible "
+                       "reward hacking through short answers; check the samples (--print_answers)")
+    return out

@@ -1,0 +1,172 @@
+"""Step 3's four roles (five with the EMA), each a DeepSpeed engine with its own ZeRO stage and offload.
+
+- actor: the step-1 model, trained (optimizer, scheduler, optional LoRA and gradient checkpointing).
+- reference: a frozen copy of the step-1 model; ZeRO-3 iff the actor is ZeRO-3, else stage 0.
+- critic: the step-2 reward model, trained as the value function.
+- reward: the step-2 reward model, frozen; ZeRO-3 iff the critic is ZeRO-3, else stage 0.
+- actor_ema (--enable_ema): a frozen, LoRA-shaped copy of the actor moved towards it after each
+  actor update; partitioned like the actor so the two can be gathered in pairs.
+
+Frozen roles are in eval mode, have no gradients and belong to no optimizer (DeepSpeed-Chat's layout).
+"""
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+
+from engine.config import Step3Config
+from engine.distributed import DistInfo
+from engine.ds_config import eval_ds_config, fill_template, load_template, train_ds_config
+from engine.ema import ema_update
+from engine.errors import UserError
+from engine.lora import apply_lora, optimizer_param_groups
+from engine.model import load_causal_lm, load_tokenizer, resolve_model_path
+from engine.reward_model import add_lora, check_reward_model_config, load_reward_model
+from engine.training import deepspeed_initialize, make_optimizer, make_scheduler
+
+logger = logging.getLogger("engine")
+
+ROLE_HINTS = {"actor": "; run step 1 first (step1_sft/main.py) or pass its output folder",
+              "critic": "; run step 2 first (step2_reward/main.py) or pass its output folder"}
+
+
+@dataclass
+class Roles:
+    actor: Any
+    critic: Any
+    ref: Any
+    reward: Any
+    ema: Any | None
+    actor_stage: int
+    critic_stage: int
+
+    @property
+    def ema_stage(self) -> int:
+        return 3 if self.actor_stage == 3 else 0
+
+
+def resolve_paths(cfg: Step3Config, dist: DistInfo) -> tuple[str, str]:
+    """(actor path, critic path), checked: folders exist, the critic is a reward model."""
+    paths = []
+    for role in ("actor", "critic"):
+        paths.append(resolve_model_path(cfg.role_model(role), cfg.train.seed, dist,
+                                        flag=f"{role}_model_name_or_path", hint=ROLE_HINTS[role]))
+    check_reward_model_config(paths[1], "critic_model_name_or_path", cfg.model.trust_remote_code)
+    return paths[0], paths[1]
+
+
+def load_step3_tokenizer(cfg: Step3Config, actor_path: str, critic_path: str) -> Any:
+    """The actor's tokenizer; the reward model must use the same vocabulary (it scores the actor's ids)."""
+    tok = load_tokenizer(actor_path, cfg.role_model("actor"), cfg.data_args())
+    critic_tok = load_tokenizer(critic_path, cfg.role_model("critic"), cfg.data_args())
+    if tok.get_vocab() != critic_tok.get_vocab():
+        raise UserError(f"the tokenizers of --actor_model_name_or_path {actor_path} and --critic_model_name_or_path "
+                        f"{critic_path} differ; the reward model must share the actor's vocabulary (train step 2 "
+                        "from the same base model as step 1)")
+    return tok
+
+
+def actor_ds_config(cfg: Step3Config, world_size: int, ptx: bool) -> dict[str, Any]:
+    # With PTX the actor takes two backward passes (PPO, then language modelling) per micro-batch,
+    # so its accumulation window doubles (as in DeepSpeed-Chat).
+    config = _train_config(cfg, cfg.ds.actor_zero_stage, world_size,
+                           cfg.train.gradient_accumulation_steps * (2 if ptx else 1))
+    if cfg.ds.enable_mixed_precision_lora:
+        config["zero_optimization"]["zero_quantized_nontrainable_weights"] = True
+        if torch.cuda.device_count() != world_size:
+            config["zero_optimization"]["zero_hpz_partition_size"] = torch.cuda.device_count()
+    return config
+
+
+def critic_ds_config(cfg: Step3Config, world_size: int) -> dict[str, Any]:
+    return _train_config(cfg, cfg.ds.critic_zero_stage, world_size, cfg.train.gradient_accumulation_steps)
+
+
+def _train_config(cfg: Step3Config, stage: int, world_size: int, accumulation: int) -> dict[str, Any]:
+    built = train_ds_config(zero_stage=stage, offload=cfg.ds.offload, dtype=cfg.ds.dtype,
+                            micro_batch_size=cfg.train.per_device_training_batch_size,
+                            gradient_accumulation_steps=accumulation, world_size=world_size,
+                            gradient_clipping=cfg.ds.gradient_clipping)
+    if cfg.ds.deepspeed_config:
+        return fill_template(load_template(cfg.ds.deepspeed_config), built, source=cfg.ds.deepspeed_config)
+    return built
+
+
+def frozen_ds_config(cfg: Step3Config, follows_stage: int, offload: bool, world_size: int) -> dict[str, Any]:
+    return eval_ds_config(zero_stage=3 if follows_stage == 3 else 0, offload=offload, dtype=cfg.ds.dtype,
+                          micro_batch_size=cfg.train.per_device_training_batch_size, world_size=world_size)
+
+
+def _freeze(model: torch.nn.Module) -> torch.nn.Module:
+    return model.eval().requires_grad_(False)
+
+
+def _init_frozen(model: torch.nn.Module, ds_config: dict[str, Any]) -> Any:
+    engine = deepspeed_initialize(_freeze(model), None, None, ds_config)
+    engine.eval()
+    return engine
+
+
+def _trained(model: torch.nn.Module, ds_config: dict[str, Any], lr: float, weight_decay: float, lora_lr: float,
+             cfg: Step3Config, total_steps: int) -> Any:
+    groups = optimizer_param_groups(model, weight_decay, lora_lr)
+    if not groups:
+        raise UserError("a trained role has no trainable parameter; check --only_optimize_lora and the LoRA flags")
+    optimizer = make_optimizer(groups, lr, (cfg.train.adam_beta1, cfg.train.adam_beta2), cfg.ds.offload)
+    scheduler = make_scheduler(optimizer, cfg.train.lr_scheduler_type, cfg.train.num_warmup_steps, total_steps)
+    return deepspeed_initialize(model, optimizer, scheduler, ds_config)
+
+
+def build_roles(cfg: Step3Config, dist: DistInfo, tokenizer: Any, actor_path: str, critic_path: str,
+                total_steps: int, ptx: bool) -> Roles:
+    """Load and wrap every role. `total_steps` is the optimizer steps of each trained role's schedule."""
+    world, ds, dtype = dist.world_size, cfg.ds, cfg.ds.dtype
+    actor_args, critic_args = cfg.role_model("actor"), cfg.role_model("critic")
+
+    # Actor (+ LoRA) and its frozen reference.
+    actor_config = actor_ds_config(cfg, world, ptx)
+    actor = load_causal_lm(actor_path, actor_args, tokenizer, dtype, actor_config, ds.actor_gradient_checkpointing)
+    actor_lora = cfg.role_lora("actor")
+    if actor_lora.lora_dim > 0:
+        actor = apply_lora(actor, actor_lora)
+    actor_engine = _trained(actor, actor_config, cfg.train.actor_learning_rate, cfg.train.actor_weight_decay,
+                            actor_lora.lora_learning_rate, cfg, total_steps)
+    if ds.enable_mixed_precision_lora:
+        actor_engine.optimizer.quantize_nontrainable_params()
+    ref_config = frozen_ds_config(cfg, ds.actor_zero_stage, ds.offload_reference_model, world)
+    ref = _init_frozen(load_causal_lm(actor_path, actor_args, tokenizer, dtype, ref_config, False), ref_config)
+
+    # Critic (+ LoRA) and the frozen reward model, both from the step-2 folder.
+    critic_config = critic_ds_config(cfg, world)
+    critic = load_reward_model(critic_path, critic_args, tokenizer, dtype, critic_config,
+                               ds.critic_gradient_checkpointing)
+    critic_lora = cfg.role_lora("critic")
+    if critic_lora.lora_dim > 0:
+        critic = add_lora(critic, critic_lora)
+    critic_engine = _trained(critic, critic_config, cfg.train.critic_learning_rate, cfg.train.critic_weight_decay,
+                             critic_lora.lora_learning_rate, cfg, total_steps)
+    reward_config = frozen_ds_config(cfg, ds.critic_zero_stage, ds.offload_reward_model, world)
+    reward = _init_frozen(load_reward_model(critic_path, critic_args, tokenizer, dtype, reward_config, False),
+                          reward_config)
+
+    ema_engine = None
+    if cfg.ppo.enable_ema:
+        # Same structure as the actor (LoRA included) so parameters pair by name; starts as its copy.
+        ema_config = frozen_ds_config(cfg, ds.actor_zero_stage, ds.offload_reference_model, world)
+        ema = load_causal_lm(actor_path, actor_args, tokenizer, dtype, ema_config, False)
+        if actor_lora.lora_dim > 0:
+            with torch.random.fork_rng(devices=[]):  # its LoRA init is overwritten; keep the RNG stream
+                ema = apply_lora(ema, actor_lora)
+        ema_engine = _init_frozen(ema, ema_config)
+        ema_update(ema_engine.module, actor_engine.module, decay=0.0, zero_stage=ds.actor_zero_stage)
+
+    roles = Roles(actor_engine, critic_engine, ref, reward, ema_engine, ds.actor_zero_stage, ds.critic_zero_stage)
+    logger.info("roles: actor ZeRO-%d%s, critic ZeRO-%d%s, reference ZeRO-%d, reward ZeRO-%d%s",
+                ds.actor_zero_stage, f" LoRA {actor_lora.lora_dim}" if actor_lora.lora_dim else "",
+                ds.critic_zero_stage, f" LoRA {critic_lora.lora_dim}" if critic_lora.lora_dim else "",
+                ref_config["zero_optimization"]["stage"], reward_config["zero_optimization"]["stage"],
+                ", EMA" if ema_engine is not None else "")
+    return roles

@@ -1,0 +1,365 @@
+"""Step 3: PPO RLHF. The actor (from step 1) learns to raise the reward model's score (from step 2)
+with a per-token KL penalty to a frozen reference; a critic (from step 2) estimates values.
+
+    # from the default outputs of step 1 and step 2 (output/step1_sft, output/step2_reward), one process
+    python step3_rlhf/main.py --output_dir output/step3_rlhf
+    # 2 ranks (GPUs, or CPU processes on gloo), ZeRO-3, hybrid generation, LoRA, EMA
+    deepspeed --num_gpus 2 step3_rlhf/main.py --actor_model_name_or_path output/step1_sft \\
+        --critic_model_name_or_path output/step2_reward --actor_zero_stage 3 --critic_zero_stage 3 \\
+        --enable_hybrid_engine --actor_lora_dim 8 --enable_ema ...
+
+Every flag: `python step3_rlhf/main.py --help`. Writes actor/, critic/ and (with --enable_ema)
+actor_ema/ as Hugging Face folders to --output_dir, plus metrics.jsonl, curves.png and config.yaml.
+One PPO step = generate answers for --generation_batches prompt batches, score them (reference
+log-probs, critic values, reward-model scores), turn scores and KL into per-token rewards and GAE
+advantages, then --ppo_epochs passes of PPO updates over that experience.
+"""
+from __future__ import annotations
+
+import logging
+import time
+from dataclasses import dataclass
+from functools import partial
+from pathlib import Path
+from typing import Any, Sequence
+
+import torch
+from tqdm import tqdm
+
+from engine import synthetic
+from engine.checkpoint import POSITION_KEYS, load_module_tensors, save_hf_folder, save_module_tensors, save_resume_state
+from engine.config import Step3Config, parse_config, save_config_yaml
+from engine.data.prompts import collate_left_padded, load_prompt_data
+from engine.data.unsupervised import collate_blocks, load_ptx_data
+from engine.distributed import DistInfo, all_reduce_sum, init_distributed, setup_logging
+from engine.errors import UserError, run_main
+from engine.experience import Experience, reward_scores, sequence_masks
+from engine.metrics import plot_curves
+from engine.perf import (activation_factor, current_memory_gb, model_shape, peak_memory_gb, reset_peak_memory,
+                         step3_throughput)
+from engine.ppo_trainer import PPOTrainer, generate_sequences, generation_kwargs, health_warnings
+from engine.rlhf_engine import Roles, build_roles, load_step3_tokenizer, resolve_paths
+from engine.training import Schedule, check_output_dir, epoch_windows, make_loader, start_run, to_device
+
+logger = logging.getLogger("engine")
+EMA_FILE = "actor_ema.safetensors"
+
+
+@dataclass
+class PPOSchedule:
+    """PPO steps per epoch and in total, and the optimizer steps of each trained role. Derived here only."""
+
+    steps: Schedule            # PPO steps (one per --generation_batches prompt batches)
+    micro_batches: int         # PPO micro-batches per rank per PPO step (per PPO epoch)
+    optimizer_steps: int       # optimizer steps of the actor and of the critic over the whole run
+
+    @classmethod
+    def of(cls, cfg: Step3Config, prompt_batches: int) -> "PPOSchedule":
+        t = cfg.train
+        if prompt_batches < t.generation_batches:
+            raise UserError(f"an epoch has {prompt_batches} prompt batches per rank, fewer than --generation_batches "
+                            f"{t.generation_batches}; lower --per_device_generation_batch_size or --generation_batches")
+        steps = Schedule.of(prompt_batches, t.generation_batches, t.num_train_epochs)
+        micro = t.per_device_generation_batch_size * t.generation_batches // t.per_device_training_batch_size
+        return cls(steps, micro, steps.total_steps * micro * t.ppo_epochs // t.gradient_accumulation_steps)
+
+
+def main(argv: Sequence[str] | None = None) -> None:
+    cfg = parse_config(Step3Config, argv, description=__doc__)
+    out = check_output_dir(cfg.log.output_dir)
+    dist = init_distributed(cfg.train.seed)
+    setup_logging(dist.is_main)
+
+    # Inputs first: bad folders or data fail before anything is written.
+    actor_path, critic_path = resolve_paths(cfg, dist)
+    tokenizer = load_step3_tokenizer(cfg, actor_path, critic_path)
+    cache_dir = Path(cfg.data.data_output_path or out / "data_cache")
+    width = cfg.data.max_prompt_seq_len
+    train_prompts, eval_prompts = load_prompt_data(cfg.data_args(), tokenizer, width, cache_dir, cfg.train.seed, dist)
+    collate = partial(collate_left_padded, pad_id=tokenizer.pad_token_id, width=width)
+    gen_bs = cfg.train.per_device_generation_batch_size
+    prompt_loader = make_loader(train_prompts, gen_bs, dist, True, cfg.train.seed, collate)
+    eval_loader = make_loader(eval_prompts, gen_bs, dist, False, cfg.train.seed, collate)
+    ptx_loader = None
+    if cfg.data.unsupervised_dataset_name:
+        ptx = load_ptx_data(cfg.data, tokenizer, cache_dir, dist)
+        ptx_loader = make_loader(ptx, gen_bs, dist, True, cfg.train.seed, collate_blocks)
+    batches = min(len(prompt_loader), len(ptx_loader)) if ptx_loader is not None else len(prompt_loader)
+    plan = PPOSchedule.of(cfg, batches)
+
+    roles = build_roles(cfg, dist, tokenizer, actor_path, critic_path, plan.optimizer_steps, ptx_loader is not None)
+    trainer = PPOTrainer(cfg, roles, tokenizer, dist)
+    position, metrics = start_run(cfg, {"actor": roles.actor, "critic": roles.critic}, out, dist,
+                                  keys=POSITION_KEYS + ("trainer",))
+    if cfg.log.resume:
+        trainer.load_state_dict(position.pop("trainer"))
+        if roles.ema is not None:
+            load_module_tensors(roles.ema.module, roles.ema_stage, _resume_folder(out) / EMA_FILE, dist)
+    logger.info("PPO: %d steps (%d per epoch), %d micro-batches of %d per step, %d optimizer steps, %d ranks",
+                plan.steps.total_steps, plan.steps.steps_per_epoch, plan.micro_batches,
+                cfg.train.per_device_training_batch_size, plan.optimizer_steps, dist.world_size)
+    run = Run(cfg, roles, trainer, tokenizer, dist, out, metrics)
+    if position["global_step"] == 0:
+        metrics.log(0, evaluate(run, eval_loader))
+
+    stopped = train(run, prompt_loader, ptx_loader, eval_loader, plan, position)
+    if stopped is not None:
+        logger.info("stopped by --test_stop_step at PPO step %d", stopped)
+    final = evaluate(run, eval_loader)
+    if not eval_due(cfg, position["global_step"]):
+        metrics.log(position["global_step"], final)
+    save_models(run, out)
+    metrics.close()
+    if dist.is_main:
+        plot_curves(out / "metrics.jsonl", out / "curves.png",
+                    ["rollout/score_mean", "rollout/kl", "ppo/policy_loss", "ppo/value_loss",
+                     "rollout/response_len", "eval/score_mean"], title="Step 3: PPO")
+        logger.info("done: eval score %.3f%s; models in %s", final["eval/score_mean"],
+                    f", rule success {final['eval/rule_success']:.3f}" if "eval/rule_success" in final else "", out)
+
+
+@dataclass
+class Run:
+    cfg: Step3Config
+    roles: Roles
+    trainer: PPOTrainer
+    tokenizer: Any
+    dist: DistInfo
+    out: Path
+    metrics: Any
+
+
+def train(run: Run, prompt_loader, ptx_loader, eval_loader, plan: PPOSchedule, position: dict[str, int]) -> int | None:
+    """The PPO loop; returns the step at which --test_stop_step ended it, else None."""
+    cfg, dist = run.cfg, run.dist
+    step, history = position["global_step"], []
+    bar = tqdm(total=plan.steps.total_steps, initial=step, disable=not dist.is_main or cfg.log.disable_tqdm,
+               desc="step 3 PPO")
+    for epoch in range(position["epoch"], cfg.train.num_train_epochs):
+        first = position["step_in_epoch"] if epoch == position["epoch"] else 0
+        windows = epoch_windows(prompt_loader, epoch, first, plan.steps, cfg.train.generation_batches)
+        ptx_windows = (epoch_windows(ptx_loader, epoch, first, plan.steps, cfg.train.generation_batches)
+                       if ptx_loader is not None else None)
+        for step_in_epoch, prompts in enumerate(windows, start=first):
+            row = ppo_step(run, prompts, next(ptx_windows) if ptx_windows is not None else None, plan, step + 1)
+            step += 1
+            position.update(epoch=epoch, step_in_epoch=step_in_epoch + 1, global_step=step)
+            row |= {"train/actor_lr": run.roles.actor.get_lr()[0], "train/critic_lr": run.roles.critic.get_lr()[0],
+                    "train/epoch": epoch}
+            if eval_due(cfg, step):
+                row |= evaluate(run, eval_loader)
+            history.append(row)
+            for warning in health_warnings(history, cfg.ppo.warn_kl_above):
+                logger.warning("PPO step %d: %s", step, warning)
+                row["warnings/count"] = row.get("warnings/count", 0) + 1
+            if step % cfg.log.print_interval == 0 or step == plan.steps.total_steps:
+                logger.info("PPO step %d: %s", step, ", ".join(
+                    f"{k.split('/')[-1]}={row[k]:.4g}" for k in ("rollout/score_mean", "rollout/kl",
+                                                                  "ppo/policy_loss", "ppo/value_loss",
+                                                                  "rollout/response_len") if k in row))
+            run.metrics.log(step, row)
+            bar.update(1)
+            bar.set_postfix(score=f"{row['rollout/score_mean']:.3f}", kl=f"{row['rollout/kl']:.3f}")
+            if cfg.log.save_interval and step % cfg.log.save_interval == 0:
+                save_checkpoint(run, step, dict(position))
+            if cfg.train.test_stop_step and step >= cfg.train.test_stop_step:
+                bar.close()
+                return step
+    bar.close()
+    return None
+
+
+def ppo_step(run: Run, prompt_batches: list[dict], ptx_batches: list[dict] | None, plan: PPOSchedule,
+             step: int) -> dict[str, float]:
+    """Generate -> score -> rewards and advantages -> PPO updates, for one PPO step. Returns its metrics."""
+    cfg, trainer, dist = run.cfg, run.trainer, run.dist
+    timing = {"generate": 0.0, "experience": 0.0, "train": 0.0}
+    peaks = {}
+    kl_coef = trainer.kl_ctl.coef
+
+    # 1. Generate and 2. score: experience from every generation batch of this step.
+    experiences: list[Experience] = []
+    per_seq: list[dict[str, torch.Tensor]] = []
+    for batch in prompt_batches:
+        batch = to_device(batch, dist.device)
+        with _phase(timing, peaks, "generate", dist):
+            sequences = trainer.generate(batch)
+        with _phase(timing, peaks, "experience", dist):
+            exp, stats = trainer.experience(sequences, batch["attention_mask"])
+        experiences.append(exp)
+        per_seq.append(stats)
+        if cfg.log.print_answers and step % cfg.log.print_answers_interval == 0:
+            print_answer(run, sequences, exp)
+    row = rollout_stats(per_seq, dist)
+    trainer.kl_ctl.update(row["rollout/kl"], int(row["rollout/sequences"]))
+
+    # 3. PPO updates over the step's experience (+ PTX), 4. EMA.
+    sums: dict[str, float] = {}
+    n = 0
+    ptx = [to_device(b, dist.device) for b in ptx_batches] if ptx_batches is not None else None
+    micro = cfg.train.per_device_training_batch_size
+    with _phase(timing, peaks, "train", dist):
+        for _ in range(cfg.train.ppo_epochs):
+            for i, exp in enumerate(experiences):
+                for start in range(0, len(exp), micro):
+                    stats = trainer.train_micro_batch(exp.select(slice(start, start + micro)))
+                    if ptx is not None:
+                        ptx_micro = {k: v[start:start + micro] for k, v in ptx[i].items()}
+                        stats |= trainer.train_ptx(ptx_micro)
+                    trainer.update_ema()
+                    for k, v in stats.items():
+                        sums[k] = sums.get(k, 0.0) + v
+                    n += 1
+    keys = sorted(sums)
+    totals = all_reduce_sum([sums[k] for k in keys] + [float(n)], dist.device)
+    row |= {k: totals[i] / totals[-1] for i, k in enumerate(keys)}
+    row["ppo/ratio_max"] = row.pop("ppo/ratio_max")  # mean over micro-batches of the per-batch max
+    if row.pop("ppo/nonfinite") > 0:
+        raise UserError(f"PPO step {step}: the policy or value loss is NaN or inf; lower the learning rates, "
+                        "use --dtype bf16 or fp32, or lower --clip_reward_value")
+    row["ppo/kl_coef"] = kl_coef
+    row |= {f"timing/{k}_s": v for k, v in timing.items()}
+    row |= {f"memory/{k}_peak_gb": v for k, v in peaks.items()}
+    row["memory/current_gb"] = current_memory_gb(dist.device)
+    ds, lora = cfg.ds, cfg.lora
+    actor_cfg, critic_cfg = _hf_config(run.roles.actor.module), _hf_config(run.roles.critic.module.model)
+    row |= step3_throughput(
+        per_device_generation_batch=cfg.train.per_device_generation_batch_size,
+        generation_batches=cfg.train.generation_batches, ppo_epochs=cfg.train.ppo_epochs, ptx=ptx is not None,
+        world_size=dist.world_size, seq_length=cfg.data.max_prompt_seq_len + cfg.data.max_answer_seq_len,
+        decode_steps=sum(e.sequences.shape[1] for e in experiences) / len(experiences) - cfg.data.max_prompt_seq_len,
+        actor_config=actor_cfg, critic_config=critic_cfg,
+        actor_k=activation_factor(ds.actor_gradient_checkpointing, lora.actor_lora_dim, model_shape(actor_cfg)[1]),
+        critic_k=activation_factor(ds.critic_gradient_checkpointing, lora.critic_lora_dim, model_shape(critic_cfg)[1]),
+        generate_s=timing["generate"] / cfg.train.generation_batches, train_s=timing["train"],
+        e2e_s=sum(timing.values()), actor_params=_param_count(run.roles.actor.module),
+        bytes_per_param=_bytes(ds.dtype))
+    return row
+
+
+class _phase:
+    """Time a phase (synchronised across ranks) and record its peak memory."""
+
+    def __init__(self, timing: dict[str, float], peaks: dict[str, float], name: str, dist: DistInfo):
+        self.timing, self.peaks, self.name, self.dist = timing, peaks, name, dist
+
+    def __enter__(self) -> None:
+        reset_peak_memory(self.dist.device)
+        if self.dist.device.type == "cuda":
+            torch.cuda.synchronize(self.dist.device)
+        self.start = time.perf_counter()
+
+    def __exit__(self, *exc: object) -> None:
+        if self.dist.device.type == "cuda":
+            torch.cuda.synchronize(self.dist.device)
+        self.timing[self.name] += time.perf_counter() - self.start
+        self.peaks[self.name] = max(self.peaks.get(self.name, 0.0), peak_memory_gb(self.dist.device))
+
+
+def rollout_stats(per_seq: list[dict[str, torch.Tensor]], dist: DistInfo) -> dict[str, float]:
+    """Means over every sequence of the step on all ranks (score std too)."""
+    cat = {k: torch.cat([s[k] for s in per_seq]).double() for k in per_seq[0]}
+    n = float(cat["score"].numel())
+    values = [n, float(cat["score"].sum()), float((cat["score"] ** 2).sum()), float(cat["kl"].sum()),
+              float(cat["response_len"].sum()), float(cat["value_mean"].sum()),
+              float((cat["response_len"] == 0).sum())]
+    n, s, sq, kl, length, value, empty = all_reduce_sum(values, dist.device)
+    mean = s / n
+    return {"rollout/score_mean": mean, "rollout/score_std": max(sq / n - mean ** 2, 0.0) ** 0.5,
+            "rollout/kl": kl / n, "rollout/response_len": length / n, "rollout/value_mean": value / n,
+            "rollout/empty_answers": empty, "rollout/sequences": n}
+
+
+def print_answer(run: Run, sequences: torch.Tensor, exp: Experience) -> None:
+    width = run.cfg.data.max_prompt_seq_len
+    prompt = run.tokenizer.decode(sequences[0, :width], skip_special_tokens=True)
+    answer = run.tokenizer.decode(sequences[0, width:][exp.attention_mask[0, width:].bool()])
+    print(f"[rank {run.dist.rank}] prompt: {prompt!r}\n[rank {run.dist.rank}] answer: {answer!r} "
+          f"(score {float(exp.scores[0]):.3f})", flush=True)
+
+
+def eval_due(cfg: Step3Config, step: int) -> bool:
+    return bool(cfg.ppo.eval_interval) and step % cfg.ppo.eval_interval == 0
+
+
+@torch.no_grad()
+def evaluate(run: Run, loader) -> dict[str, float]:
+    """Greedy answers of the actor on held-out prompts: reward score, length, and the sorting rule where
+    the prompts are the bundled task's (`engine.synthetic`)."""
+    cfg, roles, tok, dist = run.cfg, run.roles, run.tokenizer, run.dist
+    width, per_rank = cfg.data.max_prompt_seq_len, -(-cfg.ppo.eval_prompts // dist.world_size)
+    kwargs = generation_kwargs(cfg, tok) | {"do_sample": False}
+    for key in ("temperature", "top_p", "top_k"):
+        kwargs.pop(key, None)
+    sums = torch.zeros(5, dtype=torch.float64)  # sequences, score, length, rule-checked, rule correct
+    seen = 0
+    for batch in loader:
+        if seen >= per_rank:
+            break
+        batch = to_device({k: v[:per_rank - seen] for k, v in batch.items()}, dist.device)
+        seen += batch["input_ids"].shape[0]
+        sequences = generate_sequences(roles.actor, roles.actor_stage, batch["input_ids"], batch["attention_mask"],
+                                       kwargs, cfg.ds.enable_hybrid_engine, cfg.ds.unpin_actor_parameters)
+        mask, action_mask = sequence_masks(sequences, width, tok.pad_token_id, tok.eos_token_id,
+                                           batch["attention_mask"])
+        scores = reward_scores(roles.reward, sequences, mask).double().cpu()
+        for i in range(sequences.shape[0]):
+            prompt = tok.decode(sequences[i, :width], skip_special_tokens=True)
+            answer = tok.decode(sequences[i, width:][mask[i, width:].bool()], skip_special_tokens=True)
+            if synthetic.parse_prompt(prompt) is not None:
+                sums[3] += 1
+                sums[4] += float(synthetic.is_correct(prompt, answer))
+        sums[:3] += torch.tensor([float(len(scores)), float(scores.sum()), float(action_mask.sum())])
+    n, score, length, checked, correct = all_reduce_sum(sums.tolist(), dist.device)
+    row = {"eval/score_mean": score / max(n, 1), "eval/response_len": length / max(n, 1)}
+    if checked:
+        row["eval/rule_success"] = correct / checked
+    return row
+
+
+def _hf_config(module: torch.nn.Module) -> Any:
+    from engine.model import hf_model
+
+    return hf_model(module).config
+
+
+def _param_count(module: torch.nn.Module) -> int:
+    return sum(getattr(p, "ds_numel", p.numel()) for p in module.parameters())
+
+
+def _bytes(dtype: str) -> int:
+    return {"fp16": 2, "bf16": 2, "fp32": 4}[dtype]
+
+
+def _resume_folder(out: Path) -> Path:
+    from engine.checkpoint import latest_checkpoint
+
+    return latest_checkpoint(out)
+
+
+def save_models(run: Run, folder: Path) -> None:
+    """actor/, critic/ and actor_ema/ under `folder` as Hugging Face folders (LoRA fused, atomic)."""
+    roles, tok, dist = run.roles, run.tokenizer, run.dist
+    extra = lambda target: save_config_yaml(run.cfg, target / "config.yaml")  # noqa: E731
+    save_hf_folder(roles.actor.module, tok, folder / "actor", roles.actor_stage, dist, extra=extra)
+    save_hf_folder(roles.critic.module.model, tok, folder / "critic", roles.critic_stage, dist, extra=extra)
+    if roles.ema is not None:
+        save_hf_folder(roles.ema.module, tok, folder / "actor_ema", roles.ema_stage, dist, extra=extra)
+
+
+def save_checkpoint(run: Run, step: int, position: dict[str, int]) -> None:
+    """checkpoint-<step>/{actor,critic,actor_ema} and the state --resume reads (both engines, the EMA,
+    the KL controller and score statistics, RNG and data position)."""
+    save_models(run, run.out / f"checkpoint-{step}")
+    roles = run.roles
+
+    def extra(tag_folder: Path) -> None:
+        if roles.ema is not None:
+            save_module_tensors(roles.ema.module, roles.ema_stage, tag_folder / EMA_FILE, run.dist)
+
+    save_resume_state({"actor": roles.actor, "critic": roles.critic}, run.out, f"step{step}",
+                      position | {"trainer": run.trainer.state_dict()}, run.dist, extra=extra)
+
+
+if __name__ == "__main__":
+    run_main(main)
