@@ -688,6 +688,8 @@ def _validate_step3(cfg: "Step3Config") -> list[str]:
             problems.append(f"--{role}_lora_dim must be >= 0 (0 disables LoRA)")
         if not getattr(lora, f"{role}_lora_module_name"):
             problems.append(f"--{role}_lora_module_name is empty; use 'auto' or a name fragment like 'layers.'")
+    if lora.lora_scaling <= 0:
+        problems.append(f"--lora_scaling must be > 0 (got {lora.lora_scaling})")
     if lora.only_optimize_lora and lora.actor_lora_dim == 0 and lora.critic_lora_dim == 0:
         problems.append("--only_optimize_lora needs --actor_lora_dim or --critic_lora_dim > 0")
     if cfg.model.num_padding_at_beginning < 0:
@@ -741,6 +743,8 @@ def _validate_step3(cfg: "Step3Config") -> list[str]:
         problems.append("--kl_ctl and --entropy_coef must be >= 0")
     if ppo.target_kl is not None and ppo.target_kl <= 0:
         problems.append("--target_kl must be > 0 (or left unset for a fixed --kl_ctl)")
+    if ppo.warn_kl_above <= 0:
+        problems.append("--warn_kl_above must be > 0")
     if ppo.kl_horizon < 1:
         problems.append("--kl_horizon must be >= 1")
     if ppo.clip_reward_value <= 0 or ppo.cliprange <= 0 or ppo.cliprange_value <= 0:

@@ -192,9 +192,11 @@ def step3_throughput(*, per_device_generation_batch: int, generation_batches: in
     """
     if min(generate_s, train_s, e2e_s) <= 0:
         raise ValueError("phase times must be > 0")
-    samples = per_device_generation_batch * generation_batches * ppo_epochs * (2 if ptx else 1)
-    train_flops = sum(calculate_flops(k, samples, seq_length, *model_shape(c))
-                      for k, c in ((actor_k, actor_config), (critic_k, critic_config)))
+    ppo_samples = per_device_generation_batch * generation_batches * ppo_epochs
+    samples = ppo_samples * (2 if ptx else 1)
+    # The actor also trains on the PTX batches; the critic only on the PPO ones.
+    train_flops = (calculate_flops(actor_k, samples, seq_length, *model_shape(actor_config))
+                   + calculate_flops(critic_k, ppo_samples, seq_length, *model_shape(critic_config)))
     gen_flops = calculate_flops(1.0, per_device_generation_batch, seq_length, *model_shape(actor_config))
     token_latency = generate_s / max(decode_steps, 1.0)
     return {

@@ -1,8 +1,9 @@
 """The bundled synthetic preference task: sort a list of digits.
 
 Prompt " Human: sort 3 9 1 Assistant:", preferred answer " 1 3 9", rejected answer a plausible
-mistake (the list unsorted, reversed, or with two neighbours swapped). The truth is a rule a program
-checks (`is_correct`), so steps 2 and 3 can show that the reward model and RLHF learned it.
+mistake (the list unsorted, reversed, with two neighbours swapped, or sorted with one digit
+missing or repeated). The truth is a rule a program checks (`is_correct`), so steps 2 and 3 can
+show that the reward model and RLHF learned it.
 """
 from __future__ import annotations
 
@@ -30,15 +31,20 @@ def format_answer(digits: list[int]) -> str:
 def _mistake(digits: list[int], rng: random.Random) -> list[int]:
     """A wrong answer a weak model might give; never equal to the sorted list."""
     truth = sorted(digits)
-    kind = rng.choice(("unsorted", "reversed", "swap", "drop"))
+    kind = rng.choice(("unsorted", "reversed", "swap", "drop", "repeat"))
     if kind == "swap" and len(set(truth)) > 1:
         out = list(truth)
         candidates = [i for i in range(len(out) - 1) if out[i] != out[i + 1]]
         i = rng.choice(candidates)
         out[i], out[i + 1] = out[i + 1], out[i]
         return out
-    if kind == "drop":
-        return truth[:-1]
+    if kind == "drop":  # one element missing (a duplicate counted once too few, or any other)
+        out = list(truth)
+        del out[rng.randrange(len(out))]
+        return out
+    if kind == "repeat":  # one element counted one to three times too often (at the end: does not stop)
+        i = rng.randrange(len(truth))
+        return sorted(truth + [truth[i]] * rng.randint(1, 3))
     out = list(digits) if kind == "unsorted" else sorted(digits, reverse=True)
     return out if out != truth else truth[:-1]
 
