@@ -311,9 +311,12 @@ class PPOArgs:
     align_overflow: bool = arg(
         False, "fp16: when the actor or the critic overflows, skip both optimizer steps.")
     eval_interval: int = arg(
-        0, "Also evaluate the actor (greedy answers on held-out prompts: reward score, length, and the "
+        0, "Also evaluate the actor (answers to held-out prompts: reward score, length, and the "
         "rule-checked success rate where the data defines one) every N PPO steps (0: before and after training).")
-    eval_prompts: int = arg(64, "Held-out prompts per evaluation (all ranks together, at most).")
+    eval_prompts: int = arg(256, "Held-out prompts per evaluation (all ranks together, at most).")
+    eval_greedy: bool = arg(
+        False, "Evaluate greedy answers. Default: answers decoded as in the rollouts (what PPO optimises), "
+        "with a fixed seed so every evaluation sees the same sampling noise.")
     warn_kl_above: float = arg(
         10.0, "Log a warning when the mean KL to the reference per sequence exceeds this (nats).")
 

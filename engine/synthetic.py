@@ -1,8 +1,8 @@
 """The bundled synthetic preference task: sort a list of digits.
 
 Prompt " Human: sort 3 9 1 Assistant:", preferred answer " 1 3 9", rejected answer a plausible
-mistake (the list unsorted, reversed, with two neighbours swapped, or sorted with one digit
-missing or repeated). The truth is a rule a program checks (`is_correct`), so steps 2 and 3 can
+mistake (the list unsorted, reversed, with two neighbours swapped, or sorted with a digit
+missing, repeated, added or replaced). The truth is a rule a program checks (`is_correct`), so steps 2 and 3 can
 show that the reward model and RLHF learned it.
 """
 from __future__ import annotations
@@ -31,7 +31,7 @@ def format_answer(digits: list[int]) -> str:
 def _mistake(digits: list[int], rng: random.Random) -> list[int]:
     """A wrong answer a weak model might give; never equal to the sorted list."""
     truth = sorted(digits)
-    kind = rng.choice(("unsorted", "reversed", "swap", "drop", "repeat"))
+    kind = rng.choice(("unsorted", "reversed", "swap", "drop", "repeat", "insert", "substitute"))
     if kind == "swap" and len(set(truth)) > 1:
         out = list(truth)
         candidates = [i for i in range(len(out) - 1) if out[i] != out[i + 1]]
@@ -45,6 +45,13 @@ def _mistake(digits: list[int], rng: random.Random) -> list[int]:
     if kind == "repeat":  # one element counted one to three times too often (at the end: does not stop)
         i = rng.randrange(len(truth))
         return sorted(truth + [truth[i]] * rng.randint(1, 3))
+    if kind == "insert":  # sorted, with one digit too many (any digit)
+        return sorted(truth + [rng.randrange(10)])
+    if kind == "substitute":  # sorted, with one digit replaced by another
+        out = list(truth)
+        i = rng.randrange(len(out))
+        out[i] = rng.choice([d for d in range(10) if d != out[i]])
+        return sorted(out)
     out = list(digits) if kind == "unsorted" else sorted(digits, reverse=True)
     return out if out != truth else truth[:-1]
 

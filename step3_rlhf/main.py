@@ -284,13 +284,22 @@ def eval_due(cfg: Step3Config, step: int) -> bool:
 
 @torch.no_grad()
 def evaluate(run: Run, loader) -> dict[str, float]:
-    """Greedy answers of the actor on held-out prompts: reward score, length, and the sorting rule where
-    the prompts are the bundled task's (`engine.synthetic`)."""
-    cfg, roles, tok, dist = run.cfg, run.roles, run.tokenizer, run.dist
+    """The actor's answers to held-out prompts, decoded as in the rollouts (or greedily with
+    --eval_greedy): reward score, length, and the sorting rule where the prompts are the bundled
+    task's (`engine.synthetic`). Sampling uses a fixed seed of its own, so every evaluation sees the
+    same noise and the training RNG stream is untouched."""
+    cfg, tok, dist = run.cfg, run.tokenizer, run.dist
     width, per_rank = cfg.data.max_prompt_seq_len, -(-cfg.ppo.eval_prompts // dist.world_size)
-    kwargs = generation_kwargs(cfg, tok) | {"do_sample": False}
-    for key in ("temperature", "top_p", "top_k"):
-        kwargs.pop(key, None)
+    kwargs = generation_kwargs(cfg, tok)
+    if cfg.ppo.eval_greedy:
+        kwargs = {k: v for k, v in kwargs.items() if k not in ("temperature", "top_p", "top_k")} | {"do_sample": False}
+    with torch.random.fork_rng(devices=[dist.device] if dist.device.type == "cuda" else []):
+        torch.manual_seed(cfg.train.seed + 1000 * dist.rank)
+        return _evaluate(run, loader, kwargs, width, per_rank)
+
+
+def _evaluate(run: Run, loader, kwargs: dict[str, Any], width: int, per_rank: int) -> dict[str, float]:
+    cfg, roles, tok, dist = run.cfg, run.roles, run.tokenizer, run.dist
     sums = torch.zeros(5, dtype=torch.float64)  # sequences, score, length, rule-checked, rule correct
     seen = 0
     for batch in loader:

@@ -75,11 +75,11 @@ def tiny_model_folder(engine_cache: Path, seed: int = 1234) -> Path:
 def rlhf_inputs(run_step, tmp_path_factory) -> tuple[Path, Path]:
     """(step-1 SFT folder, step-2 reward-model folder) on the bundled task, made once per session.
 
-    The SFT model is trained long enough to sort some lists (rule success about 0.45), so step 3 has
+    The SFT model is trained long enough to sort some lists (rule success about 0.2 when sampling), so step 3 has
     something to improve on and a reward model that tells right from wrong."""
     root = tmp_path_factory.mktemp("rlhf_inputs")
     sft, rm = root / "step1", root / "step2"
-    run_step("step1_sft/main.py", ["--output_dir", str(sft), "--num_train_epochs", "4", "--learning_rate", "3e-3"])
+    run_step("step1_sft/main.py", ["--output_dir", str(sft), "--num_train_epochs", "2", "--learning_rate", "3e-3"])
     run_step("step2_reward/main.py", ["--model_name_or_path", str(sft), "--output_dir", str(rm),
                                       "--learning_rate", "1e-3", "--num_train_epochs", STEP2_EPOCHS])
     return sft, rm

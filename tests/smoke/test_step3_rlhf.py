@@ -10,9 +10,10 @@ from tests.conftest import ROOT, read_metrics
 
 pytestmark = pytest.mark.smoke
 
-TINY = ["--max_prompt_seq_len", "32", "--max_answer_seq_len", "16", "--per_device_generation_batch_size", "16",
+TINY = ["--max_prompt_seq_len", "32", "--max_answer_seq_len", "16", "--per_device_generation_batch_size", "32",
         "--per_device_training_batch_size", "16", "--actor_learning_rate", "1e-4", "--critic_learning_rate", "1e-3",
         "--num_warmup_steps", "0", "--dtype", "fp32"]
+LEARNING = ["--normalize_reward", "--whiten_advantages", "--ppo_epochs", "4"]
 METRIC_KEYS = ("rollout/score_mean", "rollout/score_std", "rollout/kl", "rollout/response_len", "ppo/policy_loss",
                "ppo/value_loss", "ppo/clipfrac", "ppo/approx_kl", "ppo/entropy", "ppo/kl_coef", "timing/generate_s",
                "timing/train_s", "perf/samples_per_s", "perf/train_tflops", "perf/gen_tflops",
@@ -23,13 +24,12 @@ def test_ppo_beats_the_sft_actor_on_held_out_prompts(run_step, rlhf_inputs, tmp_
     sft, rm = rlhf_inputs
     out = tmp_path / "step3"
     run_step("step3_rlhf/main.py", ["--actor_model_name_or_path", str(sft), "--critic_model_name_or_path", str(rm),
-                                    "--output_dir", str(out), *TINY, "--test_stop_step", LEARNING_STEPS,
-                                    "--eval_prompts", "128"])
+                                    "--output_dir", str(out), *TINY, *LEARNING, "--test_stop_step", LEARNING_STEPS])
     rows = read_metrics(out)
     evals = [r for r in rows if "eval/score_mean" in r]
     before, after = evals[0], evals[-1]
     assert before["step"] == 0 and after["step"] == int(LEARNING_STEPS)
-    assert after["eval/score_mean"] > before["eval/score_mean"] + 0.1, evals
+    assert after["eval/score_mean"] > before["eval/score_mean"] + 0.3, evals
     assert after["eval/rule_success"] > before["eval/rule_success"], evals
     steps = [r for r in rows if "rollout/kl" in r]
     assert max(r["rollout/kl"] for r in steps) < 5.0  # KL to the reference stays bounded
@@ -38,7 +38,7 @@ def test_ppo_beats_the_sft_actor_on_held_out_prompts(run_step, rlhf_inputs, tmp_
         assert (out / role / "model.safetensors").is_file() and (out / role / "config.json").is_file()
 
 
-LEARNING_STEPS = "40"
+LEARNING_STEPS = "50"
 
 FROZEN_PROBE = r"""
 import sys, torch
@@ -69,8 +69,9 @@ for _ in range(3):
     trainer.update_ema()
 for name, engine in frozen.items():
     assert not engine.module.training, name
-    for a, b in zip(before[name], engine.module.parameters()):
-        assert torch.equal(a, b), name
+    if name != "ema":  # the EMA is frozen to the optimizer but moves towards the actor
+        for a, b in zip(before[name], engine.module.parameters()):
+            assert torch.equal(a, b), name
 ema_moved = any(not torch.equal(a, b) for a, b in zip(before["ema"], roles.ema.module.parameters()))
 actor_moved = any(not torch.equal(a, b) for a, b in zip(actor_before, roles.actor.module.parameters()))
 assert actor_moved and ema_moved

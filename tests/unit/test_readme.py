@@ -3,12 +3,12 @@ from pathlib import Path
 
 import pytest
 
-from engine.config import Step1Config, Step2Config, flag_table
+from engine.config import Step1Config, Step2Config, Step3Config, flag_table
 
 README = Path(__file__).resolve().parents[2] / "README.md"
 
 
-@pytest.mark.parametrize("step, config", [("step1", Step1Config), ("step2", Step2Config)])
+@pytest.mark.parametrize("step, config", [("step1", Step1Config), ("step2", Step2Config), ("step3", Step3Config)])
 def test_flag_reference_matches_config(step, config):
     text = README.read_text()
     start, end = f"<!-- flags:{step} -->\n", f"<!-- /flags:{step} -->"
