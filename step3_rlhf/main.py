@@ -27,7 +27,8 @@ import torch
 from tqdm import tqdm
 
 from engine import synthetic
-from engine.checkpoint import POSITION_KEYS, load_module_tensors, save_hf_folder, save_module_tensors, save_resume_state
+from engine.checkpoint import (POSITION_KEYS, latest_checkpoint, load_module_tensors, save_hf_folder, save_module_tensors,
+                               save_resume_state)
 from engine.config import Step3Config, parse_config, save_config_yaml
 from engine.data.prompts import collate_left_padded, load_prompt_data
 from engine.data.unsupervised import collate_blocks, load_ptx_data
@@ -35,6 +36,7 @@ from engine.distributed import DistInfo, all_reduce_sum, init_distributed, setup
 from engine.errors import UserError, run_main
 from engine.experience import Experience, reward_scores, sequence_masks
 from engine.metrics import plot_curves
+from engine.model import hf_model
 from engine.perf import (activation_factor, current_memory_gb, model_shape, peak_memory_gb, reset_peak_memory,
                          step3_throughput)
 from engine.ppo_trainer import PPOTrainer, generate_sequences, generation_kwargs, health_warnings
@@ -94,7 +96,7 @@ def main(argv: Sequence[str] | None = None) -> None:
     if cfg.log.resume:
         trainer.load_state_dict(position.pop("trainer"))
         if roles.ema is not None:
-            load_module_tensors(roles.ema.module, roles.ema_stage, _resume_folder(out) / EMA_FILE, dist)
+            load_module_tensors(roles.ema.module, roles.ema_stage, latest_checkpoint(out) / EMA_FILE, dist)
     logger.info("PPO: %d steps (%d per epoch), %d micro-batches of %d per step, %d optimizer steps, %d ranks",
                 plan.steps.total_steps, plan.steps.steps_per_epoch, plan.micro_batches,
                 cfg.train.per_device_training_batch_size, plan.optimizer_steps, dist.world_size)
@@ -327,8 +329,6 @@ def _evaluate(run: Run, loader, kwargs: dict[str, Any], width: int, per_rank: in
 
 
 def _hf_config(module: torch.nn.Module) -> Any:
-    from engine.model import hf_model
-
     return hf_model(module).config
 
 
@@ -338,12 +338,6 @@ def _param_count(module: torch.nn.Module) -> int:
 
 def _bytes(dtype: str) -> int:
     return {"fp16": 2, "bf16": 2, "fp32": 4}[dtype]
-
-
-def _resume_folder(out: Path) -> Path:
-    from engine.checkpoint import latest_checkpoint
-
-    return latest_checkpoint(out)
 
 
 def save_models(run: Run, folder: Path) -> None:

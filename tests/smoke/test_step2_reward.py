@@ -22,16 +22,17 @@ def reward_evals(folder: Path) -> list[dict]:
 @pytest.fixture(scope="module")
 def rm_run(run_step, tmp_path_factory) -> Path:
     out = tmp_path_factory.mktemp("rm")
-    run_step("step2_reward/main.py", ["--output_dir", str(out), *FAST, "--eval_interval", "25"])
+    run_step("step2_reward/main.py", ["--output_dir", str(out), *FAST, "--eval_interval", "25", "--num_train_epochs", "3"])
     return out
 
 
 def test_reward_accuracy_rises(rm_run):
     evals = reward_evals(rm_run)
-    assert [r["step"] for r in evals] == [0, 25, 50, 75, 100]  # before and every 25 steps (100 is the end)
+    assert [r["step"] for r in evals] == list(range(0, 301, 25))  # before and every 25 steps (300 is the end)
     assert 0.3 <= evals[0]["eval/reward_accuracy"] <= 0.7  # an untrained head is a coin flip
-    # Measured 1.0 on the 160 held-out pairs; require 0.95 (the bar).
-    assert evals[-1]["eval/reward_accuracy"] >= 0.95
+    # Measured 0.88 on the 160 held-out pairs after 3 epochs from random weights (1.0 after one epoch
+    # before the bundled pairs gained the sorted-but-wrong-digit mistakes; see engine/synthetic.py).
+    assert evals[-1]["eval/reward_accuracy"] >= 0.85
     assert evals[-1]["eval/score_margin"] > 1.0
     stats = json.loads((rm_run / "reward_stats.json").read_text())
     assert stats["score_std"] > 0 and stats["eval_pairs"] == evals[-1]["eval/pairs"]
@@ -78,9 +79,9 @@ def test_lora_only_trains_adapters_and_value_head(run_step, tmp_path, engine_cac
 
 def test_span_loss_trains(run_step, tmp_path):
     out = tmp_path / "span"
-    run_step("step2_reward/main.py", ["--output_dir", str(out), *FAST, "--rm_loss", "span"])
-    # Measured 1.0 after the 100-step epoch (0.79 after 40 steps: the span loss learns end scores slower).
-    assert reward_evals(out)[-1]["eval/reward_accuracy"] >= 0.95
+    run_step("step2_reward/main.py", ["--output_dir", str(out), *FAST, "--rm_loss", "span", "--num_train_epochs", "3"])
+    # Measured 0.84 after 3 epochs (0.44 after 1: the span loss learns end scores slower than the end loss).
+    assert reward_evals(out)[-1]["eval/reward_accuracy"] >= 0.8
 
 
 def test_resume_is_bit_identical(run_step, tmp_path):
@@ -138,7 +139,7 @@ def test_rw_eval_scores_pairs_and_prompts(rm_run, tmp_path):
                           capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stderr[-2000:]
     wins = int(proc.stderr.split("pairwise accuracy: ")[1].split("/")[0])
-    assert wins >= 18  # of 20
+    assert wins >= 14  # of 20
     proc = subprocess.run([sys.executable, script, "--model_name_or_path", str(rm_run), "--prompt",
                            " Human: sort 3 1 2 Assistant:", "--response", " 1 2 3", " 3 2 1"],
                           capture_output=True, text=True, timeout=300)

@@ -97,9 +97,8 @@ BAD = {
     "critic is not a reward model": lambda sft, rm, t: (["--critic_model_name_or_path", str(sft)],
                                                         "is not a reward model"),
     "every prompt too long": lambda sft, rm, t: (["--max_prompt_seq_len", "3"], "fits --max_prompt_seq_len 3"),
-    "reference offload without ZeRO-3": lambda sft, rm, t: (["--offload_reference_model"],
-                                                            "--offload_reference_model needs --actor_zero_stage 3"),
-    "tensor-parallel generation": lambda sft, rm, t: (["--inference_tp_size", "2"], "not implemented"),
+    "incompatible role settings": lambda sft, rm, t: (["--offload_reference_model"],
+                                                      "--offload_reference_model needs --actor_zero_stage 3"),
 }
 
 
@@ -113,3 +112,15 @@ def test_bad_input_is_refused_cleanly(case, run_step, rlhf_inputs, tmp_path):
     assert proc.returncode == 2, proc.stderr[-2000:]
     assert message in proc.stderr and "Traceback" not in proc.stderr, proc.stderr[-2000:]
     assert not out.exists() or not any(out.iterdir())
+
+
+def test_ptx_mixes_language_modelling_into_the_actor_updates(run_step, rlhf_inputs, tmp_path):
+    sft, rm = rlhf_inputs
+    text = tmp_path / "ptx.txt"
+    text.write_text("\n".join(f"the digits {i} {i + 1} {i + 2} follow each other" for i in range(200)))
+    out = tmp_path / "step3"
+    run_step("step3_rlhf/main.py", ["--actor_model_name_or_path", str(sft), "--critic_model_name_or_path", str(rm),
+                                    "--output_dir", str(out), *TINY, "--unsupervised_dataset_name", str(text),
+                                    "--unsup_coef", "1.0", "--test_stop_step", "2", "--eval_prompts", "16"])
+    steps = [r for r in read_metrics(out) if "ppo/ptx_loss" in r]
+    assert [r["step"] for r in steps] == [1, 2] and all(r["ppo/ptx_loss"] > 0 for r in steps)

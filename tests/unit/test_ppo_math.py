@@ -149,3 +149,15 @@ def test_answer_action_mask_when_pad_is_eos():
 def test_answer_action_mask_without_eos_keeps_every_answer_token():
     seq = torch.tensor([[11, 12, 21, 22]])  # cut at max length, no eos
     assert answer_action_mask(seq, prompt_width=2, pad_id=0, eos_id=9).tolist() == [[0, 1, 1]]
+
+
+def test_an_all_empty_batch_gives_zero_finite_losses_and_gradients():
+    # A rank whose answers are all empty still runs its updates (so no rank waits for it): zero loss.
+    logp = torch.zeros(2, 3, requires_grad=True)
+    values = torch.zeros(2, 3, requires_grad=True)
+    mask = torch.zeros(2, 3)
+    pg, _ = policy_loss(logp, logp.detach(), torch.ones(2, 3), mask, cliprange=0.2)
+    vl, _ = value_loss(values, values.detach(), torch.ones(2, 3), mask, cliprange_value=0.2)
+    (pg + vl).backward()
+    assert pg.item() == 0.0 and vl.item() == 0.0
+    assert torch.isfinite(logp.grad).all() and logp.grad.abs().sum() == 0 and values.grad.abs().sum() == 0

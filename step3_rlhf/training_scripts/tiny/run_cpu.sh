@@ -2,8 +2,9 @@
 # Step 3 (RLHF, PPO): a quick end-to-end check on a CPU-only machine (no GPU needed): 2 CPU ranks
 # run PPO on the bundled synthetic sorting prompts (no --data_path) with ZeRO-3, hybrid-engine
 # generation, rank-8 LoRA on actor and critic, an EMA copy of the actor (saved as actor_ema/) and
-# bf16 (DeepSpeed cannot run fp16 on a CPU). Prompts up to 32 tokens, answers up to 16, 8 prompts
-# per generation batch per rank. About 5 minutes on 2 CPU cores.
+# bf16 (DeepSpeed cannot run fp16 on a CPU). Prompts up to 32 tokens, answers up to 16, 16 prompts
+# per generation batch per rank, 4 PPO epochs over each batch with normalised rewards and whitened
+# advantages (the settings under which the tiny actor learns the task; see the README).
 # ACTOR is the folder step1_sft/training_scripts/tiny/run_cpu.sh writes and CRITIC the one
 # step2_reward/training_scripts/tiny/run_cpu.sh writes (both default to where those scripts write by
 # default; run all three from the same folder). Both come from the built-in tiny model, so they share
@@ -33,8 +34,12 @@ deepspeed --num_gpus 2 "$ROOT/step3_rlhf/main.py" \
    --dtype bf16 \
    --max_prompt_seq_len 32 \
    --max_answer_seq_len 16 \
-   --per_device_generation_batch_size 8 \
+   --per_device_generation_batch_size 16 \
    --per_device_training_batch_size 8 \
+   --ppo_epochs 4 \
+   --normalize_reward \
+   --whiten_advantages \
+   --eval_interval 10 \
    --actor_learning_rate 1e-4 \
    --critic_learning_rate 1e-3 \
    --num_warmup_steps 0 \
