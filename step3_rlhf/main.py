@@ -215,7 +215,6 @@ def ppo_step(run: Run, prompt_batches: list[dict], ptx_batches: list[dict] | Non
     keys = sorted(sums)
     totals = all_reduce_sum([sums[k] for k in keys] + [float(n)], dist.device)
     row |= {k: totals[i] / totals[-1] for i, k in enumerate(keys)}
-    row["ppo/ratio_max"] = row.pop("ppo/ratio_max")  # mean over micro-batches of the per-batch max
     if row.pop("ppo/nonfinite") > 0:
         raise UserError(f"PPO step {step}: the policy or value loss is NaN or inf; lower the learning rates, "
                         "use --dtype bf16 or fp32, or lower --clip_reward_value")
