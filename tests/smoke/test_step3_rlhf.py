@@ -24,13 +24,16 @@ def test_ppo_beats_the_sft_actor_on_held_out_prompts(run_step, rlhf_inputs, tmp_
     sft, rm = rlhf_inputs
     out = tmp_path / "step3"
     run_step("step3_rlhf/main.py", ["--actor_model_name_or_path", str(sft), "--critic_model_name_or_path", str(rm),
-                                    "--output_dir", str(out), *TINY, *LEARNING, "--test_stop_step", LEARNING_STEPS])
+                                    "--output_dir", str(out), *TINY, *LEARNING, "--test_stop_step", LEARNING_STEPS,
+                                    "--data_split", "0,0,1"])
     rows = read_metrics(out)
     evals = [r for r in rows if "eval/score_mean" in r]
     before, after = evals[0], evals[-1]
     assert before["step"] == 0 and after["step"] == int(LEARNING_STEPS)
-    assert after["eval/score_mean"] > before["eval/score_mean"] + 0.3, evals
-    assert after["eval/rule_success"] > before["eval/rule_success"], evals
+    # All 400 held-out prompts (no step trains on the eval file). Measured: score -2.55 -> -1.11,
+    # rule success 0.129 -> 0.230 after 40 steps.
+    assert after["eval/score_mean"] > before["eval/score_mean"] + 0.5, evals
+    assert after["eval/rule_success"] > before["eval/rule_success"] + 0.03, evals
     steps = [r for r in rows if "rollout/kl" in r]
     assert max(r["rollout/kl"] for r in steps) < 5.0  # KL to the reference stays bounded
     assert all(k in steps[-1] for k in METRIC_KEYS), sorted(set(METRIC_KEYS) - set(steps[-1]))
@@ -38,7 +41,7 @@ def test_ppo_beats_the_sft_actor_on_held_out_prompts(run_step, rlhf_inputs, tmp_
         assert (out / role / "model.safetensors").is_file() and (out / role / "config.json").is_file()
 
 
-LEARNING_STEPS = "50"
+LEARNING_STEPS = "40"
 
 FROZEN_PROBE = r"""
 import sys, torch
