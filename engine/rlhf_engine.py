@@ -55,7 +55,21 @@ def resolve_paths(cfg: Step3Config, dist: DistInfo) -> tuple[str, str]:
         paths.append(resolve_model_path(cfg.role_model(role), cfg.train.seed, dist,
                                         flag=f"{role}_model_name_or_path", hint=ROLE_HINTS[role]))
     check_reward_model_config(paths[1], "critic_model_name_or_path", cfg.model.trust_remote_code)
+    check_context_length(paths[0], cfg)
     return paths[0], paths[1]
+
+
+def check_context_length(actor_path: str, cfg: Step3Config) -> None:
+    """Refuse prompt + answer lengths beyond the actor's position embeddings (where its config says)."""
+    from transformers import AutoConfig
+
+    config = AutoConfig.from_pretrained(actor_path, trust_remote_code=cfg.model.trust_remote_code)
+    limit = next((getattr(config, k) for k in ("max_position_embeddings", "n_positions")
+                  if isinstance(getattr(config, k, None), int)), None)
+    total = cfg.data.max_prompt_seq_len + cfg.data.max_answer_seq_len
+    if limit is not None and total > limit:
+        raise UserError(f"--max_prompt_seq_len + --max_answer_seq_len = {total} exceeds the actor's context of "
+                        f"{limit} tokens ({actor_path}); lower them")
 
 
 def load_step3_tokenizer(cfg: Step3Config, actor_path: str, critic_path: str) -> Any:

@@ -100,6 +100,8 @@ BAD = {
     "critic is not a reward model": lambda sft, rm, t: (["--critic_model_name_or_path", str(sft)],
                                                         "is not a reward model"),
     "every prompt too long": lambda sft, rm, t: (["--max_prompt_seq_len", "3"], "fits --max_prompt_seq_len 3"),
+    "longer than the actor's context": lambda sft, rm, t: (["--max_prompt_seq_len", "400", "--max_answer_seq_len",
+                                                            "200"], "exceeds the actor's context of 512 tokens"),
     "incompatible role settings": lambda sft, rm, t: (["--offload_reference_model"],
                                                       "--offload_reference_model needs --actor_zero_stage 3"),
 }
