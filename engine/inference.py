@@ -13,8 +13,12 @@ def load_for_inference(path: str, trust_remote_code: bool = False) -> tuple[Any,
     """(model in eval mode, left-padding tokenizer) from a Hugging Face folder or hub name."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    if Path(path).expanduser().exists() and not (Path(path).expanduser() / "config.json").is_file():
+    local = Path(path).expanduser()
+    if local.exists() and not (local / "config.json").is_file():
         raise UserError(f"{path}: no config.json there; give a Hugging Face model folder (a step's --output_dir)")
+    if not local.exists() and (path.startswith((".", "/", "~")) or path.count("/") > 1):
+        raise UserError(f"{path}: no such model folder; give a Hugging Face model folder (a step's --output_dir) "
+                        "or a hub name")
     try:
         tok = AutoTokenizer.from_pretrained(path, padding_side="left", trust_remote_code=trust_remote_code)
         model = AutoModelForCausalLM.from_pretrained(path, trust_remote_code=trust_remote_code)
