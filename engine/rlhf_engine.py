@@ -22,10 +22,10 @@ from engine.distributed import DistInfo
 from engine.ds_config import eval_ds_config, fill_template, load_template, train_ds_config
 from engine.ema import ema_update
 from engine.errors import UserError
-from engine.lora import apply_lora, optimizer_param_groups
+from engine.lora import apply_lora
 from engine.model import load_causal_lm, load_tokenizer, resolve_model_path
 from engine.reward_model import add_lora, check_reward_model_config, load_reward_model
-from engine.training import deepspeed_initialize, make_optimizer, make_scheduler
+from engine.training import deepspeed_initialize, init_trained_engine
 
 logger = logging.getLogger("engine")
 
@@ -126,12 +126,11 @@ def _init_frozen(model: torch.nn.Module, ds_config: dict[str, Any]) -> Any:
 
 def _trained(model: torch.nn.Module, ds_config: dict[str, Any], lr: float, weight_decay: float, lora_lr: float,
              cfg: Step3Config, total_steps: int) -> Any:
-    groups = optimizer_param_groups(model, weight_decay, lora_lr)
-    if not groups:
-        raise UserError("a trained role has no trainable parameter; check --only_optimize_lora and the LoRA flags")
-    optimizer = make_optimizer(groups, lr, (cfg.train.adam_beta1, cfg.train.adam_beta2), cfg.ds.offload)
-    scheduler = make_scheduler(optimizer, cfg.train.lr_scheduler_type, cfg.train.num_warmup_steps, total_steps)
-    return deepspeed_initialize(model, optimizer, scheduler, ds_config)
+    t = cfg.train
+    return init_trained_engine(model, ds_config, lr=lr, weight_decay=weight_decay, lora_lr=lora_lr,
+                               betas=(t.adam_beta1, t.adam_beta2), offload=cfg.ds.offload,
+                               scheduler_type=t.lr_scheduler_type, warmup_steps=t.num_warmup_steps,
+                               total_steps=total_steps)
 
 
 def build_roles(cfg: Step3Config, dist: DistInfo, tokenizer: Any, actor_path: str, critic_path: str,

@@ -72,6 +72,21 @@ def deepspeed_initialize(model: torch.nn.Module, optimizer: Any, scheduler: Any,
     return engine
 
 
+def init_trained_engine(model: torch.nn.Module, ds_config: dict[str, Any], *, lr: float, weight_decay: float,
+                        lora_lr: float, betas: tuple[float, float], offload: bool, scheduler_type: str,
+                        warmup_steps: int, total_steps: int) -> Any:
+    """The DeepSpeed engine of a trained model: DeepSpeed-Chat's three parameter groups, the optimizer
+    and the learning-rate schedule over `total_steps` optimizer steps."""
+    from engine.lora import optimizer_param_groups
+
+    groups = optimizer_param_groups(model, weight_decay, lora_lr)
+    if not groups:
+        raise UserError("the model has no trainable parameter; check --only_optimize_lora and the LoRA flags")
+    optimizer = make_optimizer(groups, lr, betas, offload)
+    scheduler = make_scheduler(optimizer, scheduler_type, warmup_steps, total_steps)
+    return deepspeed_initialize(model, optimizer, scheduler, ds_config)
+
+
 class ResumableSampler(torch.utils.data.DistributedSampler):
     """A DistributedSampler that can start part-way through an epoch (for --resume)."""
 

@@ -26,15 +26,13 @@ from engine.config import Step2Config, parse_config, save_config_yaml
 from engine.data.pairs import collate_pairs, load_pair_data
 from engine.distributed import all_reduce_sum, init_distributed, setup_logging
 from engine.errors import UserError, run_main
-from engine.lora import optimizer_param_groups
 from engine.metrics import plot_curves
 from engine.perf import StepTimer, peak_memory_gb, train_throughput
 from engine.reward_math import end_scores, reward_loss
 from engine.model import hf_model, load_tokenizer, resolve_model_path
 from engine.reward_model import add_lora, load_reward_model
-from engine.training import (RunContext, Schedule, build_ds_config, check_output_dir, deepspeed_initialize,
-                             epoch_windows, make_loader, make_optimizer, make_scheduler, save_checkpoint, start_run,
-                             to_device)
+from engine.training import (RunContext, Schedule, build_ds_config, check_output_dir, epoch_windows,
+                             init_trained_engine, make_loader, save_checkpoint, start_run, to_device)
 
 logger = logging.getLogger("engine")
 
@@ -61,11 +59,10 @@ def main(argv: Sequence[str] | None = None) -> None:
     model = load_reward_model(model_path, cfg.model, tokenizer, cfg.ds.dtype, ds_config, cfg.ds.gradient_checkpointing)
     if cfg.lora.lora_dim > 0:
         model = add_lora(model, cfg.lora)
-    groups = optimizer_param_groups(model, cfg.train.weight_decay, cfg.lora.lora_learning_rate)
-    optimizer = make_optimizer(groups, cfg.train.learning_rate, (cfg.train.adam_beta1, cfg.train.adam_beta2),
-                               cfg.ds.offload)
-    scheduler = make_scheduler(optimizer, cfg.train.lr_scheduler_type, cfg.train.num_warmup_steps, schedule.total_steps)
-    engine = deepspeed_initialize(model, optimizer, scheduler, ds_config)
+    engine = init_trained_engine(model, ds_config, lr=cfg.train.learning_rate, weight_decay=cfg.train.weight_decay,
+                                 lora_lr=cfg.lora.lora_learning_rate, betas=(cfg.train.adam_beta1, cfg.train.adam_beta2),
+                                 offload=cfg.ds.offload, scheduler_type=cfg.train.lr_scheduler_type,
+                                 warmup_steps=cfg.train.num_warmup_steps, total_steps=schedule.total_steps)
 
     # Resume or start.
     position, metrics = start_run(cfg, engine, out, dist)

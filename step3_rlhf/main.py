@@ -100,7 +100,7 @@ def main(argv: Sequence[str] | None = None) -> None:
     logger.info("PPO: %d steps (%d per epoch), %d micro-batches of %d per step, %d optimizer steps, %d ranks",
                 plan.steps.total_steps, plan.steps.steps_per_epoch, plan.micro_batches,
                 cfg.train.per_device_training_batch_size, plan.optimizer_steps, dist.world_size)
-    run = Run(cfg, roles, trainer, tokenizer, dist, out, metrics)
+    run = Run(cfg, roles, trainer, tokenizer, dist, out, metrics, model_shapes(cfg, roles))
     if position["global_step"] == 0:
         metrics.log(0, evaluate(run, eval_loader))
 
@@ -129,6 +129,7 @@ class Run:
     dist: DistInfo
     out: Path
     metrics: Any
+    model_shapes: dict[str, Any]  # the fixed inputs of `step3_throughput`, from `model_shapes`
 
 
 def train(run: Run, prompt_loader, ptx_loader, eval_loader, plan: PPOSchedule, position: dict[str, int]) -> int | None:
@@ -222,19 +223,13 @@ def ppo_step(run: Run, prompt_batches: list[dict], ptx_batches: list[dict] | Non
     row |= {f"timing/{k}_s": v for k, v in timing.items()}
     row |= {f"memory/{k}_peak_gb": v for k, v in peaks.items()}
     row["memory/current_gb"] = current_memory_gb(dist.device)
-    ds, lora = cfg.ds, cfg.lora
-    actor_cfg, critic_cfg = _hf_config(run.roles.actor.module), _hf_config(run.roles.critic.module.model)
     row |= step3_throughput(
-        per_device_generation_batch=cfg.train.per_device_generation_batch_size,
+        **run.model_shapes, per_device_generation_batch=cfg.train.per_device_generation_batch_size,
         generation_batches=cfg.train.generation_batches, ppo_epochs=cfg.train.ppo_epochs, ptx=ptx is not None,
         world_size=dist.world_size, seq_length=cfg.data.max_prompt_seq_len + cfg.data.max_answer_seq_len,
         decode_steps=sum(e.sequences.shape[1] for e in experiences) / len(experiences) - cfg.data.max_prompt_seq_len,
-        actor_config=actor_cfg, critic_config=critic_cfg,
-        actor_k=activation_factor(ds.actor_gradient_checkpointing, lora.actor_lora_dim, model_shape(actor_cfg)[1]),
-        critic_k=activation_factor(ds.critic_gradient_checkpointing, lora.critic_lora_dim, model_shape(critic_cfg)[1]),
         generate_s=timing["generate"] / cfg.train.generation_batches, train_s=timing["train"],
-        e2e_s=sum(timing.values()), actor_params=_param_count(run.roles.actor.module),
-        bytes_per_param=_bytes(ds.dtype))
+        e2e_s=sum(timing.values()))
     return row
 
 
@@ -327,16 +322,16 @@ def _evaluate(run: Run, loader, kwargs: dict[str, Any], width: int, per_rank: in
     return row
 
 
-def _hf_config(module: torch.nn.Module) -> Any:
-    return hf_model(module).config
-
-
-def _param_count(module: torch.nn.Module) -> int:
-    return sum(getattr(p, "ds_numel", p.numel()) for p in module.parameters())
-
-
-def _bytes(dtype: str) -> int:
-    return {"fp16": 2, "bf16": 2, "fp32": 4}[dtype]
+def model_shapes(cfg: Step3Config, roles: Roles) -> dict[str, Any]:
+    """What `step3_throughput` needs of the models, computed once: configs, FLOPs factors, actor size."""
+    ds, lora = cfg.ds, cfg.lora
+    actor_cfg, critic_cfg = hf_model(roles.actor.module).config, hf_model(roles.critic.module.model).config
+    return {"actor_config": actor_cfg, "critic_config": critic_cfg,
+            "actor_k": activation_factor(ds.actor_gradient_checkpointing, lora.actor_lora_dim, model_shape(actor_cfg)[1]),
+            "critic_k": activation_factor(ds.critic_gradient_checkpointing, lora.critic_lora_dim,
+                                          model_shape(critic_cfg)[1]),
+            "actor_params": sum(getattr(p, "ds_numel", p.numel()) for p in roles.actor.module.parameters()),
+            "bytes_per_param": {"fp16": 2, "bf16": 2, "fp32": 4}[ds.dtype]}
 
 
 def save_models(run: Run, folder: Path) -> None:

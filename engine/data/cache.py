@@ -30,7 +30,7 @@ def _file_fingerprint(f: Path) -> list[Any]:
     return [str(f.resolve()), stat.st_size, stat.st_mtime_ns]
 
 
-def _source_fingerprint(spec: str) -> Any:
+def source_fingerprint(spec: str) -> Any:
     """The name plus each local file's content hash, so an edited file is re-tokenised."""
     folder = {BUNDLED: BUNDLED_DIR, LOCAL_JSONFILE: LOCAL_JSONFILE_DIR}.get(spec)
     path = folder or Path(spec).expanduser()
@@ -38,7 +38,7 @@ def _source_fingerprint(spec: str) -> Any:
     return [spec] + [_file_fingerprint(f) for f in files]
 
 
-def _tokenizer_fingerprint(tokenizer: Any) -> str:
+def tokenizer_fingerprint(tokenizer: Any) -> str:
     text = json.dumps([sorted(tokenizer.get_vocab().items()), tokenizer.eos_token, tokenizer.pad_token,
                        getattr(tokenizer, "chat_template", None), type(tokenizer).__name__])
     return hashlib.sha256(text.encode()).hexdigest()
@@ -49,12 +49,17 @@ def cache_key(data: DataArgs, tokenizer: Any, phase: int, seed: int, extra: dict
     parts = {
         "extra": extra or {},
         "version": CACHE_VERSION, "phase": phase, "seed": seed,
-        "sources": [_source_fingerprint(s) for s in data.data_path or [BUNDLED]],
-        "sft_only": [_source_fingerprint(s) for s in data.sft_only_data_path] if phase == 1 else [],
+        "sources": [source_fingerprint(s) for s in data.data_path or [BUNDLED]],
+        "sft_only": [source_fingerprint(s) for s in data.sft_only_data_path] if phase == 1 else [],
         "split": data.data_split, "max_seq_len": data.max_seq_len, "overlength": data.overlength,
         "train_on_prompt": data.train_on_prompt,
-        "eot": [data.add_eot_token, data.eot_token], "tokenizer": _tokenizer_fingerprint(tokenizer),
+        "eot": [data.add_eot_token, data.eot_token], "tokenizer": tokenizer_fingerprint(tokenizer),
     }
+    return digest(parts)
+
+
+def digest(parts: dict[str, Any]) -> str:
+    """A short, stable hash of JSON-able cache-key parts (the cache file's name)."""
     return hashlib.sha256(json.dumps(parts, sort_keys=True).encode()).hexdigest()[:16]
 
 

@@ -8,8 +8,6 @@ step-1 rows, whose prompt + answer is the text), or a folder holding train.<one 
 """
 from __future__ import annotations
 
-import hashlib
-import json
 import logging
 from pathlib import Path
 from typing import Any
@@ -17,7 +15,7 @@ from typing import Any
 import torch
 
 from engine.config import Step3DataArgs
-from engine.data.cache import CACHE_VERSION, _source_fingerprint, _tokenizer_fingerprint, cached_tensors
+from engine.data.cache import CACHE_VERSION, cached_tensors, digest, source_fingerprint, tokenizer_fingerprint
 from engine.data.sources import _decode, _records, record_to_row
 from engine.distributed import DistInfo
 from engine.errors import UserError
@@ -80,10 +78,9 @@ def group_blocks(token_lists: list[list[int]], eos_id: int, block_size: int) -> 
 
 def load_ptx_data(data: Step3DataArgs, tokenizer: Any, cache_dir: Path, dist: DistInfo) -> "PTXDataset":
     block = data.max_prompt_seq_len + data.max_answer_seq_len
-    key_parts = {"version": CACHE_VERSION, "source": _source_fingerprint(data.unsupervised_dataset_name),
-                 "config": data.unsupervised_dataset_config_name, "block": block,
-                 "tokenizer": _tokenizer_fingerprint(tokenizer)}
-    key = hashlib.sha256(json.dumps(key_parts, sort_keys=True).encode()).hexdigest()[:16]
+    key = digest({"version": CACHE_VERSION, "source": source_fingerprint(data.unsupervised_dataset_name),
+                  "config": data.unsupervised_dataset_config_name, "block": block,
+                  "tokenizer": tokenizer_fingerprint(tokenizer)})
 
     def build() -> tuple[dict[str, torch.Tensor], dict[str, str]]:
         texts = ptx_texts(data, tokenizer)
