@@ -109,7 +109,7 @@ class MetricsLogger:
         """Keep only the rows logged before `first_step`, then open the file for appending."""
         if self.path.exists():
             kept = [row for row in read_metrics(self.path) if row["step"] < first_step]
-            _write_atomically(self.path, "".join(json.dumps(row, allow_nan=False) + "\n" for row in kept))
+            write_text_atomically(self.path, "".join(json.dumps(row, allow_nan=False) + "\n" for row in kept))
             logger.info("resuming metrics at step %d: kept %d earlier rows of %s", first_step, len(kept), self.path)
         self._file = open(self.path, "a", encoding="utf-8")
         if self._tensorboard_dir is not None:
@@ -150,7 +150,7 @@ def _summary_writer(log_dir: Path, purge_step: int | None):
     return SummaryWriter(log_dir=str(log_dir), purge_step=purge_step)
 
 
-def _write_atomically(path: Path, text: str) -> None:
+def write_text_atomically(path: Path, text: str) -> None:
     """Write `text` to a temp file beside `path`, then rename over it: readers never see half a file."""
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
     try:

@@ -22,6 +22,7 @@ from engine.data.pairs import tokenize_scored
 from engine.data.sft import right_pad
 from engine.data.sources import read_rows
 from engine.errors import UserError, run_main
+from engine.inference import load_reward_for_inference
 
 logger = logging.getLogger("engine")
 
@@ -42,22 +43,6 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     if (args.data_file is None) == (args.prompt is None) or (args.prompt is not None and not args.response):
         raise UserError("give either --prompt with one or more --response, or --data_file")
     return args
-
-
-def load_scorer(path: str, trust_remote_code: bool):
-    from transformers import AutoModelForSequenceClassification, AutoTokenizer
-
-    folder = Path(path).expanduser()
-    if not (folder / "config.json").is_file():
-        raise UserError(f"{path}: not a model folder (no config.json); give a step-2 --output_dir")
-    try:
-        tok = AutoTokenizer.from_pretrained(path, trust_remote_code=trust_remote_code)
-        model = AutoModelForSequenceClassification.from_pretrained(path, trust_remote_code=trust_remote_code)
-    except (OSError, ValueError) as err:
-        raise UserError(f"cannot load reward model {path}: {str(err).splitlines()[0][:200]}") from None
-    if model.config.num_labels != 1:
-        raise UserError(f"{path} has {model.config.num_labels} labels; a reward model has 1")
-    return model.eval(), tok
 
 
 def end_token(path: str, tok, add_eot_token: bool) -> int:
@@ -83,7 +68,7 @@ def score(model, tok, prompts: list[str], answers: list[str], batch_size: int, e
 def main(argv: Sequence[str] | None = None) -> None:
     logging.basicConfig(level=logging.INFO, format="%(message)s")
     args = parse_args(argv)
-    model, tok = load_scorer(args.model_name_or_path, args.trust_remote_code)
+    model, tok = load_reward_for_inference(args.model_name_or_path, args.trust_remote_code)
     end_id = end_token(args.model_name_or_path, tok, args.add_eot_token)
     if args.prompt is not None:
         answers = args.response

@@ -62,6 +62,8 @@ def main_py_args(script: Path) -> list[str]:
     for word in words[at[0] + 1:]:
         if word in COMMAND_END or word.startswith(("2>", "&>", ">", "|")):
             break
+        if re.fullmatch(r"\$\{@:\d+\}|\$@", word):  # the script's own extra arguments, passed on as they are
+            continue
         array = re.fullmatch(r"\$\{(\w+)\[@\]\}", word)
         if array:  # a bash array of optional flags: check what the script may put in it
             args += array_words(script, array.group(1))
@@ -265,3 +267,11 @@ def test_tiny_cpu_script_uses_builtin_model_and_data() -> None:
     assert {"offload", "gradient_checkpointing"} <= set(flags)
     assert re.search(r"^ZERO_STAGE=\$\{2:-3\}$", script.read_text(), re.M)
     assert re.search(r"deepspeed --num_gpus 2 ", code_lines(script.read_text()))
+
+
+@pytest.mark.parametrize("script", SCRIPTS, ids=SCRIPT_IDS)
+def test_script_passes_extra_flags_after_its_positional_arguments(script: Path) -> None:
+    """e2e_rlhf.py's --stepN-args rely on it: every script hands "${@:N+1}" to main.py, N its positionals."""
+    text = code_lines(script.read_text())
+    last = max(int(k) for k in re.findall(r"\$\{(\d+)[:?-]", text))
+    assert f'"${{@:{last + 1}}}"' in text, f"{script.name} takes {last} positional arguments"

@@ -4,7 +4,7 @@
 # lr 9.65e-6, micro batch 4 per GPU). The model is gated on the Hugging Face hub: accept its licence
 # and log in (huggingface-cli login) first, or pass a local copy by editing --model_name_or_path.
 #
-# Usage: run_llama2_7b.sh [OUTPUT=./output_step1_llama2_7b] [ZERO_STAGE=3]
+# Usage: run_llama2_7b.sh [OUTPUT=./output_step1_llama2_7b] [ZERO_STAGE=3] [main.py flags...]
 set -euo pipefail
 
 OUTPUT=${1:-./output_step1_llama2_7b}
@@ -31,4 +31,5 @@ deepspeed "$ROOT/step1_sft/main.py" \
    --zero_stage "$ZERO_STAGE" \
    --deepspeed \
    --output_dir "$OUTPUT" \
+   "${@:3}" \
    2>&1 | tee "$OUTPUT/training.log"

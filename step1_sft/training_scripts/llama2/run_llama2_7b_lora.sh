@@ -6,7 +6,7 @@
 # weights stay frozen (drop that line to also train them at --learning_rate 9.65e-6, as DeepSpeed-Chat
 # does). The model is gated on the Hugging Face hub: accept its licence and log in first.
 #
-# Usage: run_llama2_7b_lora.sh [OUTPUT=./output_step1_llama2_7b_lora] [ZERO_STAGE=3]
+# Usage: run_llama2_7b_lora.sh [OUTPUT=./output_step1_llama2_7b_lora] [ZERO_STAGE=3] [main.py flags...]
 set -euo pipefail
 
 OUTPUT=${1:-./output_step1_llama2_7b_lora}
@@ -36,4 +36,5 @@ deepspeed "$ROOT/step1_sft/main.py" \
    --only_optimize_lora \
    --deepspeed \
    --output_dir "$OUTPUT" \
+   "${@:3}" \
    2>&1 | tee "$OUTPUT/training.log"

@@ -4,7 +4,7 @@
 # --data_path) with ZeRO-3, parameter and optimizer offload, rank-8 LoRA, gradient checkpointing and
 # bf16 (DeepSpeed cannot run fp16 on a CPU). Takes a few minutes.
 #
-# Usage: run_cpu.sh [OUTPUT=./output_step1_tiny] [ZERO_STAGE=3]   (--offload needs ZERO_STAGE 2 or 3)
+# Usage: run_cpu.sh [OUTPUT=./output_step1_tiny] [ZERO_STAGE=3] [main.py flags...]   (--offload needs ZERO_STAGE 2 or 3)
 set -euo pipefail
 
 OUTPUT=${1:-./output_step1_tiny}
@@ -28,4 +28,5 @@ deepspeed --num_gpus 2 "$ROOT/step1_sft/main.py" \
    --dtype bf16 \
    --deepspeed \
    --output_dir "$OUTPUT" \
+   "${@:3}" \
    2>&1 | tee "$OUTPUT/training.log"

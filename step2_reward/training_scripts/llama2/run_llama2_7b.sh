@@ -6,7 +6,7 @@
 # accept its licence and log in (huggingface-cli login) first, or pass a local copy (e.g. a step-1
 # output folder) by editing --model_name_or_path.
 #
-# Usage: run_llama2_7b.sh [OUTPUT=./output_step2_llama2_7b] [ZERO_STAGE=3]   (--offload needs ZERO_STAGE 2 or 3)
+# Usage: run_llama2_7b.sh [OUTPUT=./output_step2_llama2_7b] [ZERO_STAGE=3] [main.py flags...]   (--offload needs ZERO_STAGE 2 or 3)
 set -euo pipefail
 
 OUTPUT=${1:-./output_step2_llama2_7b}
@@ -35,4 +35,5 @@ deepspeed "$ROOT/step2_reward/main.py" \
    --offload \
    --deepspeed \
    --output_dir "$OUTPUT" \
+   "${@:3}" \
    2>&1 | tee "$OUTPUT/training.log"

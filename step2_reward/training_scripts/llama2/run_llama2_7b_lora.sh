@@ -7,7 +7,7 @@
 # head always trains). Llama-2's BOS is not its pad token: --num_padding_at_beginning 0. The model is
 # gated on the Hugging Face hub: accept its licence and log in first.
 #
-# Usage: run_llama2_7b_lora.sh [OUTPUT=./output_step2_llama2_7b_lora] [ZERO_STAGE=3]   (--offload needs ZERO_STAGE 2 or 3)
+# Usage: run_llama2_7b_lora.sh [OUTPUT=./output_step2_llama2_7b_lora] [ZERO_STAGE=3] [main.py flags...]   (--offload needs ZERO_STAGE 2 or 3)
 set -euo pipefail
 
 OUTPUT=${1:-./output_step2_llama2_7b_lora}
@@ -38,4 +38,5 @@ deepspeed "$ROOT/step2_reward/main.py" \
    --lora_module_name "layers." \
    --deepspeed \
    --output_dir "$OUTPUT" \
+   "${@:3}" \
    2>&1 | tee "$OUTPUT/training.log"

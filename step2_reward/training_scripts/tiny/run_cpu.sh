@@ -6,7 +6,7 @@
 # step-1 output folder as MODEL (e.g. the one step1_sft/training_scripts/tiny/run_cpu.sh wrote) to
 # start from the fine-tuned model instead.
 #
-# Usage: run_cpu.sh [OUTPUT=./output_step2_tiny] [ZERO_STAGE=3] [MODEL=built-in tiny model]
+# Usage: run_cpu.sh [OUTPUT=./output_step2_tiny] [ZERO_STAGE=3] [MODEL=built-in tiny model] [main.py flags...]
 set -euo pipefail
 
 OUTPUT=${1:-./output_step2_tiny}
@@ -36,4 +36,5 @@ deepspeed --num_gpus 2 "$ROOT/step2_reward/main.py" \
    --deepspeed \
    --output_dir "$OUTPUT" \
    "${MODEL_ARGS[@]}" \
+   "${@:4}" \
    2>&1 | tee "$OUTPUT/training.log"

@@ -12,7 +12,7 @@
 # masks), so it does not matter that Llama-2's BOS is not its pad token.
 #
 # Usage: run_llama2_7b.sh [ACTOR_MODEL_PATH=./output_step1_llama2_7b] [CRITIC_MODEL_PATH=./output_step2_llama2_7b]
-#                         [ACTOR_ZERO_STAGE=3] [CRITIC_ZERO_STAGE=3] [OUTPUT=./output_step3_llama2_7b]
+#                         [ACTOR_ZERO_STAGE=3] [CRITIC_ZERO_STAGE=3] [OUTPUT=./output_step3_llama2_7b] [main.py flags...]
 set -euo pipefail
 
 ACTOR_MODEL_PATH=${1:-./output_step1_llama2_7b}
@@ -54,4 +54,5 @@ deepspeed "$ROOT/step3_rlhf/main.py" \
    --enable_hybrid_engine \
    --deepspeed \
    --output_dir "$OUTPUT" \
+   "${@:6}" \
    2>&1 | tee "$OUTPUT/training.log"

@@ -16,7 +16,7 @@
 # attention masks).
 #
 # Usage: run_llama2_7b_lora.sh [ACTOR_MODEL_PATH=./output_step1_llama2_7b_lora] [CRITIC_MODEL_PATH=./output_step2_llama2_7b_lora]
-#                              [ACTOR_ZERO_STAGE=3] [CRITIC_ZERO_STAGE=3] [OUTPUT=./output_step3_llama2_7b_lora]
+#                              [ACTOR_ZERO_STAGE=3] [CRITIC_ZERO_STAGE=3] [OUTPUT=./output_step3_llama2_7b_lora] [main.py flags...]
 set -euo pipefail
 
 ACTOR_MODEL_PATH=${1:-./output_step1_llama2_7b_lora}
@@ -62,4 +62,5 @@ deepspeed "$ROOT/step3_rlhf/main.py" \
    --critic_lora_module_name "layers." \
    --deepspeed \
    --output_dir "$OUTPUT" \
+   "${@:6}" \
    2>&1 | tee "$OUTPUT/training.log"

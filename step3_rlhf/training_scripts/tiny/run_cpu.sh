@@ -11,7 +11,7 @@
 # its tokenizer, as step 3 requires.
 # Note the order of the arguments: model folders first, then OUTPUT, then the ZeRO stage of both roles.
 #
-# Usage: run_cpu.sh [ACTOR=./output_step1_tiny] [CRITIC=./output_step2_tiny] [OUTPUT=./output_step3_tiny] [ZERO=3]
+# Usage: run_cpu.sh [ACTOR=./output_step1_tiny] [CRITIC=./output_step2_tiny] [OUTPUT=./output_step3_tiny] [ZERO=3] [main.py flags...]
 set -euo pipefail
 
 ACTOR=${1:-./output_step1_tiny}
@@ -46,4 +46,5 @@ deepspeed --num_gpus 2 "$ROOT/step3_rlhf/main.py" \
    --seed 1234 \
    --deepspeed \
    --output_dir "$OUTPUT" \
+   "${@:5}" \
    2>&1 | tee "$OUTPUT/training.log"

@@ -6,7 +6,7 @@
 # /job/hostfile (DeepSpeed's own default). Run from the first node; every node needs this repository
 # at the same path.
 #
-# Usage: [HOSTFILE=/path/hostfile] run_66b.sh [OUTPUT=./output] [ZERO_STAGE=3]
+# Usage: [HOSTFILE=/path/hostfile] run_66b.sh [OUTPUT=./output] [ZERO_STAGE=3] [main.py flags...]
 set -euo pipefail
 
 OUTPUT=${1:-./output}
@@ -36,4 +36,5 @@ deepspeed --hostfile "$HOSTFILE" "$ROOT/step1_sft/main.py" \
    --lora_module_name decoder.layers. \
    --deepspeed \
    --output_dir "$OUTPUT" \
+   "${@:3}" \
    2>&1 | tee "$OUTPUT/training.log"

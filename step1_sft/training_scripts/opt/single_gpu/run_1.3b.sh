@@ -5,7 +5,7 @@
 # from its --data_path default; ours defaults to the bundled toy task, so it is named here.
 # TensorBoard events go to $OUTPUT/step1_tensorboard (--tensorboard_path is relative to --output_dir).
 #
-# Usage: run_1.3b.sh [OUTPUT=./output] [ZERO_STAGE=0]
+# Usage: run_1.3b.sh [OUTPUT=./output] [ZERO_STAGE=0] [main.py flags...]
 set -euo pipefail
 
 OUTPUT=${1:-./output}
@@ -23,4 +23,5 @@ deepspeed --num_gpus 1 "$ROOT/step1_sft/main.py" \
    --enable_tensorboard \
    --deepspeed \
    --output_dir "$OUTPUT" \
+   "${@:3}" \
    2>&1 | tee "$OUTPUT/training.log"

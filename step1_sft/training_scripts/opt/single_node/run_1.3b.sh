@@ -3,7 +3,7 @@
 # single_node script: 4 Dahoas/yitingxie datasets, 16 epochs, lr 9.65e-6, micro batch 8 per GPU).
 # TensorBoard events go to $OUTPUT/step1_tensorboard (--tensorboard_path is relative to --output_dir).
 #
-# Usage: run_1.3b.sh [OUTPUT=./output] [ZERO_STAGE=2]
+# Usage: run_1.3b.sh [OUTPUT=./output] [ZERO_STAGE=2] [main.py flags...]
 set -euo pipefail
 
 OUTPUT=${1:-./output}
@@ -30,4 +30,5 @@ deepspeed "$ROOT/step1_sft/main.py" \
    --deepspeed \
    --enable_tensorboard \
    --output_dir "$OUTPUT" \
+   "${@:3}" \
    2>&1 | tee "$OUTPUT/training.log"

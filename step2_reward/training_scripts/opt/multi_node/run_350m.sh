@@ -7,7 +7,7 @@
 # /job/hostfile (DeepSpeed's own default). Run from the first node; every node needs this repository
 # at the same path.
 #
-# Usage: [HOSTFILE=/path/hostfile] run_350m.sh [OUTPUT=./output] [ZERO_STAGE=0]
+# Usage: [HOSTFILE=/path/hostfile] run_350m.sh [OUTPUT=./output] [ZERO_STAGE=0] [main.py flags...]
 set -euo pipefail
 
 OUTPUT=${1:-./output}
@@ -36,4 +36,5 @@ deepspeed --hostfile "$HOSTFILE" "$ROOT/step2_reward/main.py" \
    --zero_stage "$ZERO_STAGE" \
    --deepspeed \
    --output_dir "$OUTPUT" \
+   "${@:3}" \
    2>&1 | tee "$OUTPUT/training.log"

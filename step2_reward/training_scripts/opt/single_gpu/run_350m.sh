@@ -7,7 +7,7 @@
 # so it is named here. TensorBoard events go to $OUTPUT/step2_tensorboard (--tensorboard_path is
 # relative to --output_dir).
 #
-# Usage: run_350m.sh [OUTPUT=./output] [ZERO_STAGE=0]
+# Usage: run_350m.sh [OUTPUT=./output] [ZERO_STAGE=0] [main.py flags...]
 set -euo pipefail
 
 OUTPUT=${1:-./output}
@@ -27,4 +27,5 @@ deepspeed --num_gpus 1 "$ROOT/step2_reward/main.py" \
    --enable_tensorboard \
    --deepspeed \
    --output_dir "$OUTPUT" \
+   "${@:3}" \
    2>&1 | tee "$OUTPUT/training.log"

@@ -4,7 +4,7 @@
 # decay 0.1, dropout off, micro batch 4 pairs per GPU). OPT's tokenizer starts every row with its
 # BOS token, which equals the pad id: --num_padding_at_beginning 1.
 #
-# Usage: run_350m.sh [OUTPUT=./output] [ZERO_STAGE=0]
+# Usage: run_350m.sh [OUTPUT=./output] [ZERO_STAGE=0] [main.py flags...]
 set -euo pipefail
 
 OUTPUT=${1:-./output}
@@ -32,4 +32,5 @@ deepspeed "$ROOT/step2_reward/main.py" \
    --zero_stage "$ZERO_STAGE" \
    --deepspeed \
    --output_dir "$OUTPUT" \
+   "${@:3}" \
    2>&1 | tee "$OUTPUT/training.log"

@@ -18,7 +18,7 @@
 # --num_padding_at_beginning is accepted for compatibility only (step 3 works from real attention
 # masks).
 #
-# Usage: [HOSTFILE=/path/hostfile] run_66b.sh ACTOR_MODEL_PATH CRITIC_MODEL_PATH [ACTOR_ZERO_STAGE=3] [CRITIC_ZERO_STAGE=3] [OUTPUT=./output]
+# Usage: [HOSTFILE=/path/hostfile] run_66b.sh ACTOR_MODEL_PATH CRITIC_MODEL_PATH [ACTOR_ZERO_STAGE=3] [CRITIC_ZERO_STAGE=3] [OUTPUT=./output] [main.py flags...]
 set -euo pipefail
 
 USAGE="usage: [HOSTFILE=...] run_66b.sh ACTOR_MODEL_PATH CRITIC_MODEL_PATH [ACTOR_ZERO_STAGE] [CRITIC_ZERO_STAGE] [OUTPUT]"
@@ -62,4 +62,5 @@ deepspeed --hostfile "$HOSTFILE" "$ROOT/step3_rlhf/main.py" \
    --actor_lora_module_name decoder.layers. \
    --deepspeed \
    --output_dir "$OUTPUT" \
+   "${@:6}" \
    2>&1 | tee "$OUTPUT/training.log"

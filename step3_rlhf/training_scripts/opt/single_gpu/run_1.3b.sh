@@ -13,7 +13,7 @@
 # works from real attention masks). CRITIC_MODEL_PATH must be a reward model in Hugging Face
 # *ForSequenceClassification form (one label), as step2_reward/main.py writes it.
 #
-# Usage: run_1.3b.sh ACTOR_MODEL_PATH CRITIC_MODEL_PATH [ACTOR_ZERO_STAGE=0] [CRITIC_ZERO_STAGE=0] [OUTPUT=./output]
+# Usage: run_1.3b.sh ACTOR_MODEL_PATH CRITIC_MODEL_PATH [ACTOR_ZERO_STAGE=0] [CRITIC_ZERO_STAGE=0] [OUTPUT=./output] [main.py flags...]
 set -euo pipefail
 
 USAGE="usage: run_1.3b.sh ACTOR_MODEL_PATH CRITIC_MODEL_PATH [ACTOR_ZERO_STAGE] [CRITIC_ZERO_STAGE] [OUTPUT]"
@@ -41,4 +41,5 @@ deepspeed --num_gpus 1 "$ROOT/step3_rlhf/main.py" \
    --actor_dropout 0.0 \
    --deepspeed \
    --output_dir "$OUTPUT" \
+   "${@:6}" \
    2>&1 | tee "$OUTPUT/training.log"

@@ -15,7 +15,7 @@
 #
 # Usage: run_1.3b.sh [ACTOR_MODEL_PATH=AdamG012/chat-opt-1.3b-sft-deepspeed]
 #                    [CRITIC_MODEL_PATH=AdamG012/chat-opt-350m-reward-deepspeed]
-#                    [ACTOR_ZERO_STAGE=2] [CRITIC_ZERO_STAGE=2] [OUTPUT=./output]
+#                    [ACTOR_ZERO_STAGE=2] [CRITIC_ZERO_STAGE=2] [OUTPUT=./output] [main.py flags...]
 set -euo pipefail
 
 ACTOR_MODEL_PATH=${1:-AdamG012/chat-opt-1.3b-sft-deepspeed}
@@ -54,4 +54,5 @@ deepspeed "$ROOT/step3_rlhf/main.py" \
    --enable_tensorboard \
    --deepspeed \
    --output_dir "$OUTPUT" \
+   "${@:6}" \
    2>&1 | tee "$OUTPUT/training.log"

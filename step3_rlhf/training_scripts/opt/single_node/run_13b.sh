@@ -13,7 +13,7 @@
 # label), as step2_reward/main.py writes it. --num_padding_at_beginning is accepted for
 # compatibility only (step 3 works from real attention masks).
 #
-# Usage: run_13b.sh ACTOR_MODEL_PATH CRITIC_MODEL_PATH [ACTOR_ZERO_STAGE=3] [CRITIC_ZERO_STAGE=3] [OUTPUT=./output]
+# Usage: run_13b.sh ACTOR_MODEL_PATH CRITIC_MODEL_PATH [ACTOR_ZERO_STAGE=3] [CRITIC_ZERO_STAGE=3] [OUTPUT=./output] [main.py flags...]
 set -euo pipefail
 
 USAGE="usage: run_13b.sh ACTOR_MODEL_PATH CRITIC_MODEL_PATH [ACTOR_ZERO_STAGE] [CRITIC_ZERO_STAGE] [OUTPUT]"
@@ -54,4 +54,5 @@ deepspeed "$ROOT/step3_rlhf/main.py" \
    --actor_lora_module_name decoder.layers. \
    --deepspeed \
    --output_dir "$OUTPUT" \
+   "${@:6}" \
    2>&1 | tee "$OUTPUT/training.log"

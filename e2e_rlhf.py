@@ -1,0 +1,284 @@
+"""The whole pipeline in one command: step 1 (SFT) -> step 2 (reward model) -> step 3 (PPO RLHF) ->
+evaluation of the actors -> a report, each step through its launch script (as DeepSpeed-Chat's
+e2e_rlhf.py).
+
+    python e2e_rlhf.py                        # the demo: built-in tiny model, bundled sorting task
+    python e2e_rlhf.py --step 2 3             # start again from step 2 (step 1's model stays)
+    python e2e_rlhf.py --actor-model 1.3b --reward-model 350m --deployment-type single_node
+
+With no arguments it runs the demo on what the machine has: one GPU when there is one, else two CPU
+ranks (DeepSpeed on gloo), and writes everything to ./output:
+
+    output/step1_sft/ step2_reward/ step3_rlhf/   each step's models, metrics.jsonl, curves.png, training.log
+    output/eval/                                  eval_report.json, eval_report.md, samples.md
+    output/report/                                README.md (the verdict), curves of all steps, the table
+    output/logs/                                  the console output of every stage
+
+Each step's output folder is passed to the next. The first stage that fails stops the pipeline with
+the end of its log and the command that starts again from it. --stepN-args passes extra flags to a
+step's main.py (e.g. --step3-args "--ppo_epochs 2"), --eval-args to step3_rlhf/evaluate.py.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import shlex
+import shutil
+import socket
+import subprocess
+import sys
+import time
+from collections import deque
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Callable, Sequence
+
+import yaml
+
+from engine.errors import UserError, run_main
+from engine.report import build_report
+
+ROOT = Path(__file__).resolve().parent
+STEP_DIRS = {1: "step1_sft", 2: "step2_reward", 3: "step3_rlhf"}
+STEP_NAMES = {1: "step 1 (SFT)", 2: "step 2 (reward model)", 3: "step 3 (PPO RLHF)"}
+# --actor-model and --reward-model choices: the model family whose launch scripts run them.
+ACTOR_MODELS = {"tiny": "tiny", "1.3b": "opt", "13b": "opt", "66b": "opt", "llama2-7b": "llama2",
+                "llama2-7b-lora": "llama2"}
+REWARD_MODELS = {"tiny": "tiny", "350m": "opt", "llama2-7b": "llama2", "llama2-7b-lora": "llama2"}
+DEFAULT_REWARD = {"tiny": "tiny", "opt": "350m"}
+DEPLOYMENTS = ("single_gpu", "single_node", "multi_node", "cpu")
+TAIL_LINES = 40
+
+
+def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--step", type=int, nargs="+", choices=(1, 2, 3), default=[1, 2, 3],
+                   help="Which steps to run (default: all three); the others' outputs must already exist.")
+    p.add_argument("--actor-model", "--actor_model", default="tiny", choices=sorted(ACTOR_MODELS),
+                   help="tiny: the built-in model on the bundled task; 1.3b/13b/66b: OPT; llama2-7b[-lora].")
+    p.add_argument("--reward-model", "--reward_model", default=None, choices=sorted(REWARD_MODELS),
+                   help="Default: tiny for tiny, 350m for OPT actors, the actor's own for Llama-2.")
+    p.add_argument("--actor-zero-stage", "--actor_zero_stage", default="", choices=("", "0", "1", "2", "3"),
+                   help="ZeRO stage of steps 1 and 3's actor (default: the launch script's).")
+    p.add_argument("--reward-zero-stage", "--reward_zero_stage", default="", choices=("", "0", "1", "2", "3"),
+                   help="ZeRO stage of step 2 and of step 3's critic (default: the launch script's).")
+    p.add_argument("--deployment-type", "--deployment_type", default=None, choices=DEPLOYMENTS,
+                   help="single_gpu, single_node (every GPU of this machine), multi_node (HOSTFILE), or cpu "
+                   "(CPU ranks on gloo; tiny model only). Default: single_gpu with a GPU, else cpu.")
+    p.add_argument("--cpu-ranks", "--cpu_ranks", type=int, default=2, help="Ranks of the cpu deployment.")
+    p.add_argument("--output-dir", "--output_dir", default="./output", help="Where everything goes.")
+    for n in (1, 2, 3):
+        p.add_argument(f"--step{n}-args", f"--step{n}_args", default="", metavar="FLAGS",
+                       help=f"Extra flags for {STEP_DIRS[n]}/main.py, as one quoted string.")
+    p.add_argument("--eval-args", "--eval_args", default="", metavar="FLAGS",
+                   help="Extra flags for step3_rlhf/evaluate.py, as one quoted string.")
+    args = p.parse_args(argv)
+    args.step = sorted(set(args.step))
+    if args.cpu_ranks < 1:
+        raise UserError("--cpu-ranks must be >= 1")
+    return args
+
+
+@dataclass
+class Stage:
+    """One command of the pipeline and where its console output goes."""
+
+    name: str                  # e.g. "step 2 (reward model)"
+    command: list[str] | Callable[[], list[str]]  # a callable builds it when the stage starts
+    log: Path
+    env: dict[str, str] = field(default_factory=dict)
+    step: int | None = None    # the pipeline step, for the restart hint (None: evaluation)
+
+
+def main(argv: Sequence[str] | None = None) -> None:
+    args = parse_args(argv)
+    out = Path(args.output_dir).expanduser().resolve()
+    if out.exists() and not out.is_dir():
+        raise UserError(f"--output_dir {out} is a file; give a folder path")
+    family = ACTOR_MODELS[args.actor_model]
+    reward = args.reward_model or DEFAULT_REWARD.get(family, args.actor_model)
+    deployment = args.deployment_type or default_deployment()
+    check_choices(args.actor_model, reward, family, deployment)
+    if shutil.which("deepspeed") is None:
+        raise UserError("the deepspeed launcher is not on PATH; install the project (pip install -e .)")
+    stages = plan(args, out, family, reward, deployment)
+    check_inputs(args.step, out)
+
+    out.mkdir(parents=True, exist_ok=True)
+    timings: dict[str, float] = {}
+    for stage in stages:
+        timings[stage.name] = run_stage(stage, args, out)
+    report = build_report(out, {"command": " ".join(["python", "e2e_rlhf.py", *(argv or sys.argv[1:])]),
+                                "deployment": deployment, "actor_model": args.actor_model,
+                                "reward_model": reward, "seconds": timings})
+    print(f"\npipeline finished in {sum(timings.values()):.0f} s; report: {report / 'README.md'}", flush=True)
+    verdict = (report / "verdict.txt")
+    if verdict.is_file():
+        print(verdict.read_text(), flush=True)
+
+
+def default_deployment() -> str:
+    import torch
+
+    return "single_gpu" if torch.cuda.is_available() else "cpu"
+
+
+def check_choices(actor: str, reward: str, family: str, deployment: str) -> None:
+    """Refuse model/deployment combinations no launch script covers, before anything runs."""
+    if REWARD_MODELS[reward] != family:
+        raise UserError(f"--reward-model {reward} is not of the actor's family ({family}); step 3 needs actor and "
+                        f"critic to share a tokenizer: use --reward-model {DEFAULT_REWARD.get(family, actor)}")
+    if family == "llama2" and reward != actor:
+        raise UserError(f"--actor-model {actor} goes with --reward-model {actor} (the same recipe for both)")
+    if family == "tiny" and deployment == "multi_node":
+        raise UserError("the tiny demo runs on one machine; use --deployment-type cpu, single_gpu or single_node")
+    if family != "tiny" and deployment == "cpu":
+        raise UserError(f"--actor-model {actor} needs GPUs; on a CPU use the tiny demo (no --actor-model)")
+    if family == "llama2" and deployment != "single_node":
+        raise UserError(f"the Llama-2 scripts run on one node of 8 GPUs; use --deployment-type single_node")
+
+
+def script_for(step: int, family: str, model: str, deployment: str) -> Path:
+    """The launch script of `step` for a model and deployment; a clear error when there is none."""
+    folder = ROOT / STEP_DIRS[step] / "training_scripts"
+    if family == "tiny":
+        path = folder / "tiny" / "run_demo.sh"
+    elif family == "llama2":
+        path = folder / "llama2" / f"run_{model.replace('-', '_')}.sh"
+    else:
+        path = folder / "opt" / deployment / f"run_{model}.sh"
+    if not path.is_file():
+        have = sorted(p.stem.removeprefix("run_") for p in path.parent.glob("run_*.sh"))
+        raise UserError(f"no launch script for {STEP_NAMES[step]} with model {model} on {deployment} "
+                        f"({path.relative_to(ROOT)}); that deployment has: {', '.join(have) or 'none'}")
+    return path
+
+
+def plan(args: argparse.Namespace, out: Path, family: str, reward: str, deployment: str) -> list[Stage]:
+    """The stages to run: the chosen steps' launch scripts, then (after step 3) the evaluation."""
+    env = stage_env(deployment, args.cpu_ranks, family)
+    ranks = {"cpu": str(args.cpu_ranks), "single_gpu": "1", "single_node": ""}.get(deployment, "")
+    sft, rm, rlhf = (out / STEP_DIRS[n] for n in (1, 2, 3))
+    positional = {1: [sft, args.actor_zero_stage], 2: [rm, args.reward_zero_stage],
+                  3: [sft, rm, args.actor_zero_stage, args.reward_zero_stage, rlhf]}
+    if family == "tiny":  # the demo scripts also take step 2's starting model and the number of ranks
+        positional[2].append(sft)
+        for n in positional:
+            positional[n].append(ranks)
+    stages = []
+    for n in args.step:
+        script = script_for(n, family, reward if n == 2 else args.actor_model, deployment)
+        extra = split_flags(getattr(args, f"step{n}_args"), f"--step{n}-args")
+        stages.append(Stage(STEP_NAMES[n], ["bash", str(script), *map(str, positional[n]), *extra],
+                            out / "logs" / f"{STEP_DIRS[n]}.log", env, n))
+    if 3 in args.step:
+        extra = split_flags(args.eval_args, "--eval-args")
+        stages.append(Stage("evaluation", lambda: evaluation_command(out, extra), out / "logs" / "evaluate.log", env))
+    return stages
+
+
+def split_flags(text: str, flag: str) -> list[str]:
+    try:
+        return shlex.split(text)
+    except ValueError as err:
+        raise UserError(f"{flag}: cannot split {text!r} into flags ({err}); quote it as one string") from None
+
+
+def stage_env(deployment: str, cpu_ranks: int, family: str) -> dict[str, str]:
+    """Environment of every stage: a free rendezvous port; CPU-only ranks with a fair share of threads."""
+    env = {"MASTER_PORT": str(free_port()), "TOKENIZERS_PARALLELISM": "false"}
+    if deployment == "cpu":
+        env |= {"CUDA_VISIBLE_DEVICES": "", "DS_ACCELERATOR": "cpu"}
+        if "OMP_NUM_THREADS" not in os.environ:
+            env["OMP_NUM_THREADS"] = str(max(1, (os.cpu_count() or 1) // cpu_ranks))
+    return env
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def check_inputs(steps: list[int], out: Path) -> None:
+    """A step whose input step is not run now needs that step's model folder from an earlier run."""
+    needs = {2: [1], 3: [1, 2]}
+    for n in steps:
+        for m in needs.get(n, []):
+            folder = out / STEP_DIRS[m]
+            if m not in steps and not (folder / "config.json").is_file():
+                raise UserError(f"{STEP_NAMES[n]} needs the model of {STEP_NAMES[m]} in {folder}, which is not "
+                                f"there; run from step {m} (--step {' '.join(map(str, range(m, 4)))})")
+
+
+def run_stage(stage: Stage, args: argparse.Namespace, out: Path) -> float:
+    """Run a stage, its output streamed to the console and its log; stop the pipeline if it fails."""
+    command = stage.command() if callable(stage.command) else stage.command
+    print(f"\n=== {stage.name}: {shlex.join(command)}", flush=True)
+    stage.log.parent.mkdir(parents=True, exist_ok=True)
+    start = time.perf_counter()
+    tail: deque[bytes] = deque(maxlen=2000)
+    with open(stage.log, "wb") as log:
+        proc = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                                env={**os.environ, **stage.env}, start_new_session=True)
+        try:
+            while chunk := os.read(proc.stdout.fileno(), 1 << 16):
+                sys.stdout.buffer.write(chunk)
+                sys.stdout.buffer.flush()
+                log.write(chunk)
+                tail.append(chunk)
+            code = proc.wait()
+        except KeyboardInterrupt:
+            os.killpg(proc.pid, 15)
+            proc.wait()
+            raise
+    seconds = time.perf_counter() - start
+    if code != 0:
+        lines = last_lines(b"".join(tail).decode("utf-8", "replace"), TAIL_LINES)
+        restart = (f"python e2e_rlhf.py --step {' '.join(str(n) for n in args.step if n >= stage.step)}"
+                   if stage.step is not None else "python e2e_rlhf.py --step 3")
+        print(f"\nerror: {stage.name} failed (exit status {code}) after {seconds:.0f} s; the end of its log "
+              f"({stage.log}):\n" + "\n".join(f"  | {line}" for line in lines) +
+              f"\nfix the problem, then start again from there: {restart} --output_dir {out}", file=sys.stderr,
+              flush=True)
+        sys.exit(code if code > 0 else 1)
+    print(f"=== {stage.name} done in {seconds:.0f} s", flush=True)
+    return seconds
+
+
+def last_lines(text: str, n: int) -> list[str]:
+    """The last `n` non-empty lines as a terminal shows them: a carriage return (progress bars) rewrites its line."""
+    shown = [line.rsplit("\r", 1)[-1].rstrip() for line in text.split("\n")]
+    return [line for line in shown if line.strip()][-n:]
+
+
+def evaluation_command(out: Path, extra: list[str]) -> list[str]:
+    """step3_rlhf/evaluate.py on SFT vs RLHF (vs EMA) with the data, lengths, seed and sampling step 3 used
+    (read from the config.yaml step 3 saved, so it is built once step 3 has run)."""
+    rlhf = out / STEP_DIRS[3]
+    saved = rlhf / "config.yaml"
+    if not saved.is_file():
+        raise UserError(f"{saved} is missing: step 3 did not finish; run --step 3 again")
+    cfg = yaml.safe_load(saved.read_text())
+    data, ppo, train = cfg.get("data", {}), cfg.get("ppo", {}), cfg.get("train", {})
+    models = [f"sft={out / STEP_DIRS[1]}", f"rlhf={rlhf / 'actor'}"]
+    if (rlhf / "actor_ema" / "config.json").is_file():
+        models.append(f"ema={rlhf / 'actor_ema'}")
+    command = [sys.executable, str(ROOT / "step3_rlhf" / "evaluate.py"), "--models", *models,
+               "--reward_model", str(out / STEP_DIRS[2]), "--output_dir", str(out / "eval"),
+               "--max_prompt_seq_len", str(data.get("max_prompt_seq_len", 256)),
+               "--max_answer_seq_len", str(data.get("max_answer_seq_len", 256)),
+               "--seed", str(train.get("seed", 1234))]
+    if data.get("data_path"):
+        command += ["--data_path", *data["data_path"]]
+    if ppo.get("do_sample", True):
+        command += ["--temperature", str(ppo.get("temperature", 1.0)), "--top_p", str(ppo.get("top_p", 1.0)),
+                    "--top_k", str(ppo.get("top_k", 0))]
+    else:
+        command.append("--greedy")
+    return command + extra
+
+
+if __name__ == "__main__":
+    run_main(main)

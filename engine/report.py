@@ -1,0 +1,148 @@
+"""The report of a pipeline run (what `e2e_rlhf.py` writes to <output_dir>/report): one folder to see at
+a glance whether RLHF helped.
+
+    report/README.md        the verdict, the evaluation table, each step's before/after, timings, curves
+    report/verdict.txt      one line: did the RLHF actor beat the SFT actor?
+    report/summary.json     the same numbers for machines
+    report/step1_sft.png    SFT loss and perplexity
+    report/step2_reward.png reward-model loss and accuracy
+    report/step3_rlhf.png   PPO reward, KL, policy and value loss, answer length, held-out score and rule
+    report/metrics/         every step's metrics.jsonl
+    report/eval_report.*, samples.md   the evaluation (step3_rlhf/evaluate.py)
+
+Rebuild it from the folders at any time: `python -m engine.report OUTPUT_DIR`.
+"""
+from __future__ import annotations
+
+import json
+import shutil
+import sys
+import tempfile
+from pathlib import Path
+from typing import Any
+
+from engine.metrics import plot_curves, read_metrics
+
+STEPS = {
+    "step1_sft": ("Step 1: SFT", "eval/perplexity", ["train/loss", "eval/loss", "eval/perplexity"]),
+    "step2_reward": ("Step 2: reward model", "eval/reward_accuracy",
+                     ["train/loss", "eval/reward_accuracy", "eval/score_margin"]),
+    "step3_rlhf": ("Step 3: PPO RLHF", "eval/score_mean",
+                   ["rollout/score_mean", "rollout/kl", "ppo/policy_loss", "ppo/value_loss", "rollout/response_len",
+                    "eval/score_mean", "eval/rule_success"]),
+}
+# What each step's before -> after row shows (the evaluation key it logs before and after training).
+SHOWN = {"step1_sft": ["eval/loss", "eval/perplexity"],
+         "step2_reward": ["eval/reward_accuracy", "eval/score_margin"],
+         "step3_rlhf": ["eval/score_mean", "eval/rule_success", "eval/response_len"]}
+EVAL_FILES = ("eval_report.json", "eval_report.md", "samples.md")
+
+
+def verdict(models: dict[str, dict[str, float]], baseline: str = "sft", candidate: str = "rlhf"
+            ) -> tuple[bool | None, str]:
+    """(did `candidate` beat `baseline`, one line saying by how much) from eval_report.json's "models".
+
+    Beating means a higher mean reward-model score and, where the rule is defined, a higher rule success
+    rate. None when either model is missing."""
+    if baseline not in models or candidate not in models:
+        return None, f"no evaluation of both {baseline} and {candidate}"
+    base, cand = models[baseline], models[candidate]
+    parts = [f"reward score {base['score_mean']:.3f} -> {cand['score_mean']:.3f} "
+             f"({cand['score_mean'] - base['score_mean']:+.3f})"]
+    better = cand["score_mean"] > base["score_mean"]
+    if "rule_success_rate" in base and "rule_success_rate" in cand:
+        parts.append(f"rule success {base['rule_success_rate']:.3f} -> {cand['rule_success_rate']:.3f} "
+                     f"({cand['rule_success_rate'] - base['rule_success_rate']:+.3f})")
+        better = better and cand["rule_success_rate"] > base["rule_success_rate"]
+    parts.append(f"win rate vs {baseline} {cand['win_rate_vs_first']:.3f}, KL to reference {cand['kl_to_ref']:.3f}")
+    head = f"{candidate.upper()} beat {baseline.upper()}" if better else f"{candidate.upper()} did NOT beat {baseline.upper()}"
+    return better, f"{head}: " + "; ".join(parts)
+
+
+def before_after(rows: list[dict[str, Any]], keys: list[str]) -> dict[str, tuple[float, float]]:
+    """{key: (first logged value, last logged value)} for the keys that were logged at least once."""
+    out = {}
+    for key in keys:
+        values = [r[key] for r in rows if r.get(key) is not None]
+        if values:
+            out[key] = (values[0], values[-1])
+    return out
+
+
+def build_report(out: Path, pipeline: dict[str, Any] | None = None) -> Path:
+    """Write <out>/report from the step folders and <out>/eval (what exists of them); returns its path.
+    `pipeline` (command, deployment, seconds per stage) defaults to what the previous report recorded.
+
+    Built in a staging folder and moved into place, so a report is never half-written."""
+    out = Path(out)
+    final = out / "report"
+    if pipeline is None:
+        previous = final / "summary.json"
+        pipeline = json.loads(previous.read_text()).get("pipeline", {}) if previous.is_file() else {}
+    stage = Path(tempfile.mkdtemp(dir=out, prefix=".report-"))
+    try:
+        summary = _write(out, stage, pipeline)
+        (stage / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
+        if final.exists():
+            shutil.rmtree(final)
+        stage.rename(final)
+    except BaseException:
+        shutil.rmtree(stage, ignore_errors=True)
+        raise
+    return final
+
+
+def _write(out: Path, stage: Path, pipeline: dict[str, Any]) -> dict[str, Any]:
+    summary: dict[str, Any] = {"pipeline": pipeline, "steps": {}}
+    md = ["# Pipeline report", ""]
+    if pipeline.get("command"):
+        md += [f"Command: `{pipeline['command']}`" + (f" (deployment: {pipeline['deployment']})"
+                                                       if pipeline.get("deployment") else ""), ""]
+
+    report = out / "eval" / "eval_report.json"
+    if report.is_file():
+        for name in EVAL_FILES:
+            if (out / "eval" / name).is_file():
+                shutil.copy2(out / "eval" / name, stage / name)
+        evaluation = json.loads(report.read_text())
+        beat, line = verdict(evaluation["models"])
+        summary |= {"evaluation": evaluation, "rlhf_beat_sft": beat, "verdict": line}
+        (stage / "verdict.txt").write_text(line + "\n")
+        md += ["## Verdict", "", f"**{line}**", "", f"Held-out prompts: {evaluation['prompts']}, answers "
+               f"{'sampled' if evaluation['decoding'].get('do_sample') else 'greedy'} (seed {evaluation['seed']}); "
+               "see [samples.md](samples.md) for answers side by side.", "",
+               (out / "eval" / "eval_report.md").read_text().split("\n\n", 1)[-1].strip(), ""]
+
+    rows_md = []
+    for folder, (title, _, keys) in STEPS.items():
+        metrics = out / folder / "metrics.jsonl"
+        if not metrics.is_file():
+            continue
+        (stage / "metrics").mkdir(exist_ok=True)
+        shutil.copy2(metrics, stage / "metrics" / f"{folder}.jsonl")
+        rows = read_metrics(metrics)
+        changes = before_after(rows, SHOWN[folder])
+        summary["steps"][folder] = {"steps": max((r["step"] for r in rows), default=0),
+                                    "before_after": {k: list(v) for k, v in changes.items()}}
+        if plot_curves(metrics, stage / f"{folder}.png", keys, title=title) is not None:
+            summary["steps"][folder]["curves"] = f"{folder}.png"
+        shown = "; ".join(f"{k} {a:.4g} -> {b:.4g}" for k, (a, b) in changes.items())
+        rows_md.append(f"| {title} | {summary['steps'][folder]['steps']} | {shown} |")
+    if rows_md:
+        md += ["## Steps (first -> last evaluation)", "", "| step | steps | held-out metrics |", "|---|---|---|",
+               *rows_md, ""]
+    if pipeline.get("seconds"):
+        total = sum(pipeline["seconds"].values())
+        md += ["## Time", "", "| stage | seconds |", "|---|---|",
+               *(f"| {k} | {v:.0f} |" for k, v in pipeline["seconds"].items()), f"| total | {total:.0f} |", ""]
+    curves = [f"![{STEPS[f][0]}]({c})" for f, s in summary["steps"].items() if (c := s.get("curves"))]
+    if curves:
+        md += ["## Curves", "", *curves, ""]
+    (stage / "README.md").write_text("\n".join(md))
+    return summary
+
+
+if __name__ == "__main__":
+    if len(sys.argv) != 2:
+        sys.exit("usage: python -m engine.report OUTPUT_DIR")
+    print(build_report(Path(sys.argv[1])) / "README.md")

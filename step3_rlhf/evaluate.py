@@ -1,0 +1,154 @@
+"""Compare actors (e.g. SFT vs RLHF vs EMA) on held-out prompts with the reward model and, where the
+prompts have one, the task's rule.
+
+    python step3_rlhf/evaluate.py --models sft=output/step1_sft rlhf=output/step3_rlhf/actor \\
+        ema=output/step3_rlhf/actor_ema --reward_model output/step2_reward --output_dir output/eval
+
+Per model: mean reward-model score, win rate against the first model by that score (per prompt; a
+tie counts half), KL to the reference per answer (default reference: the first model, which is what
+step 3 starts from and penalises against), answer-length statistics and, on the bundled sorting task,
+the share of answers right by its rule. The prompts are the eval part of --data_path (default: the
+bundled task's 400 held-out prompts), which no step trains on. Answers are sampled as step 3's
+rollouts are (temperature 1, no top-k or top-p) with one seed for every model, so identical models give
+identical answers; --greedy decodes greedily instead.
+
+Writes eval_report.json, eval_report.md (the table) and samples.md (answers side by side) to
+--output_dir, and prints the table.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+from pathlib import Path
+from typing import Sequence
+
+import torch
+
+from engine.data.sources import BUNDLED, load_source
+from engine.errors import UserError, run_main
+from engine.evaluation import markdown_samples, markdown_table, run_model, summarize
+from engine.inference import load_for_inference, load_reward_for_inference
+from engine.metrics import write_text_atomically
+from engine.reward_model import RewardModel
+from engine.training import check_output_dir
+
+logger = logging.getLogger("engine")
+
+
+def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--models", nargs="+", required=True, metavar="NAME=PATH",
+                   help="The actors to compare, the baseline first; a bare PATH is named after its folder.")
+    p.add_argument("--reward_model", required=True, help="The step-2 folder that scores the answers.")
+    p.add_argument("--reference", default=None, help="The model KL is measured against (default: the first).")
+    p.add_argument("--data_path", nargs="*", default=[], help="Datasets as in the steps (default: the bundled task).")
+    p.add_argument("--eval_prompts", type=int, default=400, help="Held-out prompts to answer (at most).")
+    p.add_argument("--max_prompt_seq_len", type=int, default=32, help="Longer prompts are skipped (step 3's rule).")
+    p.add_argument("--max_answer_seq_len", type=int, default=16, help="New tokens per answer (at most).")
+    p.add_argument("--greedy", action="store_true", help="Decode greedily instead of sampling.")
+    p.add_argument("--temperature", type=float, default=1.0)
+    p.add_argument("--top_p", type=float, default=1.0)
+    p.add_argument("--top_k", type=int, default=0)
+    p.add_argument("--batch_size", type=int, default=50)
+    p.add_argument("--seed", type=int, default=1234, help="Seed of the sampling (the same for every model) and, as the "
+                   "steps' --seed, of carving held-out rows from a dataset without an eval split.")
+    p.add_argument("--num_samples", type=int, default=12, help="Prompts shown in samples.md.")
+    p.add_argument("--output_dir", default="output/eval")
+    p.add_argument("--trust_remote_code", action="store_true")
+    args = p.parse_args(argv)
+    if min(args.eval_prompts, args.max_prompt_seq_len, args.max_answer_seq_len, args.batch_size) < 1:
+        raise UserError("--eval_prompts, --max_prompt_seq_len, --max_answer_seq_len and --batch_size must be >= 1")
+    if args.temperature <= 0 or not 0 < args.top_p <= 1 or args.top_k < 0 or args.num_samples < 0:
+        raise UserError("--temperature must be > 0, --top_p in (0, 1], --top_k >= 0 and --num_samples >= 0")
+    return args
+
+
+def named_models(specs: list[str]) -> dict[str, str]:
+    """{name: path} from NAME=PATH (or PATH, named after its folder) words; names must be unique."""
+    out: dict[str, str] = {}
+    for spec in specs:
+        name, sep, path = spec.partition("=")
+        if not sep:
+            name, path = Path(spec.rstrip("/")).name or spec, spec
+        if not name or not path:
+            raise UserError(f"--models {spec!r}: write NAME=PATH or PATH")
+        if name in out:
+            raise UserError(f"--models: the name {name!r} is given twice; name the models NAME=PATH")
+        out[name] = path
+    return out
+
+
+def held_out_prompts(data_path: list[str], tokenizer, width: int, limit: int, seed: int
+                     ) -> tuple[list[str], list[torch.Tensor]]:
+    """The first `limit` distinct eval prompts of the datasets that fit `width` tokens: (texts, token ids)."""
+    texts, ids = [], []
+    for spec in data_path or [BUNDLED]:
+        _, rows = load_source(spec, tokenizer, seed)
+        for prompt in dict.fromkeys(r.prompt for r in rows):
+            tokens = tokenizer(prompt)["input_ids"]
+            if len(tokens) <= width:
+                texts.append(prompt)
+                ids.append(torch.tensor(tokens))
+    if not texts:
+        raise UserError(f"no held-out prompt fits --max_prompt_seq_len {width}; raise it")
+    return texts[:limit], ids[:limit]
+
+
+def main(argv: Sequence[str] | None = None) -> None:
+    logging.basicConfig(level=logging.INFO, format="%(message)s")
+    args = parse_args(argv)
+    out = check_output_dir(args.output_dir)
+    paths = named_models(args.models)
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+
+    # Inputs first: every folder loads and shares one vocabulary before anything runs or is written.
+    models, tokenizer = {}, None
+    for name, path in paths.items():
+        model, tok = load_for_inference(path, args.trust_remote_code)
+        tokenizer = tokenizer or tok
+        _check_vocab(tok, tokenizer, path, next(iter(paths.values())))
+        models[name] = model.to(device)
+    ref_path = args.reference or next(iter(paths.values()))
+    reference = models[next(iter(paths))] if args.reference is None else \
+        load_for_inference(ref_path, args.trust_remote_code)[0].to(device)
+    rm, rm_tok = load_reward_for_inference(args.reward_model, args.trust_remote_code)
+    _check_vocab(rm_tok, tokenizer, args.reward_model, next(iter(paths.values())))
+    reward = RewardModel(rm).to(device).eval()
+    texts, prompt_ids = held_out_prompts(args.data_path, tokenizer, args.max_prompt_seq_len, args.eval_prompts,
+                                         args.seed)
+
+    gen_kwargs = {"max_new_tokens": args.max_answer_seq_len, "do_sample": not args.greedy,
+                  "pad_token_id": tokenizer.pad_token_id, "eos_token_id": tokenizer.eos_token_id}
+    if not args.greedy:
+        gen_kwargs.update(temperature=args.temperature, top_p=args.top_p, top_k=args.top_k)
+    results = {}
+    for name, model in models.items():
+        logger.info("answering %d held-out prompts with %s (%s)", len(texts), name, paths[name])
+        results[name] = run_model(model, reference, reward, tokenizer, texts, prompt_ids, args.max_prompt_seq_len,
+                                  gen_kwargs, args.batch_size, args.seed, device)
+    summary = summarize(results)
+
+    report = {"models": {name: {"path": paths[name], **row} for name, row in summary.items()},
+              "baseline": next(iter(paths)), "reference": ref_path, "reward_model": args.reward_model,
+              "prompts": len(texts), "decoding": {k: v for k, v in gen_kwargs.items() if not k.endswith("_id")},
+              "seed": args.seed}
+    table = markdown_table(summary)
+    out.mkdir(parents=True, exist_ok=True)
+    write_text_atomically(out / "eval_report.json", json.dumps(report, indent=2) + "\n")
+    write_text_atomically(out / "eval_report.md", f"Held-out prompts: {len(texts)}; decoding: "
+                          f"{'greedy' if args.greedy else 'sampled, seed ' + str(args.seed)}; KL reference: "
+                          f"{ref_path}; reward model: {args.reward_model}\n\n{table}")
+    write_text_atomically(out / "samples.md", markdown_samples(texts, results, args.num_samples))
+    print(table, flush=True)
+    logger.info("wrote eval_report.json, eval_report.md and samples.md to %s", out)
+
+
+def _check_vocab(tok, first, path: str, first_path: str) -> None:
+    if tok.get_vocab() != first.get_vocab():
+        raise UserError(f"{path} has another tokenizer than {first_path}; every model compared (and the reward "
+                        "model) must share one vocabulary")
+
+
+if __name__ == "__main__":
+    run_main(main)

@@ -1,0 +1,74 @@
+"""step3_rlhf/evaluate.py on built-in tiny models: identical models tie with zero KL, another model does
+not; bad input is a clean error."""
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from tests.conftest import ROOT, tiny_model_folder
+
+pytestmark = pytest.mark.smoke
+
+
+def _evaluate(engine_cache, *args: str) -> subprocess.CompletedProcess:
+    env = dict(os.environ, RLHF_ENGINE_CACHE=str(engine_cache), HF_HUB_OFFLINE="1", OMP_NUM_THREADS="1")
+    return subprocess.run([sys.executable, str(ROOT / "step3_rlhf" / "evaluate.py"), *args], capture_output=True,
+                          text=True, timeout=300, env=env)
+
+
+@pytest.fixture(scope="module")
+def reward_folder(engine_cache, tmp_path_factory) -> Path:
+    """A one-label reward model with a random head on the built-in model (scores are arbitrary but fixed)."""
+    import torch
+    from transformers import AutoModelForSequenceClassification, AutoTokenizer
+
+    base = tiny_model_folder(engine_cache)
+    torch.manual_seed(0)
+    model = AutoModelForSequenceClassification.from_pretrained(base, num_labels=1)
+    folder = tmp_path_factory.mktemp("rm")
+    model.save_pretrained(folder)
+    AutoTokenizer.from_pretrained(base).save_pretrained(folder)
+    return folder
+
+
+def test_identical_models_tie_with_zero_kl_and_another_model_differs(engine_cache, reward_folder, tmp_path):
+    same, other = tiny_model_folder(engine_cache), tiny_model_folder(engine_cache, seed=7)
+    out = tmp_path / "eval"
+    proc = _evaluate(engine_cache, "--models", f"a={same}", f"b={same}", f"c={other}", "--reward_model",
+                     str(reward_folder), "--eval_prompts", "24", "--batch_size", "10", "--output_dir", str(out))
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    report = json.loads((out / "eval_report.json").read_text())
+    a, b, c = (report["models"][n] for n in "abc")
+    assert report["prompts"] == 24 and report["baseline"] == "a" and report["decoding"]["do_sample"] is True
+    # Same weights and the same sampling seed: the same answers, so every prompt is a tie and KL is exactly 0.
+    assert b["win_rate_vs_first"] == 0.5 and a["kl_to_ref"] == 0.0 and b["kl_to_ref"] == 0.0
+    assert b["score_mean"] == a["score_mean"] and b["rule_success_rate"] == a["rule_success_rate"]
+    # Other random weights: other answers, and a KL to `a` clearly above zero.
+    assert c["win_rate_vs_first"] != 0.5 and c["kl_to_ref"] > 0.1  # measured: 0.43 on 24 prompts
+    for key in ("score_mean", "win_rate_vs_first", "kl_to_ref", "response_len_mean", "rule_success_rate"):
+        assert key in a, key
+    table = (out / "eval_report.md").read_text()
+    assert "| a |" in table and "| c |" in table and "| b |" in table
+    assert proc.stdout.count("| b |") == 1  # the table is printed too
+    samples = (out / "samples.md").read_text().strip().split("\n")
+    assert len(samples) == 2 + 12 and "Human: sort" in samples[2]
+
+
+@pytest.mark.parametrize("case", ["missing model", "duplicate name", "not a reward model"])
+def test_bad_input_is_a_clean_error(engine_cache, reward_folder, tmp_path, case):
+    tiny = tiny_model_folder(engine_cache)
+    args, message = {
+        "missing model": ([f"a={tmp_path / 'none'}"], "no such model folder"),
+        "duplicate name": ([f"a={tiny}", f"a={tiny}"], "the name 'a' is given twice"),
+        "not a reward model": ([f"a={tiny}"], "labels; a reward model has 1"),
+    }[case]
+    rm = tiny if case == "not a reward model" else reward_folder
+    out = tmp_path / "eval"
+    proc = _evaluate(engine_cache, "--models", *args, "--reward_model", str(rm), "--output_dir", str(out))
+    assert proc.returncode == 2 and message in proc.stderr and "Traceback" not in proc.stderr, proc.stderr[-2000:]
+    assert not out.exists()

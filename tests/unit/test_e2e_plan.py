@@ -1,0 +1,106 @@
+"""e2e_rlhf.py without running anything: which scripts it picks, what it passes them, and what it refuses."""
+from __future__ import annotations
+
+import re
+import sys
+from pathlib import Path
+
+import pytest
+import yaml
+
+import e2e_rlhf as e2e
+from engine.errors import UserError
+from tests.conftest import ROOT
+
+
+def commands(argv: list[str], out: Path) -> list[list[str]]:
+    args = e2e.parse_args(argv + ["--output_dir", str(out)])
+    family = e2e.ACTOR_MODELS[args.actor_model]
+    reward = args.reward_model or e2e.DEFAULT_REWARD.get(family, args.actor_model)
+    deployment = args.deployment_type or "cpu"
+    e2e.check_choices(args.actor_model, reward, family, deployment)
+    return [s.command for s in e2e.plan(args, out, family, reward, deployment)]
+
+
+def test_the_demo_passes_each_step_the_previous_outputs(tmp_path):
+    step1, step2, step3, evaluation = commands(["--deployment-type", "cpu", "--step2-args", "--num_train_epochs 1"],
+                                               tmp_path)
+    demo = "training_scripts/tiny/run_demo.sh"
+    assert step1[1].endswith(f"step1_sft/{demo}") and step1[2:] == [str(tmp_path / "step1_sft"), "", "2"]
+    assert step2[1].endswith(f"step2_reward/{demo}")
+    assert step2[2:] == [str(tmp_path / "step2_reward"), "", str(tmp_path / "step1_sft"), "2", "--num_train_epochs", "1"]
+    assert step3[2:] == [str(tmp_path / "step1_sft"), str(tmp_path / "step2_reward"), "", "",
+                         str(tmp_path / "step3_rlhf"), "2"]
+    assert callable(evaluation)  # built once step 3 has saved its config
+
+
+@pytest.mark.parametrize("deployment,ranks", [("single_gpu", "1"), ("single_node", "")])
+def test_the_demo_on_gpus(tmp_path, deployment, ranks):
+    step1 = commands(["--deployment-type", deployment, "--step", "1"], tmp_path)[0]
+    assert step1[-1] == ranks
+
+
+@pytest.mark.parametrize("actor,deployment", [("1.3b", "single_gpu"), ("1.3b", "single_node"), ("66b", "multi_node"),
+                                              ("llama2-7b", "single_node"), ("llama2-7b-lora", "single_node")])
+def test_gpu_recipes_use_existing_scripts_with_their_positional_arguments(tmp_path, actor, deployment):
+    step1, step2, step3, _ = commands(["--actor-model", actor, "--deployment-type", deployment,
+                                       "--actor-zero-stage", "3"], tmp_path)
+    for command in (step1, step2, step3):
+        assert Path(command[1]).is_file()
+    assert step1[2:] == [str(tmp_path / "step1_sft"), "3"]
+    assert step2[2:] == [str(tmp_path / "step2_reward"), ""]
+    assert step3[2:] == [str(tmp_path / "step1_sft"), str(tmp_path / "step2_reward"), "3", "",
+                         str(tmp_path / "step3_rlhf")]
+
+
+@pytest.mark.parametrize("argv,message", [
+    (["--actor-model", "1.3b", "--deployment-type", "cpu"], "needs GPUs"),
+    (["--deployment-type", "multi_node"], "runs on one machine"),
+    (["--actor-model", "1.3b", "--reward-model", "tiny"], "not of the actor's family"),
+    (["--actor-model", "llama2-7b", "--deployment-type", "single_gpu"], "one node of 8 GPUs"),
+    (["--actor-model", "llama2-7b", "--reward-model", "llama2-7b-lora", "--deployment-type", "single_node"],
+     "goes with --reward-model llama2-7b"),
+    (["--actor-model", "13b", "--deployment-type", "single_node"], "no launch script for step 1 (SFT) with model 13b"),
+    (["--step1-args", "--seed 'unclosed"], "--step1-args: cannot split"),
+])
+def test_combinations_without_a_recipe_are_refused(tmp_path, argv, message):
+    with pytest.raises(UserError, match=re.escape(message)):
+        commands(argv, tmp_path)
+
+
+def test_a_later_step_needs_the_earlier_outputs(tmp_path):
+    with pytest.raises(UserError, match=r"step 3 \(PPO RLHF\) needs the model of step 1 \(SFT\).*--step 1 2 3"):
+        e2e.check_inputs([3], tmp_path)
+    for n in (1, 2):
+        (tmp_path / e2e.STEP_DIRS[n]).mkdir()
+        (tmp_path / e2e.STEP_DIRS[n] / "config.json").write_text("{}")
+    e2e.check_inputs([3], tmp_path)
+    e2e.check_inputs([2, 3], tmp_path)
+
+
+def test_evaluation_uses_what_step3_ran_with(tmp_path):
+    rlhf = tmp_path / "step3_rlhf"
+    (rlhf / "actor_ema").mkdir(parents=True)
+    (rlhf / "actor_ema" / "config.json").write_text("{}")
+    (rlhf / "config.yaml").write_text(yaml.safe_dump({
+        "data": {"data_path": ["my/data.jsonl"], "max_prompt_seq_len": 24, "max_answer_seq_len": 8},
+        "ppo": {"do_sample": True, "temperature": 0.7, "top_p": 0.9, "top_k": 5}, "train": {"seed": 7}}))
+    command = e2e.evaluation_command(tmp_path, ["--eval_prompts", "50"])
+    assert command[:2] == [sys.executable, str(ROOT / "step3_rlhf" / "evaluate.py")]
+    text = " ".join(command)
+    assert f"--models sft={tmp_path / 'step1_sft'} rlhf={rlhf / 'actor'} ema={rlhf / 'actor_ema'}" in text
+    for part in ("--max_prompt_seq_len 24", "--max_answer_seq_len 8", "--seed 7", "--data_path my/data.jsonl",
+                 "--temperature 0.7 --top_p 0.9 --top_k 5", f"--reward_model {tmp_path / 'step2_reward'}"):
+        assert part in text
+    assert command[-2:] == ["--eval_prompts", "50"]
+    (rlhf / "config.yaml").write_text(yaml.safe_dump({"ppo": {"do_sample": False}}))
+    assert "--greedy" in e2e.evaluation_command(tmp_path, [])
+    (rlhf / "config.yaml").unlink()
+    with pytest.raises(UserError, match="step 3 did not finish"):
+        e2e.evaluation_command(tmp_path, [])
+
+
+def test_log_tail_shows_lines_as_a_terminal_does():
+    text = "a\nbar 10%\rbar 50%\rbar 100%\n\nerror: boom\n"
+    assert e2e.last_lines(text, 2) == ["bar 100%", "error: boom"]
+    assert e2e.last_lines(text, 10) == ["a", "bar 100%", "error: boom"]
