@@ -16,7 +16,8 @@ ranks (DeepSpeed on gloo), and writes everything to ./output:
 
 Each step's output folder is passed to the next. The first stage that fails stops the pipeline with
 the end of its log and the command that starts again from it. --stepN-args passes extra flags to a
-step's main.py (e.g. --step3-args "--ppo_epochs 2"), --eval-args to step3_rlhf/evaluate.py.
+step's main.py (e.g. --step3-args="--ppo_epochs 2 --enable_tensorboard"; write the `=`, so that a
+single flag is not taken for one of e2e_rlhf.py's own), --eval-args to step3_rlhf/evaluate.py.
 """
 from __future__ import annotations
 
@@ -70,9 +71,9 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     p.add_argument("--output-dir", "--output_dir", default="./output", help="Where everything goes.")
     for n in (1, 2, 3):
         p.add_argument(f"--step{n}-args", f"--step{n}_args", default="", metavar="FLAGS",
-                       help=f"Extra flags for {STEP_DIRS[n]}/main.py, as one quoted string.")
+                       help=f"Extra flags for {STEP_DIRS[n]}/main.py, as one string: --step{n}-args=\"--flag value\".")
     p.add_argument("--eval-args", "--eval_args", default="", metavar="FLAGS",
-                   help="Extra flags for step3_rlhf/evaluate.py, as one quoted string.")
+                   help="Extra flags for step3_rlhf/evaluate.py, as one string: --eval-args=\"--flag value\".")
     args = p.parse_args(argv)
     args.step = sorted(set(args.step))
     if args.cpu_ranks < 1:

@@ -11,7 +11,6 @@ estimate summed over its actions (`rollout/kl` in step 3), so the numbers compar
 """
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass
 from typing import Any
 
@@ -118,11 +117,12 @@ def markdown_table(summary: dict[str, dict[str, float]]) -> str:
     return "\n".join(lines) + "\n"
 
 
-def markdown_samples(prompts: list[str], results: dict[str, Answers], count: int) -> str:
-    """The first `count` prompts with every model's answer side by side (score, and ✓/✗ by the rule)."""
+def markdown_samples(prompts: list[str], results: dict[str, Answers], count: int, stride: int = 1) -> str:
+    """`count` prompts with every model's answer side by side (score, and ✓/✗ by the rule): answers 0,
+    stride, 2·stride, ... (with several answers per prompt, the first answer to each prompt)."""
     names = list(results)
     lines = ["| prompt | " + " | ".join(names) + " |", "|" + "---|" * (len(names) + 1)]
-    for i in range(min(count, len(prompts))):
+    for i in range(0, min(count * stride, len(prompts)), stride):
         cells = [_cell(prompts[i])]
         for name in names:
             r = results[name]
@@ -137,6 +137,3 @@ def _cell(text: str) -> str:
     text = " ".join(text.split()).replace("|", "\\|").replace("`", "'")
     return f"`{text}`" if text else "*(empty)*"
 
-
-def finite(summary: dict[str, dict[str, float]]) -> bool:
-    return all(math.isfinite(v) for row in summary.values() for v in row.values())

@@ -44,21 +44,27 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     p.add_argument("--reference", default=None, help="The model KL is measured against (default: the first).")
     p.add_argument("--data_path", nargs="*", default=[], help="Datasets as in the steps (default: the bundled task).")
     p.add_argument("--eval_prompts", type=int, default=400, help="Held-out prompts to answer (at most).")
+    p.add_argument("--samples_per_prompt", type=int, default=4,
+                   help="Answers per prompt and model (sampled; more answers, less noise). 1 with --greedy.")
     p.add_argument("--max_prompt_seq_len", type=int, default=32, help="Longer prompts are skipped (step 3's rule).")
     p.add_argument("--max_answer_seq_len", type=int, default=16, help="New tokens per answer (at most).")
     p.add_argument("--greedy", action="store_true", help="Decode greedily instead of sampling.")
     p.add_argument("--temperature", type=float, default=1.0)
     p.add_argument("--top_p", type=float, default=1.0)
     p.add_argument("--top_k", type=int, default=0)
-    p.add_argument("--batch_size", type=int, default=50)
+    p.add_argument("--batch_size", type=int, default=64)
     p.add_argument("--seed", type=int, default=1234, help="Seed of the sampling (the same for every model) and, as the "
                    "steps' --seed, of carving held-out rows from a dataset without an eval split.")
     p.add_argument("--num_samples", type=int, default=12, help="Prompts shown in samples.md.")
     p.add_argument("--output_dir", default="output/eval")
     p.add_argument("--trust_remote_code", action="store_true")
     args = p.parse_args(argv)
-    if min(args.eval_prompts, args.max_prompt_seq_len, args.max_answer_seq_len, args.batch_size) < 1:
-        raise UserError("--eval_prompts, --max_prompt_seq_len, --max_answer_seq_len and --batch_size must be >= 1")
+    if min(args.eval_prompts, args.samples_per_prompt, args.max_prompt_seq_len, args.max_answer_seq_len,
+           args.batch_size) < 1:
+        raise UserError("--eval_prompts, --samples_per_prompt, --max_prompt_seq_len, --max_answer_seq_len and "
+                        "--batch_size must be >= 1")
+    if args.greedy:
+        args.samples_per_prompt = 1  # greedy answers to one prompt are all the same
     if args.temperature <= 0 or not 0 < args.top_p <= 1 or args.top_k < 0 or args.num_samples < 0:
         raise UserError("--temperature must be > 0, --top_p in (0, 1], --top_k >= 0 and --num_samples >= 0")
     return args
@@ -122,24 +128,26 @@ def main(argv: Sequence[str] | None = None) -> None:
                   "pad_token_id": tokenizer.pad_token_id, "eos_token_id": tokenizer.eos_token_id}
     if not args.greedy:
         gen_kwargs.update(temperature=args.temperature, top_p=args.top_p, top_k=args.top_k)
+    k = args.samples_per_prompt
+    texts_k, ids_k = [t for t in texts for _ in range(k)], [x for x in prompt_ids for _ in range(k)]
     results = {}
     for name, model in models.items():
-        logger.info("answering %d held-out prompts with %s (%s)", len(texts), name, paths[name])
-        results[name] = run_model(model, reference, reward, tokenizer, texts, prompt_ids, args.max_prompt_seq_len,
+        logger.info("answering %d held-out prompts %d times with %s (%s)", len(texts), k, name, paths[name])
+        results[name] = run_model(model, reference, reward, tokenizer, texts_k, ids_k, args.max_prompt_seq_len,
                                   gen_kwargs, args.batch_size, args.seed, device)
     summary = summarize(results)
 
     report = {"models": {name: {"path": paths[name], **row} for name, row in summary.items()},
               "baseline": next(iter(paths)), "reference": ref_path, "reward_model": args.reward_model,
-              "prompts": len(texts), "decoding": {k: v for k, v in gen_kwargs.items() if not k.endswith("_id")},
+              "prompts": len(texts), "samples_per_prompt": k, "decoding": {k: v for k, v in gen_kwargs.items() if not k.endswith("_id")},
               "seed": args.seed}
     table = markdown_table(summary)
     out.mkdir(parents=True, exist_ok=True)
     write_text_atomically(out / "eval_report.json", json.dumps(report, indent=2) + "\n")
-    write_text_atomically(out / "eval_report.md", f"Held-out prompts: {len(texts)}; decoding: "
+    write_text_atomically(out / "eval_report.md", f"Held-out prompts: {len(texts)} x {k} answers; decoding: "
                           f"{'greedy' if args.greedy else 'sampled, seed ' + str(args.seed)}; KL reference: "
                           f"{ref_path}; reward model: {args.reward_model}\n\n{table}")
-    write_text_atomically(out / "samples.md", markdown_samples(texts, results, args.num_samples))
+    write_text_atomically(out / "samples.md", markdown_samples(texts_k, results, args.num_samples, stride=k))
     print(table, flush=True)
     logger.info("wrote eval_report.json, eval_report.md and samples.md to %s", out)
 

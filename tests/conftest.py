@@ -24,8 +24,7 @@ def run_step(engine_cache):
 
     def run(script: str, args: list[str], nprocs: int = 1, timeout: int = 600, check: bool = True,
             launcher: str = "deepspeed"):
-        env = dict(os.environ, RLHF_ENGINE_CACHE=str(engine_cache), HF_HUB_OFFLINE="1",
-                   HF_DATASETS_OFFLINE="1", TOKENIZERS_PARALLELISM="false", OMP_NUM_THREADS="1")
+        env = offline_env(engine_cache)
         if nprocs == 1:
             cmd = [sys.executable, str(ROOT / script)]
         elif launcher == "deepspeed":
@@ -71,18 +70,37 @@ def tiny_model_folder(engine_cache: Path, seed: int = 1234) -> Path:
             os.environ["RLHF_ENGINE_CACHE"] = old
 
 
+def offline_env(engine_cache: Path) -> dict[str, str]:
+    """The environment of a test subprocess: the test model cache, no hub, one thread per process."""
+    return dict(os.environ, RLHF_ENGINE_CACHE=str(engine_cache), HF_HUB_OFFLINE="1", HF_DATASETS_OFFLINE="1",
+                TOKENIZERS_PARALLELISM="false", OMP_NUM_THREADS="1")
+
+
+# The pipeline test's size: the demo's steps 1 and 2 in full, step 3 stopped after this many PPO steps.
+E2E_PPO_STEPS = 40
+
+
 @pytest.fixture(scope="session")
-def rlhf_inputs(run_step, tmp_path_factory) -> tuple[Path, Path]:
-    """(step-1 SFT folder, step-2 reward-model folder) on the bundled task, made once per session.
+def e2e_demo(engine_cache, tmp_path_factory) -> tuple[Path, subprocess.CompletedProcess]:
+    """(output folder, finished process) of `python e2e_rlhf.py` on the embedded default at a reduced size:
+    two CPU ranks, steps 1 and 2 as in the demo, step 3 for E2E_PPO_STEPS steps, then evaluation and report.
 
-    The SFT model is trained long enough to sort some lists (rule success about 0.2 when sampling), so step 3 has
-    something to improve on and a reward model that tells right from wrong."""
-    root = tmp_path_factory.mktemp("rlhf_inputs")
-    sft, rm = root / "step1", root / "step2"
-    run_step("step1_sft/main.py", ["--output_dir", str(sft), "--num_train_epochs", "2", "--learning_rate", "3e-3"])
-    run_step("step2_reward/main.py", ["--model_name_or_path", str(sft), "--output_dir", str(rm),
-                                      "--learning_rate", "1e-3", "--num_train_epochs", STEP2_EPOCHS])
-    return sft, rm
+    Its step-1 and step-2 models also serve the step-3 tests (`rlhf_inputs`): the SFT model sorts some lists
+    (rule success about 0.15 when sampling), so step 3 has something to improve on, and the reward model tells
+    right from wrong (held-out accuracy about 0.95)."""
+    out = tmp_path_factory.mktemp("e2e")
+    quiet = "--disable_tqdm"
+    cmd = [sys.executable, str(ROOT / "e2e_rlhf.py"), "--output_dir", str(out), "--deployment-type", "cpu",
+           f"--step1-args={quiet}", f"--step2-args={quiet}",
+           f"--step3-args={quiet} --test_stop_step {E2E_PPO_STEPS} --eval_interval 20"]
+    proc = subprocess.run(cmd, cwd=ROOT, env=offline_env(engine_cache), capture_output=True, text=True, timeout=900)
+    if proc.returncode != 0:
+        raise AssertionError(f"e2e_rlhf.py failed ({proc.returncode}):\n{proc.stderr[-4000:]}\n{proc.stdout[-3000:]}")
+    return out, proc
 
 
-STEP2_EPOCHS = "4"
+@pytest.fixture(scope="session")
+def rlhf_inputs(e2e_demo) -> tuple[Path, Path]:
+    """(step-1 SFT folder, step-2 reward-model folder) on the bundled task, from the pipeline test's run."""
+    out, _ = e2e_demo
+    return out / "step1_sft", out / "step2_reward"

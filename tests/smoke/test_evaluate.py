@@ -40,11 +40,13 @@ def test_identical_models_tie_with_zero_kl_and_another_model_differs(engine_cach
     same, other = tiny_model_folder(engine_cache), tiny_model_folder(engine_cache, seed=7)
     out = tmp_path / "eval"
     proc = _evaluate(engine_cache, "--models", f"a={same}", f"b={same}", f"c={other}", "--reward_model",
-                     str(reward_folder), "--eval_prompts", "24", "--batch_size", "10", "--output_dir", str(out))
+                     str(reward_folder), "--eval_prompts", "24", "--samples_per_prompt", "2", "--batch_size", "10",
+                     "--output_dir", str(out))
     assert proc.returncode == 0, proc.stderr[-3000:]
     report = json.loads((out / "eval_report.json").read_text())
     a, b, c = (report["models"][n] for n in "abc")
-    assert report["prompts"] == 24 and report["baseline"] == "a" and report["decoding"]["do_sample"] is True
+    assert report["prompts"] == 24 and report["samples_per_prompt"] == 2 and report["baseline"] == "a"
+    assert report["decoding"]["do_sample"] is True
     # Same weights and the same sampling seed: the same answers, so every prompt is a tie and KL is exactly 0.
     assert b["win_rate_vs_first"] == 0.5 and a["kl_to_ref"] == 0.0 and b["kl_to_ref"] == 0.0
     assert b["score_mean"] == a["score_mean"] and b["rule_success_rate"] == a["rule_success_rate"]
@@ -56,7 +58,8 @@ def test_identical_models_tie_with_zero_kl_and_another_model_differs(engine_cach
     assert "| a |" in table and "| c |" in table and "| b |" in table
     assert proc.stdout.count("| b |") == 1  # the table is printed too
     samples = (out / "samples.md").read_text().strip().split("\n")
-    assert len(samples) == 2 + 12 and "Human: sort" in samples[2]
+    assert len(samples) == 2 + 12 and "Human: sort" in samples[2]  # 12 distinct prompts, the first answer to each
+    assert len({row.split(" | ")[0] for row in samples[2:]}) == 12
 
 
 @pytest.mark.parametrize("case", ["missing model", "duplicate name", "not a reward model"])

@@ -1,4 +1,5 @@
-"""Step 3 on one CPU process: PPO learns the bundled task, frozen roles stay frozen, bad input is refused."""
+"""Step 3 on one CPU process: frozen roles stay frozen, bad input is refused. (That PPO learns the task is
+checked on the pipeline test's step-3 run, tests/smoke/test_e2e_pipeline.py.)"""
 from __future__ import annotations
 
 import subprocess
@@ -13,35 +14,6 @@ pytestmark = pytest.mark.smoke
 TINY = ["--max_prompt_seq_len", "32", "--max_answer_seq_len", "16", "--per_device_generation_batch_size", "32",
         "--per_device_training_batch_size", "16", "--actor_learning_rate", "1e-4", "--critic_learning_rate", "1e-3",
         "--num_warmup_steps", "0", "--dtype", "fp32"]
-LEARNING = ["--normalize_reward", "--whiten_advantages", "--ppo_epochs", "4"]
-METRIC_KEYS = ("rollout/score_mean", "rollout/score_std", "rollout/kl", "rollout/response_len", "ppo/policy_loss",
-               "ppo/value_loss", "ppo/clipfrac", "ppo/approx_kl", "ppo/entropy", "ppo/kl_coef", "timing/generate_s",
-               "timing/train_s", "perf/samples_per_s", "perf/train_tflops", "perf/gen_tflops",
-               "memory/generate_peak_gb", "memory/experience_peak_gb", "memory/train_peak_gb")
-
-
-def test_ppo_beats_the_sft_actor_on_held_out_prompts(run_step, rlhf_inputs, tmp_path):
-    sft, rm = rlhf_inputs
-    out = tmp_path / "step3"
-    run_step("step3_rlhf/main.py", ["--actor_model_name_or_path", str(sft), "--critic_model_name_or_path", str(rm),
-                                    "--output_dir", str(out), *TINY, *LEARNING, "--test_stop_step", LEARNING_STEPS,
-                                    "--data_split", "0,0,1"])
-    rows = read_metrics(out)
-    evals = [r for r in rows if "eval/score_mean" in r]
-    before, after = evals[0], evals[-1]
-    assert before["step"] == 0 and after["step"] == int(LEARNING_STEPS)
-    # All 400 held-out prompts (no step trains on the eval file). Measured: score -2.55 -> -1.11,
-    # rule success 0.129 -> 0.230 after 40 steps.
-    assert after["eval/score_mean"] > before["eval/score_mean"] + 0.5, evals
-    assert after["eval/rule_success"] > before["eval/rule_success"] + 0.03, evals
-    steps = [r for r in rows if "rollout/kl" in r]
-    assert max(r["rollout/kl"] for r in steps) < 5.0  # KL to the reference stays bounded
-    assert all(k in steps[-1] for k in METRIC_KEYS), sorted(set(METRIC_KEYS) - set(steps[-1]))
-    for role in ("actor", "critic"):
-        assert (out / role / "model.safetensors").is_file() and (out / role / "config.json").is_file()
-
-
-LEARNING_STEPS = "40"
 
 FROZEN_PROBE = r"""
 import sys, torch

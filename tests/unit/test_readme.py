@@ -19,5 +19,5 @@ def test_flag_reference_matches_config(step, config):
 def test_quick_start_has_two_commands():
     block = README.read_text().split("## Quick start", 1)[1].split("```bash\n", 1)[1].split("```", 1)[0]
     assert [line for line in block.splitlines() if line.strip()] == [
-        'pip install -e ".[dev]" && python step1_sft/main.py --output_dir output/step1',
+        'pip install -e ".[dev]" && python e2e_rlhf.py',
         "python -m pytest -q"]
