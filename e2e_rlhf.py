@@ -22,15 +22,14 @@ single flag is not taken for one of e2e_rlhf.py's own), --eval-args to step3_rlh
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import shlex
 import shutil
+import signal
 import socket
 import subprocess
 import sys
 import time
-from collections import deque
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable, Sequence
@@ -50,6 +49,7 @@ REWARD_MODELS = {"tiny": "tiny", "350m": "opt", "llama2-7b": "llama2", "llama2-7
 DEFAULT_REWARD = {"tiny": "tiny", "opt": "350m"}
 DEPLOYMENTS = ("single_gpu", "single_node", "multi_node", "cpu")
 TAIL_LINES = 40
+TAIL_BYTES = 1 << 18  # kept of a stage's output to find those lines in (progress bars make long lines)
 
 
 def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
@@ -76,6 +76,7 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
                    help="Extra flags for step3_rlhf/evaluate.py, as one string: --eval-args=\"--flag value\".")
     args = p.parse_args(argv)
     args.step = sorted(set(args.step))
+    args.argv = list(sys.argv[1:] if argv is None else argv)
     if args.cpu_ranks < 1:
         raise UserError("--cpu-ranks must be >= 1")
     return args
@@ -107,10 +108,13 @@ def main(argv: Sequence[str] | None = None) -> None:
     check_inputs(args.step, out)
 
     out.mkdir(parents=True, exist_ok=True)
+    # A report (or evaluation) from an earlier run would describe models this run replaces.
+    for stale in ["report"] + (["eval"] if 3 in args.step else []):
+        shutil.rmtree(out / stale, ignore_errors=True)
     timings: dict[str, float] = {}
     for stage in stages:
         timings[stage.name] = run_stage(stage, args, out)
-    report = build_report(out, {"command": " ".join(["python", "e2e_rlhf.py", *(argv or sys.argv[1:])]),
+    report = build_report(out, {"command": shlex.join(["python", "e2e_rlhf.py", *args.argv]),
                                 "deployment": deployment, "actor_model": args.actor_model,
                                 "reward_model": reward, "seconds": timings})
     print(f"\npipeline finished in {sum(timings.values()):.0f} s; report: {report / 'README.md'}", flush=True)
@@ -137,7 +141,7 @@ def check_choices(actor: str, reward: str, family: str, deployment: str) -> None
     if family != "tiny" and deployment == "cpu":
         raise UserError(f"--actor-model {actor} needs GPUs; on a CPU use the tiny demo (no --actor-model)")
     if family == "llama2" and deployment != "single_node":
-        raise UserError(f"the Llama-2 scripts run on one node of 8 GPUs; use --deployment-type single_node")
+        raise UserError("the Llama-2 scripts run on one node of 8 GPUs; use --deployment-type single_node")
 
 
 def script_for(step: int, family: str, model: str, deployment: str) -> Path:
@@ -158,7 +162,7 @@ def script_for(step: int, family: str, model: str, deployment: str) -> Path:
 
 def plan(args: argparse.Namespace, out: Path, family: str, reward: str, deployment: str) -> list[Stage]:
     """The stages to run: the chosen steps' launch scripts, then (after step 3) the evaluation."""
-    env = stage_env(deployment, args.cpu_ranks, family)
+    env = stage_env(deployment, args.cpu_ranks)
     ranks = {"cpu": str(args.cpu_ranks), "single_gpu": "1", "single_node": ""}.get(deployment, "")
     sft, rm, rlhf = (out / STEP_DIRS[n] for n in (1, 2, 3))
     positional = {1: [sft, args.actor_zero_stage], 2: [rm, args.reward_zero_stage],
@@ -186,7 +190,7 @@ def split_flags(text: str, flag: str) -> list[str]:
         raise UserError(f"{flag}: cannot split {text!r} into flags ({err}); quote it as one string") from None
 
 
-def stage_env(deployment: str, cpu_ranks: int, family: str) -> dict[str, str]:
+def stage_env(deployment: str, cpu_ranks: int) -> dict[str, str]:
     """Environment of every stage: a free rendezvous port; CPU-only ranks with a fair share of threads."""
     env = {"MASTER_PORT": str(free_port()), "TOKENIZERS_PARALLELISM": "false"}
     if deployment == "cpu":
@@ -219,7 +223,7 @@ def run_stage(stage: Stage, args: argparse.Namespace, out: Path) -> float:
     print(f"\n=== {stage.name}: {shlex.join(command)}", flush=True)
     stage.log.parent.mkdir(parents=True, exist_ok=True)
     start = time.perf_counter()
-    tail: deque[bytes] = deque(maxlen=2000)
+    tail = bytearray()  # the end of the output, for the error message
     with open(stage.log, "wb") as log:
         proc = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
                                 env={**os.environ, **stage.env}, start_new_session=True)
@@ -228,24 +232,38 @@ def run_stage(stage: Stage, args: argparse.Namespace, out: Path) -> float:
                 sys.stdout.buffer.write(chunk)
                 sys.stdout.buffer.flush()
                 log.write(chunk)
-                tail.append(chunk)
+                tail += chunk
+                del tail[:-TAIL_BYTES]
             code = proc.wait()
         except KeyboardInterrupt:
-            os.killpg(proc.pid, 15)
+            os.killpg(proc.pid, signal.SIGTERM)
             proc.wait()
             raise
     seconds = time.perf_counter() - start
     if code != 0:
-        lines = last_lines(b"".join(tail).decode("utf-8", "replace"), TAIL_LINES)
-        restart = (f"python e2e_rlhf.py --step {' '.join(str(n) for n in args.step if n >= stage.step)}"
-                   if stage.step is not None else "python e2e_rlhf.py --step 3")
+        lines = last_lines(tail.decode("utf-8", "replace"), TAIL_LINES)
+        restart = (restart_command(args.argv, [n for n in args.step if n >= stage.step]) if stage.step is not None
+                   else shlex.join(command))
         print(f"\nerror: {stage.name} failed (exit status {code}) after {seconds:.0f} s; the end of its log "
               f"({stage.log}):\n" + "\n".join(f"  | {line}" for line in lines) +
-              f"\nfix the problem, then start again from there: {restart} --output_dir {out}", file=sys.stderr,
-              flush=True)
+              f"\nfix the problem, then start again from there: {restart}", file=sys.stderr, flush=True)
         sys.exit(code if code > 0 else 1)
     print(f"=== {stage.name} done in {seconds:.0f} s", flush=True)
     return seconds
+
+
+def restart_command(argv: list[str], steps: list[int]) -> str:
+    """The user's command with its --step replaced by `steps`."""
+    kept, skipping = [], False
+    for word in argv:
+        if word in ("--step",) or word.startswith("--step="):
+            skipping = word == "--step"
+            continue
+        if skipping and word.isdigit():
+            continue
+        skipping = False
+        kept.append(word)
+    return shlex.join(["python", "e2e_rlhf.py", *kept, "--step", *map(str, steps)])
 
 
 def last_lines(text: str, n: int) -> list[str]:

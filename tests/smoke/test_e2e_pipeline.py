@@ -5,6 +5,7 @@ A failing stage stops the pipeline with its log tail."""
 from __future__ import annotations
 
 import json
+import shlex
 import subprocess
 import sys
 
@@ -88,5 +89,7 @@ def test_a_failing_stage_stops_the_pipeline_with_its_log_tail(engine_cache, tmp_
     assert "error: step 1 (SFT) failed (exit status 2)" in proc.stderr
     tail = [line for line in proc.stderr.splitlines() if line.startswith("  | ")]
     assert any("--dtype fp16 needs a GPU" in line for line in tail)  # the step's own message
-    assert "start again from there: python e2e_rlhf.py --step 1 2" in proc.stderr
+    restart = shlex.join(["python", "e2e_rlhf.py", "--output_dir", str(out), "--deployment-type", "cpu",
+                          "--step1-args=--dtype fp16", "--step", "1", "2"])
+    assert proc.stderr.rstrip().endswith(f"start again from there: {restart}")
     assert "=== step 2" not in proc.stdout and not (out / "step2_reward").exists() and not (out / "report").exists()

@@ -104,3 +104,10 @@ def test_log_tail_shows_lines_as_a_terminal_does():
     text = "a\nbar 10%\rbar 50%\rbar 100%\n\nerror: boom\n"
     assert e2e.last_lines(text, 2) == ["bar 100%", "error: boom"]
     assert e2e.last_lines(text, 10) == ["a", "bar 100%", "error: boom"]
+
+
+def test_restart_command_keeps_the_users_flags_and_replaces_the_steps():
+    argv = ["--output_dir", "out dir", "--step", "1", "2", "3", "--step3-args=--ppo_epochs 2"]
+    assert e2e.restart_command(argv, [2, 3]) == ("python e2e_rlhf.py --output_dir 'out dir' "
+                                                 "'--step3-args=--ppo_epochs 2' --step 2 3")
+    assert e2e.restart_command([], [3]) == "python e2e_rlhf.py --step 3"
