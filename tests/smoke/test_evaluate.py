@@ -10,6 +10,7 @@ from pathlib import Path
 
 import pytest
 
+from engine.errors import UserError
 from tests.conftest import ROOT, tiny_model_folder
 
 pytestmark = pytest.mark.smoke
@@ -62,16 +63,24 @@ def test_identical_models_tie_with_zero_kl_and_another_model_differs(engine_cach
     assert len({row.split(" | ")[0] for row in samples[2:]}) == 12
 
 
-@pytest.mark.parametrize("case", ["missing model", "duplicate name", "not a reward model"])
-def test_bad_input_is_a_clean_error(engine_cache, reward_folder, tmp_path, case):
+@pytest.mark.parametrize("case", ["missing model", "duplicate name", "not a reward model", "bad count"])
+def test_bad_input_is_refused_before_anything_is_written(engine_cache, reward_folder, tmp_path, case):
+    from step3_rlhf.evaluate import main
+
     tiny = tiny_model_folder(engine_cache)
     args, message = {
         "missing model": ([f"a={tmp_path / 'none'}"], "no such model folder"),
         "duplicate name": ([f"a={tiny}", f"a={tiny}"], "the name 'a' is given twice"),
         "not a reward model": ([f"a={tiny}"], "labels; a reward model has 1"),
+        "bad count": ([f"a={tiny}", "--samples_per_prompt", "0"], "--samples_per_prompt"),
     }[case]
     rm = tiny if case == "not a reward model" else reward_folder
     out = tmp_path / "eval"
-    proc = _evaluate(engine_cache, "--models", *args, "--reward_model", str(rm), "--output_dir", str(out))
-    assert proc.returncode == 2 and message in proc.stderr and "Traceback" not in proc.stderr, proc.stderr[-2000:]
+    with pytest.raises(UserError, match=message):
+        main(["--models", *args, "--reward_model", str(rm), "--output_dir", str(out)])
     assert not out.exists()
+
+
+def test_a_user_error_exits_cleanly(engine_cache, tmp_path):
+    proc = _evaluate(engine_cache, "--models", str(tmp_path / "none"), "--reward_model", str(tmp_path))
+    assert proc.returncode == 2 and "no such model folder" in proc.stderr and "Traceback" not in proc.stderr
