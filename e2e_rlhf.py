@@ -124,9 +124,9 @@ def main(argv: Sequence[str] | None = None) -> None:
 
 
 def default_deployment() -> str:
-    import torch
+    from engine.distributed import gpu_wanted
 
-    return "single_gpu" if torch.cuda.is_available() else "cpu"
+    return "single_gpu" if gpu_wanted() else "cpu"
 
 
 def check_choices(actor: str, reward: str, family: str, deployment: str) -> None:

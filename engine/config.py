@@ -34,9 +34,9 @@ def arg(default: Any = None, help: str = "", choices: Sequence[Any] | None = Non
 
 
 def _cuda_available() -> bool:
-    import torch
+    from engine.distributed import gpu_wanted
 
-    return torch.cuda.is_available()
+    return gpu_wanted()
 
 
 def default_dtype() -> str:

@@ -34,6 +34,12 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
+def gpu_wanted() -> bool:
+    """Run on CUDA: there is a GPU and DeepSpeed is not told to use the CPU (DS_ACCELERATOR=cpu, which
+    e2e_rlhf.py's cpu deployment sets because the launcher exposes the GPUs to every rank anyway)."""
+    return torch.cuda.is_available() and os.environ.get("DS_ACCELERATOR", "cuda") in ("", "cuda")
+
+
 def init_distributed(seed: int) -> DistInfo:
     """Join (or create) the process group and seed every RNG the same way on every rank."""
     import deepspeed
@@ -44,7 +50,7 @@ def init_distributed(seed: int) -> DistInfo:
     if not torch.distributed.is_initialized():
         deepspeed.init_distributed(verbose=False)
     local_rank = int(os.environ.get("LOCAL_RANK", "0"))
-    if torch.cuda.is_available():
+    if gpu_wanted():
         torch.cuda.set_device(local_rank)
         device = torch.device("cuda", local_rank)
     else:

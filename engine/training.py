@@ -11,7 +11,7 @@ from typing import Any, Callable, Iterator
 import torch
 
 from engine.config import DeepSpeedArgs, TrainArgs
-from engine.distributed import DistInfo, all_reduce_sum
+from engine.distributed import DistInfo, all_reduce_sum, gpu_wanted
 from engine.ds_config import fill_template, load_template, train_ds_config
 from engine.errors import UserError
 from engine.losses import causal_lm_loss
@@ -51,7 +51,7 @@ def make_optimizer(param_groups: list[dict[str, Any]], lr: float, betas: tuple[f
         from deepspeed.ops.adam import DeepSpeedCPUAdam
 
         return DeepSpeedCPUAdam(param_groups, lr=lr, betas=betas, adamw_mode=True)
-    if torch.cuda.is_available():
+    if gpu_wanted():
         from deepspeed.ops.adam import FusedAdam
 
         return FusedAdam(param_groups, lr=lr, betas=betas)

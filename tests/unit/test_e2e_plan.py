@@ -111,3 +111,19 @@ def test_restart_command_keeps_the_users_flags_and_replaces_the_steps():
     assert e2e.restart_command(argv, [2, 3]) == ("python e2e_rlhf.py --output_dir 'out dir' "
                                                  "'--step3-args=--ppo_epochs 2' --step 2 3")
     assert e2e.restart_command([], [3]) == "python e2e_rlhf.py --step 3"
+
+
+def test_the_cpu_deployment_keeps_the_ranks_off_the_gpus(monkeypatch):
+    """The launcher shows every rank the GPUs whatever CUDA_VISIBLE_DEVICES says; DS_ACCELERATOR=cpu decides."""
+    import torch
+
+    from engine.distributed import gpu_wanted
+
+    env = e2e.stage_env("cpu", 2)
+    assert env["DS_ACCELERATOR"] == "cpu" and env["CUDA_VISIBLE_DEVICES"] == ""
+    assert "DS_ACCELERATOR" not in e2e.stage_env("single_gpu", 2)
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setenv("DS_ACCELERATOR", "cpu")
+    assert not gpu_wanted()
+    monkeypatch.delenv("DS_ACCELERATOR")
+    assert gpu_wanted()
