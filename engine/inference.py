@@ -9,9 +9,9 @@ import torch
 from engine.errors import UserError
 
 
-def load_for_inference(path: str, trust_remote_code: bool = False) -> tuple[Any, Any]:
-    """(model in eval mode, left-padding tokenizer) from a Hugging Face folder or hub name."""
-    from transformers import AutoModelForCausalLM, AutoTokenizer
+def load_tokenizer(path: str, trust_remote_code: bool = False) -> Any:
+    """The left-padding tokenizer of a Hugging Face folder or hub name (eos as pad where it has none)."""
+    from transformers import AutoTokenizer
 
     local = Path(path).expanduser()
     if local.exists() and not (local / "config.json").is_file():
@@ -21,11 +21,22 @@ def load_for_inference(path: str, trust_remote_code: bool = False) -> tuple[Any,
                         "or a hub name")
     try:
         tok = AutoTokenizer.from_pretrained(path, padding_side="left", trust_remote_code=trust_remote_code)
+    except (OSError, ValueError) as err:
+        raise UserError(f"cannot load the tokenizer of '{path}': {str(err).splitlines()[0][:200]}") from None
+    if tok.pad_token is None:
+        tok.pad_token = tok.eos_token
+    return tok
+
+
+def load_for_inference(path: str, trust_remote_code: bool = False) -> tuple[Any, Any]:
+    """(model in eval mode, left-padding tokenizer) from a Hugging Face folder or hub name."""
+    from transformers import AutoModelForCausalLM
+
+    tok = load_tokenizer(path, trust_remote_code)
+    try:
         model = AutoModelForCausalLM.from_pretrained(path, trust_remote_code=trust_remote_code)
     except (OSError, ValueError) as err:
         raise UserError(f"cannot load model '{path}': {str(err).splitlines()[0][:200]}") from None
-    if tok.pad_token is None:
-        tok.pad_token = tok.eos_token
     return model.eval(), tok
 
 

@@ -28,7 +28,8 @@ import torch
 from engine.data.sources import BUNDLED, load_source
 from engine.errors import UserError, run_main
 from engine.evaluation import markdown_samples, markdown_table, run_model, summarize
-from engine.inference import load_for_inference, load_reward_for_inference
+from engine.distributed import gpu_wanted
+from engine.inference import load_for_inference, load_reward_for_inference, load_tokenizer
 from engine.metrics import write_text_atomically
 from engine.reward_model import RewardModel
 from engine.training import check_output_dir
@@ -106,21 +107,19 @@ def main(argv: Sequence[str] | None = None) -> None:
     args = parse_args(argv)
     out = check_output_dir(args.output_dir)
     paths = named_models(args.models)
-    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    device = torch.device("cuda" if gpu_wanted() else "cpu")
+    first = next(iter(paths.values()))
 
-    # Inputs first: every folder loads and shares one vocabulary before anything runs or is written.
-    models, tokenizer = {}, None
-    for name, path in paths.items():
-        model, tok = load_for_inference(path, args.trust_remote_code)
-        tokenizer = tokenizer or tok
-        _check_vocab(tok, tokenizer, path, next(iter(paths.values())))
-        models[name] = model.to(device)
-    ref_path = args.reference or next(iter(paths.values()))
-    reference = models[next(iter(paths))] if args.reference is None else \
-        load_for_inference(ref_path, args.trust_remote_code)[0].to(device)
-    rm, rm_tok = load_reward_for_inference(args.reward_model, args.trust_remote_code)
-    _check_vocab(rm_tok, tokenizer, args.reward_model, next(iter(paths.values())))
-    reward = RewardModel(rm).to(device).eval()
+    # Inputs first: every folder exists and shares one vocabulary, and the reward model is one, before
+    # any answer is generated. Then one compared model at a time is in memory (with reference and RM).
+    tokenizer = load_tokenizer(first, args.trust_remote_code)
+    for path in [*paths.values(), args.reference, args.reward_model]:
+        if path is not None and load_tokenizer(path, args.trust_remote_code).get_vocab() != tokenizer.get_vocab():
+            raise UserError(f"{path} has another tokenizer than {first}; the models compared, the reference and "
+                            "the reward model must share one vocabulary")
+    reward = RewardModel(load_reward_for_inference(args.reward_model, args.trust_remote_code)[0]).to(device).eval()
+    ref_path = args.reference or first
+    reference = load_for_inference(ref_path, args.trust_remote_code)[0].to(device)
     texts, prompt_ids = held_out_prompts(args.data_path, tokenizer, args.max_prompt_seq_len, args.eval_prompts,
                                          args.seed)
 
@@ -131,16 +130,18 @@ def main(argv: Sequence[str] | None = None) -> None:
     k = args.samples_per_prompt
     texts_k, ids_k = [t for t in texts for _ in range(k)], [x for x in prompt_ids for _ in range(k)]
     results = {}
-    for name, model in models.items():
-        logger.info("answering %d held-out prompts %d times with %s (%s)", len(texts), k, name, paths[name])
+    for name, path in paths.items():
+        logger.info("answering %d held-out prompts %d times with %s (%s)", len(texts), k, name, path)
+        model = reference if path == ref_path else load_for_inference(path, args.trust_remote_code)[0].to(device)
         results[name] = run_model(model, reference, reward, tokenizer, texts_k, ids_k, args.max_prompt_seq_len,
                                   gen_kwargs, args.batch_size, args.seed, device)
+        del model
     summary = summarize(results)
 
     report = {"models": {name: {"path": paths[name], **row} for name, row in summary.items()},
               "baseline": next(iter(paths)), "reference": ref_path, "reward_model": args.reward_model,
-              "prompts": len(texts), "samples_per_prompt": k, "decoding": {k: v for k, v in gen_kwargs.items() if not k.endswith("_id")},
-              "seed": args.seed}
+              "prompts": len(texts), "samples_per_prompt": k, "seed": args.seed,
+              "decoding": {key: v for key, v in gen_kwargs.items() if not key.endswith("_id")}}
     table = markdown_table(summary)
     out.mkdir(parents=True, exist_ok=True)
     write_text_atomically(out / "eval_report.json", json.dumps(report, indent=2) + "\n")
@@ -150,12 +151,6 @@ def main(argv: Sequence[str] | None = None) -> None:
     write_text_atomically(out / "samples.md", markdown_samples(texts_k, results, args.num_samples, stride=k))
     print(table, flush=True)
     logger.info("wrote eval_report.json, eval_report.md and samples.md to %s", out)
-
-
-def _check_vocab(tok, first, path: str, first_path: str) -> None:
-    if tok.get_vocab() != first.get_vocab():
-        raise UserError(f"{path} has another tokenizer than {first_path}; every model compared (and the reward "
-                        "model) must share one vocabulary")
 
 
 if __name__ == "__main__":
