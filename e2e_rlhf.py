@@ -26,7 +26,6 @@ import os
 import shlex
 import shutil
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -192,18 +191,14 @@ def split_flags(text: str, flag: str) -> list[str]:
 
 def stage_env(deployment: str, cpu_ranks: int) -> dict[str, str]:
     """Environment of every stage: a free rendezvous port; CPU-only ranks with a fair share of threads."""
+    from engine.distributed import free_port
+
     env = {"MASTER_PORT": str(free_port()), "TOKENIZERS_PARALLELISM": "false"}
     if deployment == "cpu":
         env |= {"CUDA_VISIBLE_DEVICES": "", "DS_ACCELERATOR": "cpu"}
         if "OMP_NUM_THREADS" not in os.environ:
             env["OMP_NUM_THREADS"] = str(max(1, (os.cpu_count() or 1) // cpu_ranks))
     return env
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def check_inputs(steps: list[int], out: Path) -> None:
@@ -256,7 +251,7 @@ def restart_command(argv: list[str], steps: list[int]) -> str:
     """The user's command with its --step replaced by `steps`."""
     kept, skipping = [], False
     for word in argv:
-        if word in ("--step",) or word.startswith("--step="):
+        if word == "--step" or word.startswith("--step="):
             skipping = word == "--step"
             continue
         if skipping and word.isdigit():

@@ -28,7 +28,8 @@ class DistInfo:
         return self.rank == 0
 
 
-def _free_port() -> int:
+def free_port() -> int:
+    """A TCP port nothing listens on now (for a rendezvous)."""
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return s.getsockname()[1]
@@ -46,7 +47,7 @@ def init_distributed(seed: int) -> DistInfo:
 
     if "RANK" not in os.environ:  # plain `python main.py`: a world of one
         os.environ.update(RANK="0", LOCAL_RANK="0", WORLD_SIZE="1",
-                          MASTER_ADDR="127.0.0.1", MASTER_PORT=str(_free_port()))
+                          MASTER_ADDR="127.0.0.1", MASTER_PORT=str(free_port()))
     if not torch.distributed.is_initialized():
         deepspeed.init_distributed(verbose=False)
     local_rank = int(os.environ.get("LOCAL_RANK", "0"))

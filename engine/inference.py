@@ -43,19 +43,17 @@ def load_for_inference(path: str, trust_remote_code: bool = False) -> tuple[Any,
 def load_reward_for_inference(path: str, trust_remote_code: bool = False) -> tuple[Any, Any]:
     """(reward model in eval mode, tokenizer) from a step-2 folder: a plain Hugging Face
     `*ForSequenceClassification` with one label, as outside this engine."""
-    from transformers import AutoModelForSequenceClassification, AutoTokenizer
+    from transformers import AutoModelForSequenceClassification
 
     if not (Path(path).expanduser() / "config.json").is_file():
         raise UserError(f"{path}: not a model folder (no config.json); give a step-2 --output_dir")
+    tok = load_tokenizer(path, trust_remote_code)
     try:
-        tok = AutoTokenizer.from_pretrained(path, trust_remote_code=trust_remote_code)
         model = AutoModelForSequenceClassification.from_pretrained(path, trust_remote_code=trust_remote_code)
     except (OSError, ValueError) as err:
         raise UserError(f"cannot load reward model {path}: {str(err).splitlines()[0][:200]}") from None
     if model.config.num_labels != 1:
         raise UserError(f"{path} has {model.config.num_labels} labels; a reward model has 1")
-    if tok.pad_token is None:
-        tok.pad_token = tok.eos_token
     return model.eval(), tok
 
 

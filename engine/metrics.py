@@ -9,6 +9,7 @@ an infinite perplexity) are written as `null`: the file stays strict JSON that a
 """
 from __future__ import annotations
 
+import io
 import json
 import logging
 import math
@@ -109,7 +110,7 @@ class MetricsLogger:
         """Keep only the rows logged before `first_step`, then open the file for appending."""
         if self.path.exists():
             kept = [row for row in read_metrics(self.path) if row["step"] < first_step]
-            write_text_atomically(self.path, "".join(json.dumps(row, allow_nan=False) + "\n" for row in kept))
+            write_atomically(self.path, "".join(json.dumps(row, allow_nan=False) + "\n" for row in kept))
             logger.info("resuming metrics at step %d: kept %d earlier rows of %s", first_step, len(kept), self.path)
         self._file = open(self.path, "a", encoding="utf-8")
         if self._tensorboard_dir is not None:
@@ -150,12 +151,13 @@ def _summary_writer(log_dir: Path, purge_step: int | None):
     return SummaryWriter(log_dir=str(log_dir), purge_step=purge_step)
 
 
-def write_text_atomically(path: Path, text: str) -> None:
-    """Write `text` to a temp file beside `path`, then rename over it: readers never see half a file."""
+def write_atomically(path: Path, data: str | bytes) -> None:
+    """Write `data` (text as UTF-8) to a temp file beside `path`, then rename over it: readers never see
+    half a file."""
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
     try:
-        with os.fdopen(fd, "w", encoding="utf-8") as f:
-            f.write(text)
+        with os.fdopen(fd, "wb") as f:
+            f.write(data.encode("utf-8") if isinstance(data, str) else data)
         os.replace(tmp, path)
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
@@ -221,13 +223,8 @@ def plot_curves(metrics_path: str | Path, png_path: str | Path, keys: list[str],
         fig.suptitle(title)
     fig.tight_layout()
 
+    png = io.BytesIO()
+    fig.savefig(png, format="png", dpi=100)
     png_path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=png_path.parent, prefix=f".{png_path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "wb") as f:
-            fig.savefig(f, format="png", dpi=100)
-        os.replace(tmp, png_path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+    write_atomically(png_path, png.getvalue())
     return png_path

@@ -23,13 +23,12 @@ from typing import Any
 
 from engine.metrics import plot_curves, read_metrics
 
+# Each step's title and the keys of its curves.
 STEPS = {
-    "step1_sft": ("Step 1: SFT", "eval/perplexity", ["train/loss", "eval/loss", "eval/perplexity"]),
-    "step2_reward": ("Step 2: reward model", "eval/reward_accuracy",
-                     ["train/loss", "eval/reward_accuracy", "eval/score_margin"]),
-    "step3_rlhf": ("Step 3: PPO RLHF", "eval/score_mean",
-                   ["rollout/score_mean", "rollout/kl", "ppo/policy_loss", "ppo/value_loss", "rollout/response_len",
-                    "eval/score_mean", "eval/rule_success"]),
+    "step1_sft": ("Step 1: SFT", ["train/loss", "eval/loss", "eval/perplexity"]),
+    "step2_reward": ("Step 2: reward model", ["train/loss", "eval/reward_accuracy", "eval/score_margin"]),
+    "step3_rlhf": ("Step 3: PPO RLHF", ["rollout/score_mean", "rollout/kl", "ppo/policy_loss", "ppo/value_loss",
+                                        "rollout/response_len", "eval/score_mean", "eval/rule_success"]),
 }
 # What each step's before -> after row shows (the evaluation key it logs before and after training).
 SHOWN = {"step1_sft": ["eval/loss", "eval/perplexity"],
@@ -55,7 +54,7 @@ def verdict(models: dict[str, dict[str, float]], baseline: str = "sft", candidat
                      f"({cand['rule_success_rate'] - base['rule_success_rate']:+.3f})")
         better = better and cand["rule_success_rate"] > base["rule_success_rate"]
     parts.append(f"win rate vs {baseline} {cand['win_rate_vs_first']:.3f}, KL to reference {cand['kl_to_ref']:.3f}")
-    head = f"{candidate.upper()} beat {baseline.upper()}" if better else f"{candidate.upper()} did NOT beat {baseline.upper()}"
+    head = f"{candidate.upper()} {'beat' if better else 'did NOT beat'} {baseline.upper()}"
     return better, f"{head}: " + "; ".join(parts)
 
 
@@ -114,7 +113,7 @@ def _write(out: Path, stage: Path, pipeline: dict[str, Any]) -> dict[str, Any]:
                (out / "eval" / "eval_report.md").read_text().split("\n\n", 1)[-1].strip(), ""]
 
     rows_md = []
-    for folder, (title, _, keys) in STEPS.items():
+    for folder, (title, keys) in STEPS.items():
         metrics = out / folder / "metrics.jsonl"
         if not metrics.is_file():
             continue

@@ -30,7 +30,7 @@ from engine.errors import UserError, run_main
 from engine.evaluation import markdown_samples, markdown_table, run_model, summarize
 from engine.distributed import gpu_wanted
 from engine.inference import load_for_inference, load_reward_for_inference, load_tokenizer
-from engine.metrics import write_text_atomically
+from engine.metrics import write_atomically
 from engine.reward_model import RewardModel
 from engine.training import check_output_dir
 
@@ -113,8 +113,10 @@ def main(argv: Sequence[str] | None = None) -> None:
     # Inputs first: every folder exists and shares one vocabulary, and the reward model is one, before
     # any answer is generated. Then one compared model at a time is in memory (with reference and RM).
     tokenizer = load_tokenizer(first, args.trust_remote_code)
-    for path in [*paths.values(), args.reference, args.reward_model]:
-        if path is not None and load_tokenizer(path, args.trust_remote_code).get_vocab() != tokenizer.get_vocab():
+    for path in dict.fromkeys([*paths.values(), args.reference, args.reward_model]):
+        if path in (None, first):
+            continue
+        if load_tokenizer(path, args.trust_remote_code).get_vocab() != tokenizer.get_vocab():
             raise UserError(f"{path} has another tokenizer than {first}; the models compared, the reference and "
                             "the reward model must share one vocabulary")
     reward = RewardModel(load_reward_for_inference(args.reward_model, args.trust_remote_code)[0]).to(device).eval()
@@ -144,11 +146,11 @@ def main(argv: Sequence[str] | None = None) -> None:
               "decoding": {key: v for key, v in gen_kwargs.items() if not key.endswith("_id")}}
     table = markdown_table(summary)
     out.mkdir(parents=True, exist_ok=True)
-    write_text_atomically(out / "eval_report.json", json.dumps(report, indent=2) + "\n")
-    write_text_atomically(out / "eval_report.md", f"Held-out prompts: {len(texts)} x {k} answers; decoding: "
+    write_atomically(out / "eval_report.json", json.dumps(report, indent=2) + "\n")
+    write_atomically(out / "eval_report.md", f"Held-out prompts: {len(texts)} x {k} answers; decoding: "
                           f"{'greedy' if args.greedy else 'sampled, seed ' + str(args.seed)}; KL reference: "
                           f"{ref_path}; reward model: {args.reward_model}\n\n{table}")
-    write_text_atomically(out / "samples.md", markdown_samples(texts_k, results, args.num_samples, stride=k))
+    write_atomically(out / "samples.md", markdown_samples(texts_k, results, args.num_samples, stride=k))
     print(table, flush=True)
     logger.info("wrote eval_report.json, eval_report.md and samples.md to %s", out)
 

@@ -51,7 +51,8 @@ def trained_role(params: int, trainable: int, largest_layer: int, *, dtype: str,
     half = b == 2
     if zero_stage == 3:
         on_rank = b * params / n
-        parameters = Bytes(cpu=on_rank, gpu=b * largest_layer) if offload_params else Bytes(gpu=on_rank + b * largest_layer)
+        gathered = b * largest_layer
+        parameters = Bytes(cpu=on_rank, gpu=gathered) if offload_params else Bytes(gpu=on_rank + gathered)
     else:
         parameters = Bytes(gpu=b * params)
 

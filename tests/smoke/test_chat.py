@@ -1,21 +1,19 @@
 """chat.py: one-shot and interactive answers from a saved actor folder; a wrong path is a clean error."""
 from __future__ import annotations
 
-import os
 import subprocess
 import sys
 
 import pytest
 
-from tests.conftest import ROOT, tiny_model_folder
+from tests.conftest import ROOT, offline_env, tiny_model_folder
 
 pytestmark = pytest.mark.smoke
 
 
 def _chat(engine_cache, *args: str, stdin: str | None = None) -> subprocess.CompletedProcess:
-    env = dict(os.environ, RLHF_ENGINE_CACHE=str(engine_cache), HF_HUB_OFFLINE="1")
     return subprocess.run([sys.executable, str(ROOT / "chat.py"), *args], input=stdin, capture_output=True,
-                          text=True, timeout=300, env=env)
+                          text=True, timeout=300, env=offline_env(engine_cache))
 
 
 def test_one_shot_and_interactive_chat(engine_cache):

@@ -3,7 +3,6 @@ not; bad input is a clean error."""
 from __future__ import annotations
 
 import json
-import os
 import subprocess
 import sys
 from pathlib import Path
@@ -11,15 +10,14 @@ from pathlib import Path
 import pytest
 
 from engine.errors import UserError
-from tests.conftest import ROOT, tiny_model_folder
+from tests.conftest import ROOT, offline_env, tiny_model_folder
 
 pytestmark = pytest.mark.smoke
 
 
 def _evaluate(engine_cache, *args: str) -> subprocess.CompletedProcess:
-    env = dict(os.environ, RLHF_ENGINE_CACHE=str(engine_cache), HF_HUB_OFFLINE="1", OMP_NUM_THREADS="1")
     return subprocess.run([sys.executable, str(ROOT / "step3_rlhf" / "evaluate.py"), *args], capture_output=True,
-                          text=True, timeout=300, env=env)
+                          text=True, timeout=300, env=offline_env(engine_cache))
 
 
 @pytest.fixture(scope="module")

@@ -28,7 +28,8 @@ def test_the_demo_passes_each_step_the_previous_outputs(tmp_path):
     demo = "training_scripts/tiny/run_demo.sh"
     assert step1[1].endswith(f"step1_sft/{demo}") and step1[2:] == [str(tmp_path / "step1_sft"), "", "2"]
     assert step2[1].endswith(f"step2_reward/{demo}")
-    assert step2[2:] == [str(tmp_path / "step2_reward"), "", str(tmp_path / "step1_sft"), "2", "--num_train_epochs", "1"]
+    assert step2[2:] == [str(tmp_path / "step2_reward"), "", str(tmp_path / "step1_sft"), "2",
+                         "--num_train_epochs", "1"]
     assert step3[2:] == [str(tmp_path / "step1_sft"), str(tmp_path / "step2_reward"), "", "",
                          str(tmp_path / "step3_rlhf"), "2"]
     assert callable(evaluation)  # built once step 3 has saved its config
