@@ -112,9 +112,13 @@ def _is_cuda(device: torch.device | str | int | None) -> bool:
 
 
 def peak_memory_gb(device: torch.device | str | int | None) -> float:
-    """Peak memory in GiB: CUDA tensors allocated on `device`, or on CPU the process's peak RSS."""
+    """Peak memory in GiB since the last `reset_peak_memory`: CUDA tensors allocated on `device`, or
+    on CPU the process's peak RSS (Linux: VmHWM; elsewhere ru_maxrss, the peak since process start)."""
     if _is_cuda(device):
         return torch.cuda.max_memory_allocated(device) / 2**30
+    hwm = _proc_status_kib("VmHWM")
+    if hwm is not None:
+        return hwm / 2**20
     import resource
 
     peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
@@ -123,10 +127,29 @@ def peak_memory_gb(device: torch.device | str | int | None) -> float:
 
 
 def reset_peak_memory(device: torch.device | str | int | None) -> None:
-    """Start a new peak-memory window on CUDA. On CPU this does nothing: the kernel's peak RSS of a
-    process cannot be reset, so the CPU peak is always since process start."""
+    """Start a new peak-memory window. On CPU (Linux) writing 5 to /proc/self/clear_refs sets the
+    process's peak RSS back to its current RSS; where that is not possible the CPU peak stays the
+    peak since process start."""
     if _is_cuda(device):
         torch.cuda.reset_peak_memory_stats(device)
+        return
+    try:
+        with open("/proc/self/clear_refs", "w") as f:
+            f.write("5")
+    except OSError:
+        pass
+
+
+def _proc_status_kib(field: str) -> int | None:
+    """A KiB field of /proc/self/status (Linux), or None where there is none."""
+    try:
+        with open("/proc/self/status") as f:
+            for line in f:
+                if line.startswith(field + ":"):
+                    return int(line.split()[1])
+    except OSError:
+        pass
+    return None
 
 
 def current_memory_gb(device: torch.device | str | int | None) -> float:

@@ -4,6 +4,8 @@ from __future__ import annotations
 import time
 from types import SimpleNamespace
 
+from pathlib import Path
+
 import pytest
 import torch
 from transformers import GPT2Config, LlamaConfig, OPTConfig
@@ -92,12 +94,24 @@ def test_train_throughput_rejects_zero_time():
 
 def test_cpu_memory_is_process_rss():
     cpu = torch.device("cpu")
-    reset_peak_memory(cpu)  # no-op on CPU, must not raise
+    reset_peak_memory(cpu)
     now, peak = current_memory_gb(cpu), peak_memory_gb(cpu)
     # A Python process with torch loaded holds well over 10 MiB and far less than 1 TiB.
     assert 0.01 < now < 1024
     assert peak >= now * 0.99  # the kernel's peak is at least the current RSS (sampled just before)
     assert peak_memory_gb(None) == pytest.approx(peak, rel=0.1)
+
+
+@pytest.mark.skipif(not Path("/proc/self/clear_refs").exists(), reason="needs Linux /proc")
+def test_cpu_peak_resets_per_window():
+    cpu = torch.device("cpu")
+    reset_peak_memory(cpu)
+    block = torch.ones(64 * 2**20 // 4)  # 64 MiB, touched
+    del block
+    high = peak_memory_gb(cpu)
+    reset_peak_memory(cpu)
+    low = peak_memory_gb(cpu)
+    assert high - low > 0.05  # the 64 MiB block raised the first window only
 
 
 def test_step_timer_measures_sleep():
