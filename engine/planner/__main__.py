@@ -1,0 +1,185 @@
+"""Will this step-3 run fit, and with which flags?
+
+    python -m engine.planner --actor_model llama-2-7b --critic_model llama-2-7b --num_gpus 1 \\
+        --gpu_memory_gb 24 --max_prompt_seq_len 256 --max_answer_seq_len 256 [--json]
+
+Models: a shipped config name (see --list_models) or a Hugging Face folder. Step-3 flags given here
+(--actor_zero_stage 3, --offload, --actor_lora_dim 8, --reference_quantization 4bit, ...) are kept
+as given; the planner searches the others for the cheapest settings that fit: fewest offloads, fewest
+quantized roles, full fine-tuning before LoRA, the requested batch sizes (halved until they fit), no
+gradient checkpointing, the lowest ZeRO stages, the hybrid mode on. Exit status 0 when something fits,
+1 when nothing does (the message says how much is missing).
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from typing import Any, Sequence
+
+from engine.errors import UserError, run_main
+from engine.planner.plan import PHASES, Hardware, Knobs, Workload, couple_lora, search
+from engine.planner.shapes import load_config, model_shape_of, shipped_models
+
+# Knob flags: absent means "the planner chooses".
+BOOL_KNOBS = ("offload", "offload_reference_model", "offload_reward_model", "actor_gradient_checkpointing",
+              "critic_gradient_checkpointing", "only_optimize_lora", "enable_hybrid_engine")
+
+
+def _bool(text: str) -> bool:
+    if text.lower() in ("1", "true", "yes", "on"):
+        return True
+    if text.lower() in ("0", "false", "no", "off"):
+        return False
+    raise argparse.ArgumentTypeError(f"expected true or false, not {text!r}")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="python -m engine.planner", description=__doc__,
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--actor_model", help="shipped config name or model folder of the actor")
+    p.add_argument("--critic_model", help="of the critic and reward model (default: the actor's)")
+    p.add_argument("--list_models", action="store_true", help="print the shipped model configs and exit")
+    p.add_argument("--num_gpus", type=int, default=1, help="GPUs in all (ranks)")
+    p.add_argument("--gpu_memory_gb", type=float, default=80.0, help="memory of each GPU, GiB")
+    p.add_argument("--host_memory_gb", type=float, default=256.0, help="host memory per node, GiB")
+    p.add_argument("--gpus_per_node", type=int, default=8)
+    p.add_argument("--usable_fraction", type=float, default=0.9,
+                   help="share of each GPU (and host) a plan may fill; the rest is for the CUDA context, "
+                        "communication buffers and fragmentation")
+    p.add_argument("--max_prompt_seq_len", type=int, default=256)
+    p.add_argument("--max_answer_seq_len", type=int, default=256)
+    p.add_argument("--per_device_generation_batch_size", type=int, default=16, help="the most to try")
+    p.add_argument("--per_device_training_batch_size", type=int, default=16, help="the most to try")
+    p.add_argument("--generation_batches", type=int, default=1)
+    p.add_argument("--dtype", default="bf16", choices=("bf16", "fp16", "fp32"))
+    p.add_argument("--enable_ema", action="store_true")
+    p.add_argument("--lora_rank", type=int, default=64, help="LoRA rank the search uses when it turns LoRA on")
+    p.add_argument("--json", action="store_true", help="print one JSON object")
+    fixed = p.add_argument_group("step-3 flags to keep (the planner chooses those not given)")
+    for name in ("actor_zero_stage", "critic_zero_stage"):
+        fixed.add_argument(f"--{name}", type=int, choices=(0, 1, 2, 3))
+    for name in ("actor_lora_dim", "critic_lora_dim"):
+        fixed.add_argument(f"--{name}", type=int)
+    for name in ("reference_quantization", "reward_quantization"):
+        fixed.add_argument(f"--{name}", choices=("none", "8bit", "4bit"))
+    fixed.add_argument("--actor_quantization", choices=("none", "4bit"))
+    for name in BOOL_KNOBS:
+        fixed.add_argument(f"--{name}", type=_bool, nargs="?", const=True, metavar="true|false")
+    return p
+
+
+FIXED = ("actor_zero_stage", "critic_zero_stage", "actor_lora_dim", "critic_lora_dim", "reference_quantization",
+         "reward_quantization", "actor_quantization") + BOOL_KNOBS
+
+
+def fixed_knobs(args: argparse.Namespace) -> dict[str, Any]:
+    """Flag name -> value of the knobs given on the command line (see `couple_lora` for LoRA)."""
+    return couple_lora({name: getattr(args, name) for name in FIXED if getattr(args, name) is not None},
+                       args.lora_rank)
+
+
+def plan(args: argparse.Namespace) -> dict[str, Any]:
+    """The planner's answer as a JSON-able dict (see `main` for its keys)."""
+    if not args.actor_model:
+        raise UserError("give --actor_model (a shipped config name or a model folder); --list_models lists the names")
+    for name in ("num_gpus", "per_device_generation_batch_size", "per_device_training_batch_size",
+                 "max_prompt_seq_len", "max_answer_seq_len", "generation_batches"):
+        if getattr(args, name) < 1:
+            raise UserError(f"--{name} must be at least 1, not {getattr(args, name)}")
+    if args.gpu_memory_gb <= 0 or args.host_memory_gb <= 0:
+        raise UserError("--gpu_memory_gb and --host_memory_gb must be positive")
+    actor = model_shape_of(load_config(args.actor_model))
+    critic = model_shape_of(load_config(args.critic_model or args.actor_model), sequence_classification=True)
+    work = Workload(actor, critic, args.max_prompt_seq_len, args.max_answer_seq_len, args.num_gpus,
+                    args.generation_batches)
+    hw = Hardware(args.num_gpus, args.gpu_memory_gb, args.host_memory_gb, args.gpus_per_node, args.usable_fraction)
+    requested = Knobs(per_device_generation_batch_size=args.per_device_generation_batch_size,
+                      per_device_training_batch_size=args.per_device_training_batch_size, dtype=args.dtype,
+                      enable_ema=args.enable_ema)
+    fixed = fixed_knobs(args)
+    bad = Knobs(**fixed).problems()
+    if bad:
+        raise UserError("the given step-3 flags do not go together: " + "; ".join(bad))
+    try:
+        best, closest = search(work, hw, requested, fixed, args.lora_rank)
+    except ValueError as err:
+        raise UserError(str(err)) from None
+    chosen = best or closest
+    seq_flags = f"--max_prompt_seq_len {args.max_prompt_seq_len} --max_answer_seq_len {args.max_answer_seq_len}"
+    out: dict[str, Any] = {
+        "fits": best is not None,
+        "flags": f"{chosen.knobs.flags()} {seq_flags}",
+        "peak_gb": {k: round(v, 2) for k, v in chosen.prediction.peak_gb().items()},
+        "host_gb_per_node": round(chosen.prediction.host_gb() * hw.ranks_per_node, 2),
+        "usable_gb_per_gpu": round(hw.usable_gb, 2),
+        "models": {"actor": args.actor_model, "critic": args.critic_model or args.actor_model,
+                   "actor_params": actor.params, "critic_params": critic.params},
+        "hardware": {"num_gpus": args.num_gpus, "gpu_memory_gb": args.gpu_memory_gb,
+                     "host_memory_gb": args.host_memory_gb},
+        "breakdown": chosen.prediction.to_json()["phases"],
+    }
+    if best is None:
+        out["needs_gb_more_per_gpu"] = round(max(chosen.prediction.peak_gb().values()) - hw.usable_gb, 2)
+        out["num_gpus_that_fit"] = _gpus_that_fit(work, hw, requested, fixed, args.lora_rank)
+    return out
+
+
+def _gpus_that_fit(work: Workload, hw: Hardware, requested: Knobs, fixed: dict[str, Any], lora_rank: int
+                   ) -> int | None:
+    """The fewest GPUs of this size (up to 64) on which some settings fit, or None."""
+    import dataclasses
+
+    n = hw.num_gpus * 2
+    while n <= 64:
+        best, _ = search(dataclasses.replace(work, world_size=n), dataclasses.replace(hw, num_gpus=n), requested,
+                         fixed, lora_rank)
+        if best is not None:
+            return n
+        n *= 2
+    return None
+
+
+def render(answer: dict[str, Any]) -> str:
+    """The human-readable table of `plan`'s answer."""
+    m, hw = answer["models"], answer["hardware"]
+    lines = [f"actor {m['actor']} ({m['actor_params'] / 1e9:.2f}B), critic {m['critic']} "
+             f"({m['critic_params'] / 1e9:.2f}B) on {hw['num_gpus']} x {hw['gpu_memory_gb']:g} GiB GPUs "
+             f"({answer['usable_gb_per_gpu']:g} GiB usable each)"]
+    if answer["fits"]:
+        lines.append("fits. The cheapest settings that fit, as step-3 flags:")
+    else:
+        lines.append(f"does not fit: needs {answer['needs_gb_more_per_gpu']:.1f} GiB more per GPU even with the "
+                     "settings closest to fitting:")
+    lines.append(f"  {answer['flags']}")
+    lines.append("")
+    parts = sorted({k for ph in answer["breakdown"].values() for k, v in ph.items() if v["gpu"] > 0.005})
+    width = max(len(p) for p in parts + ["peak"])
+    lines.append(f"{'GiB per GPU':<{width}}  " + "  ".join(f"{ph:>12}" for ph in PHASES))
+    for part in parts:
+        cells = [answer["breakdown"][ph].get(part, {"gpu": 0.0})["gpu"] for ph in PHASES]
+        lines.append(f"{part:<{width}}  " + "  ".join(f"{c:>12.2f}" if c else f"{'-':>12}" for c in cells))
+    lines.append(f"{'peak':<{width}}  " + "  ".join(f"{answer['peak_gb'][ph]:>12.2f}" for ph in PHASES))
+    lines.append(f"host memory per node: {answer['host_gb_per_node']:.1f} GiB of {hw['host_memory_gb']:g}")
+    if not answer["fits"]:
+        more = answer.get("num_gpus_that_fit")
+        lines.append(f"add GPUs ({more} x {hw['gpu_memory_gb']:g} GiB would fit)" if more else
+                     "no GPU count up to 64 fits")
+        lines.append("or shorten --max_prompt_seq_len / --max_answer_seq_len, use a smaller critic, or free the "
+                     "flags you fixed")
+    return "\n".join(lines)
+
+
+def main(argv: Sequence[str] | None = None) -> None:
+    args = build_parser().parse_args(argv)
+    if args.list_models:
+        print("\n".join(shipped_models()))
+        return
+    answer = plan(args)
+    print(json.dumps(answer, indent=1) if args.json else render(answer))
+    if not answer["fits"]:
+        sys.exit(1)
+
+
+if __name__ == "__main__":
+    run_main(main)

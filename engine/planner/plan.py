@@ -1,0 +1,483 @@
+"""Per-rank, per-phase memory of a step-3 run, and the search for the cheapest settings that fit.
+
+A plan is a `Workload` (the actor's and critic's shapes, sequence lengths, ranks) and `Knobs` (the
+step-3 flags that move memory). `predict` adds, for each phase, the model states every role holds
+(`model_states`) to that phase's transient tensors (`activations`):
+
+- generate: the actor's KV cache for prompt + answer, one layer's prefill working set, and what the
+  hybrid mode adds (ZeRO-3: the whole gathered actor; with LoRA below ZeRO-3: fused copies of the
+  LoRA-targeted weights);
+- experience: the larger of the actor's / reference's scoring forward (log-probs from full logits)
+  and the critic's / reward model's forward, plus the stored experience;
+- actor_train / critic_train: a PPO micro-batch's activations (with or without gradient
+  checkpointing), the actor's logits;
+- workspace, in every phase: ZeRO-2/3 gradient-reduction buckets (DeepSpeed's default 5e8 elements,
+  at most the trained parameters) and the ZeRO-3 prefetch bucket (3e7 elements in our configs).
+
+Bytes are per rank, split into accelerator and host; GB are GiB (2**30 bytes), as torch reports them.
+"""
+from __future__ import annotations
+
+import dataclasses
+import itertools
+import math
+from dataclasses import dataclass, field
+from typing import Any, Iterator
+
+from engine.planner.activations import (inference_activation_bytes, kv_cache_bytes, logits_bytes,
+                                        training_activation_bytes)
+from engine.planner.model_states import DTYPE_BYTES, Bytes, frozen_role, trained_role
+from engine.planner.shapes import ModelShape
+
+GiB = 2**30
+PHASES = ("generate", "experience", "actor_train", "critic_train")
+REDUCE_BUCKET = 500_000_000   # DeepSpeed's default reduce_bucket_size (elements)
+PREFETCH_BUCKET = 30_000_000  # stage3_prefetch_bucket_size in engine/ds_config.py
+EXPERIENCE_FLOATS = 12        # fp32 values per token that step 3 keeps per experience (log-probs, values, ...)
+
+
+@dataclass(frozen=True)
+class Workload:
+    actor: ModelShape
+    critic: ModelShape          # the reward model's shape (a one-label sequence classifier)
+    max_prompt_seq_len: int
+    max_answer_seq_len: int
+    world_size: int = 1
+    generation_batches: int = 1
+
+    @property
+    def tokens(self) -> int:
+        return self.max_prompt_seq_len + self.max_answer_seq_len
+
+
+@dataclass(frozen=True)
+class Knobs:
+    """The memory-relevant step-3 flags, named as the flags are."""
+
+    actor_zero_stage: int = 0
+    critic_zero_stage: int = 0
+    offload: bool = False
+    offload_reference_model: bool = False
+    offload_reward_model: bool = False
+    actor_gradient_checkpointing: bool = False
+    critic_gradient_checkpointing: bool = False
+    actor_lora_dim: int = 0
+    critic_lora_dim: int = 0
+    only_optimize_lora: bool = False
+    reference_quantization: str = "none"
+    reward_quantization: str = "none"
+    actor_quantization: str = "none"
+    enable_hybrid_engine: bool = False
+    enable_ema: bool = False
+    per_device_generation_batch_size: int = 16
+    per_device_training_batch_size: int = 16
+    dtype: str = "bf16"
+
+    def problems(self) -> list[str]:
+        """Why step 3 would refuse these flags (empty when it accepts them)."""
+        out = []
+        if self.offload and min(self.actor_zero_stage, self.critic_zero_stage) < 2:
+            out.append("--offload needs --actor_zero_stage and --critic_zero_stage of 2 or 3")
+        if self.actor_quantization != "none" and not (self.actor_lora_dim > 0 and self.only_optimize_lora):
+            out.append("--actor_quantization needs --actor_lora_dim > 0 and --only_optimize_lora")
+        if self.actor_quantization != "none" and self.actor_zero_stage == 3:
+            out.append("--actor_quantization needs --actor_zero_stage 0, 1 or 2")
+        if self.reference_quantization != "none" and self.offload_reference_model:
+            out.append("a quantized reference model cannot be offloaded")
+        if self.reward_quantization != "none" and self.offload_reward_model:
+            out.append("a quantized reward model cannot be offloaded")
+        if self.only_optimize_lora and self.actor_lora_dim == 0 and self.critic_lora_dim == 0:
+            out.append("--only_optimize_lora needs a LoRA rank")
+        return out
+
+    def flags(self) -> str:
+        """The step-3 command-line flags that set these knobs (defaults left out, except batch and dtype)."""
+        default = Knobs()
+        parts = []
+        for f in dataclasses.fields(self):
+            value = getattr(self, f.name)
+            if isinstance(value, bool):
+                if value:
+                    parts.append(f"--{f.name}")
+            elif value != getattr(default, f.name) or f.name.startswith("per_device") or f.name == "dtype":
+                parts.append(f"--{f.name} {value}")
+        return " ".join(parts)
+
+
+@dataclass
+class Prediction:
+    """Bytes per rank: `roles[role][part]` (model states) and `phases[phase][part]` (everything)."""
+
+    roles: dict[str, dict[str, Bytes]]
+    phases: dict[str, dict[str, Bytes]] = field(default_factory=dict)
+
+    def peak(self, phase: str, merge_host: bool = False) -> float:
+        """GiB per rank in `phase`: the accelerator's, or (merge_host, a CPU-only run) all of it."""
+        total = sum(self.phases[phase].values(), Bytes())
+        return (total.gpu + total.cpu if merge_host else total.gpu) / GiB
+
+    def peak_gb(self, merge_host: bool = False) -> dict[str, float]:
+        return {p: self.peak(p, merge_host) for p in PHASES}
+
+    def host_gb(self) -> float:
+        """Host GiB per rank for the offloaded states (the same in every phase)."""
+        return max(sum(parts.values(), Bytes()).cpu for parts in self.phases.values()) / GiB
+
+    def to_json(self, merge_host: bool = False) -> dict[str, Any]:
+        def gb(x: Bytes) -> dict[str, float]:
+            return {"gpu": round(x.gpu / GiB, 3), "cpu": round(x.cpu / GiB, 3)}
+
+        return {"peak_gb": {k: round(v, 3) for k, v in self.peak_gb(merge_host).items()},
+                "host_gb": round(self.host_gb(), 3),
+                "phases": {p: {k: gb(v) for k, v in parts.items()} for p, parts in self.phases.items()},
+                "roles": {r: {k: gb(v) for k, v in parts.items()} for r, parts in self.roles.items()}}
+
+
+def role_states(work: Workload, knobs: Knobs) -> dict[str, dict[str, Bytes]]:
+    """Model-state bytes per rank of every role (`model_states`), as `engine.rlhf_engine` builds them."""
+    a, c, k, n = work.actor, work.critic, knobs, work.world_size
+    b = DTYPE_BYTES[k.dtype]
+    lora_a, lora_c = a.lora_params(k.actor_lora_dim), c.lora_params(k.critic_lora_dim)
+    common = dict(dtype=k.dtype, world_size=n)
+    roles: dict[str, dict[str, Bytes]] = {}
+
+    def trained(shape: ModelShape, lora: int, head: int, stage: int) -> dict[str, Bytes]:
+        trainable = lora + head if k.only_optimize_lora and lora else shape.params + lora
+        return trained_role(shape.params + lora, trainable, shape.largest_layer_params, zero_stage=stage,
+                            offload=k.offload, offload_params=k.offload and stage == 3, **common)
+
+    if k.actor_quantization != "none":
+        # QLoRA: a whole 4-bit base on every rank; only the adapters are DeepSpeed's to partition.
+        base = frozen_role(a.params, a.linear_params, a.linear_rows, a.largest_layer_params, zero_stage=0,
+                           quantization=k.actor_quantization, **common)["parameters"]
+        adapters = trained_role(lora_a, lora_a, 0, zero_stage=k.actor_zero_stage, offload=k.offload, **common)
+        roles["actor"] = adapters | {"parameters": adapters["parameters"] + base}
+    else:
+        roles["actor"] = trained(a, lora_a, 0, k.actor_zero_stage)
+    roles["critic"] = trained(c, lora_c, c.hidden_size, k.critic_zero_stage)
+
+    def frozen(shape: ModelShape, extra: int, follows: int, offload: bool, quantization: str) -> dict[str, Bytes]:
+        stage = 3 if follows == 3 and quantization == "none" else 0
+        return frozen_role(shape.params + extra, shape.linear_params, shape.linear_rows, shape.largest_layer_params,
+                           zero_stage=stage, offload_params=offload and stage == 3, quantization=quantization,
+                           **common)
+
+    roles["reference"] = frozen(a, 0, k.actor_zero_stage, k.offload_reference_model, k.reference_quantization)
+    roles["reward"] = frozen(c, 0, k.critic_zero_stage, k.offload_reward_model, k.reward_quantization)
+    if k.enable_ema:
+        roles["ema"] = frozen(a, lora_a, k.actor_zero_stage, k.offload_reference_model, "none")
+    # ZeRO-2/3 gradient buckets and the ZeRO-3 prefetch bucket live as long as the engines.
+    work_bytes = 0.0
+    for stage, shape, lora in ((k.actor_zero_stage, a, lora_a), (k.critic_zero_stage, c, lora_c)):
+        trainable = lora if k.only_optimize_lora and lora else shape.params + lora
+        if stage >= 2:
+            work_bytes += b * min(REDUCE_BUCKET, trainable)
+        if stage == 3:
+            work_bytes += b * min(PREFETCH_BUCKET, shape.params)
+    roles["workspace"] = {"buffers": Bytes(gpu=work_bytes)}
+    return roles
+
+
+def predict(work: Workload, knobs: Knobs) -> Prediction:
+    """Bytes per rank of each phase of a step-3 PPO step (see the module docstring)."""
+    a, c, k = work.actor, work.critic, knobs
+    b, t, p = DTYPE_BYTES[k.dtype], work.tokens, work.max_prompt_seq_len
+    bg, bt = k.per_device_generation_batch_size, k.per_device_training_batch_size
+    roles = role_states(work, k)
+    states = {f"{r}.{part}": v for r, parts in roles.items() for part, v in parts.items()}
+    # DeepSpeed frees the gradients after each optimizer step: they exist in the training phases only.
+    no_grads = {key: v for key, v in states.items() if not key.endswith(".gradients")}
+    experience_store = Bytes(gpu=EXPERIENCE_FLOATS * 4 * bg * t * work.generation_batches)
+
+    hybrid = Bytes()
+    if k.enable_hybrid_engine and k.actor_zero_stage == 3 and k.actor_quantization == "none":
+        whole = b * (a.params + a.lora_params(k.actor_lora_dim))
+        hybrid = Bytes(gpu=whole if k.offload else whole * (1 - 1 / work.world_size))
+    elif k.enable_hybrid_engine and k.actor_lora_dim > 0:
+        hybrid = Bytes(gpu=b * a.linear_params)  # LoRA folded into new copies of the target weights
+
+    generate = {"kv_cache": Bytes(gpu=kv_cache_bytes(a, k.dtype, bg, t)),
+                "activations": Bytes(gpu=inference_activation_bytes(a, k.dtype, bg, p)
+                                     + logits_bytes(a, k.dtype, bg, 1, "generate")),
+                "hybrid_gather": hybrid, "experience_store": experience_store}
+    scoring = max(inference_activation_bytes(a, k.dtype, bg, t) + logits_bytes(a, k.dtype, bg, t, "score"),
+                  inference_activation_bytes(c, k.dtype, bg, t))
+    experience = {"activations": Bytes(gpu=scoring), "experience_store": experience_store}
+    actor_train = {"activations": Bytes(gpu=training_activation_bytes(a, k.dtype, bt, t, k.actor_gradient_checkpointing)
+                                        + logits_bytes(a, k.dtype, bt, t, "train")),
+                   "experience_store": experience_store}
+    critic_train = {"activations": Bytes(gpu=training_activation_bytes(c, k.dtype, bt, t,
+                                                                       k.critic_gradient_checkpointing)),
+                    "experience_store": experience_store}
+    phases = {"generate": no_grads | generate, "experience": no_grads | experience,
+              "actor_train": states | actor_train, "critic_train": states | critic_train}
+    return Prediction(roles, phases)
+
+
+# -- search ----------------------------------------------------------------------------------------
+
+@dataclass(frozen=True)
+class Hardware:
+    num_gpus: int
+    gpu_memory_gb: float
+    host_memory_gb: float       # per node
+    gpus_per_node: int = 8
+    usable_fraction: float = 0.9  # of each GPU: CUDA context, communication buffers, fragmentation
+
+    @property
+    def usable_gb(self) -> float:
+        return self.gpu_memory_gb * self.usable_fraction
+
+    @property
+    def ranks_per_node(self) -> int:
+        return min(self.num_gpus, self.gpus_per_node)
+
+
+@dataclass
+class Choice:
+    knobs: Knobs
+    prediction: Prediction
+    cost: tuple
+
+    def fits(self, hw: Hardware) -> bool:
+        return (max(self.prediction.peak_gb().values()) <= hw.usable_gb
+                and self.prediction.host_gb() * hw.ranks_per_node <= hw.host_memory_gb * hw.usable_fraction)
+
+
+# Values the search tries for each knob the user left free, cheapest first.
+SEARCH_SPACE: dict[str, tuple] = {
+    "offload": (False, True),
+    "offload_reference_model": (False, True),
+    "offload_reward_model": (False, True),
+    "reference_quantization": ("none", "8bit", "4bit"),
+    "reward_quantization": ("none", "8bit", "4bit"),
+    "actor_quantization": ("none", "4bit"),
+    "lora": (False, True),
+    "gradient_checkpointing": (False, True),
+    "zero_stage": (0, 1, 2, 3),
+    "enable_hybrid_engine": (True, False),
+}
+QUANT_COST = {"none": 0, "8bit": 1, "4bit": 2}
+
+
+def _candidates(fixed: dict[str, Any], lora_rank: int) -> Iterator[Knobs]:
+    """Every knob combination that agrees with `fixed` (flag name -> value), batch sizes left to fill."""
+    def options(name: str) -> tuple:
+        return (fixed[name],) if name in fixed else SEARCH_SPACE[name]
+
+    lora_fixed = {f: fixed[f] for f in ("actor_lora_dim", "critic_lora_dim", "only_optimize_lora") if f in fixed}
+    stage_pins = [fixed.get("actor_zero_stage"), fixed.get("critic_zero_stage")]
+    for (offload, off_ref, off_rw, q_ref, q_rw, q_actor, lora, ckpt, stage, hybrid) in itertools.product(
+            options("offload"), options("offload_reference_model"), options("offload_reward_model"),
+            options("reference_quantization"), options("reward_quantization"), options("actor_quantization"),
+            (None,) if lora_fixed else SEARCH_SPACE["lora"], SEARCH_SPACE["gradient_checkpointing"],
+            SEARCH_SPACE["zero_stage"], options("enable_hybrid_engine")):
+        values = dict(offload=offload, offload_reference_model=off_ref, offload_reward_model=off_rw,
+                      reference_quantization=q_ref, reward_quantization=q_rw, actor_quantization=q_actor,
+                      enable_hybrid_engine=hybrid, actor_zero_stage=stage_pins[0] if stage_pins[0] is not None
+                      else stage, critic_zero_stage=stage_pins[1] if stage_pins[1] is not None else stage,
+                      actor_gradient_checkpointing=fixed.get("actor_gradient_checkpointing", ckpt),
+                      critic_gradient_checkpointing=fixed.get("critic_gradient_checkpointing", ckpt))
+        if lora is None:
+            values |= lora_fixed
+        else:
+            values |= dict(actor_lora_dim=lora_rank if lora else 0, critic_lora_dim=lora_rank if lora else 0,
+                           only_optimize_lora=lora)
+        values |= {f: v for f, v in fixed.items() if f in ("enable_ema", "dtype")}
+        knobs = Knobs(**values)
+        if knobs.problems() or _pointless(knobs):
+            continue
+        yield knobs
+
+
+def _pointless(k: Knobs) -> bool:
+    """Combinations equal in memory to a cheaper one (flags that do nothing at these stages)."""
+    return ((k.offload_reference_model and k.actor_zero_stage != 3)
+            or (k.offload_reward_model and k.critic_zero_stage != 3)
+            or (not k.enable_hybrid_engine and k.actor_zero_stage != 3 and k.actor_lora_dim == 0))
+
+
+def _cost(k: Knobs, shortfall: float) -> tuple:
+    """Cheapest first: fewest offloads, fewest quantized roles, no LoRA, the requested batch sizes,
+    no gradient checkpointing, the lowest ZeRO stages, the hybrid mode on."""
+    return (k.offload + k.offload_reference_model + k.offload_reward_model,
+            QUANT_COST[k.reference_quantization] + QUANT_COST[k.reward_quantization] + QUANT_COST[k.actor_quantization],
+            k.actor_lora_dim > 0, shortfall, k.actor_gradient_checkpointing + k.critic_gradient_checkpointing,
+            k.actor_zero_stage + k.critic_zero_stage, not k.enable_hybrid_engine)
+
+
+def _halvings(top: int) -> list[int]:
+    out = [top]
+    while out[-1] > 1:
+        out.append(out[-1] // 2)
+    return out
+
+
+def _largest_batches(work: Workload, knobs: Knobs, hw: Hardware) -> tuple[Knobs, Prediction]:
+    """The knobs with the largest generation and then training batch (halving from the requested ones)
+    that fit; batch size 1 must fit."""
+    def fitting(k: Knobs, phases: tuple[str, ...]) -> Prediction | None:
+        pred = predict(work, k)
+        return pred if all(pred.peak(ph) <= hw.usable_gb for ph in phases) else None
+
+    ones = dataclasses.replace(knobs, per_device_generation_batch_size=1, per_device_training_batch_size=1)
+    gen = next(g for g in _halvings(knobs.per_device_generation_batch_size)
+               if fitting(dataclasses.replace(ones, per_device_generation_batch_size=g), ("generate", "experience")))
+    k = dataclasses.replace(ones, per_device_generation_batch_size=gen)
+    for train in _halvings(min(gen, knobs.per_device_training_batch_size)):
+        candidate = dataclasses.replace(k, per_device_training_batch_size=train)
+        pred = fitting(candidate, PHASES)
+        if pred is not None:
+            return candidate, pred
+    raise AssertionError("batch size 1 was checked to fit")
+
+
+def search(work: Workload, hw: Hardware, requested: Knobs, fixed: dict[str, Any], lora_rank: int = 64
+           ) -> tuple[Choice | None, Choice]:
+    """(the cheapest choice that fits or None, the choice that comes closest) over the knobs not in `fixed`.
+
+    `requested` carries the batch sizes (upper bounds), dtype and EMA; `fixed` maps flag names the
+    user set to their values, which the search keeps. Candidates are tried in groups of equal
+    offloads, quantization and LoRA, cheapest group first; the first group with a fit is the answer's."""
+    base = {f: getattr(requested, f) for f in ("dtype", "enable_ema")}
+    candidates = [dataclasses.replace(k, per_device_generation_batch_size=requested.per_device_generation_batch_size,
+                                      per_device_training_batch_size=requested.per_device_training_batch_size)
+                  for k in _candidates(fixed | base, lora_rank)]
+    if not candidates:
+        raise ValueError("no step-3 flag combination agrees with the fixed flags")
+    closest: Choice | None = None
+    for _, group in itertools.groupby(sorted(candidates, key=lambda k: _cost(k, 0)[:3]),
+                                      key=lambda k: _cost(k, 0)[:3]):
+        best: Choice | None = None
+        for knobs in group:
+            smallest = dataclasses.replace(knobs, per_device_generation_batch_size=1, per_device_training_batch_size=1)
+            pred = predict(work, smallest)
+            if closest is None or max(pred.peak_gb().values()) < max(closest.prediction.peak_gb().values()):
+                closest = Choice(smallest, pred, ())
+            if not Choice(smallest, pred, ()).fits(hw):
+                continue
+            k, pred = _largest_batches(work, knobs, hw)
+            shortfall = (math.log2(requested.per_device_generation_batch_size / k.per_device_generation_batch_size)
+                         + math.log2(requested.per_device_training_batch_size / k.per_device_training_batch_size))
+            choice = Choice(k, pred, _cost(k, shortfall))
+            if best is None or choice.cost < best.cost:
+                best = choice
+        if best is not None:
+            return best, best
+    return None, closest
+
+
+def knobs_from_step3(cfg: Any) -> Knobs:
+    """The knobs of a parsed `Step3Config`."""
+    ds, lora, train = cfg.ds, cfg.lora, cfg.train
+    values = {}
+    for f in dataclasses.fields(Knobs):
+        for part in (ds, lora, train, cfg.ppo):
+            if hasattr(part, f.name):
+                values[f.name] = getattr(part, f.name)
+                break
+    return Knobs(**values)
+
+
+def workload_of_step3(cfg: Any, world_size: int, actor_config: Any = None, critic_config: Any = None) -> Workload:
+    """The workload of a parsed `Step3Config`; the configs default to those in its model folders."""
+    from engine.planner.shapes import load_config, model_shape_of
+
+    def config_of(path: str | None) -> Any:
+        if path is None:
+            from engine.embedded import ensure_tiny_model
+
+            path = str(ensure_tiny_model(cfg.train.seed))
+        return load_config(path)
+
+    actor = model_shape_of(actor_config or config_of(cfg.model.actor_model_name_or_path))
+    critic = model_shape_of(critic_config or config_of(cfg.model.critic_model_name_or_path),
+                            sequence_classification=True)
+    return Workload(actor, critic, cfg.data.max_prompt_seq_len, cfg.data.max_answer_seq_len, world_size,
+                    cfg.train.generation_batches)
+
+
+def predict_for_step3(cfg: Any, world_size: int, merge_host: bool | None = None) -> dict[str, Any]:
+    """The planner's prediction for a parsed `Step3Config` on `world_size` ranks, per rank:
+    {"peak_gb": {"generate", "experience", "train", "actor_train", "critic_train"}, "roles": {role:
+    {part: GiB}}, "host_gb"}. `merge_host` (default: when no GPU is used) adds host bytes to the peaks,
+    as a CPU-only run holds everything in one memory."""
+    from engine.distributed import gpu_wanted
+
+    if merge_host is None:
+        merge_host = not gpu_wanted()
+    pred = predict(workload_of_step3(cfg, world_size), knobs_from_step3(cfg))
+    peaks = pred.peak_gb(merge_host)
+    peaks["train"] = max(peaks["actor_train"], peaks["critic_train"])
+    roles = {r: {part: (v.gpu + v.cpu if merge_host else v.gpu) / GiB for part, v in parts.items()}
+             for r, parts in pred.roles.items()}
+    return {"peak_gb": peaks, "roles": roles, "host_gb": pred.host_gb()}
+
+
+# -- step 3's --auto_fit ---------------------------------------------------------------------------
+
+# Knobs that are requested values rather than choices; every other knob is the search's to choose.
+REQUESTED = ("per_device_generation_batch_size", "per_device_training_batch_size", "dtype", "enable_ema")
+LORA_FLAGS = ("actor_lora_dim", "critic_lora_dim")
+
+
+def couple_lora(fixed: dict[str, Any], lora_rank: int) -> dict[str, Any]:
+    """Any LoRA flag fixes the whole LoRA choice: a rank not given is 0, or `lora_rank` for both roles
+    when only --only_optimize_lora is given."""
+    fixed = dict(fixed)
+    if any(d in fixed for d in LORA_FLAGS):
+        fixed.setdefault("only_optimize_lora", False)
+        for d in LORA_FLAGS:
+            fixed.setdefault(d, 0)
+    elif "only_optimize_lora" in fixed:
+        fixed |= {d: lora_rank if fixed["only_optimize_lora"] else 0 for d in LORA_FLAGS}
+    return fixed
+
+
+def this_machine(world_size: int) -> Hardware:
+    """The GPUs (or, on a CPU run, each rank's share of host memory) and host memory of this machine."""
+    import os
+
+    import psutil
+    import torch
+
+    from engine.distributed import gpu_wanted
+
+    host = psutil.virtual_memory().total / GiB
+    per_node = int(os.environ.get("LOCAL_WORLD_SIZE", world_size))
+    if gpu_wanted() and torch.cuda.is_available():
+        gpu = torch.cuda.get_device_properties(torch.cuda.current_device()).total_memory / GiB
+    else:
+        gpu = host / per_node
+    return Hardware(world_size, gpu, host, gpus_per_node=per_node)
+
+
+def auto_fit(cfg: Any, hw: Hardware, actor_config: Any, critic_config: Any, lora_rank: int = 64) -> tuple[Any, str]:
+    """(`cfg` with the cheapest fitting memory settings, a line saying what was chosen) for step 3's
+    --auto_fit. Knobs whose flags differ from their defaults are kept; batch sizes are upper bounds."""
+    from engine.config import Step3Config, validate
+    from engine.errors import UserError
+
+    current, default = knobs_from_step3(cfg), knobs_from_step3(Step3Config())
+    fixed = {f.name: getattr(current, f.name) for f in dataclasses.fields(Knobs)
+             if f.name not in REQUESTED and getattr(current, f.name) != getattr(default, f.name)}
+    fixed = couple_lora(fixed, lora_rank)
+    work = workload_of_step3(cfg, hw.num_gpus, actor_config, critic_config)
+    best, closest = search(work, hw, current, fixed, lora_rank)
+    if best is None:
+        short = max(closest.prediction.peak_gb().values()) - hw.usable_gb
+        raise UserError(f"--auto_fit: nothing fits {hw.num_gpus} x {hw.gpu_memory_gb:.0f} GiB; the closest settings "
+                        f"({closest.knobs.flags()}) need {short:.1f} GiB more per GPU. Add GPUs, shorten "
+                        "--max_prompt_seq_len / --max_answer_seq_len, or unset the memory flags you fixed "
+                        "(python -m engine.planner shows the breakdown)")
+    parts = {}
+    for part_name in ("ds", "lora", "train", "ppo"):
+        part = getattr(cfg, part_name)
+        names = {f.name for f in dataclasses.fields(part)}
+        parts[part_name] = dataclasses.replace(part, **{f.name: getattr(best.knobs, f.name)
+                                                        for f in dataclasses.fields(Knobs) if f.name in names})
+    fitted = dataclasses.replace(cfg, **parts)
+    validate(fitted)
+    peaks = ", ".join(f"{k} {v:.1f}" for k, v in best.prediction.peak_gb().items())
+    return fitted, (f"--auto_fit chose {best.knobs.flags()} (predicted peak GiB per GPU: {peaks}; "
+                    f"{hw.usable_gb:.1f} usable)")
