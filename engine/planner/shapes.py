@@ -49,6 +49,18 @@ class ModelShape:
     hidden_size: int
     vocab_size: int
     kv_width: int              # key (= value) width per token per layer: kv heads x head dim
+    intermediate_size: int = 0  # the MLP's inner width
+    gated_mlp: bool = False     # SwiGLU-style MLP (gate and up projections): Llama, Qwen, Mistral
+    rms_norm: bool = False      # RMSNorm (computed in fp32) rather than LayerNorm
+
+    @property
+    def linear_params(self) -> int:
+        """Weights of the decoder's Linear layers (the 'auto' LoRA targets; what bitsandbytes quantizes)."""
+        return sum(fan_in * fan_out for fan_in, fan_out in self.lora_targets)
+
+    @property
+    def linear_rows(self) -> int:
+        return sum(fan_out for _, fan_out in self.lora_targets)
 
     def lora_params(self, rank: int) -> int:
         """Parameters LoRA of `rank` adds on the 'auto' targets: rank x (in + out) per Linear layer."""
@@ -84,4 +96,8 @@ def _shape(config_json: str, sequence_classification: bool) -> ModelShape:
     heads = config.num_attention_heads
     head_dim = getattr(config, "head_dim", None) or hidden // heads
     kv_heads = getattr(config, "num_key_value_heads", None) or heads
-    return ModelShape(params, largest, targets, layers, hidden, vocab, kv_heads * head_dim)
+    inner = next((getattr(config, k) for k in ("intermediate_size", "ffn_dim", "n_inner")
+                  if isinstance(getattr(config, k, None), int)), 4 * hidden)
+    gated = any(name.endswith("gate_proj") for name in modules)
+    rms = any("RMSNorm" in type(m).__name__ for m in modules.values())
+    return ModelShape(params, largest, targets, layers, hidden, vocab, kv_heads * head_dim, inner, gated, rms)
