@@ -24,7 +24,7 @@ from safetensors.torch import load_file, save_file
 
 from engine.distributed import DistInfo, barrier
 from engine.errors import UserError
-from engine.model import copy_missing_buffers, hf_model, meta_skeleton
+from engine.model import copy_missing_buffers, hf_model, is_quantized, is_quantized_tensor, meta_skeleton
 
 logger = logging.getLogger("engine")
 
@@ -57,7 +57,19 @@ def gather_state_dict(module: torch.nn.Module, zero_stage: int, is_main: bool) -
         return out if is_main else None
     if not is_main:
         return None
-    return {k: v.detach().cpu().clone() for k, v in module.state_dict().items()}
+    return {k: v.detach().cpu().clone() for k, v in _plain_state_dict(module).items()}
+
+
+def _plain_state_dict(module: torch.nn.Module) -> dict[str, torch.Tensor]:
+    """`module.state_dict()` less bitsandbytes-quantized weights and the statistics bitsandbytes stores beside
+    them (absmax, quant maps, row scales): they are frozen and re-made from the model folder, and torch's
+    `load_state_dict` cannot load them back into a quantized layer."""
+    state = module.state_dict()
+    params = dict(module.named_parameters())
+    if not any(is_quantized_tensor(p) for p in params.values()):
+        return state
+    keep = {n for n, p in params.items() if not is_quantized_tensor(p)} | {n for n, _ in module.named_buffers()}
+    return {k: v for k, v in state.items() if k in keep}
 
 
 def save_module_tensors(module: torch.nn.Module, zero_stage: int, path: Path, dist: DistInfo) -> None:
@@ -85,7 +97,8 @@ def load_module_tensors(module: torch.nn.Module, zero_stage: int, path: Path, di
                     p.data.copy_(state[name])
         return
     missing, unexpected = module.load_state_dict(state, strict=False)
-    if unexpected or [k for k in missing if k in dict(module.named_parameters())]:
+    expected = {n for n, p in module.named_parameters() if not is_quantized_tensor(p)}  # see _plain_state_dict
+    if unexpected or [k for k in missing if k in expected]:
         raise UserError(f"--resume: {path} does not match the model ({(unexpected or missing)[:3]})")
 
 
@@ -99,6 +112,10 @@ def _merged_model(module: torch.nn.Module, state: dict[str, torch.Tensor]) -> to
     from peft import PeftModel, get_peft_model
 
     skeleton = meta_skeleton(hf_model(module))  # config copied: the save must not touch the training model
+    # A quantized model's config names its bitsandbytes settings; the saved weights are full precision.
+    for key in ("quantization_config", "_pre_quantization_dtype"):
+        if hasattr(skeleton.config, key):
+            delattr(skeleton.config, key)
     if isinstance(module, PeftModel):
         skeleton = get_peft_model(skeleton, module.peft_config["default"])
     missing, unexpected = skeleton.load_state_dict(state, strict=False, assign=True)
@@ -114,6 +131,20 @@ def _merged_model(module: torch.nn.Module, state: dict[str, torch.Tensor]) -> to
     if still_meta:
         raise RuntimeError(f"weights missing from the gathered state: {still_meta[:5]} (missing {missing[:5]})")
     return skeleton
+
+
+def _full_precision_weights(module: torch.nn.Module, base: torch.nn.Module) -> dict[str, torch.Tensor]:
+    """{name in `module`: full-precision tensor of `base`} for each quantized weight of `module`.
+
+    `base` is the same model loaded without quantization; it gets `module`'s LoRA layout (peft) so that
+    the names pair exactly."""
+    from peft import PeftModel, get_peft_model
+
+    if isinstance(module, PeftModel):
+        with torch.random.fork_rng(devices=[]):  # adapter init of a throw-away copy
+            base = get_peft_model(base, module.peft_config["default"])
+    base_params = dict(base.named_parameters())
+    return {name: base_params[name].detach() for name, p in module.named_parameters() if is_quantized_tensor(p)}
 
 
 # ----------------------------------------------------------------------------------------------
@@ -135,12 +166,20 @@ def publish_folder(staging: Path, target: Path) -> None:
 
 
 def save_hf_folder(module: torch.nn.Module, tokenizer: Any, target: Path, zero_stage: int, dist: DistInfo,
-                   extra: Callable[[Path], None] | None = None) -> None:
+                   extra: Callable[[Path], None] | None = None,
+                   full_precision: Callable[[], torch.nn.Module] | None = None) -> None:
     """Write `module` (LoRA fused) as a Hugging Face folder at `target`; all ranks must call this.
 
     `extra(folder)` adds files (e.g. the resolved config) before the folder is published.
+    `full_precision()`, for a module with bitsandbytes-quantized weights, loads the same model unquantized
+    on the CPU: its weights replace the quantized ones, so the folder is full precision (LoRA merged into
+    the original base, not into its 4-bit rounding) and loads without bitsandbytes.
     """
     state = gather_state_dict(module, zero_stage, dist.is_main)
+    if dist.is_main and is_quantized(module):
+        if full_precision is None:
+            raise ValueError("saving a quantized model needs `full_precision` (the base is not kept in full precision)")
+        state |= _full_precision_weights(module, full_precision())
     if dist.is_main:
         target.parent.mkdir(parents=True, exist_ok=True)
         staging = Path(tempfile.mkdtemp(prefix=f".{target.name}.staging-", dir=target.parent))
@@ -180,7 +219,9 @@ def save_resume_state(engines: Any, output_dir: Path, tag: str, client_state: di
     # DeepSpeed writes its `latest` file at the end of save_checkpoint; we write ours only after the
     # RNG files too, so an interrupted save is never picked up by --resume.
     for name, engine in _named_engines(engines).items():
-        engine.save_checkpoint(str(folder / name), tag=tag, client_state=client_state, save_latest=False)
+        # A quantized base is frozen and re-made from the model folder: only what trains is saved.
+        engine.save_checkpoint(str(folder / name), tag=tag, client_state=client_state, save_latest=False,
+                               exclude_frozen_parameters=is_quantized(engine.module))
     (folder / tag).mkdir(parents=True, exist_ok=True)
     if extra is not None:
         extra(folder / tag)
@@ -219,6 +260,17 @@ def latest_checkpoint(output_dir: Path) -> Path:
     return folder / latest.read_text().strip()
 
 
+def _load_trained(src: dict[str, torch.Tensor], dst: torch.nn.Module) -> None:
+    """DeepSpeed's module loader for a model with a quantized frozen base (saved without it): every trained
+    parameter must be in the checkpoint; the base stays as loaded from the model folder."""
+    trained = {n for n, p in dst.named_parameters() if p.requires_grad}
+    missing = sorted(trained - set(src))
+    if missing:
+        raise UserError(f"--resume: the checkpoint lacks trained weights of the model ({missing[:3]}); was it written "
+                        "with other LoRA settings? Resume with the flags of the run that wrote it")
+    dst.load_state_dict({k: v for k, v in src.items() if k in trained}, strict=False)
+
+
 def load_resume_state(engines: Any, output_dir: Path, dist: DistInfo, keys: tuple[str, ...] = POSITION_KEYS
                       ) -> dict[str, Any]:
     """Restore the last checkpoint written by `save_resume_state`; returns the `keys` of its client state."""
@@ -231,7 +283,8 @@ def load_resume_state(engines: Any, output_dir: Path, dist: DistInfo, keys: tupl
     client_state: dict[str, Any] = {}
     for name, engine in _named_engines(engines).items():
         load_path, state = engine.load_checkpoint(str(folder / name), tag=tag, load_optimizer_states=True,
-                                                  load_lr_scheduler_states=True)
+                                                  load_lr_scheduler_states=True,
+                                                  custom_load_fn=_load_trained if is_quantized(engine.module) else None)
         if load_path is None:
             raise UserError(f"--resume: DeepSpeed could not load {folder / name / tag}")
         client_state = client_state or state

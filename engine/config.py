@@ -354,8 +354,26 @@ class Step3DeepSpeedArgs:
         8, "Layers gathered at a time for tensor-parallel generation; used only with --inference_tp_size > 1.")
     enable_mixed_precision_lora: bool = arg(
         False, "MixZ++: quantize the actor's frozen base weights under ZeRO-3 with LoRA (needs a CUDA GPU).")
+    actor_quantization: str = arg(
+        "none", "QLoRA: load the actor's base Linear weights in 4-bit NF4 (bitsandbytes, computing in --dtype), "
+        "frozen, and train LoRA adapters on them. Needs --actor_lora_dim > 0, --only_optimize_lora and "
+        "--actor_zero_stage 0-2; pair with --reference_quantization 4bit, or the KL also measures the base's "
+        "rounding. The saved actor/ is full precision (the base re-read from the actor folder, LoRA merged).",
+        choices=("none", "4bit"))
+    reference_quantization: str = arg(
+        "none", "Load the frozen reference's Linear weights with bitsandbytes: 8bit (LLM.int8) or 4bit (NF4). "
+        "A quantized reference is whole on every rank (ZeRO cannot partition it), even with --actor_zero_stage 3.",
+        choices=("none", "8bit", "4bit"))
+    reward_quantization: str = arg(
+        "none", "Load the frozen reward model's Linear weights with bitsandbytes: 8bit (LLM.int8) or 4bit (NF4); "
+        "its value head stays in --dtype. Whole on every rank, even with --critic_zero_stage 3.",
+        choices=("none", "8bit", "4bit"))
     deepspeed_config: str | None = arg(
         None, "A DeepSpeed JSON config for the trained roles; its \"auto\" values are filled from the flags.")
+    auto_fit: bool = arg(
+        False, "Let the memory planner (python -m engine.planner) choose the memory settings left at their "
+        "defaults (ZeRO stages, offload, LoRA, gradient checkpointing, quantized roles, hybrid mode, batch "
+        "sizes up to the given ones) for this machine's GPUs; flags you set are kept.")
     deepspeed: bool = arg(False, "Accepted for DeepSpeed-Chat launch scripts; DeepSpeed is always on.")
     local_rank: int = arg(-1, "Set by the launcher; ignored (LOCAL_RANK from the environment wins).")
 
@@ -735,6 +753,7 @@ def _validate_step3(cfg: "Step3Config") -> list[str]:
             problems.append("--enable_mixed_precision_lora cannot be combined with --enable_hybrid_engine "
                             "(the hybrid mode gathers full-precision weights); choose one, as DeepSpeed-Chat's "
                             "llama2 _mixz script does")
+    problems += _quantization_problems(cfg)
     if ppo.align_overflow and ds.dtype != "fp16":
         problems.append("--align_overflow is about fp16 loss-scale overflow; bf16 and fp32 never overflow, "
                         "so use it only with --dtype fp16")
@@ -762,6 +781,36 @@ def _validate_step3(cfg: "Step3Config") -> list[str]:
         problems.append("--eval_interval must be >= 0 and --eval_prompts >= 1")
     if cfg.log.print_answers_interval < 1:
         problems.append("--print_answers_interval must be >= 1")
+    return problems
+
+
+def missing_quantization_packages() -> list[str]:
+    """The packages bitsandbytes quantization needs that are not installed (transformers loads bitsandbytes
+    models through accelerate's device map)."""
+    return [name for name in ("bitsandbytes", "accelerate") if importlib.util.find_spec(name) is None]
+
+
+def _quantization_problems(cfg: "Step3Config") -> list[str]:
+    """Checks of --actor_quantization, --reference_quantization and --reward_quantization."""
+    problems: list[str] = []
+    ds, lora = cfg.ds, cfg.lora
+    chosen = [f"--{role}_quantization" for role in ("actor", "reference", "reward")
+              if getattr(ds, f"{role}_quantization") != "none"]
+    missing = missing_quantization_packages() if chosen else []
+    if missing:
+        problems.append(f"{' and '.join(chosen)} {'need' if len(chosen) > 1 else 'needs'} {' and '.join(missing)}, "
+                        f"which {'are' if len(missing) > 1 else 'is'} not installed: pip install {' '.join(missing)}")
+    if ds.actor_quantization != "none":
+        if lora.actor_lora_dim == 0 or not lora.only_optimize_lora:
+            problems.append(f"--actor_quantization {ds.actor_quantization} (QLoRA) trains LoRA adapters on a frozen "
+                            "quantized base: add --actor_lora_dim 8 (or another rank > 0) and --only_optimize_lora")
+        if ds.actor_zero_stage == 3:
+            problems.append(f"--actor_quantization {ds.actor_quantization} needs --actor_zero_stage 0, 1 or 2: ZeRO-3 "
+                            "cannot partition bitsandbytes weights (the 4-bit base is whole on every rank)")
+    for role, flag in (("reference", "offload_reference_model"), ("reward", "offload_reward_model")):
+        if getattr(ds, f"{role}_quantization") != "none" and getattr(ds, flag):
+            problems.append(f"--{role}_quantization and --{flag} exclude each other: offloading moves ZeRO-3 "
+                            f"partitions to the CPU, and a quantized {role} model is not partitioned; drop one of them")
     return problems
 
 

@@ -15,11 +15,15 @@ def ema_update(ema_model: torch.nn.Module, model: torch.nn.Module, decay: float,
     """Move every EMA parameter towards the model's: lerp(param, ema, decay) = decay*ema + (1-decay)*param.
 
     The two models must have the same parameter names (the EMA is a copy of the actor, LoRA included).
+    Quantized (integer-stored) weights are skipped: they are the same frozen base in both models.
     """
     if not 0.0 <= decay <= 1.0:
         raise ValueError(f"EMA decay must be in [0, 1], not {decay}")
     params = dict(model.named_parameters())
     for name, ema_param in ema_model.named_parameters():
+        if not ema_param.dtype.is_floating_point:
+            # A bitsandbytes-quantized base (4-bit actor): frozen, and the same weights in both models.
+            continue
         param = params[name]
         if zero_stage == 3:
             import deepspeed

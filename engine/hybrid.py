@@ -17,7 +17,7 @@ from typing import Any, Iterator
 
 import torch
 
-from engine.model import copy_missing_buffers, hf_model, meta_skeleton
+from engine.model import copy_missing_buffers, hf_model, is_quantized, meta_skeleton
 
 
 def _fused_tensors(inner: torch.nn.Module, may_modify: bool) -> dict[str, torch.Tensor]:
@@ -55,18 +55,35 @@ def hook_free_replica(module: torch.nn.Module, may_modify: bool) -> torch.nn.Mod
 
 
 @contextlib.contextmanager
+def _kv_cache(module: torch.nn.Module) -> Iterator[None]:
+    """Turn the KV cache on inside the block (training models are built with use_cache off)."""
+    config = hf_model(module).config
+    was = config.use_cache
+    config.use_cache = True
+    try:
+        yield
+    finally:
+        config.use_cache = was
+
+
+@contextlib.contextmanager
 def generation_mode(engine: Any, zero_stage: int) -> Iterator[torch.nn.Module]:
     """`with generation_mode(actor_engine, stage) as model: model.generate(...)`.
 
-    Yields a hook-free replica (ZeRO-3: gathered once for the whole block). Restores the training
-    mode on exit, whatever happens inside.
+    Yields a hook-free replica (ZeRO-3: gathered once for the whole block), or the module itself when its
+    base is quantized. Restores the training mode on exit, whatever happens inside.
     """
     module = engine.module
     was_training = module.training
     module.eval()
     try:
         with torch.no_grad():
-            if zero_stage == 3:
+            if is_quantized(module):
+                # A 4-bit actor (ZeRO 0-2): LoRA cannot be folded into bitsandbytes weights without a
+                # full-precision copy of the base, the memory QLoRA saves; it generates as it is, with a KV cache.
+                with _kv_cache(module):
+                    yield module
+            elif zero_stage == 3:
                 import deepspeed
 
                 params = list(module.parameters())

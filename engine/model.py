@@ -14,7 +14,7 @@ from typing import Any, Iterator
 
 import torch
 
-from engine.config import DataArgs, ModelArgs
+from engine.config import DataArgs, ModelArgs, missing_quantization_packages
 from engine.distributed import DistInfo, barrier
 from engine.errors import UserError
 
@@ -113,12 +113,60 @@ def resize_embeddings(model: torch.nn.Module, tokenizer: Any) -> None:
         model.resize_token_embeddings(len(tokenizer), pad_to_multiple_of=8)
 
 
+def quantization_config(quantization: str, dtype: str) -> Any:
+    """transformers' `BitsAndBytesConfig` of a --*_quantization value (None for 'none').
+
+    4bit: NF4 (QLoRA's data type), one fp32 absmax per 64 weights, matmuls in the role's `dtype`;
+    8bit: LLM.int8 (one fp32 scale per output row; outlier features in 16-bit). Embeddings, norms and
+    the output head (lm_head, the reward model's score) stay in `dtype`, as transformers leaves them.
+    """
+    if quantization == "none":
+        return None
+    missing = missing_quantization_packages()
+    if missing:
+        raise UserError(f"{quantization} quantization needs {' and '.join(missing)}: pip install {' '.join(missing)}")
+    from transformers import BitsAndBytesConfig
+
+    if quantization == "4bit":
+        return BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_compute_dtype=DTYPES[dtype])
+    if quantization == "8bit":
+        return BitsAndBytesConfig(load_in_8bit=True)
+    raise ValueError(f"quantization must be none, 8bit or 4bit, not {quantization!r}")
+
+
+def is_quantized_tensor(tensor: torch.Tensor) -> bool:
+    """A bitsandbytes weight (packed 4-bit or int8 storage, with its scales beside it), not a plain tensor."""
+    return type(tensor).__module__.startswith("bitsandbytes")
+
+
+def is_quantized(module: torch.nn.Module) -> bool:
+    """Whether `module` holds bitsandbytes-quantized weights (which ZeRO-3 cannot partition)."""
+    return any(is_quantized_tensor(p) for p in module.parameters())
+
+
+class _DropInt8CastWarning(logging.Filter):
+    def filter(self, record: logging.LogRecord) -> bool:
+        return not str(record.msg).startswith("MatMul8bitLt: inputs will be cast")
+
+
+def _quiet_int8_cast_warning() -> None:
+    """LLM.int8 casts bf16/fp32 activations to fp16 for its matmuls, by design; bitsandbytes logs a warning
+    for every layer on every call, which would bury the training log. Say it once instead."""
+    bnb_logger = logging.getLogger("bitsandbytes.autograd._functions")
+    if not any(isinstance(f, _DropInt8CastWarning) for f in bnb_logger.filters):
+        bnb_logger.addFilter(_DropInt8CastWarning())
+        logger.info("8-bit (LLM.int8) layers compute with fp16 inputs: bitsandbytes casts the activations")
+
+
 def load_pretrained(auto_class: Any, path: str, model: ModelArgs, tokenizer: Any, dtype: str,
-                    ds_config: dict[str, Any] | None, gradient_checkpointing: bool, **config_overrides: Any
-                    ) -> torch.nn.Module:
+                    ds_config: dict[str, Any] | None, gradient_checkpointing: bool, quantization: str = "none",
+                    device: torch.device | None = None, **config_overrides: Any) -> torch.nn.Module:
     """`auto_class.from_pretrained(path)` ready for `deepspeed.initialize` (partitioned under ZeRO-3).
 
-    `config_overrides` set config attributes first (e.g. num_labels=1 for a reward model).
+    `quantization` ('none', '8bit', '4bit'): load the decoder's Linear weights with bitsandbytes (see
+    `quantization_config`) whole onto `device` (default CPU); ZeRO-3 cannot partition them, so
+    `ds_config` must not be a ZeRO-3 config then. `config_overrides` set config attributes first (e.g.
+    num_labels=1 for a reward model).
     """
     from transformers import AutoConfig
 
@@ -129,11 +177,19 @@ def load_pretrained(auto_class: Any, path: str, model: ModelArgs, tokenizer: Any
     for key, value in config_overrides.items():
         setattr(hf_config, key, value)
     configure_model_config(hf_config, model, tokenizer.pad_token_id)
+    quantized: dict[str, Any] = {}
+    if quantization != "none":
+        if (ds_config or {}).get("zero_optimization", {}).get("stage", 0) == 3:
+            raise ValueError("a quantized model cannot be built for ZeRO-3 (ZeRO cannot partition bitsandbytes weights)")
+        if quantization == "8bit":
+            _quiet_int8_cast_warning()
+        quantized = {"quantization_config": quantization_config(quantization, dtype),
+                     "device_map": {"": str(device or "cpu")}}
     with zero3_construction(ds_config):
         try:
             loaded = auto_class.from_pretrained(
                 path, config=hf_config, dtype=DTYPES[dtype], attn_implementation=model.attn_implementation,
-                trust_remote_code=model.trust_remote_code)
+                trust_remote_code=model.trust_remote_code, **quantized)
         except (OSError, ValueError) as err:
             raise hub_error(path, err) from None
         resize_embeddings(loaded, tokenizer)
@@ -144,11 +200,13 @@ def load_pretrained(auto_class: Any, path: str, model: ModelArgs, tokenizer: Any
 
 
 def load_causal_lm(path: str, model: ModelArgs, tokenizer: Any, dtype: str,
-                   ds_config: dict[str, Any] | None, gradient_checkpointing: bool) -> torch.nn.Module:
-    """A causal LM ready for `deepspeed.initialize`."""
+                   ds_config: dict[str, Any] | None, gradient_checkpointing: bool, quantization: str = "none",
+                   device: torch.device | None = None) -> torch.nn.Module:
+    """A causal LM ready for `deepspeed.initialize` (`quantization`, `device`: see `load_pretrained`)."""
     from transformers import AutoModelForCausalLM
 
-    return load_pretrained(AutoModelForCausalLM, path, model, tokenizer, dtype, ds_config, gradient_checkpointing)
+    return load_pretrained(AutoModelForCausalLM, path, model, tokenizer, dtype, ds_config, gradient_checkpointing,
+                           quantization, device)
 
 
 def meta_skeleton(model: torch.nn.Module) -> torch.nn.Module:

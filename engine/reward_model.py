@@ -46,12 +46,16 @@ class RewardModel(torch.nn.Module):
 
 
 def load_reward_model(path: str, model: ModelArgs, tokenizer: Any, dtype: str, ds_config: dict[str, Any] | None,
-                      gradient_checkpointing: bool) -> RewardModel:
-    """A reward model from a reward-model folder or, with a fresh value head, from a causal-LM folder."""
+                      gradient_checkpointing: bool, quantization: str = "none", device: torch.device | None = None
+                      ) -> RewardModel:
+    """A reward model from a reward-model folder or, with a fresh value head, from a causal-LM folder.
+
+    `quantization` ('none', '8bit', '4bit'), `device`: see `engine.model.load_pretrained`; the value head
+    is never quantized (transformers keeps a model's last Linear layer in full precision)."""
     from transformers import AutoModelForSequenceClassification
 
     return RewardModel(load_pretrained(AutoModelForSequenceClassification, path, model, tokenizer, dtype, ds_config,
-                                       gradient_checkpointing, num_labels=1))
+                                       gradient_checkpointing, quantization, device, num_labels=1))
 
 
 def add_lora(model: RewardModel, lora: LoRAArgs) -> RewardModel:

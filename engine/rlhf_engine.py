@@ -8,12 +8,18 @@
   actor update; partitioned like the actor so the two can be gathered in pairs.
 
 Frozen roles are in eval mode, have no gradients and belong to no optimizer (DeepSpeed-Chat's layout).
+
+Quantized roles (--reference_quantization, --reward_quantization: bitsandbytes 8-bit or 4-bit) are loaded
+whole on every rank and run as plain modules (`FrozenModule`), not DeepSpeed engines: ZeRO cannot
+partition bitsandbytes weights. A 4-bit actor (--actor_quantization, QLoRA) is a DeepSpeed engine at
+ZeRO 0-2 whose optimizer holds only the LoRA adapters; its EMA is 4-bit too (the EMA moves the adapters).
 """
 from __future__ import annotations
 
 import logging
 from dataclasses import dataclass
-from typing import Any
+from functools import partial
+from typing import Any, Callable
 
 import torch
 
@@ -23,7 +29,7 @@ from engine.ds_config import eval_ds_config, fill_template, load_template, train
 from engine.ema import ema_update
 from engine.errors import UserError
 from engine.lora import apply_lora
-from engine.model import load_causal_lm, load_tokenizer, resolve_model_path
+from engine.model import is_quantized, load_causal_lm, load_tokenizer, resolve_model_path
 from engine.reward_model import add_lora, check_reward_model_config, load_reward_model
 from engine.training import deepspeed_initialize, init_trained_engine
 
@@ -42,6 +48,8 @@ class Roles:
     ema: Any | None
     actor_stage: int
     critic_stage: int
+    # A quantized actor's full-precision base, loaded on the CPU (for saving: `engine.checkpoint.save_hf_folder`).
+    actor_full_precision: Callable[[], torch.nn.Module] | None = None
 
     @property
     def ema_stage(self) -> int:
@@ -118,10 +126,34 @@ def _freeze(model: torch.nn.Module) -> torch.nn.Module:
     return model.eval().requires_grad_(False)
 
 
+class FrozenModule(torch.nn.Module):
+    """A frozen role run as a plain module, with what step 3 uses of a DeepSpeed engine: `.module`, calls,
+    `.eval()` and `optimizer` None. For quantized roles, whose bitsandbytes weights ZeRO cannot partition."""
+
+    optimizer = None
+
+    def __init__(self, module: torch.nn.Module):
+        super().__init__()
+        self.module = _freeze(module)
+
+    def forward(self, *args: Any, **kwargs: Any) -> Any:
+        return self.module(*args, **kwargs)
+
+
 def _init_frozen(model: torch.nn.Module, ds_config: dict[str, Any]) -> Any:
+    if is_quantized(model):
+        return FrozenModule(model)
     engine = deepspeed_initialize(_freeze(model), None, None, ds_config)
     engine.eval()
     return engine
+
+
+def _frozen_config(cfg: Step3Config, quantization: str, follows_stage: int, offload: bool,
+                   world_size: int) -> dict[str, Any] | None:
+    """The DeepSpeed config of a frozen role; None for a quantized one (a plain module, see `FrozenModule`)."""
+    if quantization != "none":
+        return None
+    return frozen_ds_config(cfg, follows_stage, offload, world_size)
 
 
 def _trained(model: torch.nn.Module, ds_config: dict[str, Any], lr: float, weight_decay: float, lora_lr: float,
@@ -136,12 +168,13 @@ def _trained(model: torch.nn.Module, ds_config: dict[str, Any], lr: float, weigh
 def build_roles(cfg: Step3Config, dist: DistInfo, tokenizer: Any, actor_path: str, critic_path: str,
                 total_steps: int, ptx: bool) -> Roles:
     """Load and wrap every role. `total_steps` is the optimizer steps of each trained role's schedule."""
-    world, ds, dtype = dist.world_size, cfg.ds, cfg.ds.dtype
+    world, ds, dtype, device = dist.world_size, cfg.ds, cfg.ds.dtype, dist.device
     actor_args, critic_args = cfg.role_model("actor"), cfg.role_model("critic")
 
-    # Actor (+ LoRA) and its frozen reference.
+    # Actor (+ LoRA; a 4-bit base with --actor_quantization) and its frozen reference.
     actor_config = actor_ds_config(cfg, world, ptx)
-    actor = load_causal_lm(actor_path, actor_args, tokenizer, dtype, actor_config, ds.actor_gradient_checkpointing)
+    actor = load_causal_lm(actor_path, actor_args, tokenizer, dtype, actor_config, ds.actor_gradient_checkpointing,
+                           ds.actor_quantization, device)
     actor_lora = cfg.role_lora("actor")
     if actor_lora.lora_dim > 0:
         actor = apply_lora(actor, actor_lora)
@@ -149,8 +182,9 @@ def build_roles(cfg: Step3Config, dist: DistInfo, tokenizer: Any, actor_path: st
                             actor_lora.lora_learning_rate, cfg, total_steps)
     if ds.enable_mixed_precision_lora:
         actor_engine.optimizer.quantize_nontrainable_params()
-    ref_config = frozen_ds_config(cfg, ds.actor_zero_stage, ds.offload_reference_model, world)
-    ref = _init_frozen(load_causal_lm(actor_path, actor_args, tokenizer, dtype, ref_config, False), ref_config)
+    ref_config = _frozen_config(cfg, ds.reference_quantization, ds.actor_zero_stage, ds.offload_reference_model, world)
+    ref = _init_frozen(load_causal_lm(actor_path, actor_args, tokenizer, dtype, ref_config, False,
+                                      ds.reference_quantization, device), ref_config)
 
     # Critic (+ LoRA) and the frozen reward model, both from the step-2 folder.
     critic_config = critic_ds_config(cfg, world)
@@ -161,25 +195,51 @@ def build_roles(cfg: Step3Config, dist: DistInfo, tokenizer: Any, actor_path: st
         critic = add_lora(critic, critic_lora)
     critic_engine = _trained(critic, critic_config, cfg.train.critic_learning_rate, cfg.train.critic_weight_decay,
                              critic_lora.lora_learning_rate, cfg, total_steps)
-    reward_config = frozen_ds_config(cfg, ds.critic_zero_stage, ds.offload_reward_model, world)
-    reward = _init_frozen(load_reward_model(critic_path, critic_args, tokenizer, dtype, reward_config, False),
-                          reward_config)
+    reward_config = _frozen_config(cfg, ds.reward_quantization, ds.critic_zero_stage, ds.offload_reward_model, world)
+    reward = _init_frozen(load_reward_model(critic_path, critic_args, tokenizer, dtype, reward_config, False,
+                                            ds.reward_quantization, device), reward_config)
 
-    ema_engine = None
-    if cfg.ppo.enable_ema:
-        # Same structure as the actor (LoRA included) so parameters pair by name; starts as its copy.
-        ema_config = frozen_ds_config(cfg, ds.actor_zero_stage, ds.offload_reference_model, world)
-        ema = load_causal_lm(actor_path, actor_args, tokenizer, dtype, ema_config, False)
-        if actor_lora.lora_dim > 0:
-            with torch.random.fork_rng(devices=[]):  # its LoRA init is overwritten; keep the RNG stream
-                ema = apply_lora(ema, actor_lora)
-        ema_engine = _init_frozen(ema, ema_config)
-        ema_update(ema_engine.module, actor_engine.module, decay=0.0, zero_stage=ds.actor_zero_stage)
-
-    roles = Roles(actor_engine, critic_engine, ref, reward, ema_engine, ds.actor_zero_stage, ds.critic_zero_stage)
-    logger.info("roles: actor ZeRO-%d%s, critic ZeRO-%d%s, reference ZeRO-%d, reward ZeRO-%d%s",
-                ds.actor_zero_stage, f" LoRA {actor_lora.lora_dim}" if actor_lora.lora_dim else "",
+    ema_engine = _ema_role(cfg, actor_engine, actor_path, tokenizer, dist) if cfg.ppo.enable_ema else None
+    if ds.actor_quantization not in ("none", ds.reference_quantization):
+        logger.warning("--actor_quantization %s with --reference_quantization %s: the KL penalty also measures the "
+                       "quantization of the actor's base (it is not 0 before training); --reference_quantization %s "
+                       "compares the actor with the same quantized base", ds.actor_quantization,
+                       ds.reference_quantization, ds.actor_quantization)
+    # What a saved 4-bit actor is made of: the base re-read in --dtype on the CPU, LoRA merged into it.
+    full_precision = (partial(load_causal_lm, actor_path, actor_args, tokenizer, dtype, None, False)
+                      if ds.actor_quantization != "none" else None)
+    roles = Roles(actor_engine, critic_engine, ref, reward, ema_engine, ds.actor_zero_stage, ds.critic_zero_stage,
+                  full_precision)
+    logger.info("roles: actor %s%s, critic ZeRO-%d%s, reference %s, reward %s%s",
+                _describe(ds.actor_zero_stage, ds.actor_quantization),
+                f" LoRA {actor_lora.lora_dim}" if actor_lora.lora_dim else "",
                 ds.critic_zero_stage, f" LoRA {critic_lora.lora_dim}" if critic_lora.lora_dim else "",
-                ref_config["zero_optimization"]["stage"], reward_config["zero_optimization"]["stage"],
+                _describe(ref_config, ds.reference_quantization), _describe(reward_config, ds.reward_quantization),
                 ", EMA" if ema_engine is not None else "")
     return roles
+
+
+def _ema_role(cfg: Step3Config, actor_engine: Any, actor_path: str, tokenizer: Any, dist: DistInfo) -> Any:
+    """The EMA of the actor, starting as its copy. Same structure as the actor (LoRA and 4-bit base included) so
+    parameters pair by name; with a 4-bit actor both bases are the same frozen weights and the EMA moves the
+    adapters only."""
+    ds = cfg.ds
+    ema_config = _frozen_config(cfg, ds.actor_quantization, ds.actor_zero_stage, ds.offload_reference_model,
+                                dist.world_size)
+    ema = load_causal_lm(actor_path, cfg.role_model("actor"), tokenizer, ds.dtype, ema_config, False,
+                         ds.actor_quantization, dist.device)
+    actor_lora = cfg.role_lora("actor")
+    if actor_lora.lora_dim > 0:
+        with torch.random.fork_rng(devices=[]):  # its LoRA init is overwritten; keep the RNG stream
+            ema = apply_lora(ema, actor_lora)
+    ema_engine = _init_frozen(ema, ema_config)
+    ema_update(ema_engine.module, actor_engine.module, decay=0.0, zero_stage=ds.actor_zero_stage)
+    return ema_engine
+
+
+def _describe(stage_or_config: int | dict[str, Any] | None, quantization: str) -> str:
+    """'ZeRO-3', or 'ZeRO-0 4bit' for a quantized trained role, or '8bit (whole on each rank)' for a frozen one."""
+    if stage_or_config is None:
+        return f"{quantization} (whole on each rank)"
+    stage = stage_or_config if isinstance(stage_or_config, int) else stage_or_config["zero_optimization"]["stage"]
+    return f"ZeRO-{stage}" + (f" {quantization}" if quantization != "none" else "")

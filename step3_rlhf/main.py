@@ -21,7 +21,7 @@ import time
 from dataclasses import dataclass
 from functools import partial
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any, Callable, Sequence
 
 import torch
 from tqdm import tqdm
@@ -66,14 +66,21 @@ class PPOSchedule:
         return cls(steps, micro, steps.total_steps * micro * t.ppo_epochs // t.gradient_accumulation_steps)
 
 
-def main(argv: Sequence[str] | None = None) -> None:
+def main(argv: Sequence[str] | None = None, *, benchmark: Callable[["Run"], None] | None = None) -> None:
+    """`benchmark` (benchmarks/rlhf_step.py) is called with the built run just before the PPO loop; such
+    a run skips the evaluations, the saved models and the plots, which a throughput measurement does not want."""
     cfg = parse_config(Step3Config, argv, description=__doc__)
     out = check_output_dir(cfg.log.output_dir)
     dist = init_distributed(cfg.train.seed)
     setup_logging(dist.is_main)
+    # Memory in use before any model is built (on CPU the RSS of Python, torch and the process group): the
+    # CPU phase peaks (process RSS) minus this are what the run itself added.
+    baseline_gb = current_memory_gb(dist.device)
 
     # Inputs first: bad folders or data fail before anything is written.
     actor_path, critic_path = resolve_paths(cfg, dist)
+    if cfg.ds.auto_fit:
+        cfg = fit_to_machine(cfg, dist, actor_path, critic_path)
     tokenizer = load_step3_tokenizer(cfg, actor_path, critic_path)
     cache_dir = Path(cfg.data.data_output_path or out / "data_cache")
     width = cfg.data.max_prompt_seq_len
@@ -102,11 +109,16 @@ def main(argv: Sequence[str] | None = None) -> None:
                 cfg.train.per_device_training_batch_size, plan.optimizer_steps, dist.world_size)
     run = Run(cfg, roles, trainer, tokenizer, dist, out, metrics, model_shapes(cfg, roles))
     if position["global_step"] == 0:
-        metrics.log(0, evaluate(run, eval_loader))
+        metrics.log(0, {"memory/baseline_gb": baseline_gb} | ({} if benchmark is not None else evaluate(run, eval_loader)))
+    if benchmark is not None:
+        benchmark(run)
 
     stopped = train(run, prompt_loader, ptx_loader, eval_loader, plan, position)
     if stopped is not None:
         logger.info("stopped by --test_stop_step at PPO step %d", stopped)
+    if benchmark is not None:
+        metrics.close()
+        return
     final = evaluate(run, eval_loader)
     if not eval_due(cfg, position["global_step"]):
         metrics.log(position["global_step"], final)
@@ -118,6 +130,19 @@ def main(argv: Sequence[str] | None = None) -> None:
                      "rollout/response_len", "eval/score_mean"], title="Step 3: PPO")
         logger.info("done: eval score %.3f%s; models in %s", final["eval/score_mean"],
                     f", rule success {final['eval/rule_success']:.3f}" if "eval/rule_success" in final else "", out)
+
+
+def fit_to_machine(cfg: Step3Config, dist: DistInfo, actor_path: str, critic_path: str) -> Step3Config:
+    """--auto_fit: the planner's cheapest memory settings for this machine (flags the user set are kept)."""
+    from transformers import AutoConfig
+
+    from engine.planner.plan import auto_fit, this_machine
+
+    configs = [AutoConfig.from_pretrained(p, trust_remote_code=cfg.model.trust_remote_code)
+               for p in (actor_path, critic_path)]
+    fitted, message = auto_fit(cfg, this_machine(dist.world_size), *configs)
+    logger.info("%s", message)
+    return fitted
 
 
 @dataclass
@@ -338,10 +363,12 @@ def save_models(run: Run, folder: Path) -> None:
     """actor/, critic/ and actor_ema/ under `folder` as Hugging Face folders (LoRA fused, atomic)."""
     roles, tok, dist = run.roles, run.tokenizer, run.dist
     extra = lambda target: save_config_yaml(run.cfg, target / "config.yaml")  # noqa: E731
-    save_hf_folder(roles.actor.module, tok, folder / "actor", roles.actor_stage, dist, extra=extra)
+    base = roles.actor_full_precision  # a 4-bit actor is saved as its full-precision base with LoRA merged
+    save_hf_folder(roles.actor.module, tok, folder / "actor", roles.actor_stage, dist, extra=extra, full_precision=base)
     save_hf_folder(roles.critic.module.model, tok, folder / "critic", roles.critic_stage, dist, extra=extra)
     if roles.ema is not None:
-        save_hf_folder(roles.ema.module, tok, folder / "actor_ema", roles.ema_stage, dist, extra=extra)
+        save_hf_folder(roles.ema.module, tok, folder / "actor_ema", roles.ema_stage, dist, extra=extra,
+                       full_precision=base)
 
 
 def save_checkpoint(run: Run, step: int, position: dict[str, int]) -> None:

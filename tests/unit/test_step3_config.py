@@ -89,6 +89,16 @@ INVALID = [
     ({"unsup_coef": -1.0}, "--unsup_coef"),
     ({"ppo_epochs": 0}, "--ppo_epochs"),
     ({"print_answers_interval": 0}, "--print_answers_interval"),
+    # QLoRA: a 4-bit actor trains LoRA only, and ZeRO-3 cannot partition bitsandbytes weights.
+    ({"actor_quantization": "4bit"}, "--actor_lora_dim 8 (or another rank > 0) and --only_optimize_lora"),
+    ({"actor_quantization": "4bit", "actor_lora_dim": 8}, "--only_optimize_lora"),
+    ({"actor_quantization": "4bit", "actor_lora_dim": 8, "only_optimize_lora": True, "actor_zero_stage": 3},
+     "--actor_quantization 4bit needs --actor_zero_stage 0, 1 or 2"),
+    # A quantized frozen role is not partitioned, so there is nothing for ZeRO-3 to offload.
+    ({"reference_quantization": "8bit", "offload_reference_model": True, "actor_zero_stage": 3},
+     "--reference_quantization and --offload_reference_model exclude each other"),
+    ({"reward_quantization": "4bit", "offload_reward_model": True, "critic_zero_stage": 3},
+     "--reward_quantization and --offload_reward_model exclude each other"),
 ]
 
 
@@ -117,9 +127,24 @@ def test_all_problems_are_listed_together():
     {"unpin_actor_parameters": True, "release_inference_cache": True, "enable_hybrid_engine": True},
     {"enable_test_mode": True, "test_stop_step": 3},
     {"gamma": 0.0, "lam": 1.0, "top_p": 1.0, "ema_decay": 1.0, "target_kl": 6.0, "actor_dropout": 0.0},
+    # Quantized frozen roles beside ZeRO-3 partners (they are whole on each rank), fp32 included.
+    {"reference_quantization": "4bit", "reward_quantization": "8bit", "actor_zero_stage": 3, "critic_zero_stage": 3,
+     "offload_reward_model": False, "dtype": "fp32"},
+    # QLoRA at ZeRO-2 with the hybrid mode (which generates with the 4-bit module itself) and the EMA.
+    {"actor_quantization": "4bit", "actor_lora_dim": 8, "only_optimize_lora": True, "actor_zero_stage": 2,
+     "enable_hybrid_engine": True, "enable_ema": True, "dtype": "fp32"},
 ])
 def test_boundary_values_are_accepted(values):
     make_config(Step3Config, values)
+
+
+def test_quantization_without_bitsandbytes_says_how_to_install_it(monkeypatch):
+    monkeypatch.setattr(config, "missing_quantization_packages", lambda: ["bitsandbytes"])
+    make_config(Step3Config)  # no quantization asked: nothing is needed
+    with pytest.raises(UserError) as info:
+        make_config(Step3Config, {"reference_quantization": "8bit", "reward_quantization": "4bit"})
+    assert problems(info.value) == ["  - --reference_quantization and --reward_quantization need bitsandbytes, "
+                                    "which is not installed: pip install bitsandbytes"]
 
 
 def test_mixed_precision_lora_on_gpu_accepted_but_not_with_hybrid(monkeypatch):
@@ -147,6 +172,8 @@ def test_sft_only_data_path_is_not_a_step3_flag():
 def test_bad_choice_on_command_line_is_a_user_error():
     with pytest.raises(UserError, match="--actor_zero_stage"):
         parse_config(Step3Config, ["--actor_zero_stage", "4"])
+    with pytest.raises(UserError, match="--actor_quantization"):  # 8-bit is for the frozen roles only
+        parse_config(Step3Config, ["--actor_quantization", "8bit"])
 
 
 # ----------------------------------------------------------------------------------------------
