@@ -1,0 +1,79 @@
+"""The Llama-2-7B step-3 recipes: their memory flags are the planner's answer for their hardware, the
+peak in their comment is the planner's, and the flags run (one PPO step on the built-in model, CPU)."""
+from __future__ import annotations
+
+import json
+import re
+import shlex
+from pathlib import Path
+
+import pytest
+
+from engine.config import Step3Config, parse_config
+from engine.planner.__main__ import build_parser, plan
+from engine.planner.plan import knobs_from_step3
+from tests.unit.test_launch_scripts import main_py_args
+
+ROOT = Path(__file__).resolve().parents[2]
+RECIPES = sorted((ROOT / "step3_rlhf/training_scripts/llama2").glob("run_llama2_7b_*x*gb.sh"))
+
+
+def planner_command(script: Path) -> list[str]:
+    line = next(line for line in script.read_text().splitlines() if "python -m engine.planner" in line)
+    return shlex.split(line.split("python -m engine.planner", 1)[1])
+
+
+def memory_flags(script: Path) -> list[str]:
+    """The recipe's flags that the planner chose (those `Knobs.flags` writes, plus the sequence lengths)."""
+    args = main_py_args(script)
+    answer = plan(build_parser().parse_args(planner_command(script)))
+    chosen = {w for w in shlex.split(answer["flags"]) if w.startswith("--")}
+    out, i = [], 0
+    while i < len(args):
+        if args[i] in chosen:
+            out.append(args[i])
+            if i + 1 < len(args) and not args[i + 1].startswith("--"):
+                out.append(args[i + 1])
+                i += 1
+        i += 1
+    return out
+
+
+def test_three_recipes():
+    assert [p.name for p in RECIPES] == ["run_llama2_7b_1x24gb.sh", "run_llama2_7b_1x80gb.sh",
+                                         "run_llama2_7b_8x80gb.sh"]
+
+
+@pytest.mark.parametrize("script", RECIPES, ids=[p.stem for p in RECIPES])
+def test_recipe_is_the_planners_answer(script: Path):
+    answer = plan(build_parser().parse_args(planner_command(script)))
+    assert answer["fits"]
+    recipe = knobs_from_step3(parse_config(Step3Config, main_py_args(script)))
+    planned = knobs_from_step3(parse_config(Step3Config, shlex.split(answer["flags"])))
+    assert recipe == planned
+    peak = float(re.search(r"# planner: peak ([\d.]+) GiB per GPU", script.read_text()).group(1))
+    assert peak == pytest.approx(max(answer["peak_gb"].values()), abs=0.05)
+    assert f"--num_gpus {answer['hardware']['num_gpus']}" in script.read_text()
+
+
+@pytest.mark.parametrize("script", RECIPES, ids=[p.stem for p in RECIPES])
+def test_recipe_flags_run_on_a_scaled_down_model(script: Path, run_step, engine_cache, tmp_path):
+    """The 7B recipe's memory flags (ZeRO stages, offload, LoRA, checkpointing, quantized roles, hybrid
+    mode, batch sizes) on the built-in model, one rank, one PPO step with short sequences."""
+    from transformers import AutoModelForSequenceClassification, AutoTokenizer
+
+    from tests.conftest import read_metrics, tiny_model_folder
+
+    actor = tiny_model_folder(engine_cache)
+    critic = tmp_path / "rm"
+    AutoModelForSequenceClassification.from_pretrained(str(actor), num_labels=1).save_pretrained(str(critic))
+    AutoTokenizer.from_pretrained(str(actor)).save_pretrained(str(critic))
+    flags = memory_flags(script)
+    out = tmp_path / "out"
+    run_step("step3_rlhf/main.py", ["--actor_model_name_or_path", str(actor), "--critic_model_name_or_path",
+                                    str(critic), "--output_dir", str(out), *flags, "--max_prompt_seq_len", "16",
+                                    "--max_answer_seq_len", "8", "--test_stop_step", "1", "--eval_prompts", "4",
+                                    "--disable_tqdm"])
+    rows = [r for r in read_metrics(out) if "ppo/policy_loss" in r]
+    assert len(rows) == 1 and all(abs(rows[0][k]) < 1e3 for k in ("ppo/policy_loss", "ppo/value_loss"))
+    assert json.loads((out / "actor" / "config.json").read_text())["model_type"] == "llama"
