@@ -73,9 +73,6 @@ def main(argv: Sequence[str] | None = None, *, benchmark: Callable[["Run"], None
     out = check_output_dir(cfg.log.output_dir)
     dist = init_distributed(cfg.train.seed)
     setup_logging(dist.is_main)
-    # Memory in use before any model is built (on CPU the RSS of Python, torch and the process group): the
-    # CPU phase peaks (process RSS) minus this are what the run itself added.
-    baseline_gb = current_memory_gb(dist.device)
 
     # Inputs first: bad folders or data fail before anything is written.
     actor_path, critic_path = resolve_paths(cfg, dist)
@@ -96,6 +93,9 @@ def main(argv: Sequence[str] | None = None, *, benchmark: Callable[["Run"], None
     batches = min(len(prompt_loader), len(ptx_loader)) if ptx_loader is not None else len(prompt_loader)
     plan = PPOSchedule.of(cfg, batches)
 
+    # Memory in use before any model is built (on CPU the RSS of Python, the libraries, the tokenizer and
+    # the data): the CPU phase peaks (process RSS) minus this are what the models and the PPO step added.
+    baseline_gb = current_memory_gb(dist.device)
     roles = build_roles(cfg, dist, tokenizer, actor_path, critic_path, plan.optimizer_steps, ptx_loader is not None)
     trainer = PPOTrainer(cfg, roles, tokenizer, dist)
     position, metrics = start_run(cfg, {"actor": roles.actor, "critic": roles.critic}, out, dist,

@@ -1,0 +1,80 @@
+"""The planner against reality: per-phase peak memory of a step-3 run on CPU vs its prediction.
+
+A random Llama (hidden 512, 4 layers, vocabulary 8192) as actor and critic, fp32, one rank, 8
+prompts of 64 tokens and answers of up to 64. Measured: the process's peak RSS in each phase of PPO
+step 2 (step 1 has no optimizer states yet: DeepSpeed makes them at the first update) minus the RSS
+just before the models were built. glibc's malloc keeps freed blocks below its adaptive mmap
+threshold (up to 32 MiB) in its heap, where they still count as RSS; MALLOC_MMAP_THRESHOLD_=65536
+fixes the threshold so freed tensors leave the RSS, as freed CUDA memory leaves max_memory_allocated.
+
+Errors measured on 2 cores (predicted - measured) / measured, generate / experience / train: this
+test -17% / -17% / +4%; the same shape with 128 + 128 tokens -10% / -12% / +8%, with ZeRO-2
++8% / +3% / +17%. bf16 on CPU under-predicts generation by up to 40% on this small shape: bf16 runs
+hold about 0.09 GiB more between steps that is not model state (the roles measure as predicted when
+built), so the test runs fp32. A smaller shape (hidden 384) gives -25% for generation: the part of
+the RSS no tensor accounts for (allocator arenas, runtime buffers) weighs more there. BOUND is the
+error this test accepts.
+"""
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from tests.conftest import ROOT, offline_env
+
+BOUND = 0.25
+SHAPE = dict(hidden_size=512, intermediate_size=1376, num_hidden_layers=4, num_attention_heads=8,
+             num_key_value_heads=8, max_position_embeddings=256, tie_word_embeddings=False, vocab_size=8192)
+
+
+def random_pair(folder: Path) -> tuple[Path, Path]:
+    import torch
+    from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM, LlamaForSequenceClassification
+
+    from engine.embedded import TOKENIZER_DIR
+
+    tok = AutoTokenizer.from_pretrained(str(TOKENIZER_DIR))
+    config = LlamaConfig(bos_token_id=tok.eos_token_id, eos_token_id=tok.eos_token_id, pad_token_id=tok.pad_token_id,
+                         **SHAPE)
+    with torch.random.fork_rng():
+        torch.manual_seed(0)
+        actor = LlamaForCausalLM(config)
+        config.num_labels = 1
+        critic = LlamaForSequenceClassification(config)
+    for model, name in ((actor, "actor"), (critic, "critic")):
+        model.save_pretrained(str(folder / name))
+        tok.save_pretrained(str(folder / name))
+    return folder / "actor", folder / "critic"
+
+
+@pytest.mark.parametrize("flags", [[]], ids=["fp32-zero0"])
+def test_predicted_phase_peaks_within_bound_of_measured(flags, engine_cache, tmp_path):
+    from engine.config import Step3Config, parse_config
+    from engine.planner.plan import predict_for_step3
+
+    actor, critic = random_pair(tmp_path)
+    args = ["--actor_model_name_or_path", str(actor), "--critic_model_name_or_path", str(critic), "--dtype", "fp32",
+            "--max_prompt_seq_len", "64", "--max_answer_seq_len", "64", "--per_device_generation_batch_size", "8",
+            "--per_device_training_batch_size", "8", "--num_warmup_steps", "0", "--eval_prompts", "8", *flags]
+    out = tmp_path / "out"
+    env = offline_env(engine_cache) | {"MALLOC_MMAP_THRESHOLD_": "65536", "OMP_NUM_THREADS": "1"}
+    proc = subprocess.run([sys.executable, str(ROOT / "step3_rlhf/main.py"), "--output_dir", str(out),
+                           "--test_stop_step", "2", "--disable_tqdm", *args], cwd=ROOT, env=env,
+                          capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    baseline = next(r["memory/baseline_gb"] for r in rows if "memory/baseline_gb" in r)
+    step2 = [r for r in rows if "memory/train_peak_gb" in r][1]
+    predicted = predict_for_step3(parse_config(Step3Config, args), world_size=1, merge_host=True)["peak_gb"]
+    errors = {}
+    for phase in ("generate", "experience", "train"):
+        measured = step2[f"memory/{phase}_peak_gb"] - baseline
+        errors[phase] = (predicted[phase] - measured) / measured
+    print("planner error per phase:", {k: f"{v:+.1%}" for k, v in errors.items()})
+    assert all(abs(e) <= BOUND for e in errors.values()), errors
+    # the phases differ enough that a flat guess would fail: training needs the most, generation the least
+    assert step2["memory/train_peak_gb"] > step2["memory/experience_peak_gb"] > step2["memory/generate_peak_gb"]
