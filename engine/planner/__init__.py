@@ -1,12 +1,12 @@
-"""The memory planner (issue 6, in progress): will this RLHF run fit, and with which settings?
+"""The memory planner: will this RLHF run fit, and with which settings? (`python -m engine.planner`)
 
-Built so far:
 - `shapes`: the model side of a plan: shipped configs (Llama-2 7B/13B/70B, OPT 350m to 66B,
   Qwen2.5-7B; config JSON, no weights) or any Hugging Face folder, with exact parameter, largest-layer,
   LoRA and KV-cache widths read from the model built on the meta device.
 - `model_states`: bytes per rank of parameters, gradients and optimizer states of trained and frozen
   roles for each ZeRO stage, offload choice, dtype and 8/4-bit quantization, cross-checked against
   DeepSpeed's estimators and against bitsandbytes models.
-Still to come: activations and KV cache per phase, the search for the cheapest fitting configuration,
-the CLI (`python -m engine.planner`) and `--auto_fit`.
+- `activations`: KV cache, activations (with and without gradient checkpointing) and logits per phase.
+- `plan`: per-phase peaks of a step-3 run, the search for the cheapest settings that fit, and step 3's
+  `--auto_fit`.
 """
