@@ -324,7 +324,7 @@ def _largest_batches(work: Workload, knobs: Knobs, hw: Hardware) -> tuple[Knobs,
     gen = next(g for g in _halvings(knobs.per_device_generation_batch_size)
                if fitting(dataclasses.replace(ones, per_device_generation_batch_size=g), ("generate", "experience")))
     k = dataclasses.replace(ones, per_device_generation_batch_size=gen)
-    for train in _halvings(min(gen, knobs.per_device_training_batch_size)):
+    for train in (t for t in _halvings(min(gen, knobs.per_device_training_batch_size)) if gen % t == 0):
         candidate = dataclasses.replace(k, per_device_training_batch_size=train)
         pred = fitting(candidate, PHASES)
         if pred is not None:

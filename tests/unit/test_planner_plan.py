@@ -136,3 +136,21 @@ def test_cli_bad_input():
         planner_main(["--actor_model", "llama-9b"])
     with pytest.raises(UserError, match="do not go together"):
         planner_main(["--actor_model", "opt-1.3b", "--actor_quantization", "4bit"])
+
+
+def test_auto_fit_keeps_set_flags_and_fills_the_rest():
+    from engine.planner.plan import auto_fit
+
+    config = load_config("llama-2-7b")
+    cfg = parse_config(Step3Config, ["--actor_model_name_or_path", "a", "--critic_model_name_or_path", "c",
+                                     "--max_prompt_seq_len", "256", "--max_answer_seq_len", "256",
+                                     "--actor_zero_stage", "2", "--per_device_generation_batch_size", "12",
+                                     "--per_device_training_batch_size", "4"])
+    fitted, message = auto_fit(cfg, Hardware(1, 80, 256), config, config)
+    assert fitted.ds.actor_zero_stage == 2                       # set by the user: kept
+    assert fitted.lora.actor_lora_dim > 0                        # two 7B models train fully only with offload
+    gen, train = fitted.train.per_device_generation_batch_size, fitted.train.per_device_training_batch_size
+    assert gen <= 12 and train <= 4 and gen % train == 0        # upper bounds; micro-batches divide a batch
+    assert "--auto_fit chose" in message
+    with pytest.raises(UserError, match="nothing fits 1 x 8 GiB.*GiB more per GPU"):
+        auto_fit(cfg, Hardware(1, 8, 64), config, config)
