@@ -11,8 +11,9 @@ step-3 flags that move memory). `predict` adds, for each phase, the model states
   and the critic's / reward model's forward, plus the stored experience;
 - actor_train / critic_train: a PPO micro-batch's activations (with or without gradient
   checkpointing), the actor's logits;
-- workspace, in every phase: ZeRO-2/3 gradient-reduction buckets (DeepSpeed's default 5e8 elements,
-  at most the trained parameters) and the ZeRO-3 prefetch bucket (3e7 elements in our configs).
+- workspace, in every phase: ZeRO's gradient-reduction buffers (the trained parameters' count, at
+  most DeepSpeed's 5e8 elements; two under ZeRO-1/2 with overlap_comm, fp32 under ZeRO-1) and the
+  ZeRO-3 prefetch bucket (3e7 elements in our configs).
 
 Bytes are per rank, split into accelerator and host; GB are GiB (2**30 bytes), as torch reports them.
 """
@@ -166,14 +167,17 @@ def role_states(work: Workload, knobs: Knobs) -> dict[str, dict[str, Bytes]]:
     roles["reward"] = frozen(c, 0, k.critic_zero_stage, k.offload_reward_model, k.reward_quantization)
     if k.enable_ema:
         roles["ema"] = frozen(a, lora_a, k.actor_zero_stage, k.offload_reference_model, "none")
-    # ZeRO-2/3 gradient buckets and the ZeRO-3 prefetch bucket live as long as the engines.
+    # ZeRO's gradient-reduction buffers (sized to the trained parameters by engine.training, at most
+    # DeepSpeed's 5e8 elements; ZeRO-1/2 keep two with overlap_comm, ZeRO-1's in fp32) and the ZeRO-3
+    # prefetch bucket live as long as the engines.
     work_bytes = 0.0
-    for stage, shape, lora in ((k.actor_zero_stage, a, lora_a), (k.critic_zero_stage, c, lora_c)):
-        trainable = lora if k.only_optimize_lora and lora else shape.params + lora
-        if stage >= 2:
-            work_bytes += b * min(REDUCE_BUCKET, trainable)
+    for stage, shape, lora, head in ((k.actor_zero_stage, a, lora_a, 0), (k.critic_zero_stage, c, lora_c, c.hidden_size)):
+        trainable = lora + head if k.only_optimize_lora and lora else shape.params + lora
+        bucket = min(REDUCE_BUCKET, max(trainable, 1_000_000))
+        if stage in (1, 2):
+            work_bytes += 2 * (4 if stage == 1 else b) * bucket
         if stage == 3:
-            work_bytes += b * min(PREFETCH_BUCKET, shape.params)
+            work_bytes += b * bucket + b * min(PREFETCH_BUCKET, shape.params)
     roles["workspace"] = {"buffers": Bytes(gpu=work_bytes)}
     return roles
 
