@@ -166,7 +166,7 @@ def role_states(work: Workload, knobs: Knobs) -> dict[str, dict[str, Bytes]]:
     roles["reference"] = frozen(a, 0, k.actor_zero_stage, k.offload_reference_model, k.reference_quantization)
     roles["reward"] = frozen(c, 0, k.critic_zero_stage, k.offload_reward_model, k.reward_quantization)
     if k.enable_ema:
-        roles["ema"] = frozen(a, lora_a, k.actor_zero_stage, k.offload_reference_model, "none")
+        roles["ema"] = frozen(a, lora_a, k.actor_zero_stage, k.offload_reference_model, k.actor_quantization)
     # ZeRO's gradient-reduction buffers (sized to the trained parameters by engine.training, at most
     # DeepSpeed's 5e8 elements; ZeRO-1/2 keep two with overlap_comm, ZeRO-1's in fp32) and the ZeRO-3
     # prefetch bucket live as long as the engines.
