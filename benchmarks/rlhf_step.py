@@ -41,6 +41,7 @@ if str(ROOT) not in sys.path:  # run as a script: the repository's packages (eng
 
 from engine import bench  # noqa: E402
 from engine.errors import UserError, run_main  # noqa: E402
+from engine.metrics import read_metrics  # noqa: E402
 
 logger = logging.getLogger("engine")
 # Step-3 flags this script sets from its own; giving them after -- would make the report disagree with the run.
@@ -228,15 +229,11 @@ def run_config(args: argparse.Namespace, probe: Probe, folders: dict[str, tuple[
     }
 
 
-def read_rows(path: Path) -> list[dict[str, Any]]:
-    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
-
-
 def make_report(args: argparse.Namespace, probe: Probe, folders: dict[str, tuple[Path, Any]], step3_flags: list[str],
                 role_bytes: dict[str, Any]) -> dict[str, Any]:
     """The report of a finished run (rank 0), from step 3's metrics.jsonl and the probe."""
     config = run_config(args, probe, folders, step3_flags)
-    rows = read_rows(Path(args.run_dir) / "metrics.jsonl")
+    rows = read_metrics(Path(args.run_dir) / "metrics.jsonl")
     all_steps = bench.measured_steps(rows, 0)
     steps = bench.measured_steps(rows, args.warmup_steps)
     if not steps:

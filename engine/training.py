@@ -1,7 +1,6 @@
 """Training plumbing shared by the steps: output folder, DeepSpeed engine, loaders, LM evaluation."""
 from __future__ import annotations
 
-import copy
 
 import logging
 import math
@@ -14,7 +13,7 @@ import torch
 
 from engine.config import DeepSpeedArgs, TrainArgs
 from engine.distributed import DistInfo, all_reduce_sum, gpu_wanted
-from engine.ds_config import fill_template, load_template, train_ds_config
+from engine.ds_config import fill_template, load_template, size_reduce_bucket, train_ds_config
 from engine.errors import UserError
 from engine.losses import causal_lm_loss
 from engine.metrics import MetricsLogger
@@ -89,23 +88,6 @@ def init_trained_engine(model: torch.nn.Module, ds_config: dict[str, Any], *, lr
     trained = sum(getattr(p, "ds_numel", p.numel()) for group in groups for p in group["params"])
     return deepspeed_initialize(model, optimizer, scheduler, size_reduce_bucket(ds_config, trained))
 
-
-DEEPSPEED_REDUCE_BUCKET = 500_000_000  # DeepSpeed's default reduce_bucket_size, in elements
-
-
-def size_reduce_bucket(ds_config: dict[str, Any], trained_params: int) -> dict[str, Any]:
-    """`ds_config` with ZeRO's gradient-reduction bucket no larger than the trained parameters.
-
-    ZeRO-1/2/3 allocate their reduction buffers at reduce_bucket_size elements whatever the model
-    (default 5e8: 0.93 GiB in bf16 under ZeRO-3; two buffers with overlap_comm under ZeRO-1/2, fp32 under
-    ZeRO-1), so a LoRA run that trains a few million parameters would hold GiBs of empty buffer per
-    trained role. A size the config sets is kept."""
-    zero = ds_config.get("zero_optimization", {})
-    if zero.get("stage", 0) == 0 or "reduce_bucket_size" in zero:
-        return ds_config
-    sized = copy.deepcopy(ds_config)
-    sized["zero_optimization"]["reduce_bucket_size"] = int(min(DEEPSPEED_REDUCE_BUCKET, max(trained_params, 1_000_000)))
-    return sized
 
 
 class ResumableSampler(torch.utils.data.DistributedSampler):

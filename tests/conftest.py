@@ -20,11 +20,12 @@ def engine_cache(tmp_path_factory) -> Path:
 
 @pytest.fixture(scope="session")
 def run_step(engine_cache):
-    """run_step(script, args, nprocs=1) -> CompletedProcess; nprocs > 1 uses `launcher` (deepspeed or torchrun)."""
+    """run_step(script, args, nprocs=1) -> CompletedProcess; nprocs > 1 uses `launcher` (deepspeed or torchrun);
+    `env` adds variables to the offline environment."""
 
     def run(script: str, args: list[str], nprocs: int = 1, timeout: int = 600, check: bool = True,
-            launcher: str = "deepspeed"):
-        env = offline_env(engine_cache)
+            launcher: str = "deepspeed", env: dict[str, str] | None = None):
+        env = offline_env(engine_cache) | (env or {})
         if nprocs == 1:
             cmd = [sys.executable, str(ROOT / script)]
         elif launcher == "deepspeed":
@@ -68,6 +69,17 @@ def tiny_model_folder(engine_cache: Path, seed: int = 1234) -> Path:
             del os.environ["RLHF_ENGINE_CACHE"]
         else:
             os.environ["RLHF_ENGINE_CACHE"] = old
+
+
+def tiny_reward_folder(engine_cache: Path, folder: Path) -> Path:
+    """A reward model made from the built-in model (a random value head) in `folder`: a step-3 critic
+    without running step 2."""
+    from transformers import AutoModelForSequenceClassification, AutoTokenizer
+
+    actor = tiny_model_folder(engine_cache)
+    AutoModelForSequenceClassification.from_pretrained(str(actor), num_labels=1).save_pretrained(str(folder))
+    AutoTokenizer.from_pretrained(str(actor)).save_pretrained(str(folder))
+    return folder
 
 
 def offline_env(engine_cache: Path) -> dict[str, str]:

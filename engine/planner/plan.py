@@ -25,6 +25,7 @@ import math
 from dataclasses import dataclass, field
 from typing import Any, Iterator
 
+from engine.ds_config import STAGE3_BUCKET, reduce_bucket_elements
 from engine.planner.activations import (inference_activation_bytes, kv_cache_bytes, logits_bytes,
                                         training_activation_bytes)
 from engine.planner.model_states import DTYPE_BYTES, Bytes, frozen_role, trained_role
@@ -32,8 +33,6 @@ from engine.planner.shapes import ModelShape
 
 GiB = 2**30
 PHASES = ("generate", "experience", "actor_train", "critic_train")
-REDUCE_BUCKET = 500_000_000   # DeepSpeed's default reduce_bucket_size (elements)
-PREFETCH_BUCKET = 30_000_000  # stage3_prefetch_bucket_size in engine/ds_config.py
 EXPERIENCE_FLOATS = 12        # fp32 values per token that step 3 keeps per experience (log-probs, values, ...)
 
 
@@ -142,8 +141,12 @@ def role_states(work: Workload, knobs: Knobs) -> dict[str, dict[str, Bytes]]:
     common = dict(dtype=k.dtype, world_size=n)
     roles: dict[str, dict[str, Bytes]] = {}
 
-    def trained(shape: ModelShape, lora: int, head: int, stage: int) -> dict[str, Bytes]:
-        trainable = lora + head if k.only_optimize_lora and lora else shape.params + lora
+    # Parameters each trained role's optimizer holds: the adapters (+ the critic's value head) with
+    # --only_optimize_lora, else all of them.
+    trainable_a = lora_a if k.only_optimize_lora and lora_a else a.params + lora_a
+    trainable_c = lora_c + c.hidden_size if k.only_optimize_lora and lora_c else c.params + lora_c
+
+    def trained(shape: ModelShape, lora: int, trainable: int, stage: int) -> dict[str, Bytes]:
         return trained_role(shape.params + lora, trainable, shape.largest_layer_params, zero_stage=stage,
                             offload=k.offload, offload_params=k.offload and stage == 3, **common)
 
@@ -154,8 +157,8 @@ def role_states(work: Workload, knobs: Knobs) -> dict[str, dict[str, Bytes]]:
         adapters = trained_role(lora_a, lora_a, 0, zero_stage=k.actor_zero_stage, offload=k.offload, **common)
         roles["actor"] = adapters | {"parameters": adapters["parameters"] + base}
     else:
-        roles["actor"] = trained(a, lora_a, 0, k.actor_zero_stage)
-    roles["critic"] = trained(c, lora_c, c.hidden_size, k.critic_zero_stage)
+        roles["actor"] = trained(a, lora_a, trainable_a, k.actor_zero_stage)
+    roles["critic"] = trained(c, lora_c, trainable_c, k.critic_zero_stage)
 
     def frozen(shape: ModelShape, extra: int, follows: int, offload: bool, quantization: str) -> dict[str, Bytes]:
         stage = 3 if follows == 3 and quantization == "none" else 0
@@ -171,13 +174,12 @@ def role_states(work: Workload, knobs: Knobs) -> dict[str, dict[str, Bytes]]:
     # DeepSpeed's 5e8 elements; ZeRO-1/2 keep two with overlap_comm, ZeRO-1's in fp32) and the ZeRO-3
     # prefetch bucket live as long as the engines.
     work_bytes = 0.0
-    for stage, shape, lora, head in ((k.actor_zero_stage, a, lora_a, 0), (k.critic_zero_stage, c, lora_c, c.hidden_size)):
-        trainable = lora + head if k.only_optimize_lora and lora else shape.params + lora
-        bucket = min(REDUCE_BUCKET, max(trainable, 1_000_000))
+    for stage, shape, trainable in ((k.actor_zero_stage, a, trainable_a), (k.critic_zero_stage, c, trainable_c)):
+        bucket = reduce_bucket_elements(trainable)
         if stage in (1, 2):
             work_bytes += 2 * (4 if stage == 1 else b) * bucket
         if stage == 3:
-            work_bytes += b * bucket + b * min(PREFETCH_BUCKET, shape.params)
+            work_bytes += b * bucket + b * min(STAGE3_BUCKET, shape.params)
     roles["workspace"] = {"buffers": Bytes(gpu=work_bytes)}
     return roles
 

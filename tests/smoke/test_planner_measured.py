@@ -17,56 +17,34 @@ error this test accepts.
 """
 from __future__ import annotations
 
-import json
-import subprocess
-import sys
-from pathlib import Path
-
 import pytest
 
-from tests.conftest import ROOT, offline_env
+from tests.conftest import read_metrics
 
 BOUND = 0.25
 SHAPE = dict(hidden_size=512, intermediate_size=1376, num_hidden_layers=4, num_attention_heads=8,
              num_key_value_heads=8, max_position_embeddings=256, tie_word_embeddings=False, vocab_size=8192)
 
 
-def random_pair(folder: Path) -> tuple[Path, Path]:
-    import torch
-    from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM, LlamaForSequenceClassification
-
-    from engine.embedded import TOKENIZER_DIR
-
-    tok = AutoTokenizer.from_pretrained(str(TOKENIZER_DIR))
-    config = LlamaConfig(bos_token_id=tok.eos_token_id, eos_token_id=tok.eos_token_id, pad_token_id=tok.pad_token_id,
-                         **SHAPE)
-    with torch.random.fork_rng():
-        torch.manual_seed(0)
-        actor = LlamaForCausalLM(config)
-        config.num_labels = 1
-        critic = LlamaForSequenceClassification(config)
-    for model, name in ((actor, "actor"), (critic, "critic")):
-        model.save_pretrained(str(folder / name))
-        tok.save_pretrained(str(folder / name))
-    return folder / "actor", folder / "critic"
-
-
 @pytest.mark.parametrize("flags", [[]], ids=["fp32-zero0"])
-def test_predicted_phase_peaks_within_bound_of_measured(flags, engine_cache, tmp_path):
+def test_predicted_phase_peaks_within_bound_of_measured(flags, run_step, engine_cache, tmp_path):
+    from transformers import LlamaConfig
+
     from engine.config import Step3Config, parse_config
     from engine.planner.plan import predict_for_step3
+    from engine.random_models import embedded_tokenizer, ensure_random_model
 
-    actor, critic = random_pair(tmp_path)
+    tok = embedded_tokenizer()
+    config = LlamaConfig(bos_token_id=tok.eos_token_id, eos_token_id=tok.eos_token_id, pad_token_id=tok.pad_token_id,
+                         **SHAPE)
+    actor, critic = (ensure_random_model(config, role, "fp32", 0, tmp_path) for role in ("actor", "critic"))
     args = ["--actor_model_name_or_path", str(actor), "--critic_model_name_or_path", str(critic), "--dtype", "fp32",
             "--max_prompt_seq_len", "64", "--max_answer_seq_len", "64", "--per_device_generation_batch_size", "8",
             "--per_device_training_batch_size", "8", "--num_warmup_steps", "0", "--eval_prompts", "8", *flags]
     out = tmp_path / "out"
-    env = offline_env(engine_cache) | {"MALLOC_MMAP_THRESHOLD_": "65536", "OMP_NUM_THREADS": "1"}
-    proc = subprocess.run([sys.executable, str(ROOT / "step3_rlhf/main.py"), "--output_dir", str(out),
-                           "--test_stop_step", "2", "--disable_tqdm", *args], cwd=ROOT, env=env,
-                          capture_output=True, text=True, timeout=600)
-    assert proc.returncode == 0, proc.stderr[-3000:]
-    rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    run_step("step3_rlhf/main.py", ["--output_dir", str(out), "--test_stop_step", "2", *args],
+             env={"MALLOC_MMAP_THRESHOLD_": "65536", "OMP_NUM_THREADS": "1"})
+    rows = read_metrics(out)
     baseline = next(r["memory/baseline_gb"] for r in rows if "memory/baseline_gb" in r)
     step2 = [r for r in rows if "memory/train_peak_gb" in r][1]
     predicted = predict_for_step3(parse_config(Step3Config, args), world_size=1, merge_host=True)["peak_gb"]

@@ -60,14 +60,10 @@ def test_recipe_is_the_planners_answer(script: Path):
 def test_recipe_flags_run_on_a_scaled_down_model(script: Path, run_step, engine_cache, tmp_path):
     """The 7B recipe's memory flags (ZeRO stages, offload, LoRA, checkpointing, quantized roles, hybrid
     mode, batch sizes) on the built-in model, one rank, one PPO step with short sequences."""
-    from transformers import AutoModelForSequenceClassification, AutoTokenizer
-
-    from tests.conftest import read_metrics, tiny_model_folder
+    from tests.conftest import read_metrics, tiny_model_folder, tiny_reward_folder
 
     actor = tiny_model_folder(engine_cache)
-    critic = tmp_path / "rm"
-    AutoModelForSequenceClassification.from_pretrained(str(actor), num_labels=1).save_pretrained(str(critic))
-    AutoTokenizer.from_pretrained(str(actor)).save_pretrained(str(critic))
+    critic = tiny_reward_folder(engine_cache, tmp_path / "rm")
     flags = memory_flags(script)
     out = tmp_path / "out"
     run_step("step3_rlhf/main.py", ["--actor_model_name_or_path", str(actor), "--critic_model_name_or_path",

@@ -120,14 +120,10 @@ QLORA = ["--max_prompt_seq_len", "32", "--max_answer_seq_len", "8", "--per_devic
 def qlora_run(run_step, engine_cache, tmp_path_factory):
     """(actor folder, output folder) of a 3-step bf16 run with every role quantized that can be, from the
     built-in model and a reward model made from it (random value head): no step-1/step-2 run needed."""
-    from transformers import AutoModelForSequenceClassification, AutoTokenizer
-
-    from tests.conftest import tiny_model_folder
+    from tests.conftest import tiny_model_folder, tiny_reward_folder
 
     actor = tiny_model_folder(engine_cache)
-    critic = tmp_path_factory.mktemp("tiny_rm")
-    AutoModelForSequenceClassification.from_pretrained(str(actor), num_labels=1).save_pretrained(str(critic))
-    AutoTokenizer.from_pretrained(str(actor)).save_pretrained(str(critic))
+    critic = tiny_reward_folder(engine_cache, tmp_path_factory.mktemp("tiny_rm"))
     out = tmp_path_factory.mktemp("qlora")
     run_step("step3_rlhf/main.py", ["--actor_model_name_or_path", str(actor), "--critic_model_name_or_path",
                                     str(critic), "--output_dir", str(out), *QLORA])
