@@ -152,8 +152,22 @@ class LogArgs:
     save_interval: int = arg(
         0, "Every N optimizer steps write a Hugging Face folder checkpoint-<step>/ and a DeepSpeed "
         "checkpoint for --resume (0: only the final model).")
-    resume: bool = arg(False, "Continue from the last DeepSpeed checkpoint in --output_dir.")
+    save_total_limit: int = arg(
+        0, "Keep only the newest N checkpoints (checkpoint-<step>/ and their --resume state; 0: keep all).")
+    resume: bool = arg(
+        False, "Continue from the last complete checkpoint in --output_dir (an incomplete or truncated one, "
+        "e.g. from a kill during a save, is skipped with a warning).")
     disable_tqdm: bool = arg(False, "No progress bar.")
+
+
+@dataclass
+class FaultArgs:
+    peer_timeout: float = arg(
+        180.0, "Seconds a rank may go without a heartbeat before the others presume it dead and stop, "
+        "naming it (0: no watchdog; collectives then wait for DeepSpeed's 30-minute timeout).")
+    max_bad_steps: int = arg(
+        10, "Stop after this many consecutive bad steps: a NaN or inf loss or reward, or an update the "
+        "optimizer skipped (fp16 loss-scale overflow). 0: never stop.")
 
 
 @dataclass
@@ -166,6 +180,7 @@ class Step1Config:
     ds: DeepSpeedArgs = field(default_factory=DeepSpeedArgs)
     lora: LoRAArgs = field(default_factory=LoRAArgs)
     log: LogArgs = field(default_factory=LogArgs)
+    fault: FaultArgs = field(default_factory=FaultArgs)
 
 
 @dataclass
@@ -207,6 +222,7 @@ class Step2Config:
     lora: LoRAArgs = field(default_factory=LoRAArgs)
     reward: RewardArgs = field(default_factory=RewardArgs)
     log: RewardLogArgs = field(default_factory=RewardLogArgs)
+    fault: FaultArgs = field(default_factory=FaultArgs)
 
 
 @dataclass
@@ -415,6 +431,7 @@ class Step3Config:
     ds: Step3DeepSpeedArgs = field(default_factory=Step3DeepSpeedArgs)
     lora: Step3LoRAArgs = field(default_factory=Step3LoRAArgs)
     log: Step3LogArgs = field(default_factory=Step3LogArgs)
+    fault: FaultArgs = field(default_factory=FaultArgs)
 
     # Per-role views in the shared parts' types, for the loaders steps 1 and 2 use.
     def role_model(self, role: str) -> ModelArgs:
@@ -663,6 +680,13 @@ def _validate_part(part: Any) -> list[str]:
     elif isinstance(part, LogArgs):
         if part.save_interval < 0 or part.print_interval < 1:
             problems.append("--save_interval must be >= 0 and --print_interval >= 1")
+        if part.save_total_limit < 0:
+            problems.append(f"--save_total_limit must be >= 0 (got {part.save_total_limit})")
+        if part.save_total_limit and not part.save_interval:
+            problems.append("--save_total_limit needs --save_interval > 0 (no checkpoints are written without it)")
+    elif isinstance(part, FaultArgs):
+        if part.peer_timeout < 0 or part.max_bad_steps < 0:
+            problems.append("--peer_timeout and --max_bad_steps must be >= 0")
     return problems
 
 

@@ -23,6 +23,7 @@ from engine.checkpoint import save_hf_folder
 from engine.config import Step1Config, parse_config, save_config_yaml
 from engine.data.sft import collate_right_padded, load_sft_data
 from engine.distributed import all_reduce_sum, init_distributed, setup_logging
+from engine import faults
 from engine.errors import run_main
 from engine.lora import apply_lora
 from engine.losses import causal_lm_loss
@@ -93,7 +94,7 @@ def train(run: RunContext, train_loader, eval_loader, schedule: Schedule, positi
         first = position["step_in_epoch"] if epoch == position["epoch"] else 0
         windows = epoch_windows(train_loader, epoch, first, schedule, accum)
         for step_in_epoch, window in enumerate(windows, start=first):
-            row = train_step(run, window)
+            row = train_step(run, window, step + 1)
             step += 1
             row |= {"train/lr": engine.get_lr()[0], "train/epoch": epoch}
             if step % cfg.log.print_interval == 0 or step == schedule.total_steps:
@@ -111,8 +112,8 @@ def train(run: RunContext, train_loader, eval_loader, schedule: Schedule, positi
     return False
 
 
-def train_step(run: RunContext, batches: list[dict]) -> dict[str, float]:
-    """One optimizer step over `batches` (the accumulation window); the loss is token-weighted."""
+def train_step(run: RunContext, batches: list[dict], step: int) -> dict[str, float]:
+    """Optimizer step `step` over `batches` (the accumulation window); the loss is token-weighted."""
     cfg, engine, dist = run.cfg, run.engine, run.dist
     timer = StepTimer()
     timer.start()
@@ -121,7 +122,9 @@ def train_step(run: RunContext, batches: list[dict]) -> dict[str, float]:
         batch = to_device(batch, dist.device)
         logits = engine(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
         loss, stats = causal_lm_loss(logits, batch["labels"], fp32=cfg.ds.compute_fp32_loss)
+        loss = faults.poison(loss, step)
         engine.backward(loss)
+        faults.mid_step(step)
         engine.step()  # DeepSpeed only updates at the accumulation boundary
         loss_sum, tokens = loss_sum + float(stats["loss_sum"]), tokens + float(stats["tokens"])
         width = max(width, batch["input_ids"].shape[1])

@@ -25,6 +25,7 @@ from engine.checkpoint import save_hf_folder
 from engine.config import Step2Config, parse_config, save_config_yaml
 from engine.data.pairs import collate_pairs, load_pair_data
 from engine.distributed import all_reduce_sum, init_distributed, setup_logging
+from engine import faults
 from engine.errors import UserError, run_main
 from engine.metrics import plot_curves
 from engine.perf import StepTimer, peak_memory_gb, train_throughput
@@ -142,12 +143,13 @@ def train_step(run: RunContext, batches: list[dict], step: int) -> dict[str, flo
     width = 0
     for batch in batches:
         batch = to_device(batch, dist.device)
-        values = engine(batch["input_ids"], batch["attention_mask"])
+        values = faults.poison(engine(batch["input_ids"], batch["attention_mask"]), step)
         loss, stats = reward_loss(values, batch["input_ids"], batch["attention_mask"], cfg.reward.rm_loss,
                                   cfg.reward.rm_margin, cfg.reward.rm_l2_coef)
         sums += torch.tensor([float(loss), float(stats["accuracy"]), 1.0, float(not torch.isfinite(values).all())],
                              dtype=torch.float64)
         engine.backward(loss)
+        faults.mid_step(step)
         engine.step()
         width = max(width, batch["input_ids"].shape[1])
     step_time = timer.stop()

@@ -26,7 +26,7 @@ from typing import Any, Callable, Sequence
 import torch
 from tqdm import tqdm
 
-from engine import synthetic
+from engine import faults, synthetic
 from engine.checkpoint import (POSITION_KEYS, latest_checkpoint, load_module_tensors, save_hf_folder, save_module_tensors,
                                save_resume_state)
 from engine.config import Step3Config, parse_config, save_config_yaml
@@ -231,6 +231,7 @@ def ppo_step(run: Run, prompt_batches: list[dict], ptx_batches: list[dict] | Non
             for i, exp in enumerate(experiences):
                 for start in range(0, len(exp), micro):
                     stats = trainer.train_micro_batch(exp.select(slice(start, start + micro)))
+                    faults.mid_step(step)
                     if ptx is not None:
                         ptx_micro = {k: v[start:start + micro] for k, v in ptx[i].items()}
                         stats |= trainer.train_ptx(ptx_micro)
