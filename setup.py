@@ -43,7 +43,7 @@ setup(
         "pyarrow>=14",
     ],
     extras_require={
-        "dev": ["pytest>=8"],
+        "dev": ["pytest>=8", "pytest-xdist>=3.5"],
         "flash": ["flash-attn>=2.5"],
         "wandb": ["wandb"],
     },

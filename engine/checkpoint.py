@@ -6,7 +6,12 @@ by file with `config.json` removed first and written last, so a crash never leav
 loads as a model with half of its weights.
 
 Resume state: DeepSpeed's own checkpoint (model, optimizer, scheduler) plus, per rank, the RNG states
-and data position, written with safetensors/JSON (no pickle).
+and data position, written with safetensors/JSON. A checkpoint is sealed by `manifest.json` (every file
+and its size, the world size), written after everything else; --resume takes the newest sealed
+checkpoint whose files are all there at their sealed sizes, so one cut short by a kill, a full disk or
+a truncated copy is skipped with a warning and the previous good one is used. DeepSpeed's own files
+are pickles: they are read with `torch.load(weights_only=True)` and an allow-list of the few DeepSpeed
+types they hold, so a tampered checkpoint cannot run code.
 """
 from __future__ import annotations
 
@@ -14,6 +19,7 @@ import json
 import logging
 import os
 import random
+import re
 import shutil
 import tempfile
 from pathlib import Path
@@ -22,13 +28,15 @@ from typing import Any, Callable
 import torch
 from safetensors.torch import load_file, save_file
 
-from engine.distributed import DistInfo, barrier
+from engine import faults
+from engine.distributed import DistInfo, all_reduce_sum, barrier
 from engine.errors import UserError
 from engine.model import copy_missing_buffers, hf_model, is_quantized, is_quantized_tensor, meta_skeleton
 
 logger = logging.getLogger("engine")
 
 DS_CHECKPOINT_DIR = "ds_checkpoint"
+MANIFEST = "manifest.json"
 POSITION_KEYS = ("epoch", "step_in_epoch", "global_step")  # the data position a step saves
 
 
@@ -212,12 +220,15 @@ def _named_engines(engines: Any) -> dict[str, Any]:
 
 
 def save_resume_state(engines: Any, output_dir: Path, tag: str, client_state: dict[str, Any], dist: DistInfo,
-                      extra: Callable[[Path], None] | None = None) -> None:
-    """DeepSpeed checkpoint `tag` of one engine or {role: engine}, plus this rank's RNG states;
-    `latest` points at it once all is written. `extra(tag_folder)` (called on every rank) adds files."""
+                      extra: Callable[[Path], None] | None = None, keep: int = 0) -> None:
+    """DeepSpeed checkpoint `tag` ("step<N>") of one engine or {role: engine}, plus this rank's RNG states,
+    then sealed (`manifest.json`, `latest`). `extra(tag_folder)` (called on every rank) adds files.
+    `keep` > 0: afterwards only the newest `keep` sealed checkpoints are kept (with their
+    checkpoint-<step>/ folders); unsealed leftovers of interrupted saves go too."""
     folder = output_dir / DS_CHECKPOINT_DIR
-    # DeepSpeed writes its `latest` file at the end of save_checkpoint; we write ours only after the
-    # RNG files too, so an interrupted save is never picked up by --resume.
+    if dist.is_main and (folder / tag / MANIFEST).exists():  # re-writing a step (after a resume): unseal first
+        (folder / tag / MANIFEST).unlink()
+    barrier()
     for name, engine in _named_engines(engines).items():
         # A quantized base is frozen and re-made from the model folder: only what trains is saved.
         engine.save_checkpoint(str(folder / name), tag=tag, client_state=client_state, save_latest=False,
@@ -230,12 +241,114 @@ def save_resume_state(engines: Any, output_dir: Path, tag: str, client_state: di
         tensors["cuda"] = torch.cuda.get_rng_state()
     meta = {"python": json.dumps(random.getstate())}
     save_file(tensors, str(_rng_file(folder / tag, dist.rank)), metadata=meta)
+    faults.mid_save(tag_step(tag))
     barrier()
     if dist.is_main:
-        tmp = folder / "latest.tmp"
-        tmp.write_text(tag)
-        os.replace(tmp, folder / "latest")
+        _seal(folder, tag, list(_named_engines(engines)), dist.world_size)
+        (folder / "latest.tmp").write_text(tag)  # DeepSpeed's tools (zero_to_fp32.py) read `latest`
+        os.replace(folder / "latest.tmp", folder / "latest")
+        if keep:
+            prune_checkpoints(output_dir, keep)
     barrier()
+
+
+def tag_step(tag: str) -> int:
+    """The step of a checkpoint tag "step<N>"."""
+    match = re.fullmatch(r"step(\d+)", tag)
+    if match is None:
+        raise ValueError(f"not a checkpoint tag: {tag!r}")
+    return int(match.group(1))
+
+
+def _tag_files(folder: Path, tag: str, names: list[str]) -> list[Path]:
+    """Every file of checkpoint `tag`: the per-role DeepSpeed folders and the tag folder itself."""
+    roots = {folder / tag} | {folder / name / tag for name in names}
+    return sorted(p for root in roots if root.is_dir() for p in root.rglob("*") if p.is_file() and p.name != MANIFEST)
+
+
+def _seal(folder: Path, tag: str, names: list[str], world_size: int) -> None:
+    files = {str(p.relative_to(folder)): p.stat().st_size for p in _tag_files(folder, tag, names)}
+    manifest = {"tag": tag, "world_size": world_size, "roles": names, "files": files}
+    tmp = folder / tag / (MANIFEST + ".tmp")
+    tmp.write_text(json.dumps(manifest, indent=1) + "\n")
+    os.replace(tmp, folder / tag / MANIFEST)
+
+
+def checkpoint_problem(folder: Path, tag: str) -> str | None:
+    """Why checkpoint `tag` under `folder` (the ds_checkpoint folder) cannot be resumed from, or None.
+
+    Checks the seal and every sealed file's presence and size (not a checksum: hashing the 100 GB of a
+    7B run's optimizer state would add minutes to each save), so it catches a save cut short and a
+    truncated copy, not bytes flipped in place."""
+    path = folder / tag / MANIFEST
+    if not path.is_file():
+        return "not sealed (the save was interrupted)"
+    try:
+        manifest = json.loads(path.read_text())
+        files = manifest["files"]
+    except (ValueError, KeyError, TypeError):
+        return f"{path} is damaged"
+    for name, size in files.items():
+        f = folder / name
+        if not f.is_file():
+            return f"{f} is missing"
+        if f.stat().st_size != size:
+            return f"{f} is {f.stat().st_size} bytes, {size} when saved (truncated?)"
+    return None
+
+
+def checkpoint_tags(folder: Path) -> list[str]:
+    """Checkpoint tags under `folder` (ds_checkpoint), newest first."""
+    tags = [p.name for p in folder.iterdir() if p.is_dir() and re.fullmatch(r"step\d+", p.name)] if folder.is_dir() else []
+    return sorted(tags, key=tag_step, reverse=True)
+
+
+def find_resume_checkpoint(output_dir: Path, world_size: int, warn: bool = True) -> Path:
+    """The tag folder of the newest complete checkpoint in `output_dir`; warns (`warn`) about each newer
+    one that is incomplete. A UserError when there is none, or when it was written by another world size."""
+    folder = output_dir / DS_CHECKPOINT_DIR
+    tags = checkpoint_tags(folder)
+    if not tags:
+        raise UserError(f"--resume: no checkpoint in {folder}; run without --resume, or set "
+                        "--save_interval so that checkpoints are written")
+    skipped = []
+    for tag in tags:
+        problem = checkpoint_problem(folder, tag)
+        if problem is None:
+            break
+        skipped.append(f"{tag}: {problem}")
+    else:
+        raise UserError(f"--resume: no complete checkpoint in {folder} ({'; '.join(skipped)}); "
+                        "run without --resume to start over")
+    for reason in skipped if warn else []:
+        logger.warning("--resume: skipping checkpoint %s; using %s", reason, tag)
+    saved_world = json.loads((folder / tag / MANIFEST).read_text())["world_size"]
+    if saved_world != world_size:
+        raise UserError(f"--resume: checkpoint {folder / tag} was written by {saved_world} ranks, this run has "
+                        f"{world_size}; resume with {saved_world} ranks (ZeRO shards, RNG states and the data "
+                        f"order are per rank), or start a new run from {output_dir / f'checkpoint-{tag_step(tag)}'}")
+    return folder / tag
+
+
+def prune_checkpoints(output_dir: Path, keep: int) -> None:
+    """Keep the newest `keep` complete checkpoints (DeepSpeed state and checkpoint-<step>/ folder);
+    remove the older ones and any incomplete one older than the newest complete one."""
+    folder = output_dir / DS_CHECKPOINT_DIR
+    tags = checkpoint_tags(folder)
+    complete = [t for t in tags if checkpoint_problem(folder, t) is None]
+    if not complete:
+        return
+    newest = tag_step(complete[0])
+    doomed = complete[keep:] + [t for t in tags if t not in complete and tag_step(t) < newest]
+    roles = [p for p in folder.iterdir() if p.is_dir() and not re.fullmatch(r"step\d+", p.name)]
+    for tag in doomed:
+        (folder / tag / MANIFEST).unlink(missing_ok=True)  # unsealed first: a crash mid-delete leaves no "complete" half
+        for path in [folder / tag, *(r / tag for r in roles), output_dir / f"checkpoint-{tag_step(tag)}"]:
+            if path.is_dir():
+                trash = path.with_name(f".deleting-{path.name}")
+                os.replace(path, trash)
+                shutil.rmtree(trash, ignore_errors=True)
+        logger.info("removed checkpoint %s (--save_total_limit %d)", tag, keep)
 
 
 def _restore_rng(path: Path) -> None:
@@ -250,16 +363,6 @@ def _restore_rng(path: Path) -> None:
     random.setstate((state[0], tuple(state[1]), state[2]))
 
 
-def latest_checkpoint(output_dir: Path) -> Path:
-    """The tag folder `latest` points at; a UserError when there is none."""
-    folder = output_dir / DS_CHECKPOINT_DIR
-    latest = folder / "latest"
-    if not latest.is_file():
-        raise UserError(f"--resume: no checkpoint in {folder}; run without --resume, or set "
-                        "--save_interval so that checkpoints are written")
-    return folder / latest.read_text().strip()
-
-
 def _load_trained(src: dict[str, torch.Tensor], dst: torch.nn.Module) -> None:
     """DeepSpeed's module loader for a model with a quantized frozen base (saved without it): every trained
     parameter must be in the checkpoint; the base stays as loaded from the model folder."""
@@ -271,24 +374,56 @@ def _load_trained(src: dict[str, torch.Tensor], dst: torch.nn.Module) -> None:
     dst.load_state_dict({k: v for k, v in src.items() if k in trained}, strict=False)
 
 
-def load_resume_state(engines: Any, output_dir: Path, dist: DistInfo, keys: tuple[str, ...] = POSITION_KEYS
-                      ) -> dict[str, Any]:
-    """Restore the last checkpoint written by `save_resume_state`; returns the `keys` of its client state."""
-    tag_folder = latest_checkpoint(output_dir)
+class _SafeCheckpointEngine:
+    """DeepSpeed's torch checkpoint engine with `torch.load(weights_only=True)`: tensors, containers and
+    the allow-listed DeepSpeed types only, so loading a checkpoint cannot run code."""
+
+    def __init__(self, inner: Any):
+        self._inner = inner
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self._inner, name)
+
+    def load(self, path: str, map_location: Any = None) -> Any:
+        with torch.serialization.safe_globals(_deepspeed_safe_globals()):
+            return torch.load(path, map_location=map_location, weights_only=True)
+
+
+def _deepspeed_safe_globals() -> list[Any]:
+    """The non-tensor types DeepSpeed's checkpoints hold (found by loading ZeRO 0-3, offload and LoRA
+    checkpoints with weights_only=True): plain data classes and enums."""
+    from deepspeed.runtime.fp16.loss_scaler import DynamicLossScaler, LossScaler
+    from deepspeed.runtime.zero.config import ZeroStageEnum
+    from deepspeed.utils.tensor_fragment import fragment_address
+
+    return [LossScaler, DynamicLossScaler, ZeroStageEnum, fragment_address]
+
+
+def load_resume_state(engines: Any, output_dir: Path, dist: DistInfo, keys: tuple[str, ...] = POSITION_KEYS,
+                      extra: Callable[[Path], None] | None = None) -> dict[str, Any]:
+    """Restore the newest complete checkpoint written by `save_resume_state`; returns the `keys` of its client
+    state. `extra(tag_folder)` (called on every rank) loads what the save's `extra` added."""
+    tag_folder = find_resume_checkpoint(output_dir, dist.world_size)
     folder, tag = tag_folder.parent, tag_folder.name
-    rng = _rng_file(tag_folder, dist.rank)
-    if not rng.is_file():
-        raise UserError(f"--resume: {rng} is missing; was the checkpoint written with a different "
-                        "number of ranks? Resume with the same world size")
+    step = tag_step(tag)
+    if all_reduce_sum([float(step)], dist.device)[0] != step * dist.world_size:
+        raise UserError(f"--resume: the ranks found different checkpoints in {folder}; --output_dir must be one "
+                        "folder that every rank sees (a shared file system)")
     client_state: dict[str, Any] = {}
     for name, engine in _named_engines(engines).items():
-        load_path, state = engine.load_checkpoint(str(folder / name), tag=tag, load_optimizer_states=True,
-                                                  load_lr_scheduler_states=True,
-                                                  custom_load_fn=_load_trained if is_quantized(engine.module) else None)
+        engine.checkpoint_engine = _SafeCheckpointEngine(engine.checkpoint_engine)
+        try:
+            load_path, state = engine.load_checkpoint(
+                str(folder / name), tag=tag, load_optimizer_states=True, load_lr_scheduler_states=True,
+                custom_load_fn=_load_trained if is_quantized(engine.module) else None)
+        finally:
+            engine.checkpoint_engine = engine.checkpoint_engine._inner
         if load_path is None:
             raise UserError(f"--resume: DeepSpeed could not load {folder / name / tag}")
         client_state = client_state or state
-    _restore_rng(rng)
+    if extra is not None:
+        extra(tag_folder)
+    _restore_rng(_rng_file(tag_folder, dist.rank))
     logger.info("resumed from %s (step %s)", tag_folder, client_state.get("global_step"))
     # DeepSpeed adds its own keys to the client state; hand back only what we saved.
     return {k: client_state[k] for k in keys}

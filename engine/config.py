@@ -544,7 +544,10 @@ def _read_yaml(path: str, config_cls: type) -> dict[str, Any]:
     try:
         raw = yaml.safe_load(p.read_text()) or {}
     except yaml.YAMLError as err:
-        raise UserError(f"--config {path} is not valid YAML: {err}") from None
+        mark = getattr(err, "problem_mark", None)
+        where = f" (line {mark.line + 1}, column {mark.column + 1})" if mark is not None else ""
+        problem = getattr(err, "problem", None) or str(err).splitlines()[0]
+        raise UserError(f"--config {path} is not valid YAML{where}: {problem}; fix the file") from None
     if not isinstance(raw, dict):
         raise UserError(f"--config {path} must hold a mapping of flag names to values")
     parts = {f.name for f in dataclasses.fields(config_cls)}
@@ -611,7 +614,10 @@ def config_to_dict(cfg: Any) -> dict[str, Any]:
 
 
 def save_config_yaml(cfg: Any, path: Path) -> None:
-    path.write_text(yaml.safe_dump(config_to_dict(cfg), sort_keys=False))
+    """The resolved config as YAML, written to a temp file and renamed: a crash never leaves half of it."""
+    from engine.metrics import write_atomically
+
+    write_atomically(path, yaml.safe_dump(config_to_dict(cfg), sort_keys=False))
 
 
 # ----------------------------------------------------------------------------------------------
@@ -630,6 +636,29 @@ def parse_data_split(text: str) -> list[float]:
     return [w / total for w in weights]
 
 
+def _deepspeed_config_problems(path: str) -> list[str]:
+    """A --deepspeed_config that is missing, a folder or not a JSON object (its values are checked against
+    the flags when the DeepSpeed config is built)."""
+    from engine.ds_config import load_template
+
+    if Path(path).is_dir():
+        return [f"--deepspeed_config {path} is a folder; give a DeepSpeed JSON file (see ds_configs/)"]
+    if not Path(path).is_file():
+        return [f"--deepspeed_config {path}: no such file; give a DeepSpeed JSON file (see ds_configs/)"]
+    try:
+        load_template(path)
+    except UserError as err:
+        return [str(err)]
+    return []
+
+
+def _cache_folder_problems(path: str | None) -> list[str]:
+    """A --data_output_path that is a file (a folder that is missing is made)."""
+    if path and Path(path).expanduser().exists() and not Path(path).expanduser().is_dir():
+        return [f"--data_output_path {path} is a file; give a folder path for the tokenized-data cache"]
+    return []
+
+
 def _validate_part(part: Any) -> list[str]:
     problems: list[str] = []
     if isinstance(part, DeepSpeedArgs):
@@ -641,8 +670,8 @@ def _validate_part(part: Any) -> list[str]:
                             "use --dtype bf16 or fp32")
         if part.gradient_clipping < 0:
             problems.append("--gradient_clipping must be >= 0 (0 disables clipping)")
-        if part.deepspeed_config and not Path(part.deepspeed_config).is_file():
-            problems.append(f"--deepspeed_config {part.deepspeed_config}: no such file")
+        if part.deepspeed_config:
+            problems += _deepspeed_config_problems(part.deepspeed_config)
     elif isinstance(part, LoRAArgs):
         if part.lora_dim < 0:
             problems.append(f"--lora_dim must be >= 0 (got {part.lora_dim}); 0 disables LoRA")
@@ -663,6 +692,7 @@ def _validate_part(part: Any) -> list[str]:
             problems.append(str(err))
         if part.max_seq_len < 2:
             problems.append(f"--max_seq_len must be >= 2 (got {part.max_seq_len})")
+        problems += _cache_folder_problems(part.data_output_path)
     elif isinstance(part, TrainArgs):
         for name in ("per_device_train_batch_size", "per_device_eval_batch_size",
                      "gradient_accumulation_steps", "num_train_epochs"):
@@ -719,6 +749,13 @@ def _validate_step3(cfg: "Step3Config") -> list[str]:
         problems.append("--max_prompt_seq_len and --max_answer_seq_len must be >= 1")
     if d.unsupervised_dataset_config_name and not d.unsupervised_dataset_name:
         problems.append("--unsupervised_dataset_config_name needs --unsupervised_dataset_name")
+    if d.unsupervised_dataset_name:
+        from engine.data.unsupervised import missing_source_problem
+
+        ptx_problem = missing_source_problem(d.unsupervised_dataset_name)  # a local path that is not there
+        if ptx_problem:
+            problems.append(ptx_problem)
+    problems += _cache_folder_problems(d.data_output_path)
     if d.unsup_coef < 0:
         problems.append(f"--unsup_coef must be >= 0 (got {d.unsup_coef})")
     try:
@@ -755,8 +792,8 @@ def _validate_step3(cfg: "Step3Config") -> list[str]:
         problems.append("--dtype fp16 needs a GPU (DeepSpeed cannot run fp16 on a CPU); use --dtype bf16 or fp32")
     if ds.gradient_clipping < 0:
         problems.append("--gradient_clipping must be >= 0 (0 disables clipping)")
-    if ds.deepspeed_config and not Path(ds.deepspeed_config).is_file():
-        problems.append(f"--deepspeed_config {ds.deepspeed_config}: no such file")
+    if ds.deepspeed_config:
+        problems += _deepspeed_config_problems(ds.deepspeed_config)
     if ds.inference_tp_size != 1:
         problems.append(f"--inference_tp_size {ds.inference_tp_size}: tensor-parallel generation is not "
                         "implemented; use 1 (the hybrid mode gathers the whole actor on each rank, and "

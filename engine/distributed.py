@@ -13,6 +13,8 @@ from dataclasses import dataclass
 
 import torch
 
+from engine import watchdog
+
 logger = logging.getLogger("engine")
 
 
@@ -41,8 +43,12 @@ def gpu_wanted() -> bool:
     return torch.cuda.is_available() and os.environ.get("DS_ACCELERATOR", "cuda") in ("", "cuda")
 
 
-def init_distributed(seed: int) -> DistInfo:
-    """Join (or create) the process group and seed every RNG the same way on every rank."""
+def init_distributed(seed: int, peer_timeout: float = 0.0) -> DistInfo:
+    """Join (or create) the process group and seed every RNG the same way on every rank.
+
+    peer_timeout > 0 with more than one rank starts the peer watchdog (engine/watchdog.py): if a rank
+    dies or fails, the others stop within that many seconds, naming it; `run_main` stops it at the end.
+    0 (the default, for callers without a --peer_timeout flag): no watchdog."""
     import deepspeed
 
     if "RANK" not in os.environ:  # plain `python main.py`: a world of one
@@ -57,8 +63,11 @@ def init_distributed(seed: int) -> DistInfo:
     else:
         device = torch.device("cpu")
     set_seed(seed)
-    return DistInfo(rank=torch.distributed.get_rank(), local_rank=local_rank,
+    info = DistInfo(rank=torch.distributed.get_rank(), local_rank=local_rank,
                     world_size=torch.distributed.get_world_size(), device=device)
+    if peer_timeout > 0 and info.world_size > 1:
+        watchdog.start(info.rank, info.world_size, peer_timeout, device)
+    return info
 
 
 def set_seed(seed: int) -> None:

@@ -135,11 +135,12 @@ def fill_template(template: dict[str, Any], built: dict[str, Any], source: str =
 
 def load_template(path: str) -> dict[str, Any]:
     try:
-        data = json.loads(Path(path).read_text())
-    except (OSError, json.JSONDecodeError) as err:
-        raise UserError(f"--deepspeed_config {path}: cannot read it as JSON ({err})") from None
+        data = json.loads(Path(path).read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as err:
+        raise UserError(f"--deepspeed_config {path}: cannot read it as JSON ({err}); fix the file (see ds_configs/ "
+                        "for examples)") from None
     if not isinstance(data, dict):
-        raise UserError(f"--deepspeed_config {path}: the top level must be a JSON object")
+        raise UserError(f"--deepspeed_config {path}: the top level must be a JSON object; see ds_configs/ for examples")
     return data
 
 

@@ -14,6 +14,7 @@ import shutil
 import tempfile
 from pathlib import Path
 
+from engine.errors import UserError
 from engine.synthetic import ASSET_DIR as DATA_DIR
 
 TOKENIZER_DIR = Path(__file__).parent / "assets" / "tiny_tokenizer"
@@ -48,9 +49,13 @@ def build_tokenizer(out_dir: Path = TOKENIZER_DIR) -> None:
 
 
 def _cache_root() -> Path:
-    root = os.environ.get("RLHF_ENGINE_CACHE") or os.path.join(
-        os.environ.get("XDG_CACHE_HOME", os.path.expanduser("~/.cache")), "rlhf_engine")
-    return Path(root)
+    """RLHF_ENGINE_CACHE, else the user's cache folder ($XDG_CACHE_HOME or ~/.cache)/rlhf_engine: never a
+    shared, world-writable temp folder, where another user could plant a model for us to load."""
+    if os.environ.get("RLHF_ENGINE_CACHE"):
+        return Path(os.environ["RLHF_ENGINE_CACHE"]).expanduser()
+    xdg = os.environ.get("XDG_CACHE_HOME", "")
+    base = Path(xdg) if os.path.isabs(xdg) else Path.home() / ".cache"  # the XDG spec ignores relative paths
+    return base / "rlhf_engine"
 
 
 def tiny_model_dir(seed: int) -> Path:
@@ -66,12 +71,12 @@ def ensure_tiny_model(seed: int) -> Path:
     Written to a temporary folder and renamed, so concurrent ranks and crashes never see half of it.
     Call on one rank per machine (then barrier) to avoid doing the work twice.
     """
-    import torch
-    from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM
-
     target = tiny_model_dir(seed)
     if (target / "config.json").is_file():
         return target
+    import torch  # here, not above: importing the Llama classes takes seconds a ready folder does not need
+    from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM
+
     tok = AutoTokenizer.from_pretrained(str(TOKENIZER_DIR))
     config = LlamaConfig(vocab_size=len(tok), bos_token_id=tok.eos_token_id, eos_token_id=tok.eos_token_id,
                          pad_token_id=tok.pad_token_id, **TINY_LLAMA)
@@ -79,14 +84,20 @@ def ensure_tiny_model(seed: int) -> Path:
     with fork:
         torch.manual_seed(seed)
         model = LlamaForCausalLM(config)
-    target.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=target.name + ".tmp-", dir=target.parent))
-    model.save_pretrained(str(tmp))
-    tok.save_pretrained(str(tmp))
+    tmp = None
     try:
+        target.parent.mkdir(parents=True, exist_ok=True)
+        tmp = Path(tempfile.mkdtemp(prefix=target.name + ".tmp-", dir=target.parent))
+        model.save_pretrained(str(tmp))
+        tok.save_pretrained(str(tmp))
         os.rename(tmp, target)
-    except OSError:  # another process finished first
-        shutil.rmtree(tmp, ignore_errors=True)
+    except OSError as err:
+        if not (target / "config.json").is_file():  # a real failure, not another process finishing first
+            raise UserError(f"cannot write the built-in model to {target} ({err.strerror or err}); free disk space "
+                            "or set RLHF_ENGINE_CACHE to a folder you can write to") from None
+    finally:
+        if tmp is not None:
+            shutil.rmtree(tmp, ignore_errors=True)  # gone after the rename; a half-written folder otherwise
     return target
 
 

@@ -78,7 +78,8 @@ def make_experience(actor: Any, ref: Any, critic: Any, reward: Any, sequences: t
                     score_transform: Callable[[torch.Tensor], torch.Tensor] | None = None,
                     prompt_mask: torch.Tensor | None = None) -> tuple[Experience, dict[str, torch.Tensor]]:
     """The experience of a batch of generated `sequences` (B, T), plus per-sequence statistics (B,):
-    "score" (raw), "kl" (the estimator summed over the answer), "response_len" and "value_mean".
+    "score" (raw), "kl" (the estimator summed over the answer), "response_len", "value_mean" and
+    "nonfinite" (1.0 where the score, a reward, an advantage or a return is NaN or inf).
 
     `score_transform` maps raw scores before they become rewards (e.g. running normalisation);
     `whiten_advantages` whitens advantages over the answer actions of the batch.
@@ -96,5 +97,7 @@ def make_experience(actor: Any, ref: Any, critic: Any, reward: Any, sequences: t
         advantages = whiten(advantages, action_mask) * action_mask
     exp = Experience(sequences, attention_mask, action_mask, logprobs, ref_logprobs, values, scores, rewards,
                      advantages, returns)
+    finite = (torch.isfinite(scores) & torch.isfinite(rewards).all(1) & torch.isfinite(advantages).all(1)
+              & torch.isfinite(returns).all(1))
     return exp, {"score": scores, "kl": stats["kl"], "response_len": action_mask.sum(1).float(),
-                 "value_mean": masked_mean(values, action_mask, dim=1)}
+                 "value_mean": masked_mean(values, action_mask, dim=1), "nonfinite": (~finite).float()}

@@ -30,7 +30,9 @@ def resolve_model_path(model: ModelArgs, seed: int, dist: DistInfo, flag: str = 
                        hint: str = "") -> str:
     """The folder or hub name to load; builds the embedded tiny model when none is given.
 
-    `flag` names the flag in error messages; `hint` is appended to them (e.g. which step writes it).
+    A local folder is checked here, before any data is read or anything written: it must hold a
+    config.json that transformers reads and weights. `flag` names the flag in error messages; `hint` is
+    appended to them (e.g. which step writes it).
     """
     if model.model_name_or_path is None:
         from engine.embedded import ensure_tiny_model
@@ -41,28 +43,72 @@ def resolve_model_path(model: ModelArgs, seed: int, dist: DistInfo, flag: str = 
         return str(ensure_tiny_model(seed))
     path = Path(model.model_name_or_path).expanduser()
     if path.is_dir():
-        if not (path / "config.json").is_file():
-            raise UserError(f"--{flag} {path}: the folder has no config.json, so it is not a "
-                            "Hugging Face model folder (for a step output, point at the folder holding "
-                            f"config.json){hint}")
+        check_model_folder(path, model, flag, hint)
         return str(path)
-    if path.exists() or str(path).startswith((".", "/", "~")) or str(path).count("/") > 1:
-        raise UserError(f"--{flag} {model.model_name_or_path}: no such model folder{hint}")
+    if path.exists():
+        raise UserError(f"--{flag} {path} is a file, not a model folder; point at the folder holding config.json"
+                        f"{hint}")
+    if str(path).startswith((".", "/", "~")) or str(path).count("/") > 1:
+        raise UserError(f"--{flag} {model.model_name_or_path}: no such model folder"
+                        f"{hint or '; give a Hugging Face model folder or hub name'}")
     return model.model_name_or_path  # a hub name
 
 
+# The weight files transformers reads from a local folder (one file, or an index of shards).
+WEIGHT_FILES = ("model.safetensors", "model.safetensors.index.json", "pytorch_model.bin",
+                "pytorch_model.bin.index.json")
+
+
+def check_model_folder(path: Path, model: ModelArgs, flag: str, hint: str = "") -> None:
+    """Refuse a local folder that is not a loadable Hugging Face model: no config.json, a config.json
+    transformers cannot read, or no weights."""
+    from transformers import AutoConfig
+
+    if not (path / "config.json").is_file():
+        raise UserError(f"--{flag} {path}: the folder has no config.json, so it is not a "
+                        "Hugging Face model folder (for a step output, point at the folder holding "
+                        f"config.json){hint}")
+    try:
+        AutoConfig.from_pretrained(str(path), trust_remote_code=model.trust_remote_code)
+    except (OSError, ValueError, KeyError) as err:
+        raise hub_error(str(path), err) from None
+    if not any((path / name).is_file() for name in WEIGHT_FILES):
+        raise UserError(f"--{flag} {path}: the folder has no weights (no {' or '.join(WEIGHT_FILES[::2])}); "
+                        f"copy the complete model folder, or rerun the step that writes it{hint}")
+
+
 def hub_error(name: str, err: Exception) -> UserError:
-    return UserError(f"cannot load '{name}' ({type(err).__name__}: {str(err).splitlines()[0][:200]}); "
-                     "check the name, your network or HF_TOKEN, or pass a local model folder")
+    """The UserError of a model or tokenizer transformers could not load, from a local folder or the hub."""
+    reason = f"{type(err).__name__}: {(str(err).splitlines() or [''])[0][:200]}"
+    if Path(name).expanduser().is_dir():
+        return UserError(f"cannot load the model folder {name} ({reason}); check that it is a complete Hugging Face "
+                         "model folder (config.json, weights, tokenizer files)")
+    return UserError(f"cannot load '{name}' ({reason}); check the name, your network or HF_TOKEN, or pass a local "
+                     "model folder")
+
+
+# Files of a saved tokenizer, one of which a local model folder needs (fast, sentencepiece, BPE or tiktoken
+# vocabularies): names starting with one of the prefixes, or ending with one of the suffixes.
+TOKENIZER_FILE_PREFIXES = ("tokenizer", "vocab", "merges", "spiece", "sentencepiece")
+TOKENIZER_FILE_SUFFIXES = (".model", ".tiktoken")
+
+
+def has_tokenizer_files(folder: Path) -> bool:
+    return any(f.name.startswith(TOKENIZER_FILE_PREFIXES) or f.suffix in TOKENIZER_FILE_SUFFIXES
+               for f in folder.iterdir())
 
 
 def load_tokenizer(path: str, model: ModelArgs, data: DataArgs | None = None) -> Any:
     """Right-padding tokenizer with a pad token (eos when the tokenizer has none, as DeepSpeed-Chat)."""
     from transformers import AutoTokenizer
 
+    folder = Path(path).expanduser()
+    if folder.is_dir() and not has_tokenizer_files(folder):
+        raise UserError(f"{path} has no tokenizer files (tokenizer.json, tokenizer_config.json, ...); save the "
+                        "tokenizer into the model folder (tokenizer.save_pretrained(folder))")
     try:
         tok = AutoTokenizer.from_pretrained(path, padding_side="right", trust_remote_code=model.trust_remote_code)
-    except (OSError, ValueError) as err:
+    except (OSError, ValueError, TypeError) as err:
         raise hub_error(path, err) from None
     if tok.pad_token is None:
         if tok.eos_token is None:

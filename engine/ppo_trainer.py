@@ -13,6 +13,7 @@ from typing import Any, Iterator
 
 import torch
 
+from engine import faults
 from engine.config import Step3Config
 from engine.distributed import DistInfo, all_reduce_sum
 from engine.ema import ema_update
@@ -118,15 +119,17 @@ class PPOTrainer:
             torch.cuda.empty_cache()
         return sequences
 
-    def experience(self, sequences: torch.Tensor, prompt_mask: torch.Tensor
+    def experience(self, sequences: torch.Tensor, prompt_mask: torch.Tensor, step: int = 0
                    ) -> tuple[Experience, dict[str, torch.Tensor]]:
-        """Score `sequences` with all four roles (eval mode) and turn them into PPO targets."""
+        """Score `sequences` with all four roles (eval mode) and turn them into PPO targets. `step` (the PPO
+        step) is where `engine.faults` may make the reward model's output NaN."""
         roles, cfg = self.roles, self.cfg
         roles.actor.eval()
         roles.critic.eval()
         try:
             transform = self._normalise if cfg.ppo.normalize_reward else None
-            return make_experience(roles.actor, roles.ref, roles.critic, roles.reward, sequences,
+            reward = lambda seqs, mask: faults.poison(roles.reward(seqs, mask), step)  # noqa: E731
+            return make_experience(roles.actor, roles.ref, roles.critic, reward, sequences,
                                    cfg.data.max_prompt_seq_len, self.tokenizer.pad_token_id,
                                    self.tokenizer.eos_token_id, kl_coef=self.kl_ctl.coef,
                                    clip_reward_value=cfg.ppo.clip_reward_value, gamma=cfg.ppo.gamma,
@@ -140,7 +143,10 @@ class PPOTrainer:
     def _normalise(self, scores: torch.Tensor) -> torch.Tensor:
         n, total, total_sq = all_reduce_sum([float(scores.numel()), float(scores.sum()), float((scores ** 2).sum())],
                                             self.dist.device)
-        self.score_moments.update(n, total, total_sq)
+        # A NaN or inf score on any rank (the sums are over all ranks, so all agree) makes this PPO step a bad
+        # one whose updates are skipped; it must not poison the moments of every later step too.
+        if math.isfinite(total_sq):
+            self.score_moments.update(n, total, total_sq)
         return (scores - self.score_moments.mean) / max(self.score_moments.std, 1e-6)
 
     # -- updates ---------------------------------------------------------------------------------
@@ -175,6 +181,29 @@ class PPOTrainer:
                 "ppo/ratio_max": float(pg_stats["ratio_max"]), "ppo/entropy": float(entropy),
                 "ppo/vf_clipfrac": float(v_stats["vf_clipfrac"]),
                 "ppo/nonfinite": float(not (math.isfinite(float(pg_loss)) and math.isfinite(float(v_loss))))}
+
+    def ppo_updates(self, experiences: list[Experience], ptx: list[dict[str, torch.Tensor]] | None,
+                    step: int) -> dict[str, float]:
+        """--ppo_epochs passes of `train_micro_batch` (and `train_ptx` on the matching rows of `ptx`, one
+        batch per experience) over a PPO step's experience, with the EMA after each micro-batch. Returns the
+        mean of each statistic over every micro-batch of every rank."""
+        sums: dict[str, float] = {}
+        n = 0
+        micro = self.cfg.train.per_device_training_batch_size
+        for _ in range(self.cfg.train.ppo_epochs):
+            for i, exp in enumerate(experiences):
+                for start in range(0, len(exp), micro):
+                    stats = self.train_micro_batch(exp.select(slice(start, start + micro)))
+                    faults.mid_step(step)
+                    if ptx is not None:
+                        stats |= self.train_ptx({k: v[start:start + micro] for k, v in ptx[i].items()})
+                    self.update_ema()
+                    for k, v in stats.items():
+                        sums[k] = sums.get(k, 0.0) + v
+                    n += 1
+        keys = sorted(sums)
+        totals = all_reduce_sum([sums[k] for k in keys] + [float(n)], self.dist.device)
+        return {k: totals[i] / totals[-1] for i, k in enumerate(keys)}
 
     def _aligned_steps(self) -> None:
         """--align_overflow (fp16): when exactly one of actor and critic overflowed, skip the other's step too."""

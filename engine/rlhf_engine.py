@@ -57,21 +57,35 @@ class Roles:
 
 
 def resolve_paths(cfg: Step3Config, dist: DistInfo) -> tuple[str, str]:
-    """(actor path, critic path), checked: folders exist, the critic is a reward model."""
+    """(actor path, critic path), checked before anything is written: the folders exist, the critic is a reward
+    model and the actor is not, prompt + answer fit the actor, and a --deepspeed_config agrees with the flags."""
     paths = []
     for role in ("actor", "critic"):
         paths.append(resolve_model_path(cfg.role_model(role), cfg.train.seed, dist,
                                         flag=f"{role}_model_name_or_path", hint=ROLE_HINTS[role]))
     check_reward_model_config(paths[1], "critic_model_name_or_path", cfg.model.trust_remote_code)
     check_context_length(paths[0], cfg)
+    if cfg.ds.deepspeed_config and not cfg.ds.auto_fit:  # --auto_fit changes the flags; checked when built
+        actor_ds_config(cfg, dist.world_size, ptx=bool(cfg.data.unsupervised_dataset_name))
+        critic_ds_config(cfg, dist.world_size)
     return paths[0], paths[1]
 
 
 def check_context_length(actor_path: str, cfg: Step3Config) -> None:
-    """Refuse prompt + answer lengths beyond the actor's position embeddings (where its config says)."""
+    """Refuse a reward model as the actor, and prompt + answer lengths beyond the actor's position embeddings
+    (where its config says)."""
     from transformers import AutoConfig
 
-    config = AutoConfig.from_pretrained(actor_path, trust_remote_code=cfg.model.trust_remote_code)
+    from engine.model import hub_error
+
+    try:
+        config = AutoConfig.from_pretrained(actor_path, trust_remote_code=cfg.model.trust_remote_code)
+    except (OSError, ValueError) as err:
+        raise hub_error(actor_path, err) from None
+    archs = config.architectures or []
+    if any(a.endswith("ForSequenceClassification") for a in archs):
+        raise UserError(f"--actor_model_name_or_path {actor_path} is a reward model, not a causal LM (architectures "
+                        f"{archs}); pass the folder step 1 wrote")
     limit = next((getattr(config, k) for k in ("max_position_embeddings", "n_positions")
                   if isinstance(getattr(config, k, None), int)), None)
     total = cfg.data.max_prompt_seq_len + cfg.data.max_answer_seq_len

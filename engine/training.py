@@ -21,14 +21,22 @@ from engine.metrics import MetricsLogger
 logger = logging.getLogger("engine")
 
 
-def check_output_dir(output_dir: str) -> Path:
-    """The output folder as a Path; refuses a file or an unwritable place before any work starts."""
+def check_output_dir(output_dir: str, resume: bool = False) -> Path:
+    """The output folder as a Path; refuses a file, an unwritable place and (`resume`) a folder without a
+    checkpoint before any work starts, so a refused run writes nothing."""
     path = Path(output_dir).expanduser()
     if path.exists() and not path.is_dir():
         raise UserError(f"--output_dir {path} is a file; give a folder path")
     parent = path if path.exists() else next((p for p in path.parents if p.exists()), Path("."))
-    if not os.access(parent, os.W_OK):
-        raise UserError(f"--output_dir {path}: no permission to write in {parent}")
+    if not parent.is_dir():
+        raise UserError(f"--output_dir {path}: {parent} is a file, not a folder; give a folder path")
+    if not os.access(parent, os.W_OK | os.X_OK):
+        raise UserError(f"--output_dir {path}: no permission to write in {parent}; choose a folder you can write to")
+    if resume:
+        from engine.checkpoint import find_resume_checkpoint
+
+        # A UserError naming the fix when there is no usable checkpoint (the launchers set WORLD_SIZE).
+        find_resume_checkpoint(path, int(os.environ.get("WORLD_SIZE", "1")), warn=False)  # start_run warns
     return path
 
 
@@ -186,23 +194,23 @@ def save_checkpoint(run: RunContext, module: torch.nn.Module, step: int, positio
 
     save_hf_folder(module, run.tokenizer, run.out / f"checkpoint-{step}", run.zero_stage, run.dist,
                    extra=lambda folder: save_config_yaml(run.cfg, folder / "config.yaml"))
-    save_resume_state(run.engine, run.out, f"step{step}", position, run.dist)
+    save_resume_state(run.engine, run.out, f"step{step}", position, run.dist, keep=run.cfg.log.save_total_limit)
 
 
-def start_run(cfg: Any, engine: Any, out: Path, dist: DistInfo, keys: tuple[str, ...] | None = None
-              ) -> tuple[dict[str, Any], MetricsLogger]:
-    """(data position, metrics logger) of a step: from the last checkpoint with --resume, else zero.
+def start_run(cfg: Any, engine: Any, out: Path, dist: DistInfo, keys: tuple[str, ...] | None = None,
+              load_extra: Callable[[Path], None] | None = None) -> tuple[dict[str, Any], MetricsLogger]:
+    """(data position, metrics logger) of a step: from the newest complete checkpoint with --resume, else zero.
 
     `engine`: one DeepSpeed engine or {role: engine}; `keys`: the client-state keys to restore
-    (default: the data position). Also creates --output_dir and saves the resolved config there (the
-    first thing a run writes).
+    (default: the data position); `load_extra(tag_folder)` loads the files the save's `extra` added.
+    Also creates --output_dir and saves the resolved config there (the first thing a run writes).
     """
     from engine.checkpoint import POSITION_KEYS, load_resume_state
     from engine.config import config_to_dict, save_config_yaml
 
     position: dict[str, Any] = {"epoch": 0, "step_in_epoch": 0, "global_step": 0}
     if cfg.log.resume:
-        position.update(load_resume_state(engine, out, dist, keys or POSITION_KEYS))
+        position.update(load_resume_state(engine, out, dist, keys or POSITION_KEYS, extra=load_extra))
     out.mkdir(parents=True, exist_ok=True)
     if dist.is_main:
         save_config_yaml(cfg, out / "config.yaml")

@@ -13,6 +13,7 @@ metrics.jsonl, curves.png and the resolved config.yaml.
 from __future__ import annotations
 
 import logging
+import math
 from functools import partial
 from pathlib import Path
 from typing import Sequence
@@ -29,6 +30,7 @@ from engine.lora import apply_lora
 from engine.losses import causal_lm_loss
 from engine.metrics import plot_curves
 from engine.model import load_causal_lm, load_tokenizer, resolve_model_path
+from engine.numerics import BadStepGuard, optimizer_metrics
 from engine.perf import StepTimer, peak_memory_gb, train_throughput
 from engine.training import (RunContext, Schedule, build_ds_config, check_output_dir, epoch_windows, evaluate_lm,
                              init_trained_engine, make_loader, save_checkpoint, start_run, to_device)
@@ -38,11 +40,13 @@ logger = logging.getLogger("engine")
 
 def main(argv: Sequence[str] | None = None) -> None:
     cfg = parse_config(Step1Config, argv, description=__doc__)
-    out = check_output_dir(cfg.log.output_dir)
-    dist = init_distributed(cfg.train.seed)
+    out = check_output_dir(cfg.log.output_dir, resume=cfg.log.resume)
+    dist = init_distributed(cfg.train.seed, peer_timeout=cfg.fault.peer_timeout)
     setup_logging(dist.is_main)
 
-    # Model path, tokenizer and data first: bad input fails before anything is written.
+    # Model path, tokenizer, DeepSpeed config and data first: bad input fails before anything is written.
+    ds_config = build_ds_config(cfg.ds, cfg.train, dist.world_size)
+    zero_stage = ds_config["zero_optimization"]["stage"]
     model_path = resolve_model_path(cfg.model, cfg.train.seed, dist)
     tokenizer = load_tokenizer(model_path, cfg.model, cfg.data)
     cache_dir = Path(cfg.data.data_output_path or out / "data_cache")
@@ -53,8 +57,6 @@ def main(argv: Sequence[str] | None = None) -> None:
     schedule = Schedule.of(len(train_loader), cfg.train.gradient_accumulation_steps, cfg.train.num_train_epochs)
 
     # Model, LoRA, optimizer, DeepSpeed.
-    ds_config = build_ds_config(cfg.ds, cfg.train, dist.world_size)
-    zero_stage = ds_config["zero_optimization"]["stage"]
     model = load_causal_lm(model_path, cfg.model, tokenizer, cfg.ds.dtype, ds_config, cfg.ds.gradient_checkpointing)
     if cfg.lora.lora_dim > 0:
         model = apply_lora(model, cfg.lora)
@@ -87,6 +89,7 @@ def train(run: RunContext, train_loader, eval_loader, schedule: Schedule, positi
     cfg, engine, dist = run.cfg, run.engine, run.dist
     accum = cfg.train.gradient_accumulation_steps
     step = position["global_step"]
+    guard = BadStepGuard(cfg.fault.max_bad_steps, last_checkpoint=step or None)  # a resumed run starts at one
     engine.train()  # from_pretrained returns a model in eval mode: dropout would be off
     bar = tqdm(total=schedule.total_steps, initial=step, disable=not dist.is_main or cfg.log.disable_tqdm,
                desc="step 1 SFT")
@@ -94,15 +97,16 @@ def train(run: RunContext, train_loader, eval_loader, schedule: Schedule, positi
         first = position["step_in_epoch"] if epoch == position["epoch"] else 0
         windows = epoch_windows(train_loader, epoch, first, schedule, accum)
         for step_in_epoch, window in enumerate(windows, start=first):
-            row = train_step(run, window, step + 1)
+            row = train_step(run, window, step + 1, guard)
             step += 1
             row |= {"train/lr": engine.get_lr()[0], "train/epoch": epoch}
             if step % cfg.log.print_interval == 0 or step == schedule.total_steps:
                 logger.info("step %d: %s", step, ", ".join(f"{k}={v:.4g}" for k, v in row.items()))
             run.metrics.log(step, row)
+            guard.check(step)
             bar.update(1)
             bar.set_postfix(loss=f"{row['train/loss']:.4f}")
-            if cfg.log.save_interval and step % cfg.log.save_interval == 0:
+            if cfg.log.save_interval and step % cfg.log.save_interval == 0 and guard.save_allowed(step):
                 save_checkpoint(run, engine.module, step, {"epoch": epoch, "step_in_epoch": step_in_epoch + 1, "global_step": step})
             if cfg.train.test_stop_step and step >= cfg.train.test_stop_step:
                 bar.close()
@@ -112,12 +116,13 @@ def train(run: RunContext, train_loader, eval_loader, schedule: Schedule, positi
     return False
 
 
-def train_step(run: RunContext, batches: list[dict], step: int) -> dict[str, float]:
-    """Optimizer step `step` over `batches` (the accumulation window); the loss is token-weighted."""
+def train_step(run: RunContext, batches: list[dict], step: int, guard: BadStepGuard) -> dict[str, float]:
+    """Optimizer step `step` over `batches` (the accumulation window); the loss is token-weighted. A NaN
+    or inf loss on any rank, or an update the optimizer skipped, is a bad step for `guard`."""
     cfg, engine, dist = run.cfg, run.engine, run.dist
     timer = StepTimer()
     timer.start()
-    loss_sum, tokens, width = 0.0, 0.0, 0
+    loss_sum, tokens, nonfinite, width = 0.0, 0.0, 0.0, 0
     for batch in batches:
         batch = to_device(batch, dist.device)
         logits = engine(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
@@ -127,12 +132,16 @@ def train_step(run: RunContext, batches: list[dict], step: int) -> dict[str, flo
         faults.mid_step(step)
         engine.step()  # DeepSpeed only updates at the accumulation boundary
         loss_sum, tokens = loss_sum + float(stats["loss_sum"]), tokens + float(stats["tokens"])
+        nonfinite += float(not math.isfinite(float(loss.detach())))
         width = max(width, batch["input_ids"].shape[1])
     step_time = timer.stop()
     if cfg.log.print_loss:
         logger.warning("rank %d loss %.4f", dist.rank, loss_sum / max(tokens, 1.0))
-    loss_sum, tokens = all_reduce_sum([loss_sum, tokens], dist.device)
-    row = {"train/loss": loss_sum / max(tokens, 1.0)}
+    loss_sum, tokens, nonfinite = all_reduce_sum([loss_sum, tokens, nonfinite], dist.device)
+    row = {"train/loss": math.nan if nonfinite else loss_sum / max(tokens, 1.0)}  # NaN: `null` in metrics.jsonl
+    # The optimizer's overflow check is over all ranks, so every rank sees the same skip.
+    row |= guard.record(step, nonfinite=bool(nonfinite), skipped=not engine.was_step_applied(), what="loss")
+    row |= optimizer_metrics(engine, "train/", fp16=cfg.ds.dtype == "fp16")
     row |= train_throughput(step_time_s=step_time, per_device_batch=len(batches) * cfg.train.per_device_train_batch_size,
                             world_size=dist.world_size, seq_length=width, hf_config=engine.module.config,
                             gradient_checkpointing=cfg.ds.gradient_checkpointing, lora_dim=cfg.lora.lora_dim)

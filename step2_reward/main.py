@@ -26,8 +26,9 @@ from engine.config import Step2Config, parse_config, save_config_yaml
 from engine.data.pairs import collate_pairs, load_pair_data
 from engine.distributed import all_reduce_sum, init_distributed, setup_logging
 from engine import faults
-from engine.errors import UserError, run_main
+from engine.errors import run_main
 from engine.metrics import plot_curves
+from engine.numerics import BadStepGuard, optimizer_metrics
 from engine.perf import StepTimer, peak_memory_gb, train_throughput
 from engine.reward_math import end_scores, reward_loss
 from engine.model import hf_model, load_tokenizer, resolve_model_path
@@ -40,11 +41,13 @@ logger = logging.getLogger("engine")
 
 def main(argv: Sequence[str] | None = None) -> None:
     cfg = parse_config(Step2Config, argv, description=__doc__)
-    out = check_output_dir(cfg.log.output_dir)
-    dist = init_distributed(cfg.train.seed)
+    out = check_output_dir(cfg.log.output_dir, resume=cfg.log.resume)
+    dist = init_distributed(cfg.train.seed, peer_timeout=cfg.fault.peer_timeout)
     setup_logging(dist.is_main)
 
-    # Model path, tokenizer and data first: bad input fails before anything is written.
+    # Model path, tokenizer, DeepSpeed config and data first: bad input fails before anything is written.
+    ds_config = build_ds_config(cfg.ds, cfg.train, dist.world_size)
+    zero_stage = ds_config["zero_optimization"]["stage"]
     model_path = resolve_model_path(cfg.model, cfg.train.seed, dist)
     tokenizer = load_tokenizer(model_path, cfg.model, cfg.data)
     cache_dir = Path(cfg.data.data_output_path or out / "data_cache")
@@ -55,8 +58,6 @@ def main(argv: Sequence[str] | None = None) -> None:
     schedule = Schedule.of(len(train_loader), cfg.train.gradient_accumulation_steps, cfg.train.num_train_epochs)
 
     # Reward model (value head on the base transformer), LoRA, optimizer, DeepSpeed.
-    ds_config = build_ds_config(cfg.ds, cfg.train, dist.world_size)
-    zero_stage = ds_config["zero_optimization"]["stage"]
     model = load_reward_model(model_path, cfg.model, tokenizer, cfg.ds.dtype, ds_config, cfg.ds.gradient_checkpointing)
     if cfg.lora.lora_dim > 0:
         model = add_lora(model, cfg.lora)
@@ -100,6 +101,7 @@ def train(run: RunContext, train_loader, eval_loader, schedule: Schedule, positi
     cfg, engine, dist = run.cfg, run.engine, run.dist
     accum = cfg.train.gradient_accumulation_steps
     step = position["global_step"]
+    guard = BadStepGuard(cfg.fault.max_bad_steps, last_checkpoint=step or None)  # a resumed run starts at one
     engine.train()
     bar = tqdm(total=schedule.total_steps, initial=step, disable=not dist.is_main or cfg.log.disable_tqdm,
                desc="step 2 RM")
@@ -107,7 +109,7 @@ def train(run: RunContext, train_loader, eval_loader, schedule: Schedule, positi
         first = position["step_in_epoch"] if epoch == position["epoch"] else 0
         windows = epoch_windows(train_loader, epoch, first, schedule, accum)
         for step_in_epoch, window in enumerate(windows, start=first):
-            row = train_step(run, window, step + 1)
+            row = train_step(run, window, step + 1, guard)
             step += 1
             position.update(epoch=epoch, step_in_epoch=step_in_epoch + 1, global_step=step)
             row |= {"train/lr": engine.get_lr()[0], "train/epoch": epoch}
@@ -116,9 +118,10 @@ def train(run: RunContext, train_loader, eval_loader, schedule: Schedule, positi
             if step % cfg.log.print_interval == 0 or step == schedule.total_steps:
                 logger.info("step %d: %s", step, ", ".join(f"{k}={v:.4g}" for k, v in row.items()))
             run.metrics.log(step, row)
+            guard.check(step)
             bar.update(1)
             bar.set_postfix(loss=f"{row['train/loss']:.4f}", acc=f"{row['train/accuracy']:.3f}")
-            if cfg.log.save_interval and step % cfg.log.save_interval == 0:
+            if cfg.log.save_interval and step % cfg.log.save_interval == 0 and guard.save_allowed(step):
                 save_checkpoint(run, engine.module.model, step, dict(position))
             if cfg.train.test_stop_step and step >= cfg.train.test_stop_step:
                 bar.close()
@@ -134,8 +137,9 @@ def interval_eval_due(cfg: Step2Config, step: int) -> bool:
     return bool(cfg.train.eval_interval) and step % cfg.train.eval_interval == 0
 
 
-def train_step(run: RunContext, batches: list[dict], step: int) -> dict[str, float]:
-    """One optimizer step over the accumulation window; stops the run if a score is NaN or inf."""
+def train_step(run: RunContext, batches: list[dict], step: int, guard: BadStepGuard) -> dict[str, float]:
+    """One optimizer step over the accumulation window. A NaN or inf score or loss on any rank, or an
+    update the optimizer skipped, is a bad step for `guard`."""
     cfg, engine, dist = run.cfg, run.engine, run.dist
     timer = StepTimer()
     timer.start()
@@ -146,8 +150,8 @@ def train_step(run: RunContext, batches: list[dict], step: int) -> dict[str, flo
         values = faults.poison(engine(batch["input_ids"], batch["attention_mask"]), step)
         loss, stats = reward_loss(values, batch["input_ids"], batch["attention_mask"], cfg.reward.rm_loss,
                                   cfg.reward.rm_margin, cfg.reward.rm_l2_coef)
-        sums += torch.tensor([float(loss), float(stats["accuracy"]), 1.0, float(not torch.isfinite(values).all())],
-                             dtype=torch.float64)
+        nonfinite = not (torch.isfinite(values).all() and torch.isfinite(loss))  # an inf score can give a finite loss
+        sums += torch.tensor([float(loss), float(stats["accuracy"]), 1.0, float(nonfinite)], dtype=torch.float64)
         engine.backward(loss)
         faults.mid_step(step)
         engine.step()
@@ -155,11 +159,12 @@ def train_step(run: RunContext, batches: list[dict], step: int) -> dict[str, flo
     step_time = timer.stop()
     if cfg.log.print_loss:
         logger.warning("rank %d step %d loss %.4f", dist.rank, step, float(sums[0] / sums[2]))
-    loss_sum, acc_sum, n, bad = all_reduce_sum(sums.tolist(), dist.device)
-    if bad:
-        raise UserError(f"step {step}: the reward model produced NaN or inf scores; lower --learning_rate, "
-                        "use --dtype bf16 or fp32, or check the data of this step")
+    loss_sum, acc_sum, n, nonfinite = all_reduce_sum(sums.tolist(), dist.device)
     row = {"train/loss": loss_sum / n, "train/accuracy": acc_sum / n}
+    # The optimizer's overflow check is over all ranks, so every rank sees the same skip.
+    row |= guard.record(step, nonfinite=bool(nonfinite), skipped=not engine.was_step_applied(),
+                        what="scores or loss")
+    row |= optimizer_metrics(engine, "train/", fp16=cfg.ds.dtype == "fp16")
     row |= train_throughput(step_time_s=step_time, per_device_batch=2 * len(batches) * cfg.train.per_device_train_batch_size,
                             world_size=dist.world_size, seq_length=width, hf_config=hf_model(engine.module.model).config,
                             gradient_checkpointing=cfg.ds.gradient_checkpointing, lora_dim=cfg.lora.lora_dim)

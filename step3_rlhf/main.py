@@ -26,8 +26,8 @@ from typing import Any, Callable, Sequence
 import torch
 from tqdm import tqdm
 
-from engine import faults, synthetic
-from engine.checkpoint import (POSITION_KEYS, latest_checkpoint, load_module_tensors, save_hf_folder, save_module_tensors,
+from engine import synthetic
+from engine.checkpoint import (POSITION_KEYS, load_module_tensors, save_hf_folder, save_module_tensors,
                                save_resume_state)
 from engine.config import Step3Config, parse_config, save_config_yaml
 from engine.data.prompts import collate_left_padded, load_prompt_data
@@ -37,6 +37,7 @@ from engine.errors import UserError, run_main
 from engine.experience import Experience, reward_scores, sequence_masks
 from engine.metrics import plot_curves
 from engine.model import hf_model
+from engine.numerics import BadStepGuard, optimizer_metrics
 from engine.perf import (activation_factor, current_memory_gb, model_shape, peak_memory_gb, reset_peak_memory,
                          step3_throughput)
 from engine.ppo_trainer import PPOTrainer, generate_sequences, generation_kwargs, health_warnings
@@ -70,8 +71,8 @@ def main(argv: Sequence[str] | None = None, *, benchmark: Callable[["Run"], None
     """`benchmark` (benchmarks/rlhf_step.py) is called with the built run just before the PPO loop; such
     a run skips the evaluations, the saved models and the plots, which a throughput measurement does not want."""
     cfg = parse_config(Step3Config, argv, description=__doc__)
-    out = check_output_dir(cfg.log.output_dir)
-    dist = init_distributed(cfg.train.seed)
+    out = check_output_dir(cfg.log.output_dir, resume=cfg.log.resume)
+    dist = init_distributed(cfg.train.seed, peer_timeout=cfg.fault.peer_timeout)
     setup_logging(dist.is_main)
 
     # Inputs first: bad folders or data fail before anything is written.
@@ -98,12 +99,15 @@ def main(argv: Sequence[str] | None = None, *, benchmark: Callable[["Run"], None
     baseline_gb = current_memory_gb(dist.device)
     roles = build_roles(cfg, dist, tokenizer, actor_path, critic_path, plan.optimizer_steps, ptx_loader is not None)
     trainer = PPOTrainer(cfg, roles, tokenizer, dist)
+
+    def load_ema(tag_folder: Path) -> None:
+        if roles.ema is not None:
+            load_module_tensors(roles.ema.module, roles.ema_stage, tag_folder / EMA_FILE, dist)
+
     position, metrics = start_run(cfg, {"actor": roles.actor, "critic": roles.critic}, out, dist,
-                                  keys=POSITION_KEYS + ("trainer",))
+                                  keys=POSITION_KEYS + ("trainer",), load_extra=load_ema)
     if cfg.log.resume:
         trainer.load_state_dict(position.pop("trainer"))
-        if roles.ema is not None:
-            load_module_tensors(roles.ema.module, roles.ema_stage, latest_checkpoint(out) / EMA_FILE, dist)
     logger.info("PPO: %d steps (%d per epoch), %d micro-batches of %d per step, %d optimizer steps, %d ranks",
                 plan.steps.total_steps, plan.steps.steps_per_epoch, plan.micro_batches,
                 cfg.train.per_device_training_batch_size, plan.optimizer_steps, dist.world_size)
@@ -161,6 +165,8 @@ def train(run: Run, prompt_loader, ptx_loader, eval_loader, plan: PPOSchedule, p
     """The PPO loop; returns the step at which --test_stop_step ended it, else None."""
     cfg, dist = run.cfg, run.dist
     step, history = position["global_step"], []
+    guard = BadStepGuard(cfg.fault.max_bad_steps, namespace="ppo", step_name="PPO step",
+                         last_checkpoint=step or None)  # a resumed run starts at one
     bar = tqdm(total=plan.steps.total_steps, initial=step, disable=not dist.is_main or cfg.log.disable_tqdm,
                desc="step 3 PPO")
     for epoch in range(position["epoch"], cfg.train.num_train_epochs):
@@ -169,15 +175,16 @@ def train(run: Run, prompt_loader, ptx_loader, eval_loader, plan: PPOSchedule, p
         ptx_windows = (epoch_windows(ptx_loader, epoch, first, plan.steps, cfg.train.generation_batches)
                        if ptx_loader is not None else None)
         for step_in_epoch, prompts in enumerate(windows, start=first):
-            row = ppo_step(run, prompts, next(ptx_windows) if ptx_windows is not None else None, plan, step + 1)
+            row = ppo_step(run, prompts, next(ptx_windows) if ptx_windows is not None else None, plan, step + 1, guard)
             step += 1
             position.update(epoch=epoch, step_in_epoch=step_in_epoch + 1, global_step=step)
             row |= {"train/actor_lr": run.roles.actor.get_lr()[0], "train/critic_lr": run.roles.critic.get_lr()[0],
                     "train/epoch": epoch}
             if eval_due(cfg, step):
                 row |= evaluate(run, eval_loader)
-            history.append(row)
-            for warning in health_warnings(history, cfg.ppo.warn_kl_above):
+            if guard.healthy:  # a bad step's NaN statistics would blind the trend checks
+                history.append(row)
+            for warning in (health_warnings(history, cfg.ppo.warn_kl_above) if guard.healthy else []):
                 logger.warning("PPO step %d: %s", step, warning)
                 row["warnings/count"] = row.get("warnings/count", 0) + 1
             if step % cfg.log.print_interval == 0 or step == plan.steps.total_steps:
@@ -186,9 +193,10 @@ def train(run: Run, prompt_loader, ptx_loader, eval_loader, plan: PPOSchedule, p
                                                                   "ppo/policy_loss", "ppo/value_loss",
                                                                   "rollout/response_len") if k in row))
             run.metrics.log(step, row)
+            guard.check(step)
             bar.update(1)
             bar.set_postfix(score=f"{row['rollout/score_mean']:.3f}", kl=f"{row['rollout/kl']:.3f}")
-            if cfg.log.save_interval and step % cfg.log.save_interval == 0:
+            if cfg.log.save_interval and step % cfg.log.save_interval == 0 and guard.save_allowed(step):
                 save_checkpoint(run, step, dict(position))
             if cfg.train.test_stop_step and step >= cfg.train.test_stop_step:
                 bar.close()
@@ -198,9 +206,12 @@ def train(run: Run, prompt_loader, ptx_loader, eval_loader, plan: PPOSchedule, p
 
 
 def ppo_step(run: Run, prompt_batches: list[dict], ptx_batches: list[dict] | None, plan: PPOSchedule,
-             step: int) -> dict[str, float]:
-    """Generate -> score -> rewards and advantages -> PPO updates, for one PPO step. Returns its metrics."""
+             step: int, guard: BadStepGuard) -> dict[str, float]:
+    """Generate -> score -> rewards and advantages -> PPO updates, for one PPO step. Returns its metrics.
+    A NaN or inf in the rollout skips the updates; that, a NaN or inf loss, or an update an optimizer
+    skipped makes it a bad step for `guard`."""
     cfg, trainer, dist = run.cfg, run.trainer, run.dist
+    actor, critic = run.roles.actor, run.roles.critic
     timing = {"generate": 0.0, "experience": 0.0, "train": 0.0}
     peaks = {}
     kl_coef = trainer.kl_ctl.coef
@@ -213,42 +224,36 @@ def ppo_step(run: Run, prompt_batches: list[dict], ptx_batches: list[dict] | Non
         with _phase(timing, peaks, "generate", dist):
             sequences = trainer.generate(batch)
         with _phase(timing, peaks, "experience", dist):
-            exp, stats = trainer.experience(sequences, batch["attention_mask"])
+            exp, stats = trainer.experience(sequences, batch["attention_mask"], step)
         experiences.append(exp)
         per_seq.append(stats)
         if cfg.log.print_answers and step % cfg.log.print_answers_interval == 0:
             print_answer(run, sequences, exp)
     row = rollout_stats(per_seq, dist)
-    trainer.kl_ctl.update(row["rollout/kl"], int(row["rollout/sequences"]))
+    # A NaN or inf score, KL, value or advantage on any rank (the count is over all ranks, so every rank
+    # agrees) skips this step's updates: the NaN reaches neither the weights, the EMA nor the KL controller.
+    rollout_ok = row["rollout/nonfinite_sequences"] == 0
+    if rollout_ok:
+        trainer.kl_ctl.update(row["rollout/kl"], int(row["rollout/sequences"]))
 
     # 3. PPO updates over the step's experience (+ PTX), 4. EMA.
-    sums: dict[str, float] = {}
-    n = 0
     ptx = [to_device(b, dist.device) for b in ptx_batches] if ptx_batches is not None else None
-    micro = cfg.train.per_device_training_batch_size
+    skipped = actor.skipped_steps + critic.skipped_steps
     with _phase(timing, peaks, "train", dist):
-        for _ in range(cfg.train.ppo_epochs):
-            for i, exp in enumerate(experiences):
-                for start in range(0, len(exp), micro):
-                    stats = trainer.train_micro_batch(exp.select(slice(start, start + micro)))
-                    faults.mid_step(step)
-                    if ptx is not None:
-                        ptx_micro = {k: v[start:start + micro] for k, v in ptx[i].items()}
-                        stats |= trainer.train_ptx(ptx_micro)
-                    trainer.update_ema()
-                    for k, v in stats.items():
-                        sums[k] = sums.get(k, 0.0) + v
-                    n += 1
-    keys = sorted(sums)
-    totals = all_reduce_sum([sums[k] for k in keys] + [float(n)], dist.device)
-    row |= {k: totals[i] / totals[-1] for i, k in enumerate(keys)}
-    if row.pop("ppo/nonfinite") > 0:
-        raise UserError(f"PPO step {step}: the policy or value loss is NaN or inf; lower the learning rates, "
-                        "use --dtype bf16 or fp32, or lower --clip_reward_value")
+        if rollout_ok:
+            row |= trainer.ppo_updates(experiences, ptx, step)
+    loss_bad = row.pop("ppo/nonfinite", 0.0) > 0
+    row |= guard.record(step, nonfinite=not rollout_ok or loss_bad,
+                        skipped=actor.skipped_steps + critic.skipped_steps > skipped,
+                        what="policy or value loss" if rollout_ok else "reward, KL or value in the rollout")
+    fp16 = cfg.ds.dtype == "fp16"
+    row |= optimizer_metrics(actor, "ppo/actor_", fp16) | optimizer_metrics(critic, "ppo/critic_", fp16)
     row["ppo/kl_coef"] = kl_coef
     row |= {f"timing/{k}_s": v for k, v in timing.items()}
     row |= {f"memory/{k}_peak_gb": v for k, v in peaks.items()}
     row["memory/current_gb"] = current_memory_gb(dist.device)
+    if not rollout_ok:  # no updates: no training throughput
+        return row
     row |= step3_throughput(
         **run.model_shapes, per_device_generation_batch=cfg.train.per_device_generation_batch_size,
         generation_batches=cfg.train.generation_batches, ppo_epochs=cfg.train.ppo_epochs, ptx=ptx is not None,
@@ -279,17 +284,18 @@ class _phase:
 
 
 def rollout_stats(per_seq: list[dict[str, torch.Tensor]], dist: DistInfo) -> dict[str, float]:
-    """Means over every sequence of the step on all ranks (score std too)."""
+    """Means over every sequence of the step on all ranks (score std too), and counts of empty answers and
+    of sequences with a NaN or inf score, reward, advantage or return (`make_experience`'s "nonfinite")."""
     cat = {k: torch.cat([s[k] for s in per_seq]).double() for k in per_seq[0]}
     n = float(cat["score"].numel())
     values = [n, float(cat["score"].sum()), float((cat["score"] ** 2).sum()), float(cat["kl"].sum()),
               float(cat["response_len"].sum()), float(cat["value_mean"].sum()),
-              float((cat["response_len"] == 0).sum())]
-    n, s, sq, kl, length, value, empty = all_reduce_sum(values, dist.device)
+              float((cat["response_len"] == 0).sum()), float(cat["nonfinite"].sum())]
+    n, s, sq, kl, length, value, empty, nonfinite = all_reduce_sum(values, dist.device)
     mean = s / n
     return {"rollout/score_mean": mean, "rollout/score_std": max(sq / n - mean ** 2, 0.0) ** 0.5,
             "rollout/kl": kl / n, "rollout/response_len": length / n, "rollout/value_mean": value / n,
-            "rollout/empty_answers": empty, "rollout/sequences": n}
+            "rollout/empty_answers": empty, "rollout/sequences": n, "rollout/nonfinite_sequences": nonfinite}
 
 
 def print_answer(run: Run, sequences: torch.Tensor, exp: Experience) -> None:
@@ -383,7 +389,8 @@ def save_checkpoint(run: Run, step: int, position: dict[str, int]) -> None:
             save_module_tensors(roles.ema.module, roles.ema_stage, tag_folder / EMA_FILE, run.dist)
 
     save_resume_state({"actor": roles.actor, "critic": roles.critic}, run.out, f"step{step}",
-                      position | {"trainer": run.trainer.state_dict()}, run.dist, extra=extra)
+                      position | {"trainer": run.trainer.state_dict()}, run.dist, extra=extra,
+                      keep=run.cfg.log.save_total_limit)
 
 
 if __name__ == "__main__":

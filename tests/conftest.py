@@ -12,6 +12,20 @@ import pytest
 ROOT = Path(__file__).resolve().parents[1]
 
 
+def pytest_xdist_auto_num_workers(config) -> int:
+    """`-n auto`: one worker per core, at most 4. Most tests run one single-threaded process, the
+    distributed ones two; more workers than cores only adds contention, and each worker holds ~1 GB."""
+    return max(1, min(os.cpu_count() or 1, 4))
+
+
+@pytest.hookimpl(tryfirst=True)  # before xdist's own hook, which turns the marker into the item's group
+def pytest_collection_modifyitems(config, items) -> None:
+    """Tests that use the pipeline run (`e2e_demo`, `rlhf_inputs`) share one xdist worker, which builds it once."""
+    for item in items:
+        if {"e2e_demo", "rlhf_inputs"} & set(getattr(item, "fixturenames", ())):
+            item.add_marker(pytest.mark.xdist_group("e2e"))
+
+
 @pytest.fixture(scope="session")
 def engine_cache(tmp_path_factory) -> Path:
     """One cache folder for the built-in tiny model for the whole test session."""

@@ -4,13 +4,14 @@ from __future__ import annotations
 
 import hashlib
 import json
+import logging
 import os
 import tempfile
 from pathlib import Path
 from typing import Any, Callable
 
 import torch
-from safetensors import safe_open
+from safetensors import SafetensorError, safe_open
 from safetensors.torch import load_file, save_file
 
 from engine.config import DataArgs
@@ -18,6 +19,8 @@ from engine.data.sources import BUNDLED, LOCAL_JSONFILE, LOCAL_JSONFILE_DIR
 from engine.distributed import DistInfo, all_reduce_sum, barrier
 from engine.errors import UserError
 from engine.synthetic import ASSET_DIR as BUNDLED_DIR
+
+logger = logging.getLogger("engine")
 
 CACHE_VERSION = 2  # bump when any step's tokenisation changes
 HASH_LIMIT = 256 * 2**20  # files up to this size are keyed by content, larger ones by size + mtime
@@ -81,26 +84,61 @@ def split_tensors(tensors: dict[str, torch.Tensor], split: str) -> dict[str, tor
 
 
 def _write(path: Path, tensors: dict[str, torch.Tensor], meta: dict[str, str]) -> None:
+    """Write to a temp file beside `path`, flush it to disk, then rename it to `path`: a crash mid-write
+    never leaves a file at `path` (a later run rebuilds), and a failure seen here removes the temp file."""
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=path.name + ".tmp-", dir=path.parent)
     os.close(fd)
-    save_file(tensors, tmp, metadata=meta)
-    os.replace(tmp, path)
+    try:
+        save_file(tensors, tmp, metadata=meta)
+        with open(tmp, "rb") as f:
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+def _complete(path: Path) -> bool:
+    """Whether `path` is a whole safetensors file (its header is checked to cover the file exactly)."""
+    if not path.is_file():
+        return False
+    try:
+        with safe_open(str(path), framework="pt") as f:
+            f.metadata()
+    except (SafetensorError, OSError) as err:
+        logger.warning("the data cache %s is damaged (%s); rebuilding it", path, err)
+        return False
+    return True
+
+
+def _build_and_write(path: Path, build: Callable[[], tuple[dict[str, torch.Tensor], dict[str, str]]]) -> str:
+    """Build the cache and write it to `path`; the error message when that fails, "" when it worked."""
+    try:
+        tensors, meta = build()
+    except UserError as err:
+        return str(err)
+    try:
+        _write(path, tensors, meta)
+    except OSError as err:
+        return (f"cannot write the tokenized-data cache {path} ({err.strerror or err}); give --data_output_path a "
+                "folder you can write to")
+    return ""
 
 
 def cached_tensors(path: Path, build: Callable[[], tuple[dict[str, torch.Tensor], dict[str, str]]],
                    dist: DistInfo) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
-    """(tensors, metadata) of the cache at `path`, which rank 0 builds with `build()` if missing."""
-    failed = ""
-    if dist.is_main and not path.is_file():
-        try:
-            _write(path, *build())
-        except UserError as err:
-            failed = str(err)
+    """(tensors, metadata) of the cache at `path`, which rank 0 builds with `build()` if missing or damaged.
+
+    Nothing is written when `build` fails, so a refused dataset leaves no cache (and no cache folder)."""
+    failed = _build_and_write(path, build) if dist.is_main and not _complete(path) else ""
     # Every rank learns whether rank 0 failed, so none is left waiting at a barrier.
     if all_reduce_sum([float(bool(failed))], dist.device)[0] > 0:
         raise UserError(failed or "rank 0 could not build the dataset; see its error")
     barrier()
-    with safe_open(str(path), framework="pt") as f:
-        meta = f.metadata() or {}
-    return load_file(str(path)), meta
+    try:
+        with safe_open(str(path), framework="pt") as f:
+            meta = f.metadata() or {}
+        return load_file(str(path)), meta
+    except (SafetensorError, OSError) as err:
+        raise UserError(f"cannot read the tokenized-data cache {path} ({err}); delete it and run again") from None

@@ -250,8 +250,9 @@ def _load_raw(name: str, spec: HubSpec, loader: Loader | None) -> Mapping[str, A
     except UserError:
         raise
     except Exception as exc:  # noqa: BLE001 - the loader's errors are many and library-specific
+        reason = (str(exc).splitlines() or [""])[0][:200]  # the first line says it; the rest can be pages
         raise UserError(
-            f"Could not load hub dataset '{name}' (from '{source}'): {type(exc).__name__}: {exc}. "
+            f"Could not load hub dataset '{name}' (from '{source}'): {type(exc).__name__}: {reason}. "
             "Check the dataset name and your network connection (or the HF cache for offline "
             "use), or pass a local file path (.jsonl/.json) instead.") from exc
 

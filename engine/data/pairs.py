@@ -79,11 +79,17 @@ def _build(data: DataArgs, tokenizer: Any, seed: int) -> tuple[dict[str, torch.T
     end_id = end_token_id(tokenizer, data)
     tensors, meta = {}, {}
     for split, rows in (("train", train_rows), ("eval", eval_rows)):
+        if not rows:
+            raise UserError(f"--data_split {data.data_split} gives step 2 no {split} rows; give step 2 a larger share "
+                            "or more rows (or a folder with an eval.* file)")
         stats = PairStats()
         chosen, rejected = tokenize_pairs(rows, tokenizer, data, end_id, stats)
         if not chosen:
-            raise UserError(f"no usable {split} preference pairs for step 2 ({asdict(stats)}); rows need a "
-                            "'rejected' answer that differs from 'chosen'; check --data_path and --data_split")
+            raise UserError(f"no usable {split} preference pairs for step 2 ({asdict(stats)}); " + (
+                f"{stats.dropped_overlength} longer than --max_seq_len were dropped; raise the limit or use "
+                "--overlength truncate"
+                if stats.dropped_overlength else "rows need a 'rejected' answer that differs from 'chosen'; check "
+                "--data_path and --data_split"))
         for side, seqs in (("chosen", chosen), ("rejected", rejected)):
             tensors |= {f"{split}/{side}_{k}": v for k, v in pack_sequences(seqs).items()}
         meta[f"{split}_stats"] = json.dumps(asdict(stats))

@@ -38,10 +38,13 @@ def _build(data: DataArgs, tokenizer: Any, seed: int, max_prompt_len: int
     train_rows, eval_rows = phase_rows(data, tokenizer, 3, seed)
     tensors, meta = {}, {}
     for split, rows in (("train", train_rows), ("eval", eval_rows)):
+        if not rows:
+            raise UserError(f"--data_split {data.data_split} gives step 3 no {split} prompts; give step 3 a larger "
+                            "share or more rows (or a folder with an eval.* file)")
         seqs, dropped = tokenize_prompts([r.prompt for r in rows], tokenizer, max_prompt_len)
         if not seqs:
-            raise UserError(f"no {split} prompt of step 3's slice fits --max_prompt_seq_len {max_prompt_len} "
-                            f"({dropped} of {len(rows)} are longer); raise the limit or check --data_split")
+            raise UserError(f"no usable {split} prompts for step 3: none of {len(rows)} fits --max_prompt_seq_len "
+                            f"{max_prompt_len} (longer prompts are dropped); raise the limit")
         tensors |= {f"{split}/{k}": v for k, v in pack_sequences(seqs).items()}
         meta[f"{split}_stats"] = json.dumps({"rows": len(rows), "kept": len(seqs), "dropped_overlength": dropped})
     return tensors, meta

@@ -80,8 +80,10 @@ def _build(data: DataArgs, tokenizer: Any, seed: int) -> tuple[dict[str, torch.T
         stats = TokenizeStats()
         seqs, plens = tokenize_rows(rows, tokenizer, data, end_id, stats)
         if split == "train" and not seqs:
-            raise UserError(f"no usable training rows for step 1 ({asdict(stats)}); check "
-                            "--data_path, --data_split and --max_seq_len")
+            too_long = stats.dropped_overlength + stats.dropped_no_answer
+            hint = (f"{too_long} did not fit --max_seq_len {data.max_seq_len} (the prompt alone filled it, or "
+                    "--overlength drop); raise the limit" if too_long else "check --data_path and --data_split")
+            raise UserError(f"no usable training rows for step 1 ({asdict(stats)}); {hint}")
         tensors |= {f"{split}/{k}": v for k, v in pack_sequences(seqs).items()}
         tensors[f"{split}/prompt_lens"] = torch.tensor(plens, dtype=torch.int64)
         meta[f"{split}_stats"] = json.dumps(asdict(stats))

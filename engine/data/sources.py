@@ -37,7 +37,8 @@ def _text(record: dict[str, Any], key: str, where: str) -> str:
         raise UserError(f"{where}: missing field '{key}'; rows need prompt + chosen (+ rejected), "
                         "prompt + response, or messages")
     if not isinstance(value, str):
-        raise UserError(f"{where}: field '{key}' must be a string, not {type(value).__name__}")
+        raise UserError(f"{where}: field '{key}' must be a string, not {type(value).__name__}; write it as a JSON "
+                        "string")
     if not value.strip():
         raise UserError(f"{where}: field '{key}' is empty; remove the row or fill it in")
     return value
@@ -47,7 +48,8 @@ def render_messages(messages: Any, tokenizer: Any, where: str) -> tuple[str, str
     """(prompt, answer) of a chat whose last message is the assistant's answer."""
     if (not isinstance(messages, list) or len(messages) < 2
             or not all(isinstance(m, dict) and "role" in m and "content" in m for m in messages)):
-        raise UserError(f"{where}: 'messages' must be a list of at least two {{role, content}} objects")
+        raise UserError(f"{where}: 'messages' must be a list of at least two {{role, content}} objects; write it as "
+                        '[{"role": "user", "content": ...}, {"role": "assistant", "content": ...}]')
     if messages[-1]["role"] != "assistant" or not str(messages[-1]["content"]).strip():
         raise UserError(f"{where}: the last message must be a non-empty assistant answer")
     if getattr(tokenizer, "chat_template", None):
@@ -66,7 +68,8 @@ def render_messages(messages: Any, tokenizer: Any, where: str) -> tuple[str, str
 
 def record_to_row(record: Any, tokenizer: Any, where: str) -> Row:
     if not isinstance(record, dict):
-        raise UserError(f"{where}: each row must be a JSON object, not {type(record).__name__}")
+        raise UserError(f"{where}: each row must be a JSON object, not {type(record).__name__}; write each row as "
+                        "{\"prompt\": ..., \"chosen\": ...}")
     if "messages" in record:
         prompt, chosen = render_messages(record["messages"], tokenizer, where)
         return Row(prompt, chosen)
@@ -107,7 +110,8 @@ def _records(path: Path) -> Iterable[tuple[str, Any]]:
         try:
             data = json.loads(_decode(path.read_bytes(), str(path)))
         except json.JSONDecodeError as err:
-            raise UserError(f"{path}:{err.lineno}: malformed JSON ({err.msg})") from None
+            raise UserError(f"{path}:{err.lineno}: malformed JSON ({err.msg}); fix the file (a .json dataset is "
+                            "one list of row objects; .jsonl takes one object per line)") from None
         if not isinstance(data, list):
             raise UserError(f"{path}: a .json dataset must be a list of row objects (or use .jsonl)")
         for i, rec in enumerate(data):
@@ -118,7 +122,9 @@ def _records(path: Path) -> Iterable[tuple[str, Any]]:
         try:
             table = pq.read_table(path)
         except Exception as err:  # pyarrow raises several types for a damaged file
-            raise UserError(f"{path}: cannot read it as parquet ({err})") from None
+            reason = (str(err).splitlines() or [""])[0][:200]
+            raise UserError(f"{path}: cannot read it as parquet ({type(err).__name__}: {reason}); re-export the file "
+                            "(e.g. pandas' to_parquet) or use .jsonl") from None
         for i, rec in enumerate(table.to_pylist()):
             yield f"{path}[row {i}]", rec
 
@@ -126,7 +132,7 @@ def _records(path: Path) -> Iterable[tuple[str, Any]]:
 def read_rows(path: Path, tokenizer: Any) -> list[Row]:
     rows = [record_to_row(rec, tokenizer, where) for where, rec in _records(path)]
     if not rows:
-        raise UserError(f"{path}: the file holds no rows")
+        raise UserError(f"{path}: the file holds no rows; add rows or drop it from --data_path")
     return rows
 
 
@@ -141,7 +147,8 @@ def _find_split_file(folder: Path, names: tuple[str, ...]) -> Path | None:
 def load_folder(folder: Path, tokenizer: Any, seed: int) -> tuple[list[Row], list[Row]]:
     train_file = _find_split_file(folder, ("train",))
     if train_file is None:
-        raise UserError(f"{folder}: no train.jsonl, train.json or train.parquet in this folder")
+        raise UserError(f"{folder}: no train.jsonl, train.json or train.parquet in this folder; add one, or give a "
+                        "file as --data_path")
     eval_file = _find_split_file(folder, ("eval", "test", "validation"))
     train = read_rows(train_file, tokenizer)
     if eval_file is None:

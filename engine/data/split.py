@@ -7,6 +7,7 @@ from typing import Any, Sequence
 from engine.config import DataArgs, parse_data_split
 from engine.data.rows import Row
 from engine.data.sources import BUNDLED, load_source
+from engine.errors import UserError
 
 
 def phase_slice(n: int, weights: Sequence[float], phase: int, seed: int) -> list[int]:
@@ -32,8 +33,10 @@ def phase_rows(data: DataArgs, tokenizer: Any, phase: int, seed: int) -> tuple[l
     weights = parse_data_split(data.data_split)
     train: list[Row] = []
     evals: list[Row] = []
+    available = 0
     for spec in data.data_path or [BUNDLED]:
         tr, ev = load_source(spec, tokenizer, seed)
+        available += len(tr)
         train += [tr[i] for i in phase_slice(len(tr), weights, phase, seed)]
         evals += [ev[i] for i in phase_slice(len(ev), weights, phase, seed)]
     if phase == 1:
@@ -41,4 +44,7 @@ def phase_rows(data: DataArgs, tokenizer: Any, phase: int, seed: int) -> tuple[l
             tr, ev = load_source(spec, tokenizer, seed)
             train += tr
             evals += ev
+    if not train:
+        raise UserError(f"--data_split {data.data_split} gives step {phase} none of the {available} training rows of "
+                        f"--data_path; give step {phase} a larger share (e.g. --data_split 2,4,4) or more rows")
     return train, evals

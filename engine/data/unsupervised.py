@@ -59,13 +59,24 @@ def _hub_texts(name: str, config_name: str | None, num_proc: int | None) -> list
     return [t for t in ds["text"] if t and t.strip()]
 
 
+def missing_source_problem(name: str) -> str | None:
+    """The error of a `name` that reads as a local path (a known suffix, or starting with '.', '/' or '~') but
+    does not exist, else None (other names that are not files are hub dataset names)."""
+    path = Path(name).expanduser()
+    if path.exists() or not (path.suffix in TEXT_SUFFIXES or name.startswith((".", "/", "~"))):
+        return None
+    return (f"--unsupervised_dataset_name {name}: no such file or folder; give a .txt/.jsonl/.json/.parquet file or "
+            "a folder with train.*, or a hub dataset name")
+
+
 def ptx_texts(data: Step3DataArgs, tokenizer: Any) -> list[str]:
     name = data.unsupervised_dataset_name
     path = Path(name).expanduser()
     if path.exists():
         return _local_texts(path, tokenizer)
-    if path.suffix in TEXT_SUFFIXES or name.startswith((".", "/", "~")):
-        raise UserError(f"--unsupervised_dataset_name {name}: no such file or folder")
+    problem = missing_source_problem(name)
+    if problem:
+        raise UserError(problem)
     return _hub_texts(name, data.unsupervised_dataset_config_name, data.preprocessing_num_workers)
 
 

@@ -1,5 +1,5 @@
 """Step 3 with 2 CPU ranks: ZeRO-3 actor and critic, hybrid generation, LoRA, EMA; loadable outputs;
---resume continues bit for bit (metrics and final weights)."""
+after a kill -9 of one rank, --resume continues bit for bit (metrics and final weights)."""
 from __future__ import annotations
 
 import subprocess
@@ -32,7 +32,9 @@ def test_zero3_hybrid_lora_ema_run_and_bit_identical_resume(run_step, rlhf_input
     straight, resumed = tmp_path / "straight", tmp_path / "resumed"
     run_step("step3_rlhf/main.py", [*roles, *ARGS, "--test_stop_step", str(STEPS), "--output_dir", str(straight)],
              nprocs=2)
-    run_step("step3_rlhf/main.py", [*roles, *ARGS, "--test_stop_step", "2", "--output_dir", str(resumed)], nprocs=2)
+    killed = run_step("step3_rlhf/main.py", [*roles, *ARGS, "--test_stop_step", str(STEPS), "--output_dir", str(resumed)],
+                      nprocs=2, check=False, env={"RLHF_ENGINE_FAULT": "kill:3:1"})  # rank 1 dies mid PPO step 3
+    assert killed.returncode != 0 and max(_step_rows(resumed)) == 2, killed.stderr[-2000:]
     run_step("step3_rlhf/main.py", [*roles, *ARGS, "--test_stop_step", str(STEPS), "--output_dir", str(resumed),
                                     "--resume"], nprocs=2)
 

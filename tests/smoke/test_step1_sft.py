@@ -71,20 +71,36 @@ def test_lora_only_keeps_frozen_weights(run_step, tmp_path, engine_cache):
         assert changed == is_lora_target, key
 
 
-def test_resume_is_bit_identical(run_step, tmp_path):
-    """20 steps, stop, resume to 50 == 50 steps straight (losses and final weights), with dropout on."""
-    common = [*SMALL, "--dropout", "0.1", "--save_interval", "20", "--per_device_train_batch_size", "8",
-              "--gradient_accumulation_steps", "2"]
+def test_resume_after_kill_during_a_save_is_bit_identical(run_step, tmp_path):
+    """50 steps straight == a run killed (SIGKILL) while writing step 30's checkpoint, resumed.
+
+    The kill leaves step 30 unsealed, and step 20's is then truncated by hand: --resume must skip both
+    (naming them) and continue from step 10, bit for bit (losses and final weights, dropout on).
+    --save_total_limit 2 keeps the newest two checkpoints."""
+    common = [*SMALL, "--dropout", "0.1", "--save_interval", "10", "--save_total_limit", "2",
+              "--per_device_train_batch_size", "8", "--gradient_accumulation_steps", "2"]
     straight, resumed = tmp_path / "straight", tmp_path / "resumed"
     run_step("step1_sft/main.py", ["--output_dir", str(straight), *common])
-    run_step("step1_sft/main.py", ["--output_dir", str(resumed), *common, "--test_stop_step", "20"])
-    assert max(train_losses(resumed)) == 20
-    run_step("step1_sft/main.py", ["--output_dir", str(resumed), *common, "--resume"])
+    killed = run_step("step1_sft/main.py", ["--output_dir", str(resumed), *common], check=False,
+                      env={"RLHF_ENGINE_FAULT": "killsave:30"})
+    assert killed.returncode == -9, killed.stderr[-2000:]
+    ckpt = resumed / "ds_checkpoint"
+    assert sorted(p.name for p in ckpt.glob("step*")) == ["step10", "step20", "step30"]
+    assert not (ckpt / "step30" / "manifest.json").exists() and (ckpt / "step20" / "manifest.json").exists()
+    optim = next((ckpt / "step20").glob("*model_states.pt"))
+    optim.write_bytes(optim.read_bytes()[:-100])
+
+    proc = run_step("step1_sft/main.py", ["--output_dir", str(resumed), *common, "--resume"])
+    assert "skipping checkpoint step30: not sealed" in proc.stderr
+    assert "skipping checkpoint step20" in proc.stderr and "truncated" in proc.stderr
     a, b = train_losses(straight), train_losses(resumed)
     assert sorted(a) == sorted(b) == list(range(1, 51))
-    assert [a[s] for s in range(21, 51)] == [b[s] for s in range(21, 51)]
+    assert len([r for r in read_metrics(resumed) if "train/loss" in r]) == 50  # the killed run's 11-30 replaced
+    assert [a[s] for s in range(11, 51)] == [b[s] for s in range(11, 51)]
     wa, wb = load_file(str(straight / "model.safetensors")), load_file(str(resumed / "model.safetensors"))
     assert all(torch.equal(wa[k], wb[k]) for k in wa)
+    assert sorted(p.name for p in ckpt.glob("step*")) == ["step40", "step50"]
+    assert sorted(p.name for p in resumed.glob("checkpoint-*")) == ["checkpoint-40", "checkpoint-50"]
 
 
 def test_prompt_eval_compares_two_models(run_step, sft_run, engine_cache):

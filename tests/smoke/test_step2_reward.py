@@ -84,11 +84,14 @@ def test_span_loss_trains(run_step, tmp_path):
     assert reward_evals(out)[-1]["eval/reward_accuracy"] >= 0.8
 
 
-def test_resume_is_bit_identical(run_step, tmp_path):
-    common = [*FAST, "--dropout", "0.1", "--save_interval", "10", "--test_stop_step", "25"]
+def test_resume_after_kill_is_bit_identical(run_step, tmp_path):
+    """25 steps straight == a run SIGKILLed in the middle of step 13, resumed from its step-10 checkpoint."""
+    common = [*FAST, "--dropout", "0.1", "--save_interval", "5", "--test_stop_step", "25"]
     straight, resumed = tmp_path / "straight", tmp_path / "resumed"
     run_step("step2_reward/main.py", ["--output_dir", str(straight), *common])
-    run_step("step2_reward/main.py", ["--output_dir", str(resumed), *common[:-1], "10"])
+    killed = run_step("step2_reward/main.py", ["--output_dir", str(resumed), *common], check=False,
+                      env={"RLHF_ENGINE_FAULT": "kill:13"})
+    assert killed.returncode == -9 and max(train_losses(resumed)) == 12, killed.stderr[-2000:]
     run_step("step2_reward/main.py", ["--output_dir", str(resumed), *common, "--resume"])
     a, b = train_losses(straight), train_losses(resumed)
     assert sorted(a) == sorted(b) == list(range(1, 26))
@@ -120,10 +123,16 @@ def test_nan_scores_stop_training_naming_the_step(run_step, tmp_path, engine_cac
         model.model.norm.weight[0] = float("nan")  # every hidden state gets a NaN feature
     model.save_pretrained(str(poisoned))
     AutoTokenizer.from_pretrained(str(base)).save_pretrained(str(poisoned))
-    proc = run_step("step2_reward/main.py", ["--output_dir", str(tmp_path / "out"), "--model_name_or_path",
-                                             str(poisoned), *FAST], check=False)
+    out = tmp_path / "out"
+    proc = run_step("step2_reward/main.py", ["--output_dir", str(out), "--model_name_or_path", str(poisoned), *FAST,
+                                             "--max_bad_steps", "2", "--save_interval", "1"], check=False)
     assert proc.returncode == 2 and "Traceback" not in proc.stderr
-    assert "step 1: the reward model produced NaN or inf scores" in proc.stderr
+    # Every step is bad (NaN scores, and bf16 skips the NaN update): the second in a row stops the run.
+    assert ("error: step 2: 2 consecutive bad steps (the last: NaN or inf scores or loss and update skipped by the "
+            "optimizer") in proc.stderr
+    assert "no checkpoint was written before them" in proc.stderr and not list(out.glob("checkpoint-*"))
+    rows = [r for r in read_metrics(out) if "train/bad_steps" in r]
+    assert [(r["step"], r["train/bad_steps"], r["train/skipped_steps"]) for r in rows] == [(1, 1, 1), (2, 2, 2)]
 
 
 def test_rw_eval_scores_pairs_and_prompts(rm_run, tmp_path):
