@@ -37,6 +37,7 @@ logger = logging.getLogger("engine")
 
 DS_CHECKPOINT_DIR = "ds_checkpoint"
 MANIFEST = "manifest.json"
+TAG = re.compile(r"step(\d+)")  # a checkpoint tag, "step<N>"; every other folder in ds_checkpoint/ is a role's
 POSITION_KEYS = ("epoch", "step_in_epoch", "global_step")  # the data position a step saves
 
 
@@ -254,7 +255,7 @@ def save_resume_state(engines: Any, output_dir: Path, tag: str, client_state: di
 
 def tag_step(tag: str) -> int:
     """The step of a checkpoint tag "step<N>"."""
-    match = re.fullmatch(r"step(\d+)", tag)
+    match = TAG.fullmatch(tag)
     if match is None:
         raise ValueError(f"not a checkpoint tag: {tag!r}")
     return int(match.group(1))
@@ -299,7 +300,7 @@ def checkpoint_problem(folder: Path, tag: str) -> str | None:
 
 def checkpoint_tags(folder: Path) -> list[str]:
     """Checkpoint tags under `folder` (ds_checkpoint), newest first."""
-    tags = [p.name for p in folder.iterdir() if p.is_dir() and re.fullmatch(r"step\d+", p.name)] if folder.is_dir() else []
+    tags = [p.name for p in folder.iterdir() if p.is_dir() and TAG.fullmatch(p.name)] if folder.is_dir() else []
     return sorted(tags, key=tag_step, reverse=True)
 
 
@@ -340,7 +341,7 @@ def prune_checkpoints(output_dir: Path, keep: int) -> None:
         return
     newest = tag_step(complete[0])
     doomed = complete[keep:] + [t for t in tags if t not in complete and tag_step(t) < newest]
-    roles = [p for p in folder.iterdir() if p.is_dir() and not re.fullmatch(r"step\d+", p.name)]
+    roles = [p for p in folder.iterdir() if p.is_dir() and not TAG.fullmatch(p.name)]
     for tag in doomed:
         (folder / tag / MANIFEST).unlink(missing_ok=True)  # unsealed first: a crash mid-delete leaves no "complete" half
         for path in [folder / tag, *(r / tag for r in roles), output_dir / f"checkpoint-{tag_step(tag)}"]:

@@ -13,6 +13,7 @@ import os
 import shutil
 import tempfile
 from pathlib import Path
+from typing import Callable
 
 from engine.errors import UserError
 from engine.synthetic import ASSET_DIR as DATA_DIR
@@ -58,6 +59,22 @@ def _cache_root() -> Path:
     return base / "rlhf_engine"
 
 
+def write_cache_folder(target: Path, write: Callable[[Path], None], what: str, fix: str) -> None:
+    """Fill a cache folder through `write(tmp)` in a temp folder beside `target`, then rename it to `target`,
+    so concurrent ranks and crashes never see half of it. Another process finishing first is not an error;
+    any other OSError is a UserError "<what> (<reason>); <fix>"."""
+    target.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=target.name + ".tmp-", dir=target.parent))
+    try:
+        write(tmp)
+        os.rename(tmp, target)
+    except OSError as err:
+        if not (target / "config.json").is_file():  # a real failure, not another process finishing first
+            raise UserError(f"{what} ({err.strerror or err}); {fix}") from None
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)  # gone after the rename; a half-written folder otherwise
+
+
 def tiny_model_dir(seed: int) -> Path:
     """Where the built-in model for `seed` lives (keyed by its shape, seed and tokenizer)."""
     tok_bytes = (TOKENIZER_DIR / "tokenizer.json").read_bytes()
@@ -84,20 +101,13 @@ def ensure_tiny_model(seed: int) -> Path:
     with fork:
         torch.manual_seed(seed)
         model = LlamaForCausalLM(config)
-    tmp = None
-    try:
-        target.parent.mkdir(parents=True, exist_ok=True)
-        tmp = Path(tempfile.mkdtemp(prefix=target.name + ".tmp-", dir=target.parent))
-        model.save_pretrained(str(tmp))
-        tok.save_pretrained(str(tmp))
-        os.rename(tmp, target)
-    except OSError as err:
-        if not (target / "config.json").is_file():  # a real failure, not another process finishing first
-            raise UserError(f"cannot write the built-in model to {target} ({err.strerror or err}); free disk space "
-                            "or set RLHF_ENGINE_CACHE to a folder you can write to") from None
-    finally:
-        if tmp is not None:
-            shutil.rmtree(tmp, ignore_errors=True)  # gone after the rename; a half-written folder otherwise
+
+    def write(folder: Path) -> None:
+        model.save_pretrained(str(folder))
+        tok.save_pretrained(str(folder))
+
+    write_cache_folder(target, write, f"cannot write the built-in model to {target}",
+                       "free disk space or set RLHF_ENGINE_CACHE to a folder you can write to")
     return target
 
 

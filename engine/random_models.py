@@ -18,12 +18,10 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
-import os
-import shutil
-import tempfile
 from pathlib import Path
 from typing import Any
 
+from engine.embedded import write_cache_folder
 from engine.errors import UserError
 
 logger = logging.getLogger("engine")
@@ -149,17 +147,9 @@ def ensure_random_model(config: Any, role: str, dtype: str, seed: int, cache_roo
     target = random_model_dir(config, role, dtype, seed, cache_root)
     if (target / "config.json").is_file():
         return target
-    target.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=target.name + ".tmp-", dir=target.parent))
-    try:
-        _write_random_model(config, role, dtype, seed, tmp, device)
-        os.rename(tmp, target)
-    except OSError as err:
-        if not (target / "config.json").is_file():  # a real failure, not another process finishing first
-            raise UserError(f"cannot write the random-weight model folder {target} ({err}); free disk space or "
-                            "give --cache_dir another place") from None
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
+    write_cache_folder(target, lambda folder: _write_random_model(config, role, dtype, seed, folder, device),
+                       f"cannot write the random-weight model folder {target}",
+                       "free disk space or give --cache_dir another place")
     return target
 
 

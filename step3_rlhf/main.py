@@ -184,9 +184,9 @@ def train(run: Run, prompt_loader, ptx_loader, eval_loader, plan: PPOSchedule, p
                 row |= evaluate(run, eval_loader)
             if guard.healthy:  # a bad step's NaN statistics would blind the trend checks
                 history.append(row)
-            for warning in (health_warnings(history, cfg.ppo.warn_kl_above) if guard.healthy else []):
-                logger.warning("PPO step %d: %s", step, warning)
-                row["warnings/count"] = row.get("warnings/count", 0) + 1
+                for warning in health_warnings(history, cfg.ppo.warn_kl_above):
+                    logger.warning("PPO step %d: %s", step, warning)
+                    row["warnings/count"] = row.get("warnings/count", 0) + 1
             if step % cfg.log.print_interval == 0 or step == plan.steps.total_steps:
                 logger.info("PPO step %d: %s", step, ", ".join(
                     f"{k.split('/')[-1]}={row[k]:.4g}" for k in ("rollout/score_mean", "rollout/kl",
