@@ -11,10 +11,12 @@ from __future__ import annotations
 
 import argparse
 import sys
-from typing import Any, Sequence
+from collections.abc import Sequence
+from typing import Any
 
-from engine.errors import UserError, run_main
-from engine.inference import generate, load_for_inference
+from engine.errors import UserError
+from engine.models.inference import generate, load_for_inference
+from engine.runtime.entry import run_main
 
 HUMAN, ASSISTANT = " Human: ", " Assistant:"
 

@@ -29,14 +29,15 @@ import signal
 import subprocess
 import sys
 import time
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Callable, Sequence
 
 import yaml
 
-from engine.errors import UserError, run_main
-from engine.report import build_report
+from engine.errors import UserError
+from engine.eval.report import build_report
+from engine.runtime.entry import run_main
 
 ROOT = Path(__file__).resolve().parent
 STEP_DIRS = {1: "step1_sft", 2: "step2_reward", 3: "step3_rlhf"}
@@ -123,7 +124,7 @@ def main(argv: Sequence[str] | None = None) -> None:
 
 
 def default_deployment() -> str:
-    from engine.distributed import gpu_wanted
+    from engine.runtime.distributed import gpu_wanted
 
     return "single_gpu" if gpu_wanted() else "cpu"
 
@@ -191,7 +192,7 @@ def split_flags(text: str, flag: str) -> list[str]:
 
 def stage_env(deployment: str, cpu_ranks: int) -> dict[str, str]:
     """Environment of every stage: a free rendezvous port; CPU-only ranks with a fair share of threads."""
-    from engine.distributed import free_port
+    from engine.runtime.distributed import free_port
 
     env = {"MASTER_PORT": str(free_port()), "TOKENIZERS_PARALLELISM": "false"}
     if deployment == "cpu":

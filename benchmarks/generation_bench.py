@@ -16,19 +16,19 @@ from __future__ import annotations
 import argparse
 import json
 import time
+from collections.abc import Iterator
 from contextlib import contextmanager
-from typing import Iterator
 
 import torch
 import torch.distributed as tdist
 
 from engine.config import DeepSpeedArgs, LoRAArgs, ModelArgs, TrainArgs
-from engine.distributed import init_distributed, setup_logging
-from engine.hybrid import generation_mode
-from engine.lora import apply_lora, optimizer_param_groups
-from engine.model import load_causal_lm, load_tokenizer, resolve_model_path
-from engine.synthetic import generate as synthetic_rows
-from engine.training import build_ds_config, deepspeed_initialize, make_optimizer
+from engine.data.sort_task import generate as synthetic_rows
+from engine.models.hybrid import generation_mode
+from engine.models.load import load_causal_lm, load_tokenizer, resolve_model_path
+from engine.models.lora import apply_lora, optimizer_param_groups
+from engine.runtime.distributed import init_distributed, setup_logging
+from engine.runtime.engines import build_ds_config, deepspeed_initialize, make_optimizer
 
 
 class GatherCounter:
@@ -41,7 +41,7 @@ class GatherCounter:
         self.calls, self.bytes = 0, 0
 
     @contextmanager
-    def counting(self) -> Iterator["GatherCounter"]:
+    def counting(self) -> Iterator[GatherCounter]:
         from deepspeed.comm import comm as ds_comm
 
         backend = ds_comm.cdb

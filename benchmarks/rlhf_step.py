@@ -15,13 +15,13 @@
 
 `--actor_model` / `--critic_model` take a shipped planner config (engine.planner.shapes.shipped_models()),
 a folder with a config.json, or `tiny`; `--num_layers`, `--hidden_size`, `--intermediate_size` and
-`--num_heads` scale both. Random-weight folders (engine.random_models) are built once by rank 0 into
+`--num_heads` scale both. Random-weight folders (engine.bench.random_models) are built once by rank 0 into
 `--cache_dir` and reused. Step 3 (step3_rlhf/main.py) then runs in this process on the bundled prompts
 for `--steps` PPO steps, without its evaluations and saved models; every flag after `--` goes to step 3
 as it is (ZeRO stages, --offload, --enable_hybrid_engine, LoRA, quantized roles...). The report (rank 0)
 drops `--warmup_steps` steps and gives throughput, TFLOPs and MFU, the time split, the decode step
 against the HBM roofline, peak memory per phase, model states per role, and the memory planner's
-prediction with its error (engine.bench documents every definition). It is written as JSON (`--out`,
+prediction with its error (engine.bench.figures documents every definition). It is written as JSON (`--out`,
 also printed as one line) and Markdown (`--markdown`, default: the JSON's path with .md).
 """
 from __future__ import annotations
@@ -32,16 +32,18 @@ import logging
 import os
 import platform
 import sys
+from collections.abc import Sequence
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any
 
 ROOT = Path(__file__).resolve().parents[1]
 if str(ROOT) not in sys.path:  # run as a script: the repository's packages (engine, step3_rlhf)
     sys.path.insert(0, str(ROOT))
 
-from engine import bench  # noqa: E402
-from engine.errors import UserError, run_main  # noqa: E402
-from engine.metrics import read_metrics  # noqa: E402
+from engine.bench import figures  # noqa: E402
+from engine.errors import UserError  # noqa: E402
+from engine.observe.metrics import read_metrics  # noqa: E402
+from engine.runtime.entry import run_main  # noqa: E402
 
 logger = logging.getLogger("engine")
 # Step-3 flags this script sets from its own; giving them after -- would make the report disagree with the run.
@@ -94,17 +96,17 @@ def parse_args(argv: Sequence[str]) -> tuple[argparse.Namespace, list[str]]:
 def cache_root(args: argparse.Namespace) -> Path:
     if args.cache_dir:
         return Path(args.cache_dir).expanduser()
-    from engine.embedded import _cache_root
+    from engine.runtime.atomic import cache_root
 
-    return _cache_root() / "bench_models"
+    return cache_root() / "bench_models"
 
 
 def build_models(args: argparse.Namespace, dist: Any, dtype: str) -> dict[str, tuple[Path, Any]]:
     """{role: (folder, config)}: the random-weight folders, written by local rank 0 while the others wait."""
     import time
 
-    from engine.distributed import barrier
-    from engine.random_models import ensure_random_model, load_shape, random_model_dir
+    from engine.bench.random_models import ensure_random_model, load_shape, random_model_dir
+    from engine.runtime.distributed import barrier
 
     scale = {k: getattr(args, k) for k in ("num_layers", "hidden_size", "intermediate_size", "num_heads")}
     shapes = {"actor": args.actor_model, "critic": args.critic_model or args.actor_model}
@@ -138,7 +140,7 @@ class Probe:
         self.planner_note: str | None = None
 
     def __call__(self, run: Any) -> None:
-        from engine.role_memory import RoleMemoryTracker
+        from engine.bench.role_memory import RoleMemoryTracker
 
         self.run = run
         roles = run.roles
@@ -186,7 +188,7 @@ def device_name(device: Any) -> str:
 
 def model_facts(name: str, config: Any, engine: Any) -> dict[str, Any]:
     """Shape, parameter count and bytes of a built role (ZeRO-3 parameters counted whole, via ds_numel)."""
-    from engine.random_models import HEAD_KEYS, HIDDEN_KEYS, INTERMEDIATE_KEYS, LAYER_KEYS, config_value
+    from engine.bench.random_models import HEAD_KEYS, HIDDEN_KEYS, INTERMEDIATE_KEYS, LAYER_KEYS, config_value
 
     data = config.to_dict()
     params = list(engine.module.parameters())
@@ -234,24 +236,24 @@ def make_report(args: argparse.Namespace, probe: Probe, folders: dict[str, tuple
     """The report of a finished run (rank 0), from step 3's metrics.jsonl and the probe."""
     config = run_config(args, probe, folders, step3_flags)
     rows = read_metrics(Path(args.run_dir) / "metrics.jsonl")
-    all_steps = bench.measured_steps(rows, 0)
-    steps = bench.measured_steps(rows, args.warmup_steps)
+    all_steps = figures.measured_steps(rows, 0)
+    steps = figures.measured_steps(rows, args.warmup_steps)
     if not steps:
         raise UserError(f"step 3 logged {len(all_steps)} PPO steps, none after --warmup_steps {args.warmup_steps}; "
                         "raise --steps")
     baseline = next((r["memory/baseline_gb"] for r in rows if "memory/baseline_gb" in r), None)
     on_cpu = config["device"] == "cpu"
-    peak = args.peak_tflops if args.peak_tflops is not None else bench.default_peak_tflops(config["device_name"],
+    peak = args.peak_tflops if args.peak_tflops is not None else figures.default_peak_tflops(config["device_name"],
                                                                                           config["dtype"])
-    hbm = args.hbm_gb_s if args.hbm_gb_s is not None else bench.default_hbm_gb_s(config["device_name"])
-    memory = bench.memory_peaks(all_steps, baseline, on_cpu) | {"roles": bench.role_gb(role_bytes)}
+    hbm = args.hbm_gb_s if args.hbm_gb_s is not None else figures.default_hbm_gb_s(config["device_name"])
+    memory = figures.memory_peaks(all_steps, baseline, on_cpu) | {"roles": figures.role_gb(role_bytes)}
     report = {
         "config": config,
         "steps": {"run": len(all_steps), "warmup": args.warmup_steps, "measured": len(steps)},
-        "throughput": bench.throughput(steps, seq_length=config["max_prompt_seq_len"] + config["max_answer_seq_len"],
+        "throughput": figures.throughput(steps, seq_length=config["max_prompt_seq_len"] + config["max_answer_seq_len"],
                                        ppo_epochs=config["ppo_epochs"], peak_tflops=peak),
-        "time": bench.phase_times(steps),
-        "decode": bench.decode(steps, config["actor"]["param_bytes"], hbm),
+        "time": figures.phase_times(steps),
+        "decode": figures.decode(steps, config["actor"]["param_bytes"], hbm),
         "memory": memory,
         "planner": probe.planner,
         "planner_note": probe.planner_note,
@@ -261,14 +263,14 @@ def make_report(args: argparse.Namespace, probe: Probe, folders: dict[str, tuple
     }
     if probe.planner is not None:
         measured = memory["growth_gb"] if on_cpu else memory["peak_gb"]
-        report["planner_error"] = bench.planner_errors(probe.planner, measured, memory["roles"], on_cpu)
+        report["planner_error"] = figures.planner_errors(probe.planner, measured, memory["roles"], on_cpu)
     return report
 
 
 def run_benchmark(args: argparse.Namespace, step3_flags: list[str]) -> dict[str, Any] | None:
     """Build the models, run step 3 in this process, and return the report (None on ranks other than 0)."""
     from engine.config import default_dtype
-    from engine.distributed import init_distributed, setup_logging
+    from engine.runtime.distributed import init_distributed, setup_logging
     from step3_rlhf import main as step3
 
     dist = init_distributed(args.seed)
@@ -284,7 +286,7 @@ def run_benchmark(args: argparse.Namespace, step3_flags: list[str]) -> dict[str,
 
 
 def write_report(report: dict[str, Any], args: argparse.Namespace) -> None:
-    text = bench.markdown_report(report)
+    text = figures.markdown_report(report)
     if args.out:
         out = Path(args.out)
         out.parent.mkdir(parents=True, exist_ok=True)
@@ -309,7 +311,7 @@ def compare(paths: Sequence[str]) -> str:
                             "with --out")
     if len(reports) < 2:
         raise UserError("--compare needs at least two reports")
-    return bench.compare_markdown(reports, [Path(p).stem for p in paths])
+    return figures.compare_markdown(reports, [Path(p).stem for p in paths])
 
 
 def main(argv: Sequence[str] | None = None) -> None:
@@ -317,7 +319,7 @@ def main(argv: Sequence[str] | None = None) -> None:
     if args.compare:
         print(compare(args.compare), end="", flush=True)
         return
-    from engine.distributed import gpu_wanted
+    from engine.runtime.distributed import gpu_wanted
 
     if not gpu_wanted() and "MALLOC_MMAP_THRESHOLD_" not in os.environ:
         logging.getLogger("engine").warning(

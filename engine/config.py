@@ -13,9 +13,10 @@ import dataclasses
 import importlib.util
 import types
 import typing
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Sequence, TypeVar
+from typing import Any, TypeVar
 
 import yaml
 
@@ -34,7 +35,7 @@ def arg(default: Any = None, help: str = "", choices: Sequence[Any] | None = Non
 
 
 def _cuda_available() -> bool:
-    from engine.distributed import gpu_wanted
+    from engine.runtime.distributed import gpu_wanted
 
     return gpu_wanted()
 
@@ -615,7 +616,7 @@ def config_to_dict(cfg: Any) -> dict[str, Any]:
 
 def save_config_yaml(cfg: Any, path: Path) -> None:
     """The resolved config as YAML, written to a temp file and renamed: a crash never leaves half of it."""
-    from engine.metrics import write_atomically
+    from engine.runtime.atomic import write_atomically
 
     write_atomically(path, yaml.safe_dump(config_to_dict(cfg), sort_keys=False))
 
@@ -639,7 +640,7 @@ def parse_data_split(text: str) -> list[float]:
 def _deepspeed_config_problems(path: str) -> list[str]:
     """A --deepspeed_config that is missing, a folder or not a JSON object (its values are checked against
     the flags when the DeepSpeed config is built)."""
-    from engine.ds_config import load_template
+    from engine.runtime.ds_config import load_template
 
     if Path(path).is_dir():
         return [f"--deepspeed_config {path} is a folder; give a DeepSpeed JSON file (see ds_configs/)"]
@@ -720,7 +721,7 @@ def _validate_part(part: Any) -> list[str]:
     return problems
 
 
-def _validate_step3(cfg: "Step3Config") -> list[str]:
+def _validate_step3(cfg: Step3Config) -> list[str]:
     """Cross-part checks of step 3 (each part's own ranges are below, in `_validate_part`)."""
     problems: list[str] = []
     t, d, ds, ppo, lora = cfg.train, cfg.data, cfg.ds, cfg.ppo, cfg.lora
@@ -737,7 +738,8 @@ def _validate_step3(cfg: "Step3Config") -> list[str]:
         elif (rollout // t.per_device_training_batch_size) % t.gradient_accumulation_steps:
             problems.append(f"a PPO step has {rollout // t.per_device_training_batch_size} micro-batches per rank, "
                             f"not a multiple of --gradient_accumulation_steps {t.gradient_accumulation_steps}")
-    for name in ("actor_learning_rate", "critic_learning_rate", "actor_lora_learning_rate", "critic_lora_learning_rate"):
+    for name in ("actor_learning_rate", "critic_learning_rate",
+                 "actor_lora_learning_rate", "critic_lora_learning_rate"):
         value = getattr(t if hasattr(t, name) else lora, name)
         if value <= 0:
             problems.append(f"--{name} must be > 0 (got {value})")
@@ -851,7 +853,7 @@ def missing_quantization_packages() -> list[str]:
     return [name for name in ("bitsandbytes", "accelerate") if importlib.util.find_spec(name) is None]
 
 
-def _quantization_problems(cfg: "Step3Config") -> list[str]:
+def _quantization_problems(cfg: Step3Config) -> list[str]:
     """Checks of --actor_quantization, --reference_quantization and --reward_quantization."""
     problems: list[str] = []
     ds, lora = cfg.ds, cfg.lora

@@ -1,47 +1,11 @@
-"""User-facing errors and the entry-point wrapper that turns them into a clean exit.
+"""The one exception type for bad input.
 
 A `UserError` is a problem with what the user gave us (a flag, a file, a folder). Its message names
-the problem and the fix. `run_main` prints it on one line and exits with status 2, without a
-traceback; any other exception is a bug in the engine and keeps its traceback, unless it comes from a
-collective that broke because a peer rank died or failed: then the one line names that rank (exit 1).
-Either way the other ranks hear of it through the peer watchdog (engine/watchdog.py) and stop too.
+the problem and the fix. `engine.runtime.entry.run_main` prints it on one line and exits with status 2,
+without a traceback.
 """
 from __future__ import annotations
-
-import logging
-import sys
-from typing import Callable, Sequence
-
-from engine import watchdog
-
-logger = logging.getLogger("engine")
 
 
 class UserError(Exception):
     """Bad input from the user: the message says what is wrong and how to fix it."""
-
-
-def run_main(main: Callable[[Sequence[str] | None], object], argv: Sequence[str] | None = None) -> None:
-    """Call `main(argv)`; a UserError becomes `error: <message>` on stderr and exit status 2."""
-    try:
-        main(argv)
-    except UserError as err:
-        print(f"error: {err}", file=sys.stderr, flush=True)
-        watchdog.fail(2, str(err))
-        # Other ranks may be waiting in a collective for this one; exit hard so they are torn down
-        # by the launcher, or by their watchdog, instead of hanging.
-        sys.exit(2)
-    except SystemExit as err:
-        if err.code not in (0, None):
-            watchdog.fail(1, f"SystemExit: {err.code}")
-        else:
-            watchdog.finish()
-        raise
-    except BaseException as err:
-        # A collective raises ("Connection closed by peer") when a peer vanished: name the peer instead.
-        peer = watchdog.peer_failure() if isinstance(err, Exception) else None
-        if peer is not None:
-            watchdog.stop_process(*peer)
-        watchdog.fail(1, watchdog.one_line(err))
-        raise
-    watchdog.finish()

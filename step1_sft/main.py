@@ -14,26 +14,36 @@ from __future__ import annotations
 
 import logging
 import math
+from collections.abc import Sequence
 from functools import partial
 from pathlib import Path
-from typing import Sequence
 
 from tqdm import tqdm
 
-from engine.checkpoint import save_hf_folder
 from engine.config import Step1Config, parse_config, save_config_yaml
 from engine.data.sft import collate_right_padded, load_sft_data
-from engine.distributed import all_reduce_sum, init_distributed, setup_logging
-from engine import faults
-from engine.errors import run_main
-from engine.lora import apply_lora
-from engine.losses import causal_lm_loss
-from engine.metrics import plot_curves
-from engine.model import load_causal_lm, load_tokenizer, resolve_model_path
-from engine.numerics import BadStepGuard, optimizer_metrics
-from engine.perf import StepTimer, peak_memory_gb, train_throughput
-from engine.training import (RunContext, Schedule, build_ds_config, check_output_dir, epoch_windows, evaluate_lm,
-                             init_trained_engine, make_loader, save_checkpoint, start_run, to_device)
+from engine.eval.lm import evaluate_lm
+from engine.models.load import load_causal_lm, load_tokenizer, resolve_model_path
+from engine.models.lora import apply_lora
+from engine.observe.metrics import plot_curves
+from engine.observe.perf import StepTimer, peak_memory_gb, train_throughput
+from engine.rl.lm_loss import causal_lm_loss
+from engine.runtime import faults
+from engine.runtime.bad_steps import BadStepGuard, optimizer_metrics
+from engine.runtime.checkpoint import save_hf_folder
+from engine.runtime.distributed import all_reduce_sum, init_distributed, setup_logging
+from engine.runtime.engines import build_ds_config, init_trained_engine
+from engine.runtime.entry import run_main
+from engine.runtime.run import (
+    RunContext,
+    Schedule,
+    check_output_dir,
+    epoch_windows,
+    make_loader,
+    save_checkpoint,
+    start_run,
+    to_device,
+)
 
 logger = logging.getLogger("engine")
 
@@ -61,7 +71,8 @@ def main(argv: Sequence[str] | None = None) -> None:
     if cfg.lora.lora_dim > 0:
         model = apply_lora(model, cfg.lora)
     engine = init_trained_engine(model, ds_config, lr=cfg.train.learning_rate, weight_decay=cfg.train.weight_decay,
-                                 lora_lr=cfg.lora.lora_learning_rate, betas=(cfg.train.adam_beta1, cfg.train.adam_beta2),
+                                 lora_lr=cfg.lora.lora_learning_rate,
+                                 betas=(cfg.train.adam_beta1, cfg.train.adam_beta2),
                                  offload=cfg.ds.offload, scheduler_type=cfg.train.lr_scheduler_type,
                                  warmup_steps=cfg.train.num_warmup_steps, total_steps=schedule.total_steps)
 
@@ -107,7 +118,8 @@ def train(run: RunContext, train_loader, eval_loader, schedule: Schedule, positi
             bar.update(1)
             bar.set_postfix(loss=f"{row['train/loss']:.4f}")
             if cfg.log.save_interval and step % cfg.log.save_interval == 0 and guard.save_allowed(step):
-                save_checkpoint(run, engine.module, step, {"epoch": epoch, "step_in_epoch": step_in_epoch + 1, "global_step": step})
+                position = {"epoch": epoch, "step_in_epoch": step_in_epoch + 1, "global_step": step}
+                save_checkpoint(run, engine.module, step, position)
             if cfg.train.test_stop_step and step >= cfg.train.test_stop_step:
                 bar.close()
                 return True
@@ -142,7 +154,8 @@ def train_step(run: RunContext, batches: list[dict], step: int, guard: BadStepGu
     # The optimizer's overflow check is over all ranks, so every rank sees the same skip.
     row |= guard.record(step, nonfinite=bool(nonfinite), skipped=not engine.was_step_applied(), what="loss")
     row |= optimizer_metrics(engine, "train/", fp16=cfg.ds.dtype == "fp16")
-    row |= train_throughput(step_time_s=step_time, per_device_batch=len(batches) * cfg.train.per_device_train_batch_size,
+    per_device_batch = len(batches) * cfg.train.per_device_train_batch_size
+    row |= train_throughput(step_time_s=step_time, per_device_batch=per_device_batch,
                             world_size=dist.world_size, seq_length=width, hf_config=engine.module.config,
                             gradient_checkpointing=cfg.ds.gradient_checkpointing, lora_dim=cfg.lora.lora_dim)
     row["memory/peak_gb"] = peak_memory_gb(dist.device)

@@ -10,12 +10,13 @@ from __future__ import annotations
 
 import argparse
 import logging
-from typing import Sequence
+from collections.abc import Sequence
 
-from engine.errors import UserError, run_main
-from engine.inference import generate, load_for_inference
-from engine.synthetic import generate as synthetic_rows
-from engine.synthetic import is_correct, parse_prompt
+from engine.data.sort_task import generate as synthetic_rows
+from engine.data.sort_task import is_correct, parse_prompt
+from engine.errors import UserError
+from engine.models.inference import generate, load_for_inference
+from engine.runtime.entry import run_main
 
 logger = logging.getLogger("engine")
 

@@ -14,27 +14,36 @@ from __future__ import annotations
 
 import json
 import logging
+from collections.abc import Sequence
 from functools import partial
 from pathlib import Path
-from typing import Sequence
 
 import torch
 from tqdm import tqdm
 
-from engine.checkpoint import save_hf_folder
 from engine.config import Step2Config, parse_config, save_config_yaml
 from engine.data.pairs import collate_pairs, load_pair_data
-from engine.distributed import all_reduce_sum, init_distributed, setup_logging
-from engine import faults
-from engine.errors import run_main
-from engine.metrics import plot_curves
-from engine.numerics import BadStepGuard, optimizer_metrics
-from engine.perf import StepTimer, peak_memory_gb, train_throughput
-from engine.reward_math import end_scores, reward_loss
-from engine.model import hf_model, load_tokenizer, resolve_model_path
-from engine.reward_model import add_lora, load_reward_model
-from engine.training import (RunContext, Schedule, build_ds_config, check_output_dir, epoch_windows,
-                             init_trained_engine, make_loader, save_checkpoint, start_run, to_device)
+from engine.models.load import hf_model, load_tokenizer, resolve_model_path
+from engine.models.reward_model import add_lora, load_reward_model
+from engine.observe.metrics import plot_curves
+from engine.observe.perf import StepTimer, peak_memory_gb, train_throughput
+from engine.rl.reward import end_scores, reward_loss
+from engine.runtime import faults
+from engine.runtime.bad_steps import BadStepGuard, optimizer_metrics
+from engine.runtime.checkpoint import save_hf_folder
+from engine.runtime.distributed import all_reduce_sum, init_distributed, setup_logging
+from engine.runtime.engines import build_ds_config, init_trained_engine
+from engine.runtime.entry import run_main
+from engine.runtime.run import (
+    RunContext,
+    Schedule,
+    check_output_dir,
+    epoch_windows,
+    make_loader,
+    save_checkpoint,
+    start_run,
+    to_device,
+)
 
 logger = logging.getLogger("engine")
 
@@ -62,7 +71,8 @@ def main(argv: Sequence[str] | None = None) -> None:
     if cfg.lora.lora_dim > 0:
         model = add_lora(model, cfg.lora)
     engine = init_trained_engine(model, ds_config, lr=cfg.train.learning_rate, weight_decay=cfg.train.weight_decay,
-                                 lora_lr=cfg.lora.lora_learning_rate, betas=(cfg.train.adam_beta1, cfg.train.adam_beta2),
+                                 lora_lr=cfg.lora.lora_learning_rate,
+                                 betas=(cfg.train.adam_beta1, cfg.train.adam_beta2),
                                  offload=cfg.ds.offload, scheduler_type=cfg.train.lr_scheduler_type,
                                  warmup_steps=cfg.train.num_warmup_steps, total_steps=schedule.total_steps)
 
@@ -165,8 +175,10 @@ def train_step(run: RunContext, batches: list[dict], step: int, guard: BadStepGu
     row |= guard.record(step, nonfinite=bool(nonfinite), skipped=not engine.was_step_applied(),
                         what="scores or loss")
     row |= optimizer_metrics(engine, "train/", fp16=cfg.ds.dtype == "fp16")
-    row |= train_throughput(step_time_s=step_time, per_device_batch=2 * len(batches) * cfg.train.per_device_train_batch_size,
-                            world_size=dist.world_size, seq_length=width, hf_config=hf_model(engine.module.model).config,
+    per_device_batch = 2 * len(batches) * cfg.train.per_device_train_batch_size  # chosen + rejected
+    row |= train_throughput(step_time_s=step_time, per_device_batch=per_device_batch,
+                            world_size=dist.world_size, seq_length=width,
+                            hf_config=hf_model(engine.module.model).config,
                             gradient_checkpointing=cfg.ds.gradient_checkpointing, lora_dim=cfg.lora.lora_dim)
     row["memory/peak_gb"] = peak_memory_gb(dist.device)
     return row

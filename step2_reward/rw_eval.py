@@ -12,8 +12,8 @@ from __future__ import annotations
 
 import argparse
 import logging
+from collections.abc import Sequence
 from pathlib import Path
-from typing import Sequence
 
 import torch
 import yaml
@@ -21,8 +21,9 @@ import yaml
 from engine.data.pairs import tokenize_scored
 from engine.data.sft import right_pad
 from engine.data.sources import read_rows
-from engine.errors import UserError, run_main
-from engine.inference import load_reward_for_inference
+from engine.errors import UserError
+from engine.models.inference import load_reward_for_inference
+from engine.runtime.entry import run_main
 
 logger = logging.getLogger("engine")
 
@@ -72,7 +73,8 @@ def main(argv: Sequence[str] | None = None) -> None:
     end_id = end_token(args.model_name_or_path, tok, args.add_eot_token)
     if args.prompt is not None:
         answers = args.response
-        for answer, s in zip(answers, score(model, tok, [args.prompt] * len(answers), answers, args.batch_size, end_id)):
+        scores = score(model, tok, [args.prompt] * len(answers), answers, args.batch_size, end_id)
+        for answer, s in zip(answers, scores):
             logger.info("%8.4f  %r", s, answer)
         return
     rows = read_rows(Path(args.data_file), tok)

@@ -20,19 +20,20 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+from collections.abc import Sequence
 from pathlib import Path
-from typing import Sequence
 
 import torch
 
 from engine.data.sources import BUNDLED, load_source
-from engine.errors import UserError, run_main
-from engine.evaluation import markdown_samples, markdown_table, run_model, summarize
-from engine.distributed import gpu_wanted
-from engine.inference import load_for_inference, load_reward_for_inference, load_tokenizer
-from engine.metrics import write_atomically
-from engine.reward_model import RewardModel
-from engine.training import check_output_dir
+from engine.errors import UserError
+from engine.eval.compare import markdown_samples, markdown_table, run_model, summarize
+from engine.models.inference import load_for_inference, load_reward_for_inference, load_tokenizer
+from engine.models.reward_model import RewardModel
+from engine.runtime.atomic import write_atomically
+from engine.runtime.distributed import gpu_wanted
+from engine.runtime.entry import run_main
+from engine.runtime.run import check_output_dir
 
 logger = logging.getLogger("engine")
 

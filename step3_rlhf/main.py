@@ -18,31 +18,45 @@ from __future__ import annotations
 
 import logging
 import time
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from functools import partial
 from pathlib import Path
-from typing import Any, Callable, Sequence
+from typing import Any
 
 import torch
 from tqdm import tqdm
 
-from engine import synthetic
-from engine.checkpoint import (POSITION_KEYS, load_module_tensors, save_hf_folder, save_module_tensors,
-                               save_resume_state)
 from engine.config import Step3Config, parse_config, save_config_yaml
+from engine.data import sort_task
 from engine.data.prompts import collate_left_padded, load_prompt_data
 from engine.data.unsupervised import collate_blocks, load_ptx_data
-from engine.distributed import DistInfo, all_reduce_sum, init_distributed, setup_logging
-from engine.errors import UserError, run_main
-from engine.experience import Experience, reward_scores, sequence_masks
-from engine.metrics import plot_curves
-from engine.model import hf_model
-from engine.numerics import BadStepGuard, optimizer_metrics
-from engine.perf import (activation_factor, current_memory_gb, model_shape, peak_memory_gb, reset_peak_memory,
-                         step3_throughput)
-from engine.ppo_trainer import PPOTrainer, generate_sequences, generation_kwargs, health_warnings
-from engine.rlhf_engine import Roles, build_roles, load_step3_tokenizer, resolve_paths
-from engine.training import Schedule, check_output_dir, epoch_windows, make_loader, start_run, to_device
+from engine.errors import UserError
+from engine.models.load import hf_model
+from engine.models.roles import Roles, build_roles, load_step3_tokenizer, resolve_paths
+from engine.observe.metrics import plot_curves
+from engine.observe.perf import (
+    activation_factor,
+    current_memory_gb,
+    model_shape,
+    peak_memory_gb,
+    reset_peak_memory,
+    step3_throughput,
+)
+from engine.ppo.experience import Experience, reward_scores, sequence_masks
+from engine.ppo.health import health_warnings
+from engine.ppo.trainer import PPOTrainer, generate_sequences, generation_kwargs
+from engine.runtime.bad_steps import BadStepGuard, optimizer_metrics
+from engine.runtime.checkpoint import (
+    POSITION_KEYS,
+    load_module_tensors,
+    save_hf_folder,
+    save_module_tensors,
+    save_resume_state,
+)
+from engine.runtime.distributed import DistInfo, all_reduce_sum, init_distributed, setup_logging
+from engine.runtime.entry import run_main
+from engine.runtime.run import Schedule, check_output_dir, epoch_windows, make_loader, start_run, to_device
 
 logger = logging.getLogger("engine")
 EMA_FILE = "actor_ema.safetensors"
@@ -57,7 +71,7 @@ class PPOSchedule:
     optimizer_steps: int       # optimizer steps of the actor and of the critic over the whole run
 
     @classmethod
-    def of(cls, cfg: Step3Config, prompt_batches: int) -> "PPOSchedule":
+    def of(cls, cfg: Step3Config, prompt_batches: int) -> PPOSchedule:
         t = cfg.train
         if prompt_batches < t.generation_batches:
             raise UserError(f"an epoch has {prompt_batches} prompt batches per rank, fewer than --generation_batches "
@@ -67,7 +81,7 @@ class PPOSchedule:
         return cls(steps, micro, steps.total_steps * micro * t.ppo_epochs // t.gradient_accumulation_steps)
 
 
-def main(argv: Sequence[str] | None = None, *, benchmark: Callable[["Run"], None] | None = None) -> None:
+def main(argv: Sequence[str] | None = None, *, benchmark: Callable[[Run], None] | None = None) -> None:
     """`benchmark` (benchmarks/rlhf_step.py) is called with the built run just before the PPO loop; such
     a run skips the evaluations, the saved models and the plots, which a throughput measurement does not want."""
     cfg = parse_config(Step3Config, argv, description=__doc__)
@@ -113,7 +127,8 @@ def main(argv: Sequence[str] | None = None, *, benchmark: Callable[["Run"], None
                 cfg.train.per_device_training_batch_size, plan.optimizer_steps, dist.world_size)
     run = Run(cfg, roles, trainer, tokenizer, dist, out, metrics, model_shapes(cfg, roles))
     if position["global_step"] == 0:
-        metrics.log(0, {"memory/baseline_gb": baseline_gb} | ({} if benchmark is not None else evaluate(run, eval_loader)))
+        first = {} if benchmark is not None else evaluate(run, eval_loader)
+        metrics.log(0, {"memory/baseline_gb": baseline_gb} | first)
     if benchmark is not None:
         benchmark(run)
 
@@ -314,7 +329,7 @@ def eval_due(cfg: Step3Config, step: int) -> bool:
 def evaluate(run: Run, loader) -> dict[str, float]:
     """The actor's answers to held-out prompts, decoded as in the rollouts (or greedily with
     --eval_greedy): reward score, length, and the sorting rule where the prompts are the bundled
-    task's (`engine.synthetic`). Sampling uses a fixed seed of its own, so every evaluation sees the
+    task's (`engine.data.sort_task`). Sampling uses a fixed seed of its own, so every evaluation sees the
     same noise and the training RNG stream is untouched."""
     cfg, tok, dist = run.cfg, run.tokenizer, run.dist
     width, per_rank = cfg.data.max_prompt_seq_len, -(-cfg.ppo.eval_prompts // dist.world_size)
@@ -343,9 +358,9 @@ def _evaluate(run: Run, loader, kwargs: dict[str, Any], width: int, per_rank: in
         for i in range(sequences.shape[0]):
             prompt = tok.decode(sequences[i, :width], skip_special_tokens=True)
             answer = tok.decode(sequences[i, width:][mask[i, width:].bool()], skip_special_tokens=True)
-            if synthetic.parse_prompt(prompt) is not None:
+            if sort_task.parse_prompt(prompt) is not None:
                 sums[3] += 1
-                sums[4] += float(synthetic.is_correct(prompt, answer))
+                sums[4] += float(sort_task.is_correct(prompt, answer))
         sums[:3] += torch.tensor([float(len(scores)), float(scores.sum()), float(action_mask.sum())])
     n, score, length, checked, correct = all_reduce_sum(sums.tolist(), dist.device)
     row = {"eval/score_mean": score / max(n, 1), "eval/response_len": length / max(n, 1)}
@@ -359,7 +374,8 @@ def model_shapes(cfg: Step3Config, roles: Roles) -> dict[str, Any]:
     ds, lora = cfg.ds, cfg.lora
     actor_cfg, critic_cfg = hf_model(roles.actor.module).config, hf_model(roles.critic.module.model).config
     return {"actor_config": actor_cfg, "critic_config": critic_cfg,
-            "actor_k": activation_factor(ds.actor_gradient_checkpointing, lora.actor_lora_dim, model_shape(actor_cfg)[1]),
+            "actor_k": activation_factor(ds.actor_gradient_checkpointing, lora.actor_lora_dim,
+                                         model_shape(actor_cfg)[1]),
             "critic_k": activation_factor(ds.critic_gradient_checkpointing, lora.critic_lora_dim,
                                           model_shape(critic_cfg)[1]),
             "actor_params": sum(getattr(p, "ds_numel", p.numel()) for p in roles.actor.module.parameters()),

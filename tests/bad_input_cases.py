@@ -19,9 +19,9 @@ from __future__ import annotations
 import json
 import os
 import sys
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable
 
 STEPS = {1: "step1_sft.main", 2: "step2_reward.main", 3: "step3_rlhf.main"}
 ALL, PAIRS = (1, 2, 3), (1, 2)  # PAIRS: steps 1 and 2, which share the data and model flags
@@ -417,7 +417,7 @@ def run_case(case: Case, step: int, ctx: Ctx, main: Callable) -> dict:
     import time
     import traceback
 
-    from engine.errors import run_main
+    from engine.runtime.entry import run_main
 
     ctx.dir.mkdir(parents=True)
     try:

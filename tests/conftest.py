@@ -72,12 +72,12 @@ def train_losses(folder: Path) -> dict[int, float]:
 
 def tiny_model_folder(engine_cache: Path, seed: int = 1234) -> Path:
     """The built-in model folder for `seed` inside the test cache, made if missing (default --seed: 1234)."""
-    from engine import embedded
+    from engine.models import tiny
 
     old = os.environ.get("RLHF_ENGINE_CACHE")
     os.environ["RLHF_ENGINE_CACHE"] = str(engine_cache)
     try:
-        return embedded.ensure_tiny_model(seed)
+        return tiny.ensure_tiny_model(seed)
     finally:
         if old is None:
             del os.environ["RLHF_ENGINE_CACHE"]

@@ -7,18 +7,19 @@ import json
 import logging
 import os
 import tempfile
+from collections.abc import Callable
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 import torch
 from safetensors import SafetensorError, safe_open
 from safetensors.torch import load_file, save_file
 
 from engine.config import DataArgs
+from engine.data.sort_task import ASSET_DIR as BUNDLED_DIR
 from engine.data.sources import BUNDLED, LOCAL_JSONFILE, LOCAL_JSONFILE_DIR
-from engine.distributed import DistInfo, all_reduce_sum, barrier
 from engine.errors import UserError
-from engine.synthetic import ASSET_DIR as BUNDLED_DIR
+from engine.runtime.distributed import DistInfo, all_reduce_sum, barrier
 
 logger = logging.getLogger("engine")
 

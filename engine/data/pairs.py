@@ -20,8 +20,8 @@ from engine.data.cache import cache_key, cached_tensors, pack_sequences, sequenc
 from engine.data.rows import Row
 from engine.data.sft import end_token_id, right_pad
 from engine.data.split import phase_rows
-from engine.distributed import DistInfo
 from engine.errors import UserError
+from engine.runtime.distributed import DistInfo
 
 logger = logging.getLogger("engine")
 
@@ -110,7 +110,7 @@ def _log_stats(meta: dict[str, str], data: DataArgs) -> None:
 
 
 def load_pair_data(data: DataArgs, tokenizer: Any, cache_dir: Path, seed: int, dist: DistInfo
-                   ) -> tuple["PairDataset", "PairDataset"]:
+                   ) -> tuple[PairDataset, PairDataset]:
     """Build (rank 0) or reuse the tokenized cache of step 2's slice, then load it on every rank."""
     path = cache_dir / f"pairs_{cache_key(data, tokenizer, 2, seed)}.safetensors"
     tensors, meta = cached_tensors(path, lambda: _build(data, tokenizer, seed), dist)

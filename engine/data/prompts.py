@@ -15,8 +15,8 @@ import torch
 from engine.config import DataArgs
 from engine.data.cache import cache_key, cached_tensors, pack_sequences, sequence_at, split_tensors
 from engine.data.split import phase_rows
-from engine.distributed import DistInfo
 from engine.errors import UserError
+from engine.runtime.distributed import DistInfo
 
 logger = logging.getLogger("engine")
 
@@ -51,7 +51,7 @@ def _build(data: DataArgs, tokenizer: Any, seed: int, max_prompt_len: int
 
 
 def load_prompt_data(data: DataArgs, tokenizer: Any, max_prompt_len: int, cache_dir: Path, seed: int,
-                     dist: DistInfo) -> tuple["PromptDataset", "PromptDataset"]:
+                     dist: DistInfo) -> tuple[PromptDataset, PromptDataset]:
     """Build (rank 0) or reuse the tokenized prompts of step 3's slice, then load them on every rank."""
     key = cache_key(data, tokenizer, 3, seed, extra={"max_prompt_seq_len": max_prompt_len})
     tensors, meta = cached_tensors(cache_dir / f"prompts_{key}.safetensors",

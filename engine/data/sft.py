@@ -17,9 +17,9 @@ from engine.config import DataArgs
 from engine.data.cache import cache_key, cached_tensors, pack_sequences, sequence_at, split_tensors
 from engine.data.rows import Row
 from engine.data.split import phase_rows
-from engine.distributed import DistInfo
 from engine.errors import UserError
-from engine.losses import IGNORE_INDEX
+from engine.rl.lm_loss import IGNORE_INDEX
+from engine.runtime.distributed import DistInfo
 
 logger = logging.getLogger("engine")
 
@@ -102,7 +102,7 @@ def _log_stats(meta: dict[str, str], max_len: int, overlength: str) -> None:
 
 
 def load_sft_data(data: DataArgs, tokenizer: Any, cache_dir: Path, seed: int, dist: DistInfo
-                  ) -> tuple["SFTDataset", "SFTDataset"]:
+                  ) -> tuple[SFTDataset, SFTDataset]:
     """Build (rank 0) or reuse the tokenized cache, then load it on every rank."""
     path = cache_dir / f"sft_{cache_key(data, tokenizer, 1, seed)}.safetensors"
     tensors, meta = cached_tensors(path, lambda: _build(data, tokenizer, seed), dist)

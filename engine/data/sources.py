@@ -12,12 +12,13 @@ from __future__ import annotations
 
 import json
 import logging
+from collections.abc import Iterable
 from pathlib import Path
-from typing import Any, Iterable
+from typing import Any
 
 from engine.data.rows import EVAL_FRACTION, Row, carve_eval
+from engine.data.sort_task import ASSET_DIR as BUNDLED_DIR
 from engine.errors import UserError
-from engine.synthetic import ASSET_DIR as BUNDLED_DIR
 
 logger = logging.getLogger("engine")
 

@@ -2,7 +2,8 @@
 from __future__ import annotations
 
 import random
-from typing import Any, Sequence
+from collections.abc import Sequence
+from typing import Any
 
 from engine.config import DataArgs, parse_data_split
 from engine.data.rows import Row

@@ -17,8 +17,8 @@ import torch
 from engine.config import Step3DataArgs
 from engine.data.cache import CACHE_VERSION, cached_tensors, digest, source_fingerprint, tokenizer_fingerprint
 from engine.data.sources import _decode, _records, record_to_row
-from engine.distributed import DistInfo
 from engine.errors import UserError
+from engine.runtime.distributed import DistInfo
 
 logger = logging.getLogger("engine")
 
@@ -32,7 +32,8 @@ def _local_texts(path: Path, tokenizer: Any) -> list[str]:
             raise UserError(f"--unsupervised_dataset_name {path}: no train.txt/.jsonl/.json/.parquet in this folder")
         path = files[0]
     if path.suffix not in TEXT_SUFFIXES:
-        raise UserError(f"--unsupervised_dataset_name {path}: unsupported file type; use .txt, .jsonl, .json or .parquet")
+        raise UserError(f"--unsupervised_dataset_name {path}: unsupported file type; "
+                        "use .txt, .jsonl, .json or .parquet")
     if path.suffix == ".txt":
         return [line for line in _decode(path.read_bytes(), str(path)).splitlines() if line.strip()]
     texts = []
@@ -87,7 +88,7 @@ def group_blocks(token_lists: list[list[int]], eos_id: int, block_size: int) -> 
     return torch.tensor(flat[:n * block_size], dtype=torch.int64).view(n, block_size)
 
 
-def load_ptx_data(data: Step3DataArgs, tokenizer: Any, cache_dir: Path, dist: DistInfo) -> "PTXDataset":
+def load_ptx_data(data: Step3DataArgs, tokenizer: Any, cache_dir: Path, dist: DistInfo) -> PTXDataset:
     block = data.max_prompt_seq_len + data.max_answer_seq_len
     key = digest({"version": CACHE_VERSION, "source": source_fingerprint(data.unsupervised_dataset_name),
                   "config": data.unsupervised_dataset_config_name, "block": block,

@@ -15,11 +15,13 @@ from __future__ import annotations
 import argparse
 import json
 import sys
-from typing import Any, Sequence
+from collections.abc import Sequence
+from typing import Any
 
-from engine.errors import UserError, run_main
+from engine.errors import UserError
 from engine.planner.plan import PHASES, Hardware, Knobs, Workload, couple_lora, search
 from engine.planner.shapes import load_config, model_shape_of, shipped_models
+from engine.runtime.entry import run_main
 
 # Knob flags: absent means "the planner chooses".
 BOOL_KNOBS = ("offload", "offload_reference_model", "offload_reward_model", "actor_gradient_checkpointing",

@@ -34,7 +34,7 @@ class Bytes:
     gpu: float = 0.0
     cpu: float = 0.0
 
-    def __add__(self, other: "Bytes") -> "Bytes":
+    def __add__(self, other: Bytes) -> Bytes:
         return Bytes(self.gpu + other.gpu, self.cpu + other.cpu)
 
 

@@ -22,14 +22,19 @@ from __future__ import annotations
 import dataclasses
 import itertools
 import math
+from collections.abc import Iterator
 from dataclasses import dataclass, field
-from typing import Any, Iterator
+from typing import Any
 
-from engine.ds_config import STAGE3_BUCKET, reduce_bucket_elements
-from engine.planner.activations import (inference_activation_bytes, kv_cache_bytes, logits_bytes,
-                                        training_activation_bytes)
+from engine.planner.activations import (
+    inference_activation_bytes,
+    kv_cache_bytes,
+    logits_bytes,
+    training_activation_bytes,
+)
 from engine.planner.model_states import DTYPE_BYTES, Bytes, frozen_role, trained_role
 from engine.planner.shapes import ModelShape
+from engine.runtime.ds_config import STAGE3_BUCKET, reduce_bucket_elements
 
 GiB = 2**30
 PHASES = ("generate", "experience", "actor_train", "critic_train")
@@ -134,7 +139,7 @@ class Prediction:
 
 
 def role_states(work: Workload, knobs: Knobs) -> dict[str, dict[str, Bytes]]:
-    """Model-state bytes per rank of every role (`model_states`), as `engine.rlhf_engine` builds them."""
+    """Model-state bytes per rank of every role (`model_states`), as `engine.models.roles` builds them."""
     a, c, k, n = work.actor, work.critic, knobs, work.world_size
     b = DTYPE_BYTES[k.dtype]
     lora_a, lora_c = a.lora_params(k.actor_lora_dim), c.lora_params(k.critic_lora_dim)
@@ -170,7 +175,7 @@ def role_states(work: Workload, knobs: Knobs) -> dict[str, dict[str, Bytes]]:
     roles["reward"] = frozen(c, 0, k.critic_zero_stage, k.offload_reward_model, k.reward_quantization)
     if k.enable_ema:
         roles["ema"] = frozen(a, lora_a, k.actor_zero_stage, k.offload_reference_model, k.actor_quantization)
-    # ZeRO's gradient-reduction buffers (sized to the trained parameters by engine.training, at most
+    # ZeRO's gradient-reduction buffers (sized to the trained parameters by engine.runtime.run, at most
     # DeepSpeed's 5e8 elements; ZeRO-1/2 keep two with overlap_comm, ZeRO-1's in fp32) and the ZeRO-3
     # prefetch bucket live as long as the engines.
     work_bytes = 0.0
@@ -391,7 +396,7 @@ def workload_of_step3(cfg: Any, world_size: int, actor_config: Any = None, criti
 
     def config_of(path: str | None) -> Any:
         if path is None:
-            from engine.embedded import ensure_tiny_model
+            from engine.models.tiny import ensure_tiny_model
 
             path = str(ensure_tiny_model(cfg.train.seed))
         return load_config(path)
@@ -408,7 +413,7 @@ def predict_for_step3(cfg: Any, world_size: int, merge_host: bool | None = None)
     {"peak_gb": {"generate", "experience", "train", "actor_train", "critic_train"}, "roles": {role:
     {part: GiB}}, "host_gb"}. `merge_host` (default: when no GPU is used) adds host bytes to the peaks,
     as a CPU-only run holds everything in one memory."""
-    from engine.distributed import gpu_wanted
+    from engine.runtime.distributed import gpu_wanted
 
     if merge_host is None:
         merge_host = not gpu_wanted()
@@ -447,7 +452,7 @@ def this_machine(world_size: int) -> Hardware:
     import psutil
     import torch
 
-    from engine.distributed import gpu_wanted
+    from engine.runtime.distributed import gpu_wanted
 
     host = psutil.virtual_memory().total / GiB
     per_node = int(os.environ.get("LOCAL_WORLD_SIZE", world_size))

@@ -77,8 +77,8 @@ def _shape(config_json: str, sequence_classification: bool) -> ModelShape:
     import torch
     from transformers import AutoConfig, AutoModelForCausalLM, AutoModelForSequenceClassification
 
-    from engine.lora import AUTO, lora_target_modules
-    from engine.perf import model_shape
+    from engine.models.lora import AUTO, lora_target_modules
+    from engine.observe.perf import model_shape
 
     data = json.loads(config_json)
     config = AutoConfig.for_model(data.pop("model_type"), **data)

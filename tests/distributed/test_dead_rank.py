@@ -1,7 +1,7 @@
 """When one of two CPU ranks dies or raises mid-step, the other stops soon, naming it, instead of hanging.
 
 The ranks are started as two plain processes (as on two nodes), without a launcher that would tear the
-group down for us: only the peer watchdog (engine/watchdog.py) can get rank 0 out of its collective.
+group down for us: only the peer watchdog (engine/runtime/watchdog.py) can get rank 0 out of its collective.
 """
 from __future__ import annotations
 
@@ -12,7 +12,7 @@ from pathlib import Path
 
 import pytest
 
-from engine.distributed import free_port
+from engine.runtime.distributed import free_port
 from tests.conftest import ROOT, offline_env
 
 pytestmark = pytest.mark.distributed

@@ -18,10 +18,10 @@ pytestmark = pytest.mark.distributed
 @pytest.fixture(scope="module")
 def local_inputs(tmp_path_factory, engine_cache) -> tuple[Path, Path]:
     """A local model folder and a local jsonl dataset (prompt + response schema)."""
-    from engine import synthetic
+    from engine.data import sort_task
 
     data = tmp_path_factory.mktemp("data") / "sort.jsonl"
-    rows = synthetic.generate(1500, seed=3)
+    rows = sort_task.generate(1500, seed=3)
     data.write_text("".join(json.dumps({"prompt": r.prompt, "response": r.chosen}) + "\n" for r in rows))
     return tiny_model_folder(engine_cache), data
 

@@ -13,11 +13,11 @@ pytestmark = pytest.mark.distributed
 
 
 def test_zero3_lora_reward_model(run_step, engine_cache, tmp_path):
-    from engine import synthetic
+    from engine.data import sort_task
 
     model_dir = tiny_model_folder(engine_cache)  # a local model folder, standing in for a step-1 output
     data = tmp_path / "prefs.jsonl"
-    rows = synthetic.generate(2000, seed=5)
+    rows = sort_task.generate(2000, seed=5)
     data.write_text("".join(json.dumps({"prompt": r.prompt, "chosen": r.chosen, "rejected": r.rejected}) + "\n"
                             for r in rows))
     out = tmp_path / "rm"

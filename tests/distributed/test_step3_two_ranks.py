@@ -32,7 +32,8 @@ def test_zero3_hybrid_lora_ema_run_and_bit_identical_resume(run_step, rlhf_input
     straight, resumed = tmp_path / "straight", tmp_path / "resumed"
     run_step("step3_rlhf/main.py", [*roles, *ARGS, "--test_stop_step", str(STEPS), "--output_dir", str(straight)],
              nprocs=2)
-    killed = run_step("step3_rlhf/main.py", [*roles, *ARGS, "--test_stop_step", str(STEPS), "--output_dir", str(resumed)],
+    killed = run_step("step3_rlhf/main.py",
+                      [*roles, *ARGS, "--test_stop_step", str(STEPS), "--output_dir", str(resumed)],
                       nprocs=2, check=False, env={"RLHF_ENGINE_FAULT": "kill:3:1"})  # rank 1 dies mid PPO step 3
     assert killed.returncode != 0 and max(_step_rows(resumed)) == 2, killed.stderr[-2000:]
     run_step("step3_rlhf/main.py", [*roles, *ARGS, "--test_stop_step", str(STEPS), "--output_dir", str(resumed),
@@ -43,7 +44,8 @@ def test_zero3_hybrid_lora_ema_run_and_bit_identical_resume(run_step, rlhf_input
     for step in a:
         assert a[step] == b[step], step
     for role in ("actor", "critic", "actor_ema"):
-        wa, wb = load_file(str(straight / role / "model.safetensors")), load_file(str(resumed / role / "model.safetensors"))
+        wa = load_file(str(straight / role / "model.safetensors"))
+        wb = load_file(str(resumed / role / "model.safetensors"))
         assert wa.keys() == wb.keys() and not any("lora" in k for k in wa), role
         assert all((wa[k] == wb[k]).all() for k in wa), role
 

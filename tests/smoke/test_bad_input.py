@@ -60,7 +60,7 @@ def test_read_only_output_dir_is_refused_where_the_os_says_so(monkeypatch, tmp_p
     import os
 
     from engine.errors import UserError
-    from engine.training import check_output_dir
+    from engine.runtime.run import check_output_dir
 
     monkeypatch.setattr(os, "access", lambda path, mode: False)
     with pytest.raises(UserError, match="no permission to write in .*; choose a folder you can write to"):

@@ -30,9 +30,9 @@ SHAPE = dict(hidden_size=512, intermediate_size=1376, num_hidden_layers=4, num_a
 def test_predicted_phase_peaks_within_bound_of_measured(flags, run_step, engine_cache, tmp_path):
     from transformers import LlamaConfig
 
+    from engine.bench.random_models import embedded_tokenizer, ensure_random_model
     from engine.config import Step3Config, parse_config
     from engine.planner.plan import predict_for_step3
-    from engine.random_models import embedded_tokenizer, ensure_random_model
 
     tok = embedded_tokenizer()
     config = LlamaConfig(bos_token_id=tok.eos_token_id, eos_token_id=tok.eos_token_id, pad_token_id=tok.pad_token_id,

@@ -22,7 +22,8 @@ def reward_evals(folder: Path) -> list[dict]:
 @pytest.fixture(scope="module")
 def rm_run(run_step, tmp_path_factory) -> Path:
     out = tmp_path_factory.mktemp("rm")
-    run_step("step2_reward/main.py", ["--output_dir", str(out), *FAST, "--eval_interval", "25", "--num_train_epochs", "3"])
+    run_step("step2_reward/main.py",
+             ["--output_dir", str(out), *FAST, "--eval_interval", "25", "--num_train_epochs", "3"])
     return out
 
 
@@ -31,7 +32,7 @@ def test_reward_accuracy_rises(rm_run):
     assert [r["step"] for r in evals] == list(range(0, 301, 25))  # before and every 25 steps (300 is the end)
     assert 0.3 <= evals[0]["eval/reward_accuracy"] <= 0.7  # an untrained head is a coin flip
     # Measured 0.88 on the 160 held-out pairs after 3 epochs from random weights (1.0 after one epoch
-    # before the bundled pairs gained the sorted-but-wrong-digit mistakes; see engine/synthetic.py).
+    # before the bundled pairs gained the sorted-but-wrong-digit mistakes; see engine/data/sort_task.py).
     assert evals[-1]["eval/reward_accuracy"] >= 0.85
     assert evals[-1]["eval/score_margin"] > 1.0
     stats = json.loads((rm_run / "reward_stats.json").read_text())
@@ -42,7 +43,7 @@ def test_reward_accuracy_rises(rm_run):
 def test_saved_folder_scores_the_same_in_plain_transformers(rm_run):
     from transformers import AutoModelForSequenceClassification, AutoTokenizer
 
-    from engine.reward_model import RewardModel
+    from engine.models.reward_model import RewardModel
 
     model = AutoModelForSequenceClassification.from_pretrained(str(rm_run)).eval()
     tok = AutoTokenizer.from_pretrained(str(rm_run))
@@ -55,7 +56,7 @@ def test_saved_folder_scores_the_same_in_plain_transformers(rm_run):
     assert hf[0] > hf[1]  # a correct sort outscores a wrong one
     # Step 3 loads the folder through the engine (as critic and as reward model): same scores.
     from engine.config import ModelArgs
-    from engine.reward_model import load_reward_model
+    from engine.models.reward_model import load_reward_model
 
     engine_rm = load_reward_model(str(rm_run), ModelArgs(), tok, "bf16", None, False).eval()
     with torch.no_grad():

@@ -21,9 +21,9 @@ TINY = ["--max_prompt_seq_len", "32", "--max_answer_seq_len", "16", "--per_devic
 FROZEN_PROBE = r"""
 import sys, torch
 from engine.config import Step3Config, parse_config
-from engine.distributed import init_distributed
-from engine.rlhf_engine import build_roles, load_step3_tokenizer, resolve_paths
-from engine.ppo_trainer import PPOTrainer
+from engine.runtime.distributed import init_distributed
+from engine.models.roles import build_roles, load_step3_tokenizer, resolve_paths
+from engine.ppo.trainer import PPOTrainer
 from engine.data.prompts import collate_left_padded
 
 cfg = parse_config(Step3Config, sys.argv[1:])
@@ -159,7 +159,7 @@ def test_qlora_run_logs_finite_losses_and_saves_a_full_precision_actor(qlora_run
         # Full-precision base + LoRA delta: the change has LoRA's rank (8), up to bf16 rounding, whereas the
         # base's 4-bit rounding is a full-rank change. 9th singular value over the first, measured: 0.015-0.037
         # here, 0.76-0.87 for the NF4 rounding error of the same weights.
-        sv = torch.linalg.svdvals((weight.float() - original.float()))
+        sv = torch.linalg.svdvals(weight.float() - original.float())
         assert sv[0] > 0 and sv[8] < 0.1 * sv[0], (name, sv[:10])
 
 

@@ -11,9 +11,16 @@ from pathlib import Path
 import pytest
 import torch
 
-from engine.checkpoint import (DS_CHECKPOINT_DIR, MANIFEST, _SafeCheckpointEngine, _seal, checkpoint_problem,
-                               find_resume_checkpoint, prune_checkpoints)
 from engine.errors import UserError
+from engine.runtime.checkpoint import (
+    DS_CHECKPOINT_DIR,
+    MANIFEST,
+    _SafeCheckpointEngine,
+    _seal,
+    checkpoint_problem,
+    find_resume_checkpoint,
+    prune_checkpoints,
+)
 
 
 def _fake_checkpoint(out: Path, step: int, world_size: int = 1, roles: tuple[str, ...] = ("actor", "critic"),

@@ -12,8 +12,16 @@ from pathlib import Path
 import pytest
 
 import engine.config as config
-from engine.config import (Step1Config, arg, build_parser, leaf_fields, make_config, parse_config,
-                           parse_data_split, save_config_yaml)
+from engine.config import (
+    Step1Config,
+    arg,
+    build_parser,
+    leaf_fields,
+    make_config,
+    parse_config,
+    parse_data_split,
+    save_config_yaml,
+)
 from engine.errors import UserError
 
 

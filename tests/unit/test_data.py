@@ -18,16 +18,22 @@ from transformers import AutoTokenizer
 
 import engine.data.sft as sft
 from engine.config import DataArgs
+from engine.data.cache import cache_key, pack_sequences
 from engine.data.rows import Row
+from engine.data.sft import (
+    SFTDataset,
+    TokenizeStats,
+    collate_right_padded,
+    load_sft_data,
+    tokenize_rows,
+    tokenize_sft_row,
+)
+from engine.data.sort_task import ASSET_DIR, is_correct, write_bundle
 from engine.data.sources import carve_eval, load_folder, load_source, read_rows, record_to_row
 from engine.data.split import phase_rows, phase_slice
-from engine.data.cache import cache_key, pack_sequences
-from engine.data.sft import (SFTDataset, TokenizeStats, collate_right_padded, load_sft_data, tokenize_rows,
-                             tokenize_sft_row)
-from engine.distributed import DistInfo
 from engine.errors import UserError
-from engine.losses import IGNORE_INDEX
-from engine.synthetic import ASSET_DIR, is_correct, write_bundle
+from engine.rl.lm_loss import IGNORE_INDEX
+from engine.runtime.distributed import DistInfo
 
 ROOT = Path(__file__).resolve().parents[2]
 TOKENIZER_DIR = ROOT / "engine" / "assets" / "tiny_tokenizer"

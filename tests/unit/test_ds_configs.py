@@ -13,8 +13,8 @@ from typing import Any
 
 import pytest
 
-from engine.ds_config import AUTO, eval_ds_config, fill_template, load_template, train_ds_config
 from engine.errors import UserError
+from engine.runtime.ds_config import AUTO, eval_ds_config, fill_template, load_template, train_ds_config
 
 ROOT = Path(__file__).resolve().parents[2]
 DS_CONFIGS = ROOT / "ds_configs"

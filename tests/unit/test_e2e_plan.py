@@ -118,7 +118,7 @@ def test_the_cpu_deployment_keeps_the_ranks_off_the_gpus(monkeypatch):
     """The launcher shows every rank the GPUs whatever CUDA_VISIBLE_DEVICES says; DS_ACCELERATOR=cpu decides."""
     import torch
 
-    from engine.distributed import gpu_wanted
+    from engine.runtime.distributed import gpu_wanted
 
     env = e2e.stage_env("cpu", 2)
     assert env["DS_ACCELERATOR"] == "cpu" and env["CUDA_VISIBLE_DEVICES"] == ""

@@ -2,7 +2,7 @@
 import pytest
 import torch
 
-from engine.ema import ema_update
+from engine.models.ema import ema_update
 
 
 def test_ema_update_hand_worked():

@@ -7,8 +7,8 @@ from pathlib import Path
 import pytest
 import torch
 
-from engine.evaluation import Answers, markdown_samples, markdown_table, rule_truth, summarize, win_rates
-from engine.report import before_after, build_report, verdict
+from engine.eval.compare import Answers, markdown_samples, markdown_table, rule_truth, summarize, win_rates
+from engine.eval.report import before_after, build_report, verdict
 
 
 def test_win_rate_counts_wins_and_half_ties_against_the_first_model():

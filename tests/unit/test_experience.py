@@ -7,9 +7,9 @@ import copy
 import pytest
 import torch
 
-from engine.experience import make_experience, sequence_logprobs
-from engine.ppo_math import score_position
-from engine.reward_model import RewardModel
+from engine.models.reward_model import RewardModel
+from engine.ppo.experience import make_experience, sequence_logprobs
+from engine.rl.ppo import score_position
 
 PAD, EOS, VOCAB = 0, 1, 32
 

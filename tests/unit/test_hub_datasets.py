@@ -15,8 +15,7 @@ from typing import Any
 import pytest
 
 from engine.data.hub import HUB_DATASETS, find_hub_dataset, load_hub_dataset
-from engine.data.rows import carve_eval
-from engine.data.rows import Row
+from engine.data.rows import Row, carve_eval
 from engine.errors import UserError
 
 Splits = dict[str, list[dict[str, Any]]]

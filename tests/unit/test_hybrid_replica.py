@@ -4,8 +4,8 @@ from __future__ import annotations
 import torch
 
 from engine.config import LoRAArgs
-from engine.hybrid import generation_mode, hook_free_replica
-from engine.lora import apply_lora
+from engine.models.hybrid import generation_mode, hook_free_replica
+from engine.models.lora import apply_lora
 
 
 def _lora_llama():

@@ -1,5 +1,5 @@
-"""LoRA targets, trainable parameters and optimizer groups (engine.lora); fusing LoRA for a save and
-publishing a Hugging Face folder atomically (engine.checkpoint). Tiny in-process models, CPU."""
+"""LoRA targets, trainable parameters and optimizer groups (engine.models.lora); fusing LoRA for a save and
+publishing a Hugging Face folder atomically (engine.runtime.checkpoint). Tiny in-process models, CPU."""
 from __future__ import annotations
 
 import os
@@ -11,14 +11,14 @@ import deepspeed  # noqa: F401
 import peft  # noqa: F401
 import pytest
 import torch
-from transformers import (AutoModelForCausalLM, LlamaConfig, LlamaForCausalLM, OPTConfig,
-                          OPTForCausalLM)
+from transformers import AutoModelForCausalLM, LlamaConfig, LlamaForCausalLM, OPTConfig, OPTForCausalLM
 
-import engine.checkpoint as checkpoint
-from engine.checkpoint import _merged_model, publish_folder
+import engine.runtime.checkpoint as checkpoint
 from engine.config import LoRAArgs
 from engine.errors import UserError
-from engine.lora import apply_lora, is_lora_param, lora_target_modules, optimizer_param_groups
+from engine.models.lora import apply_lora, is_lora_param, lora_target_modules, optimizer_param_groups
+from engine.runtime.atomic import publish_folder
+from engine.runtime.checkpoint import _merged_model
 
 LAYERS = 2
 LLAMA_LINEARS = ["self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj", "self_attn.o_proj",

@@ -6,7 +6,7 @@ import math
 
 import torch
 
-from engine.losses import IGNORE_INDEX, causal_lm_loss
+from engine.rl.lm_loss import IGNORE_INDEX, causal_lm_loss
 
 LN2, LN3 = math.log(2.0), math.log(3.0)
 X = IGNORE_INDEX

@@ -6,13 +6,13 @@ import math
 import sys
 from types import SimpleNamespace
 
-import pytest
 import matplotlib.backends.backend_agg  # noqa: F401  (~1 s import, paid once at collection)
+import pytest
 import torch
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
 from engine.errors import UserError
-from engine.metrics import MetricsLogger, plot_curves, read_metrics
+from engine.observe.metrics import MetricsLogger, plot_curves, read_metrics
 
 
 def _strict_loads(line: str) -> dict:

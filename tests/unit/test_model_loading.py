@@ -8,9 +8,9 @@ import torch
 
 from engine.config import DataArgs, ModelArgs
 from engine.data import sources
-from engine.distributed import DistInfo
 from engine.errors import UserError
-from engine.model import load_tokenizer, resolve_model_path
+from engine.models.load import load_tokenizer, resolve_model_path
+from engine.runtime.distributed import DistInfo
 
 TOKENIZER = Path(__file__).resolve().parents[2] / "engine" / "assets" / "tiny_tokenizer"
 DIST = DistInfo(rank=0, local_rank=0, world_size=1, device=torch.device("cpu"))

@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from engine.errors import UserError
-from engine.numerics import BadStepGuard, optimizer_metrics
+from engine.runtime.bad_steps import BadStepGuard, optimizer_metrics
 
 GOOD = {"nonfinite": False, "skipped": False}
 NAN = {"nonfinite": True, "skipped": False}
@@ -117,7 +117,8 @@ def test_optimizer_metrics_log_the_loss_scale_with_fp16_only():
 
 
 def test_normalize_reward_moments_ignore_a_nan_batch():
-    from engine.ppo_trainer import PPOTrainer, RunningMoments
+    from engine.ppo.trainer import PPOTrainer
+    from engine.rl.ppo import RunningMoments
 
     trainer = PPOTrainer.__new__(PPOTrainer)  # only what `_normalise` uses: the moments and the device
     trainer.score_moments, trainer.dist = RunningMoments(), SimpleNamespace(device=torch.device("cpu"))

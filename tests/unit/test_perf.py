@@ -2,16 +2,23 @@
 from __future__ import annotations
 
 import time
-from types import SimpleNamespace
-
 from pathlib import Path
+from types import SimpleNamespace
 
 import pytest
 import torch
 from transformers import GPT2Config, LlamaConfig, OPTConfig
 
-from engine.perf import (StepTimer, activation_factor, calculate_flops, current_memory_gb, model_shape,
-                         peak_memory_gb, reset_peak_memory, train_throughput)
+from engine.observe.perf import (
+    StepTimer,
+    activation_factor,
+    calculate_flops,
+    current_memory_gb,
+    model_shape,
+    peak_memory_gb,
+    reset_peak_memory,
+    train_throughput,
+)
 
 
 def test_calculate_flops_hand_worked():

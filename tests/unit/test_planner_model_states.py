@@ -76,10 +76,11 @@ def _bytes(tensors) -> int:
 
 
 def _load_role(role: str, folder, dtype: str, quantization: str):
-    """The reference (causal LM) or the reward model as step 3 loads it (`engine.model`, `engine.reward_model`)."""
+    """The reference (causal LM) or the reward model as step 3 loads it
+    (`engine.models.load`, `engine.models.reward_model`)."""
     from engine.config import ModelArgs
-    from engine.model import load_causal_lm, load_tokenizer
-    from engine.reward_model import load_reward_model
+    from engine.models.load import load_causal_lm, load_tokenizer
+    from engine.models.reward_model import load_reward_model
 
     load = load_causal_lm if role == "reference" else load_reward_model
     return load(str(folder), ModelArgs(), load_tokenizer(str(folder), ModelArgs()), dtype, None, False, quantization)
@@ -102,7 +103,7 @@ def test_frozen_bytes_match_a_bitsandbytes_model_on_cpu(engine_cache, quantizati
     scales bitsandbytes keeps beside them (not parameters), so it is above the parameter bytes; against the
     bytes of every stored tensor (the state dict) it is exact unquantized and under by 0.01% (8-bit) and
     1.0-2.1% (4-bit): the planner leaves out 4-bit's per-layer quant map and packed state."""
-    from engine.model import is_quantized_tensor
+    from engine.models.load import is_quantized_tensor
     from engine.planner.shapes import load_config, model_shape_of
     from tests.conftest import tiny_model_folder
 

@@ -6,8 +6,20 @@ import math
 import pytest
 import torch
 
-from engine.ppo_math import (AdaptiveKLController, answer_action_mask, compute_rewards, entropy_from_logits, gae, kl_penalty,
-                             logprobs_from_logits, masked_mean, policy_loss, score_position, value_loss, whiten)
+from engine.rl.ppo import (
+    AdaptiveKLController,
+    answer_action_mask,
+    compute_rewards,
+    entropy_from_logits,
+    gae,
+    kl_penalty,
+    logprobs_from_logits,
+    masked_mean,
+    policy_loss,
+    score_position,
+    value_loss,
+    whiten,
+)
 
 # Sequence [pad, pad, p0, p1, a0, a1, eos, pad]: 8 tokens -> 7 actions; action t produces token t+1.
 # Answer tokens a0, a1, eos are tokens 4, 5, 6 -> actions 3, 4, 5.

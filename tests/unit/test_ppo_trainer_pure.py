@@ -10,9 +10,10 @@ import torch
 
 import engine.config as config
 from engine.config import Step3Config, make_config
-from engine.perf import calculate_flops, step3_throughput
-from engine.ppo_trainer import (LENGTH_COLLAPSE, RATIO_LIMIT, STD_COLLAPSE, TREND_WINDOW, RunningMoments,
-                                generation_kwargs, health_warnings)
+from engine.observe.perf import calculate_flops, step3_throughput
+from engine.ppo.health import LENGTH_COLLAPSE, RATIO_LIMIT, STD_COLLAPSE, TREND_WINDOW, health_warnings
+from engine.ppo.trainer import generation_kwargs
+from engine.rl.ppo import RunningMoments
 
 
 # ----------------------------------------------------------------------------------------------

@@ -9,8 +9,8 @@ from transformers import AutoTokenizer
 
 from engine.config import DataArgs
 from engine.data.prompts import collate_left_padded, load_prompt_data, tokenize_prompts
-from engine.distributed import DistInfo
 from engine.errors import UserError
+from engine.runtime.distributed import DistInfo
 
 TOKENIZER = Path(__file__).resolve().parents[2] / "engine" / "assets" / "tiny_tokenizer"
 DIST = DistInfo(rank=0, local_rank=0, world_size=1, device=torch.device("cpu"))

@@ -11,9 +11,9 @@ from transformers import AutoTokenizer
 
 from engine.config import Step3DataArgs
 from engine.data.unsupervised import PTXDataset, collate_blocks, group_blocks, load_ptx_data, ptx_texts
-from engine.distributed import DistInfo
-from engine.embedded import TOKENIZER_DIR
 from engine.errors import UserError
+from engine.models.tiny import TOKENIZER_DIR
+from engine.runtime.distributed import DistInfo
 
 DIST = DistInfo(rank=0, local_rank=0, world_size=1, device=torch.device("cpu"))
 

@@ -12,10 +12,10 @@ import pytest
 import torch
 
 from engine.config import ModelArgs
-from engine.embedded import TOKENIZER_DIR
-from engine.experience import sequence_logprobs
-from engine.model import is_quantized, load_causal_lm, load_tokenizer
-from engine.reward_model import load_reward_model
+from engine.models.load import is_quantized, load_causal_lm, load_tokenizer
+from engine.models.reward_model import load_reward_model
+from engine.models.tiny import TOKENIZER_DIR
+from engine.ppo.experience import sequence_logprobs
 
 # Measured (fp32, 16 random sequences of 40-48 tokens), with bf16 against fp32 as a yardstick:
 #   per-token log-prob |diff|: bf16 max 0.0075 mean 0.0019; 8-bit max 0.025 mean 0.0054; 4-bit max 0.25 mean 0.053
@@ -84,7 +84,7 @@ def test_quantized_reward_scores_stay_close_to_full_precision(random_llama, quan
 
 
 def test_a_quantized_frozen_role_is_a_plain_frozen_module(random_llama):
-    from engine.rlhf_engine import FrozenModule, _init_frozen
+    from engine.models.roles import FrozenModule, _init_frozen
 
     path = random_llama[0]
     tok = load_tokenizer(path, ModelArgs())

@@ -6,8 +6,14 @@ import math
 import pytest
 import torch
 
-from engine.reward_math import (end_scores, last_real_index, pad_mask_with_leading, pairwise_loss, reward_loss,
-                                span_pairwise_loss)
+from engine.rl.reward import (
+    end_scores,
+    last_real_index,
+    pad_mask_with_leading,
+    pairwise_loss,
+    reward_loss,
+    span_pairwise_loss,
+)
 
 
 def test_last_real_index_right_and_left_padding():

@@ -4,14 +4,20 @@ from __future__ import annotations
 import pytest
 import torch
 
-from engine.reward_model import RewardModel
+from engine.models.reward_model import RewardModel
 
 SHAPE = dict(hidden_size=32, num_attention_heads=4, vocab_size=64, num_labels=1, pad_token_id=0)
 
 
 def _model(family: str):
-    from transformers import (AutoModelForSequenceClassification, GPTNeoXConfig, LlamaConfig, MistralConfig,
-                              OPTConfig, Qwen2Config)
+    from transformers import (
+        AutoModelForSequenceClassification,
+        GPTNeoXConfig,
+        LlamaConfig,
+        MistralConfig,
+        OPTConfig,
+        Qwen2Config,
+    )
 
     configs = {
         "llama": LlamaConfig(intermediate_size=64, num_hidden_layers=1, **SHAPE),

@@ -1,53 +1,53 @@
-"""Hand-worked checks of the step-3 benchmark's report math (engine/bench.py), its model-shape scaling
-(engine/random_models.py) and its model-state count (engine/role_memory.py)."""
+"""Hand-worked checks of the step-3 benchmark's report math (engine/bench/figures.py), its model-shape scaling
+(engine/bench/random_models.py) and its model-state count (engine/bench/role_memory.py)."""
 from __future__ import annotations
 
 import pytest
 import torch
 
-from engine import bench
+from engine.bench import figures
+from engine.bench.random_models import scaled_config_dict
+from engine.bench.role_memory import RoleMemoryTracker, role_memory
 from engine.errors import UserError
-from engine.random_models import scaled_config_dict
-from engine.role_memory import RoleMemoryTracker, role_memory
 
 
 # ------------------------------------------------------------------------------------------ rates
 def test_rate_and_mfu():
     # 4 sequences x 64 answer tokens in 2 s = 128 tokens/s
-    assert bench.rate(4 * 64, 2.0) == 128.0
+    assert figures.rate(4 * 64, 2.0) == 128.0
     # 494.5 achieved of a 989 peak = 0.5
-    assert bench.mfu(494.5, 989.0) == 0.5
-    assert bench.mfu(494.5, None) is None
+    assert figures.mfu(494.5, 989.0) == 0.5
+    assert figures.mfu(494.5, None) is None
     with pytest.raises(ValueError):
-        bench.rate(1.0, 0.0)
+        figures.rate(1.0, 0.0)
 
 
 def test_roofline_of_a_7b_actor_on_an_h200():
     # 6.74e9 params x 2 bytes = 13.48e9 bytes; at 4800 GB/s: 13.48e9 / 4.8e12 = 2.808e-3 s per decode step
     param_bytes = 6.74e9 * 2
-    assert bench.roofline_s(param_bytes, 4800.0) == pytest.approx(2.8083e-3, rel=1e-4)
+    assert figures.roofline_s(param_bytes, 4800.0) == pytest.approx(2.8083e-3, rel=1e-4)
     # a measured 14.04 ms step is 14.04e-3 / 2.8083e-3 = 5.0 times the roofline
-    assert bench.roofline_ratio(14.0417e-3, param_bytes, 4800.0) == pytest.approx(5.0, rel=1e-4)
-    assert bench.roofline_ratio(14.0e-3, param_bytes, None) is None
+    assert figures.roofline_ratio(14.0417e-3, param_bytes, 4800.0) == pytest.approx(5.0, rel=1e-4)
+    assert figures.roofline_ratio(14.0e-3, param_bytes, None) is None
 
 
 def test_default_peaks_by_device_name_and_dtype():
-    assert bench.default_peak_tflops("NVIDIA H200", "bf16") == 989.0
-    assert bench.default_peak_tflops("NVIDIA H100 80GB HBM3", "fp16") == 989.0
-    assert bench.default_peak_tflops("NVIDIA H200", "fp32") is None  # not a tensor-core 16-bit run
-    assert bench.default_peak_tflops("CPU: Xeon", "bf16") is None
-    assert bench.default_hbm_gb_s("NVIDIA H200") == 4800.0
-    assert bench.default_hbm_gb_s("NVIDIA H100 80GB HBM3") is None
+    assert figures.default_peak_tflops("NVIDIA H200", "bf16") == 989.0
+    assert figures.default_peak_tflops("NVIDIA H100 80GB HBM3", "fp16") == 989.0
+    assert figures.default_peak_tflops("NVIDIA H200", "fp32") is None  # not a tensor-core 16-bit run
+    assert figures.default_peak_tflops("CPU: Xeon", "bf16") is None
+    assert figures.default_hbm_gb_s("NVIDIA H200") == 4800.0
+    assert figures.default_hbm_gb_s("NVIDIA H100 80GB HBM3") is None
 
 
 def test_time_split_and_relative_error():
     # 3 + 1 + 4 = 8 s: 3/8, 1/8, 4/8
-    assert bench.time_split({"generate": 3.0, "experience": 1.0, "train": 4.0}) == {
+    assert figures.time_split({"generate": 3.0, "experience": 1.0, "train": 4.0}) == {
         "generate": 0.375, "experience": 0.125, "train": 0.5}
     # predicted 12 GB, measured 10 GB: +20 %; predicted 8: -20 %
-    assert bench.relative_error(12.0, 10.0) == pytest.approx(0.2)
-    assert bench.relative_error(8.0, 10.0) == pytest.approx(-0.2)
-    assert bench.relative_error(8.0, None) is None and bench.relative_error(8.0, 0.0) is None
+    assert figures.relative_error(12.0, 10.0) == pytest.approx(0.2)
+    assert figures.relative_error(8.0, 10.0) == pytest.approx(-0.2)
+    assert figures.relative_error(8.0, None) is None and figures.relative_error(8.0, 0.0) is None
 
 
 def _row(step: int, gen: float, exp: float, train: float, **extra: float) -> dict:
@@ -65,9 +65,9 @@ def test_throughput_over_measured_steps_is_time_weighted():
                                       "perf/total_tflops": 6.0}),
             _row(3, 3.0, 0.5, 0.5, **{"perf/samples_per_s": 4.0, "perf/train_tflops": 20.0, "perf/gen_tflops": 8.0,
                                       "perf/total_tflops": 2.0})]
-    steps = bench.measured_steps(rows, warmup_steps=1)
+    steps = figures.measured_steps(rows, warmup_steps=1)
     assert [r["step"] for r in steps] == [2, 3]
-    out = bench.throughput(steps, seq_length=32, ppo_epochs=2, peak_tflops=40.0)
+    out = figures.throughput(steps, seq_length=32, ppo_epochs=2, peak_tflops=40.0)
     # samples/s weighted by e2e (4 s and 4 s): (2*4 + 4*4) / 8 = 3
     assert out["samples_per_s"] == pytest.approx(3.0)
     # generated tokens: 2 steps x 8 sequences x 10 tokens = 160 in 1 + 3 = 4 s: 40 tokens/s
@@ -79,9 +79,9 @@ def test_throughput_over_measured_steps_is_time_weighted():
     assert out["gen_tflops"] == pytest.approx(7.0)
     assert out["total_tflops"] == pytest.approx(4.0)  # (6*4 + 2*4) / 8
     assert out["mfu"]["gen"] == pytest.approx(7.0 / 40.0)
-    assert bench.throughput(steps, seq_length=32, ppo_epochs=2, peak_tflops=None)["mfu"] is None
+    assert figures.throughput(steps, seq_length=32, ppo_epochs=2, peak_tflops=None)["mfu"] is None
 
-    times = bench.phase_times(steps)
+    times = figures.phase_times(steps)
     # means: generate (1+3)/2 = 2, experience 0.5, train (2.5+0.5)/2 = 1.5; total 4
     assert times["seconds"] == {"generate": 2.0, "experience": 0.5, "train": 1.5}
     assert times["fractions"]["generate"] == pytest.approx(0.5)
@@ -90,25 +90,26 @@ def test_throughput_over_measured_steps_is_time_weighted():
 
 def test_memory_peaks_and_cpu_growth_over_baseline():
     rows = [_row(1, 1, 1, 1), _row(2, 1, 1, 1, **{"memory/train_peak_gb": 3.0})]
-    out = bench.memory_peaks(rows, baseline_gb=0.5, on_cpu=True)
+    out = figures.memory_peaks(rows, baseline_gb=0.5, on_cpu=True)
     assert out["peak_gb"] == {"generate": 1.0, "experience": 1.5, "train": 3.0}
     assert out["growth_gb"] == {"generate": 0.5, "experience": 1.0, "train": 2.5}
-    assert bench.memory_peaks(rows, baseline_gb=0.0, on_cpu=False)["growth_gb"] is None
+    assert figures.memory_peaks(rows, baseline_gb=0.0, on_cpu=False)["growth_gb"] is None
 
 
 def test_planner_errors_compare_like_with_like():
     gib = 2**30
-    measured = bench.role_gb({"reference": {"parameters": {"gpu": 0, "cpu": 2 * gib}, "gradients": {"gpu": 0, "cpu": 0},
-                                            "buffers": {"gpu": 0, "cpu": 0}, "optimizer": {"gpu": 0, "cpu": 0}}})
+    zero = {"gpu": 0, "cpu": 0}
+    measured = figures.role_gb({"reference": {"parameters": {"gpu": 0, "cpu": 2 * gib}, "gradients": zero,
+                                              "buffers": zero, "optimizer": zero}})
     assert measured["reference"]["total"] == {"gpu": 0.0, "cpu": 2.0}
     planner = {"peak_gb": {"generate": 3.0, "experience": 4.0, "train": 6.0},
                "roles": {"ref": {"parameters": 2.5}}}  # 'ref' is the reference role
-    errors = bench.planner_errors(planner, {"generate": 2.0, "experience": 4.0, "train": 8.0}, measured, on_cpu=True)
+    errors = figures.planner_errors(planner, {"generate": 2.0, "experience": 4.0, "train": 8.0}, measured, on_cpu=True)
     # (3-2)/2 = +0.5, (4-4)/4 = 0, (6-8)/8 = -0.25; role: (2.5-2)/2 = +0.25 (host bytes count on CPU)
     assert errors["peak_gb"] == {"generate": 0.5, "experience": 0.0, "train": -0.25}
     assert errors["roles"]["ref"]["parameters"] == pytest.approx(0.25)
     # On a GPU only accelerator bytes count: measured 0 -> no error defined
-    assert bench.planner_errors(planner, None, measured, on_cpu=False)["roles"]["ref"]["parameters"] is None
+    assert figures.planner_errors(planner, None, measured, on_cpu=False)["roles"]["ref"]["parameters"] is None
 
 
 def test_compare_table_gives_ratios_against_the_first():
@@ -116,12 +117,12 @@ def test_compare_table_gives_ratios_against_the_first():
         return {"config": {"step3_flags": []}, "throughput": {"samples_per_s": samples},
                 "decode": {"step_s": step_s}}
 
-    table = bench.compare_markdown([report(4.0, 0.02), report(6.0, 0.01)], ["a", "b"])
+    table = figures.compare_markdown([report(4.0, 0.02), report(6.0, 0.01)], ["a", "b"])
     assert "| samples/s | 4 | 6 (1.50x) |" in table
     assert "| decode step s | 0.02 | 0.01 (0.50x) |" in table
     assert "training tokens/s" not in table  # rows no report has are left out
     with pytest.raises(ValueError):
-        bench.compare_markdown([report(1.0, 1.0)], ["a"])
+        figures.compare_markdown([report(1.0, 1.0)], ["a"])
 
 
 # ------------------------------------------------------------------------------------------ shapes

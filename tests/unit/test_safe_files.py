@@ -13,7 +13,7 @@ import torch
 from engine.config import Step1Config, Step2Config, Step3Config, make_config
 from engine.data import cache, sft
 from engine.data.sft import load_sft_data
-from engine.distributed import DistInfo
+from engine.runtime.distributed import DistInfo
 
 ROOT = Path(__file__).resolve().parents[2]
 SOURCES = sorted(p for pattern in ("engine/**/*.py", "step*/**/*.py", "benchmarks/**/*.py", "*.py")
@@ -74,19 +74,19 @@ def test_no_source_unpickles_or_enables_remote_code():
 # (b) caches in the user's folders, (c) remote code off by default
 # ----------------------------------------------------------------------------------------------
 def test_default_model_cache_is_the_users_not_a_temp_folder(monkeypatch, tmp_path):
-    from engine.embedded import _cache_root
+    from engine.runtime.atomic import cache_root
 
     monkeypatch.delenv("RLHF_ENGINE_CACHE", raising=False)
     monkeypatch.delenv("XDG_CACHE_HOME", raising=False)
     monkeypatch.setenv("HOME", "/home/someone")
-    assert _cache_root() == Path("/home/someone/.cache/rlhf_engine")
-    assert not _cache_root().is_relative_to(tempfile.gettempdir())
+    assert cache_root() == Path("/home/someone/.cache/rlhf_engine")
+    assert not cache_root().is_relative_to(tempfile.gettempdir())
     monkeypatch.setenv("XDG_CACHE_HOME", "relative/cache")  # the XDG spec says: ignore a relative path
-    assert _cache_root() == Path("/home/someone/.cache/rlhf_engine")
+    assert cache_root() == Path("/home/someone/.cache/rlhf_engine")
     monkeypatch.setenv("XDG_CACHE_HOME", "/home/someone/xdg")
-    assert _cache_root() == Path("/home/someone/xdg/rlhf_engine")
+    assert cache_root() == Path("/home/someone/xdg/rlhf_engine")
     monkeypatch.setenv("RLHF_ENGINE_CACHE", str(tmp_path))
-    assert _cache_root() == tmp_path
+    assert cache_root() == tmp_path
 
 
 @pytest.mark.parametrize("config", [Step1Config, Step2Config, Step3Config])
@@ -107,7 +107,7 @@ def test_trust_remote_code_is_off_by_default(config):
 def tok():
     from transformers import AutoTokenizer
 
-    from engine.embedded import TOKENIZER_DIR
+    from engine.models.tiny import TOKENIZER_DIR
 
     return AutoTokenizer.from_pretrained(str(TOKENIZER_DIR))
 

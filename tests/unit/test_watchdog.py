@@ -11,8 +11,8 @@ from datetime import timedelta
 import pytest
 import torch
 
-from engine import watchdog
-from engine.watchdog import Heartbeats, Watchdog
+from engine.runtime import watchdog
+from engine.runtime.watchdog import Heartbeats, Watchdog
 
 
 def test_heartbeats_stale_after_timeout_of_silence():

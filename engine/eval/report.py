@@ -10,7 +10,7 @@ a glance whether RLHF helped.
     report/metrics/         every step's metrics.jsonl
     report/eval_report.*, samples.md   the evaluation (step3_rlhf/evaluate.py)
 
-Rebuild it from the folders at any time: `python -m engine.report OUTPUT_DIR`.
+Rebuild it from the folders at any time: `python -m engine.eval.report OUTPUT_DIR`.
 """
 from __future__ import annotations
 
@@ -21,7 +21,7 @@ import tempfile
 from pathlib import Path
 from typing import Any
 
-from engine.metrics import plot_curves, read_metrics
+from engine.observe.metrics import plot_curves, read_metrics
 
 # Each step's title and the keys of its curves.
 STEPS = {
@@ -143,5 +143,5 @@ def _write(out: Path, stage: Path, pipeline: dict[str, Any]) -> dict[str, Any]:
 
 if __name__ == "__main__":
     if len(sys.argv) != 2:
-        sys.exit("usage: python -m engine.report OUTPUT_DIR")
+        sys.exit("usage: python -m engine.eval.report OUTPUT_DIR")
     print(build_report(Path(sys.argv[1])) / "README.md")

@@ -1,22 +1,18 @@
 """Training plumbing shared by the steps: output folder, DeepSpeed engine, loaders, LM evaluation."""
 from __future__ import annotations
 
-
 import logging
-import math
 import os
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable, Iterator
+from typing import Any
 
 import torch
 
-from engine.config import DeepSpeedArgs, TrainArgs
-from engine.distributed import DistInfo, all_reduce_sum, gpu_wanted
-from engine.ds_config import fill_template, load_template, size_reduce_bucket, train_ds_config
 from engine.errors import UserError
-from engine.losses import causal_lm_loss
-from engine.metrics import MetricsLogger
+from engine.observe.metrics import MetricsLogger
+from engine.runtime.distributed import DistInfo
 
 logger = logging.getLogger("engine")
 
@@ -33,69 +29,11 @@ def check_output_dir(output_dir: str, resume: bool = False) -> Path:
     if not os.access(parent, os.W_OK | os.X_OK):
         raise UserError(f"--output_dir {path}: no permission to write in {parent}; choose a folder you can write to")
     if resume:
-        from engine.checkpoint import find_resume_checkpoint
+        from engine.runtime.checkpoint import find_resume_checkpoint
 
         # A UserError naming the fix when there is no usable checkpoint (the launchers set WORLD_SIZE).
         find_resume_checkpoint(path, int(os.environ.get("WORLD_SIZE", "1")), warn=False)  # start_run warns
     return path
-
-
-def build_ds_config(ds: DeepSpeedArgs, train: TrainArgs, world_size: int) -> dict[str, Any]:
-    """The training DeepSpeed config from the flags, or the user's template filled from them.
-
-    DeepSpeed's own TensorBoard writer stays off: every metric goes through `engine.metrics`."""
-    built = train_ds_config(zero_stage=ds.zero_stage, offload=ds.offload, dtype=ds.dtype,
-                            micro_batch_size=train.per_device_train_batch_size,
-                            gradient_accumulation_steps=train.gradient_accumulation_steps,
-                            world_size=world_size, gradient_clipping=ds.gradient_clipping)
-    if ds.deepspeed_config:
-        return fill_template(load_template(ds.deepspeed_config), built, source=ds.deepspeed_config)
-    return built
-
-
-def make_optimizer(param_groups: list[dict[str, Any]], lr: float, betas: tuple[float, float],
-                   offload: bool) -> torch.optim.Optimizer:
-    """DeepSpeedCPUAdam with offload, FusedAdam on GPU, torch AdamW on CPU (DeepSpeed-Chat's choice + CPU)."""
-    if offload:
-        from deepspeed.ops.adam import DeepSpeedCPUAdam
-
-        return DeepSpeedCPUAdam(param_groups, lr=lr, betas=betas, adamw_mode=True)
-    if gpu_wanted():
-        from deepspeed.ops.adam import FusedAdam
-
-        return FusedAdam(param_groups, lr=lr, betas=betas)
-    return torch.optim.AdamW(param_groups, lr=lr, betas=betas)
-
-
-def make_scheduler(optimizer: torch.optim.Optimizer, name: str, warmup: int, total_steps: int) -> Any:
-    from transformers import get_scheduler
-
-    return get_scheduler(name, optimizer=optimizer, num_warmup_steps=warmup, num_training_steps=total_steps)
-
-
-def deepspeed_initialize(model: torch.nn.Module, optimizer: Any, scheduler: Any, ds_config: dict[str, Any]) -> Any:
-    import deepspeed
-
-    engine, *_ = deepspeed.initialize(model=model, optimizer=optimizer, lr_scheduler=scheduler,
-                                      config=ds_config, dist_init_required=False)
-    return engine
-
-
-def init_trained_engine(model: torch.nn.Module, ds_config: dict[str, Any], *, lr: float, weight_decay: float,
-                        lora_lr: float, betas: tuple[float, float], offload: bool, scheduler_type: str,
-                        warmup_steps: int, total_steps: int) -> Any:
-    """The DeepSpeed engine of a trained model: DeepSpeed-Chat's three parameter groups, the optimizer
-    and the learning-rate schedule over `total_steps` optimizer steps."""
-    from engine.lora import optimizer_param_groups
-
-    groups = optimizer_param_groups(model, weight_decay, lora_lr)
-    if not groups:
-        raise UserError("the model has no trainable parameter; check --only_optimize_lora and the LoRA flags")
-    optimizer = make_optimizer(groups, lr, betas, offload)
-    scheduler = make_scheduler(optimizer, scheduler_type, warmup_steps, total_steps)
-    trained = sum(getattr(p, "ds_numel", p.numel()) for group in groups for p in group["params"])
-    return deepspeed_initialize(model, optimizer, scheduler, size_reduce_bucket(ds_config, trained))
-
 
 
 class ResumableSampler(torch.utils.data.DistributedSampler):
@@ -129,7 +67,7 @@ class Schedule:
     total_steps: int
 
     @classmethod
-    def of(cls, micro_batches_per_epoch: int, accumulation: int, epochs: int) -> "Schedule":
+    def of(cls, micro_batches_per_epoch: int, accumulation: int, epochs: int) -> Schedule:
         steps = micro_batches_per_epoch // accumulation
         if steps == 0:
             raise UserError(f"an epoch has {micro_batches_per_epoch} micro-batches per rank, fewer than "
@@ -154,26 +92,6 @@ def to_device(batch: dict[str, torch.Tensor], device: torch.device) -> dict[str,
     return {k: v.to(device) for k, v in batch.items()}
 
 
-@torch.no_grad()
-def evaluate_lm(engine: Any, loader: torch.utils.data.DataLoader, device: torch.device, fp32_loss: bool
-                ) -> dict[str, float]:
-    """Token-weighted eval loss and perplexity over the whole eval set, all ranks together."""
-    was_training = engine.module.training
-    engine.eval()
-    loss_sum, tokens = 0.0, 0.0
-    for batch in loader:
-        batch = to_device(batch, device)
-        logits = engine(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
-        _, stats = causal_lm_loss(logits, batch["labels"], fp32=fp32_loss)
-        loss_sum += float(stats["loss_sum"])
-        tokens += float(stats["tokens"])
-    loss_sum, tokens = all_reduce_sum([loss_sum, tokens], device)
-    if was_training:
-        engine.train()
-    loss = loss_sum / max(tokens, 1.0)
-    return {"eval/loss": loss, "eval/perplexity": math.exp(min(loss, 50.0))}
-
-
 @dataclass
 class RunContext:
     """What a step's loop and its checkpoint writer share."""
@@ -189,8 +107,8 @@ class RunContext:
 
 def save_checkpoint(run: RunContext, module: torch.nn.Module, step: int, position: dict[str, int]) -> None:
     """A Hugging Face folder checkpoint-<step>/ of `module` and the DeepSpeed state --resume reads."""
-    from engine.checkpoint import save_hf_folder, save_resume_state
     from engine.config import save_config_yaml
+    from engine.runtime.checkpoint import save_hf_folder, save_resume_state
 
     save_hf_folder(module, run.tokenizer, run.out / f"checkpoint-{step}", run.zero_stage, run.dist,
                    extra=lambda folder: save_config_yaml(run.cfg, folder / "config.yaml"))
@@ -205,8 +123,8 @@ def start_run(cfg: Any, engine: Any, out: Path, dist: DistInfo, keys: tuple[str,
     (default: the data position); `load_extra(tag_folder)` loads the files the save's `extra` added.
     Also creates --output_dir and saves the resolved config there (the first thing a run writes).
     """
-    from engine.checkpoint import POSITION_KEYS, load_resume_state
     from engine.config import config_to_dict, save_config_yaml
+    from engine.runtime.checkpoint import POSITION_KEYS, load_resume_state
 
     position: dict[str, Any] = {"epoch": 0, "step_in_epoch": 0, "global_step": 0}
     if cfg.log.resume:

@@ -21,8 +21,8 @@ import logging
 from pathlib import Path
 from typing import Any
 
-from engine.embedded import write_cache_folder
 from engine.errors import UserError
+from engine.runtime.atomic import write_cache_folder
 
 logger = logging.getLogger("engine")
 
@@ -102,7 +102,7 @@ def load_shape(name_or_path: str, **overrides: int | None) -> Any:
     at least as large as that tokenizer."""
     from transformers import AutoConfig, LlamaConfig
 
-    from engine.embedded import TINY_LLAMA
+    from engine.models.tiny import TINY_LLAMA
 
     tok = embedded_tokenizer()
     if name_or_path.lower() == "tiny":
@@ -125,14 +125,14 @@ def load_shape(name_or_path: str, **overrides: int | None) -> Any:
 def embedded_tokenizer() -> Any:
     from transformers import AutoTokenizer
 
-    from engine.embedded import TOKENIZER_DIR
+    from engine.models.tiny import TOKENIZER_DIR
 
     return AutoTokenizer.from_pretrained(str(TOKENIZER_DIR))
 
 
 def random_model_dir(config: Any, role: str, dtype: str, seed: int, cache_root: Path) -> Path:
     """The cache folder of a random `role` model of `config` in `dtype` from `seed`."""
-    from engine.embedded import TOKENIZER_DIR
+    from engine.models.tiny import TOKENIZER_DIR
 
     if role not in ROLES:
         raise ValueError(f"role must be one of {ROLES}, got {role!r}")
@@ -160,7 +160,7 @@ def _write_random_model(config: Any, role: str, dtype: str, seed: int, folder: P
     from safetensors.torch import save_file
     from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification
 
-    from engine.model import DTYPES
+    from engine.models.load import DTYPES
 
     config = copy.deepcopy(config)
     if role == "critic":

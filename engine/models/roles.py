@@ -17,21 +17,22 @@ ZeRO 0-2 whose optimizer holds only the LoRA adapters; its EMA is 4-bit too (the
 from __future__ import annotations
 
 import logging
+from collections.abc import Callable
 from dataclasses import dataclass
 from functools import partial
-from typing import Any, Callable
+from typing import Any
 
 import torch
 
 from engine.config import Step3Config
-from engine.distributed import DistInfo
-from engine.ds_config import eval_ds_config, fill_template, load_template, train_ds_config
-from engine.ema import ema_update
 from engine.errors import UserError
-from engine.lora import apply_lora
-from engine.model import is_quantized, load_causal_lm, load_tokenizer, resolve_model_path
-from engine.reward_model import add_lora, check_reward_model_config, load_reward_model
-from engine.training import deepspeed_initialize, init_trained_engine
+from engine.models.ema import ema_update
+from engine.models.load import is_quantized, load_causal_lm, load_tokenizer, resolve_model_path
+from engine.models.lora import apply_lora
+from engine.models.reward_model import add_lora, check_reward_model_config, load_reward_model
+from engine.runtime.distributed import DistInfo
+from engine.runtime.ds_config import eval_ds_config, fill_template, load_template, train_ds_config
+from engine.runtime.engines import deepspeed_initialize, init_trained_engine
 
 logger = logging.getLogger("engine")
 
@@ -48,7 +49,8 @@ class Roles:
     ema: Any | None
     actor_stage: int
     critic_stage: int
-    # A quantized actor's full-precision base, loaded on the CPU (for saving: `engine.checkpoint.save_hf_folder`).
+    # A quantized actor's full-precision base, loaded on the CPU
+    # (for saving: `engine.runtime.checkpoint.save_hf_folder`).
     actor_full_precision: Callable[[], torch.nn.Module] | None = None
 
     @property
@@ -76,7 +78,7 @@ def check_context_length(actor_path: str, cfg: Step3Config) -> None:
     (where its config says)."""
     from transformers import AutoConfig
 
-    from engine.model import hub_error
+    from engine.models.load import hub_error
 
     try:
         config = AutoConfig.from_pretrained(actor_path, trust_remote_code=cfg.model.trust_remote_code)

@@ -3,7 +3,7 @@
 Its `score` layer is a bias-free Linear(hidden, 1): exactly the value head DeepSpeed-Chat puts on the
 base transformer. Using the Hugging Face class means the saved folder loads with plain
 `AutoModelForSequenceClassification.from_pretrained(folder)` and gives the same scores (its pooling
-reads the last non-pad token, as `engine.reward_math.end_scores` does), while `RewardModel` exposes the
+reads the last non-pad token, as `engine.rl.reward.end_scores` does), while `RewardModel` exposes the
 per-token values that step 3's critic needs.
 """
 from __future__ import annotations
@@ -15,8 +15,8 @@ import torch
 
 from engine.config import LoRAArgs, ModelArgs
 from engine.errors import UserError
-from engine.model import hf_model, load_pretrained, position_ids
-from engine.reward_math import end_scores
+from engine.models.load import hf_model, load_pretrained, position_ids
+from engine.rl.reward import end_scores
 
 logger = logging.getLogger("engine")
 
@@ -50,7 +50,7 @@ def load_reward_model(path: str, model: ModelArgs, tokenizer: Any, dtype: str, d
                       ) -> RewardModel:
     """A reward model from a reward-model folder or, with a fresh value head, from a causal-LM folder.
 
-    `quantization` ('none', '8bit', '4bit'), `device`: see `engine.model.load_pretrained`; the value head
+    `quantization` ('none', '8bit', '4bit'), `device`: see `engine.models.load.load_pretrained`; the value head
     is never quantized (transformers keeps a model's last Linear layer in full precision)."""
     from transformers import AutoModelForSequenceClassification
 
@@ -60,7 +60,7 @@ def load_reward_model(path: str, model: ModelArgs, tokenizer: Any, dtype: str, d
 
 def add_lora(model: RewardModel, lora: LoRAArgs) -> RewardModel:
     """LoRA on the reward model's transformer; the value head always trains (it is never a LoRA target)."""
-    from engine.lora import apply_lora
+    from engine.models.lora import apply_lora
 
     model.model = apply_lora(model.model, lora)
     getattr(hf_model(model.model), HEAD).requires_grad_(True)
@@ -74,7 +74,7 @@ def check_reward_model_config(path: str, flag: str, trust_remote_code: bool) -> 
     try:
         config = AutoConfig.from_pretrained(path, trust_remote_code=trust_remote_code)
     except (OSError, ValueError) as err:
-        from engine.model import hub_error
+        from engine.models.load import hub_error
 
         raise hub_error(path, err) from None
     archs = config.architectures or []

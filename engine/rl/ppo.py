@@ -13,6 +13,7 @@ Every function returns its value plus, where useful, a dict of detached statisti
 """
 from __future__ import annotations
 
+import math
 from typing import Any
 
 import torch
@@ -194,3 +195,32 @@ def answer_action_mask(sequences: torch.Tensor, prompt_width: int, pad_id: int, 
     token_mask = torch.zeros_like(sequences)
     token_mask[:, prompt_width:] = real.long()
     return token_mask[:, 1:]
+
+
+class RunningMoments:
+    """Mean and standard deviation of every score seen so far, over all ranks (for --normalize_reward)."""
+
+    def __init__(self) -> None:
+        self.count, self.mean, self.m2 = 0.0, 0.0, 0.0
+
+    def update(self, n: float, total: float, total_sq: float) -> None:
+        """Merge a batch given as (count, sum, sum of squares) (Chan et al.'s parallel update)."""
+        if n == 0:
+            return
+        batch_mean = total / n
+        batch_m2 = max(total_sq - n * batch_mean ** 2, 0.0)
+        delta = batch_mean - self.mean
+        count = self.count + n
+        self.mean += delta * n / count
+        self.m2 += batch_m2 + delta ** 2 * self.count * n / count
+        self.count = count
+
+    @property
+    def std(self) -> float:
+        return math.sqrt(self.m2 / self.count) if self.count > 1 else 1.0
+
+    def state_dict(self) -> dict[str, float]:
+        return {"count": self.count, "mean": self.mean, "m2": self.m2}
+
+    def load_state_dict(self, state: dict[str, float]) -> None:
+        self.count, self.mean, self.m2 = state["count"], state["mean"], state["m2"]

@@ -13,11 +13,12 @@ DeepSpeed-Inference kernels (DeepSpeed's hybrid engine knows a fixed list of fam
 from __future__ import annotations
 
 import contextlib
-from typing import Any, Iterator
+from collections.abc import Iterator
+from typing import Any
 
 import torch
 
-from engine.model import copy_missing_buffers, hf_model, is_quantized, meta_skeleton
+from engine.models.load import copy_missing_buffers, hf_model, is_quantized, meta_skeleton
 
 
 def _fused_tensors(inner: torch.nn.Module, may_modify: bool) -> dict[str, torch.Tensor]:

@@ -21,7 +21,8 @@ Gradients exist between backward and step, and Adam's moments from the first ste
 from __future__ import annotations
 
 import functools
-from typing import Any, Iterator
+from collections.abc import Iterator
+from typing import Any
 
 import torch
 

@@ -1,60 +1,39 @@
 """Step 3's PPO trainer: generation, experience, and the actor/critic updates of one micro-batch.
 
-The math lives in `engine.ppo_math` (pure functions); this module runs the models. Conventions:
+The math lives in `engine.rl.ppo` (pure functions); this module runs the models. Conventions:
 sequences are prompts left-padded to --max_prompt_seq_len followed by the generated answer, and
-every per-position tensor is indexed by action (see `engine.ppo_math`).
+every per-position tensor is indexed by action (see `engine.rl.ppo`).
 """
 from __future__ import annotations
 
 import contextlib
 import logging
 import math
-from typing import Any, Iterator
+from collections.abc import Iterator
+from typing import Any
 
 import torch
 
-from engine import faults
 from engine.config import Step3Config
-from engine.distributed import DistInfo, all_reduce_sum
-from engine.ema import ema_update
-from engine.experience import Experience, make_experience
-from engine.hybrid import generation_mode
-from engine.losses import causal_lm_loss
-from engine.model import position_ids
-from engine.ppo_math import (AdaptiveKLController, entropy_from_logits, logprobs_from_logits, masked_mean,
-                             policy_loss, value_loss)
-from engine.rlhf_engine import Roles
+from engine.models.ema import ema_update
+from engine.models.hybrid import generation_mode
+from engine.models.load import position_ids
+from engine.models.roles import Roles
+from engine.ppo.experience import Experience, make_experience
+from engine.rl.lm_loss import causal_lm_loss
+from engine.rl.ppo import (
+    AdaptiveKLController,
+    RunningMoments,
+    entropy_from_logits,
+    logprobs_from_logits,
+    masked_mean,
+    policy_loss,
+    value_loss,
+)
+from engine.runtime import faults
+from engine.runtime.distributed import DistInfo, all_reduce_sum
 
 logger = logging.getLogger("engine")
-
-
-class RunningMoments:
-    """Mean and standard deviation of every score seen so far, over all ranks (for --normalize_reward)."""
-
-    def __init__(self) -> None:
-        self.count, self.mean, self.m2 = 0.0, 0.0, 0.0
-
-    def update(self, n: float, total: float, total_sq: float) -> None:
-        """Merge a batch given as (count, sum, sum of squares) (Chan et al.'s parallel update)."""
-        if n == 0:
-            return
-        batch_mean = total / n
-        batch_m2 = max(total_sq - n * batch_mean ** 2, 0.0)
-        delta = batch_mean - self.mean
-        count = self.count + n
-        self.mean += delta * n / count
-        self.m2 += batch_m2 + delta ** 2 * self.count * n / count
-        self.count = count
-
-    @property
-    def std(self) -> float:
-        return math.sqrt(self.m2 / self.count) if self.count > 1 else 1.0
-
-    def state_dict(self) -> dict[str, float]:
-        return {"count": self.count, "mean": self.mean, "m2": self.m2}
-
-    def load_state_dict(self, state: dict[str, float]) -> None:
-        self.count, self.mean, self.m2 = state["count"], state["mean"], state["m2"]
 
 
 def generation_kwargs(cfg: Step3Config, tokenizer: Any) -> dict[str, Any]:
@@ -70,7 +49,7 @@ def generate_sequences(actor: Any, zero_stage: int, input_ids: torch.Tensor, att
                        gen_kwargs: dict[str, Any], hybrid: bool, unpin: bool = False) -> torch.Tensor:
     """(B, P + n) prompts followed by answers, from the actor engine.
 
-    hybrid: a hook-free replica, gathered once (ZeRO-3), LoRA fused, KV cache (`engine.hybrid`).
+    hybrid: a hook-free replica, gathered once (ZeRO-3), LoRA fused, KV cache (`engine.models.hybrid`).
     Otherwise (or with `unpin` under ZeRO-3) the training module itself generates: ZeRO-3 gathers
     each layer per token, and `synced_gpus` keeps every rank stepping until all have finished.
     """
@@ -122,7 +101,7 @@ class PPOTrainer:
     def experience(self, sequences: torch.Tensor, prompt_mask: torch.Tensor, step: int = 0
                    ) -> tuple[Experience, dict[str, torch.Tensor]]:
         """Score `sequences` with all four roles (eval mode) and turn them into PPO targets. `step` (the PPO
-        step) is where `engine.faults` may make the reward model's output NaN."""
+        step) is where `engine.runtime.faults` may make the reward model's output NaN."""
         roles, cfg = self.roles, self.cfg
         roles.actor.eval()
         roles.critic.eval()
@@ -239,36 +218,3 @@ class PPOTrainer:
         self.score_moments.load_state_dict(state["score_moments"])
 
 
-# Thresholds of `health_warnings` (the KL bound is a flag, --warn_kl_above).
-RATIO_LIMIT = 10.0          # a probability ratio this far from 1 means the policy moved far within one step
-STD_COLLAPSE = 0.05         # reward std below this share of the first step's: answers all look alike to the RM
-LENGTH_COLLAPSE = 0.5       # answers shorter than half of what they were while the score rises
-TREND_WINDOW = 5            # PPO steps per window when comparing trends
-
-
-def _window_mean(rows: list[dict[str, float]], key: str) -> float:
-    return sum(r[key] for r in rows) / len(rows)
-
-
-def health_warnings(history: list[dict[str, float]], kl_bound: float) -> list[str]:
-    """Warnings about the latest PPO step (`history[-1]`) given the steps before it: KL above the bound,
-    reward std collapsing, ratio explosions, and reward rising while answers get much shorter."""
-    row, out = history[-1], []
-    if row["rollout/kl"] > kl_bound:
-        out.append(f"KL to the reference is {row['rollout/kl']:.3g} per answer, above --warn_kl_above {kl_bound:g}: "
-                   "the actor drifts; raise --kl_ctl, set --target_kl or lower --actor_learning_rate")
-    first_std = history[0]["rollout/score_std"]
-    if len(history) > 1 and first_std > 0 and row["rollout/score_std"] < STD_COLLAPSE * first_std:
-        out.append(f"reward std collapsed to {row['rollout/score_std']:.3g} (first step: {first_std:.3g}): the "
-                   "answers look alike to the reward model, so advantages carry little signal")
-    if row.get("ppo/ratio_max", 1.0) > RATIO_LIMIT:
-        out.append(f"PPO ratio reached {row['ppo/ratio_max']:.3g}: the policy moved far from the one that "
-                   "generated; lower --actor_learning_rate, --ppo_epochs or --generation_batches")
-    if len(history) >= 2 * TREND_WINDOW:
-        before, now = history[-2 * TREND_WINDOW:-TREND_WINDOW], history[-TREND_WINDOW:]
-        len_before, len_now = _window_mean(before, "rollout/response_len"), _window_mean(now, "rollout/response_len")
-        if (_window_mean(now, "rollout/score_mean") > _window_mean(before, "rollout/score_mean")
-                and len_now < LENGTH_COLLAPSE * len_before):
-            out.append(f"reward rises while answers shrank from {len_before:.3g} to {len_now:.3g} tokens: possible "
-                       "reward hacking through short answers; check the samples (--print_answers)")
-    return out

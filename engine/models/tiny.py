@@ -9,16 +9,12 @@ from __future__ import annotations
 
 import hashlib
 import json
-import os
-import shutil
-import tempfile
 from pathlib import Path
-from typing import Callable
 
-from engine.errors import UserError
-from engine.synthetic import ASSET_DIR as DATA_DIR
+from engine.data.sort_task import ASSET_DIR as DATA_DIR
+from engine.runtime.atomic import cache_root, write_cache_folder
 
-TOKENIZER_DIR = Path(__file__).parent / "assets" / "tiny_tokenizer"
+TOKENIZER_DIR = Path(__file__).parents[1] / "assets" / "tiny_tokenizer"
 EOS, PAD = "<|endoftext|>", "<pad>"
 VOCAB_SIZE = 384
 
@@ -49,37 +45,11 @@ def build_tokenizer(out_dir: Path = TOKENIZER_DIR) -> None:
     fast.save_pretrained(str(out_dir))
 
 
-def _cache_root() -> Path:
-    """RLHF_ENGINE_CACHE, else the user's cache folder ($XDG_CACHE_HOME or ~/.cache)/rlhf_engine: never a
-    shared, world-writable temp folder, where another user could plant a model for us to load."""
-    if os.environ.get("RLHF_ENGINE_CACHE"):
-        return Path(os.environ["RLHF_ENGINE_CACHE"]).expanduser()
-    xdg = os.environ.get("XDG_CACHE_HOME", "")
-    base = Path(xdg) if os.path.isabs(xdg) else Path.home() / ".cache"  # the XDG spec ignores relative paths
-    return base / "rlhf_engine"
-
-
-def write_cache_folder(target: Path, write: Callable[[Path], None], what: str, fix: str) -> None:
-    """Fill a cache folder through `write(tmp)` in a temp folder beside `target`, then rename it to `target`,
-    so concurrent ranks and crashes never see half of it. Another process finishing first is not an error;
-    any other OSError is a UserError "<what> (<reason>); <fix>"."""
-    target.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=target.name + ".tmp-", dir=target.parent))
-    try:
-        write(tmp)
-        os.rename(tmp, target)
-    except OSError as err:
-        if not (target / "config.json").is_file():  # a real failure, not another process finishing first
-            raise UserError(f"{what} ({err.strerror or err}); {fix}") from None
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)  # gone after the rename; a half-written folder otherwise
-
-
 def tiny_model_dir(seed: int) -> Path:
     """Where the built-in model for `seed` lives (keyed by its shape, seed and tokenizer)."""
     tok_bytes = (TOKENIZER_DIR / "tokenizer.json").read_bytes()
     key = hashlib.sha256(json.dumps([TINY_LLAMA, seed]).encode() + tok_bytes).hexdigest()[:12]
-    return _cache_root() / f"tiny-llama-{key}"
+    return cache_root() / f"tiny-llama-{key}"
 
 
 def ensure_tiny_model(seed: int) -> Path:

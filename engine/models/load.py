@@ -9,14 +9,15 @@ from __future__ import annotations
 import contextlib
 import copy
 import logging
+from collections.abc import Iterator
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any
 
 import torch
 
 from engine.config import DataArgs, ModelArgs, missing_quantization_packages
-from engine.distributed import DistInfo, barrier
 from engine.errors import UserError
+from engine.runtime.distributed import DistInfo, barrier
 
 logger = logging.getLogger("engine")
 
@@ -35,7 +36,7 @@ def resolve_model_path(model: ModelArgs, seed: int, dist: DistInfo, flag: str = 
     appended to them (e.g. which step writes it).
     """
     if model.model_name_or_path is None:
-        from engine.embedded import ensure_tiny_model
+        from engine.models.tiny import ensure_tiny_model
 
         if dist.local_rank == 0:
             ensure_tiny_model(seed)
@@ -226,7 +227,8 @@ def load_pretrained(auto_class: Any, path: str, model: ModelArgs, tokenizer: Any
     quantized: dict[str, Any] = {}
     if quantization != "none":
         if (ds_config or {}).get("zero_optimization", {}).get("stage", 0) == 3:
-            raise ValueError("a quantized model cannot be built for ZeRO-3 (ZeRO cannot partition bitsandbytes weights)")
+            raise ValueError("a quantized model cannot be built for ZeRO-3 "
+                             "(ZeRO cannot partition bitsandbytes weights)")
         if quantization == "8bit":
             _quiet_int8_cast_warning()
         quantized = {"quantization_config": quantization_config(quantization, dtype),

@@ -22,16 +22,18 @@ import random
 import re
 import shutil
 import tempfile
+from collections.abc import Callable
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 import torch
 from safetensors.torch import load_file, save_file
 
-from engine import faults
-from engine.distributed import DistInfo, all_reduce_sum, barrier
 from engine.errors import UserError
-from engine.model import copy_missing_buffers, hf_model, is_quantized, is_quantized_tensor, meta_skeleton
+from engine.models.load import copy_missing_buffers, hf_model, is_quantized, is_quantized_tensor, meta_skeleton
+from engine.runtime import faults
+from engine.runtime.atomic import publish_folder
+from engine.runtime.distributed import DistInfo, all_reduce_sum, barrier
 
 logger = logging.getLogger("engine")
 
@@ -154,24 +156,6 @@ def _full_precision_weights(module: torch.nn.Module, base: torch.nn.Module) -> d
             base = get_peft_model(base, module.peft_config["default"])
     base_params = dict(base.named_parameters())
     return {name: base_params[name].detach() for name, p in module.named_parameters() if is_quantized_tensor(p)}
-
-
-# ----------------------------------------------------------------------------------------------
-# Atomic Hugging Face folders
-# ----------------------------------------------------------------------------------------------
-def publish_folder(staging: Path, target: Path) -> None:
-    """Move a finished staging folder to `target` so that a crash never leaves a loadable half."""
-    if not target.exists():
-        os.rename(staging, target)
-        return
-    (target / "config.json").unlink(missing_ok=True)  # not loadable until the move completes
-    files = sorted(p for p in staging.iterdir() if p.name != "config.json")
-    for path in files + [staging / "config.json"]:
-        dest = target / path.name
-        if dest.is_dir() and not path.is_dir():
-            shutil.rmtree(dest)
-        os.replace(path, dest)
-    shutil.rmtree(staging, ignore_errors=True)
 
 
 def save_hf_folder(module: torch.nn.Module, tokenizer: Any, target: Path, zero_stage: int, dist: DistInfo,
@@ -343,7 +327,8 @@ def prune_checkpoints(output_dir: Path, keep: int) -> None:
     doomed = complete[keep:] + [t for t in tags if t not in complete and tag_step(t) < newest]
     roles = [p for p in folder.iterdir() if p.is_dir() and not TAG.fullmatch(p.name)]
     for tag in doomed:
-        (folder / tag / MANIFEST).unlink(missing_ok=True)  # unsealed first: a crash mid-delete leaves no "complete" half
+        # unsealed first: a crash mid-delete leaves no "complete" half
+        (folder / tag / MANIFEST).unlink(missing_ok=True)
         for path in [folder / tag, *(r / tag for r in roles), output_dir / f"checkpoint-{tag_step(tag)}"]:
             if path.is_dir():
                 trash = path.with_name(f".deleting-{path.name}")

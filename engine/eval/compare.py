@@ -2,11 +2,11 @@
 
 Per model: the reward model's mean score, the win rate against the first model by that score, the KL
 to a reference per answer, answer lengths and, where the prompts are the bundled task's, the success
-rate by its rule (`engine.synthetic.is_correct`). The summaries (`win_rates`, `summarize`) are pure
+rate by its rule (`engine.data.sort_task.is_correct`). The summaries (`win_rates`, `summarize`) are pure
 functions, tested on hand-made numbers; `run_model` does the generation and scoring.
 
 Conventions are step 3's: prompts left-padded to the prompt width, answers up to and including their
-first eos (`engine.experience.sequence_masks`), score at the last real token, KL per answer the k1
+first eos (`engine.ppo.experience.sequence_masks`), score at the last real token, KL per answer the k1
 estimate summed over its actions (`rollout/kl` in step 3), so the numbers compare with step 3's logs.
 """
 from __future__ import annotations
@@ -16,10 +16,10 @@ from typing import Any
 
 import torch
 
-from engine import synthetic
+from engine.data import sort_task
 from engine.data.prompts import collate_left_padded
-from engine.experience import reward_scores, sequence_logprobs, sequence_masks
-from engine.ppo_math import kl_penalty
+from engine.ppo.experience import reward_scores, sequence_logprobs, sequence_masks
+from engine.rl.ppo import kl_penalty
 
 
 @dataclass
@@ -42,9 +42,9 @@ def win_rates(scores: torch.Tensor) -> torch.Tensor:
 
 def rule_truth(prompts: list[str], answers: list[str]) -> torch.Tensor | None:
     """(N,) bool: each answer right by the bundled task's rule; None unless every prompt is the task's."""
-    if not prompts or any(synthetic.parse_prompt(p) is None for p in prompts):
+    if not prompts or any(sort_task.parse_prompt(p) is None for p in prompts):
         return None
-    return torch.tensor([synthetic.is_correct(p, a) for p, a in zip(prompts, answers)])
+    return torch.tensor([sort_task.is_correct(p, a) for p, a in zip(prompts, answers)])
 
 
 def summarize(results: dict[str, Answers]) -> dict[str, dict[str, float]]:

@@ -14,7 +14,7 @@ from pathlib import Path
 
 from engine.data.rows import Row
 
-ASSET_DIR = Path(__file__).parent / "assets" / "synthetic_sort"
+ASSET_DIR = Path(__file__).parents[1] / "assets" / "synthetic_sort"
 PROMPT_RE = re.compile(r"Human: sort ((?:\d )*\d) Assistant:\s*$")
 MIN_LEN, MAX_LEN = 3, 6
 TRAIN_ROWS, EVAL_ROWS, DATA_SEED = 4000, 400, 20261121

@@ -1,20 +1,21 @@
 """Step-3 experience: what PPO learns from, made from one batch of generated sequences.
 
 `make_experience` runs the four roles on the sequences (actor and reference log-probs, critic values,
-reward-model scores) and turns them into rewards, advantages and returns with `engine.ppo_math`.
-Every tensor is indexed by action (see `engine.ppo_math`): position t is the action that produced
+reward-model scores) and turns them into rewards, advantages and returns with `engine.rl.ppo`.
+Every tensor is indexed by action (see `engine.rl.ppo`): position t is the action that produced
 token t + 1.
 """
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass, fields
-from typing import Any, Callable
+from typing import Any
 
 import torch
 
-from engine.model import position_ids
-from engine.ppo_math import answer_action_mask, compute_rewards, gae, logprobs_from_logits, masked_mean, whiten
-from engine.reward_math import end_scores
+from engine.models.load import position_ids
+from engine.rl.ppo import answer_action_mask, compute_rewards, gae, logprobs_from_logits, masked_mean, whiten
+from engine.rl.reward import end_scores
 
 
 @dataclass
@@ -30,7 +31,7 @@ class Experience:
     advantages: torch.Tensor      # (B, T-1) GAE advantages (whitened if asked)
     returns: torch.Tensor         # (B, T-1) value targets
 
-    def select(self, index: torch.Tensor | slice) -> "Experience":
+    def select(self, index: torch.Tensor | slice) -> Experience:
         """The rows `index` of every field (for micro-batches)."""
         return Experience(**{f.name: getattr(self, f.name)[index] for f in fields(self)})
 

@@ -2,7 +2,7 @@
 
 peft's `get_peft_model` is applied after the (possibly ZeRO-3-partitioned) model is built and
 before `deepspeed.initialize`, which is the order the CPU notes measured to work. Merging for a
-save happens on a gathered copy (`engine.checkpoint`), never on the partitioned model.
+save happens on a gathered copy (`engine.runtime.checkpoint`), never on the partitioned model.
 """
 from __future__ import annotations
 

@@ -13,7 +13,7 @@ from dataclasses import dataclass
 
 import torch
 
-from engine import watchdog
+from engine.runtime import watchdog
 
 logger = logging.getLogger("engine")
 
@@ -46,7 +46,7 @@ def gpu_wanted() -> bool:
 def init_distributed(seed: int, peer_timeout: float = 0.0) -> DistInfo:
     """Join (or create) the process group and seed every RNG the same way on every rank.
 
-    peer_timeout > 0 with more than one rank starts the peer watchdog (engine/watchdog.py): if a rank
+    peer_timeout > 0 with more than one rank starts the peer watchdog (engine/runtime/watchdog.py): if a rank
     dies or fails, the others stop within that many seconds, naming it; `run_main` stops it at the end.
     0 (the default, for callers without a --peer_timeout flag): no watchdog."""
     import deepspeed

@@ -19,7 +19,8 @@ Standard library only. Definitions (every sum is over the measured PPO steps, af
 from __future__ import annotations
 
 import math
-from typing import Any, Iterable, Mapping, Sequence
+from collections.abc import Iterable, Mapping, Sequence
+from typing import Any
 
 PHASES = ("generate", "experience", "train")
 ROLE_CATEGORIES = ("parameters", "gradients", "buffers", "optimizer")

@@ -13,12 +13,12 @@ import io
 import json
 import logging
 import math
-import os
-import tempfile
+from collections.abc import Mapping
 from pathlib import Path
-from typing import Any, Mapping
+from typing import Any
 
 from engine.errors import UserError
+from engine.runtime.atomic import write_atomically
 
 logger = logging.getLogger("engine")
 
@@ -149,19 +149,6 @@ def _summary_writer(log_dir: Path, purge_step: int | None):
     from torch.utils.tensorboard import SummaryWriter
 
     return SummaryWriter(log_dir=str(log_dir), purge_step=purge_step)
-
-
-def write_atomically(path: Path, data: str | bytes) -> None:
-    """Write `data` (text as UTF-8) to a temp file beside `path`, then rename over it: readers never see
-    half a file."""
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "wb") as f:
-            f.write(data.encode("utf-8") if isinstance(data, str) else data)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
 
 
 def read_metrics(path: str | Path) -> list[dict]:

@@ -1,0 +1,68 @@
+"""A trained role's DeepSpeed engine: its DeepSpeed config, optimizer, scheduler and initialisation."""
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+
+from engine.config import DeepSpeedArgs, TrainArgs
+from engine.errors import UserError
+from engine.runtime.distributed import gpu_wanted
+from engine.runtime.ds_config import fill_template, load_template, size_reduce_bucket, train_ds_config
+
+
+def build_ds_config(ds: DeepSpeedArgs, train: TrainArgs, world_size: int) -> dict[str, Any]:
+    """The training DeepSpeed config from the flags, or the user's template filled from them.
+
+    DeepSpeed's own TensorBoard writer stays off: every metric goes through `engine.observe.metrics`."""
+    built = train_ds_config(zero_stage=ds.zero_stage, offload=ds.offload, dtype=ds.dtype,
+                            micro_batch_size=train.per_device_train_batch_size,
+                            gradient_accumulation_steps=train.gradient_accumulation_steps,
+                            world_size=world_size, gradient_clipping=ds.gradient_clipping)
+    if ds.deepspeed_config:
+        return fill_template(load_template(ds.deepspeed_config), built, source=ds.deepspeed_config)
+    return built
+
+
+def make_optimizer(param_groups: list[dict[str, Any]], lr: float, betas: tuple[float, float],
+                   offload: bool) -> torch.optim.Optimizer:
+    """DeepSpeedCPUAdam with offload, FusedAdam on GPU, torch AdamW on CPU (DeepSpeed-Chat's choice + CPU)."""
+    if offload:
+        from deepspeed.ops.adam import DeepSpeedCPUAdam
+
+        return DeepSpeedCPUAdam(param_groups, lr=lr, betas=betas, adamw_mode=True)
+    if gpu_wanted():
+        from deepspeed.ops.adam import FusedAdam
+
+        return FusedAdam(param_groups, lr=lr, betas=betas)
+    return torch.optim.AdamW(param_groups, lr=lr, betas=betas)
+
+
+def make_scheduler(optimizer: torch.optim.Optimizer, name: str, warmup: int, total_steps: int) -> Any:
+    from transformers import get_scheduler
+
+    return get_scheduler(name, optimizer=optimizer, num_warmup_steps=warmup, num_training_steps=total_steps)
+
+
+def deepspeed_initialize(model: torch.nn.Module, optimizer: Any, scheduler: Any, ds_config: dict[str, Any]) -> Any:
+    import deepspeed
+
+    engine, *_ = deepspeed.initialize(model=model, optimizer=optimizer, lr_scheduler=scheduler,
+                                      config=ds_config, dist_init_required=False)
+    return engine
+
+
+def init_trained_engine(model: torch.nn.Module, ds_config: dict[str, Any], *, lr: float, weight_decay: float,
+                        lora_lr: float, betas: tuple[float, float], offload: bool, scheduler_type: str,
+                        warmup_steps: int, total_steps: int) -> Any:
+    """The DeepSpeed engine of a trained model: DeepSpeed-Chat's three parameter groups, the optimizer
+    and the learning-rate schedule over `total_steps` optimizer steps."""
+    from engine.models.lora import optimizer_param_groups
+
+    groups = optimizer_param_groups(model, weight_decay, lora_lr)
+    if not groups:
+        raise UserError("the model has no trainable parameter; check --only_optimize_lora and the LoRA flags")
+    optimizer = make_optimizer(groups, lr, betas, offload)
+    scheduler = make_scheduler(optimizer, scheduler_type, warmup_steps, total_steps)
+    trained = sum(getattr(p, "ds_numel", p.numel()) for group in groups for p in group["params"])
+    return deepspeed_initialize(model, optimizer, scheduler, size_reduce_bucket(ds_config, trained))

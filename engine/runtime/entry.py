@@ -1,0 +1,39 @@
+"""The entry-point wrapper of every script: a UserError becomes one line and exit status 2, no traceback.
+
+Any other exception is a bug in the engine and keeps its traceback, unless it comes from a collective
+that broke because a peer rank died or failed: then the one line names that rank (exit 1). Either way
+the other ranks hear of it through the peer watchdog (engine/runtime/watchdog.py) and stop too.
+"""
+from __future__ import annotations
+
+import sys
+from collections.abc import Callable, Sequence
+
+from engine.errors import UserError
+from engine.runtime import watchdog
+
+
+def run_main(main: Callable[[Sequence[str] | None], object], argv: Sequence[str] | None = None) -> None:
+    """Call `main(argv)`; a UserError becomes `error: <message>` on stderr and exit status 2."""
+    try:
+        main(argv)
+    except UserError as err:
+        print(f"error: {err}", file=sys.stderr, flush=True)
+        watchdog.fail(2, str(err))
+        # Other ranks may be waiting in a collective for this one; exit hard so they are torn down
+        # by the launcher, or by their watchdog, instead of hanging.
+        sys.exit(2)
+    except SystemExit as err:
+        if err.code not in (0, None):
+            watchdog.fail(1, f"SystemExit: {err.code}")
+        else:
+            watchdog.finish()
+        raise
+    except BaseException as err:
+        # A collective raises ("Connection closed by peer") when a peer vanished: name the peer instead.
+        peer = watchdog.peer_failure() if isinstance(err, Exception) else None
+        if peer is not None:
+            watchdog.stop_process(*peer)
+        watchdog.fail(1, watchdog.one_line(err))
+        raise
+    watchdog.finish()
