@@ -27,15 +27,18 @@ def module_name(path: Path) -> str:
 def imports_of(path: Path) -> set[str]:
     """Every module `path` imports, absolute, anywhere in the file."""
     out: set[str] = set()
-    inside = path.is_relative_to(ROOT)
-    package = "" if not inside else module_name(path) if path.name == "__init__.py" else module_name(path).rpartition(".")[0]
+    package = ""
+    if path.is_relative_to(ROOT):
+        name = module_name(path)
+        package = name if path.name == "__init__.py" else name.rpartition(".")[0]
     for node in ast.walk(ast.parse(path.read_text())):
         if isinstance(node, ast.Import):
             out |= {alias.name for alias in node.names}
         elif isinstance(node, ast.ImportFrom):
             base = node.module or ""
-            if node.level:
-                base = ".".join(package.split(".")[: len(package.split(".")) - node.level + 1] + ([base] if base else []))
+            if node.level:  # relative: drop level - 1 trailing parts of the package
+                parts = package.split(".")[: len(package.split(".")) - node.level + 1]
+                base = ".".join(parts + ([base] if base else []))
             out.add(base)
             out |= {f"{base}.{alias.name}" for alias in node.names}  # `from engine.x import module`
     return out
