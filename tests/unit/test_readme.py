@@ -11,7 +11,7 @@ from engine.config import Step1Config, Step2Config, Step3Config, flag_table
 ROOT = Path(__file__).resolve().parents[2]
 README = ROOT / "README.md"
 FLAGS = ROOT / "docs" / "flags.md"
-PAGES = [README, *sorted((ROOT / "docs").glob("*.md"))]
+PAGES = [README, *sorted((ROOT / "docs").glob("*.md")), ROOT / "ds_configs" / "README.md"]
 # Folders whose paths the pages name; a path with a placeholder (<step>, {a,b}, *, ...) is a pattern, not a file.
 REPO_DIRS = ("engine/", "tests/", "step1_sft/", "step2_reward/", "step3_rlhf/", "benchmarks/", "ds_configs/",
              "docs/", ".ci/")
