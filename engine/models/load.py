@@ -2,7 +2,7 @@
 
 ZeRO-3 models are built inside `zero3_construction`, which keeps transformers' `HfDeepSpeedConfig`
 alive only while the model is made: transformers then creates it already partitioned (the working
-route; `deepspeed.zero.Init` around a model class breaks HF's weight init, see the CPU notes).
+route; `deepspeed.zero.Init` around a model class breaks HF's weight init).
 """
 from __future__ import annotations
 

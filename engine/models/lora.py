@@ -1,8 +1,9 @@
 """LoRA through peft, and the optimizer parameter groups (decay / no decay / LoRA).
 
 peft's `get_peft_model` is applied after the (possibly ZeRO-3-partitioned) model is built and
-before `deepspeed.initialize`, which is the order the CPU notes measured to work. Merging for a
-save happens on a gathered copy (`engine.runtime.checkpoint`), never on the partitioned model.
+before `deepspeed.initialize`, the order that works under every ZeRO stage (the model-family smoke
+tests train LoRA at ZeRO 0-3). Merging for a save happens on a gathered copy
+(`engine.runtime.checkpoint`), never on the partitioned model.
 """
 from __future__ import annotations
 

@@ -1,7 +1,8 @@
 """Step-1 config: one flag per field with DeepSpeed-Chat's names and defaults, YAML < flags, and
 validation that raises a UserError naming the flags instead of rewriting anything.
 
-Reference for the defaults: /work/shared/reference/deepspeed-chat.md section 2 (step-1 table).
+The defaults are those of DeepSpeed-Chat's step-1 `parse_args` (DeepSpeedExamples,
+applications/DeepSpeed-Chat/training/step1_supervised_finetuning/main.py).
 """
 from __future__ import annotations
 

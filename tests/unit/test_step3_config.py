@@ -1,8 +1,10 @@
 """Step-3 config: DeepSpeed-Chat's flag names and defaults, the per-role views the loaders use, and
 validation that raises a UserError naming the offending flag (never rewrites).
 
-Reference for the defaults: /work/shared/reference/deepspeed-chat.md section 2 (step-3 table) and
-section 4 (the PPO coefficients DeepSpeed-Chat hard-codes in `DeepSpeedPPOTrainer.__init__`).
+The defaults are those of DeepSpeed-Chat's step-3 `parse_args` (DeepSpeedExamples,
+applications/DeepSpeed-Chat/training/step3_rlhf_finetuning/main.py) and the PPO coefficients it
+hard-codes in `DeepSpeedPPOTrainer.__init__` (kl_ctl 0.1, clip_reward_value 5, cliprange 0.2,
+cliprange_value 0.2, gamma 1, lam 0.95).
 """
 from __future__ import annotations
 
