@@ -11,25 +11,17 @@ from pathlib import Path
 
 import pytest
 
-import engine.config as config
-from engine.config import (
-    Step1Config,
-    arg,
-    build_parser,
-    leaf_fields,
-    make_config,
-    parse_config,
-    parse_data_split,
-    save_config_yaml,
-)
+import engine.preflight as preflight
+from engine.config import Step1Config, arg, parse_data_split
 from engine.errors import UserError
+from engine.flags import build_parser, leaf_fields, make_config, parse_config, save_config_yaml
 
 
 @pytest.fixture(autouse=True)
 def cpu_only(monkeypatch):
     """Every test sees a CPU-only machine unless it says otherwise, so dtype defaults do not
     depend on where the suite runs."""
-    monkeypatch.setattr(config, "_cuda_available", lambda: False)
+    monkeypatch.setattr(preflight, "cuda_available", lambda: False)
 
 
 def write_yaml(tmp_path: Path, text: str) -> str:
@@ -126,7 +118,7 @@ def test_defaults_match_dschat_step1():
 
 
 def test_dtype_default_is_fp16_with_cuda(monkeypatch):
-    monkeypatch.setattr(config, "_cuda_available", lambda: True)
+    monkeypatch.setattr(preflight, "cuda_available", lambda: True)
     assert parse_config(Step1Config, []).ds.dtype == "fp16"
 
 
@@ -308,7 +300,7 @@ def test_fp16_without_cuda_is_refused():
 
 
 def test_fp16_with_cuda_is_accepted(monkeypatch):
-    monkeypatch.setattr(config, "_cuda_available", lambda: True)
+    monkeypatch.setattr(preflight, "cuda_available", lambda: True)
     assert parse_config(Step1Config, ["--dtype", "fp16"]).ds.dtype == "fp16"
 
 

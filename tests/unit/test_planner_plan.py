@@ -7,12 +7,14 @@ import shlex
 
 import pytest
 
-from engine.config import Step3Config, parse_config
+from engine.config import Step3Config
 from engine.errors import UserError
+from engine.flags import parse_config
 from engine.planner.__main__ import main as planner_main
 from engine.planner.activations import kv_cache_bytes, layer_saved_bytes, logits_bytes, training_activation_bytes
-from engine.planner.plan import GiB, Hardware, Knobs, Workload, knobs_from_step3, predict, search
+from engine.planner.plan import GiB, Hardware, Knobs, Workload, predict, search
 from engine.planner.shapes import ModelShape, load_config, model_shape_of
+from engine.planner.step3 import knobs_from_step3
 
 # h 8, kv 8, I 16, 2 layers, vocab 10; 4 Linear targets of (8, 8) for LoRA arithmetic.
 TOY = ModelShape(params=1000, largest_layer_params=80, lora_targets=((8, 8),) * 4, num_layers=2, hidden_size=8,
@@ -139,7 +141,7 @@ def test_cli_bad_input():
 
 
 def test_auto_fit_keeps_set_flags_and_fills_the_rest():
-    from engine.planner.plan import auto_fit
+    from engine.planner.step3 import auto_fit
 
     config = load_config("llama-2-7b")
     cfg = parse_config(Step3Config, ["--actor_model_name_or_path", "a", "--critic_model_name_or_path", "c",

@@ -8,15 +8,16 @@ from __future__ import annotations
 
 import pytest
 
-import engine.config as config
-from engine.config import DataArgs, LoRAArgs, ModelArgs, Step3Config, make_config, parse_config
+import engine.preflight as preflight
+from engine.config import DataArgs, LoRAArgs, ModelArgs, Step3Config
 from engine.errors import UserError
+from engine.flags import make_config, parse_config
 
 
 @pytest.fixture(autouse=True)
 def cpu_only(monkeypatch):
     """A CPU-only machine unless a test says otherwise, so dtype defaults and GPU checks are fixed."""
-    monkeypatch.setattr(config, "_cuda_available", lambda: False)
+    monkeypatch.setattr(preflight, "cuda_available", lambda: False)
 
 
 def problems(err: UserError) -> list[str]:
@@ -139,7 +140,7 @@ def test_boundary_values_are_accepted(values):
 
 
 def test_quantization_without_bitsandbytes_says_how_to_install_it(monkeypatch):
-    monkeypatch.setattr(config, "missing_quantization_packages", lambda: ["bitsandbytes"])
+    monkeypatch.setattr(preflight, "missing_quantization_packages", lambda: ["bitsandbytes"])
     make_config(Step3Config)  # no quantization asked: nothing is needed
     with pytest.raises(UserError) as info:
         make_config(Step3Config, {"reference_quantization": "8bit", "reward_quantization": "4bit"})
@@ -148,7 +149,7 @@ def test_quantization_without_bitsandbytes_says_how_to_install_it(monkeypatch):
 
 
 def test_mixed_precision_lora_on_gpu_accepted_but_not_with_hybrid(monkeypatch):
-    monkeypatch.setattr(config, "_cuda_available", lambda: True)
+    monkeypatch.setattr(preflight, "cuda_available", lambda: True)
     base = {"enable_mixed_precision_lora": True, "actor_zero_stage": 3, "actor_lora_dim": 8}
     assert make_config(Step3Config, base).ds.dtype == "fp16"
     with pytest.raises(UserError, match="--enable_hybrid_engine"):
@@ -156,7 +157,7 @@ def test_mixed_precision_lora_on_gpu_accepted_but_not_with_hybrid(monkeypatch):
 
 
 def test_align_overflow_accepted_with_fp16_and_zero(monkeypatch):
-    monkeypatch.setattr(config, "_cuda_available", lambda: True)
+    monkeypatch.setattr(preflight, "cuda_available", lambda: True)
     make_config(Step3Config, {"align_overflow": True, "dtype": "fp16", "actor_zero_stage": 1, "critic_zero_stage": 2})
     with pytest.raises(UserError, match="--actor_zero_stage and --critic_zero_stage >= 1"):
         make_config(Step3Config, {"align_overflow": True, "dtype": "fp16", "critic_zero_stage": 2})
