@@ -163,8 +163,7 @@ class DeepSpeedArgs:
     def problems(self) -> list[str]:
         out = []
         if self.offload and self.zero_stage < 2:
-            out.append(f"--offload needs --zero_stage 2 or 3 (got {self.zero_stage}); "
-                       "DeepSpeed ignores offload below stage 2")
+            out.append("--offload needs --zero_stage 2 or 3; DeepSpeed ignores offload below stage 2")
         if self.gradient_clipping < 0:
             out.append("--gradient_clipping must be >= 0 (0 disables clipping)")
         return out
@@ -354,26 +353,23 @@ class RoleTwins:
                      for f in dataclasses.fields(cls.shared) if f.name not in cls.dropped)
 
     def problems(self) -> list[str]:
-        """The shared part's checks for each role, with the role's flag names. A check on an `any_role`
-        flag counts once, and only when it fails for every role."""
+        """The shared part's checks for each role, with the role's flag names; a problem several roles
+        share is one line naming each role's flag. A check on an `any_role` flag fails only when it
+        fails for every role."""
         found = {role: self.view(role).problems() for role in ROLES}
         out: list[str] = []
-        for role, texts in found.items():
-            for text in texts:
-                if any(f"--{name}" in text for name in self.any_role):
-                    if not all(text in found[r] for r in ROLES):
-                        continue  # another role meets it
-                    text = self._role_flags(text, ROLES)
-                else:
-                    text = self._role_flags(text, (role,))
-                if text not in out:
-                    out.append(text)
+        for text in dict.fromkeys(t for texts in found.values() for t in texts):
+            failing = [role for role in ROLES if text in found[role]]
+            if not any(f"--{name}" in text for name in self.any_role):
+                out.append(self._role_flags(text, failing, " and "))
+            elif len(failing) == len(ROLES):
+                out.append(self._role_flags(text, failing, " or "))
         return out
 
     @classmethod
-    def _role_flags(cls, text: str, roles: Sequence[str]) -> str:
+    def _role_flags(cls, text: str, roles: Sequence[str], joiner: str) -> str:
         for name in cls.per_role:
-            text = re.sub(rf"--{name}\b", " or ".join(f"--{r}_{name}" for r in roles), text)
+            text = re.sub(rf"--{name}\b", joiner.join(f"--{r}_{name}" for r in roles), text)
         return text
 
 

@@ -174,6 +174,15 @@ def test_precedence_default_then_yaml_then_flag(tmp_path):
     assert parse_config(Step1Config, ["--seed", "9", "--config", path]).train.seed == 9
 
 
+def test_given_records_the_flags_from_yaml_and_command_line(tmp_path):
+    path = write_yaml(tmp_path, "ds:\n  zero_stage: 0\nseed: 1234\n")  # both equal to their defaults
+    cfg = parse_config(Step1Config, ["--config", path, "--lora_dim", "0", "--no-offload"])
+    assert cfg.given == {"zero_stage", "seed", "lora_dim", "offload"}
+    assert cfg == parse_config(Step1Config, [])  # the same values as no flags at all, yet given
+    assert parse_config(Step1Config, []).given == frozenset()
+    assert make_config(Step1Config, {"seed": 7}).given == {"seed"}
+
+
 def test_yaml_keys_nested_by_part(tmp_path):
     path = write_yaml(tmp_path, "ds:\n  zero_stage: 3\n  offload: true\n"
                                 "lora:\n  lora_dim: 4\ntrain:\n  seed: 11\nmax_seq_len: 64\n")
