@@ -14,7 +14,7 @@ import pytest
 import engine.preflight as preflight
 from engine.config import Step1Config, arg, parse_data_split
 from engine.errors import UserError
-from engine.flags import build_parser, leaf_fields, make_config, parse_config, save_config_yaml
+from engine.flags import build_config, build_parser, leaf_fields, make_config, parse_config, save_config_yaml
 
 
 @pytest.fixture(autouse=True)
@@ -348,6 +348,18 @@ def test_bad_data_split_does_not_hide_other_problems():
     with pytest.raises(UserError) as exc:
         parse_config(Step1Config, ["--dropout", "1.5", "--data_split", "1,2"])
     assert "--dropout" in str(exc.value) and "--data_split" in str(exc.value)
+
+
+def test_machine_checks_are_apart_from_the_pure_ones(tmp_path):
+    # fp16 on this CPU-only machine (the fixture) and a missing file: the config itself is fine.
+    cfg = build_config(Step1Config, {"dtype": "fp16", "deepspeed_config": str(tmp_path / "absent.json")})
+    assert cfg.problems() == []
+    found = preflight.preflight(cfg)
+    assert len(found) == 2 and "--dtype fp16" in found[0] and "--deepspeed_config" in found[1]
+    with pytest.raises(UserError) as exc:  # the parser lists both kinds together
+        parse_config(Step1Config, ["--dtype", "fp16", "--deepspeed_config", str(tmp_path / "absent.json"),
+                                   "--lora_dim", "-1"])
+    assert all(flag in str(exc.value) for flag in ("--dtype fp16", "--deepspeed_config", "--lora_dim"))
 
 
 def test_make_config_validates_and_refuses_unknown_keys():

@@ -112,6 +112,17 @@ def test_invalid_combination_raises_one_problem_naming_the_flag(values, flag):
     assert flag in found[0]
 
 
+def test_a_shared_check_runs_per_role_with_the_role_flags():
+    # ModelArgs' dropout range and LoRAArgs' learning-rate check, named with each role's flag; a problem
+    # both roles share is one line.
+    with pytest.raises(UserError) as info:
+        make_config(Step3Config, {"actor_dropout": 1.5, "critic_dropout": 1.5, "critic_lora_learning_rate": 0.0})
+    assert problems(info.value) == ["  - --actor_dropout and --critic_dropout must be in [0, 1) (got 1.5)",
+                                    "  - --critic_lora_learning_rate must be > 0 (got 0.0)"]
+    # --only_optimize_lora needs LoRA in one role, not in both.
+    assert make_config(Step3Config, {"only_optimize_lora": True, "critic_lora_dim": 8}).lora.only_optimize_lora
+
+
 def test_all_problems_are_listed_together():
     with pytest.raises(UserError) as info:
         make_config(Step3Config, {"gamma": 1.5, "inference_tp_size": 2, "enable_test_mode": True})
