@@ -153,9 +153,9 @@ class Probe:
 def planner_prediction(cfg: Any, world_size: int) -> tuple[dict[str, Any] | None, str | None]:
     """(prediction, None), or (None, why there is none): the planner is optional to the benchmark."""
     try:
-        from engine.planner.plan import predict_for_step3
+        from engine.planner.step3 import predict_for_step3
     except ImportError as err:
-        return None, f"engine.planner.plan.predict_for_step3 is not importable ({err})"
+        return None, f"engine.planner.step3.predict_for_step3 is not importable ({err})"
     try:
         return predict_for_step3(cfg, world_size), None
     except Exception as err:  # noqa: BLE001 - a planner bug must not lose the measurement
@@ -269,7 +269,7 @@ def make_report(args: argparse.Namespace, probe: Probe, folders: dict[str, tuple
 
 def run_benchmark(args: argparse.Namespace, step3_flags: list[str]) -> dict[str, Any] | None:
     """Build the models, run step 3 in this process, and return the report (None on ranks other than 0)."""
-    from engine.config import default_dtype
+    from engine.preflight import default_dtype
     from engine.runtime.distributed import init_distributed, setup_logging
     from step3_rlhf import main as step3
 

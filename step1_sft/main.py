@@ -20,9 +20,10 @@ from pathlib import Path
 
 from tqdm import tqdm
 
-from engine.config import Step1Config, parse_config, save_config_yaml
+from engine.config import Step1Config
 from engine.data.sft import collate_right_padded, load_sft_data
 from engine.eval.lm import evaluate_lm
+from engine.flags import parse_config, save_config_yaml
 from engine.models.load import load_causal_lm, load_tokenizer, resolve_model_path
 from engine.models.lora import apply_lora
 from engine.observe.metrics import plot_curves

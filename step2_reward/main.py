@@ -21,8 +21,9 @@ from pathlib import Path
 import torch
 from tqdm import tqdm
 
-from engine.config import Step2Config, parse_config, save_config_yaml
+from engine.config import Step2Config
 from engine.data.pairs import collate_pairs, load_pair_data
+from engine.flags import parse_config, save_config_yaml
 from engine.models.load import hf_model, load_tokenizer, resolve_model_path
 from engine.models.reward_model import add_lora, load_reward_model
 from engine.observe.metrics import plot_curves

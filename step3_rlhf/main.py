@@ -27,11 +27,12 @@ from typing import Any
 import torch
 from tqdm import tqdm
 
-from engine.config import Step3Config, parse_config, save_config_yaml
+from engine.config import Step3Config
 from engine.data import sort_task
 from engine.data.prompts import collate_left_padded, load_prompt_data
 from engine.data.unsupervised import collate_blocks, load_ptx_data
 from engine.errors import UserError
+from engine.flags import parse_config, save_config_yaml
 from engine.models.load import hf_model
 from engine.models.roles import Roles, build_roles, load_step3_tokenizer, resolve_paths
 from engine.observe.metrics import plot_curves
@@ -155,7 +156,7 @@ def fit_to_machine(cfg: Step3Config, dist: DistInfo, actor_path: str, critic_pat
     """--auto_fit: the planner's cheapest memory settings for this machine (flags the user set are kept)."""
     from transformers import AutoConfig
 
-    from engine.planner.plan import auto_fit, this_machine
+    from engine.planner.step3 import auto_fit, this_machine
 
     configs = [AutoConfig.from_pretrained(p, trust_remote_code=cfg.model.trust_remote_code)
                for p in (actor_path, critic_path)]

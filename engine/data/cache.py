@@ -15,7 +15,7 @@ import torch
 from safetensors import SafetensorError, safe_open
 from safetensors.torch import load_file, save_file
 
-from engine.config import DataArgs
+from engine.config import DataArgs, Step1DataArgs
 from engine.data.sort_task import ASSET_DIR as BUNDLED_DIR
 from engine.data.sources import BUNDLED, LOCAL_JSONFILE, LOCAL_JSONFILE_DIR
 from engine.errors import UserError
@@ -50,13 +50,14 @@ def tokenizer_fingerprint(tokenizer: Any) -> str:
 
 def cache_key(data: DataArgs, tokenizer: Any, phase: int, seed: int, extra: dict[str, Any] | None = None) -> str:
     """Hash of everything that shapes a step's tokenized data; `extra` holds step-specific settings."""
+    step1 = isinstance(data, Step1DataArgs)  # the step-1-only flags; at their defaults for the other steps
     parts = {
         "extra": extra or {},
         "version": CACHE_VERSION, "phase": phase, "seed": seed,
         "sources": [source_fingerprint(s) for s in data.data_path or [BUNDLED]],
-        "sft_only": [source_fingerprint(s) for s in data.sft_only_data_path] if phase == 1 else [],
+        "sft_only": [source_fingerprint(s) for s in data.sft_only_data_path] if step1 and phase == 1 else [],
         "split": data.data_split, "max_seq_len": data.max_seq_len, "overlength": data.overlength,
-        "train_on_prompt": data.train_on_prompt,
+        "train_on_prompt": step1 and data.train_on_prompt,
         "eot": [data.add_eot_token, data.eot_token], "tokenizer": tokenizer_fingerprint(tokenizer),
     }
     return digest(parts)

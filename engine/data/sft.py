@@ -13,7 +13,7 @@ from typing import Any
 
 import torch
 
-from engine.config import DataArgs
+from engine.config import DataArgs, Step1DataArgs
 from engine.data.cache import cache_key, cached_tensors, pack_sequences, sequence_at, split_tensors
 from engine.data.rows import Row
 from engine.data.split import phase_rows
@@ -50,7 +50,7 @@ def tokenize_sft_row(row: Row, tokenizer: Any, end_id: int) -> tuple[list[int], 
     return ids, min(len(prompt_ids), len(ids))
 
 
-def tokenize_rows(rows: list[Row], tokenizer: Any, data: DataArgs, end_id: int,
+def tokenize_rows(rows: list[Row], tokenizer: Any, data: Step1DataArgs, end_id: int,
                   stats: TokenizeStats) -> tuple[list[list[int]], list[int]]:
     """Apply --max_seq_len and --overlength; count what was cut or dropped."""
     seqs, prompt_lens = [], []
@@ -72,7 +72,7 @@ def tokenize_rows(rows: list[Row], tokenizer: Any, data: DataArgs, end_id: int,
     return seqs, prompt_lens
 
 
-def _build(data: DataArgs, tokenizer: Any, seed: int) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
+def _build(data: Step1DataArgs, tokenizer: Any, seed: int) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
     train_rows, eval_rows = phase_rows(data, tokenizer, 1, seed)
     end_id = end_token_id(tokenizer, data)
     tensors, meta = {}, {}
@@ -101,7 +101,7 @@ def _log_stats(meta: dict[str, str], max_len: int, overlength: str) -> None:
                            s["dropped_no_answer"])
 
 
-def load_sft_data(data: DataArgs, tokenizer: Any, cache_dir: Path, seed: int, dist: DistInfo
+def load_sft_data(data: Step1DataArgs, tokenizer: Any, cache_dir: Path, seed: int, dist: DistInfo
                   ) -> tuple[SFTDataset, SFTDataset]:
     """Build (rank 0) or reuse the tokenized cache, then load it on every rank."""
     path = cache_dir / f"sft_{cache_key(data, tokenizer, 1, seed)}.safetensors"

@@ -5,7 +5,7 @@ import random
 from collections.abc import Sequence
 from typing import Any
 
-from engine.config import DataArgs, parse_data_split
+from engine.config import DataArgs, Step1DataArgs, parse_data_split
 from engine.data.rows import Row
 from engine.data.sources import BUNDLED, load_source
 from engine.errors import UserError
@@ -40,7 +40,7 @@ def phase_rows(data: DataArgs, tokenizer: Any, phase: int, seed: int) -> tuple[l
         available += len(tr)
         train += [tr[i] for i in phase_slice(len(tr), weights, phase, seed)]
         evals += [ev[i] for i in phase_slice(len(ev), weights, phase, seed)]
-    if phase == 1:
+    if phase == 1 and isinstance(data, Step1DataArgs):
         for spec in data.sft_only_data_path:
             tr, ev = load_source(spec, tokenizer, seed)
             train += tr

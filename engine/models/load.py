@@ -15,8 +15,9 @@ from typing import Any
 
 import torch
 
-from engine.config import DataArgs, ModelArgs, missing_quantization_packages
+from engine.config import DataArgs, ModelArgs
 from engine.errors import UserError
+from engine.preflight import missing_quantization_packages
 from engine.runtime.distributed import DistInfo, barrier
 
 logger = logging.getLogger("engine")

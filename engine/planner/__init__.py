@@ -7,6 +7,7 @@
   roles for each ZeRO stage, offload choice, dtype and 8/4-bit quantization, cross-checked against
   DeepSpeed's estimators and against bitsandbytes models.
 - `activations`: KV cache, activations (with and without gradient checkpointing) and logits per phase.
-- `plan`: per-phase peaks of a step-3 run, the search for the cheapest settings that fit, and step 3's
-  `--auto_fit`.
+- `plan`: per-phase peaks of a step-3 run and the search for the cheapest settings that fit (its candidates
+  pruned by the step-3 config's own checks).
+- `step3`: the same for a parsed `Step3Config`: its knobs, workload and prediction, and step 3's `--auto_fit`.
 """

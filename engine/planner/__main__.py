@@ -18,7 +18,9 @@ import sys
 from collections.abc import Sequence
 from typing import Any
 
+from engine.config import Step3Config
 from engine.errors import UserError
+from engine.flags import leaf_fields
 from engine.planner.plan import PHASES, Hardware, Knobs, Workload, couple_lora, search
 from engine.planner.shapes import load_config, model_shape_of, shipped_models
 from engine.runtime.entry import run_main
@@ -26,6 +28,8 @@ from engine.runtime.entry import run_main
 # Knob flags: absent means "the planner chooses".
 BOOL_KNOBS = ("offload", "offload_reference_model", "offload_reward_model", "actor_gradient_checkpointing",
               "critic_gradient_checkpointing", "only_optimize_lora", "enable_hybrid_engine")
+FIXED = ("actor_zero_stage", "critic_zero_stage", "actor_lora_dim", "critic_lora_dim", "reference_quantization",
+         "reward_quantization", "actor_quantization") + BOOL_KNOBS
 
 
 def _bool(text: str) -> bool:
@@ -59,20 +63,14 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--lora_rank", type=int, default=64, help="LoRA rank the search uses when it turns LoRA on")
     p.add_argument("--json", action="store_true", help="print one JSON object")
     fixed = p.add_argument_group("step-3 flags to keep (the planner chooses those not given)")
-    for name in ("actor_zero_stage", "critic_zero_stage"):
-        fixed.add_argument(f"--{name}", type=int, choices=(0, 1, 2, 3))
-    for name in ("actor_lora_dim", "critic_lora_dim"):
-        fixed.add_argument(f"--{name}", type=int)
-    for name in ("reference_quantization", "reward_quantization"):
-        fixed.add_argument(f"--{name}", choices=("none", "8bit", "4bit"))
-    fixed.add_argument("--actor_quantization", choices=("none", "4bit"))
-    for name in BOOL_KNOBS:
-        fixed.add_argument(f"--{name}", type=_bool, nargs="?", const=True, metavar="true|false")
+    for name in FIXED:  # type, choices and help from the step-3 config field
+        _, f, tp = leaf_fields(Step3Config)[name]
+        text = f.metadata["help"].replace("%", "%%")
+        if name in BOOL_KNOBS:
+            fixed.add_argument(f"--{name}", type=_bool, nargs="?", const=True, metavar="true|false", help=text)
+        else:
+            fixed.add_argument(f"--{name}", type=tp, choices=f.metadata["choices"], help=text)
     return p
-
-
-FIXED = ("actor_zero_stage", "critic_zero_stage", "actor_lora_dim", "critic_lora_dim", "reference_quantization",
-         "reward_quantization", "actor_quantization") + BOOL_KNOBS
 
 
 def fixed_knobs(args: argparse.Namespace) -> dict[str, Any]:

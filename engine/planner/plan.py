@@ -20,12 +20,15 @@ Bytes are per rank, split into accelerator and host; GB are GiB (2**30 bytes), a
 from __future__ import annotations
 
 import dataclasses
+import functools
 import itertools
 import math
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from typing import Any
 
+from engine.config import Step3Config
+from engine.flags import build_config, leaf_fields
 from engine.planner.activations import (
     inference_activation_bytes,
     kv_cache_bytes,
@@ -55,45 +58,37 @@ class Workload:
         return self.max_prompt_seq_len + self.max_answer_seq_len
 
 
+def _default(flag: str) -> Any:
+    """A step-3 flag's default, from its config field (one source for both)."""
+    return leaf_fields(Step3Config)[flag][1].default
+
+
 @dataclass(frozen=True)
 class Knobs:
-    """The memory-relevant step-3 flags, named as the flags are."""
+    """The memory-relevant step-3 flags, named as the flags are, with their defaults."""
 
-    actor_zero_stage: int = 0
-    critic_zero_stage: int = 0
-    offload: bool = False
-    offload_reference_model: bool = False
-    offload_reward_model: bool = False
-    actor_gradient_checkpointing: bool = False
-    critic_gradient_checkpointing: bool = False
-    actor_lora_dim: int = 0
-    critic_lora_dim: int = 0
-    only_optimize_lora: bool = False
-    reference_quantization: str = "none"
-    reward_quantization: str = "none"
-    actor_quantization: str = "none"
-    enable_hybrid_engine: bool = False
-    enable_ema: bool = False
-    per_device_generation_batch_size: int = 16
-    per_device_training_batch_size: int = 16
-    dtype: str = "bf16"
+    actor_zero_stage: int = _default("actor_zero_stage")
+    critic_zero_stage: int = _default("critic_zero_stage")
+    offload: bool = _default("offload")
+    offload_reference_model: bool = _default("offload_reference_model")
+    offload_reward_model: bool = _default("offload_reward_model")
+    actor_gradient_checkpointing: bool = _default("actor_gradient_checkpointing")
+    critic_gradient_checkpointing: bool = _default("critic_gradient_checkpointing")
+    actor_lora_dim: int = _default("actor_lora_dim")
+    critic_lora_dim: int = _default("critic_lora_dim")
+    only_optimize_lora: bool = _default("only_optimize_lora")
+    reference_quantization: str = _default("reference_quantization")
+    reward_quantization: str = _default("reward_quantization")
+    actor_quantization: str = _default("actor_quantization")
+    enable_hybrid_engine: bool = _default("enable_hybrid_engine")
+    enable_ema: bool = _default("enable_ema")
+    per_device_generation_batch_size: int = _default("per_device_generation_batch_size")
+    per_device_training_batch_size: int = _default("per_device_training_batch_size")
+    dtype: str = "bf16"  # step 3's default is the machine's (fp16 on a GPU); a plan is for any machine
 
     def problems(self) -> list[str]:
-        """Why step 3 would refuse these flags (empty when it accepts them)."""
-        out = []
-        if self.offload and min(self.actor_zero_stage, self.critic_zero_stage) < 2:
-            out.append("--offload needs --actor_zero_stage and --critic_zero_stage of 2 or 3")
-        if self.actor_quantization != "none" and not (self.actor_lora_dim > 0 and self.only_optimize_lora):
-            out.append("--actor_quantization needs --actor_lora_dim > 0 and --only_optimize_lora")
-        if self.actor_quantization != "none" and self.actor_zero_stage == 3:
-            out.append("--actor_quantization needs --actor_zero_stage 0, 1 or 2")
-        if self.reference_quantization != "none" and self.offload_reference_model:
-            out.append("a quantized reference model cannot be offloaded")
-        if self.reward_quantization != "none" and self.offload_reward_model:
-            out.append("a quantized reward model cannot be offloaded")
-        if self.only_optimize_lora and self.actor_lora_dim == 0 and self.critic_lora_dim == 0:
-            out.append("--only_optimize_lora needs a LoRA rank")
-        return out
+        """Why step 3 would refuse these flags (empty when it accepts them): the config's own checks."""
+        return list(_refusals(self))
 
     def flags(self) -> str:
         """The step-3 command-line flags that set these knobs (defaults left out, except batch and dtype)."""
@@ -107,6 +102,12 @@ class Knobs:
             elif value != getattr(default, f.name) or f.name.startswith("per_device") or f.name == "dtype":
                 parts.append(f"--{f.name} {value}")
         return " ".join(parts)
+
+
+@functools.lru_cache(maxsize=65536)  # a search and its retries try the same few thousand knobs
+def _refusals(knobs: Knobs) -> tuple[str, ...]:
+    values = {f.name: getattr(knobs, f.name) for f in dataclasses.fields(knobs)}
+    return tuple(build_config(Step3Config, values).problems())
 
 
 @dataclass
@@ -296,7 +297,7 @@ def _candidates(fixed: dict[str, Any], lora_rank: int) -> Iterator[Knobs]:
                            only_optimize_lora=lora)
         values |= {f: v for f, v in fixed.items() if f in ("enable_ema", "dtype")}
         knobs = Knobs(**values)
-        if knobs.problems() or _pointless(knobs):
+        if _pointless(knobs) or knobs.problems():
             continue
         yield knobs
 
@@ -378,55 +379,6 @@ def search(work: Workload, hw: Hardware, requested: Knobs, fixed: dict[str, Any]
     return None, closest
 
 
-def knobs_from_step3(cfg: Any) -> Knobs:
-    """The knobs of a parsed `Step3Config`."""
-    ds, lora, train = cfg.ds, cfg.lora, cfg.train
-    values = {}
-    for f in dataclasses.fields(Knobs):
-        for part in (ds, lora, train, cfg.ppo):
-            if hasattr(part, f.name):
-                values[f.name] = getattr(part, f.name)
-                break
-    return Knobs(**values)
-
-
-def workload_of_step3(cfg: Any, world_size: int, actor_config: Any = None, critic_config: Any = None) -> Workload:
-    """The workload of a parsed `Step3Config`; the configs default to those in its model folders."""
-    from engine.planner.shapes import load_config, model_shape_of
-
-    def config_of(path: str | None) -> Any:
-        if path is None:
-            from engine.models.tiny import ensure_tiny_model
-
-            path = str(ensure_tiny_model(cfg.train.seed))
-        return load_config(path)
-
-    actor = model_shape_of(actor_config or config_of(cfg.model.actor_model_name_or_path))
-    critic = model_shape_of(critic_config or config_of(cfg.model.critic_model_name_or_path),
-                            sequence_classification=True)
-    return Workload(actor, critic, cfg.data.max_prompt_seq_len, cfg.data.max_answer_seq_len, world_size,
-                    cfg.train.generation_batches)
-
-
-def predict_for_step3(cfg: Any, world_size: int, merge_host: bool | None = None) -> dict[str, Any]:
-    """The planner's prediction for a parsed `Step3Config` on `world_size` ranks, per rank:
-    {"peak_gb": {"generate", "experience", "train", "actor_train", "critic_train"}, "roles": {role:
-    {part: GiB}}, "host_gb"}. `merge_host` (default: when no GPU is used) adds host bytes to the peaks,
-    as a CPU-only run holds everything in one memory."""
-    from engine.runtime.distributed import gpu_wanted
-
-    if merge_host is None:
-        merge_host = not gpu_wanted()
-    pred = predict(workload_of_step3(cfg, world_size), knobs_from_step3(cfg))
-    peaks = pred.peak_gb(merge_host)
-    peaks["train"] = max(peaks["actor_train"], peaks["critic_train"])
-    roles = {r: {part: (v.gpu + v.cpu if merge_host else v.gpu) / GiB for part, v in parts.items()}
-             for r, parts in pred.roles.items()}
-    return {"peak_gb": peaks, "roles": roles, "host_gb": pred.host_gb()}
-
-
-# -- step 3's --auto_fit ---------------------------------------------------------------------------
-
 # Knobs that are requested values rather than choices; every other knob is the search's to choose.
 REQUESTED = ("per_device_generation_batch_size", "per_device_training_batch_size", "dtype", "enable_ema")
 LORA_FLAGS = ("actor_lora_dim", "critic_lora_dim")
@@ -443,52 +395,3 @@ def couple_lora(fixed: dict[str, Any], lora_rank: int) -> dict[str, Any]:
     elif "only_optimize_lora" in fixed:
         fixed |= {d: lora_rank if fixed["only_optimize_lora"] else 0 for d in LORA_FLAGS}
     return fixed
-
-
-def this_machine(world_size: int) -> Hardware:
-    """The GPUs (or, on a CPU run, each rank's share of host memory) and host memory of this machine."""
-    import os
-
-    import psutil
-    import torch
-
-    from engine.runtime.distributed import gpu_wanted
-
-    host = psutil.virtual_memory().total / GiB
-    per_node = int(os.environ.get("LOCAL_WORLD_SIZE", world_size))
-    if gpu_wanted() and torch.cuda.is_available():
-        gpu = torch.cuda.get_device_properties(torch.cuda.current_device()).total_memory / GiB
-    else:
-        gpu = host / per_node
-    return Hardware(world_size, gpu, host, gpus_per_node=per_node)
-
-
-def auto_fit(cfg: Any, hw: Hardware, actor_config: Any, critic_config: Any, lora_rank: int = 64) -> tuple[Any, str]:
-    """(`cfg` with the cheapest fitting memory settings, a line saying what was chosen) for step 3's
-    --auto_fit. Knobs whose flags differ from their defaults are kept; batch sizes are upper bounds."""
-    from engine.config import Step3Config, validate
-    from engine.errors import UserError
-
-    current, default = knobs_from_step3(cfg), knobs_from_step3(Step3Config())
-    fixed = {f.name: getattr(current, f.name) for f in dataclasses.fields(Knobs)
-             if f.name not in REQUESTED and getattr(current, f.name) != getattr(default, f.name)}
-    fixed = couple_lora(fixed, lora_rank)
-    work = workload_of_step3(cfg, hw.num_gpus, actor_config, critic_config)
-    best, closest = search(work, hw, current, fixed, lora_rank)
-    if best is None:
-        short = max(closest.prediction.peak_gb().values()) - hw.usable_gb
-        raise UserError(f"--auto_fit: nothing fits {hw.num_gpus} x {hw.gpu_memory_gb:.0f} GiB; the closest settings "
-                        f"({closest.knobs.flags()}) need {short:.1f} GiB more per GPU. Add GPUs, shorten "
-                        "--max_prompt_seq_len / --max_answer_seq_len, or unset the memory flags you fixed "
-                        "(python -m engine.planner shows the breakdown)")
-    parts = {}
-    for part_name in ("ds", "lora", "train", "ppo"):
-        part = getattr(cfg, part_name)
-        names = {f.name for f in dataclasses.fields(part)}
-        parts[part_name] = dataclasses.replace(part, **{f.name: getattr(best.knobs, f.name)
-                                                        for f in dataclasses.fields(Knobs) if f.name in names})
-    fitted = dataclasses.replace(cfg, **parts)
-    validate(fitted)
-    peaks = ", ".join(f"{k} {v:.1f}" for k, v in best.prediction.peak_gb().items())
-    return fitted, (f"--auto_fit chose {best.knobs.flags()} (predicted peak GiB per GPU: {peaks}; "
-                    f"{hw.usable_gb:.1f} usable)")

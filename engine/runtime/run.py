@@ -11,6 +11,7 @@ from typing import Any
 import torch
 
 from engine.errors import UserError
+from engine.flags import config_to_dict, save_config_yaml
 from engine.observe.metrics import MetricsLogger
 from engine.runtime.distributed import DistInfo
 
@@ -107,7 +108,6 @@ class RunContext:
 
 def save_checkpoint(run: RunContext, module: torch.nn.Module, step: int, position: dict[str, int]) -> None:
     """A Hugging Face folder checkpoint-<step>/ of `module` and the DeepSpeed state --resume reads."""
-    from engine.config import save_config_yaml
     from engine.runtime.checkpoint import save_hf_folder, save_resume_state
 
     save_hf_folder(module, run.tokenizer, run.out / f"checkpoint-{step}", run.zero_stage, run.dist,
@@ -123,7 +123,6 @@ def start_run(cfg: Any, engine: Any, out: Path, dist: DistInfo, keys: tuple[str,
     (default: the data position); `load_extra(tag_folder)` loads the files the save's `extra` added.
     Also creates --output_dir and saves the resolved config there (the first thing a run writes).
     """
-    from engine.config import config_to_dict, save_config_yaml
     from engine.runtime.checkpoint import POSITION_KEYS, load_resume_state
 
     position: dict[str, Any] = {"epoch": 0, "step_in_epoch": 0, "global_step": 0}

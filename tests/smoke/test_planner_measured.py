@@ -31,8 +31,9 @@ def test_predicted_phase_peaks_within_bound_of_measured(flags, run_step, engine_
     from transformers import LlamaConfig
 
     from engine.bench.random_models import embedded_tokenizer, ensure_random_model
-    from engine.config import Step3Config, parse_config
-    from engine.planner.plan import predict_for_step3
+    from engine.config import Step3Config
+    from engine.flags import parse_config
+    from engine.planner.step3 import predict_for_step3
 
     tok = embedded_tokenizer()
     config = LlamaConfig(bos_token_id=tok.eos_token_id, eos_token_id=tok.eos_token_id, pad_token_id=tok.pad_token_id,

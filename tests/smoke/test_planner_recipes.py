@@ -9,9 +9,10 @@ from pathlib import Path
 
 import pytest
 
-from engine.config import Step3Config, parse_config
+from engine.config import Step3Config
+from engine.flags import parse_config
 from engine.planner.__main__ import build_parser, plan
-from engine.planner.plan import knobs_from_step3
+from engine.planner.step3 import knobs_from_step3
 from tests.unit.test_launch_scripts import main_py_args
 
 ROOT = Path(__file__).resolve().parents[2]

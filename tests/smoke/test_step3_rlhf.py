@@ -20,7 +20,8 @@ TINY = ["--max_prompt_seq_len", "32", "--max_answer_seq_len", "16", "--per_devic
 
 FROZEN_PROBE = r"""
 import sys, torch
-from engine.config import Step3Config, parse_config
+from engine.config import Step3Config
+from engine.flags import parse_config
 from engine.runtime.distributed import init_distributed
 from engine.models.roles import build_roles, load_step3_tokenizer, resolve_paths
 from engine.ppo.trainer import PPOTrainer

@@ -12,25 +12,17 @@ from pathlib import Path
 
 import pytest
 
-import engine.config as config
-from engine.config import (
-    Step1Config,
-    arg,
-    build_parser,
-    leaf_fields,
-    make_config,
-    parse_config,
-    parse_data_split,
-    save_config_yaml,
-)
+import engine.preflight as preflight
+from engine.config import Step1Config, arg, parse_data_split
 from engine.errors import UserError
+from engine.flags import build_config, build_parser, leaf_fields, make_config, parse_config, save_config_yaml
 
 
 @pytest.fixture(autouse=True)
 def cpu_only(monkeypatch):
     """Every test sees a CPU-only machine unless it says otherwise, so dtype defaults do not
     depend on where the suite runs."""
-    monkeypatch.setattr(config, "_cuda_available", lambda: False)
+    monkeypatch.setattr(preflight, "cuda_available", lambda: False)
 
 
 def write_yaml(tmp_path: Path, text: str) -> str:
@@ -127,7 +119,7 @@ def test_defaults_match_dschat_step1():
 
 
 def test_dtype_default_is_fp16_with_cuda(monkeypatch):
-    monkeypatch.setattr(config, "_cuda_available", lambda: True)
+    monkeypatch.setattr(preflight, "cuda_available", lambda: True)
     assert parse_config(Step1Config, []).ds.dtype == "fp16"
 
 
@@ -181,6 +173,15 @@ def test_precedence_default_then_yaml_then_flag(tmp_path):
     assert cfg.train.num_train_epochs == 1      # default where neither says
     # the flag may come before --config: still wins
     assert parse_config(Step1Config, ["--seed", "9", "--config", path]).train.seed == 9
+
+
+def test_given_records_the_flags_from_yaml_and_command_line(tmp_path):
+    path = write_yaml(tmp_path, "ds:\n  zero_stage: 0\nseed: 1234\n")  # both equal to their defaults
+    cfg = parse_config(Step1Config, ["--config", path, "--lora_dim", "0", "--no-offload"])
+    assert cfg.given == {"zero_stage", "seed", "lora_dim", "offload"}
+    assert cfg == parse_config(Step1Config, [])  # the same values as no flags at all, yet given
+    assert parse_config(Step1Config, []).given == frozenset()
+    assert make_config(Step1Config, {"seed": 7}).given == {"seed"}
 
 
 def test_yaml_keys_nested_by_part(tmp_path):
@@ -309,7 +310,7 @@ def test_fp16_without_cuda_is_refused():
 
 
 def test_fp16_with_cuda_is_accepted(monkeypatch):
-    monkeypatch.setattr(config, "_cuda_available", lambda: True)
+    monkeypatch.setattr(preflight, "cuda_available", lambda: True)
     assert parse_config(Step1Config, ["--dtype", "fp16"]).ds.dtype == "fp16"
 
 
@@ -348,6 +349,18 @@ def test_bad_data_split_does_not_hide_other_problems():
     with pytest.raises(UserError) as exc:
         parse_config(Step1Config, ["--dropout", "1.5", "--data_split", "1,2"])
     assert "--dropout" in str(exc.value) and "--data_split" in str(exc.value)
+
+
+def test_machine_checks_are_apart_from_the_pure_ones(tmp_path):
+    # fp16 on this CPU-only machine (the fixture) and a missing file: the config itself is fine.
+    cfg = build_config(Step1Config, {"dtype": "fp16", "deepspeed_config": str(tmp_path / "absent.json")})
+    assert cfg.problems() == []
+    found = preflight.preflight(cfg)
+    assert len(found) == 2 and "--dtype fp16" in found[0] and "--deepspeed_config" in found[1]
+    with pytest.raises(UserError) as exc:  # the parser lists both kinds together
+        parse_config(Step1Config, ["--dtype", "fp16", "--deepspeed_config", str(tmp_path / "absent.json"),
+                                   "--lora_dim", "-1"])
+    assert all(flag in str(exc.value) for flag in ("--dtype fp16", "--deepspeed_config", "--lora_dim"))
 
 
 def test_make_config_validates_and_refuses_unknown_keys():

@@ -17,7 +17,7 @@ from safetensors.torch import load_file
 from transformers import AutoTokenizer
 
 import engine.data.sft as sft
-from engine.config import DataArgs
+from engine.config import DataArgs, Step1DataArgs
 from engine.data.cache import cache_key, pack_sequences
 from engine.data.rows import Row
 from engine.data.sft import (
@@ -363,7 +363,7 @@ def test_sft_only_data_is_used_whole_in_phase_1_only(tmp_path, tok):
     write_jsonl(main / "eval.jsonl", sort_rows(10, "me "))
     write_jsonl(extra / "train.jsonl", sort_rows(3, "x "))
     write_jsonl(extra / "eval.jsonl", sort_rows(1, "xe "))
-    data = DataArgs(data_path=[str(main)], sft_only_data_path=[str(extra)], data_split="2,4,4")
+    data = Step1DataArgs(data_path=[str(main)], sft_only_data_path=[str(extra)], data_split="2,4,4")
     by_phase = {p: phase_rows(data, tok, p, seed=0) for p in (1, 2, 3)}
     # phase 1: 2 of main's 10 train rows + all 3 of extra's; eval: 2 + 1
     assert [len(x) for x in by_phase[1]] == [5, 3]
@@ -397,8 +397,8 @@ def test_tokenize_sft_row_with_a_custom_end_token(tok):
     assert n_prompt == 6
 
 
-def _data(**kw) -> DataArgs:
-    return DataArgs(**kw)
+def _data(**kw) -> Step1DataArgs:
+    return Step1DataArgs(**kw)
 
 
 def test_tokenize_rows_truncate(tok):
@@ -473,11 +473,11 @@ def test_collate_right_padded():
 # ----------------------------------------------------------------------------------------------
 # Cache
 # ----------------------------------------------------------------------------------------------
-def _local_data(tmp_path: Path, **kw) -> DataArgs:
+def _local_data(tmp_path: Path, **kw) -> Step1DataArgs:
     path = tmp_path / "d.jsonl"
     if not path.exists():
         write_jsonl(path, sort_rows(10))
-    return DataArgs(data_path=[str(path)], **kw)
+    return Step1DataArgs(data_path=[str(path)], **kw)
 
 
 def test_cache_key_is_stable(tmp_path, tok):
@@ -563,8 +563,8 @@ def test_cache_built_with_train_on_prompt_is_not_reused_without_it(tmp_path, tok
                                          {"prompt": ROW_C.prompt, "chosen": ROW_C.chosen}])
     write_jsonl(folder / "eval.jsonl", [{"prompt": ROW_A.prompt, "chosen": ROW_A.chosen}])
     common = dict(data_path=[str(folder)], data_split="10,0,0", max_seq_len=9)
-    load_sft_data(DataArgs(train_on_prompt=True, **common), tok, tmp_path / "cache", 0, DIST)
-    train, _ = load_sft_data(DataArgs(train_on_prompt=False, **common), tok, tmp_path / "cache", 0, DIST)
+    load_sft_data(Step1DataArgs(train_on_prompt=True, **common), tok, tmp_path / "cache", 0, DIST)
+    train, _ = load_sft_data(Step1DataArgs(train_on_prompt=False, **common), tok, tmp_path / "cache", 0, DIST)
     # Built fresh without train_on_prompt, C (prompt 9 = the limit) is dropped: 1 row, with labels.
     assert len(train) == 1
     assert all((item["labels"] != IGNORE_INDEX).any() for item in train)

@@ -1,7 +1,7 @@
 """Static checks of the launch scripts under `step*/training_scripts/`.
 
 Every script must be valid, executable bash with `set -euo pipefail`, and pass `main.py` only flags
-its step's config knows (`engine.config.leaf_fields(Step<N>Config)`), with the right number of
+its step's config knows (`engine.flags.leaf_fields(Step<N>Config)`), with the right number of
 values and, where a flag has `choices` and the value is a literal, an allowed value. A script of a
 step whose config class does not exist yet is skipped, with the reason.
 """
@@ -19,7 +19,7 @@ from typing import Any
 import pytest
 
 import engine.config as engine_config
-from engine.config import leaf_fields
+from engine.flags import leaf_fields
 
 ROOT = Path(__file__).resolve().parents[2]
 SCRIPTS = sorted(ROOT.glob("step*/training_scripts/**/*.sh"))

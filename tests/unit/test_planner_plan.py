@@ -7,12 +7,14 @@ import shlex
 
 import pytest
 
-from engine.config import Step3Config, parse_config
+from engine.config import Step3Config
 from engine.errors import UserError
+from engine.flags import parse_config
 from engine.planner.__main__ import main as planner_main
 from engine.planner.activations import kv_cache_bytes, layer_saved_bytes, logits_bytes, training_activation_bytes
-from engine.planner.plan import GiB, Hardware, Knobs, Workload, knobs_from_step3, predict, search
+from engine.planner.plan import GiB, Hardware, Knobs, Workload, predict, search
 from engine.planner.shapes import ModelShape, load_config, model_shape_of
+from engine.planner.step3 import knobs_from_step3
 
 # h 8, kv 8, I 16, 2 layers, vocab 10; 4 Linear targets of (8, 8) for LoRA arithmetic.
 TOY = ModelShape(params=1000, largest_layer_params=80, lora_targets=((8, 8),) * 4, num_layers=2, hidden_size=8,
@@ -139,7 +141,7 @@ def test_cli_bad_input():
 
 
 def test_auto_fit_keeps_set_flags_and_fills_the_rest():
-    from engine.planner.plan import auto_fit
+    from engine.planner.step3 import auto_fit
 
     config = load_config("llama-2-7b")
     cfg = parse_config(Step3Config, ["--actor_model_name_or_path", "a", "--critic_model_name_or_path", "c",
@@ -154,3 +156,29 @@ def test_auto_fit_keeps_set_flags_and_fills_the_rest():
     assert "--auto_fit chose" in message
     with pytest.raises(UserError, match="nothing fits 1 x 8 GiB.*GiB more per GPU"):
         auto_fit(cfg, Hardware(1, 8, 64), config, config)
+
+
+@pytest.mark.parametrize("where", ["command line", "yaml"])
+def test_auto_fit_keeps_explicit_flags_equal_to_their_defaults(tmp_path, where):
+    """A flag the user gave is kept even when its value is the default: 2 x 48 GiB for two 7B models
+    makes the planner pick ZeRO-3 and gradient checkpointing for the actor unless told otherwise."""
+    from engine.planner.step3 import auto_fit
+
+    config = load_config("llama-2-7b")
+    common = ["--actor_model_name_or_path", "a", "--critic_model_name_or_path", "c", "--max_prompt_seq_len", "256",
+              "--max_answer_seq_len", "256", "--per_device_generation_batch_size", "12",
+              "--per_device_training_batch_size", "4"]
+    free, _ = auto_fit(parse_config(Step3Config, common), Hardware(2, 48, 256), config, config)
+    assert free.ds.actor_zero_stage == 3 and free.ds.actor_gradient_checkpointing  # what the planner would choose
+    if where == "yaml":
+        path = tmp_path / "step3.yaml"
+        path.write_text("ds:\n  actor_zero_stage: 0\n  actor_gradient_checkpointing: false\n")
+        explicit = ["--config", str(path)]
+    else:
+        explicit = ["--actor_zero_stage", "0", "--no-actor_gradient_checkpointing"]
+    cfg = parse_config(Step3Config, common + explicit)
+    assert {"actor_zero_stage", "actor_gradient_checkpointing"} <= cfg.given
+    assert (cfg.ds.actor_zero_stage, cfg.ds.actor_gradient_checkpointing) == (0, False)  # the defaults
+    fitted, message = auto_fit(cfg, Hardware(2, 48, 256), config, config)
+    assert (fitted.ds.actor_zero_stage, fitted.ds.actor_gradient_checkpointing) == (0, False)  # kept
+    assert fitted.ds.critic_zero_stage == 3 and "--actor_zero_stage" not in message  # the rest is still chosen

@@ -8,8 +8,9 @@ from types import SimpleNamespace
 import pytest
 import torch
 
-import engine.config as config
-from engine.config import Step3Config, make_config
+import engine.preflight as preflight
+from engine.config import Step3Config
+from engine.flags import make_config
 from engine.observe.perf import calculate_flops, step3_throughput
 from engine.ppo.health import LENGTH_COLLAPSE, RATIO_LIMIT, STD_COLLAPSE, TREND_WINDOW, health_warnings
 from engine.ppo.trainer import generation_kwargs
@@ -137,7 +138,7 @@ TOKENIZER = SimpleNamespace(pad_token_id=0, eos_token_id=1)
 
 @pytest.fixture
 def cpu_only(monkeypatch):
-    monkeypatch.setattr(config, "_cuda_available", lambda: False)
+    monkeypatch.setattr(preflight, "cuda_available", lambda: False)
 
 
 def test_generation_kwargs_greedy(cpu_only):

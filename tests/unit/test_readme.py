@@ -6,7 +6,8 @@ from pathlib import Path
 
 import pytest
 
-from engine.config import Step1Config, Step2Config, Step3Config, flag_table
+from engine.config import Step1Config, Step2Config, Step3Config
+from engine.flags import flag_table
 
 ROOT = Path(__file__).resolve().parents[2]
 README = ROOT / "README.md"

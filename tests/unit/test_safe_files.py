@@ -10,9 +10,10 @@ from pathlib import Path
 import pytest
 import torch
 
-from engine.config import Step1Config, Step2Config, Step3Config, make_config
+from engine.config import Step1Config, Step2Config, Step3Config
 from engine.data import cache, sft
 from engine.data.sft import load_sft_data
+from engine.flags import make_config
 from engine.runtime.distributed import DistInfo
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -126,12 +127,12 @@ def counted_builds(monkeypatch) -> list[int]:
 
 
 def _data(tmp_path: Path):
-    from engine.config import DataArgs
+    from engine.config import Step1DataArgs
 
     path = tmp_path / "rows.jsonl"
     path.write_text("".join(json.dumps({"prompt": f" Human: sort {i} 1 Assistant:", "chosen": f" 1 {i}"}) + "\n"
                             for i in range(2, 22)))
-    return DataArgs(data_path=[str(path)], data_split="10,0,0")
+    return Step1DataArgs(data_path=[str(path)], data_split="10,0,0")
 
 
 def _ids(dataset) -> list[list[int]]:

@@ -10,15 +10,16 @@ from __future__ import annotations
 
 import pytest
 
-import engine.config as config
-from engine.config import DataArgs, LoRAArgs, ModelArgs, Step3Config, make_config, parse_config
+import engine.preflight as preflight
+from engine.config import DataArgs, LoRAArgs, ModelArgs, Step3Config
 from engine.errors import UserError
+from engine.flags import make_config, parse_config
 
 
 @pytest.fixture(autouse=True)
 def cpu_only(monkeypatch):
     """A CPU-only machine unless a test says otherwise, so dtype defaults and GPU checks are fixed."""
-    monkeypatch.setattr(config, "_cuda_available", lambda: False)
+    monkeypatch.setattr(preflight, "cuda_available", lambda: False)
 
 
 def problems(err: UserError) -> list[str]:
@@ -113,6 +114,17 @@ def test_invalid_combination_raises_one_problem_naming_the_flag(values, flag):
     assert flag in found[0]
 
 
+def test_a_shared_check_runs_per_role_with_the_role_flags():
+    # ModelArgs' dropout range and LoRAArgs' learning-rate check, named with each role's flag; a problem
+    # both roles share is one line.
+    with pytest.raises(UserError) as info:
+        make_config(Step3Config, {"actor_dropout": 1.5, "critic_dropout": 1.5, "critic_lora_learning_rate": 0.0})
+    assert problems(info.value) == ["  - --actor_dropout and --critic_dropout must be in [0, 1) (got 1.5)",
+                                    "  - --critic_lora_learning_rate must be > 0 (got 0.0)"]
+    # --only_optimize_lora needs LoRA in one role, not in both.
+    assert make_config(Step3Config, {"only_optimize_lora": True, "critic_lora_dim": 8}).lora.only_optimize_lora
+
+
 def test_all_problems_are_listed_together():
     with pytest.raises(UserError) as info:
         make_config(Step3Config, {"gamma": 1.5, "inference_tp_size": 2, "enable_test_mode": True})
@@ -141,7 +153,7 @@ def test_boundary_values_are_accepted(values):
 
 
 def test_quantization_without_bitsandbytes_says_how_to_install_it(monkeypatch):
-    monkeypatch.setattr(config, "missing_quantization_packages", lambda: ["bitsandbytes"])
+    monkeypatch.setattr(preflight, "missing_quantization_packages", lambda: ["bitsandbytes"])
     make_config(Step3Config)  # no quantization asked: nothing is needed
     with pytest.raises(UserError) as info:
         make_config(Step3Config, {"reference_quantization": "8bit", "reward_quantization": "4bit"})
@@ -150,7 +162,7 @@ def test_quantization_without_bitsandbytes_says_how_to_install_it(monkeypatch):
 
 
 def test_mixed_precision_lora_on_gpu_accepted_but_not_with_hybrid(monkeypatch):
-    monkeypatch.setattr(config, "_cuda_available", lambda: True)
+    monkeypatch.setattr(preflight, "cuda_available", lambda: True)
     base = {"enable_mixed_precision_lora": True, "actor_zero_stage": 3, "actor_lora_dim": 8}
     assert make_config(Step3Config, base).ds.dtype == "fp16"
     with pytest.raises(UserError, match="--enable_hybrid_engine"):
@@ -158,7 +170,7 @@ def test_mixed_precision_lora_on_gpu_accepted_but_not_with_hybrid(monkeypatch):
 
 
 def test_align_overflow_accepted_with_fp16_and_zero(monkeypatch):
-    monkeypatch.setattr(config, "_cuda_available", lambda: True)
+    monkeypatch.setattr(preflight, "cuda_available", lambda: True)
     make_config(Step3Config, {"align_overflow": True, "dtype": "fp16", "actor_zero_stage": 1, "critic_zero_stage": 2})
     with pytest.raises(UserError, match="--actor_zero_stage and --critic_zero_stage >= 1"):
         make_config(Step3Config, {"align_overflow": True, "dtype": "fp16", "critic_zero_stage": 2})
