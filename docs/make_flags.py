@@ -7,7 +7,8 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from engine.config import Step1Config, Step2Config, Step3Config, flag_table
+from engine.config import Step1Config, Step2Config, Step3Config
+from engine.flags import flag_table
 
 FLAGS_MD = Path(__file__).resolve().parent / "flags.md"
 CONFIGS = {"step1": Step1Config, "step2": Step2Config, "step3": Step3Config}
