@@ -162,7 +162,7 @@ class PPOTrainer:
         pg_loss, v_loss = pg_loss.detach(), v_loss.detach()
         return {"ppo/policy_loss": float(pg_loss), "ppo/value_loss": float(v_loss),
                 "ppo/clipfrac": float(pg_stats["clipfrac"]), "ppo/approx_kl": float(pg_stats["approx_kl"]),
-                "ppo/ratio_max": float(pg_stats["ratio_max"]), "ppo/entropy": float(entropy),
+                "ppo/ratio_max": float(pg_stats["ratio_max"]), "ppo/entropy": float(entropy.detach()),
                 "ppo/vf_clipfrac": float(v_stats["vf_clipfrac"]),
                 "ppo/nonfinite": float(not (math.isfinite(float(pg_loss)) and math.isfinite(float(v_loss))))}
 
