@@ -15,8 +15,8 @@ def test_step1_two_ranks_x_accumulation_4_equals_one_rank_batch_8(run_step, tmp_
     runs = {}
     for ranks, batch, accumulation in ((1, 8, 1), (2, 1, 4)):
         out = runs[ranks] = tmp_path / f"r{ranks}b{batch}x{accumulation}"
-        run_step("step1_sft/main.py", ["--output_dir", str(out), *COMMON, "--learning_rate", "1e-3", "--zero_stage", "2",
-                                       "--per_device_train_batch_size", str(batch),
+        run_step("step1_sft/main.py", ["--output_dir", str(out), *COMMON, "--learning_rate", "1e-3",
+                                       "--zero_stage", "2", "--per_device_train_batch_size", str(batch),
                                        "--gradient_accumulation_steps", str(accumulation), "--test_stop_step", "4"],
                  nprocs=ranks)
     # Tolerances as in tests/smoke/test_accumulation_invariance.py (measured there on one rank).
