@@ -4,8 +4,9 @@ What DeepSpeed 0.19.8 does with the loss of each micro-batch (read in its source
 - `engine.backward(loss)` backpropagates `loss / gradient_accumulation_steps` (`scale_wrt_gas=True`, the
   default), and the gradients of the micro-batches of one window add up;
 - the gradient reduction averages over the data-parallel ranks: ZeRO-0's `allreduce_bucket`, ZeRO-1/2's
-  `gradient_reduction_w_predivide` and ZeRO-3's reduce-scatter each divide by the data-parallel world size
-  once in all (`gradient_predivide_factor` only moves part of that division before the all-reduce).
+  `average_tensor` (its all-reduce and its reduce-scatter paths) and ZeRO-3's `__avg_scatter_contiguous_grads`
+  each divide by the data-parallel world size once, with the default `gradient_predivide_factor` of 1 that
+  our configs keep (a factor only moves part of that division before the all-reduce).
 So the update is the gradient of the mean, over the micro-batches of every rank, of the micro-batch losses.
 DeepSpeed-Chat made each micro-batch loss that micro-batch's own mean, so a token (or pair) of a short
 micro-batch weighed more than one of a long one, and batch 1 x accumulation 8 was not batch 8 x 1.
