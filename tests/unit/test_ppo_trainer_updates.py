@@ -47,7 +47,7 @@ class Group:
     """All-reduce between thread "ranks" (a barrier either side of reading every rank's contribution)."""
 
     def __init__(self, world: int):
-        self.world, self.barrier, self.slots = world, threading.Barrier(world), [None] * world
+        self.world, self.barrier, self.slots = world, threading.Barrier(world, timeout=60), [None] * world
         self.local = threading.local()
 
     def sum(self, values):
@@ -151,7 +151,7 @@ def run_updates(micro: int, gas: int, world: int, ptx: bool, ppo_epochs: int = 2
     # The trainer's all-reduces (token counts, statistics) go to the thread group; one rank's sum is itself.
     reduce = group.sum if group is not None else list
     with patch.object(trainer_module, "all_reduce_sum", lambda values, device: reduce(values)):
-        threads = [threading.Thread(target=rank_main, args=(r,)) for r in range(world)]
+        threads = [threading.Thread(target=rank_main, args=(r,), daemon=True) for r in range(world)]
         for t in threads:
             t.start()
         for t in threads:
