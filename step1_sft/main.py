@@ -28,7 +28,8 @@ from engine.models.load import load_causal_lm, load_tokenizer, resolve_model_pat
 from engine.models.lora import apply_lora
 from engine.observe.metrics import plot_curves
 from engine.observe.perf import StepTimer, peak_memory_gb, train_throughput
-from engine.rl.lm_loss import causal_lm_loss
+from engine.rl.batch_mean import mean_normaliser
+from engine.rl.lm_loss import causal_lm_loss, label_count
 from engine.runtime import faults
 from engine.runtime.bad_steps import BadStepGuard, optimizer_metrics
 from engine.runtime.checkpoint import save_hf_folder
@@ -130,16 +131,23 @@ def train(run: RunContext, train_loader, eval_loader, schedule: Schedule, positi
 
 
 def train_step(run: RunContext, batches: list[dict], step: int, guard: BadStepGuard) -> dict[str, float]:
-    """Optimizer step `step` over `batches` (the accumulation window); the loss is token-weighted. A NaN
-    or inf loss on any rank, or an update the optimizer skipped, is a bad step for `guard`."""
+    """Optimizer step `step` over `batches` (the accumulation window). The update and the logged loss are
+    the token mean over the window's labelled tokens on all ranks, however the batch is split into
+    micro-batches and ranks (DeepSpeed-Chat used each micro-batch's own mean). A NaN or inf loss on any
+    rank, or an update the optimizer skipped, is a bad step for `guard`."""
     cfg, engine, dist = run.cfg, run.engine, run.dist
     timer = StepTimer()
     timer.start()
+    # Each micro-batch's summed loss over the global count per micro-batch: DeepSpeed's mean over the
+    # window's micro-batches (len(batches) = --gradient_accumulation_steps, what engine.backward divides by)
+    # and the ranks then gives the global token mean (engine.rl.batch_mean).
+    window_tokens = all_reduce_sum([float(sum(label_count(b["labels"]) for b in batches))], dist.device)[0]
+    normaliser = mean_normaliser(window_tokens, len(batches), dist.world_size)
     loss_sum, tokens, nonfinite, width = 0.0, 0.0, 0.0, 0
     for batch in batches:
         batch = to_device(batch, dist.device)
         logits = engine(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
-        loss, stats = causal_lm_loss(logits, batch["labels"], fp32=cfg.ds.compute_fp32_loss)
+        loss, stats = causal_lm_loss(logits, batch["labels"], fp32=cfg.ds.compute_fp32_loss, token_count=normaliser)
         loss = faults.poison(loss, step)
         engine.backward(loss)
         faults.mid_step(step)

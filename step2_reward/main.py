@@ -28,6 +28,7 @@ from engine.models.load import hf_model, load_tokenizer, resolve_model_path
 from engine.models.reward_model import add_lora, load_reward_model
 from engine.observe.metrics import plot_curves
 from engine.observe.perf import StepTimer, peak_memory_gb, train_throughput
+from engine.rl.batch_mean import mean_normaliser
 from engine.rl.reward import end_scores, reward_loss
 from engine.runtime import faults
 from engine.runtime.bad_steps import BadStepGuard, optimizer_metrics
@@ -149,20 +150,29 @@ def interval_eval_due(cfg: Step2Config, step: int) -> bool:
 
 
 def train_step(run: RunContext, batches: list[dict], step: int, guard: BadStepGuard) -> dict[str, float]:
-    """One optimizer step over the accumulation window. A NaN or inf score or loss on any rank, or an
-    update the optimizer skipped, is a bad step for `guard`."""
+    """One optimizer step over the accumulation window. The update and the logged loss and accuracy are
+    means over the window's pairs on all ranks: a window can hold fewer pairs in its last micro-batch (the
+    loader keeps a short last batch), where DeepSpeed-Chat's mean of micro-batch means would weigh those
+    pairs more. A NaN or inf score or loss on any rank, or an update the optimizer skipped, is a bad step
+    for `guard`."""
     cfg, engine, dist = run.cfg, run.engine, run.dist
     timer = StepTimer()
     timer.start()
-    sums = torch.zeros(4, dtype=torch.float64)  # loss, accuracy, micro-batches, non-finite flag
+    # Each micro-batch's summed loss over the global pair count per micro-batch: DeepSpeed's mean over the
+    # window's micro-batches and the ranks then gives the mean over the global batch's pairs (engine.rl.batch_mean).
+    window_pairs = all_reduce_sum([float(sum(b["input_ids"].shape[0] // 2 for b in batches))], dist.device)[0]
+    normaliser = mean_normaliser(window_pairs, len(batches), dist.world_size)
+    sums = torch.zeros(4, dtype=torch.float64)  # summed loss, correct pairs, pairs, non-finite flag
     width = 0
     for batch in batches:
         batch = to_device(batch, dist.device)
         values = faults.poison(engine(batch["input_ids"], batch["attention_mask"]), step)
         loss, stats = reward_loss(values, batch["input_ids"], batch["attention_mask"], cfg.reward.rm_loss,
-                                  cfg.reward.rm_margin, cfg.reward.rm_l2_coef)
+                                  cfg.reward.rm_margin, cfg.reward.rm_l2_coef, pair_count=normaliser)
         nonfinite = not (torch.isfinite(values).all() and torch.isfinite(loss))  # an inf score can give a finite loss
-        sums += torch.tensor([float(loss), float(stats["accuracy"]), 1.0, float(nonfinite)], dtype=torch.float64)
+        n_pairs = values.shape[0] // 2
+        sums += torch.tensor([float(loss) * normaliser, float(stats["accuracy"]) * n_pairs, n_pairs, float(nonfinite)],
+                             dtype=torch.float64)
         engine.backward(loss)
         faults.mid_step(step)
         engine.step()
@@ -170,8 +180,8 @@ def train_step(run: RunContext, batches: list[dict], step: int, guard: BadStepGu
     step_time = timer.stop()
     if cfg.log.print_loss:
         logger.warning("rank %d step %d loss %.4f", dist.rank, step, float(sums[0] / sums[2]))
-    loss_sum, acc_sum, n, nonfinite = all_reduce_sum(sums.tolist(), dist.device)
-    row = {"train/loss": loss_sum / n, "train/accuracy": acc_sum / n}
+    loss_sum, correct, pairs, nonfinite = all_reduce_sum(sums.tolist(), dist.device)
+    row = {"train/loss": loss_sum / pairs, "train/accuracy": correct / pairs}
     # The optimizer's overflow check is over all ranks, so every rank sees the same skip.
     row |= guard.record(step, nonfinite=bool(nonfinite), skipped=not engine.was_step_applied(),
                         what="scores or loss")

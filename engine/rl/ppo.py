@@ -28,6 +28,16 @@ def masked_mean(x: torch.Tensor, mask: torch.Tensor, dim: int | None = None) -> 
     return (x * mask).sum(dim) / mask.sum(dim).clamp(min=1)
 
 
+def token_mean(x: torch.Tensor, mask: torch.Tensor, token_count: float | None = None) -> torch.Tensor:
+    """Sum of `x` over the positions where `mask` is 1, divided by `token_count` (> 0); None: by the mask's
+    own count (`masked_mean`). A count over a whole global batch makes the losses below token means over
+    it, however it is split into micro-batches and ranks (see `engine.rl.batch_mean`); DeepSpeed-Chat
+    took each micro-batch's own mean."""
+    if token_count is None:
+        return masked_mean(x, mask)
+    return (x * mask.to(x.dtype)).sum() / token_count
+
+
 def masked_var(x: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
     """Unbiased variance over the masked positions."""
     mean = masked_mean(x, mask)
@@ -123,33 +133,37 @@ def gae(rewards: torch.Tensor, values: torch.Tensor, action_mask: torch.Tensor, 
 
 
 def policy_loss(logprobs: torch.Tensor, old_logprobs: torch.Tensor, advantages: torch.Tensor,
-                action_mask: torch.Tensor, cliprange: float) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+                action_mask: torch.Tensor, cliprange: float, token_count: float | None = None
+                ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
     """PPO's clipped surrogate: mean over answer actions of max(-A r, -A clip(r, 1-eps, 1+eps)).
 
-    r = exp(logprobs - old_logprobs). Stats: clipfrac (share of actions where the clipped term won),
-    approx_kl (mean of (r - 1) - log r, k3 of old vs new), ratio_max.
+    r = exp(logprobs - old_logprobs). The mean is `token_mean` with `token_count` (None: this batch's
+    answer actions). Stats, means the same way: clipfrac (share of actions where the clipped term won),
+    approx_kl (mean of (r - 1) - log r, k3 of old vs new); and ratio_max.
     """
     log_ratio = (logprobs - old_logprobs) * action_mask
     ratio = torch.exp(log_ratio)
     unclipped = -advantages * ratio
     clipped = -advantages * ratio.clamp(1.0 - cliprange, 1.0 + cliprange)
-    loss = masked_mean(torch.maximum(unclipped, clipped), action_mask)
+    loss = token_mean(torch.maximum(unclipped, clipped), action_mask, token_count)
     with torch.no_grad():
-        stats = {"clipfrac": masked_mean((clipped > unclipped).float(), action_mask),
-                 "approx_kl": masked_mean(torch.expm1(log_ratio) - log_ratio, action_mask),
+        stats = {"clipfrac": token_mean((clipped > unclipped).float(), action_mask, token_count),
+                 "approx_kl": token_mean(torch.expm1(log_ratio) - log_ratio, action_mask, token_count),
                  "ratio_max": (ratio * action_mask).max()}
     return loss, stats
 
 
 def value_loss(values: torch.Tensor, old_values: torch.Tensor, returns: torch.Tensor, action_mask: torch.Tensor,
-               cliprange_value: float) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+               cliprange_value: float, token_count: float | None = None
+               ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
     """Clipped value loss: 0.5 * mean over answer actions of max((V - R)^2, (V_clip - R)^2),
-    V_clip = clamp(V, V_old - eps, V_old + eps). Stats: vf_clipfrac."""
+    V_clip = clamp(V, V_old - eps, V_old + eps); the mean is `token_mean` with `token_count` (None: this
+    batch's answer actions). Stats: vf_clipfrac, a mean the same way."""
     clipped_values = torch.maximum(torch.minimum(values, old_values + cliprange_value), old_values - cliprange_value)
     err, err_clipped = (values - returns) ** 2, (clipped_values - returns) ** 2
-    loss = 0.5 * masked_mean(torch.maximum(err, err_clipped), action_mask)
+    loss = 0.5 * token_mean(torch.maximum(err, err_clipped), action_mask, token_count)
     with torch.no_grad():
-        stats = {"vf_clipfrac": masked_mean((err_clipped > err).float(), action_mask)}
+        stats = {"vf_clipfrac": token_mean((err_clipped > err).float(), action_mask, token_count)}
     return loss, stats
 
 

@@ -35,8 +35,8 @@ def pad_mask_with_leading(input_ids: torch.Tensor, pad_id: int, num_padding_at_b
     return mask
 
 
-def pairwise_loss(chosen: torch.Tensor, rejected: torch.Tensor, margin: float = 0.0, l2_coef: float = 0.0
-                  ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+def pairwise_loss(chosen: torch.Tensor, rejected: torch.Tensor, margin: float = 0.0, l2_coef: float = 0.0,
+                  pair_count: float | None = None) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
     """Bradley-Terry loss on end scores: mean(-log sigmoid(chosen - rejected - margin)).
 
     Args:
@@ -44,19 +44,27 @@ def pairwise_loss(chosen: torch.Tensor, rejected: torch.Tensor, margin: float = 
         margin: required score gap (0 = plain Bradley-Terry).
         l2_coef: adds l2_coef * mean((chosen + rejected)^2), which keeps scores centred on 0 without
             changing their differences.
+        pair_count: the "mean" divides the sum over the pairs by this (> 0); None: by B. For the mean over
+            a global batch, see `engine.rl.batch_mean`.
     Returns the loss and detached stats: accuracy (chosen > rejected), mean scores and margin.
     """
-    loss = -F.logsigmoid(chosen - rejected - margin).mean()
+    per_pair = -F.logsigmoid(chosen - rejected - margin)
     if l2_coef:
-        loss = loss + l2_coef * ((chosen + rejected) ** 2).mean()
-    return loss, _pair_stats(chosen, rejected)
+        per_pair = per_pair + l2_coef * (chosen + rejected) ** 2
+    return _pair_mean(per_pair, pair_count), _pair_stats(chosen, rejected)
+
+
+def _pair_mean(per_pair: torch.Tensor, pair_count: float | None) -> torch.Tensor:
+    return per_pair.mean() if pair_count is None else per_pair.sum() / pair_count
 
 
 def span_pairwise_loss(chosen_values: torch.Tensor, rejected_values: torch.Tensor, chosen_ids: torch.Tensor,
                        rejected_ids: torch.Tensor, chosen_mask: torch.Tensor, rejected_mask: torch.Tensor,
-                       margin: float = 0.0, l2_coef: float = 0.0) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+                       margin: float = 0.0, l2_coef: float = 0.0, pair_count: float | None = None
+                       ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
     """DeepSpeed-Chat's loss: -log sigmoid(v_chosen - v_rejected) averaged over the tokens from the
-    first position where the two sequences differ to the end of the longer one, then over pairs.
+    first position where the two sequences differ to the end of the longer one, then over pairs (every
+    pair weighs the same, however long its span; the pair mean divides by `pair_count` as in `pairwise_loss`).
 
     Args: (B, T) per-token values, ids and masks of right-padded chosen and rejected rows (same T).
     Pairs with identical sequences have an empty span and contribute 0 (the data pipeline drops them).
@@ -70,11 +78,10 @@ def span_pairwise_loss(chosen_values: torch.Tensor, rejected_values: torch.Tenso
     span = ((positions >= div.unsqueeze(1)) & (positions < end.unsqueeze(1))).float()
     token_loss = -F.logsigmoid(chosen_values - rejected_values - margin) * span
     per_pair = token_loss.sum(1) / span.sum(1).clamp(min=1)
-    loss = per_pair.mean()
     chosen, rejected = end_scores(chosen_values, chosen_mask), end_scores(rejected_values, rejected_mask)
     if l2_coef:
-        loss = loss + l2_coef * ((chosen + rejected) ** 2).mean()
-    return loss, _pair_stats(chosen, rejected)
+        per_pair = per_pair + l2_coef * (chosen + rejected) ** 2
+    return _pair_mean(per_pair, pair_count), _pair_stats(chosen, rejected)
 
 
 def _pair_stats(chosen: torch.Tensor, rejected: torch.Tensor) -> dict[str, torch.Tensor]:
@@ -84,16 +91,17 @@ def _pair_stats(chosen: torch.Tensor, rejected: torch.Tensor) -> dict[str, torch
 
 
 def reward_loss(values: torch.Tensor, input_ids: torch.Tensor, attention_mask: torch.Tensor, kind: str,
-                margin: float = 0.0, l2_coef: float = 0.0) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+                margin: float = 0.0, l2_coef: float = 0.0, pair_count: float | None = None
+                ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
     """The step-2 loss of a (2B, T) batch whose first B rows are chosen and last B rejected.
 
-    kind: 'end' (`pairwise_loss` on end scores) or 'span' (`span_pairwise_loss`).
+    kind: 'end' (`pairwise_loss` on end scores) or 'span' (`span_pairwise_loss`); `pair_count` as there.
     """
     b = values.shape[0] // 2
     if kind == "end":
         scores = end_scores(values, attention_mask)
-        return pairwise_loss(scores[:b], scores[b:], margin, l2_coef)
+        return pairwise_loss(scores[:b], scores[b:], margin, l2_coef, pair_count)
     if kind == "span":
         return span_pairwise_loss(values[:b], values[b:], input_ids[:b], input_ids[b:], attention_mask[:b],
-                                  attention_mask[b:], margin, l2_coef)
+                                  attention_mask[b:], margin, l2_coef, pair_count)
     raise ValueError(f"unknown reward loss {kind!r}; use 'end' or 'span'")

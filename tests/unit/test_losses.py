@@ -1,12 +1,13 @@
-"""causal_lm_loss: hand-worked values, the next-token shift, ignored labels, fp32, and micro-batch
-invariance of the token-weighted mean."""
+"""causal_lm_loss: hand-worked values, the next-token shift, ignored labels, fp32, the divisor
+`token_count`, and micro-batch invariance of the token-weighted mean (with DeepSpeed's averaging over
+micro-batches and ranks: tests/unit/test_batch_mean.py)."""
 from __future__ import annotations
 
 import math
 
 import torch
 
-from engine.rl.lm_loss import IGNORE_INDEX, causal_lm_loss
+from engine.rl.lm_loss import IGNORE_INDEX, causal_lm_loss, label_count
 
 LN2, LN3 = math.log(2.0), math.log(3.0)
 X = IGNORE_INDEX
@@ -70,6 +71,28 @@ def test_ignored_labels_do_not_count():
     assert stats["tokens"].item() == 1
 
 
+def test_token_count_divides_the_summed_loss():
+    logits = torch.tensor([[[0.0, LN3],       # pos 0 -> token 1: ln(4/3)
+                            [0.0, 0.0],       # pos 1 -> token 0: ln 2
+                            [0.0, 0.0]]])
+    labels = torch.tensor([[X, 1, 0]])
+    loss, stats = causal_lm_loss(logits, labels, token_count=8.0)
+    # (ln(4/3) + ln 2) / 8 = ln(8/3) / 8 = 0.12260, not the batch mean ln(8/3) / 2
+    torch.testing.assert_close(loss, torch.tensor(math.log(8 / 3) / 8))
+    torch.testing.assert_close(stats["loss_sum"], torch.tensor(math.log(8 / 3)))  # stats do not change
+    assert stats["tokens"].item() == 2
+    # a fractional count (a global count per micro-batch, engine.rl.batch_mean): 9 tokens / 4 micro-batches
+    loss, _ = causal_lm_loss(logits, labels, token_count=2.25)
+    torch.testing.assert_close(loss, torch.tensor(math.log(8 / 3) / 2.25))
+
+
+def test_label_count_counts_the_targets_after_the_shift():
+    labels = torch.tensor([[5, X, 3, 4],     # the first label is never a target: 2
+                           [X, X, X, X],     # 0
+                           [X, 1, 2, X]])    # 2
+    assert label_count(labels).item() == 4 == causal_lm_loss(torch.zeros(3, 4, 6), labels)[1]["tokens"].item()
+
+
 def test_fp32_flag_with_bf16_logits():
     logits = torch.zeros(1, 3, 2, dtype=torch.bfloat16)
     labels = torch.tensor([[X, 0, 1]])
@@ -120,8 +143,13 @@ def test_token_weighted_gradient_over_micro_batches_equals_the_full_batch():
     causal_lm_loss(full_leaf, labels)[0].backward()
 
     split_leaf = logits.clone().requires_grad_(True)
-    total = (labels[:, 1:] != X).sum()
+    total = label_count(labels)
     for rows in (slice(0, 2), slice(2, 4)):
-        loss, stats = causal_lm_loss(split_leaf[rows], labels[rows])
-        (loss * stats["tokens"] / total).backward()   # what gradient accumulation must weight by
+        loss, stats = causal_lm_loss(split_leaf[rows], labels[rows], token_count=total)   # as step 1 weights it
+        loss.backward()
     torch.testing.assert_close(split_leaf.grad, full_leaf.grad)
+    # ...whereas each micro-batch's own mean, accumulated (DeepSpeed-Chat), gives another gradient
+    old_leaf = logits.clone().requires_grad_(True)
+    for rows in (slice(0, 2), slice(2, 4)):
+        (causal_lm_loss(old_leaf[rows], labels[rows])[0] / 2).backward()
+    assert not torch.allclose(old_leaf.grad, full_leaf.grad)

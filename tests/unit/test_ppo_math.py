@@ -6,6 +6,7 @@ import math
 import pytest
 import torch
 
+from engine.rl.batch_mean import mean_normaliser
 from engine.rl.ppo import (
     AdaptiveKLController,
     answer_action_mask,
@@ -17,6 +18,7 @@ from engine.rl.ppo import (
     masked_mean,
     policy_loss,
     score_position,
+    token_mean,
     value_loss,
     whiten,
 )
@@ -134,14 +136,75 @@ def test_adaptive_kl_controller():
     assert restored.coef == ctl.coef and restored.target == 6.0
 
 
-def test_policy_loss_micro_batch_invariance():
-    torch.manual_seed(0)
-    new, old, adv = torch.randn(4, 3) * 0.1, torch.randn(4, 3) * 0.1, torch.randn(4, 3)
-    mask = torch.ones(4, 3)
-    whole, _ = policy_loss(new, old, adv, mask, 0.2)
-    halves = (policy_loss(new[:2], old[:2], adv[:2], mask[:2], 0.2)[0]
-              + policy_loss(new[2:], old[2:], adv[2:], mask[2:], 0.2)[0]) / 2
-    assert whole.item() == pytest.approx(halves.item())
+def test_token_count_divides_the_masked_sums():
+    x, mask = torch.tensor([1.0, 2.0, 3.0, 100.0]), torch.tensor([1, 1, 1, 0])
+    assert token_mean(x, mask).item() == masked_mean(x, mask).item() == 2.0
+    assert token_mean(x, mask, token_count=4.0).item() == 6.0 / 4.0
+    # test_policy_loss_clipping_hand_worked's actions (-1.2 and 0.8) over a window of 5 tokens
+    new, old = torch.tensor([[math.log(1.5), math.log(0.5)]]), torch.zeros(1, 2)
+    loss, stats = policy_loss(new, old, torch.tensor([[1.0, -1.0]]), torch.tensor([[1, 1]]), 0.2, token_count=5.0)
+    assert loss.item() == pytest.approx((-1.2 + 0.8) / 5)
+    assert stats["clipfrac"].item() == pytest.approx(2 / 5)   # 2 of the window's 5 tokens
+    # test_value_loss_hand_worked's actions (3.24 and 1) over 8 tokens
+    vl, v_stats = value_loss(torch.tensor([[1.0, 0.0]]), torch.zeros(1, 2), torch.tensor([[2.0, 1.0]]),
+                             torch.tensor([[1, 1]]), 0.2, token_count=8.0)
+    assert vl.item() == pytest.approx(0.5 * (3.24 + 1.0) / 8)
+    assert v_stats["vf_clipfrac"].item() == pytest.approx(1 / 8)
+
+
+def deepspeed_mean(losses_by_rank: list[list[torch.Tensor]]) -> torch.Tensor:
+    """The objective of DeepSpeed's update (engine/rl/batch_mean.py): each loss / gas, summed, averaged over ranks."""
+    ranks, gas = len(losses_by_rank), len(losses_by_rank[0])
+    return sum(sum(loss / gas for loss in rank) for rank in losses_by_rank) / ranks
+
+
+def _ragged_rollout():
+    """4 answers of 2, 1, 0 and 4 actions in (4, 5) tensors."""
+    g = torch.Generator().manual_seed(0)
+    mask = torch.tensor([[0, 0, 1, 1, 0], [0, 0, 0, 1, 0], [0, 0, 0, 0, 0], [0, 1, 1, 1, 1]])
+    old, adv = torch.randn(4, 5, generator=g) * 0.3, torch.randn(4, 5, generator=g)
+    logp = old + torch.randn(4, 5, generator=g) * 0.3   # ratios on both sides of the clip range
+    values, old_values, returns = (torch.randn(4, 5, generator=g) for _ in range(3))
+    return logp, old, adv, mask, values, old_values, returns
+
+
+# One batch; 2 micro-batches; 2 ranks; 2 ranks x 2 micro-batches (rows dealt out as DistributedSampler does).
+SPLITS = {"whole": [[[0, 1, 2, 3]]], "2 micro-batches": [[[0, 1], [2, 3]]], "2 ranks": [[[0, 1]], [[2, 3]]],
+          "2 ranks x 2 micro-batches": [[[0], [2]], [[1], [3]]]}
+
+
+def ppo_objective(logp, values, split, old_mean: bool = False) -> torch.Tensor:
+    """Policy + value loss of the ragged rollout as the trainer weights it: the window's action count,
+    all-reduced, over micro-batches x ranks; `old_mean`: each micro-batch's own mean (DeepSpeed-Chat)."""
+    _, old, adv, mask, _, old_values, returns = _ragged_rollout()
+    tokens = sum(float(mask[rows].sum()) for rank in split for rows in rank)
+    count = None if old_mean else mean_normaliser(tokens, len(split[0]), len(split))
+    losses = [[policy_loss(logp[r], old[r], adv[r], mask[r], 0.2, count)[0]
+               + value_loss(values[r], old_values[r], returns[r], mask[r], 0.2, count)[0] for r in rank]
+              for rank in split]
+    return deepspeed_mean(losses)
+
+
+@pytest.mark.parametrize("name", list(SPLITS))
+def test_ppo_losses_and_gradients_do_not_depend_on_the_split(name):
+    logp, _, _, _, values, _, _ = _ragged_rollout()
+    full_logp, full_values = logp.clone().requires_grad_(True), values.clone().requires_grad_(True)
+    full = ppo_objective(full_logp, full_values, SPLITS["whole"])  # the batch means over its 7 actions
+    full.backward()
+    split_logp, split_values = logp.clone().requires_grad_(True), values.clone().requires_grad_(True)
+    loss = ppo_objective(split_logp, split_values, SPLITS[name])
+    loss.backward()
+    torch.testing.assert_close(loss, full)
+    torch.testing.assert_close(split_logp.grad, full_logp.grad)
+    torch.testing.assert_close(split_values.grad, full_values.grad)
+    assert full_logp.grad.abs().sum() > 0 and full_values.grad.abs().sum() > 0
+
+
+def test_ppo_old_per_micro_batch_mean_depends_on_the_split():
+    logp, _, _, _, values, _, _ = _ragged_rollout()
+    whole = ppo_objective(logp, values, SPLITS["whole"], old_mean=True)
+    for name in ("2 micro-batches", "2 ranks x 2 micro-batches"):
+        assert not torch.isclose(ppo_objective(logp, values, SPLITS[name], old_mean=True), whole)
 
 
 def test_answer_action_mask_on_the_reference_layout():

@@ -111,3 +111,26 @@ def test_span_loss_of_a_batch_is_the_mean_of_its_pairs():
     each = [span_pairwise_loss(c_val[i:i + 1], r_val[i:i + 1], c_ids[i:i + 1], r_ids[i:i + 1], c_mask[i:i + 1],
                                r_mask[i:i + 1])[0] for i in range(2)]
     assert both.item() == pytest.approx((each[0].item() + each[1].item()) / 2)
+
+
+def test_pair_count_divides_the_summed_pair_losses():
+    chosen, rejected = torch.tensor([1.0, 0.0]), torch.tensor([0.0, 0.0])
+    # (log(1 + e^-1) + log 2) / 5 with pair_count 5 (the pairs of a whole window), not / 2
+    loss, stats = pairwise_loss(chosen, rejected, pair_count=5.0)
+    assert loss.item() == pytest.approx((math.log(1 + math.exp(-1)) + math.log(2)) / 5)
+    assert stats["accuracy"].item() == 0.5  # the stats stay this batch's
+    # the l2 term is a per-pair term too: margin 1 and l2 0.5 on one pair -> (log 2 + 0.5) / 4
+    loss, _ = pairwise_loss(torch.tensor([1.0]), torch.tensor([0.0]), margin=1.0, l2_coef=0.5, pair_count=4.0)
+    assert loss.item() == pytest.approx((math.log(2) + 0.5) / 4)
+
+
+def test_span_pair_count_divides_the_summed_pair_losses():
+    # The pair of test_span_loss_covers_first_difference_to_longer_end: its own span mean, over 3 pairs.
+    c_ids, r_ids = torch.tensor([[5, 6, 7, 8]]), torch.tensor([[5, 6, 9, 0]])
+    c_mask, r_mask = torch.tensor([[1, 1, 1, 1]]), torch.tensor([[1, 1, 1, 0]])
+    c_val, r_val = torch.tensor([[9.0, 9.0, 1.0, 2.0]]), torch.tensor([[-9.0, -9.0, 1.0, 0.0]])
+    loss, _ = span_pairwise_loss(c_val, r_val, c_ids, r_ids, c_mask, r_mask, pair_count=3.0)
+    assert loss.item() == pytest.approx((math.log(2) + math.log(1 + math.exp(-2))) / 2 / 3)
+    # with l2: + 0.1 * (2 + 1)^2 = 0.9 per pair, over the 3 pairs
+    loss, _ = span_pairwise_loss(c_val, r_val, c_ids, r_ids, c_mask, r_mask, l2_coef=0.1, pair_count=3.0)
+    assert loss.item() == pytest.approx(((math.log(2) + math.log(1 + math.exp(-2))) / 2 + 0.9) / 3)
