@@ -16,7 +16,8 @@ import torch
 
 import engine.config as config
 import engine.ppo.trainer as trainer_module
-from engine.config import Step3Config, make_config
+from engine.config import Step3Config
+from engine.flags import make_config
 from engine.ppo.experience import Experience
 from engine.ppo.trainer import PPOTrainer
 from engine.rl.lm_loss import IGNORE_INDEX
