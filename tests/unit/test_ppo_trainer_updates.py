@@ -14,8 +14,8 @@ from unittest.mock import patch
 import pytest
 import torch
 
-import engine.config as config
 import engine.ppo.trainer as trainer_module
+import engine.preflight as preflight
 from engine.config import Step3Config
 from engine.flags import make_config
 from engine.ppo.experience import Experience
@@ -166,7 +166,7 @@ def run_updates(micro: int, gas: int, world: int, ptx: bool, ppo_epochs: int = 2
 
 @pytest.fixture(autouse=True)
 def cpu_only(monkeypatch):
-    monkeypatch.setattr(config, "_cuda_available", lambda: False)
+    monkeypatch.setattr(preflight, "cuda_available", lambda: False)
 
 
 def assert_same_update(a, b) -> None:
