@@ -17,7 +17,6 @@ advantages, then --ppo_epochs passes of PPO updates over that experience.
 from __future__ import annotations
 
 import logging
-import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from functools import partial
@@ -36,11 +35,10 @@ from engine.models.load import hf_model
 from engine.models.roles import Roles, build_roles, load_step3_tokenizer, resolve_paths
 from engine.observe.metrics import plot_curves
 from engine.observe.perf import (
+    StepTimer,
     activation_factor,
     current_memory_gb,
     model_shape,
-    peak_memory_gb,
-    reset_peak_memory,
     step3_throughput,
 )
 from engine.ppo.experience import Experience, reward_scores, sequence_masks
@@ -227,8 +225,7 @@ def ppo_step(run: Run, prompt_batches: list[dict], ptx_batches: list[dict] | Non
     skipped makes it a bad step for `guard`."""
     cfg, trainer, dist = run.cfg, run.trainer, run.dist
     actor, critic = run.roles.actor, run.roles.critic
-    timing = {"generate": 0.0, "experience": 0.0, "train": 0.0}
-    peaks = {}
+    timer = StepTimer(dist.device, phases=("generate", "experience", "train"))
     kl_coef = trainer.kl_ctl.coef
 
     # 1. Generate and 2. score: experience from every generation batch of this step.
@@ -236,9 +233,9 @@ def ppo_step(run: Run, prompt_batches: list[dict], ptx_batches: list[dict] | Non
     per_seq: list[dict[str, torch.Tensor]] = []
     for batch in prompt_batches:
         batch = to_device(batch, dist.device)
-        with _phase(timing, peaks, "generate", dist):
+        with timer.phase("generate"):
             sequences = trainer.generate(batch)
-        with _phase(timing, peaks, "experience", dist):
+        with timer.phase("experience"):
             exp, stats = trainer.experience(sequences, batch["attention_mask"], step)
         experiences.append(exp)
         per_seq.append(stats)
@@ -254,7 +251,7 @@ def ppo_step(run: Run, prompt_batches: list[dict], ptx_batches: list[dict] | Non
     # 3. PPO updates over the step's experience (+ PTX), 4. EMA.
     ptx = [to_device(b, dist.device) for b in ptx_batches] if ptx_batches is not None else None
     skipped = actor.skipped_steps + critic.skipped_steps
-    with _phase(timing, peaks, "train", dist):
+    with timer.phase("train"):
         if rollout_ok:
             row |= trainer.ppo_updates(experiences, ptx, step)
     loss_bad = row.pop("ppo/nonfinite", 0.0) > 0
@@ -264,8 +261,8 @@ def ppo_step(run: Run, prompt_batches: list[dict], ptx_batches: list[dict] | Non
     fp16 = cfg.ds.dtype == "fp16"
     row |= optimizer_metrics(actor, "ppo/actor_", fp16) | optimizer_metrics(critic, "ppo/critic_", fp16)
     row["ppo/kl_coef"] = kl_coef
-    row |= {f"timing/{k}_s": v for k, v in timing.items()}
-    row |= {f"memory/{k}_peak_gb": v for k, v in peaks.items()}
+    row |= {f"timing/{k}_s": v for k, v in timer.seconds.items()}
+    row |= {f"memory/{k}_peak_gb": v for k, v in timer.peaks.items()}
     row["memory/current_gb"] = current_memory_gb(dist.device)
     if not rollout_ok:  # no updates: no training throughput
         return row
@@ -274,28 +271,9 @@ def ppo_step(run: Run, prompt_batches: list[dict], ptx_batches: list[dict] | Non
         generation_batches=cfg.train.generation_batches, ppo_epochs=cfg.train.ppo_epochs, ptx=ptx is not None,
         world_size=dist.world_size, seq_length=cfg.data.max_prompt_seq_len + cfg.data.max_answer_seq_len,
         decode_steps=sum(e.sequences.shape[1] for e in experiences) / len(experiences) - cfg.data.max_prompt_seq_len,
-        generate_s=timing["generate"] / cfg.train.generation_batches, train_s=timing["train"],
-        e2e_s=sum(timing.values()))
+        generate_s=timer.seconds["generate"] / cfg.train.generation_batches, train_s=timer.seconds["train"],
+        e2e_s=sum(timer.seconds.values()))
     return row
-
-
-class _phase:
-    """Time a phase (synchronised across ranks) and record its peak memory."""
-
-    def __init__(self, timing: dict[str, float], peaks: dict[str, float], name: str, dist: DistInfo):
-        self.timing, self.peaks, self.name, self.dist = timing, peaks, name, dist
-
-    def __enter__(self) -> None:
-        reset_peak_memory(self.dist.device)
-        if self.dist.device.type == "cuda":
-            torch.cuda.synchronize(self.dist.device)
-        self.start = time.perf_counter()
-
-    def __exit__(self, *exc: object) -> None:
-        if self.dist.device.type == "cuda":
-            torch.cuda.synchronize(self.dist.device)
-        self.timing[self.name] += time.perf_counter() - self.start
-        self.peaks[self.name] = max(self.peaks.get(self.name, 0.0), peak_memory_gb(self.dist.device))
 
 
 def rollout_stats(per_seq: list[dict[str, torch.Tensor]], dist: DistInfo) -> dict[str, float]:
