@@ -27,10 +27,10 @@ import torch
 from tqdm import tqdm
 
 from engine.config import Step3Config, parse_config, save_config_yaml
-from engine.data import sort_task
 from engine.data.prompts import collate_left_padded, load_prompt_data
 from engine.data.unsupervised import collate_blocks, load_ptx_data
 from engine.errors import UserError
+from engine.eval.compare import rule_checks
 from engine.models.load import hf_model
 from engine.models.roles import Roles, build_roles, load_step3_tokenizer, resolve_paths
 from engine.observe.metrics import plot_curves
@@ -333,13 +333,11 @@ def _evaluate(run: Run, loader, kwargs: dict[str, Any], width: int, per_rank: in
         mask, action_mask = sequence_masks(sequences, width, tok.pad_token_id, tok.eos_token_id,
                                            batch["attention_mask"])
         scores = reward_scores(roles.reward, sequences, mask).double().cpu()
-        for i in range(sequences.shape[0]):
-            prompt = tok.decode(sequences[i, :width], skip_special_tokens=True)
-            answer = tok.decode(sequences[i, width:][mask[i, width:].bool()], skip_special_tokens=True)
-            if sort_task.parse_prompt(prompt) is not None:
-                sums[3] += 1
-                sums[4] += float(sort_task.is_correct(prompt, answer))
-        sums[:3] += torch.tensor([float(len(scores)), float(scores.sum()), float(action_mask.sum())])
+        prompts = tok.batch_decode(sequences[:, :width], skip_special_tokens=True)
+        answers = [tok.decode(s[width:][m[width:].bool()], skip_special_tokens=True) for s, m in zip(sequences, mask)]
+        checked, correct = rule_checks(prompts, answers)
+        sums += torch.tensor([float(len(scores)), float(scores.sum()), float(action_mask.sum()),
+                              float(checked.sum()), float(correct.sum())], dtype=torch.float64)
     n, score, length, checked, correct = all_reduce_sum(sums.tolist(), dist.device)
     row = {"eval/score_mean": score / max(n, 1), "eval/response_len": length / max(n, 1)}
     if checked:
