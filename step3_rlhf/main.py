@@ -53,6 +53,7 @@ from engine.runtime.checkpoint import (
     save_resume_state,
 )
 from engine.runtime.distributed import DistInfo, all_reduce_sum, init_distributed, setup_logging
+from engine.runtime.ds_config import DTYPE_BYTES
 from engine.runtime.entry import run_main
 from engine.runtime.run import Schedule, check_output_dir, epoch_windows, make_loader, start_run, to_device
 
@@ -355,7 +356,7 @@ def model_shapes(cfg: Step3Config, roles: Roles) -> dict[str, Any]:
             "critic_k": activation_factor(ds.critic_gradient_checkpointing, lora.critic_lora_dim,
                                           model_shape(critic_cfg)[1]),
             "actor_params": sum(getattr(p, "ds_numel", p.numel()) for p in roles.actor.module.parameters()),
-            "bytes_per_param": {"fp16": 2, "bf16": 2, "fp32": 4}[ds.dtype]}
+            "bytes_per_param": DTYPE_BYTES[ds.dtype]}
 
 
 def save_models(run: Run, folder: Path) -> None:
