@@ -17,7 +17,7 @@ advantages, then --ppo_epochs passes of PPO updates over that experience.
 from __future__ import annotations
 
 import logging
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass
 from functools import partial
 from pathlib import Path
@@ -54,6 +54,7 @@ from engine.runtime.checkpoint import (
 )
 from engine.runtime.distributed import DistInfo, all_reduce_sum, init_distributed, setup_logging
 from engine.runtime.ds_config import DTYPE_BYTES
+from engine.runtime.ds_private import full_numel
 from engine.runtime.entry import run_main
 from engine.runtime.run import Schedule, check_output_dir, epoch_windows, make_loader, start_run, to_device
 
@@ -80,10 +81,32 @@ class PPOSchedule:
         return cls(steps, micro, steps.total_steps * micro * t.ppo_epochs // t.gradient_accumulation_steps)
 
 
-def main(argv: Sequence[str] | None = None, *, benchmark: Callable[[Run], None] | None = None) -> None:
-    """`benchmark` (benchmarks/rlhf_step.py) is called with the built run just before the PPO loop; such
-    a run skips the evaluations, the saved models and the plots, which a throughput measurement does not want."""
-    cfg = parse_config(Step3Config, argv, description=__doc__)
+@dataclass
+class Run:
+    """A built step-3 run: `build` makes it, `run_ppo` runs it."""
+
+    cfg: Step3Config
+    roles: Roles
+    trainer: PPOTrainer
+    tokenizer: Any
+    dist: DistInfo
+    out: Path
+    metrics: Any
+    model_shapes: dict[str, Any]  # the fixed inputs of `step3_throughput`, from `model_shapes`
+    plan: PPOSchedule
+    prompt_loader: Any
+    eval_loader: Any
+    ptx_loader: Any | None
+    position: dict[str, int]      # epoch, step_in_epoch, global_step: where the loop starts (a resume's)
+    baseline_gb: float            # memory in use before any model was built
+
+
+def main(argv: Sequence[str] | None = None) -> None:
+    run_ppo(build(parse_config(Step3Config, argv, description=__doc__)))
+
+
+def build(cfg: Step3Config) -> Run:
+    """Distributed set-up and seed, inputs checked, data, the roles and the PPO trainer, resumed with --resume."""
     out = check_output_dir(cfg.log.output_dir, resume=cfg.log.resume)
     dist = init_distributed(cfg.train.seed, peer_timeout=cfg.fault.peer_timeout)
     setup_logging(dist.is_main)
@@ -93,17 +116,7 @@ def main(argv: Sequence[str] | None = None, *, benchmark: Callable[[Run], None] 
     if cfg.ds.auto_fit:
         cfg = fit_to_machine(cfg, dist, actor_path, critic_path)
     tokenizer = load_step3_tokenizer(cfg, actor_path, critic_path)
-    cache_dir = Path(cfg.data.data_output_path or out / "data_cache")
-    width = cfg.data.max_prompt_seq_len
-    train_prompts, eval_prompts = load_prompt_data(cfg.data_args(), tokenizer, width, cache_dir, cfg.train.seed, dist)
-    collate = partial(collate_left_padded, pad_id=tokenizer.pad_token_id, width=width)
-    gen_bs = cfg.train.per_device_generation_batch_size
-    prompt_loader = make_loader(train_prompts, gen_bs, dist, True, cfg.train.seed, collate)
-    eval_loader = make_loader(eval_prompts, gen_bs, dist, False, cfg.train.seed, collate)
-    ptx_loader = None
-    if cfg.data.unsupervised_dataset_name:
-        ptx = load_ptx_data(cfg.data, tokenizer, cache_dir, dist)
-        ptx_loader = make_loader(ptx, gen_bs, dist, True, cfg.train.seed, collate_blocks)
+    prompt_loader, eval_loader, ptx_loader = make_loaders(cfg, tokenizer, out, dist)
     batches = min(len(prompt_loader), len(ptx_loader)) if ptx_loader is not None else len(prompt_loader)
     plan = PPOSchedule.of(cfg, batches)
 
@@ -124,20 +137,41 @@ def main(argv: Sequence[str] | None = None, *, benchmark: Callable[[Run], None] 
     logger.info("PPO: %d steps (%d per epoch), %d micro-batches of %d per step, %d optimizer steps, %d ranks",
                 plan.steps.total_steps, plan.steps.steps_per_epoch, plan.micro_batches,
                 cfg.train.per_device_training_batch_size, plan.optimizer_steps, dist.world_size)
-    run = Run(cfg, roles, trainer, tokenizer, dist, out, metrics, model_shapes(cfg, roles))
-    if position["global_step"] == 0:
-        first = {} if benchmark is not None else evaluate(run, eval_loader)
-        metrics.log(0, {"memory/baseline_gb": baseline_gb} | first)
-    if benchmark is not None:
-        benchmark(run)
+    return Run(cfg, roles, trainer, tokenizer, dist, out, metrics, model_shapes(cfg, roles), plan,
+               prompt_loader, eval_loader, ptx_loader, position, baseline_gb)
 
-    stopped = train(run, prompt_loader, ptx_loader, eval_loader, plan, position)
+
+def make_loaders(cfg: Step3Config, tokenizer: Any, out: Path, dist: DistInfo) -> tuple[Any, Any, Any | None]:
+    """(training prompts, held-out prompts, PTX blocks or None), prompts left-padded to --max_prompt_seq_len."""
+    cache_dir = Path(cfg.data.data_output_path or out / "data_cache")
+    width = cfg.data.max_prompt_seq_len
+    train_prompts, eval_prompts = load_prompt_data(cfg.data_args(), tokenizer, width, cache_dir, cfg.train.seed, dist)
+    collate = partial(collate_left_padded, pad_id=tokenizer.pad_token_id, width=width)
+    gen_bs = cfg.train.per_device_generation_batch_size
+    prompt_loader = make_loader(train_prompts, gen_bs, dist, True, cfg.train.seed, collate)
+    eval_loader = make_loader(eval_prompts, gen_bs, dist, False, cfg.train.seed, collate)
+    ptx_loader = None
+    if cfg.data.unsupervised_dataset_name:
+        ptx = load_ptx_data(cfg.data, tokenizer, cache_dir, dist)
+        ptx_loader = make_loader(ptx, gen_bs, dist, True, cfg.train.seed, collate_blocks)
+    return prompt_loader, eval_loader, ptx_loader
+
+
+def run_ppo(run: Run, *, measure_only: bool = False) -> None:
+    """The PPO loop from where `build` left it, then the final evaluation, the saved models and the plots.
+    `measure_only` (benchmarks/rlhf_step.py, whose probe has seen the built run) skips the evaluations,
+    the saved models and the plots, which a throughput measurement does not want."""
+    cfg, dist, metrics, position, out = run.cfg, run.dist, run.metrics, run.position, run.out
+    if position["global_step"] == 0:
+        first = {} if measure_only else evaluate(run)
+        metrics.log(0, {"memory/baseline_gb": run.baseline_gb} | first)
+    stopped = train(run)
     if stopped is not None:
         logger.info("stopped by --test_stop_step at PPO step %d", stopped)
-    if benchmark is not None:
+    if measure_only:
         metrics.close()
         return
-    final = evaluate(run, eval_loader)
+    final = evaluate(run)
     if not eval_due(cfg, position["global_step"]):
         metrics.log(position["global_step"], final)
     save_models(run, out)
@@ -163,21 +197,10 @@ def fit_to_machine(cfg: Step3Config, dist: DistInfo, actor_path: str, critic_pat
     return fitted
 
 
-@dataclass
-class Run:
-    cfg: Step3Config
-    roles: Roles
-    trainer: PPOTrainer
-    tokenizer: Any
-    dist: DistInfo
-    out: Path
-    metrics: Any
-    model_shapes: dict[str, Any]  # the fixed inputs of `step3_throughput`, from `model_shapes`
-
-
-def train(run: Run, prompt_loader, ptx_loader, eval_loader, plan: PPOSchedule, position: dict[str, int]) -> int | None:
+def train(run: Run) -> int | None:
     """The PPO loop; returns the step at which --test_stop_step ended it, else None."""
-    cfg, dist = run.cfg, run.dist
+    cfg, dist, plan, position = run.cfg, run.dist, run.plan, run.position
+    prompt_loader, ptx_loader = run.prompt_loader, run.ptx_loader
     step, history = position["global_step"], []
     guard = BadStepGuard(cfg.fault.max_bad_steps, namespace="ppo", step_name="PPO step",
                          last_checkpoint=step or None)  # a resumed run starts at one
@@ -189,13 +212,13 @@ def train(run: Run, prompt_loader, ptx_loader, eval_loader, plan: PPOSchedule, p
         ptx_windows = (epoch_windows(ptx_loader, epoch, first, plan.steps, cfg.train.generation_batches)
                        if ptx_loader is not None else None)
         for step_in_epoch, prompts in enumerate(windows, start=first):
-            row = ppo_step(run, prompts, next(ptx_windows) if ptx_windows is not None else None, plan, step + 1, guard)
+            row = ppo_step(run, prompts, next(ptx_windows) if ptx_windows is not None else None, step + 1, guard)
             step += 1
             position.update(epoch=epoch, step_in_epoch=step_in_epoch + 1, global_step=step)
             row |= {"train/actor_lr": run.roles.actor.get_lr()[0], "train/critic_lr": run.roles.critic.get_lr()[0],
                     "train/epoch": epoch}
             if eval_due(cfg, step):
-                row |= evaluate(run, eval_loader)
+                row |= evaluate(run)
             if guard.healthy:  # a bad step's NaN statistics would blind the trend checks
                 history.append(row)
                 for warning in health_warnings(history, cfg.ppo.warn_kl_above):
@@ -219,8 +242,8 @@ def train(run: Run, prompt_loader, ptx_loader, eval_loader, plan: PPOSchedule, p
     return None
 
 
-def ppo_step(run: Run, prompt_batches: list[dict], ptx_batches: list[dict] | None, plan: PPOSchedule,
-             step: int, guard: BadStepGuard) -> dict[str, float]:
+def ppo_step(run: Run, prompt_batches: list[dict], ptx_batches: list[dict] | None, step: int,
+             guard: BadStepGuard) -> dict[str, float]:
     """Generate -> score -> rewards and advantages -> PPO updates, for one PPO step. Returns its metrics.
     A NaN or inf in the rollout skips the updates; that, a NaN or inf loss, or an update an optimizer
     skipped makes it a bad step for `guard`."""
@@ -229,14 +252,14 @@ def ppo_step(run: Run, prompt_batches: list[dict], ptx_batches: list[dict] | Non
     timer = StepTimer(dist.device, phases=("generate", "experience", "train"))
     kl_coef = trainer.kl_ctl.coef
 
-    # 1. Generate and 2. score: experience from every generation batch of this step.
+    # 1.-3. for every generation batch of this step: its experience.
     experiences: list[Experience] = []
     per_seq: list[dict[str, torch.Tensor]] = []
     for batch in prompt_batches:
         batch = to_device(batch, dist.device)
-        with timer.phase("generate"):
+        with timer.phase("generate"):  # 1. generate
             sequences = trainer.generate(batch)
-        with timer.phase("experience"):
+        with timer.phase("experience"):  # 2. score (reference, critic, reward model), 3. rewards and advantages
             exp, stats = trainer.experience(sequences, batch["attention_mask"], step)
         experiences.append(exp)
         per_seq.append(stats)
@@ -249,12 +272,14 @@ def ppo_step(run: Run, prompt_batches: list[dict], ptx_batches: list[dict] | Non
     if rollout_ok:
         trainer.kl_ctl.update(row["rollout/kl"], int(row["rollout/sequences"]))
 
-    # 3. PPO updates over the step's experience (+ PTX), 4. EMA.
+    # 4. PPO updates over the step's experience (+ PTX), then the EMA.
     ptx = [to_device(b, dist.device) for b in ptx_batches] if ptx_batches is not None else None
     skipped = actor.skipped_steps + critic.skipped_steps
     with timer.phase("train"):
         if rollout_ok:
             row |= trainer.ppo_updates(experiences, ptx, step)
+
+    # 5. log: the step's health, optimizer, timing, memory and throughput figures.
     loss_bad = row.pop("ppo/nonfinite", 0.0) > 0
     row |= guard.record(step, nonfinite=not rollout_ok or loss_bad,
                         skipped=actor.skipped_steps + critic.skipped_steps > skipped,
@@ -305,7 +330,7 @@ def eval_due(cfg: Step3Config, step: int) -> bool:
 
 
 @torch.no_grad()
-def evaluate(run: Run, loader) -> dict[str, float]:
+def evaluate(run: Run) -> dict[str, float]:
     """The actor's answers to held-out prompts, decoded as in the rollouts (or greedily with
     --eval_greedy): reward score, length, and the sorting rule where the prompts are the bundled
     task's (`engine.data.sort_task`). Sampling uses a fixed seed of its own, so every evaluation sees the
@@ -317,7 +342,7 @@ def evaluate(run: Run, loader) -> dict[str, float]:
         kwargs = {k: v for k, v in kwargs.items() if k not in ("temperature", "top_p", "top_k")} | {"do_sample": False}
     with torch.random.fork_rng(devices=[dist.device] if dist.device.type == "cuda" else []):
         torch.manual_seed(cfg.train.seed + 1000 * dist.rank)
-        return _evaluate(run, loader, kwargs, width, per_rank)
+        return _evaluate(run, run.eval_loader, kwargs, width, per_rank)
 
 
 def _evaluate(run: Run, loader, kwargs: dict[str, Any], width: int, per_rank: int) -> dict[str, float]:
@@ -355,7 +380,7 @@ def model_shapes(cfg: Step3Config, roles: Roles) -> dict[str, Any]:
                                          model_shape(actor_cfg)[1]),
             "critic_k": activation_factor(ds.critic_gradient_checkpointing, lora.critic_lora_dim,
                                           model_shape(critic_cfg)[1]),
-            "actor_params": sum(getattr(p, "ds_numel", p.numel()) for p in roles.actor.module.parameters()),
+            "actor_params": sum(full_numel(p) for p in roles.actor.module.parameters()),
             "bytes_per_param": DTYPE_BYTES[ds.dtype]}
 
 

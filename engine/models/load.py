@@ -18,6 +18,7 @@ import torch
 from engine.config import DataArgs, ModelArgs, missing_quantization_packages
 from engine.errors import UserError
 from engine.runtime.distributed import DistInfo, barrier
+from engine.runtime.ds_private import full_shape
 
 logger = logging.getLogger("engine")
 
@@ -161,7 +162,7 @@ def hf_model(model: torch.nn.Module) -> Any:
 def resize_embeddings(model: torch.nn.Module, tokenizer: Any) -> None:
     """Grow the embeddings (to a multiple of 8) when the tokenizer gained tokens (--add_eot_token)."""
     emb = model.get_input_embeddings().weight
-    if len(tokenizer) > (emb.ds_shape[0] if hasattr(emb, "ds_shape") else emb.shape[0]):
+    if len(tokenizer) > full_shape(emb)[0]:
         model.resize_token_embeddings(len(tokenizer), pad_to_multiple_of=8)
 
 

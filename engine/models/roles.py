@@ -38,6 +38,7 @@ from engine.runtime.ds_config import (
     load_template,
     train_ds_config,
 )
+from engine.runtime.ds_private import quantize_nontrainable_params
 from engine.runtime.engines import deepspeed_initialize, init_trained_engine
 
 logger = logging.getLogger("engine")
@@ -194,7 +195,7 @@ def build_roles(cfg: Step3Config, dist: DistInfo, tokenizer: Any, actor_path: st
     actor_engine = init_trained_engine(actor, actor_config, train=cfg.train, lora=actor_lora, ds=cfg.ds,
                                        total_steps=total_steps, role="actor")
     if ds.enable_mixed_precision_lora:
-        actor_engine.optimizer.quantize_nontrainable_params()
+        quantize_nontrainable_params(actor_engine)
     ref_config = _frozen_config(cfg, ds.reference_quantization, ds.actor_zero_stage, ds.offload_reference_model, world)
     ref = _init_frozen(load_causal_lm(actor_path, actor_args, tokenizer, dtype, ref_config, False,
                                       ds.reference_quantization, device), ref_config)

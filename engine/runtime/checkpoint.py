@@ -31,6 +31,7 @@ from engine.models.load import copy_missing_buffers, hf_model, is_quantized, is_
 from engine.runtime import faults
 from engine.runtime.atomic import publish_folder, remove_folder, staging_folder, write_atomically
 from engine.runtime.distributed import DistInfo, all_reduce_sum, barrier
+from engine.runtime.ds_private import safe_checkpoint_loading
 
 logger = logging.getLogger("engine")
 
@@ -347,31 +348,6 @@ def _load_trained(src: dict[str, torch.Tensor], dst: torch.nn.Module) -> None:
     dst.load_state_dict({k: v for k, v in src.items() if k in trained}, strict=False)
 
 
-class _SafeCheckpointEngine:
-    """DeepSpeed's torch checkpoint engine with `torch.load(weights_only=True)`: tensors, containers and
-    the allow-listed DeepSpeed types only, so loading a checkpoint cannot run code."""
-
-    def __init__(self, inner: Any):
-        self._inner = inner
-
-    def __getattr__(self, name: str) -> Any:
-        return getattr(self._inner, name)
-
-    def load(self, path: str, map_location: Any = None) -> Any:
-        with torch.serialization.safe_globals(_deepspeed_safe_globals()):
-            return torch.load(path, map_location=map_location, weights_only=True)
-
-
-def _deepspeed_safe_globals() -> list[Any]:
-    """The non-tensor types DeepSpeed's checkpoints hold (found by loading ZeRO 0-3, offload and LoRA
-    checkpoints with weights_only=True): plain data classes and enums."""
-    from deepspeed.runtime.fp16.loss_scaler import DynamicLossScaler, LossScaler
-    from deepspeed.runtime.zero.config import ZeroStageEnum
-    from deepspeed.utils.tensor_fragment import fragment_address
-
-    return [LossScaler, DynamicLossScaler, ZeroStageEnum, fragment_address]
-
-
 def load_resume_state(engines: Any, output_dir: Path, dist: DistInfo, keys: tuple[str, ...] = POSITION_KEYS,
                       extra: Callable[[Path], None] | None = None) -> dict[str, Any]:
     """Restore the newest complete checkpoint written by `save_resume_state`; returns the `keys` of its client
@@ -384,13 +360,10 @@ def load_resume_state(engines: Any, output_dir: Path, dist: DistInfo, keys: tupl
                         "folder that every rank sees (a shared file system)")
     client_state: dict[str, Any] = {}
     for name, engine in _named_engines(engines).items():
-        engine.checkpoint_engine = _SafeCheckpointEngine(engine.checkpoint_engine)
-        try:
+        with safe_checkpoint_loading(engine):
             load_path, state = engine.load_checkpoint(
                 str(folder / name), tag=tag, load_optimizer_states=True, load_lr_scheduler_states=True,
                 custom_load_fn=_load_trained if is_quantized(engine.module) else None)
-        finally:
-            engine.checkpoint_engine = engine.checkpoint_engine._inner
         if load_path is None:
             raise UserError(f"--resume: DeepSpeed could not load {folder / name / tag}")
         client_state = client_state or state

@@ -9,6 +9,7 @@ from engine.config import DeepSpeedArgs, TrainArgs
 from engine.errors import UserError
 from engine.runtime.distributed import gpu_wanted
 from engine.runtime.ds_config import fill_template, load_template, size_reduce_bucket, train_ds_config
+from engine.runtime.ds_private import full_numel
 
 
 def build_ds_config(ds: DeepSpeedArgs, train: TrainArgs, world_size: int) -> dict[str, Any]:
@@ -69,5 +70,5 @@ def init_trained_engine(model: torch.nn.Module, ds_config: dict[str, Any], *, tr
     optimizer = make_optimizer(groups, getattr(train, prefix + "learning_rate"), (train.adam_beta1, train.adam_beta2),
                                ds.offload)
     scheduler = make_scheduler(optimizer, train.lr_scheduler_type, train.num_warmup_steps, total_steps)
-    trained = sum(getattr(p, "ds_numel", p.numel()) for group in groups for p in group["params"])
+    trained = sum(full_numel(p) for group in groups for p in group["params"])
     return deepspeed_initialize(model, optimizer, scheduler, size_reduce_bucket(ds_config, trained))
