@@ -144,8 +144,7 @@ class Probe:
 
         self.run = run
         roles = run.roles
-        self.tracker = RoleMemoryTracker({"actor": roles.actor, "critic": roles.critic, "reference": roles.ref,
-                                          "reward": roles.reward, "ema": roles.ema})
+        self.tracker = RoleMemoryTracker(roles.by_name())
         self.tracker.watch_steps(max_steps=2)
         self.planner, self.planner_note = planner_prediction(run.cfg, run.dist.world_size)
 

@@ -4,7 +4,7 @@
 - reference: a frozen copy of the step-1 model; ZeRO-3 iff the actor is ZeRO-3, else stage 0.
 - critic: the step-2 reward model, trained as the value function.
 - reward: the step-2 reward model, frozen; ZeRO-3 iff the critic is ZeRO-3, else stage 0.
-- actor_ema (--enable_ema): a frozen, LoRA-shaped copy of the actor moved towards it after each
+- ema (--enable_ema; saved as actor_ema/): a frozen, LoRA-shaped copy of the actor moved towards it after each
   actor update; partitioned like the actor so the two can be gathered in pairs.
 
 Frozen roles are in eval mode, have no gradients and belong to no optimizer (DeepSpeed-Chat's layout).
@@ -47,11 +47,14 @@ ROLE_HINTS = {"actor": "; run step 1 first (step1_sft/main.py) or pass its outpu
               "critic": "; run step 2 first (step2_reward/main.py) or pass its output folder"}
 
 
+ROLE_NAMES = ("actor", "critic", "reference", "reward", "ema")  # one vocabulary: here, the planner, the metrics
+
+
 @dataclass
 class Roles:
     actor: Any
     critic: Any
-    ref: Any
+    reference: Any
     reward: Any
     ema: Any | None
     actor_stage: int
@@ -59,6 +62,10 @@ class Roles:
     # A quantized actor's full-precision base, loaded on the CPU
     # (for saving: `engine.runtime.checkpoint.save_hf_folder`).
     actor_full_precision: Callable[[], torch.nn.Module] | None = None
+
+    def by_name(self) -> dict[str, Any]:
+        """{role name: engine} for every role built (`ROLE_NAMES` order; no EMA without --enable_ema)."""
+        return {name: getattr(self, name) for name in ROLE_NAMES if getattr(self, name) is not None}
 
     @property
     def ema_stage(self) -> int:
@@ -197,8 +204,8 @@ def build_roles(cfg: Step3Config, dist: DistInfo, tokenizer: Any, actor_path: st
     if ds.enable_mixed_precision_lora:
         quantize_nontrainable_params(actor_engine)
     ref_config = _frozen_config(cfg, ds.reference_quantization, ds.actor_zero_stage, ds.offload_reference_model, world)
-    ref = _init_frozen(load_causal_lm(actor_path, actor_args, tokenizer, dtype, ref_config, False,
-                                      ds.reference_quantization, device), ref_config)
+    reference = _init_frozen(load_causal_lm(actor_path, actor_args, tokenizer, dtype, ref_config, False,
+                                            ds.reference_quantization, device), ref_config)
 
     # Critic (+ LoRA) and the frozen reward model, both from the step-2 folder.
     critic_config = critic_ds_config(cfg, world)
@@ -222,7 +229,7 @@ def build_roles(cfg: Step3Config, dist: DistInfo, tokenizer: Any, actor_path: st
     # What a saved 4-bit actor is made of: the base re-read in --dtype on the CPU, LoRA merged into it.
     full_precision = (partial(load_causal_lm, actor_path, actor_args, tokenizer, dtype, None, False)
                       if ds.actor_quantization != "none" else None)
-    roles = Roles(actor_engine, critic_engine, ref, reward, ema_engine, ds.actor_zero_stage, ds.critic_zero_stage,
+    roles = Roles(actor_engine, critic_engine, reference, reward, ema_engine, ds.actor_zero_stage, ds.critic_zero_stage,
                   full_precision)
     logger.info("roles: actor %s%s, critic ZeRO-%d%s, reference %s, reward %s%s",
                 _describe(ds.actor_zero_stage, ds.actor_quantization),

@@ -95,7 +95,7 @@ class PPOTrainer:
         try:
             transform = self._normalise if cfg.ppo.normalize_reward else None
             reward = lambda seqs, mask: faults.poison(roles.reward(seqs, mask), step)  # noqa: E731
-            return make_experience(roles.actor, roles.ref, roles.critic, reward, sequences,
+            return make_experience(roles.actor, roles.reference, roles.critic, reward, sequences,
                                    cfg.data.max_prompt_seq_len, self.tokenizer.pad_token_id,
                                    self.tokenizer.eos_token_id, kl_coef=self.kl_ctl.coef,
                                    clip_reward_value=cfg.ppo.clip_reward_value, gamma=cfg.ppo.gamma,

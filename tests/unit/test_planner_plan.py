@@ -11,7 +11,7 @@ from engine.config import Step3Config, parse_config
 from engine.errors import UserError
 from engine.planner.__main__ import main as planner_main
 from engine.planner.activations import kv_cache_bytes, layer_saved_bytes, logits_bytes, training_activation_bytes
-from engine.planner.plan import GiB, Hardware, Knobs, Workload, knobs_from_step3, predict, search
+from engine.planner.plan import GiB, Hardware, Knobs, Workload, knobs_from_step3, predict, role_states, search
 from engine.planner.shapes import ModelShape, load_config, model_shape_of
 
 # h 8, kv 8, I 16, 2 layers, vocab 10; 4 Linear targets of (8, 8) for LoRA arithmetic.
@@ -154,3 +154,13 @@ def test_auto_fit_keeps_set_flags_and_fills_the_rest():
     assert "--auto_fit chose" in message
     with pytest.raises(UserError, match="nothing fits 1 x 8 GiB.*GiB more per GPU"):
         auto_fit(cfg, Hardware(1, 8, 64), config, config)
+
+
+def test_the_planner_names_the_roles_as_the_engine_does(llama7b):
+    from dataclasses import fields
+
+    from engine.models.roles import ROLE_NAMES, Roles
+
+    states = role_states(Workload(*llama7b, 256, 256, 1), Knobs(enable_ema=True))
+    assert tuple(r for r in states if r != "workspace") == ROLE_NAMES  # + ZeRO's buffers shared by the roles
+    assert set(ROLE_NAMES) <= {f.name for f in fields(Roles)}
