@@ -130,8 +130,8 @@ def build_models(args: argparse.Namespace, dist: Any, dtype: str) -> dict[str, t
 
 
 class Probe:
-    """Handed to step 3's `main(benchmark=...)`: sees the built run before the PPO loop, starts counting
-    the roles' model states, and asks the planner for its prediction."""
+    """Attached to step 3's built run (`step3_rlhf.main.build`) before its PPO loop: starts counting the
+    roles' model states, and asks the planner for its prediction."""
 
     def __init__(self) -> None:
         self.run: Any = None
@@ -144,8 +144,7 @@ class Probe:
 
         self.run = run
         roles = run.roles
-        self.tracker = RoleMemoryTracker({"actor": roles.actor, "critic": roles.critic, "reference": roles.ref,
-                                          "reward": roles.reward, "ema": roles.ema})
+        self.tracker = RoleMemoryTracker(roles.by_name())
         self.tracker.watch_steps(max_steps=2)
         self.planner, self.planner_note = planner_prediction(run.cfg, run.dist.world_size)
 
@@ -192,7 +191,7 @@ def model_facts(name: str, config: Any, engine: Any) -> dict[str, Any]:
 
     data = config.to_dict()
     params = list(engine.module.parameters())
-    numel = lambda p: getattr(p, "ds_numel", p.numel())  # noqa: E731
+    from engine.runtime.ds_private import full_numel as numel
     heads = config_value(data, HEAD_KEYS)
     return {"name": name, "model_type": config.model_type, "num_layers": config_value(data, LAYER_KEYS),
             "hidden_size": config_value(data, HIDDEN_KEYS), "intermediate_size": config_value(data, INTERMEDIATE_KEYS),
@@ -269,6 +268,8 @@ def make_report(args: argparse.Namespace, probe: Probe, folders: dict[str, tuple
 
 def run_benchmark(args: argparse.Namespace, step3_flags: list[str]) -> dict[str, Any] | None:
     """Build the models, run step 3 in this process, and return the report (None on ranks other than 0)."""
+    from engine.config import Step3Config
+    from engine.flags import parse_config
     from engine.preflight import default_dtype
     from engine.runtime.distributed import init_distributed, setup_logging
     from step3_rlhf import main as step3
@@ -278,7 +279,9 @@ def run_benchmark(args: argparse.Namespace, step3_flags: list[str]) -> dict[str,
     dtype = args.dtype or default_dtype()
     folders = build_models(args, dist, dtype)
     probe = Probe()
-    step3.main(step3_argv(args, folders, dtype, step3_flags), benchmark=probe)
+    run = step3.build(parse_config(Step3Config, step3_argv(args, folders, dtype, step3_flags)))
+    probe(run)
+    step3.run_ppo(run, measure_only=True)
     role_bytes = probe.tracker.finish()
     if not dist.is_main:
         return None

@@ -72,11 +72,8 @@ def main(argv: Sequence[str] | None = None) -> None:
     model = load_reward_model(model_path, cfg.model, tokenizer, cfg.ds.dtype, ds_config, cfg.ds.gradient_checkpointing)
     if cfg.lora.lora_dim > 0:
         model = add_lora(model, cfg.lora)
-    engine = init_trained_engine(model, ds_config, lr=cfg.train.learning_rate, weight_decay=cfg.train.weight_decay,
-                                 lora_lr=cfg.lora.lora_learning_rate,
-                                 betas=(cfg.train.adam_beta1, cfg.train.adam_beta2),
-                                 offload=cfg.ds.offload, scheduler_type=cfg.train.lr_scheduler_type,
-                                 warmup_steps=cfg.train.num_warmup_steps, total_steps=schedule.total_steps)
+    engine = init_trained_engine(model, ds_config, train=cfg.train, lora=cfg.lora, ds=cfg.ds,
+                                 total_steps=schedule.total_steps)
 
     # Resume or start.
     position, metrics = start_run(cfg, engine, out, dist)

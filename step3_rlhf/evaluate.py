@@ -25,10 +25,12 @@ from pathlib import Path
 
 import torch
 
+from engine.config import ModelArgs
 from engine.data.sources import BUNDLED, load_source
 from engine.errors import UserError
 from engine.eval.compare import markdown_samples, markdown_table, run_model, summarize
-from engine.models.inference import load_for_inference, load_reward_for_inference, load_tokenizer
+from engine.models.inference import check_model_path, load_for_inference, load_reward_for_inference
+from engine.models.load import load_tokenizer
 from engine.models.reward_model import RewardModel
 from engine.runtime.atomic import write_atomically
 from engine.runtime.distributed import gpu_wanted
@@ -113,11 +115,15 @@ def main(argv: Sequence[str] | None = None) -> None:
 
     # Inputs first: every folder exists and shares one vocabulary, and the reward model is one, before
     # any answer is generated. Then one compared model at a time is in memory (with reference and RM).
-    tokenizer = load_tokenizer(first, args.trust_remote_code)
+    model_args = ModelArgs(trust_remote_code=args.trust_remote_code)
+    for path in dict.fromkeys([*paths.values(), args.reference, args.reward_model]):
+        if path is not None:
+            check_model_path(path)
+    tokenizer = load_tokenizer(first, model_args, padding_side="left")
     for path in dict.fromkeys([*paths.values(), args.reference, args.reward_model]):
         if path in (None, first):
             continue
-        if load_tokenizer(path, args.trust_remote_code).get_vocab() != tokenizer.get_vocab():
+        if load_tokenizer(path, model_args, padding_side="left").get_vocab() != tokenizer.get_vocab():
             raise UserError(f"{path} has another tokenizer than {first}; the models compared, the reference and "
                             "the reward model must share one vocabulary")
     reward = RewardModel(load_reward_for_inference(args.reward_model, args.trust_remote_code)[0]).to(device).eval()

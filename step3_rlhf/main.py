@@ -17,8 +17,7 @@ advantages, then --ppo_epochs passes of PPO updates over that experience.
 from __future__ import annotations
 
 import logging
-import time
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass
 from functools import partial
 from pathlib import Path
@@ -28,20 +27,19 @@ import torch
 from tqdm import tqdm
 
 from engine.config import Step3Config
-from engine.data import sort_task
 from engine.data.prompts import collate_left_padded, load_prompt_data
 from engine.data.unsupervised import collate_blocks, load_ptx_data
 from engine.errors import UserError
+from engine.eval.compare import rule_checks
 from engine.flags import parse_config, save_config_yaml
 from engine.models.load import hf_model
 from engine.models.roles import Roles, build_roles, load_step3_tokenizer, resolve_paths
 from engine.observe.metrics import plot_curves
 from engine.observe.perf import (
+    StepTimer,
     activation_factor,
     current_memory_gb,
     model_shape,
-    peak_memory_gb,
-    reset_peak_memory,
     step3_throughput,
 )
 from engine.ppo.experience import Experience, reward_scores, sequence_masks
@@ -56,6 +54,8 @@ from engine.runtime.checkpoint import (
     save_resume_state,
 )
 from engine.runtime.distributed import DistInfo, all_reduce_sum, init_distributed, setup_logging
+from engine.runtime.ds_config import DTYPE_BYTES
+from engine.runtime.ds_private import full_numel
 from engine.runtime.entry import run_main
 from engine.runtime.run import Schedule, check_output_dir, epoch_windows, make_loader, start_run, to_device
 
@@ -82,10 +82,32 @@ class PPOSchedule:
         return cls(steps, micro, steps.total_steps * micro * t.ppo_epochs // t.gradient_accumulation_steps)
 
 
-def main(argv: Sequence[str] | None = None, *, benchmark: Callable[[Run], None] | None = None) -> None:
-    """`benchmark` (benchmarks/rlhf_step.py) is called with the built run just before the PPO loop; such
-    a run skips the evaluations, the saved models and the plots, which a throughput measurement does not want."""
-    cfg = parse_config(Step3Config, argv, description=__doc__)
+@dataclass
+class Run:
+    """A built step-3 run: `build` makes it, `run_ppo` runs it."""
+
+    cfg: Step3Config
+    roles: Roles
+    trainer: PPOTrainer
+    tokenizer: Any
+    dist: DistInfo
+    out: Path
+    metrics: Any
+    model_shapes: dict[str, Any]  # the fixed inputs of `step3_throughput`, from `model_shapes`
+    plan: PPOSchedule
+    prompt_loader: Any
+    eval_loader: Any
+    ptx_loader: Any | None
+    position: dict[str, int]      # epoch, step_in_epoch, global_step: where the loop starts (a resume's)
+    baseline_gb: float            # memory in use before any model was built
+
+
+def main(argv: Sequence[str] | None = None) -> None:
+    run_ppo(build(parse_config(Step3Config, argv, description=__doc__)))
+
+
+def build(cfg: Step3Config) -> Run:
+    """Distributed set-up and seed, inputs checked, data, the roles and the PPO trainer, resumed with --resume."""
     out = check_output_dir(cfg.log.output_dir, resume=cfg.log.resume)
     dist = init_distributed(cfg.train.seed, peer_timeout=cfg.fault.peer_timeout)
     setup_logging(dist.is_main)
@@ -95,17 +117,7 @@ def main(argv: Sequence[str] | None = None, *, benchmark: Callable[[Run], None] 
     if cfg.ds.auto_fit:
         cfg = fit_to_machine(cfg, dist, actor_path, critic_path)
     tokenizer = load_step3_tokenizer(cfg, actor_path, critic_path)
-    cache_dir = Path(cfg.data.data_output_path or out / "data_cache")
-    width = cfg.data.max_prompt_seq_len
-    train_prompts, eval_prompts = load_prompt_data(cfg.data_args(), tokenizer, width, cache_dir, cfg.train.seed, dist)
-    collate = partial(collate_left_padded, pad_id=tokenizer.pad_token_id, width=width)
-    gen_bs = cfg.train.per_device_generation_batch_size
-    prompt_loader = make_loader(train_prompts, gen_bs, dist, True, cfg.train.seed, collate)
-    eval_loader = make_loader(eval_prompts, gen_bs, dist, False, cfg.train.seed, collate)
-    ptx_loader = None
-    if cfg.data.unsupervised_dataset_name:
-        ptx = load_ptx_data(cfg.data, tokenizer, cache_dir, dist)
-        ptx_loader = make_loader(ptx, gen_bs, dist, True, cfg.train.seed, collate_blocks)
+    prompt_loader, eval_loader, ptx_loader = make_loaders(cfg, tokenizer, out, dist)
     batches = min(len(prompt_loader), len(ptx_loader)) if ptx_loader is not None else len(prompt_loader)
     plan = PPOSchedule.of(cfg, batches)
 
@@ -126,20 +138,41 @@ def main(argv: Sequence[str] | None = None, *, benchmark: Callable[[Run], None] 
     logger.info("PPO: %d steps (%d per epoch), %d micro-batches of %d per step, %d optimizer steps, %d ranks",
                 plan.steps.total_steps, plan.steps.steps_per_epoch, plan.micro_batches,
                 cfg.train.per_device_training_batch_size, plan.optimizer_steps, dist.world_size)
-    run = Run(cfg, roles, trainer, tokenizer, dist, out, metrics, model_shapes(cfg, roles))
-    if position["global_step"] == 0:
-        first = {} if benchmark is not None else evaluate(run, eval_loader)
-        metrics.log(0, {"memory/baseline_gb": baseline_gb} | first)
-    if benchmark is not None:
-        benchmark(run)
+    return Run(cfg, roles, trainer, tokenizer, dist, out, metrics, model_shapes(cfg, roles), plan,
+               prompt_loader, eval_loader, ptx_loader, position, baseline_gb)
 
-    stopped = train(run, prompt_loader, ptx_loader, eval_loader, plan, position)
+
+def make_loaders(cfg: Step3Config, tokenizer: Any, out: Path, dist: DistInfo) -> tuple[Any, Any, Any | None]:
+    """(training prompts, held-out prompts, PTX blocks or None), prompts left-padded to --max_prompt_seq_len."""
+    cache_dir = Path(cfg.data.data_output_path or out / "data_cache")
+    width = cfg.data.max_prompt_seq_len
+    train_prompts, eval_prompts = load_prompt_data(cfg.data_args(), tokenizer, width, cache_dir, cfg.train.seed, dist)
+    collate = partial(collate_left_padded, pad_id=tokenizer.pad_token_id, width=width)
+    gen_bs = cfg.train.per_device_generation_batch_size
+    prompt_loader = make_loader(train_prompts, gen_bs, dist, True, cfg.train.seed, collate)
+    eval_loader = make_loader(eval_prompts, gen_bs, dist, False, cfg.train.seed, collate)
+    ptx_loader = None
+    if cfg.data.unsupervised_dataset_name:
+        ptx = load_ptx_data(cfg.data, tokenizer, cache_dir, dist)
+        ptx_loader = make_loader(ptx, gen_bs, dist, True, cfg.train.seed, collate_blocks)
+    return prompt_loader, eval_loader, ptx_loader
+
+
+def run_ppo(run: Run, *, measure_only: bool = False) -> None:
+    """The PPO loop from where `build` left it, then the final evaluation, the saved models and the plots.
+    `measure_only` (benchmarks/rlhf_step.py, whose probe has seen the built run) skips the evaluations,
+    the saved models and the plots, which a throughput measurement does not want."""
+    cfg, dist, metrics, position, out = run.cfg, run.dist, run.metrics, run.position, run.out
+    if position["global_step"] == 0:
+        first = {} if measure_only else evaluate(run)
+        metrics.log(0, {"memory/baseline_gb": run.baseline_gb} | first)
+    stopped = train(run)
     if stopped is not None:
         logger.info("stopped by --test_stop_step at PPO step %d", stopped)
-    if benchmark is not None:
+    if measure_only:
         metrics.close()
         return
-    final = evaluate(run, eval_loader)
+    final = evaluate(run)
     if not eval_due(cfg, position["global_step"]):
         metrics.log(position["global_step"], final)
     save_models(run, out)
@@ -165,21 +198,10 @@ def fit_to_machine(cfg: Step3Config, dist: DistInfo, actor_path: str, critic_pat
     return fitted
 
 
-@dataclass
-class Run:
-    cfg: Step3Config
-    roles: Roles
-    trainer: PPOTrainer
-    tokenizer: Any
-    dist: DistInfo
-    out: Path
-    metrics: Any
-    model_shapes: dict[str, Any]  # the fixed inputs of `step3_throughput`, from `model_shapes`
-
-
-def train(run: Run, prompt_loader, ptx_loader, eval_loader, plan: PPOSchedule, position: dict[str, int]) -> int | None:
+def train(run: Run) -> int | None:
     """The PPO loop; returns the step at which --test_stop_step ended it, else None."""
-    cfg, dist = run.cfg, run.dist
+    cfg, dist, plan, position = run.cfg, run.dist, run.plan, run.position
+    prompt_loader, ptx_loader = run.prompt_loader, run.ptx_loader
     step, history = position["global_step"], []
     guard = BadStepGuard(cfg.fault.max_bad_steps, namespace="ppo", step_name="PPO step",
                          last_checkpoint=step or None)  # a resumed run starts at one
@@ -191,13 +213,13 @@ def train(run: Run, prompt_loader, ptx_loader, eval_loader, plan: PPOSchedule, p
         ptx_windows = (epoch_windows(ptx_loader, epoch, first, plan.steps, cfg.train.generation_batches)
                        if ptx_loader is not None else None)
         for step_in_epoch, prompts in enumerate(windows, start=first):
-            row = ppo_step(run, prompts, next(ptx_windows) if ptx_windows is not None else None, plan, step + 1, guard)
+            row = ppo_step(run, prompts, next(ptx_windows) if ptx_windows is not None else None, step + 1, guard)
             step += 1
             position.update(epoch=epoch, step_in_epoch=step_in_epoch + 1, global_step=step)
             row |= {"train/actor_lr": run.roles.actor.get_lr()[0], "train/critic_lr": run.roles.critic.get_lr()[0],
                     "train/epoch": epoch}
             if eval_due(cfg, step):
-                row |= evaluate(run, eval_loader)
+                row |= evaluate(run)
             if guard.healthy:  # a bad step's NaN statistics would blind the trend checks
                 history.append(row)
                 for warning in health_warnings(history, cfg.ppo.warn_kl_above):
@@ -221,25 +243,24 @@ def train(run: Run, prompt_loader, ptx_loader, eval_loader, plan: PPOSchedule, p
     return None
 
 
-def ppo_step(run: Run, prompt_batches: list[dict], ptx_batches: list[dict] | None, plan: PPOSchedule,
-             step: int, guard: BadStepGuard) -> dict[str, float]:
+def ppo_step(run: Run, prompt_batches: list[dict], ptx_batches: list[dict] | None, step: int,
+             guard: BadStepGuard) -> dict[str, float]:
     """Generate -> score -> rewards and advantages -> PPO updates, for one PPO step. Returns its metrics.
     A NaN or inf in the rollout skips the updates; that, a NaN or inf loss, or an update an optimizer
     skipped makes it a bad step for `guard`."""
     cfg, trainer, dist = run.cfg, run.trainer, run.dist
     actor, critic = run.roles.actor, run.roles.critic
-    timing = {"generate": 0.0, "experience": 0.0, "train": 0.0}
-    peaks = {}
+    timer = StepTimer(dist.device, phases=("generate", "experience", "train"))
     kl_coef = trainer.kl_ctl.coef
 
-    # 1. Generate and 2. score: experience from every generation batch of this step.
+    # 1.-3. for every generation batch of this step: its experience.
     experiences: list[Experience] = []
     per_seq: list[dict[str, torch.Tensor]] = []
     for batch in prompt_batches:
         batch = to_device(batch, dist.device)
-        with _phase(timing, peaks, "generate", dist):
+        with timer.phase("generate"):  # 1. generate
             sequences = trainer.generate(batch)
-        with _phase(timing, peaks, "experience", dist):
+        with timer.phase("experience"):  # 2. score (reference, critic, reward model), 3. rewards and advantages
             exp, stats = trainer.experience(sequences, batch["attention_mask"], step)
         experiences.append(exp)
         per_seq.append(stats)
@@ -252,12 +273,14 @@ def ppo_step(run: Run, prompt_batches: list[dict], ptx_batches: list[dict] | Non
     if rollout_ok:
         trainer.kl_ctl.update(row["rollout/kl"], int(row["rollout/sequences"]))
 
-    # 3. PPO updates over the step's experience (+ PTX), 4. EMA.
+    # 4. PPO updates over the step's experience (+ PTX), then the EMA.
     ptx = [to_device(b, dist.device) for b in ptx_batches] if ptx_batches is not None else None
     skipped = actor.skipped_steps + critic.skipped_steps
-    with _phase(timing, peaks, "train", dist):
+    with timer.phase("train"):
         if rollout_ok:
             row |= trainer.ppo_updates(experiences, ptx, step)
+
+    # 5. log: the step's health, optimizer, timing, memory and throughput figures.
     loss_bad = row.pop("ppo/nonfinite", 0.0) > 0
     row |= guard.record(step, nonfinite=not rollout_ok or loss_bad,
                         skipped=actor.skipped_steps + critic.skipped_steps > skipped,
@@ -265,8 +288,8 @@ def ppo_step(run: Run, prompt_batches: list[dict], ptx_batches: list[dict] | Non
     fp16 = cfg.ds.dtype == "fp16"
     row |= optimizer_metrics(actor, "ppo/actor_", fp16) | optimizer_metrics(critic, "ppo/critic_", fp16)
     row["ppo/kl_coef"] = kl_coef
-    row |= {f"timing/{k}_s": v for k, v in timing.items()}
-    row |= {f"memory/{k}_peak_gb": v for k, v in peaks.items()}
+    row |= {f"timing/{k}_s": v for k, v in timer.seconds.items()}
+    row |= {f"memory/{k}_peak_gb": v for k, v in timer.peaks.items()}
     row["memory/current_gb"] = current_memory_gb(dist.device)
     if not rollout_ok:  # no updates: no training throughput
         return row
@@ -275,28 +298,9 @@ def ppo_step(run: Run, prompt_batches: list[dict], ptx_batches: list[dict] | Non
         generation_batches=cfg.train.generation_batches, ppo_epochs=cfg.train.ppo_epochs, ptx=ptx is not None,
         world_size=dist.world_size, seq_length=cfg.data.max_prompt_seq_len + cfg.data.max_answer_seq_len,
         decode_steps=sum(e.sequences.shape[1] for e in experiences) / len(experiences) - cfg.data.max_prompt_seq_len,
-        generate_s=timing["generate"] / cfg.train.generation_batches, train_s=timing["train"],
-        e2e_s=sum(timing.values()))
+        generate_s=timer.seconds["generate"] / cfg.train.generation_batches, train_s=timer.seconds["train"],
+        e2e_s=sum(timer.seconds.values()))
     return row
-
-
-class _phase:
-    """Time a phase (synchronised across ranks) and record its peak memory."""
-
-    def __init__(self, timing: dict[str, float], peaks: dict[str, float], name: str, dist: DistInfo):
-        self.timing, self.peaks, self.name, self.dist = timing, peaks, name, dist
-
-    def __enter__(self) -> None:
-        reset_peak_memory(self.dist.device)
-        if self.dist.device.type == "cuda":
-            torch.cuda.synchronize(self.dist.device)
-        self.start = time.perf_counter()
-
-    def __exit__(self, *exc: object) -> None:
-        if self.dist.device.type == "cuda":
-            torch.cuda.synchronize(self.dist.device)
-        self.timing[self.name] += time.perf_counter() - self.start
-        self.peaks[self.name] = max(self.peaks.get(self.name, 0.0), peak_memory_gb(self.dist.device))
 
 
 def rollout_stats(per_seq: list[dict[str, torch.Tensor]], dist: DistInfo) -> dict[str, float]:
@@ -327,7 +331,7 @@ def eval_due(cfg: Step3Config, step: int) -> bool:
 
 
 @torch.no_grad()
-def evaluate(run: Run, loader) -> dict[str, float]:
+def evaluate(run: Run) -> dict[str, float]:
     """The actor's answers to held-out prompts, decoded as in the rollouts (or greedily with
     --eval_greedy): reward score, length, and the sorting rule where the prompts are the bundled
     task's (`engine.data.sort_task`). Sampling uses a fixed seed of its own, so every evaluation sees the
@@ -339,7 +343,7 @@ def evaluate(run: Run, loader) -> dict[str, float]:
         kwargs = {k: v for k, v in kwargs.items() if k not in ("temperature", "top_p", "top_k")} | {"do_sample": False}
     with torch.random.fork_rng(devices=[dist.device] if dist.device.type == "cuda" else []):
         torch.manual_seed(cfg.train.seed + 1000 * dist.rank)
-        return _evaluate(run, loader, kwargs, width, per_rank)
+        return _evaluate(run, run.eval_loader, kwargs, width, per_rank)
 
 
 def _evaluate(run: Run, loader, kwargs: dict[str, Any], width: int, per_rank: int) -> dict[str, float]:
@@ -356,13 +360,11 @@ def _evaluate(run: Run, loader, kwargs: dict[str, Any], width: int, per_rank: in
         mask, action_mask = sequence_masks(sequences, width, tok.pad_token_id, tok.eos_token_id,
                                            batch["attention_mask"])
         scores = reward_scores(roles.reward, sequences, mask).double().cpu()
-        for i in range(sequences.shape[0]):
-            prompt = tok.decode(sequences[i, :width], skip_special_tokens=True)
-            answer = tok.decode(sequences[i, width:][mask[i, width:].bool()], skip_special_tokens=True)
-            if sort_task.parse_prompt(prompt) is not None:
-                sums[3] += 1
-                sums[4] += float(sort_task.is_correct(prompt, answer))
-        sums[:3] += torch.tensor([float(len(scores)), float(scores.sum()), float(action_mask.sum())])
+        prompts = tok.batch_decode(sequences[:, :width], skip_special_tokens=True)
+        answers = [tok.decode(s[width:][m[width:].bool()], skip_special_tokens=True) for s, m in zip(sequences, mask)]
+        checked, correct = rule_checks(prompts, answers)
+        sums += torch.tensor([float(len(scores)), float(scores.sum()), float(action_mask.sum()),
+                              float(checked.sum()), float(correct.sum())], dtype=torch.float64)
     n, score, length, checked, correct = all_reduce_sum(sums.tolist(), dist.device)
     row = {"eval/score_mean": score / max(n, 1), "eval/response_len": length / max(n, 1)}
     if checked:
@@ -379,8 +381,8 @@ def model_shapes(cfg: Step3Config, roles: Roles) -> dict[str, Any]:
                                          model_shape(actor_cfg)[1]),
             "critic_k": activation_factor(ds.critic_gradient_checkpointing, lora.critic_lora_dim,
                                           model_shape(critic_cfg)[1]),
-            "actor_params": sum(getattr(p, "ds_numel", p.numel()) for p in roles.actor.module.parameters()),
-            "bytes_per_param": {"fp16": 2, "bf16": 2, "fp32": 4}[ds.dtype]}
+            "actor_params": sum(full_numel(p) for p in roles.actor.module.parameters()),
+            "bytes_per_param": DTYPE_BYTES[ds.dtype]}
 
 
 def save_models(run: Run, folder: Path) -> None:

@@ -167,15 +167,12 @@ def planner_errors(planner: Mapping[str, Any], measured_peaks: Mapping[str, floa
              for phase in PHASES}
     roles: dict[str, dict[str, float | None]] = {}
     for role, predicted in planner.get("roles", {}).items():
-        measured = measured_roles.get(ROLE_ALIASES.get(role, role))
+        measured = measured_roles.get(role)
         if measured is None:
             continue
         roles[role] = {c: relative_error(predicted.get(c), measured[c]["gpu"] + (measured[c]["cpu"] if on_cpu else 0.0))
                        for c in ROLE_CATEGORIES if c in predicted}
     return {"peak_gb": peaks, "roles": roles}
-
-
-ROLE_ALIASES = {"ref": "reference", "reward_model": "reward", "actor_ema": "ema"}
 
 
 # ---------------------------------------------------------------------------------------------- Markdown
@@ -244,7 +241,7 @@ def _planner_markdown(planner: Mapping[str, Any] | None, errors: Mapping[str, An
                     f"{_pct(errors.get('peak_gb', {}).get(phase))} |")
     rows += ["", "| role | state | planner GB | measured GB | error |", "|---|---|---|---|---|"]
     for role, predicted in planner.get("roles", {}).items():
-        measured = measured_roles.get(ROLE_ALIASES.get(role, role))
+        measured = measured_roles.get(role)
         for category, value in predicted.items():
             got = (measured[category]["gpu"] + (measured[category]["cpu"] if on_cpu else 0.0)
                    if measured is not None and category in measured else None)

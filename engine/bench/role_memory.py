@@ -26,6 +26,8 @@ from typing import Any
 
 import torch
 
+from engine.runtime.ds_private import inner_optimizer, partition, shadow_step
+
 CATEGORIES = ("parameters", "gradients", "buffers", "optimizer")
 KINDS = ("gpu", "cpu")
 _BUCKET_WORDS = ("ipg", "bucket")
@@ -51,8 +53,8 @@ def _storage_key(t: torch.Tensor) -> tuple[str, int, int] | None:
 def _param_tensors(module: torch.nn.Module) -> Iterator[torch.Tensor]:
     for p in module.parameters():
         yield p
-        if getattr(p, "ds_tensor", None) is not None:
-            yield p.ds_tensor
+        if partition(p) is not None:
+            yield partition(p)
         quant = getattr(p, "quant_state", None)
         if isinstance(getattr(quant, "absmax", None), torch.Tensor):
             yield quant.absmax
@@ -135,7 +137,7 @@ class RoleMemoryTracker:
     def __init__(self, engines: dict[str, Any]) -> None:
         self.engines = {name: e for name, e in engines.items() if e is not None}
         self.peaks = {name: role_memory(e) for name, e in self.engines.items()}
-        self._patched: list[tuple[Any, Any]] = []  # (object, its own `step` attribute or None) we shadowed
+        self._undo: list[Any] = []  # undoes each `step` we shadowed
 
     def watch_steps(self, max_steps: int | None = None) -> None:
         """Count during the optimizer steps of the trained roles, the first `max_steps` engine steps only
@@ -145,34 +147,31 @@ class RoleMemoryTracker:
             if optimizer is None:
                 continue
             remaining = [max_steps if max_steps is not None else -1]
-            inner = getattr(optimizer, "optimizer", None)
-            if isinstance(inner, torch.optim.Optimizer):
+            inner = inner_optimizer(engine)
+            if inner is not None:
                 self._patch(inner, name, engine, remaining, counts_step=False)
             self._patch(engine, name, engine, remaining, counts_step=True)
 
     def _patch(self, obj: Any, name: str, engine: Any, remaining: list[int], counts_step: bool) -> None:
-        step = obj.step
+        def wrap(step: Any) -> Any:
+            @functools.wraps(step)  # keeps the marks torch's LR scheduler looks for on optimizer.step
+            def counted_step(*args: Any, **kwargs: Any) -> Any:
+                if remaining[0] != 0:
+                    self.peaks[name] = merge_max(self.peaks[name], role_memory(engine))
+                try:
+                    return step(*args, **kwargs)
+                finally:
+                    if counts_step and remaining[0] > 0:  # after the inner optimizer's step has been counted too
+                        remaining[0] -= 1
 
-        @functools.wraps(step)  # keeps the marks torch's LR scheduler looks for on optimizer.step
-        def counted_step(*args: Any, **kwargs: Any) -> Any:
-            if remaining[0] != 0:
-                self.peaks[name] = merge_max(self.peaks[name], role_memory(engine))
-            try:
-                return step(*args, **kwargs)
-            finally:
-                if counts_step and remaining[0] > 0:  # after the inner optimizer's step has been counted too
-                    remaining[0] -= 1
+            return counted_step
 
-        self._patched.append((obj, vars(obj).get("step")))
-        obj.step = counted_step  # an instance attribute: shadows the class's method until `unwatch`
+        self._undo.append(shadow_step(obj, wrap))
 
     def unwatch(self) -> None:
-        for obj, own in reversed(self._patched):
-            if own is None:
-                del obj.step
-            else:
-                obj.step = own
-        self._patched.clear()
+        for undo in reversed(self._undo):
+            undo()
+        self._undo.clear()
 
     def finish(self) -> dict[str, dict[str, dict[str, int]]]:
         """Stop watching, count once more (Adam's moments exist after the first step); the peaks in bytes."""

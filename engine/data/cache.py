@@ -5,8 +5,6 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
-import os
-import tempfile
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -19,6 +17,7 @@ from engine.config import DataArgs, Step1DataArgs
 from engine.data.sort_task import ASSET_DIR as BUNDLED_DIR
 from engine.data.sources import BUNDLED, LOCAL_JSONFILE, LOCAL_JSONFILE_DIR
 from engine.errors import UserError
+from engine.runtime.atomic import write_atomically
 from engine.runtime.distributed import DistInfo, all_reduce_sum, barrier
 
 logger = logging.getLogger("engine")
@@ -86,19 +85,10 @@ def split_tensors(tensors: dict[str, torch.Tensor], split: str) -> dict[str, tor
 
 
 def _write(path: Path, tensors: dict[str, torch.Tensor], meta: dict[str, str]) -> None:
-    """Write to a temp file beside `path`, flush it to disk, then rename it to `path`: a crash mid-write
-    never leaves a file at `path` (a later run rebuilds), and a failure seen here removes the temp file."""
+    """Written atomically and flushed to disk: a crash mid-write never leaves a file at `path` (a later run
+    rebuilds), and a failure seen here removes the temp file."""
     path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=path.name + ".tmp-", dir=path.parent)
-    os.close(fd)
-    try:
-        save_file(tensors, tmp, metadata=meta)
-        with open(tmp, "rb") as f:
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+    write_atomically(path, lambda tmp: save_file(tensors, str(tmp), metadata=meta), fsync=True)
 
 
 def _complete(path: Path) -> bool:

@@ -40,11 +40,19 @@ def win_rates(scores: torch.Tensor) -> torch.Tensor:
     return ((scores > first).double() + 0.5 * (scores == first).double()).mean(dim=1)
 
 
+def rule_checks(prompts: list[str], answers: list[str]) -> tuple[torch.Tensor, torch.Tensor]:
+    """((N,) bool: the prompt is the bundled task's, (N,) bool: its answer is right by the task's rule,
+    `engine.data.sort_task.is_correct`; False where the prompt is not the task's)."""
+    checked = torch.tensor([sort_task.parse_prompt(p) is not None for p in prompts], dtype=torch.bool)
+    correct = torch.tensor([bool(c) and sort_task.is_correct(p, a) for p, a, c in zip(prompts, answers, checked)],
+                           dtype=torch.bool)
+    return checked, correct
+
+
 def rule_truth(prompts: list[str], answers: list[str]) -> torch.Tensor | None:
     """(N,) bool: each answer right by the bundled task's rule; None unless every prompt is the task's."""
-    if not prompts or any(sort_task.parse_prompt(p) is None for p in prompts):
-        return None
-    return torch.tensor([sort_task.is_correct(p, a) for p, a in zip(prompts, answers)])
+    checked, correct = rule_checks(prompts, answers)
+    return correct if prompts and bool(checked.all()) else None
 
 
 def summarize(results: dict[str, Answers]) -> dict[str, dict[str, float]]:

@@ -17,11 +17,11 @@ from __future__ import annotations
 import json
 import shutil
 import sys
-import tempfile
 from pathlib import Path
 from typing import Any
 
 from engine.observe.metrics import plot_curves, read_metrics
+from engine.runtime.atomic import publish_folder, staging_folder
 
 # Each step's title and the keys of its curves.
 STEPS = {
@@ -78,16 +78,10 @@ def build_report(out: Path, pipeline: dict[str, Any] | None = None) -> Path:
     if pipeline is None:
         previous = final / "summary.json"
         pipeline = json.loads(previous.read_text()).get("pipeline", {}) if previous.is_file() else {}
-    stage = Path(tempfile.mkdtemp(dir=out, prefix=".report-"))
-    try:
+    with staging_folder(final) as stage:
         summary = _write(out, stage, pipeline)
         (stage / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
-        if final.exists():
-            shutil.rmtree(final)
-        stage.rename(final)
-    except BaseException:
-        shutil.rmtree(stage, ignore_errors=True)
-        raise
+        publish_folder(stage, final, model=False)
     return final
 
 

@@ -19,6 +19,7 @@ from typing import Any
 import torch
 
 from engine.models.load import copy_missing_buffers, hf_model, is_quantized, meta_skeleton
+from engine.runtime.ds_private import gathered_scratch, persistent
 
 
 def _fused_tensors(inner: torch.nn.Module, may_modify: bool) -> dict[str, torch.Tensor]:
@@ -34,7 +35,7 @@ def _fused_tensors(inner: torch.nn.Module, may_modify: bool) -> dict[str, torch.
     for name, layer in lora_layers.items():
         base = layer.get_base_layer().weight
         delta = sum(layer.get_delta_weight(a) for a in layer.active_adapters).to(base.dtype)
-        in_place = may_modify and not getattr(base, "ds_persist", False)  # persistent params stay resident
+        in_place = may_modify and not persistent(base)  # persistent params stay resident
         tensors[f"{name}.weight"] = base.data.add_(delta) if in_place else base.data + delta
         tensors.pop(f"{name}.base_layer.weight")
         if f"{name}.base_layer.bias" in tensors:
@@ -85,10 +86,7 @@ def generation_mode(engine: Any, zero_stage: int) -> Iterator[torch.nn.Module]:
                 with _kv_cache(module):
                     yield module
             elif zero_stage == 3:
-                import deepspeed
-
-                params = list(module.parameters())
-                with deepspeed.zero.GatheredParameters(params, modifier_rank=None):
+                with gathered_scratch(list(module.parameters())):
                     yield hook_free_replica(module, may_modify=True)
             else:
                 yield hook_free_replica(module, may_modify=False)

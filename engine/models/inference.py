@@ -6,33 +6,27 @@ from typing import Any
 
 import torch
 
+from engine.config import ModelArgs
 from engine.errors import UserError
+from engine.models.load import load_tokenizer
 
 
-def load_tokenizer(path: str, trust_remote_code: bool = False) -> Any:
-    """The left-padding tokenizer of a Hugging Face folder or hub name (eos as pad where it has none)."""
-    from transformers import AutoTokenizer
-
+def check_model_path(path: str) -> None:
+    """Refuse a local path that does not exist or holds no config.json (a hub name passes)."""
     local = Path(path).expanduser()
     if local.exists() and not (local / "config.json").is_file():
         raise UserError(f"{path}: no config.json there; give a Hugging Face model folder (a step's --output_dir)")
     if not local.exists() and (path.startswith((".", "/", "~")) or path.count("/") > 1):
         raise UserError(f"{path}: no such model folder; give a Hugging Face model folder (a step's --output_dir) "
                         "or a hub name")
-    try:
-        tok = AutoTokenizer.from_pretrained(path, padding_side="left", trust_remote_code=trust_remote_code)
-    except (OSError, ValueError) as err:
-        raise UserError(f"cannot load the tokenizer of '{path}': {str(err).splitlines()[0][:200]}") from None
-    if tok.pad_token is None:
-        tok.pad_token = tok.eos_token
-    return tok
 
 
 def load_for_inference(path: str, trust_remote_code: bool = False) -> tuple[Any, Any]:
     """(model in eval mode, left-padding tokenizer) from a Hugging Face folder or hub name."""
     from transformers import AutoModelForCausalLM
 
-    tok = load_tokenizer(path, trust_remote_code)
+    check_model_path(path)
+    tok = load_tokenizer(path, ModelArgs(trust_remote_code=trust_remote_code), padding_side="left")
     try:
         model = AutoModelForCausalLM.from_pretrained(path, trust_remote_code=trust_remote_code)
     except (OSError, ValueError) as err:
@@ -47,7 +41,8 @@ def load_reward_for_inference(path: str, trust_remote_code: bool = False) -> tup
 
     if not (Path(path).expanduser() / "config.json").is_file():
         raise UserError(f"{path}: not a model folder (no config.json); give a step-2 --output_dir")
-    tok = load_tokenizer(path, trust_remote_code)
+    check_model_path(path)
+    tok = load_tokenizer(path, ModelArgs(trust_remote_code=trust_remote_code), padding_side="left")
     try:
         model = AutoModelForSequenceClassification.from_pretrained(path, trust_remote_code=trust_remote_code)
     except (OSError, ValueError) as err:

@@ -19,6 +19,7 @@ from engine.config import DataArgs, ModelArgs
 from engine.errors import UserError
 from engine.preflight import missing_quantization_packages
 from engine.runtime.distributed import DistInfo, barrier
+from engine.runtime.ds_private import full_shape
 
 logger = logging.getLogger("engine")
 
@@ -100,8 +101,13 @@ def has_tokenizer_files(folder: Path) -> bool:
                for f in folder.iterdir())
 
 
-def load_tokenizer(path: str, model: ModelArgs, data: DataArgs | None = None) -> Any:
-    """Right-padding tokenizer with a pad token (eos when the tokenizer has none, as DeepSpeed-Chat)."""
+def load_tokenizer(path: str, model: ModelArgs | None = None, data: DataArgs | None = None, *,
+                   padding_side: str = "right") -> Any:
+    """The tokenizer of a model folder or hub name, with a pad token (eos when it has none, as DeepSpeed-Chat).
+
+    Training pads on the right (`padding_side="right"`); generation pads prompts on the left ("left").
+    `model` gives trust_remote_code (default off); `data` adds its --eot_token with --add_eot_token."""
+    model = model or ModelArgs()
     from transformers import AutoTokenizer
 
     folder = Path(path).expanduser()
@@ -109,7 +115,7 @@ def load_tokenizer(path: str, model: ModelArgs, data: DataArgs | None = None) ->
         raise UserError(f"{path} has no tokenizer files (tokenizer.json, tokenizer_config.json, ...); save the "
                         "tokenizer into the model folder (tokenizer.save_pretrained(folder))")
     try:
-        tok = AutoTokenizer.from_pretrained(path, padding_side="right", trust_remote_code=model.trust_remote_code)
+        tok = AutoTokenizer.from_pretrained(path, padding_side=padding_side, trust_remote_code=model.trust_remote_code)
     except (OSError, ValueError, TypeError) as err:
         raise hub_error(path, err) from None
     if tok.pad_token is None:
@@ -157,7 +163,7 @@ def hf_model(model: torch.nn.Module) -> Any:
 def resize_embeddings(model: torch.nn.Module, tokenizer: Any) -> None:
     """Grow the embeddings (to a multiple of 8) when the tokenizer gained tokens (--add_eot_token)."""
     emb = model.get_input_embeddings().weight
-    if len(tokenizer) > (emb.ds_shape[0] if hasattr(emb, "ds_shape") else emb.shape[0]):
+    if len(tokenizer) > full_shape(emb)[0]:
         model.resize_token_embeddings(len(tokenizer), pad_to_multiple_of=8)
 
 

@@ -4,7 +4,7 @@
 - reference: a frozen copy of the step-1 model; ZeRO-3 iff the actor is ZeRO-3, else stage 0.
 - critic: the step-2 reward model, trained as the value function.
 - reward: the step-2 reward model, frozen; ZeRO-3 iff the critic is ZeRO-3, else stage 0.
-- actor_ema (--enable_ema): a frozen, LoRA-shaped copy of the actor moved towards it after each
+- ema (--enable_ema; saved as actor_ema/): a frozen, LoRA-shaped copy of the actor moved towards it after each
   actor update; partitioned like the actor so the two can be gathered in pairs.
 
 Frozen roles are in eval mode, have no gradients and belong to no optimizer (DeepSpeed-Chat's layout).
@@ -31,7 +31,14 @@ from engine.models.load import is_quantized, load_causal_lm, load_tokenizer, res
 from engine.models.lora import apply_lora
 from engine.models.reward_model import add_lora, check_reward_model_config, load_reward_model
 from engine.runtime.distributed import DistInfo
-from engine.runtime.ds_config import eval_ds_config, fill_template, load_template, train_ds_config
+from engine.runtime.ds_config import (
+    eval_ds_config,
+    fill_template,
+    frozen_zero_stage,
+    load_template,
+    train_ds_config,
+)
+from engine.runtime.ds_private import quantize_nontrainable_params
 from engine.runtime.engines import deepspeed_initialize, init_trained_engine
 
 logger = logging.getLogger("engine")
@@ -40,11 +47,14 @@ ROLE_HINTS = {"actor": "; run step 1 first (step1_sft/main.py) or pass its outpu
               "critic": "; run step 2 first (step2_reward/main.py) or pass its output folder"}
 
 
+ROLE_NAMES = ("actor", "critic", "reference", "reward", "ema")  # one vocabulary: here, the planner, the metrics
+
+
 @dataclass
 class Roles:
     actor: Any
     critic: Any
-    ref: Any
+    reference: Any
     reward: Any
     ema: Any | None
     actor_stage: int
@@ -53,9 +63,13 @@ class Roles:
     # (for saving: `engine.runtime.checkpoint.save_hf_folder`).
     actor_full_precision: Callable[[], torch.nn.Module] | None = None
 
+    def by_name(self) -> dict[str, Any]:
+        """{role name: engine} for every role built (`ROLE_NAMES` order; no EMA without --enable_ema)."""
+        return {name: getattr(self, name) for name in ROLE_NAMES if getattr(self, name) is not None}
+
     @property
     def ema_stage(self) -> int:
-        return 3 if self.actor_stage == 3 else 0
+        return frozen_zero_stage(self.actor_stage)
 
 
 def resolve_paths(cfg: Step3Config, dist: DistInfo) -> tuple[str, str]:
@@ -134,7 +148,7 @@ def _train_config(cfg: Step3Config, stage: int, world_size: int, accumulation: i
 
 
 def frozen_ds_config(cfg: Step3Config, follows_stage: int, offload: bool, world_size: int) -> dict[str, Any]:
-    return eval_ds_config(zero_stage=3 if follows_stage == 3 else 0, offload=offload, dtype=cfg.ds.dtype,
+    return eval_ds_config(zero_stage=frozen_zero_stage(follows_stage), offload=offload, dtype=cfg.ds.dtype,
                           micro_batch_size=cfg.train.per_device_training_batch_size, world_size=world_size)
 
 
@@ -172,15 +186,6 @@ def _frozen_config(cfg: Step3Config, quantization: str, follows_stage: int, offl
     return frozen_ds_config(cfg, follows_stage, offload, world_size)
 
 
-def _trained(model: torch.nn.Module, ds_config: dict[str, Any], lr: float, weight_decay: float, lora_lr: float,
-             cfg: Step3Config, total_steps: int) -> Any:
-    t = cfg.train
-    return init_trained_engine(model, ds_config, lr=lr, weight_decay=weight_decay, lora_lr=lora_lr,
-                               betas=(t.adam_beta1, t.adam_beta2), offload=cfg.ds.offload,
-                               scheduler_type=t.lr_scheduler_type, warmup_steps=t.num_warmup_steps,
-                               total_steps=total_steps)
-
-
 def build_roles(cfg: Step3Config, dist: DistInfo, tokenizer: Any, actor_path: str, critic_path: str,
                 total_steps: int, ptx: bool) -> Roles:
     """Load and wrap every role. `total_steps` is the optimizer steps of each trained role's schedule."""
@@ -194,13 +199,13 @@ def build_roles(cfg: Step3Config, dist: DistInfo, tokenizer: Any, actor_path: st
     actor_lora = cfg.role_lora("actor")
     if actor_lora.lora_dim > 0:
         actor = apply_lora(actor, actor_lora)
-    actor_engine = _trained(actor, actor_config, cfg.train.actor_learning_rate, cfg.train.actor_weight_decay,
-                            actor_lora.lora_learning_rate, cfg, total_steps)
+    actor_engine = init_trained_engine(actor, actor_config, train=cfg.train, lora=actor_lora, ds=cfg.ds,
+                                       total_steps=total_steps, role="actor")
     if ds.enable_mixed_precision_lora:
-        actor_engine.optimizer.quantize_nontrainable_params()
+        quantize_nontrainable_params(actor_engine)
     ref_config = _frozen_config(cfg, ds.reference_quantization, ds.actor_zero_stage, ds.offload_reference_model, world)
-    ref = _init_frozen(load_causal_lm(actor_path, actor_args, tokenizer, dtype, ref_config, False,
-                                      ds.reference_quantization, device), ref_config)
+    reference = _init_frozen(load_causal_lm(actor_path, actor_args, tokenizer, dtype, ref_config, False,
+                                            ds.reference_quantization, device), ref_config)
 
     # Critic (+ LoRA) and the frozen reward model, both from the step-2 folder.
     critic_config = critic_ds_config(cfg, world)
@@ -209,8 +214,8 @@ def build_roles(cfg: Step3Config, dist: DistInfo, tokenizer: Any, actor_path: st
     critic_lora = cfg.role_lora("critic")
     if critic_lora.lora_dim > 0:
         critic = add_lora(critic, critic_lora)
-    critic_engine = _trained(critic, critic_config, cfg.train.critic_learning_rate, cfg.train.critic_weight_decay,
-                             critic_lora.lora_learning_rate, cfg, total_steps)
+    critic_engine = init_trained_engine(critic, critic_config, train=cfg.train, lora=critic_lora, ds=cfg.ds,
+                                        total_steps=total_steps, role="critic")
     reward_config = _frozen_config(cfg, ds.reward_quantization, ds.critic_zero_stage, ds.offload_reward_model, world)
     reward = _init_frozen(load_reward_model(critic_path, critic_args, tokenizer, dtype, reward_config, False,
                                             ds.reward_quantization, device), reward_config)
@@ -224,7 +229,7 @@ def build_roles(cfg: Step3Config, dist: DistInfo, tokenizer: Any, actor_path: st
     # What a saved 4-bit actor is made of: the base re-read in --dtype on the CPU, LoRA merged into it.
     full_precision = (partial(load_causal_lm, actor_path, actor_args, tokenizer, dtype, None, False)
                       if ds.actor_quantization != "none" else None)
-    roles = Roles(actor_engine, critic_engine, ref, reward, ema_engine, ds.actor_zero_stage, ds.critic_zero_stage,
+    roles = Roles(actor_engine, critic_engine, reference, reward, ema_engine, ds.actor_zero_stage, ds.critic_zero_stage,
                   full_precision)
     logger.info("roles: actor %s%s, critic ZeRO-%d%s, reference %s, reward %s%s",
                 _describe(ds.actor_zero_stage, ds.actor_quantization),

@@ -17,6 +17,8 @@ from __future__ import annotations
 
 import sys
 import time
+from collections.abc import Iterator
+from contextlib import contextmanager
 
 import torch
 
@@ -162,16 +164,22 @@ def current_memory_gb(device: torch.device | str | int | None) -> float:
 
 
 class StepTimer:
-    """Wall-clock timer for a step. On CUDA it synchronizes before reading the clock, so queued
-    kernels are counted in the step that launched them.
+    """Wall-clock timer for a step or its phases. On CUDA it synchronizes before reading the clock, so
+    queued kernels are counted in the step (or phase) that launched them.
+
+    `start()`/`stop()` time a whole step; `with timer.phase(name):` adds the phase's seconds to
+    `seconds[name]` and keeps its peak memory in `peaks[name]` (the peak window starts anew per phase).
 
     Args:
         device: the training device; None synchronizes only if CUDA has been initialized.
+        phases: names whose `seconds` start at 0, so a phase that never ran still reports 0.
     """
 
-    def __init__(self, device: torch.device | str | int | None = None) -> None:
+    def __init__(self, device: torch.device | str | int | None = None, phases: tuple[str, ...] = ()) -> None:
         self._device = device
         self._start: float | None = None
+        self.seconds: dict[str, float] = dict.fromkeys(phases, 0.0)
+        self.peaks: dict[str, float] = {}
 
     def _sync(self) -> None:
         if self._device is None:
@@ -192,6 +200,16 @@ class StepTimer:
         elapsed = time.perf_counter() - self._start
         self._start = None
         return elapsed
+
+    @contextmanager
+    def phase(self, name: str) -> Iterator[None]:
+        reset_peak_memory(self._device)
+        self.start()
+        try:
+            yield
+        finally:
+            self.seconds[name] = self.seconds.get(name, 0.0) + self.stop()
+            self.peaks[name] = max(self.peaks.get(name, 0.0), peak_memory_gb(self._device))
 
 
 def step3_throughput(*, per_device_generation_batch: int, generation_batches: int, ppo_epochs: int, ptx: bool,

@@ -18,8 +18,8 @@ models: see `logits_bytes` for what step 3 keeps of them in each phase.
 """
 from __future__ import annotations
 
-from engine.planner.model_states import DTYPE_BYTES
 from engine.planner.shapes import ModelShape
+from engine.runtime.ds_config import DTYPE_BYTES
 
 
 def _norm_saved(shape: ModelShape, b: int) -> float:

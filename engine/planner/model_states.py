@@ -23,7 +23,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-DTYPE_BYTES = {"fp32": 4, "bf16": 2, "fp16": 2}
+from engine.runtime.ds_config import DTYPE_BYTES
+
 NF4_BLOCK = 64  # bitsandbytes' 4-bit block size: one fp32 absmax per block
 
 

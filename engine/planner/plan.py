@@ -35,9 +35,9 @@ from engine.planner.activations import (
     logits_bytes,
     training_activation_bytes,
 )
-from engine.planner.model_states import DTYPE_BYTES, Bytes, frozen_role, trained_role
+from engine.planner.model_states import Bytes, frozen_role, trained_role
 from engine.planner.shapes import ModelShape
-from engine.runtime.ds_config import STAGE3_BUCKET, reduce_bucket_elements
+from engine.runtime.ds_config import DTYPE_BYTES, STAGE3_BUCKET, frozen_zero_stage, reduce_bucket_elements
 
 GiB = 2**30
 PHASES = ("generate", "experience", "actor_train", "critic_train")
@@ -167,7 +167,7 @@ def role_states(work: Workload, knobs: Knobs) -> dict[str, dict[str, Bytes]]:
     roles["critic"] = trained(c, lora_c, trainable_c, k.critic_zero_stage)
 
     def frozen(shape: ModelShape, extra: int, follows: int, offload: bool, quantization: str) -> dict[str, Bytes]:
-        stage = 3 if follows == 3 and quantization == "none" else 0
+        stage = frozen_zero_stage(follows, quantization)
         return frozen_role(shape.params + extra, shape.linear_params, shape.linear_rows, shape.largest_layer_params,
                            zero_stage=stage, offload_params=offload and stage == 3, quantization=quantization,
                            **common)

@@ -6,10 +6,8 @@ every per-position tensor is indexed by action (see `engine.rl.ppo`).
 """
 from __future__ import annotations
 
-import contextlib
 import logging
 import math
-from collections.abc import Iterator
 from typing import Any
 
 import torch
@@ -33,6 +31,7 @@ from engine.rl.ppo import (
 )
 from engine.runtime import faults
 from engine.runtime.distributed import DistInfo, all_reduce_sum
+from engine.runtime.ds_private import step_together
 
 logger = logging.getLogger("engine")
 
@@ -68,18 +67,6 @@ def generate_sequences(actor: Any, zero_stage: int, input_ids: torch.Tensor, att
         module.train(was_training)
 
 
-@contextlib.contextmanager
-def _skipped_step(engine: Any) -> Iterator[None]:
-    """Make DeepSpeed's ZeRO optimizer treat this step as an overflow: no update, as for a real one."""
-    optimizer = engine.optimizer
-    original = optimizer.has_overflow
-    optimizer.has_overflow = lambda *args, **kwargs: True
-    try:
-        yield
-    finally:
-        optimizer.has_overflow = original
-
-
 class PPOTrainer:
     """Runs the roles for one PPO step: `generate`, `experience`, then `train_micro_batch` per micro-batch."""
 
@@ -109,7 +96,7 @@ class PPOTrainer:
         try:
             transform = self._normalise if cfg.ppo.normalize_reward else None
             reward = lambda seqs, mask: faults.poison(roles.reward(seqs, mask), step)  # noqa: E731
-            return make_experience(roles.actor, roles.ref, roles.critic, reward, sequences,
+            return make_experience(roles.actor, roles.reference, roles.critic, reward, sequences,
                                    cfg.data.max_prompt_seq_len, self.tokenizer.pad_token_id,
                                    self.tokenizer.eos_token_id, kl_coef=self.kl_ctl.coef,
                                    clip_reward_value=cfg.ppo.clip_reward_value, gamma=cfg.ppo.gamma,
@@ -220,13 +207,7 @@ class PPOTrainer:
 
     def _aligned_steps(self) -> None:
         """--align_overflow (fp16): when exactly one of actor and critic overflowed, skip the other's step too."""
-        actor, critic = self.roles.actor, self.roles.critic
-        actor_over, critic_over = (bool(e.optimizer.has_overflow(getattr(e.optimizer, "partition_gradients", True)))
-                                   for e in (actor, critic))
-        with _skipped_step(actor) if critic_over and not actor_over else contextlib.nullcontext():
-            actor.step()
-        with _skipped_step(critic) if actor_over and not critic_over else contextlib.nullcontext():
-            critic.step()
+        actor_over, critic_over = step_together(self.roles.actor, self.roles.critic)
         if actor_over or critic_over:
             logger.warning("fp16 overflow (actor %s, critic %s): both steps skipped", actor_over, critic_over)
 

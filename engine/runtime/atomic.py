@@ -1,14 +1,23 @@
 """Safe files: every write that readers must see whole or not at all, and the private cache folder.
 
-A file is written to a temp file beside it and renamed over it; a folder is filled beside its target and
-renamed into place. A crash, a kill or a concurrent rank never leaves half of either.
+Every temp-and-rename in the engine goes through this module. The temp file or folder is made beside its
+target (the same file system, so the rename is atomic) and removed whatever happens.
+
+- `write_atomically`: one file, written to a temp file and renamed over `path`.
+- `publish_folder`: a finished staging folder becomes an output the user asked for (a model folder, the
+  report). The newest write wins: an existing folder is replaced (a model folder in place, file by file,
+  `config.json` last so it is never loadable half-written; other folders whole).
+- `write_cache_folder`: a private cache entry (the tiny model, the benchmark models). The first writer
+  wins: a concurrent rank or process that finished first is success, not an error, and the entry is never
+  replaced.
 """
 from __future__ import annotations
 
 import os
 import shutil
 import tempfile
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 from engine.errors import UserError
@@ -24,42 +33,59 @@ def cache_root() -> Path:
     return base / "rlhf_engine"
 
 
-def write_cache_folder(target: Path, write: Callable[[Path], None], what: str, fix: str) -> None:
-    """Fill a cache folder through `write(tmp)` in a temp folder beside `target`, then rename it to `target`,
-    so concurrent ranks and crashes never see half of it. Another process finishing first is not an error;
-    any other OSError is a UserError "<what> (<reason>); <fix>"."""
-    target.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=target.name + ".tmp-", dir=target.parent))
-    try:
-        write(tmp)
-        os.rename(tmp, target)
-    except OSError as err:
-        if not (target / "config.json").is_file():  # a real failure, not another process finishing first
-            raise UserError(f"{what} ({err.strerror or err}); {fix}") from None
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)  # gone after the rename; a half-written folder otherwise
-
-
-def write_atomically(path: Path, data: str | bytes) -> None:
-    """Write `data` (text as UTF-8) to a temp file beside `path`, then rename over it: readers never see
-    half a file."""
+def write_atomically(path: Path, data: str | bytes | Callable[[Path], None], *, fsync: bool = False) -> None:
+    """Write `data` (text as UTF-8; or a function that writes the file at the path it is given, such as
+    safetensors' `save_file`) to a temp file beside `path`, then rename it over `path`: readers never see
+    half a file. `fsync` flushes it to disk first, so a machine crash cannot leave a renamed empty file."""
+    path = Path(path)
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
     try:
         with os.fdopen(fd, "wb") as f:
-            f.write(data.encode("utf-8") if isinstance(data, str) else data)
+            if not callable(data):
+                f.write(data.encode("utf-8") if isinstance(data, str) else data)
+        if callable(data):
+            data(Path(tmp))
+        if fsync:
+            with open(tmp, "rb") as f:
+                os.fsync(f.fileno())
         os.replace(tmp, path)
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
         raise
 
 
-# ----------------------------------------------------------------------------------------------
-# Atomic Hugging Face folders
-# ----------------------------------------------------------------------------------------------
-def publish_folder(staging: Path, target: Path) -> None:
-    """Move a finished staging folder to `target` so that a crash never leaves a loadable half."""
+@contextmanager
+def staging_folder(target: Path) -> Iterator[Path]:
+    """A fresh temp folder beside `target` to build it in; removed on exit (gone already once published)."""
+    target.parent.mkdir(parents=True, exist_ok=True)
+    staging = Path(tempfile.mkdtemp(prefix=f".{target.name}.staging-", dir=target.parent))
+    try:
+        yield staging
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)
+
+
+def write_cache_folder(target: Path, write: Callable[[Path], None], what: str, fix: str) -> None:
+    """Fill a cache folder through `write(staging)`, then rename it to `target` (first writer wins, see the
+    module docstring). Any OSError but another process finishing first is a UserError "<what> (<reason>); <fix>"."""
+    with staging_folder(target) as staging:
+        try:
+            write(staging)
+            os.rename(staging, target)
+        except OSError as err:
+            if not (target / "config.json").is_file():  # a real failure, not another process finishing first
+                raise UserError(f"{what} ({err.strerror or err}); {fix}") from None
+
+
+def publish_folder(staging: Path, target: Path, *, model: bool = True) -> None:
+    """Move a finished staging folder to `target` (newest wins, see the module docstring). A `model` folder
+    is replaced file by file with `config.json` last, so a crash never leaves a loadable half and files of
+    the user's own in it stay; any other folder is replaced whole."""
     if not target.exists():
         os.rename(staging, target)
+        return
+    if not model:
+        remove_folder(target, then=lambda: os.rename(staging, target))
         return
     (target / "config.json").unlink(missing_ok=True)  # not loadable until the move completes
     files = sorted(p for p in staging.iterdir() if p.name != "config.json")
@@ -69,3 +95,14 @@ def publish_folder(staging: Path, target: Path) -> None:
             shutil.rmtree(dest)
         os.replace(path, dest)
     shutil.rmtree(staging, ignore_errors=True)
+
+
+def remove_folder(path: Path, then: Callable[[], None] | None = None) -> None:
+    """Rename `path` out of the way (`.deleting-<name>`), call `then()`, and delete it: readers see the
+    folder whole or not at all, and a crash mid-delete leaves only a dot-folder no reader picks up."""
+    trash = path.with_name(f".deleting-{path.name}")
+    shutil.rmtree(trash, ignore_errors=True)
+    os.replace(path, trash)
+    if then is not None:
+        then()
+    shutil.rmtree(trash, ignore_errors=True)

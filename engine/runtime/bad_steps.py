@@ -26,6 +26,7 @@ import logging
 from typing import Any
 
 from engine.errors import UserError
+from engine.runtime.ds_private import loss_scale
 
 logger = logging.getLogger("engine")
 
@@ -101,5 +102,5 @@ def optimizer_metrics(engine: Any, prefix: str, fp16: bool) -> dict[str, float]:
     exposes it as `.loss_scale`)."""
     row = {f"{prefix}skipped_steps": engine.skipped_steps}
     if fp16:
-        row[f"{prefix}loss_scale"] = float(engine.optimizer.loss_scale)
+        row[f"{prefix}loss_scale"] = loss_scale(engine)
     return row

@@ -17,11 +17,8 @@ from __future__ import annotations
 
 import json
 import logging
-import os
 import random
 import re
-import shutil
-import tempfile
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -32,8 +29,9 @@ from safetensors.torch import load_file, save_file
 from engine.errors import UserError
 from engine.models.load import copy_missing_buffers, hf_model, is_quantized, is_quantized_tensor, meta_skeleton
 from engine.runtime import faults
-from engine.runtime.atomic import publish_folder
+from engine.runtime.atomic import publish_folder, remove_folder, staging_folder, write_atomically
 from engine.runtime.distributed import DistInfo, all_reduce_sum, barrier
+from engine.runtime.ds_private import safe_checkpoint_loading
 
 logger = logging.getLogger("engine")
 
@@ -87,9 +85,8 @@ def save_module_tensors(module: torch.nn.Module, zero_stage: int, path: Path, di
     """The module's full state dict as one safetensors file (rank 0 writes; all ranks must call)."""
     state = gather_state_dict(module, zero_stage, dist.is_main)
     if dist.is_main:
-        tmp = path.with_name(path.name + ".tmp")
-        save_file({k: v.contiguous() for k, v in state.items()}, str(tmp))
-        os.replace(tmp, path)
+        tensors = {k: v.contiguous() for k, v in state.items()}
+        write_atomically(path, lambda tmp: save_file(tensors, str(tmp)))
     barrier()
 
 
@@ -174,9 +171,7 @@ def save_hf_folder(module: torch.nn.Module, tokenizer: Any, target: Path, zero_s
             raise ValueError("saving a quantized model needs `full_precision` (the base is not kept in full precision)")
         state |= _full_precision_weights(module, full_precision())
     if dist.is_main:
-        target.parent.mkdir(parents=True, exist_ok=True)
-        staging = Path(tempfile.mkdtemp(prefix=f".{target.name}.staging-", dir=target.parent))
-        try:
+        with staging_folder(target) as staging:
             # Building the skeleton runs weight init; keep it from moving the training RNG.
             with torch.random.fork_rng(devices=[]):
                 model = _merged_model(module, state)
@@ -186,8 +181,6 @@ def save_hf_folder(module: torch.nn.Module, tokenizer: Any, target: Path, zero_s
             if extra is not None:
                 extra(staging)
             publish_folder(staging, target)
-        finally:
-            shutil.rmtree(staging, ignore_errors=True)
         logger.info("saved model to %s", target)
     barrier()
 
@@ -230,8 +223,7 @@ def save_resume_state(engines: Any, output_dir: Path, tag: str, client_state: di
     barrier()
     if dist.is_main:
         _seal(folder, tag, list(_named_engines(engines)), dist.world_size)
-        (folder / "latest.tmp").write_text(tag)  # DeepSpeed's tools (zero_to_fp32.py) read `latest`
-        os.replace(folder / "latest.tmp", folder / "latest")
+        write_atomically(folder / "latest", tag)  # DeepSpeed's tools (zero_to_fp32.py) read `latest`
         if keep:
             prune_checkpoints(output_dir, keep)
     barrier()
@@ -254,9 +246,7 @@ def _tag_files(folder: Path, tag: str, names: list[str]) -> list[Path]:
 def _seal(folder: Path, tag: str, names: list[str], world_size: int) -> None:
     files = {str(p.relative_to(folder)): p.stat().st_size for p in _tag_files(folder, tag, names)}
     manifest = {"tag": tag, "world_size": world_size, "roles": names, "files": files}
-    tmp = folder / tag / (MANIFEST + ".tmp")
-    tmp.write_text(json.dumps(manifest, indent=1) + "\n")
-    os.replace(tmp, folder / tag / MANIFEST)
+    write_atomically(folder / tag / MANIFEST, json.dumps(manifest, indent=1) + "\n")
 
 
 def checkpoint_problem(folder: Path, tag: str) -> str | None:
@@ -331,9 +321,7 @@ def prune_checkpoints(output_dir: Path, keep: int) -> None:
         (folder / tag / MANIFEST).unlink(missing_ok=True)
         for path in [folder / tag, *(r / tag for r in roles), output_dir / f"checkpoint-{tag_step(tag)}"]:
             if path.is_dir():
-                trash = path.with_name(f".deleting-{path.name}")
-                os.replace(path, trash)
-                shutil.rmtree(trash, ignore_errors=True)
+                remove_folder(path)
         logger.info("removed checkpoint %s (--save_total_limit %d)", tag, keep)
 
 
@@ -360,31 +348,6 @@ def _load_trained(src: dict[str, torch.Tensor], dst: torch.nn.Module) -> None:
     dst.load_state_dict({k: v for k, v in src.items() if k in trained}, strict=False)
 
 
-class _SafeCheckpointEngine:
-    """DeepSpeed's torch checkpoint engine with `torch.load(weights_only=True)`: tensors, containers and
-    the allow-listed DeepSpeed types only, so loading a checkpoint cannot run code."""
-
-    def __init__(self, inner: Any):
-        self._inner = inner
-
-    def __getattr__(self, name: str) -> Any:
-        return getattr(self._inner, name)
-
-    def load(self, path: str, map_location: Any = None) -> Any:
-        with torch.serialization.safe_globals(_deepspeed_safe_globals()):
-            return torch.load(path, map_location=map_location, weights_only=True)
-
-
-def _deepspeed_safe_globals() -> list[Any]:
-    """The non-tensor types DeepSpeed's checkpoints hold (found by loading ZeRO 0-3, offload and LoRA
-    checkpoints with weights_only=True): plain data classes and enums."""
-    from deepspeed.runtime.fp16.loss_scaler import DynamicLossScaler, LossScaler
-    from deepspeed.runtime.zero.config import ZeroStageEnum
-    from deepspeed.utils.tensor_fragment import fragment_address
-
-    return [LossScaler, DynamicLossScaler, ZeroStageEnum, fragment_address]
-
-
 def load_resume_state(engines: Any, output_dir: Path, dist: DistInfo, keys: tuple[str, ...] = POSITION_KEYS,
                       extra: Callable[[Path], None] | None = None) -> dict[str, Any]:
     """Restore the newest complete checkpoint written by `save_resume_state`; returns the `keys` of its client
@@ -397,13 +360,10 @@ def load_resume_state(engines: Any, output_dir: Path, dist: DistInfo, keys: tupl
                         "folder that every rank sees (a shared file system)")
     client_state: dict[str, Any] = {}
     for name, engine in _named_engines(engines).items():
-        engine.checkpoint_engine = _SafeCheckpointEngine(engine.checkpoint_engine)
-        try:
+        with safe_checkpoint_loading(engine):
             load_path, state = engine.load_checkpoint(
                 str(folder / name), tag=tag, load_optimizer_states=True, load_lr_scheduler_states=True,
                 custom_load_fn=_load_trained if is_quantized(engine.module) else None)
-        finally:
-            engine.checkpoint_engine = engine.checkpoint_engine._inner
         if load_path is None:
             raise UserError(f"--resume: DeepSpeed could not load {folder / name / tag}")
         client_state = client_state or state

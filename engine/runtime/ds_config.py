@@ -17,6 +17,7 @@ from engine.errors import UserError
 AUTO = "auto"
 DEEPSPEED_REDUCE_BUCKET = 500_000_000  # DeepSpeed's default reduce_bucket_size, in elements
 STAGE3_BUCKET = 30_000_000  # DeepSpeed-Chat's ZeRO-3 live-parameter and prefetch buckets, in elements
+DTYPE_BYTES = {"fp32": 4, "bf16": 2, "fp16": 2}  # bytes per parameter of --dtype
 
 # Keys whose value the engine also uses outside DeepSpeed (data loaders, model dtype, ZeRO-3 model
 # construction): an explicit value in a user's template must agree with the flags.
@@ -30,6 +31,13 @@ MUST_AGREE = (
     ("fp16", "enabled"),
     ("bf16", "enabled"),
 )
+
+
+def frozen_zero_stage(trained_stage: int, quantization: str = "none") -> int:
+    """A frozen role's ZeRO stage: 3 iff the trained role it follows (reference and EMA: the actor; reward:
+    the critic) is ZeRO-3, so the two gather alike; else 0, whole on every rank. A quantized role is whole
+    on every rank too: ZeRO cannot partition bitsandbytes weights."""
+    return 3 if trained_stage == 3 and quantization == "none" else 0
 
 
 def _dtype_sections(dtype: str) -> dict[str, Any]:

@@ -9,6 +9,7 @@ from engine.config import DeepSpeedArgs, TrainArgs
 from engine.errors import UserError
 from engine.runtime.distributed import gpu_wanted
 from engine.runtime.ds_config import fill_template, load_template, size_reduce_bucket, train_ds_config
+from engine.runtime.ds_private import full_numel
 
 
 def build_ds_config(ds: DeepSpeedArgs, train: TrainArgs, world_size: int) -> dict[str, Any]:
@@ -52,17 +53,22 @@ def deepspeed_initialize(model: torch.nn.Module, optimizer: Any, scheduler: Any,
     return engine
 
 
-def init_trained_engine(model: torch.nn.Module, ds_config: dict[str, Any], *, lr: float, weight_decay: float,
-                        lora_lr: float, betas: tuple[float, float], offload: bool, scheduler_type: str,
-                        warmup_steps: int, total_steps: int) -> Any:
+def init_trained_engine(model: torch.nn.Module, ds_config: dict[str, Any], *, train: Any, lora: Any, ds: Any,
+                        total_steps: int, role: str = "") -> Any:
     """The DeepSpeed engine of a trained model: DeepSpeed-Chat's three parameter groups, the optimizer
-    and the learning-rate schedule over `total_steps` optimizer steps."""
+    and the learning-rate schedule over `total_steps` optimizer steps.
+
+    `train`, `lora` and `ds` are the config's parts (a step's `cfg.train`, its LoRA part, `cfg.ds`). `role`
+    ("actor", "critic") picks step 3's per-role learning rate and weight decay (`--actor_learning_rate`);
+    without it `--learning_rate` and `--weight_decay`."""
     from engine.models.lora import optimizer_param_groups
 
-    groups = optimizer_param_groups(model, weight_decay, lora_lr)
+    prefix = f"{role}_" if role else ""
+    groups = optimizer_param_groups(model, getattr(train, prefix + "weight_decay"), lora.lora_learning_rate)
     if not groups:
         raise UserError("the model has no trainable parameter; check --only_optimize_lora and the LoRA flags")
-    optimizer = make_optimizer(groups, lr, betas, offload)
-    scheduler = make_scheduler(optimizer, scheduler_type, warmup_steps, total_steps)
-    trained = sum(getattr(p, "ds_numel", p.numel()) for group in groups for p in group["params"])
+    optimizer = make_optimizer(groups, getattr(train, prefix + "learning_rate"), (train.adam_beta1, train.adam_beta2),
+                               ds.offload)
+    scheduler = make_scheduler(optimizer, train.lr_scheduler_type, train.num_warmup_steps, total_steps)
+    trained = sum(full_numel(p) for group in groups for p in group["params"])
     return deepspeed_initialize(model, optimizer, scheduler, size_reduce_bucket(ds_config, trained))

@@ -13,6 +13,7 @@ loss and the backward pass; only the moment is chosen, so that a test can be det
 """
 from __future__ import annotations
 
+import functools
 import os
 import signal
 from dataclasses import dataclass
@@ -48,10 +49,16 @@ def parse(text: str) -> list[Fault]:
     return faults
 
 
+@functools.lru_cache(maxsize=4)
+def _parsed(text: str) -> tuple[Fault, ...]:
+    """`parse`, once per value of the variable (the training loops ask at every step)."""
+    return tuple(parse(text))
+
+
 def active(kind: str, step: int) -> bool:
     """Whether the fault `kind` is set for this rank at `step`."""
     text = os.environ.get(ENV)
-    return bool(text) and any(f.applies(kind, step) for f in parse(text))
+    return bool(text) and any(f.applies(kind, step) for f in _parsed(text))
 
 
 def mid_step(step: int) -> None:

@@ -32,7 +32,7 @@ dist = init_distributed(cfg.train.seed)
 actor_path, critic_path = resolve_paths(cfg, dist)
 tok = load_step3_tokenizer(cfg, actor_path, critic_path)
 roles = build_roles(cfg, dist, tok, actor_path, critic_path, total_steps=10, ptx=False)
-frozen = {"ref": roles.ref, "reward": roles.reward, "ema": roles.ema}
+frozen = {"reference": roles.reference, "reward": roles.reward, "ema": roles.ema}
 for name, engine in frozen.items():
     assert engine.optimizer is None, name
     assert not engine.module.training, name

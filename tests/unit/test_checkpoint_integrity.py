@@ -15,12 +15,12 @@ from engine.errors import UserError
 from engine.runtime.checkpoint import (
     DS_CHECKPOINT_DIR,
     MANIFEST,
-    _SafeCheckpointEngine,
     _seal,
     checkpoint_problem,
     find_resume_checkpoint,
     prune_checkpoints,
 )
+from engine.runtime.ds_private import SafeCheckpointEngine
 
 
 def _fake_checkpoint(out: Path, step: int, world_size: int = 1, roles: tuple[str, ...] = ("actor", "critic"),
@@ -113,7 +113,7 @@ def test_deepspeed_files_load_without_running_pickled_code(tmp_path, monkeypatch
     monkeypatch.chdir(tmp_path)
     good = tmp_path / "good.pt"
     torch.save({"module": {"w": torch.ones(2)}, "global_steps": 3}, good)
-    engine = _SafeCheckpointEngine(inner=object())
+    engine = SafeCheckpointEngine(inner=object())
     assert torch.equal(engine.load(str(good))["module"]["w"], torch.ones(2))
     evil = tmp_path / "evil.pt"
     torch.save({"module": {}, "payload": _Boom()}, evil)

@@ -7,7 +7,15 @@ from pathlib import Path
 import pytest
 import torch
 
-from engine.eval.compare import Answers, markdown_samples, markdown_table, rule_truth, summarize, win_rates
+from engine.eval.compare import (
+    Answers,
+    markdown_samples,
+    markdown_table,
+    rule_checks,
+    rule_truth,
+    summarize,
+    win_rates,
+)
 from engine.eval.report import before_after, build_report, verdict
 
 
@@ -23,6 +31,13 @@ def test_rule_truth_only_where_every_prompt_is_the_task():
     assert rule_truth(prompts, [" 1 2 3", " 0 9"]).tolist() == [True, False]
     assert rule_truth(prompts + [" Human: hello Assistant:"], [" 1 2 3", " 0 9 9", " hi"]) is None
     assert rule_truth([], []) is None
+
+
+def test_rule_checks_count_the_task_prompts_of_a_mixed_batch():
+    # What step 3's evaluation sums: 2 of 3 prompts are the task's, and 1 of those 2 answers is right.
+    prompts = [" Human: sort 3 1 2 Assistant:", " Human: hello Assistant:", " Human: sort 9 9 0 Assistant:"]
+    checked, correct = rule_checks(prompts, [" 1 2 3", " 1 2 3", " 0 9"])
+    assert checked.tolist() == [True, False, True] and correct.tolist() == [True, False, False]
 
 
 def answers(scores, kl, lengths, correct=None) -> Answers:

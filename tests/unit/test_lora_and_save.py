@@ -1,5 +1,5 @@
 """LoRA targets, trainable parameters and optimizer groups (engine.models.lora); fusing LoRA for a save and
-publishing a Hugging Face folder atomically (engine.runtime.checkpoint). Tiny in-process models, CPU."""
+publishing a Hugging Face folder atomically (engine.runtime.atomic). Tiny in-process models, CPU."""
 from __future__ import annotations
 
 import os
@@ -13,6 +13,7 @@ import pytest
 import torch
 from transformers import AutoModelForCausalLM, LlamaConfig, LlamaForCausalLM, OPTConfig, OPTForCausalLM
 
+import engine.runtime.atomic as atomic
 import engine.runtime.checkpoint as checkpoint
 from engine.config import LoRAArgs
 from engine.errors import UserError
@@ -273,7 +274,7 @@ def test_publish_into_an_existing_folder_keeps_other_files_and_writes_config_las
         moved.append(Path(dst).name)
         real_replace(src, dst)
 
-    monkeypatch.setattr(checkpoint.os, "replace", recording_replace)
+    monkeypatch.setattr(atomic.os, "replace", recording_replace)
     publish_folder(staging, target)
     assert moved[-1] == "config.json" and sorted(moved) == ["config.json", "model.safetensors",
                                                             "tokenizer.json"]
@@ -295,7 +296,7 @@ def test_interrupted_publish_leaves_no_config_json(tmp_path, monkeypatch):
             raise OSError("disk full")
         real_replace(src, dst)
 
-    monkeypatch.setattr(checkpoint.os, "replace", crash_on_second)
+    monkeypatch.setattr(atomic.os, "replace", crash_on_second)
     with pytest.raises(OSError, match="disk full"):
         publish_folder(staging, target)
     # New weights in, tokenizer not yet: the folder must not load as a model.

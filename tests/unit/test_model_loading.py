@@ -66,3 +66,11 @@ def test_local_jsonfile_reads_data_folder(tmp_path, monkeypatch):
     train, evals = sources.load_source("local/jsonfile", tokenizer=None, seed=1)
     assert train == [sources.Row(" Human: a Assistant:", " b", " c")]
     assert evals == [sources.Row(" Human: d Assistant:", " e", " f")]
+
+
+def test_one_loader_pads_on_the_side_asked(tmp_path):
+    folder = str(_tokenizer_folder(tmp_path, pad=True, eos=True))
+    assert load_tokenizer(folder).padding_side == "right"
+    left = load_tokenizer(folder, ModelArgs(), padding_side="left")
+    assert left.padding_side == "left"
+    assert left(["a", "a b c"], padding=True)["attention_mask"][0][0] == 0  # the short one is padded first

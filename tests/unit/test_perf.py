@@ -129,3 +129,20 @@ def test_step_timer_measures_sleep():
     assert 0.02 <= elapsed < 0.5
     with pytest.raises(RuntimeError, match="before start"):
         timer.stop()
+
+
+def test_step_timer_phases_add_up_and_keep_their_peak():
+    cpu = torch.device("cpu")
+    timer = StepTimer(cpu, phases=("generate", "train", "idle"))
+    for _ in range(2):
+        with timer.phase("generate"):
+            time.sleep(0.01)
+    with timer.phase("train"):
+        block = torch.ones(16 * 2**20 // 4)  # 16 MiB, touched
+        block += 1
+    assert 0.02 <= timer.seconds["generate"] < 0.5
+    assert timer.seconds["idle"] == 0.0 and set(timer.seconds) == {"generate", "train", "idle"}
+    assert set(timer.peaks) == {"generate", "train"} and timer.peaks["train"] > 0
+    with pytest.raises(ValueError), timer.phase("train"):  # a failing phase still counts its time
+        raise ValueError
+    assert timer.seconds["train"] > 0

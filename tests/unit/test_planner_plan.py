@@ -12,7 +12,7 @@ from engine.errors import UserError
 from engine.flags import parse_config
 from engine.planner.__main__ import main as planner_main
 from engine.planner.activations import kv_cache_bytes, layer_saved_bytes, logits_bytes, training_activation_bytes
-from engine.planner.plan import GiB, Hardware, Knobs, Workload, predict, search
+from engine.planner.plan import GiB, Hardware, Knobs, Workload, predict, role_states, search
 from engine.planner.shapes import ModelShape, load_config, model_shape_of
 from engine.planner.step3 import knobs_from_step3
 
@@ -182,3 +182,11 @@ def test_auto_fit_keeps_explicit_flags_equal_to_their_defaults(tmp_path, where):
     fitted, message = auto_fit(cfg, Hardware(2, 48, 256), config, config)
     assert (fitted.ds.actor_zero_stage, fitted.ds.actor_gradient_checkpointing) == (0, False)  # kept
     assert fitted.ds.critic_zero_stage == 3 and "--actor_zero_stage" not in message  # the rest is still chosen
+def test_the_planner_names_the_roles_as_the_engine_does(llama7b):
+    from dataclasses import fields
+
+    from engine.models.roles import ROLE_NAMES, Roles
+
+    states = role_states(Workload(*llama7b, 256, 256, 1), Knobs(enable_ema=True))
+    assert tuple(r for r in states if r != "workspace") == ROLE_NAMES  # + ZeRO's buffers shared by the roles
+    assert set(ROLE_NAMES) <= {f.name for f in fields(Roles)}

@@ -103,13 +103,13 @@ def test_planner_errors_compare_like_with_like():
                                               "buffers": zero, "optimizer": zero}})
     assert measured["reference"]["total"] == {"gpu": 0.0, "cpu": 2.0}
     planner = {"peak_gb": {"generate": 3.0, "experience": 4.0, "train": 6.0},
-               "roles": {"ref": {"parameters": 2.5}}}  # 'ref' is the reference role
+               "roles": {"reference": {"parameters": 2.5}}}
     errors = figures.planner_errors(planner, {"generate": 2.0, "experience": 4.0, "train": 8.0}, measured, on_cpu=True)
     # (3-2)/2 = +0.5, (4-4)/4 = 0, (6-8)/8 = -0.25; role: (2.5-2)/2 = +0.25 (host bytes count on CPU)
     assert errors["peak_gb"] == {"generate": 0.5, "experience": 0.0, "train": -0.25}
-    assert errors["roles"]["ref"]["parameters"] == pytest.approx(0.25)
+    assert errors["roles"]["reference"]["parameters"] == pytest.approx(0.25)
     # On a GPU only accelerator bytes count: measured 0 -> no error defined
-    assert figures.planner_errors(planner, None, measured, on_cpu=False)["roles"]["ref"]["parameters"] is None
+    assert figures.planner_errors(planner, None, measured, on_cpu=False)["roles"]["reference"]["parameters"] is None
 
 
 def test_compare_table_gives_ratios_against_the_first():

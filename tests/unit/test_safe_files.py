@@ -173,3 +173,44 @@ def test_a_damaged_cache_file_is_rebuilt_not_loaded(tmp_path, tok, counted_build
     assert len(counted_builds) == 2
     assert _ids(again) == train
     assert sorted(p.name for p in cache_dir.iterdir()) == [path.name, path.name + ".tmp-killed"]
+
+
+# ----------------------------------------------------------------------------------------------
+# (d) the one atomic writer (engine.runtime.atomic): every temp-and-rename in engine/ goes through it
+# ----------------------------------------------------------------------------------------------
+def test_no_temp_and_rename_outside_the_atomic_module():
+    allowed = ROOT / "engine" / "runtime" / "atomic.py"
+    for path in sorted((ROOT / "engine").rglob("*.py")):
+        text = path.read_text()
+        hits = [w for w in ("os.replace(", "os.rename(", "mkstemp(", "mkdtemp(", ".rename(") if w in text]
+        assert path == allowed or not hits, f"{path.relative_to(ROOT)} renames files itself ({hits})"
+
+
+def test_write_atomically_with_a_writer_that_crashes_leaves_the_old_file(tmp_path):
+    from engine.runtime.atomic import write_atomically
+
+    path = tmp_path / "x.bin"
+    write_atomically(path, b"old")
+
+    def half_then_crash(tmp: Path) -> None:
+        tmp.write_bytes(b"ne")
+        raise OSError("disk full")
+
+    with pytest.raises(OSError, match="disk full"):
+        write_atomically(path, half_then_crash)
+    assert path.read_bytes() == b"old" and [p.name for p in tmp_path.iterdir()] == ["x.bin"]
+    write_atomically(path, lambda tmp: tmp.write_bytes(b"new"), fsync=True)
+    assert path.read_bytes() == b"new" and [p.name for p in tmp_path.iterdir()] == ["x.bin"]
+
+
+def test_publish_folder_replaces_a_non_model_folder_whole(tmp_path):
+    from engine.runtime.atomic import publish_folder, staging_folder
+
+    target = tmp_path / "report"
+    target.mkdir()
+    (target / "stale.png").write_text("old")
+    with staging_folder(target) as staging:
+        (staging / "summary.json").write_text("{}")
+        publish_folder(staging, target, model=False)
+    assert [p.name for p in target.iterdir()] == ["summary.json"]
+    assert [p.name for p in tmp_path.iterdir()] == ["report"]  # no staging or deleted folder left

@@ -1,0 +1,170 @@
+"""Every use of DeepSpeed's private API: attributes and behaviour DeepSpeed does not document or promise.
+
+Each function names the DeepSpeed version it was verified on. tests/unit/test_ds_private.py checks each
+against the installed DeepSpeed (a real 1-rank ZeRO engine on CPU where one can show it, else the names
+on DeepSpeed's own classes), so an upgrade that renames or changes one fails a test, not a run.
+"""
+from __future__ import annotations
+
+import contextlib
+from collections.abc import Callable, Iterator, Sequence
+from typing import Any
+
+import torch
+
+VERIFIED_ON = "0.19.8"  # the DeepSpeed version every function below was checked on
+
+
+# ----------------------------------------------------------------------------------------------
+# ZeRO-3 parameter attributes
+# ----------------------------------------------------------------------------------------------
+def full_numel(p: torch.Tensor) -> int:
+    """Elements of the whole parameter: a ZeRO-3 parameter's `ds_numel` (its `numel()` is 0 while
+    partitioned), else `numel()`. Verified on DeepSpeed 0.19.8."""
+    return getattr(p, "ds_numel", p.numel())
+
+
+def full_shape(p: torch.Tensor) -> torch.Size:
+    """Shape of the whole parameter: a ZeRO-3 parameter's `ds_shape`, else `shape`. Verified on 0.19.8."""
+    return getattr(p, "ds_shape", p.shape)
+
+
+def partition(p: torch.Tensor) -> torch.Tensor | None:
+    """This rank's ZeRO-3 partition of the parameter (`ds_tensor`), None for a plain parameter.
+    Verified on DeepSpeed 0.19.8."""
+    return getattr(p, "ds_tensor", None)
+
+
+def persistent(p: torch.Tensor) -> bool:
+    """Whether ZeRO-3 keeps the whole parameter resident on every rank (`ds_persist`: parameters under
+    stage3_param_persistence_threshold are never partitioned). Verified on DeepSpeed 0.19.8."""
+    return bool(getattr(p, "ds_persist", False))
+
+
+@contextlib.contextmanager
+def gathered_scratch(params: Sequence[torch.Tensor]) -> Iterator[None]:
+    """Gather ZeRO-3 parameters for reading; the gathered tensors of non-`persistent` parameters are
+    scratch: `modifier_rank=None` makes DeepSpeed re-partition from the unchanged shards on exit, so an
+    in-place change (the hybrid mode folds LoRA into them) is dropped. A persistent parameter's tensor
+    is the parameter itself: never change it in place. Verified on DeepSpeed 0.19.8."""
+    import deepspeed
+
+    with deepspeed.zero.GatheredParameters(list(params), modifier_rank=None):
+        yield
+
+
+# ----------------------------------------------------------------------------------------------
+# ZeRO optimizer internals
+# ----------------------------------------------------------------------------------------------
+def loss_scale(engine: Any) -> float:
+    """The dynamic fp16 loss scale of a trained engine (`engine.optimizer.loss_scale`, a property of
+    DeepSpeed's fp16 and ZeRO optimizers). Verified on DeepSpeed 0.19.8."""
+    return float(engine.optimizer.loss_scale)
+
+
+def inner_optimizer(engine: Any) -> torch.optim.Optimizer | None:
+    """The torch optimizer a ZeRO optimizer wraps (`engine.optimizer.optimizer`; it steps on the fp32
+    partitions), or None. Verified on DeepSpeed 0.19.8."""
+    inner = getattr(getattr(engine, "optimizer", None), "optimizer", None)
+    return inner if isinstance(inner, torch.optim.Optimizer) else None
+
+
+def quantize_nontrainable_params(engine: Any) -> None:
+    """MixZ++ (--enable_mixed_precision_lora): quantize the frozen weights of a ZeRO-3 engine whose config
+    has zero_quantized_nontrainable_weights (`DeepSpeedZeroOptimizer_Stage3.quantize_nontrainable_params`).
+    Verified on DeepSpeed 0.19.8."""
+    engine.optimizer.quantize_nontrainable_params()
+
+
+def has_overflow(engine: Any) -> bool:
+    """Whether the engine's gradients overflowed (inf/NaN) this step, as its ZeRO optimizer's own check
+    sees it (`optimizer.has_overflow(partition_gradients)`, over all ranks). Verified on DeepSpeed 0.19.8."""
+    optimizer = engine.optimizer
+    return bool(optimizer.has_overflow(getattr(optimizer, "partition_gradients", True)))
+
+
+@contextlib.contextmanager
+def skipped_step(engine: Any) -> Iterator[None]:
+    """Make the ZeRO optimizer treat the `engine.step()` inside the block as an overflow: no update, the
+    loss scale lowered and `skipped_steps` counted, as for a real one. DeepSpeed's `step` asks
+    `self.has_overflow` whenever it checks for overflow (fp16, or bf16 with check_grad_overflow), so an
+    instance attribute shadows the method. Verified on DeepSpeed 0.19.8."""
+    optimizer = engine.optimizer
+    own = vars(optimizer).get("has_overflow")
+    optimizer.has_overflow = lambda *args, **kwargs: True
+    try:
+        yield
+    finally:
+        if own is None:
+            del optimizer.has_overflow  # the class's method again
+        else:
+            optimizer.has_overflow = own
+
+
+def step_together(actor: Any, critic: Any) -> tuple[bool, bool]:
+    """`step()` both engines, skipping both when either overflowed (--align_overflow): DeepSpeed skips an
+    overflowed engine's step on its own; the other is made to skip too (`skipped_step`). Returns
+    (actor overflowed, critic overflowed). Verified on DeepSpeed 0.19.8."""
+    actor_over, critic_over = has_overflow(actor), has_overflow(critic)
+    with skipped_step(actor) if critic_over and not actor_over else contextlib.nullcontext():
+        actor.step()
+    with skipped_step(critic) if actor_over and not critic_over else contextlib.nullcontext():
+        critic.step()
+    return actor_over, critic_over
+
+
+def shadow_step(obj: Any, wrap: Callable[[Callable[..., Any]], Callable[..., Any]]) -> Callable[[], None]:
+    """Replace `obj.step` (a DeepSpeed engine's, or its `inner_optimizer`'s) by `wrap(obj.step)` as an
+    instance attribute; returns the function that undoes it. DeepSpeed's engine and ZeRO optimizers call
+    `step` through the attribute, so the wrapper sees every step. Verified on DeepSpeed 0.19.8."""
+    own = vars(obj).get("step")
+    obj.step = wrap(obj.step)
+
+    def undo() -> None:
+        if own is None:
+            del obj.step
+        else:
+            obj.step = own
+
+    return undo
+
+
+# ----------------------------------------------------------------------------------------------
+# Checkpoint loading without unpickling code
+# ----------------------------------------------------------------------------------------------
+class SafeCheckpointEngine:
+    """DeepSpeed's torch checkpoint engine with `torch.load(weights_only=True)`: tensors, containers and
+    the allow-listed DeepSpeed types only, so loading a checkpoint cannot run code. Every other attribute
+    is the wrapped engine's. Verified on DeepSpeed 0.19.8."""
+
+    def __init__(self, inner: Any):
+        self._inner = inner
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self._inner, name)
+
+    def load(self, path: str, map_location: Any = None) -> Any:
+        with torch.serialization.safe_globals(deepspeed_safe_globals()):
+            return torch.load(path, map_location=map_location, weights_only=True)
+
+
+@contextlib.contextmanager
+def safe_checkpoint_loading(engine: Any) -> Iterator[None]:
+    """Inside the block `engine.load_checkpoint` reads through `SafeCheckpointEngine` (DeepSpeed reads every
+    checkpoint file through `engine.checkpoint_engine.load`). Verified on DeepSpeed 0.19.8."""
+    engine.checkpoint_engine = SafeCheckpointEngine(engine.checkpoint_engine)
+    try:
+        yield
+    finally:
+        engine.checkpoint_engine = engine.checkpoint_engine._inner
+
+
+def deepspeed_safe_globals() -> list[Any]:
+    """The non-tensor types DeepSpeed's checkpoints hold (found by loading ZeRO 0-3, offload and LoRA
+    checkpoints with weights_only=True): plain data classes and enums, at their private module paths.
+    Verified on DeepSpeed 0.19.8."""
+    from deepspeed.runtime.fp16.loss_scaler import DynamicLossScaler, LossScaler
+    from deepspeed.runtime.zero.config import ZeroStageEnum
+    from deepspeed.utils.tensor_fragment import fragment_address
+
+    return [LossScaler, DynamicLossScaler, ZeroStageEnum, fragment_address]
