@@ -28,14 +28,17 @@ def imports_of(path: Path) -> set[str]:
     """Every module `path` imports, absolute, anywhere in the file."""
     out: set[str] = set()
     inside = path.is_relative_to(ROOT)
-    package = "" if not inside else module_name(path) if path.name == "__init__.py" else module_name(path).rpartition(".")[0]
+    package = ""
+    if inside:
+        package = module_name(path) if path.name == "__init__.py" else module_name(path).rpartition(".")[0]
     for node in ast.walk(ast.parse(path.read_text())):
         if isinstance(node, ast.Import):
             out |= {alias.name for alias in node.names}
         elif isinstance(node, ast.ImportFrom):
             base = node.module or ""
             if node.level:
-                base = ".".join(package.split(".")[: len(package.split(".")) - node.level + 1] + ([base] if base else []))
+                parts = package.split(".")
+                base = ".".join(parts[: len(parts) - node.level + 1] + ([base] if base else []))
             out.add(base)
             out |= {f"{base}.{alias.name}" for alias in node.names}  # `from engine.x import module`
     return out
