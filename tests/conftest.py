@@ -29,8 +29,10 @@ ROOT = Path(__file__).resolve().parents[1]
 
 def pytest_xdist_auto_num_workers(config) -> int:
     """`-n auto`: one worker per core, at most 4. Most tests run one single-threaded process, the
-    distributed ones two; more workers than cores only adds contention, and each worker holds ~1 GB."""
-    return max(1, min(os.cpu_count() or 1, 4))
+    distributed ones two; more workers than cores only adds contention, and each worker holds ~1 GB. The cores
+    are those this process may run on (a container's or `taskset`'s), not the host's."""
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+    return max(1, min(cores, 4))
 
 
 @pytest.hookimpl(tryfirst=True)  # before xdist's hook (the group marker) and the -m deselection
