@@ -43,7 +43,7 @@ setup(
         "pyarrow>=14",
     ],
     extras_require={
-        "dev": ["pytest>=8", "pytest-xdist>=3.5"],
+        "dev": ["pytest>=8", "pytest-xdist>=3.5", "ruff>=0.17"],
         "flash": ["flash-attn>=2.5"],
         "wandb": ["wandb"],
     },

@@ -1,4 +1,19 @@
-"""Shared fixtures: an isolated cache for the built-in model, and a runner for the step scripts."""
+"""Shared fixtures: an isolated cache for the built-in model, the step-3 roles made from it, a runner for
+the step scripts, and the pipeline run.
+
+Tiers (markers in pyproject.toml):
+- unit (tests/unit/, no marker): pure functions, configs, scripts; well under a second each.
+- smoke (tests/smoke/): each step's main on the built-in tiny model for a few steps; seconds each.
+- e2e: the tests that read the pipeline run (`e2e_demo`: `python e2e_rlhf.py`, two ranks, about 4-5 minutes
+  on 2 cores); marked here, by the fixture they use, and kept on one xdist worker, which builds it once.
+- distributed (tests/distributed/): 2 CPU ranks under the deepspeed launcher; about a minute each.
+- gpu (tests/gpu/): needs CUDA; skipped without it.
+
+`python -m pytest -q` runs unit and smoke (pyproject's addopts: `-m "not e2e and not distributed"`);
+`python -m pytest -q -m "e2e or distributed"` the other two; `-m ""` every tier; `.ci/run` runs both
+commands. A later `-m` replaces the default one, so a file of a left-out tier needs it:
+`python -m pytest -q -m distributed tests/distributed/test_step1_two_ranks.py`.
+"""
 from __future__ import annotations
 
 import json
@@ -14,15 +29,19 @@ ROOT = Path(__file__).resolve().parents[1]
 
 def pytest_xdist_auto_num_workers(config) -> int:
     """`-n auto`: one worker per core, at most 4. Most tests run one single-threaded process, the
-    distributed ones two; more workers than cores only adds contention, and each worker holds ~1 GB."""
-    return max(1, min(os.cpu_count() or 1, 4))
+    distributed ones two; more workers than cores only adds contention, and each worker holds ~1 GB. The cores
+    are those this process may run on (a container's or `taskset`'s), not the host's."""
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+    return max(1, min(cores, 4))
 
 
-@pytest.hookimpl(tryfirst=True)  # before xdist's own hook, which turns the marker into the item's group
+@pytest.hookimpl(tryfirst=True)  # before xdist's hook (the group marker) and the -m deselection
 def pytest_collection_modifyitems(config, items) -> None:
-    """Tests that use the pipeline run (`e2e_demo`, `rlhf_inputs`) share one xdist worker, which builds it once."""
+    """Tests that use the pipeline run (`e2e_demo`) are the e2e tier and share one xdist worker, which builds
+    it once."""
     for item in items:
-        if {"e2e_demo", "rlhf_inputs"} & set(getattr(item, "fixturenames", ())):
+        if "e2e_demo" in getattr(item, "fixturenames", ()):
+            item.add_marker(pytest.mark.e2e)
             item.add_marker(pytest.mark.xdist_group("e2e"))
 
 
@@ -96,6 +115,13 @@ def tiny_reward_folder(engine_cache: Path, folder: Path) -> Path:
     return folder
 
 
+@pytest.fixture(scope="session")
+def tiny_roles(engine_cache, tmp_path_factory) -> tuple[Path, Path]:
+    """(actor folder, critic folder) for step-3 tests that need no trained model: the built-in model and a
+    reward model made from it (a random value head)."""
+    return tiny_model_folder(engine_cache), tiny_reward_folder(engine_cache, tmp_path_factory.mktemp("tiny_rm"))
+
+
 def offline_env(engine_cache: Path) -> dict[str, str]:
     """The environment of a test subprocess: the test model cache, no hub, one thread per process."""
     return dict(os.environ, RLHF_ENGINE_CACHE=str(engine_cache), HF_HUB_OFFLINE="1", HF_DATASETS_OFFLINE="1",
@@ -111,9 +137,7 @@ def e2e_demo(engine_cache, tmp_path_factory) -> tuple[Path, subprocess.Completed
     """(output folder, finished process) of `python e2e_rlhf.py` on the embedded default at a reduced size:
     two CPU ranks, steps 1 and 2 as in the demo, step 3 for E2E_PPO_STEPS steps, then evaluation and report.
 
-    Its step-1 and step-2 models also serve the step-3 tests (`rlhf_inputs`): the SFT model sorts some lists
-    (rule success about 0.15 when sampling), so step 3 has something to improve on, and the reward model tells
-    right from wrong (held-out accuracy about 0.95)."""
+    The step-3 tests that need no trained model use `tiny_roles` instead, so they need not wait for this run."""
     out = tmp_path_factory.mktemp("e2e")
     quiet = "--disable_tqdm"
     cmd = [sys.executable, str(ROOT / "e2e_rlhf.py"), "--output_dir", str(out), "--deployment-type", "cpu",
@@ -123,10 +147,3 @@ def e2e_demo(engine_cache, tmp_path_factory) -> tuple[Path, subprocess.Completed
     if proc.returncode != 0:
         raise AssertionError(f"e2e_rlhf.py failed ({proc.returncode}):\n{proc.stderr[-4000:]}\n{proc.stdout[-3000:]}")
     return out, proc
-
-
-@pytest.fixture(scope="session")
-def rlhf_inputs(e2e_demo) -> tuple[Path, Path]:
-    """(step-1 SFT folder, step-2 reward-model folder) on the bundled task, from the pipeline test's run."""
-    out, _ = e2e_demo
-    return out / "step1_sft", out / "step2_reward"

@@ -1,5 +1,6 @@
-"""Step 3 with 2 CPU ranks: ZeRO-3 actor and critic, hybrid generation, LoRA, EMA; loadable outputs;
-after a kill -9 of one rank, --resume continues bit for bit (metrics and final weights)."""
+"""Step 3 with 2 CPU ranks on the built-in model and a reward model made from it: ZeRO-3 actor and critic,
+hybrid generation, LoRA, EMA; loadable outputs; after a kill -9 of one rank, --resume continues bit for bit
+(metrics and final weights)."""
 from __future__ import annotations
 
 import subprocess
@@ -26,9 +27,9 @@ def _step_rows(out):
             for r in read_metrics(out) if "rollout/score_mean" in r}
 
 
-def test_zero3_hybrid_lora_ema_run_and_bit_identical_resume(run_step, rlhf_inputs, tmp_path):
-    sft, rm = rlhf_inputs
-    roles = ["--actor_model_name_or_path", str(sft), "--critic_model_name_or_path", str(rm)]
+def test_zero3_hybrid_lora_ema_run_and_bit_identical_resume(run_step, tiny_roles, tmp_path):
+    actor, critic = tiny_roles
+    roles = ["--actor_model_name_or_path", str(actor), "--critic_model_name_or_path", str(critic)]
     straight, resumed = tmp_path / "straight", tmp_path / "resumed"
     run_step("step3_rlhf/main.py", [*roles, *ARGS, "--test_stop_step", str(STEPS), "--output_dir", str(straight)],
              nprocs=2)

@@ -1,8 +1,9 @@
 """Bad input to the three steps, end to end: a one-line `error: ...` naming the problem and the fix, exit
 status 2, no traceback, and nothing written (docs/errors.md lists every case).
 
-The cases (tests/bad_input_cases.py) run inside one Python process, each through `engine.errors.run_main`
-as `python stepN/main.py` runs it; a few also run as real subprocesses, for the true exit status and stderr.
+The cases (tests/helpers/bad_input_cases.py) run inside one Python process, each through
+`engine.runtime.entry.run_main` as `python stepN/main.py` runs it; a few also run as real subprocesses, for
+the true exit status and stderr.
 """
 from __future__ import annotations
 
@@ -13,8 +14,8 @@ import sys
 
 import pytest
 
-from tests.bad_input_cases import CASES, GOOD, case_ids, cases_by_id, errors_table, jsonl
 from tests.conftest import ROOT, offline_env
+from tests.helpers.bad_input_cases import CASES, GOOD, case_ids, cases_by_id, errors_table, jsonl
 
 # One xdist worker runs the whole module, so the cases run once (a module fixture runs once per worker).
 pytestmark = [pytest.mark.smoke, pytest.mark.xdist_group("bad_input")]
@@ -26,8 +27,8 @@ MAX_MESSAGE_CHARS = 400
 def bad_input_run(engine_cache, tmp_path_factory) -> dict:
     """{case id: result} of one run of every case."""
     work = tmp_path_factory.mktemp("bad_input")
-    proc = subprocess.run([sys.executable, "-m", "tests.bad_input_cases", str(work), str(work / "results.json")],
-                          cwd=ROOT, env=offline_env(engine_cache), capture_output=True, text=True, timeout=600)
+    cmd = [sys.executable, "-m", "tests.helpers.bad_input_cases", str(work), str(work / "results.json")]
+    proc = subprocess.run(cmd, cwd=ROOT, env=offline_env(engine_cache), capture_output=True, text=True, timeout=600)
     if proc.returncode != 0:
         raise AssertionError(f"the bad-input runner failed ({proc.returncode}):\n{proc.stderr[-4000:]}")
     return json.loads((work / "results.json").read_text())
@@ -42,7 +43,7 @@ def test_user_error_is_refused_cleanly(case_id, bad_input_run):
     assert not result["traceback"], result["stderr"]
     assert result["exit"] == 2, result["stderr"]
     message = result["message"]
-    assert case.message in message and case.fix in message, message
+    assert case.message in message and case.fix in message and case.names in message, message
     # One line; a configuration error is the line "invalid configuration:" and one "  - " line per problem.
     lines = message.split("\n")
     assert len(lines) == 1 or (lines[0] == "invalid configuration:" and len(lines) == 2 and lines[1].startswith("  - "))
@@ -69,7 +70,8 @@ def test_read_only_output_dir_is_refused_where_the_os_says_so(monkeypatch, tmp_p
 
 def test_every_case_is_in_the_docs_table_and_back():
     text = (ROOT / "docs" / "errors.md").read_text()
-    assert errors_table() in text, "docs/errors.md is out of date: paste tests.bad_input_cases.errors_table() in"
+    assert errors_table() in text, \
+        "docs/errors.md is out of date: paste tests.helpers.bad_input_cases.errors_table() in"
     documented = re.findall(r"^\|.*\| `([\w-]+)`(?: \(\*\))? \|$", text, flags=re.M)
     assert sorted(documented) == sorted(case.name for case in CASES)
     assert len(set(case_ids())) == len(case_ids())

@@ -1,7 +1,10 @@
 """The pipeline command on the embedded default at a reduced size (the `e2e_demo` fixture: two CPU ranks,
 step 3 stopped early): every stage's output and the report exist, PPO learned the bundled task, the RLHF
 actor beats the SFT actor on the held-out rule truth and reward score, and chat.py answers from it.
-A failing stage stops the pipeline with its log tail."""
+A failing stage stops the pipeline with its log tail.
+
+The tests that read the pipeline run are the e2e tier (tests/conftest.py marks every user of `e2e_demo`),
+left out of the default run: `python -m pytest -q -m e2e` runs them."""
 from __future__ import annotations
 
 import json

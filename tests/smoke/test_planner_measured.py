@@ -21,6 +21,8 @@ import pytest
 
 from tests.conftest import read_metrics
 
+pytestmark = pytest.mark.smoke
+
 BOUND = 0.25
 SHAPE = dict(hidden_size=512, intermediate_size=1376, num_hidden_layers=4, num_attention_heads=8,
              num_key_value_heads=8, max_position_embeddings=256, tie_word_embeddings=False, vocab_size=8192)

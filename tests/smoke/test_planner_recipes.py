@@ -13,7 +13,9 @@ from engine.config import Step3Config
 from engine.flags import parse_config
 from engine.planner.__main__ import build_parser, plan
 from engine.planner.step3 import knobs_from_step3
-from tests.unit.test_launch_scripts import main_py_args
+from tests.helpers.launch_scripts import main_py_args
+
+pytestmark = pytest.mark.smoke
 
 ROOT = Path(__file__).resolve().parents[2]
 RECIPES = sorted((ROOT / "step3_rlhf/training_scripts/llama2").glob("run_llama2_7b_*x*gb.sh"))

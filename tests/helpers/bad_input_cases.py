@@ -4,12 +4,12 @@ Python process (a subprocess per case would cost 6-10 s of imports each).
 Each `Case` is one user error: what the user did (`problem`), the flags that do it (`args`), and two
 fragments of the short message the steps must print: `message` names the problem, `fix` the way out.
 `tests/smoke/test_bad_input.py` runs every case on every step it lists and asserts: exit status 2, both
-fragments in one `error: ...` line (a configuration error: its header and one line per problem), no
-traceback, and nothing in the case's folder created, changed or removed (`leaves` names the one
-exception: a complete data cache). docs/errors.md holds `errors_table()`;
-a test keeps the two equal.
+fragments (and `names`, where given) in one `error: ...` line (a configuration error: its header and one
+line per problem), no traceback, and nothing in the case's folder created, changed or removed (`leaves`
+names the one exception: a complete data cache). docs/errors.md holds `errors_table()`; a test keeps the
+two equal.
 
-    python -m tests.bad_input_cases WORKDIR RESULTS.json [CASE_ID ...]
+    python -m tests.helpers.bad_input_cases WORKDIR RESULTS.json [CASE_ID ...]
 
 runs the cases (all, or the ids given) and writes {case id: result} to RESULTS.json. Run it with
 HF_HUB_OFFLINE=1 and RLHF_ENGINE_CACHE set, as tests/conftest.py's `offline_env` does.
@@ -64,6 +64,7 @@ class Case:
     fix: str                                # fragment of the message that names the fix
     leaves: str = ""                        # "data_cache": found after the data is tokenized, so the
                                             # complete tokenized cache stays in <out>/data_cache
+    names: str = ""                         # a further fragment the message holds (the flag it names)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -262,9 +263,10 @@ CASES: list[Case] = [
     Case("whitespace-field", "a field of spaces, tabs or newlines only", ALL, bad_row(chosen=" \t\n"),
          "data.jsonl:2: field 'chosen' is empty", "remove the row or fill it in"),
     # --- rows filtered out
-    Case("every-row-too-long", "every row over --max_seq_len with --overlength drop (steps 1, 2), every prompt over "
-         "--max_prompt_seq_len (step 3; longer prompts are dropped, as DeepSpeed-Chat does)", ALL, too_long,
+    Case("every-row-too-long", "every row over --max_seq_len with --overlength drop", PAIRS, too_long,
          "no usable train", "raise the limit"),
+    Case("every-prompt-too-long", "every prompt over --max_prompt_seq_len (longer prompts are dropped, as "
+         "DeepSpeed-Chat does)", (3,), too_long, "fits --max_prompt_seq_len 3", "raise the limit"),
     Case("empty-data-slice", "--data_split gives the step no rows", ALL, empty_slice,
          "gives step", "a larger share"),
     Case("ptx-missing-file", "--unsupervised_dataset_name names a file that does not exist", (3,),
@@ -275,9 +277,11 @@ CASES: list[Case] = [
     Case("missing-model-folder", "the model folder does not exist", PAIRS,
          model(lambda c: str(c.dir / "no-model")), "no such model folder", "give a Hugging Face model folder"),
     Case("missing-actor-folder", "step 3's actor folder does not exist", (3,),
-         model(lambda c: str(c.dir / "no-model")), "no such model folder", "run step 1 first"),
+         model(lambda c: str(c.dir / "no-model")), "no such model folder", "run step 1 first",
+         names="--actor_model_name_or_path"),
     Case("missing-critic-folder", "step 3's critic folder does not exist", (3,),
-         model(lambda c: str(c.dir / "no-model"), "critic"), "no such model folder", "run step 2 first"),
+         model(lambda c: str(c.dir / "no-model"), "critic"), "no such model folder", "run step 2 first",
+         names="--critic_model_name_or_path"),
     Case("model-path-is-a-file", "the model path is a file, not a folder", ALL,
          model(lambda c: c.write("model.bin", "x")), "is a file, not a model folder",
          "point at the folder holding config.json"),
@@ -303,8 +307,8 @@ CASES: list[Case] = [
          lambda c, step: ["--actor_model_name_or_path", str(c.critic)], "is a reward model, not a causal LM",
          "pass the folder step 1 wrote"),
     Case("longer-than-the-context", "--max_prompt_seq_len + --max_answer_seq_len beyond the actor's positions", (3,),
-         flags("--max_prompt_seq_len", "400", "--max_answer_seq_len", "200"), "exceeds the actor's context of 512",
-         "lower them"),
+         flags("--max_prompt_seq_len", "400", "--max_answer_seq_len", "200"),
+         "exceeds the actor's context of 512 tokens", "lower them"),
     # --- flags
     Case("unknown-flag", "a flag the step does not have", ALL, flags("--not_a_flag", "1"),
          "unknown flag(s) --not_a_flag", "see --help"),
@@ -315,6 +319,12 @@ CASES: list[Case] = [
     Case("offload-below-zero-2", "--offload below ZeRO-2 (DeepSpeed would ignore it)", ALL,
          per_step(s1=["--offload", "--zero_stage", "1"], s3=["--offload", "--actor_zero_stage", "1"]),
          "--offload needs", "DeepSpeed ignores offload below stage 2"),
+    Case("offload-reference-below-zero-3", "--offload_reference_model without a ZeRO-3 actor", (3,),
+         flags("--offload_reference_model"), "--offload_reference_model needs --actor_zero_stage 3",
+         "DeepSpeed offloads parameters only under ZeRO-3"),
+    Case("offload-reward-below-zero-3", "--offload_reward_model without a ZeRO-3 critic", (3,),
+         flags("--offload_reward_model"), "--offload_reward_model needs --critic_zero_stage 3",
+         "DeepSpeed offloads parameters only under ZeRO-3"),
     Case("only-optimize-lora-without-lora", "--only_optimize_lora without a LoRA rank", ALL,
          flags("--only_optimize_lora"), "--only_optimize_lora needs", "lora_dim"),
     Case("save-total-limit-without-interval", "--save_total_limit without --save_interval", ALL,
