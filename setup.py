@@ -28,11 +28,12 @@ torch_req = "torch>=2.1" if installed_torch() else "torch==2.13.0"
 setup(
     install_requires=[
         torch_req,
-        "deepspeed>=0.15",
-        "transformers>=4.46",
+        # Upper bounds where the next release may break us; requirements/ci-constraints.txt is the set tested.
+        "deepspeed>=0.15,<0.20",  # engine/runtime touches DeepSpeed's private API, verified on 0.19
+        "transformers>=4.46,<6",
         "datasets>=2.19",
-        "peft>=0.12",
-        "bitsandbytes>=0.43",
+        "peft>=0.12,<1",
+        "bitsandbytes>=0.43,<1",
         "safetensors>=0.4",
         "tokenizers>=0.19",
         "tensorboard>=2.14",

@@ -107,10 +107,14 @@ def tiny_model_folder(engine_cache: Path, seed: int = 1234) -> Path:
 def tiny_reward_folder(engine_cache: Path, folder: Path) -> Path:
     """A reward model made from the built-in model (a random value head) in `folder`: a step-3 critic
     without running step 2."""
+    import torch
     from transformers import AutoModelForSequenceClassification, AutoTokenizer
 
     actor = tiny_model_folder(engine_cache)
-    AutoModelForSequenceClassification.from_pretrained(str(actor), num_labels=1).save_pretrained(str(folder))
+    with torch.random.fork_rng(devices=[]):  # the value head is new: the same one in every test session
+        torch.manual_seed(0)
+        head = AutoModelForSequenceClassification.from_pretrained(str(actor), num_labels=1)
+    head.save_pretrained(str(folder))
     AutoTokenizer.from_pretrained(str(actor)).save_pretrained(str(folder))
     return folder
 

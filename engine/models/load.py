@@ -212,6 +212,22 @@ def _quiet_int8_cast_warning() -> None:
         logger.info("8-bit (LLM.int8) layers compute with fp16 inputs: bitsandbytes casts the activations")
 
 
+def use_dequantizing_4bit_matmul(model: torch.nn.Module) -> None:
+    """Keep every bitsandbytes 4-bit layer of `model` on its dequantize-then-matmul path on the CPU.
+
+    On a CPU with AVX512-BF16, bitsandbytes (0.48-0.50 at least) repacks a 4-bit weight for a fused bf16
+    kernel at the first eval-mode forward without grad, and keeps it repacked: the kernel rounds the
+    absmax scales to bf16, so an eval forward differs from a train forward of the same weights, has no
+    backward (the LoRA gradient through the frozen base is silently lost, with a torch warning), and
+    `state_dict()` unpacks the weight with its scales still rounded, so a model that saved a checkpoint
+    computes other numbers than the same model loaded from it (a resumed QLoRA run diverged from the
+    uninterrupted one). The dequantizing path is exact (fp32 scales), differentiable and deterministic.
+    """
+    for module in model.modules():
+        if hasattr(module, "support_avx512bf16_for_cpu"):  # bitsandbytes.nn.Linear4bit and its subclasses
+            module.support_avx512bf16_for_cpu = False
+
+
 def load_pretrained(auto_class: Any, path: str, model: ModelArgs, tokenizer: Any, dtype: str,
                     ds_config: dict[str, Any] | None, gradient_checkpointing: bool, quantization: str = "none",
                     device: torch.device | None = None, **config_overrides: Any) -> torch.nn.Module:
@@ -248,6 +264,8 @@ def load_pretrained(auto_class: Any, path: str, model: ModelArgs, tokenizer: Any
         except (OSError, ValueError) as err:
             raise hub_error(path, err) from None
         resize_embeddings(loaded, tokenizer)
+    if quantization == "4bit":
+        use_dequantizing_4bit_matmul(loaded)
     if gradient_checkpointing:
         # Non-reentrant checkpointing needs no input grads, so it also works with frozen base weights.
         loaded.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})

@@ -24,10 +24,16 @@ def test_zero3_lora_reward_model(run_step, engine_cache, tmp_path):
     run_step("step2_reward/main.py", ["--model_name_or_path", str(model_dir), "--data_path", str(data),
                                       "--zero_stage", "3", "--lora_dim", "8", "--dtype", "bf16",
                                       "--learning_rate", "1e-3", "--per_device_train_batch_size", "8",
-                                      "--max_seq_len", "64", "--eval_interval", "25", "--output_dir", str(out)],
+                                      "--max_seq_len", "64", "--eval_interval", "25", "--output_dir", str(out),
+                                      "--data_split", "0,10,0", "--num_train_epochs", "2"],
              nprocs=2)
     acc = [r["eval/reward_accuracy"] for r in read_metrics(out) if "eval/reward_accuracy" in r]
-    assert acc[0] < 0.7 and acc[-1] >= 0.75 and acc[-1] > acc[0]  # measured 0.55 -> 0.80
+    # All 2000 pairs go to step 2 (1800 train, 200 held out), 2 epochs (224 steps). Measured final accuracy:
+    # 0.85 (--seed 1234, the default), 0.745 / 0.87 / 0.76 (seeds 1 / 2 / 3), 0.80 (seed 1234 with torch and
+    # oneDNN held to AVX2 kernels, as on another CPU); from 0.36-0.56. The bar is the lowest less 2 binomial
+    # standard deviations of 200 pairs (0.03 each). One epoch of 40% of the pairs (45 steps, 80 held out)
+    # ended anywhere in 0.61-0.80 by seed and CPU kernels, too close to a coin flip for any bar.
+    assert acc[0] < 0.7 and acc[-1] >= 0.68 and acc[-1] > acc[0]
     probe = ("import sys; from transformers import AutoModelForSequenceClassification as M; "
              "m = M.from_pretrained(sys.argv[1]); assert m.config.num_labels == 1; "
              "assert not any('lora' in k for k in m.state_dict()); print('ok')")

@@ -31,9 +31,11 @@ def test_reward_accuracy_rises(rm_run):
     evals = reward_evals(rm_run)
     assert [r["step"] for r in evals] == list(range(0, 301, 25))  # before and every 25 steps (300 is the end)
     assert 0.3 <= evals[0]["eval/reward_accuracy"] <= 0.7  # an untrained head is a coin flip
-    # Measured 0.88 on the 160 held-out pairs after 3 epochs from random weights (1.0 after one epoch
-    # before the bundled pairs gained the sorted-but-wrong-digit mistakes; see engine/data/sort_task.py).
-    assert evals[-1]["eval/reward_accuracy"] >= 0.85
+    # Measured on the 160 held-out pairs after 3 epochs from random weights: 0.894 (--seed 1234, the default),
+    # 0.894 / 0.881 / 0.788 (seeds 1 / 2 / 3), 0.906 (seed 1234 on AVX2 kernels, as on another CPU); the bar
+    # is the lowest less 2 binomial standard deviations (0.032 each). (1.0 after one epoch before the bundled
+    # pairs gained the sorted-but-wrong-digit mistakes; see engine/data/sort_task.py.)
+    assert evals[-1]["eval/reward_accuracy"] >= 0.72
     assert evals[-1]["eval/score_margin"] > 1.0
     stats = json.loads((rm_run / "reward_stats.json").read_text())
     assert stats["score_std"] > 0 and stats["eval_pairs"] == evals[-1]["eval/pairs"]
@@ -81,8 +83,10 @@ def test_lora_only_trains_adapters_and_value_head(run_step, tmp_path, engine_cac
 def test_span_loss_trains(run_step, tmp_path):
     out = tmp_path / "span"
     run_step("step2_reward/main.py", ["--output_dir", str(out), *FAST, "--rm_loss", "span", "--num_train_epochs", "3"])
-    # Measured 0.84 after 3 epochs (0.44 after 1: the span loss learns end scores slower than the end loss).
-    assert reward_evals(out)[-1]["eval/reward_accuracy"] >= 0.8
+    # Measured after 3 epochs: 0.856 (seed 1234), 0.819 / 0.894 / 0.863 (seeds 1 / 2 / 3), 0.838 (AVX2 kernels);
+    # the bar is the lowest less 2 standard deviations of 160 pairs (0.03 each). (0.44 after 1 epoch: the span
+    # loss learns end scores slower than the end loss.)
+    assert reward_evals(out)[-1]["eval/reward_accuracy"] >= 0.75
 
 
 def test_resume_after_kill_is_bit_identical(run_step, tmp_path):

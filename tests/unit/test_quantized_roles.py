@@ -96,3 +96,30 @@ def test_a_quantized_frozen_role_is_a_plain_frozen_module(random_llama):
     with torch.no_grad():
         assert torch.equal(role(input_ids=ids, attention_mask=mask).logits,
                            model(input_ids=ids, attention_mask=mask).logits)
+
+
+def test_a_4bit_model_computes_the_same_numbers_in_every_mode_and_after_a_save(random_llama):
+    """A QLoRA actor runs eval forwards (generation), train forwards and checkpoint saves in turn; a resumed
+    run loads it afresh. All must compute the same numbers, and the gradient must reach the input through the
+    4-bit layers. (On a CPU with AVX512-BF16, bitsandbytes' fused bf16 inference kernel broke all three until
+    `use_dequantizing_4bit_matmul`; on other CPUs this holds either way.)"""
+    path = random_llama[0]
+    tok = load_tokenizer(path, ModelArgs())
+    ids, mask = _batch(len(tok))
+
+    def logits(model, train: bool) -> torch.Tensor:
+        with torch.no_grad():
+            return model.train(train)(input_ids=ids, attention_mask=mask).logits
+
+    model = load_causal_lm(path, ModelArgs(), tok, "bf16", None, False, "4bit")
+    first = logits(model, train=True)
+    assert torch.equal(logits(model, train=False), first)  # eval and no grad: generation's forward
+    assert torch.equal(logits(model, train=True), first)   # and train forwards after it
+    model.state_dict()  # what a checkpoint save does
+    assert torch.equal(logits(model, train=False), first)
+    fresh = load_causal_lm(path, ModelArgs(), tok, "bf16", None, False, "4bit")
+    assert torch.equal(logits(fresh, train=True), first)  # what a resumed run computes
+
+    embeds = model.get_input_embeddings()(ids).detach().requires_grad_()
+    model.train()(inputs_embeds=embeds, attention_mask=mask).logits.float().sum().backward()
+    assert embeds.grad is not None and embeds.grad.abs().sum() > 0
