@@ -15,8 +15,6 @@ from __future__ import annotations
 import logging
 import math
 from collections.abc import Sequence
-from functools import partial
-from pathlib import Path
 
 from tqdm import tqdm
 
@@ -24,7 +22,7 @@ from engine.config import Step1Config
 from engine.data.sft import collate_right_padded, load_sft_data
 from engine.eval.lm import evaluate_lm
 from engine.flags import parse_config, save_config_yaml
-from engine.models.load import load_causal_lm, load_tokenizer, resolve_model_path
+from engine.models.load import load_causal_lm
 from engine.models.lora import apply_lora
 from engine.observe.metrics import plot_curves
 from engine.observe.perf import StepTimer, peak_memory_gb, train_throughput
@@ -33,15 +31,14 @@ from engine.rl.lm_loss import causal_lm_loss, label_count
 from engine.runtime import faults
 from engine.runtime.bad_steps import BadStepGuard, optimizer_metrics
 from engine.runtime.checkpoint import save_hf_folder
-from engine.runtime.distributed import all_reduce_sum, init_distributed, setup_logging
-from engine.runtime.engines import build_ds_config, init_trained_engine
+from engine.runtime.distributed import all_reduce_sum
+from engine.runtime.engines import init_trained_engine
 from engine.runtime.entry import run_main
 from engine.runtime.run import (
     RunContext,
     Schedule,
-    check_output_dir,
     epoch_windows,
-    make_loader,
+    prepare_step,
     save_checkpoint,
     start_run,
     to_device,
@@ -52,21 +49,11 @@ logger = logging.getLogger("engine")
 
 def main(argv: Sequence[str] | None = None) -> None:
     cfg = parse_config(Step1Config, argv, description=__doc__)
-    out = check_output_dir(cfg.log.output_dir, resume=cfg.log.resume)
-    dist = init_distributed(cfg.train.seed, peer_timeout=cfg.fault.peer_timeout)
-    setup_logging(dist.is_main)
-
-    # Model path, tokenizer, DeepSpeed config and data first: bad input fails before anything is written.
-    ds_config = build_ds_config(cfg.ds, cfg.train, dist.world_size)
-    zero_stage = ds_config["zero_optimization"]["stage"]
-    model_path = resolve_model_path(cfg.model, cfg.train.seed, dist)
-    tokenizer = load_tokenizer(model_path, cfg.model, cfg.data)
-    cache_dir = Path(cfg.data.data_output_path or out / "data_cache")
-    train_set, eval_set = load_sft_data(cfg.data, tokenizer, cache_dir, cfg.train.seed, dist)
-    collate = partial(collate_right_padded, pad_id=tokenizer.pad_token_id)
-    train_loader = make_loader(train_set, cfg.train.per_device_train_batch_size, dist, True, cfg.train.seed, collate)
-    eval_loader = make_loader(eval_set, cfg.train.per_device_eval_batch_size, dist, False, cfg.train.seed, collate)
-    schedule = Schedule.of(len(train_loader), cfg.train.gradient_accumulation_steps, cfg.train.num_train_epochs)
+    # Output folder, ranks, DeepSpeed config, tokenizer and data first: bad input fails before anything is written.
+    inputs = prepare_step(cfg, load_sft_data, collate_right_padded)
+    out, dist, ds_config, zero_stage = inputs.out, inputs.dist, inputs.ds_config, inputs.zero_stage
+    tokenizer, model_path, schedule = inputs.tokenizer, inputs.model_path, inputs.schedule
+    train_loader, eval_loader = inputs.train_loader, inputs.eval_loader
 
     # Model, LoRA, optimizer, DeepSpeed.
     model = load_causal_lm(model_path, cfg.model, tokenizer, cfg.ds.dtype, ds_config, cfg.ds.gradient_checkpointing)

@@ -21,17 +21,22 @@ def check_model_path(path: str) -> None:
                         "or a hub name")
 
 
+def _load_eval(auto_class: Any, path: str, trust_remote_code: bool, what: str) -> tuple[Any, Any]:
+    """(`auto_class` model from `path` in eval mode, left-padding tokenizer); a failed load is a UserError."""
+    check_model_path(path)
+    tok = load_tokenizer(path, ModelArgs(trust_remote_code=trust_remote_code), padding_side="left")
+    try:
+        model = auto_class.from_pretrained(path, trust_remote_code=trust_remote_code)
+    except (OSError, ValueError) as err:
+        raise UserError(f"cannot load {what} '{path}': {str(err).splitlines()[0][:200]}") from None
+    return model.eval(), tok
+
+
 def load_for_inference(path: str, trust_remote_code: bool = False) -> tuple[Any, Any]:
     """(model in eval mode, left-padding tokenizer) from a Hugging Face folder or hub name."""
     from transformers import AutoModelForCausalLM
 
-    check_model_path(path)
-    tok = load_tokenizer(path, ModelArgs(trust_remote_code=trust_remote_code), padding_side="left")
-    try:
-        model = AutoModelForCausalLM.from_pretrained(path, trust_remote_code=trust_remote_code)
-    except (OSError, ValueError) as err:
-        raise UserError(f"cannot load model '{path}': {str(err).splitlines()[0][:200]}") from None
-    return model.eval(), tok
+    return _load_eval(AutoModelForCausalLM, path, trust_remote_code, "model")
 
 
 def load_reward_for_inference(path: str, trust_remote_code: bool = False) -> tuple[Any, Any]:
@@ -41,15 +46,10 @@ def load_reward_for_inference(path: str, trust_remote_code: bool = False) -> tup
 
     if not (Path(path).expanduser() / "config.json").is_file():
         raise UserError(f"{path}: not a model folder (no config.json); give a step-2 --output_dir")
-    check_model_path(path)
-    tok = load_tokenizer(path, ModelArgs(trust_remote_code=trust_remote_code), padding_side="left")
-    try:
-        model = AutoModelForSequenceClassification.from_pretrained(path, trust_remote_code=trust_remote_code)
-    except (OSError, ValueError) as err:
-        raise UserError(f"cannot load reward model {path}: {str(err).splitlines()[0][:200]}") from None
+    model, tok = _load_eval(AutoModelForSequenceClassification, path, trust_remote_code, "reward model")
     if model.config.num_labels != 1:
         raise UserError(f"{path} has {model.config.num_labels} labels; a reward model has 1")
-    return model.eval(), tok
+    return model, tok
 
 
 @torch.no_grad()

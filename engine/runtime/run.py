@@ -5,6 +5,7 @@ import logging
 import os
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
+from functools import partial
 from pathlib import Path
 from typing import Any
 
@@ -12,8 +13,10 @@ import torch
 
 from engine.errors import UserError
 from engine.flags import config_to_dict, save_config_yaml
+from engine.models.load import load_tokenizer, resolve_model_path
 from engine.observe.metrics import MetricsLogger
-from engine.runtime.distributed import DistInfo
+from engine.runtime.distributed import DistInfo, init_distributed, setup_logging
+from engine.runtime.engines import build_ds_config
 
 logger = logging.getLogger("engine")
 
@@ -136,3 +139,41 @@ def start_run(cfg: Any, engine: Any, out: Path, dist: DistInfo, keys: tuple[str,
                             wandb_project=cfg.log.wandb_project if cfg.log.enable_wandb else None,
                             wandb_config=config_to_dict(cfg), run_name=out.name, resume=cfg.log.resume)
     return position, metrics
+
+
+@dataclass
+class StepInputs:
+    """What steps 1 and 2 set up before their model, from the flags (`prepare_step`)."""
+
+    out: Path
+    dist: DistInfo
+    ds_config: dict[str, Any]
+    zero_stage: int
+    model_path: str
+    tokenizer: Any
+    train_loader: torch.utils.data.DataLoader
+    eval_loader: torch.utils.data.DataLoader
+    schedule: Schedule
+
+
+def prepare_step(cfg: Any, load_data: Callable[..., tuple[Any, Any]], collate: Callable[..., Any]) -> StepInputs:
+    """Output folder, distributed set-up and seed, DeepSpeed config, model path, tokenizer, data loaders and
+    schedule of step 1 or 2, in this order: bad input fails before anything is written.
+
+    load_data: `(data_args, tokenizer, cache_dir, seed, dist) -> (train_set, eval_set)`.
+    collate: a collate function taking `pad_id`."""
+    out = check_output_dir(cfg.log.output_dir, resume=cfg.log.resume)
+    dist = init_distributed(cfg.train.seed, peer_timeout=cfg.fault.peer_timeout)
+    setup_logging(dist.is_main)
+    ds_config = build_ds_config(cfg.ds, cfg.train, dist.world_size)
+    model_path = resolve_model_path(cfg.model, cfg.train.seed, dist)
+    tokenizer = load_tokenizer(model_path, cfg.model, cfg.data)
+    cache_dir = Path(cfg.data.data_output_path or out / "data_cache")
+    train_set, eval_set = load_data(cfg.data, tokenizer, cache_dir, cfg.train.seed, dist)
+    collate_fn = partial(collate, pad_id=tokenizer.pad_token_id)
+    t = cfg.train
+    train_loader = make_loader(train_set, t.per_device_train_batch_size, dist, True, t.seed, collate_fn)
+    eval_loader = make_loader(eval_set, t.per_device_eval_batch_size, dist, False, t.seed, collate_fn)
+    schedule = Schedule.of(len(train_loader), t.gradient_accumulation_steps, t.num_train_epochs)
+    return StepInputs(out, dist, ds_config, ds_config["zero_optimization"]["stage"], model_path, tokenizer,
+                      train_loader, eval_loader, schedule)
