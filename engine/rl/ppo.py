@@ -84,6 +84,17 @@ def score_position(action_mask: torch.Tensor) -> torch.Tensor:
     return (positions * action_mask.long()).argmax(dim=1)
 
 
+def kl_rewards(logprobs: torch.Tensor, ref_logprobs: torch.Tensor, action_mask: torch.Tensor, kl_coef: float,
+               kl_estimator: str = "k1") -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+    """The KL-in-reward penalty: -kl_coef * KL on every answer action, 0 elsewhere.
+
+    Args: (B, L) actor and reference log-probs of the taken actions and the action mask; the coefficient and
+    the estimator of `kl_penalty`. Returns the per-action rewards (B, L) and {"kl": (B,) the KL estimate summed
+    over each answer}, detached. The critic-free estimators take these as their `token_rewards`."""
+    kl = kl_penalty(logprobs, ref_logprobs, kl_estimator) * action_mask.to(logprobs.dtype)
+    return -kl_coef * kl, {"kl": kl.sum(1).detach()}
+
+
 def compute_rewards(logprobs: torch.Tensor, ref_logprobs: torch.Tensor, scores: torch.Tensor,
                     action_mask: torch.Tensor, kl_coef: float, clip_reward_value: float,
                     kl_estimator: str = "k1") -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
@@ -98,14 +109,12 @@ def compute_rewards(logprobs: torch.Tensor, ref_logprobs: torch.Tensor, scores: 
     Returns rewards (B, L), zero outside the mask, and per-sequence stats (B,): the KL estimate summed
     over the answer ("kl") and the clipped score ("score_clipped").
     """
-    mask = action_mask.to(logprobs.dtype)
-    kl = kl_penalty(logprobs, ref_logprobs, kl_estimator) * mask
-    rewards = -kl_coef * kl
+    rewards, kl_stats = kl_rewards(logprobs, ref_logprobs, action_mask, kl_coef, kl_estimator)
     clipped = scores.to(rewards.dtype).clamp(-clip_reward_value, clip_reward_value)
     has_answer = action_mask.sum(1) > 0
     rows = torch.arange(rewards.shape[0], device=rewards.device)
     rewards[rows, score_position(action_mask)] += torch.where(has_answer, clipped, torch.zeros_like(clipped))
-    return rewards, {"kl": kl.sum(1).detach(), "score_clipped": clipped.detach()}
+    return rewards, {"kl": kl_stats["kl"], "score_clipped": clipped.detach()}
 
 
 def gae(rewards: torch.Tensor, values: torch.Tensor, action_mask: torch.Tensor, gamma: float, lam: float
