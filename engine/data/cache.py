@@ -78,6 +78,18 @@ def sequence_at(ids: torch.Tensor, offsets: torch.Tensor, i: int) -> torch.Tenso
     return ids[offsets[i]:offsets[i + 1]]
 
 
+def json_tensor(obj: Any) -> torch.Tensor:
+    """A JSON-able object as a uint8 tensor of its UTF-8 JSON text: what is not a tensor (texts, a prompt
+    set's columns) stored in the same safetensors file as the tokens, so the two are written atomically
+    together and never parsed with pickle."""
+    return torch.frombuffer(bytearray(json.dumps(obj).encode("utf-8")), dtype=torch.uint8)
+
+
+def tensor_json(t: torch.Tensor) -> Any:
+    """The object `json_tensor` stored."""
+    return json.loads(t.numpy().tobytes().decode("utf-8"))
+
+
 def split_tensors(tensors: dict[str, torch.Tensor], split: str) -> dict[str, torch.Tensor]:
     """{'train/x': ...} -> {'x': ...} for one split."""
     prefix = split + "/"
@@ -92,19 +104,14 @@ def _write(path: Path, tensors: dict[str, torch.Tensor], meta: dict[str, str]) -
 
 
 def _complete(path: Path) -> bool:
-    """Whether `path` is a whole safetensors file (its header is checked to cover the file exactly) and,
-    where its metadata names a JSON sidecar, the sidecar is there with that content."""
+    """Whether `path` is a whole safetensors file (its header is checked to cover the file exactly)."""
     if not path.is_file():
         return False
     try:
         with safe_open(str(path), framework="pt") as f:
-            meta = f.metadata() or {}
+            f.metadata()
     except (SafetensorError, OSError) as err:
         logger.warning("the data cache %s is damaged (%s); rebuilding it", path, err)
-        return False
-    if SIDECAR_HASH in meta and _sidecar_text(path, meta) is None:
-        logger.warning("the data cache %s lacks its sidecar %s (or it changed); rebuilding both", path,
-                       sidecar_path(path).name)
         return False
     return True
 
@@ -139,47 +146,3 @@ def cached_tensors(path: Path, build: Callable[[], tuple[dict[str, torch.Tensor]
         return load_file(str(path)), meta
     except (SafetensorError, OSError) as err:
         raise UserError(f"cannot read the tokenized-data cache {path} ({err}); delete it and run again") from None
-
-
-# ----------------------------------------------------------------------------------------------
-# JSON sidecar: what is not a tensor (texts, a prompt set's columns), beside the safetensors file
-# ----------------------------------------------------------------------------------------------
-SIDECAR_HASH = "sidecar_sha256"  # the metadata key: the sidecar belongs to the tensors that name its hash
-
-
-def sidecar_path(path: Path) -> Path:
-    return path.with_suffix(".json")
-
-
-def _sidecar_text(path: Path, meta: dict[str, str]) -> str | None:
-    """The sidecar's text when it exists and its hash is the one in `meta`, else None."""
-    try:
-        raw = sidecar_path(path).read_bytes()
-    except OSError:
-        return None
-    return raw.decode("utf-8") if hashlib.sha256(raw).hexdigest() == meta[SIDECAR_HASH] else None
-
-
-def cached_tensors_and_json(path: Path, build: Callable[[], tuple[dict[str, torch.Tensor], dict[str, str], Any]],
-                            dist: DistInfo) -> tuple[dict[str, torch.Tensor], dict[str, str], Any]:
-    """`cached_tensors` whose build also returns a JSON-able object, kept in a sidecar file beside `path`.
-
-    The sidecar is written first (atomically) and the tensors' metadata holds its hash, so the two are
-    only used together: a missing or mismatched sidecar makes the entry incomplete and rank 0 rebuilds it."""
-    def build_both() -> tuple[dict[str, torch.Tensor], dict[str, str]]:
-        tensors, meta, obj = build()
-        text = json.dumps(obj)
-        try:
-            path.parent.mkdir(parents=True, exist_ok=True)
-            write_atomically(sidecar_path(path), text, fsync=True)
-        except OSError as err:
-            raise UserError(f"cannot write the tokenized-data cache {sidecar_path(path)} ({err.strerror or err}); "
-                            "give --data_output_path a folder you can write to") from None
-        return tensors, meta | {SIDECAR_HASH: hashlib.sha256(text.encode("utf-8")).hexdigest()}
-
-    tensors, meta = cached_tensors(path, build_both, dist)
-    text = _sidecar_text(path, meta) if SIDECAR_HASH in meta else None
-    if text is None:
-        raise UserError(f"the tokenized-data cache {path} lacks its sidecar {sidecar_path(path).name} (or it "
-                        "changed since); delete both and run again")
-    return tensors, meta, json.loads(text)

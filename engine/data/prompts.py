@@ -4,8 +4,9 @@ Prompts longer than the limit are dropped and counted (DeepSpeed-Chat drops them
 prompt would change the question the actor answers.
 
 Each prompt keeps its text and its row's other fields (e.g. `answer`, `ground_truth`) as columns, for the
-reward functions (`engine.rewards`): the tensors go to the safetensors cache, the texts and columns to its
-JSON sidecar. `PromptDataset.rows()` with `collate_prompt_rows` gives them per batch.
+reward functions (`engine.rewards`): the cache's safetensors file holds them as JSON text in a uint8
+tensor beside the tokens (no pickle; written atomically with them). `PromptDataset.rows()` with
+`collate_prompt_rows` gives them per batch.
 """
 from __future__ import annotations
 
@@ -19,7 +20,15 @@ from typing import Any
 import torch
 
 from engine.config import DataArgs
-from engine.data.cache import cache_key, cached_tensors_and_json, pack_sequences, sequence_at, split_tensors
+from engine.data.cache import (
+    cache_key,
+    cached_tensors,
+    json_tensor,
+    pack_sequences,
+    sequence_at,
+    split_tensors,
+    tensor_json,
+)
 from engine.data.rows import Row
 from engine.data.split import phase_rows
 from engine.errors import UserError
@@ -29,7 +38,7 @@ logger = logging.getLogger("engine")
 
 
 RESERVED = ("prompts", "completions")  # the reward functions' own arguments: no column may take these names
-ROWS_FORMAT = 2  # in the cache key: 2 = the prompt texts and columns in a JSON sidecar
+ROWS_FORMAT = 2  # in the cache key: 2 = the prompt texts and columns stored beside the tokens
 
 
 def fitting_prompts(prompts: list[str], tokenizer: Any, max_prompt_len: int) -> tuple[list[list[int]], list[int]]:
@@ -77,10 +86,10 @@ def column_table(rows: list[Row], names: list[str]) -> dict[str, list]:
 
 
 def _build(data: DataArgs, tokenizer: Any, seed: int, max_prompt_len: int, column_map: Mapping[str, str]
-           ) -> tuple[dict[str, torch.Tensor], dict[str, str], dict[str, Any]]:
+           ) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
     train_rows, eval_rows = phase_rows(data, tokenizer, 3, seed, prompt_columns=column_map)
     names, left_out = column_names(train_rows + eval_rows)
-    tensors, meta, texts = {}, {"left_out_columns": json.dumps(left_out)}, {}
+    tensors, meta = {}, {"left_out_columns": json.dumps(left_out)}
     for split, rows in (("train", train_rows), ("eval", eval_rows)):
         if not rows:
             raise UserError(f"--data_split {data.data_split} gives step 3 no {split} prompts; give step 3 a larger "
@@ -93,8 +102,9 @@ def _build(data: DataArgs, tokenizer: Any, seed: int, max_prompt_len: int, colum
         meta[f"{split}_stats"] = json.dumps({"rows": len(rows), "kept": len(seqs),
                                              "dropped_overlength": len(rows) - len(seqs)})
         rows = [rows[i] for i in kept]
-        texts[split] = {"prompts": [r.prompt for r in rows], "columns": column_table(rows, names)}
-    return tensors, meta, texts
+        tensors[f"{split}/rows_json"] = json_tensor({"prompts": [r.prompt for r in rows],
+                                                     "columns": column_table(rows, names)})
+    return tensors, meta
 
 
 def load_prompt_data(data: DataArgs, tokenizer: Any, max_prompt_len: int, cache_dir: Path, seed: int,
@@ -107,9 +117,8 @@ def load_prompt_data(data: DataArgs, tokenizer: Any, max_prompt_len: int, cache_
     column_map = dict(column_map or {})
     extra = {"max_prompt_seq_len": max_prompt_len, "prompt_column_map": column_map, "rows_format": ROWS_FORMAT}
     key = cache_key(data, tokenizer, 3, seed, extra=extra)
-    tensors, meta, texts = cached_tensors_and_json(
-        cache_dir / f"prompts_{key}.safetensors", lambda: _build(data, tokenizer, seed, max_prompt_len, column_map),
-        dist)
+    tensors, meta = cached_tensors(cache_dir / f"prompts_{key}.safetensors",
+                                   lambda: _build(data, tokenizer, seed, max_prompt_len, column_map), dist)
     for split in ("train", "eval"):
         s = json.loads(meta[f"{split}_stats"])
         logger.info("%s prompts: %d rows, %d kept", split, s["rows"], s["kept"])
@@ -121,8 +130,9 @@ def load_prompt_data(data: DataArgs, tokenizer: Any, max_prompt_len: int, cache_
         logger.warning("prompt data: left out the field(s) %s, which hold values JSON cannot store (e.g. bytes or "
                        "dates); the reward functions do not get them (store them as text or numbers to keep them)",
                        ", ".join(left_out))
-    return tuple(PromptDataset(split_tensors(tensors, split), texts[split]["prompts"], texts[split]["columns"])
-                 for split in ("train", "eval"))
+    parts = [split_tensors(tensors, split) for split in ("train", "eval")]
+    rows = [tensor_json(part.pop("rows_json")) for part in parts]
+    return tuple(PromptDataset(part, r["prompts"], r["columns"]) for part, r in zip(parts, rows))
 
 
 @dataclass(frozen=True)

@@ -1,6 +1,6 @@
 """Step 3's prompt rows keep their other fields (columns) for the reward functions: --prompt_column_map,
-prompt-only rows (GSM8K's schema in jsonl and parquet), the columns through the cache and its JSON
-sidecar, aligned with the prompts that fit, and per batch through `collate_prompt_rows`."""
+prompt-only rows (GSM8K's schema in jsonl and parquet), the columns through the cache, aligned with the
+prompts that fit, and per batch through `collate_prompt_rows`."""
 from __future__ import annotations
 
 import json
@@ -12,10 +12,11 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 import torch
+from safetensors.torch import load_file
 from transformers import AutoTokenizer
 
 from engine.config import DataArgs, Step3DataArgs, parse_column_map
-from engine.data.cache import sidecar_path
+from engine.data.cache import tensor_json
 from engine.data.hub import load_hub_dataset
 from engine.data.prompts import collate_left_padded, collate_prompt_rows, load_prompt_data
 from engine.data.sources import record_to_prompt_row, rename_fields
@@ -125,20 +126,19 @@ def test_gsm8k_parquet_folder_with_a_test_split(tok, tmp_path, caplog):
     assert evals.prompts == [GSM8K[3]["question"]] * 2 and evals.columns["answer"] == [GSM8K[3]["answer"]] * 2
 
 
-def test_the_sidecar_is_reused_and_rebuilt_when_it_changed(tok, tmp_path, caplog):
+def test_texts_and_columns_live_in_the_one_cache_file_and_are_reused(tok, tmp_path):
     data = DataArgs(data_path=[str(write_jsonl(tmp_path / "g.jsonl", GSM8K[:2] * 5))], data_split=STEP3_ONLY)
     cache = tmp_path / "cache"
     first = load_prompt_data(data, tok, 30, cache, 1, DIST, column_map={"question": "prompt"})[0]
-    (tensors,) = cache.glob("prompts_*.safetensors")
-    side = sidecar_path(tensors)
-    stamp = side.stat().st_mtime_ns
-    load_prompt_data(data, tok, 30, cache, 1, DIST, column_map={"question": "prompt"})
-    assert side.stat().st_mtime_ns == stamp  # reused, not rebuilt
-    side.write_text(side.read_text().replace("#### 7", "#### 8"))
-    with caplog.at_level(logging.WARNING, logger="engine"):
-        again = load_prompt_data(data, tok, 30, cache, 1, DIST, column_map={"question": "prompt"})[0]
-    assert "lacks its sidecar" in caplog.text and again.columns == first.columns
-    assert "#### 8" not in side.read_text()
+    (path,) = cache.iterdir()  # one file: the tokens and, as JSON in a uint8 tensor, the texts and columns
+    stored = tensor_json(load_file(str(path))["train/rows_json"])
+    assert stored == {"prompts": first.prompts, "columns": first.columns}
+    stamp = path.stat().st_mtime_ns
+    again = load_prompt_data(data, tok, 30, cache, 1, DIST, column_map={"question": "prompt"})[0]
+    assert path.stat().st_mtime_ns == stamp and again.columns == first.columns  # reused, not rebuilt
+    # another column map is another cache entry
+    load_prompt_data(data, tok, 30, cache, 1, DIST, column_map={"question": "prompt", "answer": "ground_truth"})
+    assert len(list(cache.iterdir())) == 2
 
 
 def test_a_column_named_like_a_reward_argument_is_refused(tok, tmp_path):
