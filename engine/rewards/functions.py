@@ -169,8 +169,10 @@ class RewardFunctions:
         except Exception as err:  # noqa: BLE001 - a user function's failure is reported with its row
             row = _first_failing_row(fn, prompts, completions, columns)
             at = f"on row {row} (prompt {_excerpt(prompts[row])})" if row is not None else "on this batch"
-            raise UserError(f"reward function {name!r} raised {type(err).__name__}: {err} {at}; fix the function "
-                            "(return None for rows it cannot score)") from err
+            fix = ("give it a **kwargs parameter (it gets every column of the prompt dataset)"
+                   if isinstance(err, TypeError) and "keyword argument" in str(err)
+                   else "fix the function (return None for rows it cannot score)")
+            raise UserError(f"reward function {name!r} raised {type(err).__name__}: {err} {at}; {fix}") from err
         out = out.tolist() if hasattr(out, "tolist") else out
         if not isinstance(out, (list, tuple)) or len(out) != len(prompts):
             got = f"{len(out)} values" if isinstance(out, (list, tuple)) else f"a {type(out).__name__}"

@@ -45,6 +45,9 @@ FUNCS = textwrap.dedent('''
     def seen(prompts, completions, **kw):
         return [float(len(kw)), float(len(prompts))][:len(completions)]
 
+    def no_kwargs(prompts, completions):
+        return [0.0] * len(completions)
+
     NOT_A_FUNCTION = 3
 ''')
 
@@ -147,6 +150,11 @@ def test_a_bad_function_stops_with_its_name_and_row(funcs, name, message):
     fns = RewardFunctions([f"{funcs}:length", f"{funcs}:{name}"])
     with pytest.raises(UserError, match=message):
         fns(PROMPTS, COMPLETIONS)
+
+
+def test_a_function_without_kwargs_is_told_to_take_them(funcs):
+    with pytest.raises(UserError, match="'no_kwargs' raised TypeError: .*'answer' on row 0 .*; give it a \\*\\*kwargs"):
+        RewardFunctions([f"{funcs}:no_kwargs"])(PROMPTS, COMPLETIONS, {"answer": ["1", "2"]})
 
 
 def test_stats_of_a_values_matrix():
