@@ -117,19 +117,19 @@ def unique_names(names: Sequence[str]) -> list[str]:
 class RewardFunctions:
     """The functions of `--reward_funcs` with their `--reward_weights`, called together on a batch.
 
-    `references`: reference strings (resolved here) or callables. `weights`: one per function, or
-    None for all 1.0. `names`: the log names (default: the function's name in its reference, repeats
-    numbered `_2`, `_3`, ...), used in `reward/<name>_mean` and in error messages.
+    `references`: reference strings (resolved here) or callables. `weights`: one per function, or None /
+    empty (the flag's default) for all 1.0. `names`: the log names (default: the function's name in its
+    reference, repeats numbered `_2`, `_3`, ...), used in `reward/<name>_mean` and in error messages.
     """
 
     def __init__(self, references: Sequence[str | RewardFn], weights: Sequence[float] | None = None,
                  names: Sequence[str] | None = None):
         if not references:
             raise UserError("--reward_funcs is empty; name at least one function (path/to/file.py:function)")
-        if weights is not None and len(weights) != len(references):
+        if weights and len(weights) != len(references):
             raise UserError(f"--reward_weights has {len(weights)} values but --reward_funcs names {len(references)} "
                             "functions; give one weight per function, or none for all 1.0")
-        weights = [1.0] * len(references) if weights is None else [float(w) for w in weights]
+        weights = [float(w) for w in weights] if weights else [1.0] * len(references)
         if not all(math.isfinite(w) for w in weights):
             raise UserError(f"--reward_weights {weights}: every weight must be a finite number")
         self.functions = [resolve_reference(r) if isinstance(r, str) else r for r in references]

@@ -130,6 +130,7 @@ def test_columns_arrive_as_keyword_arguments(funcs):
 def test_weights_default_to_one_and_booleans_count_as_numbers(funcs):
     fns = RewardFunctions([f"{funcs}:boolean", f"{funcs}:boolean"])
     assert fns.names == ["boolean", "boolean_2"] and fns.weights == [1.0, 1.0]
+    assert RewardFunctions([f"{funcs}:boolean"], weights=[]).weights == [1.0]  # the flag's empty default
     assert fns(PROMPTS, COMPLETIONS)[0].tolist() == [2.0, 0.0]
 
 
