@@ -356,7 +356,7 @@ CASES: list[Case] = [
          "--data_split '1,2'", "e.g. 2,4,4"),
     Case("bad-prompt-column-map", "a --prompt_column_map entry that is not field=name", (3,),
          flags("--prompt_column_map", "question"), "--prompt_column_map 'question': 'question' is not field=name",
-         "e.g. question=prompt,answer=answer"),
+         "such as question=prompt,answer=answer"),
     Case("gamma-out-of-range", "a PPO coefficient out of range", (3,), flags("--gamma", "2"),
          "--gamma and --lam must be in [0, 1]", "[0, 1]"),
     Case("step1-flag-in-step-2", "a step-1-only flag given to step 2 (step 2 does not have it)", (2,),
