@@ -47,6 +47,26 @@ def parse_data_split(text: str) -> list[float]:
     return [w / total for w in weights]
 
 
+def parse_column_map(text: str) -> dict[str, str]:
+    """'question=prompt,answer=answer' -> {'question': 'prompt', 'answer': 'answer'} (dataset field -> name
+    used here); '' -> {}."""
+    mapping: dict[str, str] = {}
+    for entry in filter(None, (e.strip() for e in text.split(","))):
+        source, sep, target = (s.strip() for s in entry.partition("="))
+        if not sep or not source or not target:
+            raise UserError(f"--prompt_column_map {text!r}: {entry!r} is not field=name; give comma-separated "
+                            "pairs such as question=prompt,answer=answer")
+        if source in mapping:
+            raise UserError(f"--prompt_column_map {text!r}: field {source!r} is mapped twice; map it once")
+        mapping[source] = target
+    targets = list(mapping.values())
+    twice = sorted({t for t in targets if targets.count(t) > 1})
+    if twice:
+        raise UserError(f"--prompt_column_map {text!r}: several fields are mapped to {', '.join(twice)}; map one "
+                        "field to each name")
+    return mapping
+
+
 def _at_least(part: Any, names: Sequence[str], low: int = 1) -> list[str]:
     return [f"--{n} must be >= {low} (got {getattr(part, n)})" for n in names if getattr(part, n) < low]
 
@@ -420,9 +440,13 @@ class Step3ModelArgs(role_twins(
 @dataclass
 class Step3DataArgs(role_twins(
         DataArgs, drop=("max_seq_len", "overlength"),
-        data_path="Prompt datasets (any step-1/step-2 format; only the prompt is used). "
+        data_path="Prompt datasets (any step-1/step-2 format, or rows with only a prompt). A row's other "
+        "fields (e.g. answer, ground_truth) are kept as columns for the reward functions. "
         "Default: the bundled synthetic sorting task.",
         data_split="Comma-separated weights of the slices given to steps 1, 2 and 3; step 3 uses the third.")):
+    prompt_column_map: str = arg(
+        "", "Rename the fields of local prompt files before they are read: comma-separated field=name "
+        "pairs, e.g. question=prompt for GSM8K (whose prompt field is 'question'). Empty: no renaming.")
     max_prompt_seq_len: int = arg(
         256, "Prompts are left-padded to this many tokens; longer prompts are dropped and counted.")
     max_answer_seq_len: int = arg(256, "Most tokens generated per answer.")
@@ -445,6 +469,10 @@ class Step3DataArgs(role_twins(
             out.append("--unsupervised_dataset_config_name needs --unsupervised_dataset_name")
         if self.unsup_coef < 0:
             out.append(f"--unsup_coef must be >= 0 (got {self.unsup_coef})")
+        try:
+            parse_column_map(self.prompt_column_map)
+        except UserError as err:
+            out.append(str(err))
         return out
 
 

@@ -26,7 +26,7 @@ from typing import Any
 import torch
 from tqdm import tqdm
 
-from engine.config import Step3Config
+from engine.config import Step3Config, parse_column_map
 from engine.data.prompts import collate_left_padded, load_prompt_data
 from engine.data.unsupervised import collate_blocks, load_ptx_data
 from engine.errors import UserError
@@ -146,7 +146,8 @@ def make_loaders(cfg: Step3Config, tokenizer: Any, out: Path, dist: DistInfo) ->
     """(training prompts, held-out prompts, PTX blocks or None), prompts left-padded to --max_prompt_seq_len."""
     cache_dir = Path(cfg.data.data_output_path or out / "data_cache")
     width = cfg.data.max_prompt_seq_len
-    train_prompts, eval_prompts = load_prompt_data(cfg.data_args(), tokenizer, width, cache_dir, cfg.train.seed, dist)
+    train_prompts, eval_prompts = load_prompt_data(cfg.data_args(), tokenizer, width, cache_dir, cfg.train.seed, dist,
+                                                   column_map=parse_column_map(cfg.data.prompt_column_map))
     collate = partial(collate_left_padded, pad_id=tokenizer.pad_token_id, width=width)
     gen_bs = cfg.train.per_device_generation_batch_size
     prompt_loader = make_loader(train_prompts, gen_bs, dist, True, cfg.train.seed, collate)

@@ -78,6 +78,18 @@ def sequence_at(ids: torch.Tensor, offsets: torch.Tensor, i: int) -> torch.Tenso
     return ids[offsets[i]:offsets[i + 1]]
 
 
+def json_tensor(obj: Any) -> torch.Tensor:
+    """A JSON-able object as a uint8 tensor of its UTF-8 JSON text: what is not a tensor (texts, a prompt
+    set's columns) stored in the same safetensors file as the tokens, so the two are written atomically
+    together and never parsed with pickle."""
+    return torch.frombuffer(bytearray(json.dumps(obj).encode("utf-8")), dtype=torch.uint8)
+
+
+def tensor_json(t: torch.Tensor) -> Any:
+    """The object `json_tensor` stored."""
+    return json.loads(t.numpy().tobytes().decode("utf-8"))
+
+
 def split_tensors(tensors: dict[str, torch.Tensor], split: str) -> dict[str, torch.Tensor]:
     """{'train/x': ...} -> {'x': ...} for one split."""
     prefix = split + "/"

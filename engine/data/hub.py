@@ -13,6 +13,7 @@ Datasets that ship only a train split get a seeded, deterministic 10% eval split
 """
 from __future__ import annotations
 
+import dataclasses
 import functools
 import logging
 import os
@@ -257,8 +258,18 @@ def _load_raw(name: str, spec: HubSpec, loader: Loader | None) -> Mapping[str, A
             "use), or pass a local file path (.jsonl/.json) instead.") from exc
 
 
-def _adapt_all(spec: HubSpec, raw_rows: Iterable[Mapping[str, Any]]) -> tuple[list[Row], int]:
-    """Usable rows in order, and how many raw rows were skipped as unusable."""
+def scalar_fields(raw: Mapping[str, Any]) -> dict[str, Any]:
+    """The raw row's fields other than `prompt` whose values are strings, numbers, booleans or None: the
+    columns a hub row gives the reward functions. Nested fields are left out: some are large (the miracl
+    sets carry an embedding per passage) and the adapter has already read what the row means."""
+    return {str(k): v for k, v in raw.items()
+            if k != "prompt" and (v is None or isinstance(v, (str, int, float, bool)))}
+
+
+def _adapt_all(spec: HubSpec, raw_rows: Iterable[Mapping[str, Any]], keep_columns: bool = False
+               ) -> tuple[list[Row], int]:
+    """Usable rows in order (with their scalar fields as columns if `keep_columns`), and how many raw
+    rows were skipped as unusable."""
     rows: list[Row] = []
     skipped = 0
     for raw in raw_rows:
@@ -266,7 +277,7 @@ def _adapt_all(spec: HubSpec, raw_rows: Iterable[Mapping[str, Any]]) -> tuple[li
         if row is None:
             skipped += 1
         else:
-            rows.append(row)
+            rows.append(dataclasses.replace(row, columns=scalar_fields(raw)) if keep_columns else row)
     return rows, skipped
 
 
@@ -279,23 +290,24 @@ def _split(raw: Mapping[str, Any], split: str, name: str) -> Any:
     return raw[split]
 
 
-def load_hub_dataset(name: str, seed: int,
-                     loader: Loader | None = None) -> tuple[list[Row], list[Row]]:
+def load_hub_dataset(name: str, seed: int, loader: Loader | None = None, *,
+                     keep_columns: bool = False) -> tuple[list[Row], list[Row]]:
     """Load a DeepSpeed-Chat-named hub dataset as (train_rows, eval_rows).
 
     `loader(hub_name[, config])` must return a mapping split -> iterable of dict rows; it defaults
     to `datasets.load_dataset`. Where the dataset has no eval split, a seeded 10% of train is held
     out. Unusable rows are skipped and counted in a warning; a dataset with no usable train row at
     all is a UserError, since training on nothing would only fail later and less clearly.
+    `keep_columns` (step 3): each row keeps the raw row's scalar fields as columns (`scalar_fields`).
     """
     spec = find_hub_dataset(name)
     if spec is None:
         raise UserError(f"Unknown hub dataset '{name}'. Known names: {', '.join(HUB_DATASETS)}; "
                         "or pass a local file path (.jsonl/.json) instead.")
     raw = _load_raw(name, spec, loader)
-    train, skipped = _adapt_all(spec, _split(raw, spec.train_split, name))
+    train, skipped = _adapt_all(spec, _split(raw, spec.train_split, name), keep_columns)
     if spec.eval_split is not None and spec.eval_split in raw:
-        eval_rows, eval_skipped = _adapt_all(spec, raw[spec.eval_split])
+        eval_rows, eval_skipped = _adapt_all(spec, raw[spec.eval_split], keep_columns)
         skipped += eval_skipped
     else:
         if spec.eval_split is not None:  # e.g. a partial local mirror: fall back, but say so

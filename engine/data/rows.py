@@ -2,7 +2,8 @@
 from __future__ import annotations
 
 import random
-from dataclasses import dataclass
+from dataclasses import dataclass, field
+from typing import Any
 
 EVAL_FRACTION = 0.1  # held out of a source that has no eval part (DeepSpeed-Chat's 9:1)
 
@@ -12,12 +13,17 @@ class Row:
     """A prompt with its preferred answer and, for preference data, the rejected one.
 
     `prompt` ends where the model's answer starts (e.g. "... Assistant:"), and answers carry their own
-    leading space, so `prompt + chosen` is the full text of the conversation.
+    leading space, so `prompt + chosen` is the full text of the conversation. A step-3 row read from a
+    prompt-only record has chosen == "".
+
+    `columns` are a step-3 prompt row's other fields (e.g. `answer`), for the reward functions; empty for
+    the rows of steps 1 and 2.
     """
 
     prompt: str
     chosen: str
     rejected: str | None = None
+    columns: dict[str, Any] = field(default_factory=dict, hash=False)
 
 
 def carve_eval(rows: list[Row], seed: int,

@@ -5,14 +5,17 @@ Every source becomes `(train_rows, eval_rows)` of `Row`. Accepted row schemas:
 - `prompt` + `response`;
 - chat rows: `messages` (a list of {role, content}, the last one the assistant's answer), rendered
   with the tokenizer's chat template when it has one, DeepSpeed-Chat's " Human: ... Assistant:"
-  otherwise.
+  otherwise;
+- for step 3 only, `prompt` alone. Step 3's rows keep their other fields as columns for the reward
+  functions, after `--prompt_column_map` renamed them (GSM8K: question=prompt).
 Local files are read here rather than by `datasets` so a bad line is reported by file and line.
 """
 from __future__ import annotations
 
+import dataclasses
 import json
 import logging
-from collections.abc import Iterable
+from collections.abc import Iterable, Mapping
 from pathlib import Path
 from typing import Any
 
@@ -83,6 +86,32 @@ def record_to_row(record: Any, tokenizer: Any, where: str) -> Row:
     raise UserError(f"{where}: no answer field; rows need 'chosen' or 'response' (or use 'messages')")
 
 
+def rename_fields(record: Any, mapping: Mapping[str, str], where: str) -> Any:
+    """`record` with its fields renamed by `mapping` (--prompt_column_map), all at once, so that
+    `a=b,b=a` swaps two fields; a renamed field may not land on a field the row keeps."""
+    if not mapping or not isinstance(record, dict):
+        return record
+    for source, target in mapping.items():
+        if source in record and target in record and target not in mapping:
+            raise UserError(f"{where}: --prompt_column_map renames '{source}' to '{target}', but the row has a "
+                            f"'{target}' field too; rename '{target}' as well (e.g. {target}=original_{target})")
+    return {mapping.get(k, k): v for k, v in record.items()}
+
+
+def record_to_prompt_row(record: Any, tokenizer: Any, where: str) -> Row:
+    """A step-3 row: the prompt, plus every other field of the record as `columns` (for the reward
+    functions). A record with answers is checked as steps 1 and 2 check it; one without needs only a
+    prompt (e.g. GSM8K's question and answer, with --prompt_column_map question=prompt)."""
+    if isinstance(record, dict) and not any(k in record for k in ("messages", "chosen", "response")):
+        if record.get("prompt") is None:
+            raise UserError(f"{where}: missing field 'prompt' (fields: {', '.join(map(str, record)) or 'none'}); "
+                            "if the prompt has another name, map it with --prompt_column_map, e.g. question=prompt")
+        row = Row(_text(record, "prompt", where), "")
+    else:
+        row = record_to_row(record, tokenizer, where)
+    return dataclasses.replace(row, columns={k: v for k, v in record.items() if k != "prompt"})
+
+
 # ----------------------------------------------------------------------------------------------
 # Files and folders
 # ----------------------------------------------------------------------------------------------
@@ -130,8 +159,14 @@ def _records(path: Path) -> Iterable[tuple[str, Any]]:
             yield f"{path}[row {i}]", rec
 
 
-def read_rows(path: Path, tokenizer: Any) -> list[Row]:
-    rows = [record_to_row(rec, tokenizer, where) for where, rec in _records(path)]
+def read_rows(path: Path, tokenizer: Any, prompt_columns: Mapping[str, str] | None = None) -> list[Row]:
+    """The rows of a file. `prompt_columns` None: rows of steps 1 and 2; a mapping (maybe empty): step 3's
+    prompt rows, their fields renamed by it (--prompt_column_map) and kept as columns."""
+    if prompt_columns is None:
+        rows = [record_to_row(rec, tokenizer, where) for where, rec in _records(path)]
+    else:
+        rows = [record_to_prompt_row(rename_fields(rec, prompt_columns, where), tokenizer, where)
+                for where, rec in _records(path)]
     if not rows:
         raise UserError(f"{path}: the file holds no rows; add rows or drop it from --data_path")
     return rows
@@ -145,35 +180,38 @@ def _find_split_file(folder: Path, names: tuple[str, ...]) -> Path | None:
     return None
 
 
-def load_folder(folder: Path, tokenizer: Any, seed: int) -> tuple[list[Row], list[Row]]:
+def load_folder(folder: Path, tokenizer: Any, seed: int, prompt_columns: Mapping[str, str] | None = None
+                ) -> tuple[list[Row], list[Row]]:
     train_file = _find_split_file(folder, ("train",))
     if train_file is None:
         raise UserError(f"{folder}: no train.jsonl, train.json or train.parquet in this folder; add one, or give a "
                         "file as --data_path")
     eval_file = _find_split_file(folder, ("eval", "test", "validation"))
-    train = read_rows(train_file, tokenizer)
+    train = read_rows(train_file, tokenizer, prompt_columns)
     if eval_file is None:
         logger.info("%s has no eval file; holding out a seeded %d%% of train", folder, EVAL_FRACTION * 100)
         return carve_eval(train, seed)
-    return train, read_rows(eval_file, tokenizer)
+    return train, read_rows(eval_file, tokenizer, prompt_columns)
 
 
-def load_source(spec: str, tokenizer: Any, seed: int) -> tuple[list[Row], list[Row]]:
-    """(train_rows, eval_rows) of one --data_path entry."""
+def load_source(spec: str, tokenizer: Any, seed: int, prompt_columns: Mapping[str, str] | None = None
+                ) -> tuple[list[Row], list[Row]]:
+    """(train_rows, eval_rows) of one --data_path entry; `prompt_columns` as in `read_rows` (hub sets keep
+    their scalar fields as columns and are not renamed: their adapters know their fields)."""
     if spec == BUNDLED:
-        return load_folder(BUNDLED_DIR, tokenizer, seed)
+        return load_folder(BUNDLED_DIR, tokenizer, seed, prompt_columns)
     if spec == LOCAL_JSONFILE:
         if not LOCAL_JSONFILE_DIR.is_dir():
             raise UserError(f"local/jsonfile reads {LOCAL_JSONFILE_DIR}/train.json and eval.json; "
                             "that folder does not exist")
-        return load_folder(LOCAL_JSONFILE_DIR, tokenizer, seed)
+        return load_folder(LOCAL_JSONFILE_DIR, tokenizer, seed, prompt_columns)
     path = Path(spec).expanduser()
     if path.is_dir():
-        return load_folder(path, tokenizer, seed)
+        return load_folder(path, tokenizer, seed, prompt_columns)
     if path.is_file():
         if path.suffix not in SUFFIXES:
             raise UserError(f"{path}: unsupported file type; use .jsonl, .json or .parquet")
-        return carve_eval(read_rows(path, tokenizer), seed)
+        return carve_eval(read_rows(path, tokenizer, prompt_columns), seed)
     from engine.data.hub import find_hub_dataset, load_hub_dataset
 
     if find_hub_dataset(spec) is None:
@@ -181,4 +219,4 @@ def load_source(spec: str, tokenizer: Any, seed: int) -> tuple[list[Row], list[R
         raise UserError(f"--data_path {spec}: not a file, folder or known dataset name{hint}; give a "
                         ".jsonl/.json/.parquet file, a folder with train.* and eval.*, local/jsonfile, "
                         "or a DeepSpeed-Chat dataset name such as Dahoas/rm-static")
-    return load_hub_dataset(spec, seed)
+    return load_hub_dataset(spec, seed, keep_columns=prompt_columns is not None)

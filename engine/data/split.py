@@ -2,7 +2,7 @@
 from __future__ import annotations
 
 import random
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from typing import Any
 
 from engine.config import DataArgs, Step1DataArgs, parse_data_split
@@ -29,14 +29,16 @@ def phase_slice(n: int, weights: Sequence[float], phase: int, seed: int) -> list
     return sorted(order[cuts[phase - 1]:cuts[phase]])
 
 
-def phase_rows(data: DataArgs, tokenizer: Any, phase: int, seed: int) -> tuple[list[Row], list[Row]]:
-    """(train, eval) rows of one step over all --data_path sources (+ --sft_only_data_path for step 1)."""
+def phase_rows(data: DataArgs, tokenizer: Any, phase: int, seed: int,
+               prompt_columns: Mapping[str, str] | None = None) -> tuple[list[Row], list[Row]]:
+    """(train, eval) rows of one step over all --data_path sources (+ --sft_only_data_path for step 1);
+    `prompt_columns` as in `engine.data.sources.read_rows` (step 3's prompt rows with their columns)."""
     weights = parse_data_split(data.data_split)
     train: list[Row] = []
     evals: list[Row] = []
     available = 0
     for spec in data.data_path or [BUNDLED]:
-        tr, ev = load_source(spec, tokenizer, seed)
+        tr, ev = load_source(spec, tokenizer, seed, prompt_columns)
         available += len(tr)
         train += [tr[i] for i in phase_slice(len(tr), weights, phase, seed)]
         evals += [ev[i] for i in phase_slice(len(ev), weights, phase, seed)]
