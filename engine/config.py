@@ -851,6 +851,12 @@ class Step3Config(StepConfig):
         if rl.advantage_estimator == "gae" and rl.n_samples_per_prompt > 1:
             out.append("--n_samples_per_prompt > 1 forms groups, which only critic-free estimators use; pick one with "
                        "--advantage_estimator (e.g. grpo) or sample 1 answer per prompt")
+        if rl.reward_funcs and not self.critic_free:
+            out.append("--reward_funcs score answers for the critic-free estimators; PPO's gae scores with the "
+                       "reward model: add --advantage_estimator (e.g. grpo with --n_samples_per_prompt 4) or drop "
+                       "--reward_funcs")
+        if self.critic_free and not rl.reward_funcs and rl.reward_weights:
+            out.append("--reward_weights needs --reward_funcs")
         if self.ppo.align_overflow and self.critic_free:
             out.append("--align_overflow aligns the actor's and the critic's steps; there is no critic with "
                        f"--advantage_estimator {rl.advantage_estimator}")
