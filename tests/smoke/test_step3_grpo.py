@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import json
 import math
-import shutil
 
 import pytest
 import torch
@@ -16,7 +15,9 @@ from tests.conftest import read_metrics, tiny_model_folder
 pytestmark = pytest.mark.smoke
 
 RULE = "engine.rewards.builtin:sort_rule"
-GRPO = ["--advantage_estimator", "grpo", "--n_samples_per_prompt", "4", "--reward_funcs", RULE,
+LENGTH = "tests.helpers.toy_rewards:answer_length"  # the random model's answers all fail the rule: a signal
+GRPO = ["--advantage_estimator", "grpo", "--n_samples_per_prompt", "4", "--reward_funcs", RULE, LENGTH,
+        "--reward_weights", "1.0", "0.5",
         "--max_prompt_seq_len", "32", "--max_answer_seq_len", "8", "--per_device_generation_batch_size", "2",
         "--per_device_training_batch_size", "4", "--actor_learning_rate", "1e-3", "--num_warmup_steps", "0",
         "--dtype", "fp32", "--eval_prompts", "4", "--kl_loss_coef", "0.01", "--actor_lora_dim", "4",
@@ -24,7 +25,8 @@ GRPO = ["--advantage_estimator", "grpo", "--n_samples_per_prompt", "4", "--rewar
 METRICS = ("rollout/reward_mean", "rollout/reward_std", "rollout/frac_reward_zero_std", "rollout/kl_per_token",
            "rollout/kl", "ppo/entropy", "ppo/clipfrac_low", "ppo/clipfrac_high", "ppo/clipfrac_dual",
            "rollout/response_len", "rollout/response_len_max", "rollout/frac_truncated", "rollout/advantage_min",
-           "rollout/advantage_max", "reward/sort_rule_mean", "reward/sort_rule_std", "ppo/kl_loss",
+           "rollout/advantage_max", "reward/sort_rule_mean", "reward/sort_rule_std", "reward/answer_length_mean",
+           "ppo/kl_loss",
            "timing/generate_s", "memory/train_peak_gb", "perf/samples_per_s")
 
 
@@ -53,8 +55,8 @@ def test_grpo_builds_no_critic_and_logs_its_metrics(grpo_run):
     assert not any(k.startswith(("ppo/critic", "ppo/value", "train/critic")) for r in rows for k in r)
     assert all(r["rollout/sequences"] == 8 for r in rows)  # 2 prompts x 4 answers
     assert all(0.0 <= r["rollout/frac_reward_zero_std"] <= 1.0 for r in rows)
-    # Answers are cut at 8 tokens, so most are truncated, and the longest is 8.
-    assert all(r["rollout/response_len_max"] == 8 for r in rows)
+    assert all(r["rollout/response_len_max"] <= 8 for r in rows)  # --max_answer_seq_len 8
+    assert rows[0]["rollout/advantage_max"] > 0 > rows[0]["rollout/advantage_min"]
     assert not (out / "critic").exists() and not (out / "checkpoint-2" / "critic").exists()
     manifest = json.loads((out / "ds_checkpoint" / "step2" / "manifest.json").read_text())
     assert manifest["roles"] == ["actor"] and not any("critic" in f for f in manifest["files"])
