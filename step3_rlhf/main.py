@@ -46,6 +46,7 @@ from engine.ppo.experience import Experience, reward_scores, sequence_masks
 from engine.ppo.health import health_warnings
 from engine.ppo.metrics import critic_free_rollout_stats
 from engine.ppo.trainer import PPOTrainer, generate_sequences, generation_kwargs
+from engine.rewards import RewardFunctions
 from engine.runtime.bad_steps import BadStepGuard, optimizer_metrics
 from engine.runtime.checkpoint import (
     POSITION_KEYS,
@@ -119,6 +120,8 @@ def build(cfg: Step3Config) -> Run:
     if cfg.ds.auto_fit:
         cfg = fit_to_machine(cfg, dist, actor_path, critic_path)
     tokenizer = load_step3_tokenizer(cfg, actor_path, critic_path)
+    # Imported now: a bad --reward_funcs reference fails before any data is cached.
+    reward_fns = RewardFunctions(cfg.rl.reward_funcs, cfg.rl.reward_weights) if cfg.rl.reward_funcs else None
     prompt_loader, eval_loader, ptx_loader = make_loaders(cfg, tokenizer, out, dist)
     batches = min(len(prompt_loader), len(ptx_loader)) if ptx_loader is not None else len(prompt_loader)
     plan = PPOSchedule.of(cfg, batches)
@@ -127,7 +130,7 @@ def build(cfg: Step3Config) -> Run:
     # the data): the CPU phase peaks (process RSS) minus this are what the models and the PPO step added.
     baseline_gb = current_memory_gb(dist.device)
     roles = build_roles(cfg, dist, tokenizer, actor_path, critic_path, plan.optimizer_steps, ptx_loader is not None)
-    trainer = PPOTrainer(cfg, roles, tokenizer, dist)
+    trainer = PPOTrainer(cfg, roles, tokenizer, dist, reward_fns)
 
     def load_ema(tag_folder: Path) -> None:
         if roles.ema is not None:

@@ -93,13 +93,13 @@ def decode_answers(tokenizer: Any, sequences: torch.Tensor, attention_mask: torc
 class PPOTrainer:
     """Runs the roles for one PPO step: `generate`, `experience`, then `train_micro_batch` per micro-batch."""
 
-    def __init__(self, cfg: Step3Config, roles: Roles, tokenizer: Any, dist: DistInfo):
+    def __init__(self, cfg: Step3Config, roles: Roles, tokenizer: Any, dist: DistInfo,
+                 reward_fns: RewardFunctions | None = None):
         self.cfg, self.roles, self.tokenizer, self.dist = cfg, roles, tokenizer, dist
         self.kl_ctl = AdaptiveKLController(cfg.ppo.kl_ctl, cfg.ppo.target_kl, cfg.ppo.kl_horizon)
         self.score_moments = RunningMoments()
         self.gen_kwargs = generation_kwargs(cfg, tokenizer)
-        # Resolved now: a bad reference fails before anything is written.
-        self.reward_fns = RewardFunctions(cfg.rl.reward_funcs, cfg.rl.reward_weights) if cfg.rl.reward_funcs else None
+        self.reward_fns = reward_fns  # --reward_funcs, resolved by the caller (None: the reward model scores)
 
     # -- rollout ---------------------------------------------------------------------------------
     def generate(self, batch: dict[str, torch.Tensor]) -> torch.Tensor:
