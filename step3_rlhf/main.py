@@ -42,11 +42,12 @@ from engine.observe.perf import (
     model_shape,
     step3_throughput,
 )
-from engine.ppo.experience import Experience, reward_scores, sequence_masks
+from engine.ppo.experience import Experience, fill_with_groups, reward_scores, sequence_masks
 from engine.ppo.health import health_warnings
 from engine.ppo.metrics import critic_free_rollout_stats
-from engine.ppo.trainer import PPOTrainer, generate_sequences, generation_kwargs
+from engine.ppo.trainer import PPOTrainer, generate_sequences, generation_kwargs, rollout_seed
 from engine.rewards import RewardFunctions
+from engine.rl.dapo import informative_groups
 from engine.runtime.bad_steps import BadStepGuard, optimizer_metrics
 from engine.runtime.checkpoint import (
     POSITION_KEYS,
@@ -55,7 +56,7 @@ from engine.runtime.checkpoint import (
     save_module_tensors,
     save_resume_state,
 )
-from engine.runtime.distributed import DistInfo, all_reduce_sum, init_distributed, setup_logging
+from engine.runtime.distributed import DistInfo, all_reduce_max, all_reduce_sum, init_distributed, setup_logging
 from engine.runtime.ds_config import DTYPE_BYTES
 from engine.runtime.ds_private import full_numel
 from engine.runtime.entry import run_main
@@ -264,6 +265,7 @@ def ppo_step(run: Run, prompt_batches: list[dict], ptx_batches: list[dict] | Non
     experiences: list[Experience] = []
     per_seq: list[dict[str, torch.Tensor]] = []
     extras: list[dict[str, Any]] = []
+    dynamic: dict[str, float] = {}
     for draw, batch in enumerate(prompt_batches):
         batch = to_device(batch, dist.device)
         with timer.phase("generate"):  # 1. generate (critic-free: N answers per prompt, this rank's own noise)
@@ -275,14 +277,20 @@ def ppo_step(run: Run, prompt_batches: list[dict], ptx_batches: list[dict] | Non
                 extras.append(extra)
             else:
                 exp, stats = trainer.experience(sequences, batch["attention_mask"], step)
-        experiences.append(exp)
         per_seq.append(stats)
+        if cfg.rl.dynamic_sampling:  # drop flat groups, refill from further prompts (its own phases inside)
+            exp, fill_row = dynamic_fill(run, exp, step, draw, timer, per_seq, extras)
+            dynamic = {k: dynamic.get(k, 0.0) + v for k, v in fill_row.items()}
+        experiences.append(exp)
         if cfg.log.print_answers and step % cfg.log.print_answers_interval == 0:
             print_answer(run, sequences, exp)
     row = rollout_stats(per_seq, dist)
     if cfg.critic_free:
         names = trainer.reward_fns.names if trainer.reward_fns is not None else []
         row |= critic_free_rollout_stats(per_seq, extras, names, cfg.rl.n_samples_per_prompt, dist)
+    if dynamic:
+        keys = sorted(dynamic)
+        row |= dict(zip(keys, all_reduce_sum([dynamic[k] for k in keys], dist.device)))
     # A NaN or inf score, KL, value or advantage on any rank (the count is over all ranks, so every rank
     # agrees) skips this step's updates: the NaN reaches neither the weights, the EMA nor the KL controller.
     rollout_ok = row["rollout/nonfinite_sequences"] == 0
@@ -319,6 +327,38 @@ def ppo_step(run: Run, prompt_batches: list[dict], ptx_batches: list[dict] | Non
         generate_s=timer.seconds["generate"] / cfg.train.generation_batches, train_s=timer.seconds["train"],
         e2e_s=sum(timer.seconds.values()))
     return row
+
+
+def dynamic_fill(run: Run, exp: Experience, step: int, draw: int, timer: StepTimer,
+                 per_seq: list[dict[str, torch.Tensor]], extras: list[dict[str, Any]]) -> tuple[Experience, dict]:
+    """--dynamic_sampling (DAPO): keep the groups of `exp` whose rewards differ; while any rank has fewer than a
+    full batch of them and fewer than --max_gen_batches generation batches, generate for a further batch of
+    training prompts (drawn from this rank's stream, so a resumed run draws the same). A batch that cannot fill
+    is topped up with flat groups (zero advantage) and trains on what it has. Generated rollouts are added to
+    `per_seq` / `extras` (the step's rollout metrics); returns the batch and its counts (summed over ranks)."""
+    cfg, trainer, dist, n = run.cfg, run.trainer, run.dist, run.cfg.rl.n_samples_per_prompt
+    rows, dataset, collate = len(exp), run.prompt_loader.dataset, run.prompt_loader.collate_fn
+    pool, keep = [exp], [informative_groups(exp.scores, n)[0]]
+    batches = 1
+    # Every rank takes part in each generation (ZeRO-3 gathers are collective), so the loop's test is global.
+    while batches < cfg.rl.max_gen_batches and all_reduce_max([float(sum(int(k.sum()) for k in keep) < rows)],
+                                                              dist.device)[0] > 0:
+        pick = torch.Generator().manual_seed(rollout_seed(cfg.train.seed, dist.rank, step, 1000 * batches + draw))
+        index = torch.randint(len(dataset), (cfg.train.per_device_generation_batch_size,), generator=pick)
+        batch = to_device(collate([dataset[i] for i in index.tolist()]), dist.device)
+        with timer.phase("generate"):
+            sequences, greedy = trainer.generate_groups(batch, step, 1000 * batches + draw)
+        with timer.phase("experience"):
+            more, stats, extra = trainer.critic_free_experience(batch, sequences, greedy, step)
+        pool.append(more)
+        keep.append(informative_groups(more.scores, n)[0])
+        per_seq.append(stats)
+        extras.append(extra)
+        batches += 1
+    filled, flat = fill_with_groups(pool, keep, n, rows, run.tokenizer.pad_token_id)
+    dropped = sum(int((~k).sum()) for k in keep) // n
+    return filled, {"rollout/dynamic_gen_batches": float(batches), "rollout/dynamic_groups_dropped": float(dropped),
+                    "rollout/dynamic_flat_groups_trained": float(flat)}
 
 
 def rollout_stats(per_seq: list[dict[str, torch.Tensor]], dist: DistInfo) -> dict[str, float]:

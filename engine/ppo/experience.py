@@ -136,3 +136,29 @@ def make_critic_free_experience(actor: Any, ref: Any | None, sequences: torch.Te
     # An unscored answer (NaN: every function returned None) counts as 0 in the score statistics.
     return exp, {"score": rewards.nan_to_num(0.0), "kl": kl_stats["kl"], "response_len": action_mask.sum(1).float(),
                  "value_mean": zeros[:, 0], "nonfinite": (~finite).float()}, adv_stats
+
+
+def pad_experience(exp: Experience, length: int, pad_id: int) -> Experience:
+    """`exp` with its sequences right-padded to `length` tokens (pad id, mask 0) and every per-action field to
+    `length - 1` (zeros), so experiences of different generation calls can be stacked."""
+    extra = length - exp.sequences.shape[1]
+    if extra <= 0:
+        return exp
+    pad = torch.nn.functional.pad
+    out = {f.name: pad(getattr(exp, f.name), (0, extra)) for f in fields(exp) if getattr(exp, f.name).dim() == 2}
+    out["sequences"] = pad(exp.sequences, (0, extra), value=pad_id)
+    return Experience(**{f.name: out.get(f.name, getattr(exp, f.name)) for f in fields(exp)})
+
+
+def fill_with_groups(experiences: list[Experience], informative: list[torch.Tensor], group_size: int, rows: int,
+                     pad_id: int) -> tuple[Experience, int]:
+    """DAPO's dynamic sampling: one experience of `rows` rows made of the informative groups of `experiences`
+    (in order; `informative[i]` (B_i,) bool per row), topped up with flat groups (zero advantage) when there are
+    too few, so the step keeps its micro-batch layout. Returns it and the number of flat groups used to fill."""
+    length = max(e.sequences.shape[1] for e in experiences)
+    padded = [pad_experience(e, length, pad_id) for e in experiences]
+    keep = torch.cat(informative)
+    order = torch.cat([keep.nonzero().flatten(), (~keep).nonzero().flatten()])[:rows]
+    stacked = Experience(**{f.name: torch.cat([getattr(e, f.name) for e in padded]) for f in fields(Experience)})
+    flat_rows = int((~keep[order]).sum())
+    return stacked.select(order), flat_rows // group_size
