@@ -99,3 +99,18 @@ def test_every_estimator_runs(estimator, run_step, engine_cache, tmp_path):
     rows = [r for r in read_metrics(tmp_path) if "rollout/reward_mean" in r]
     assert len(rows) == 1 and math.isfinite(rows[0]["ppo/policy_loss"])
     assert rows[0]["rollout/kl"] == 0.0  # no KL term: no reference, and the KL is 0 by construction
+
+
+def test_dapo_dynamic_sampling_overlong_shaping_and_truncation_masking(run_step, engine_cache, tmp_path):
+    actor = tiny_model_folder(engine_cache)
+    args = [*GRPO, "--test_stop_step", "2", "--save_interval", "0", "--no-enable_ema", "--dynamic_sampling",
+            "--max_gen_batches", "3", "--overlong_buffer_len", "4", "--mask_truncated_answers", "--cliprange_high",
+            "0.28", "--dual_clip_c", "3.0"]
+    run_step("step3_rlhf/main.py", ["--actor_model_name_or_path", str(actor), "--output_dir", str(tmp_path), *args])
+    rows = [r for r in read_metrics(tmp_path) if "rollout/reward_mean" in r]
+    assert len(rows) == 2
+    for r in rows:
+        assert 1 <= r["rollout/dynamic_gen_batches"] <= 3 and r["rollout/dynamic_groups_dropped"] >= 0
+        # every generation batch of 2 prompts x 4 answers is rolled out and counted
+        assert r["rollout/sequences"] == 8 * r["rollout/dynamic_gen_batches"]
+        assert math.isfinite(r["ppo/policy_loss"])

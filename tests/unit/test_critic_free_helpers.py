@@ -44,3 +44,26 @@ def test_head_rows_cuts_tensors_texts_and_columns():
     out = head_rows(batch, 2)
     assert out["input_ids"].tolist() == [[0, 1], [2, 3]] and out["prompts"] == ["a", "b"]
     assert out["columns"] == {"answer": [1, 2]}
+
+
+def _exp(rows: int, length: int, mark: float):
+    from engine.ppo.experience import Experience
+    seq = torch.full((rows, length), 7)
+    per_action = torch.full((rows, length - 1), mark)
+    return Experience(seq, torch.ones(rows, length), torch.ones(rows, length - 1), per_action, per_action,
+                      per_action, torch.arange(rows, dtype=torch.float), per_action, per_action, per_action)
+
+
+def test_fill_with_groups_takes_informative_groups_first_then_tops_up_with_flat_ones():
+    from engine.ppo.experience import fill_with_groups
+
+    first, second = _exp(4, 5, 1.0), _exp(4, 3, 2.0)  # groups of 2; the second batch's answers are shorter
+    keep = [torch.tensor([False, False, True, True]), torch.tensor([True, True, False, False])]
+    out, flat = fill_with_groups([first, second], keep, 2, 4, pad_id=0)
+    # rows 2-3 of the first batch, then rows 0-1 of the second (padded from 3 to 5 tokens)
+    assert out.scores.tolist() == [2.0, 3.0, 0.0, 1.0] and flat == 0
+    assert out.sequences[2:].tolist() == [[7, 7, 7, 0, 0]] * 2 and out.attention_mask[2:, 3:].sum() == 0
+    assert out.advantages[:2].eq(1.0).all() and out.advantages[2:, :2].eq(2.0).all()
+    assert out.advantages[2:, 2:].eq(0).all()
+    short, flat = fill_with_groups([first], [keep[0]], 2, 4, pad_id=0)
+    assert short.scores.tolist() == [2.0, 3.0, 0.0, 1.0] and flat == 1  # one flat group fills the batch
