@@ -315,11 +315,13 @@ class PPOTrainer:
         pieces = [(i, slice(start, start + micro)) for i, exp in enumerate(experiences)
                   for start in range(0, len(exp), micro)]
         normalisers = self._window_normalisers(experiences, ptx, pieces)
+        seq_norms = self._window_seq_normalisers(experiences, pieces) if self.cfg.critic_free else []
         for _ in range(self.cfg.train.ppo_epochs):
             for j, (i, rows) in enumerate(pieces):
-                answer_norm, ptx_norm, seq_norm = normalisers[j // accum]
+                answer_norm, ptx_norm = normalisers[j // accum]
                 if self.cfg.critic_free:
-                    stats = self.train_actor_micro_batch(experiences[i].select(rows), answer_norm, seq_norm)
+                    stats = self.train_actor_micro_batch(experiences[i].select(rows), answer_norm,
+                                                         seq_norms[j // accum])
                 else:
                     stats = self.train_micro_batch(experiences[i].select(rows), answer_norm)
                 faults.mid_step(step)
@@ -334,8 +336,8 @@ class PPOTrainer:
         return {k: totals[i] / totals[-1] for i, k in enumerate(keys)}
 
     def _window_normalisers(self, experiences: list[Experience], ptx: list[dict[str, torch.Tensor]] | None,
-                            pieces: list[tuple[int, slice]]) -> list[tuple[float, float, float]]:
-        """(answer-action, PTX-target, answer) normaliser of each optimizer step's window of `pieces` (the micro-batches
+                            pieces: list[tuple[int, slice]]) -> list[tuple[float, float]]:
+        """(answer-action, PTX-target) normaliser of each optimizer step's window of `pieces` (the micro-batches
         of one PPO epoch, in order), from the counts of the window on all ranks (engine.rl.batch_mean).
 
         The config makes a PPO epoch a whole number of windows, so windows line up with DeepSpeed's boundaries.
@@ -348,11 +350,19 @@ class PPOTrainer:
             window = pieces[w:w + accum]
             local.append(float(sum(experiences[i].action_mask[rows].sum() for i, rows in window)))
             local.append(float(sum(label_count(ptx[i]["labels"][rows]) for i, rows in window)) if ptx else 0.0)
-            local.append(float(sum(loss_counts(experiences[i].action_mask[rows])[1] for i, rows in window)))
         totals = all_reduce_sum(local, self.dist.device)
         world = self.dist.world_size
-        return [(mean_normaliser(totals[k], accum, world), mean_normaliser(totals[k + 1], accum, world),
-                 mean_normaliser(totals[k + 2], accum, world)) for k in range(0, len(totals), 3)]
+        return [(mean_normaliser(totals[k], accum, world), mean_normaliser(totals[k + 1], accum, world))
+                for k in range(0, len(totals), 2)]
+
+    def _window_seq_normalisers(self, experiences: list[Experience], pieces: list[tuple[int, slice]]) -> list[float]:
+        """The answer-count normaliser of each optimizer step's window (the seq-mean loss modes), from the
+        window's answers with at least one action on all ranks, as `_window_normalisers` does for tokens."""
+        accum = self.cfg.train.gradient_accumulation_steps
+        local = [float(sum(loss_counts(experiences[i].action_mask[rows])[1] for i, rows in pieces[w:w + accum]))
+                 for w in range(0, len(pieces), accum)]
+        return [mean_normaliser(total, accum, self.dist.world_size)
+                for total in all_reduce_sum(local, self.dist.device)]
 
     def _aligned_steps(self) -> None:
         """--align_overflow (fp16): when exactly one of actor and critic overflowed, skip the other's step too."""
