@@ -500,17 +500,29 @@ class Step3TrainArgs(role_twins(
         out += sizes
         if self.enable_test_mode and self.test_stop_step == 0:
             out.append("--enable_test_mode needs --test_stop_step > 0 (the PPO step to stop after)")
-        if sizes or self.gradient_accumulation_steps < 1:
-            return out
-        gen, micro = self.per_device_generation_batch_size, self.per_device_training_batch_size
-        if gen % micro:
-            out.append(f"--per_device_generation_batch_size {gen} must be a multiple of "
-                       f"--per_device_training_batch_size {micro} "
-                       "(each generation batch is cut into PPO micro-batches)")
-        elif (gen * self.generation_batches // micro) % self.gradient_accumulation_steps:
-            out.append(f"a PPO step has {gen * self.generation_batches // micro} micro-batches per rank, "
-                       f"not a multiple of --gradient_accumulation_steps {self.gradient_accumulation_steps}")
         return out
+
+    def batch_problems(self, samples_per_prompt: int) -> list[str]:
+        """Whether the rows of a generation batch (prompts x `samples_per_prompt`, per rank) cut into whole
+        micro-batches and the micro-batches of a step into whole optimizer windows (a cross-part check: the
+        rows depend on --n_samples_per_prompt)."""
+        sizes = ("per_device_generation_batch_size", "per_device_training_batch_size", "generation_batches")
+        if any(getattr(self, n) < 1 for n in sizes) or self.gradient_accumulation_steps < 1 or samples_per_prompt < 1:
+            return []
+        gen, micro = self.per_device_generation_batch_size, self.per_device_training_batch_size
+        rows = gen * samples_per_prompt
+        if rows % micro and samples_per_prompt == 1:
+            return [f"--per_device_generation_batch_size {gen} must be a multiple of "
+                    f"--per_device_training_batch_size {micro} (each generation batch is cut into PPO micro-batches)"]
+        if rows % micro:
+            valid = [d for d in range(1, rows + 1) if rows % d == 0]
+            return [f"a generation batch holds {gen} prompts x --n_samples_per_prompt {samples_per_prompt} = {rows} "
+                    f"answers per rank, which --per_device_training_batch_size {micro} does not divide; use one of "
+                    f"{', '.join(map(str, valid))} (or change --per_device_generation_batch_size)"]
+        if (rows * self.generation_batches // micro) % self.gradient_accumulation_steps:
+            return [f"a PPO step has {rows * self.generation_batches // micro} micro-batches per rank, "
+                    f"not a multiple of --gradient_accumulation_steps {self.gradient_accumulation_steps}"]
+        return []
 
 
 @dataclass
@@ -569,6 +581,97 @@ class PPOArgs:
             out.append(f"--ema_decay must be in [0, 1] (got {self.ema_decay})")
         if self.eval_interval < 0 or self.eval_prompts < 1:
             out.append("--eval_interval must be >= 0 and --eval_prompts >= 1")
+        return out
+
+
+# The names of engine.rl (kept here as literals so the config imports no torch; a unit test keeps them equal).
+ESTIMATOR_NAMES = ("gae", "grpo", "dr_grpo", "rloo", "reinforce_pp", "reinforce_pp_baseline", "remax")
+GROUP_ESTIMATORS = ("grpo", "dr_grpo", "rloo", "reinforce_pp_baseline")
+LOSS_AGG_MODES = ("token-mean", "seq-mean-token-mean", "seq-mean-token-sum", "seq-mean-token-sum-norm")
+
+
+@dataclass
+class RLArgs:
+    """Critic-free RL (issue 16): the advantage estimator, groups, KL as a loss, policy-loss options, DAPO's
+    parts and reward functions. Defaults: today's PPO (gae, one answer per prompt, no KL loss)."""
+
+    advantage_estimator: str = arg(
+        "gae", "gae: PPO with a critic (DeepSpeed-Chat). The others train no critic: grpo (group mean and std), "
+        "dr_grpo (group mean, no std), rloo (leave-one-out mean), reinforce_pp (batch-whitened returns, one answer "
+        "per prompt is fine), reinforce_pp_baseline (group mean, then batch whitening), remax (baseline: the reward "
+        "of one extra greedy answer per prompt).", choices=ESTIMATOR_NAMES)
+    n_samples_per_prompt: int = arg(
+        1, "Answers sampled per prompt (a group); group estimators need >= 2 (verl's examples use 5, TRL 8).")
+    grpo_std_normalize: bool = arg(
+        True, "grpo: divide by the group's reward std (GRPO's paper; --no-grpo_std_normalize is Dr. GRPO's choice).")
+    kl_loss_coef: float = arg(
+        0.0, "Weight of a KL(actor || reference) term in the actor loss, on answer tokens (0: off, TRL's default; "
+        "verl's GRPO examples use 0.001). --kl_ctl is the separate in-reward penalty.")
+    kl_loss_estimator: str = arg(
+        "k3", "Estimator of the KL loss: k1, k2, k3 (verl's low_var_kl, its default) or k3+ (k3's value with k2's "
+        "gradient, straight-through).", choices=("k1", "k2", "k3", "k3+"))
+    cliprange_low: float | None = arg(
+        None, "Lower ratio clip epsilon (1 - low). None: --cliprange (ppo) or 3e-4 (gspo, the GSPO paper's).")
+    cliprange_high: float | None = arg(
+        None, "Upper ratio clip epsilon (1 + high); DAPO's clip-higher uses 0.28. None: --cliprange (ppo) or 4e-4 "
+        "(gspo).")
+    dual_clip_c: float | None = arg(
+        None, "Dual clip (Ye et al. 2020): bound the loss of negative-advantage tokens at c x advantage; verl uses "
+        "3.0. None: off.")
+    policy_loss: str = arg(
+        "ppo", "ppo: one importance ratio per token. gspo: one per answer (the geometric mean of its token "
+        "ratios, GSPO), which needs --loss_agg_mode seq-mean-token-mean.", choices=("ppo", "gspo"))
+    loss_agg_mode: str = arg(
+        "token-mean", "How per-token losses become one (verl's names): token-mean (over every answer token of the "
+        "optimizer step on all ranks, DAPO's), seq-mean-token-mean (GRPO's paper), seq-mean-token-sum, "
+        "seq-mean-token-sum-norm (token sums / --max_answer_seq_len, Dr. GRPO's).", choices=LOSS_AGG_MODES)
+    dynamic_sampling: bool = arg(
+        False, "DAPO: drop groups whose rewards are all equal and refill from further prompt batches, up to "
+        "--max_gen_batches per step.")
+    max_gen_batches: int = arg(
+        3, "With --dynamic_sampling, most prompt batches generated per generation batch (verl's "
+        "max_num_gen_batches; a step that cannot fill trains on what it has and logs it).")
+    overlong_buffer_len: int = arg(
+        0, "DAPO overlong shaping: answers longer than --max_answer_seq_len minus this get a linear penalty "
+        "(0: off; DAPO used 4096 of 20480).")
+    overlong_penalty_factor: float = arg(1.0, "The overlong penalty at --max_answer_seq_len (DAPO: 1.0).")
+    mask_truncated_answers: bool = arg(
+        False, "Leave answers cut at --max_answer_seq_len (no eos) out of the loss (TRL's mask_truncated_completions).")
+    reward_funcs: list[str] = arg(
+        None, "Reward functions: path/to/file.py:function or package.module:function, called as "
+        "fn(prompts, completions, **columns) -> list of float or None (TRL's signature). Built-ins: "
+        "engine.rewards.builtin:sort_rule, engine.rewards.builtin:gsm8k_answer. Given alone (without "
+        "--critic_model_name_or_path), no reward model is loaded. Empty: the reward model scores.",
+        default_factory=list)
+    reward_weights: list[float] = arg(
+        None, "One weight per --reward_funcs entry (empty: all 1.0). A reward model, when also loaded, is one more "
+        "term with weight 1.", default_factory=list)
+
+    @property
+    def group_estimator(self) -> bool:
+        return self.advantage_estimator in GROUP_ESTIMATORS
+
+    def problems(self) -> list[str]:
+        out = _at_least(self, ("n_samples_per_prompt", "max_gen_batches"))
+        if self.group_estimator and self.n_samples_per_prompt == 1:
+            out.append(f"--advantage_estimator {self.advantage_estimator} compares the answers of one prompt: set "
+                       "--n_samples_per_prompt 2 or more (e.g. 4), or use reinforce_pp or remax")
+        if self.kl_loss_coef < 0 or self.overlong_buffer_len < 0 or self.overlong_penalty_factor < 0:
+            out.append("--kl_loss_coef, --overlong_buffer_len and --overlong_penalty_factor must be >= 0")
+        for name in ("cliprange_low", "cliprange_high"):
+            if getattr(self, name) is not None and getattr(self, name) <= 0:
+                out.append(f"--{name} must be > 0 (or unset for the default)")
+        if self.dual_clip_c is not None and self.dual_clip_c <= 1:
+            out.append(f"--dual_clip_c must be > 1 (got {self.dual_clip_c}); verl uses 3.0")
+        if self.policy_loss == "gspo" and self.loss_agg_mode != "seq-mean-token-mean":
+            out.append(f"--policy_loss gspo has one ratio per answer and needs --loss_agg_mode seq-mean-token-mean "
+                       f"(got {self.loss_agg_mode}), as in verl")
+        if self.reward_weights and len(self.reward_weights) != len(self.reward_funcs):
+            out.append(f"--reward_weights has {len(self.reward_weights)} values but --reward_funcs names "
+                       f"{len(self.reward_funcs)} functions; give one weight per function, or none for all 1.0")
+        if self.dynamic_sampling and not self.group_estimator:
+            out.append("--dynamic_sampling drops groups of equal rewards: it needs a group estimator (grpo, dr_grpo, "
+                       "rloo, reinforce_pp_baseline) and --n_samples_per_prompt >= 2")
         return out
 
 
@@ -683,6 +786,7 @@ class Step3Config(StepConfig):
     data: Step3DataArgs = field(default_factory=Step3DataArgs)
     train: Step3TrainArgs = field(default_factory=Step3TrainArgs)
     ppo: PPOArgs = field(default_factory=PPOArgs)
+    rl: RLArgs = field(default_factory=RLArgs)
     ds: Step3DeepSpeedArgs = field(default_factory=Step3DeepSpeedArgs)
     lora: Step3LoRAArgs = field(default_factory=Step3LoRAArgs)
     log: Step3LogArgs = field(default_factory=Step3LogArgs)
@@ -700,8 +804,29 @@ class Step3Config(StepConfig):
         """The step-3 data flags as DataArgs (for the shared split, cache and tokenizer code)."""
         return self.data.view()
 
+    # What step 3 builds (roles, checkpoints and the planner ask these).
+    @property
+    def critic_free(self) -> bool:
+        """No critic: every estimator but PPO's gae."""
+        return self.rl.advantage_estimator != "gae"
+
+    @property
+    def needs_reference(self) -> bool:
+        """The frozen reference exists only for a KL term (in the reward or in the loss)."""
+        return not (self.ppo.kl_ctl == 0 and self.rl.kl_loss_coef == 0)
+
+    @property
+    def needs_reward_model(self) -> bool:
+        """No reward model when --reward_funcs score alone: given without --critic_model_name_or_path."""
+        return not self.rl.reward_funcs or "critic_model_name_or_path" in self.given
+
+    @property
+    def needs_critic_folder(self) -> bool:
+        """Whether the step-2 folder is read at all (for the critic or the reward model)."""
+        return not self.critic_free or self.needs_reward_model
+
     def cross_part_problems(self) -> list[str]:
-        out: list[str] = []
+        out: list[str] = self.train.batch_problems(self.rl.n_samples_per_prompt)
         ds, lora, ppo = self.ds, self.lora, self.ppo
         if ds.enable_mixed_precision_lora:
             if lora.actor_lora_dim == 0 or ds.actor_zero_stage != 3:
@@ -719,4 +844,22 @@ class Step3Config(StepConfig):
         elif ppo.align_overflow and min(ds.actor_zero_stage, ds.critic_zero_stage) < 1:
             out.append("--align_overflow needs --actor_zero_stage and --critic_zero_stage >= 1 (it reads the "
                        "ZeRO optimizers' overflow flags)")
+        return out + self._rl_problems()
+
+    def _rl_problems(self) -> list[str]:
+        rl, out = self.rl, []
+        if rl.advantage_estimator == "gae" and rl.n_samples_per_prompt > 1:
+            out.append("--n_samples_per_prompt > 1 forms groups, which only critic-free estimators use; pick one with "
+                       "--advantage_estimator (e.g. grpo) or sample 1 answer per prompt")
+        if rl.reward_funcs and not self.critic_free:
+            out.append("--reward_funcs score answers for the critic-free estimators; PPO's gae scores with the "
+                       "reward model: add --advantage_estimator (e.g. grpo with --n_samples_per_prompt 4) or drop "
+                       "--reward_funcs")
+        if self.critic_free and not rl.reward_funcs and rl.reward_weights:
+            out.append("--reward_weights needs --reward_funcs")
+        if self.ppo.align_overflow and self.critic_free:
+            out.append("--align_overflow aligns the actor's and the critic's steps; there is no critic with "
+                       f"--advantage_estimator {rl.advantage_estimator}")
+        if rl.advantage_estimator != "gae" and not self.ppo.do_sample and rl.n_samples_per_prompt > 1:
+            out.append("--no-do_sample makes every answer of a group the same; keep sampling on for groups")
         return out

@@ -27,7 +27,7 @@ import torch
 from tqdm import tqdm
 
 from engine.config import Step3Config, parse_column_map
-from engine.data.prompts import collate_left_padded, load_prompt_data
+from engine.data.prompts import collate_prompt_rows, load_prompt_data
 from engine.data.unsupervised import collate_blocks, load_ptx_data
 from engine.errors import UserError
 from engine.eval.compare import rule_checks
@@ -42,9 +42,12 @@ from engine.observe.perf import (
     model_shape,
     step3_throughput,
 )
-from engine.ppo.experience import Experience, reward_scores, sequence_masks
+from engine.ppo.experience import Experience, fill_with_groups, reward_scores, sequence_masks
 from engine.ppo.health import health_warnings
-from engine.ppo.trainer import PPOTrainer, generate_sequences, generation_kwargs
+from engine.ppo.metrics import critic_free_rollout_stats
+from engine.ppo.trainer import PPOTrainer, generate_sequences, generation_kwargs, rollout_seed
+from engine.rewards import RewardFunctions
+from engine.rl.dapo import informative_groups
 from engine.runtime.bad_steps import BadStepGuard, optimizer_metrics
 from engine.runtime.checkpoint import (
     POSITION_KEYS,
@@ -53,7 +56,7 @@ from engine.runtime.checkpoint import (
     save_module_tensors,
     save_resume_state,
 )
-from engine.runtime.distributed import DistInfo, all_reduce_sum, init_distributed, setup_logging
+from engine.runtime.distributed import DistInfo, all_reduce_max, all_reduce_sum, init_distributed, setup_logging
 from engine.runtime.ds_config import DTYPE_BYTES
 from engine.runtime.ds_private import full_numel
 from engine.runtime.entry import run_main
@@ -78,7 +81,8 @@ class PPOSchedule:
             raise UserError(f"an epoch has {prompt_batches} prompt batches per rank, fewer than --generation_batches "
                             f"{t.generation_batches}; lower --per_device_generation_batch_size or --generation_batches")
         steps = Schedule.of(prompt_batches, t.generation_batches, t.num_train_epochs)
-        micro = t.per_device_generation_batch_size * t.generation_batches // t.per_device_training_batch_size
+        rows = t.per_device_generation_batch_size * cfg.rl.n_samples_per_prompt  # answers per generation batch
+        micro = rows * t.generation_batches // t.per_device_training_batch_size
         return cls(steps, micro, steps.total_steps * micro * t.ppo_epochs // t.gradient_accumulation_steps)
 
 
@@ -117,6 +121,8 @@ def build(cfg: Step3Config) -> Run:
     if cfg.ds.auto_fit:
         cfg = fit_to_machine(cfg, dist, actor_path, critic_path)
     tokenizer = load_step3_tokenizer(cfg, actor_path, critic_path)
+    # Imported now: a bad --reward_funcs reference fails before any data is cached.
+    reward_fns = RewardFunctions(cfg.rl.reward_funcs, cfg.rl.reward_weights) if cfg.rl.reward_funcs else None
     prompt_loader, eval_loader, ptx_loader = make_loaders(cfg, tokenizer, out, dist)
     batches = min(len(prompt_loader), len(ptx_loader)) if ptx_loader is not None else len(prompt_loader)
     plan = PPOSchedule.of(cfg, batches)
@@ -125,13 +131,13 @@ def build(cfg: Step3Config) -> Run:
     # the data): the CPU phase peaks (process RSS) minus this are what the models and the PPO step added.
     baseline_gb = current_memory_gb(dist.device)
     roles = build_roles(cfg, dist, tokenizer, actor_path, critic_path, plan.optimizer_steps, ptx_loader is not None)
-    trainer = PPOTrainer(cfg, roles, tokenizer, dist)
+    trainer = PPOTrainer(cfg, roles, tokenizer, dist, reward_fns)
 
     def load_ema(tag_folder: Path) -> None:
         if roles.ema is not None:
             load_module_tensors(roles.ema.module, roles.ema_stage, tag_folder / EMA_FILE, dist)
 
-    position, metrics = start_run(cfg, {"actor": roles.actor, "critic": roles.critic}, out, dist,
+    position, metrics = start_run(cfg, roles.trained(), out, dist,
                                   keys=POSITION_KEYS + ("trainer",), load_extra=load_ema)
     if cfg.log.resume:
         trainer.load_state_dict(position.pop("trainer"))
@@ -148,10 +154,11 @@ def make_loaders(cfg: Step3Config, tokenizer: Any, out: Path, dist: DistInfo) ->
     width = cfg.data.max_prompt_seq_len
     train_prompts, eval_prompts = load_prompt_data(cfg.data_args(), tokenizer, width, cache_dir, cfg.train.seed, dist,
                                                    column_map=parse_column_map(cfg.data.prompt_column_map))
-    collate = partial(collate_left_padded, pad_id=tokenizer.pad_token_id, width=width)
     gen_bs = cfg.train.per_device_generation_batch_size
-    prompt_loader = make_loader(train_prompts, gen_bs, dist, True, cfg.train.seed, collate)
-    eval_loader = make_loader(eval_prompts, gen_bs, dist, False, cfg.train.seed, collate)
+    # Training batches carry the prompt texts and the dataset's other columns (for the reward functions).
+    rows = partial(collate_prompt_rows, pad_id=tokenizer.pad_token_id, width=width)
+    prompt_loader = make_loader(train_prompts.rows(), gen_bs, dist, True, cfg.train.seed, rows)
+    eval_loader = make_loader(eval_prompts.rows(), gen_bs, dist, False, cfg.train.seed, rows)
     ptx_loader = None
     if cfg.data.unsupervised_dataset_name:
         ptx = load_ptx_data(cfg.data, tokenizer, cache_dir, dist)
@@ -193,7 +200,7 @@ def fit_to_machine(cfg: Step3Config, dist: DistInfo, actor_path: str, critic_pat
     from engine.planner.step3 import auto_fit, this_machine
 
     configs = [AutoConfig.from_pretrained(p, trust_remote_code=cfg.model.trust_remote_code)
-               for p in (actor_path, critic_path)]
+               for p in (actor_path, critic_path or actor_path)]  # no step-2 folder: the critic's shape is unused
     fitted, message = auto_fit(cfg, this_machine(dist.world_size), *configs)
     logger.info("%s", message)
     return fitted
@@ -217,8 +224,8 @@ def train(run: Run) -> int | None:
             row = ppo_step(run, prompts, next(ptx_windows) if ptx_windows is not None else None, step + 1, guard)
             step += 1
             position.update(epoch=epoch, step_in_epoch=step_in_epoch + 1, global_step=step)
-            row |= {"train/actor_lr": run.roles.actor.get_lr()[0], "train/critic_lr": run.roles.critic.get_lr()[0],
-                    "train/epoch": epoch}
+            row |= {f"train/{name}_lr": engine.get_lr()[0] for name, engine in run.roles.trained().items()}
+            row["train/epoch"] = epoch
             if eval_due(cfg, step):
                 row |= evaluate(run)
             if guard.healthy:  # a bad step's NaN statistics would blind the trend checks
@@ -250,24 +257,40 @@ def ppo_step(run: Run, prompt_batches: list[dict], ptx_batches: list[dict] | Non
     A NaN or inf in the rollout skips the updates; that, a NaN or inf loss, or an update an optimizer
     skipped makes it a bad step for `guard`."""
     cfg, trainer, dist = run.cfg, run.trainer, run.dist
-    actor, critic = run.roles.actor, run.roles.critic
+    trained = run.roles.trained().values()
     timer = StepTimer(dist.device, phases=("generate", "experience", "train"))
     kl_coef = trainer.kl_ctl.coef
 
     # 1.-3. for every generation batch of this step: its experience.
     experiences: list[Experience] = []
     per_seq: list[dict[str, torch.Tensor]] = []
-    for batch in prompt_batches:
+    extras: list[dict[str, Any]] = []
+    dynamic: dict[str, float] = {}
+    for draw, batch in enumerate(prompt_batches):
         batch = to_device(batch, dist.device)
-        with timer.phase("generate"):  # 1. generate
-            sequences = trainer.generate(batch)
+        with timer.phase("generate"):  # 1. generate (critic-free: N answers per prompt, this rank's own noise)
+            sequences, greedy = (trainer.generate_groups(batch, step, draw) if cfg.critic_free
+                                 else (trainer.generate(batch), None))
         with timer.phase("experience"):  # 2. score (reference, critic, reward model), 3. rewards and advantages
-            exp, stats = trainer.experience(sequences, batch["attention_mask"], step)
-        experiences.append(exp)
+            if cfg.critic_free:
+                exp, stats, extra = trainer.critic_free_experience(batch, sequences, greedy, step)
+                extras.append(extra)
+            else:
+                exp, stats = trainer.experience(sequences, batch["attention_mask"], step)
         per_seq.append(stats)
+        if cfg.rl.dynamic_sampling:  # drop flat groups, refill from further prompts (its own phases inside)
+            exp, fill_row = dynamic_fill(run, exp, step, draw, timer, per_seq, extras)
+            dynamic = {k: dynamic.get(k, 0.0) + v for k, v in fill_row.items()}
+        experiences.append(exp)
         if cfg.log.print_answers and step % cfg.log.print_answers_interval == 0:
             print_answer(run, sequences, exp)
     row = rollout_stats(per_seq, dist)
+    if cfg.critic_free:
+        names = trainer.reward_fns.names if trainer.reward_fns is not None else []
+        row |= critic_free_rollout_stats(per_seq, extras, names, cfg.rl.n_samples_per_prompt, dist)
+    if dynamic:
+        keys = sorted(dynamic)
+        row |= dict(zip(keys, all_reduce_sum([dynamic[k] for k in keys], dist.device)))
     # A NaN or inf score, KL, value or advantage on any rank (the count is over all ranks, so every rank
     # agrees) skips this step's updates: the NaN reaches neither the weights, the EMA nor the KL controller.
     rollout_ok = row["rollout/nonfinite_sequences"] == 0
@@ -276,7 +299,7 @@ def ppo_step(run: Run, prompt_batches: list[dict], ptx_batches: list[dict] | Non
 
     # 4. PPO updates over the step's experience (+ PTX), then the EMA.
     ptx = [to_device(b, dist.device) for b in ptx_batches] if ptx_batches is not None else None
-    skipped = actor.skipped_steps + critic.skipped_steps
+    skipped = sum(e.skipped_steps for e in trained)
     with timer.phase("train"):
         if rollout_ok:
             row |= trainer.ppo_updates(experiences, ptx, step)
@@ -284,10 +307,11 @@ def ppo_step(run: Run, prompt_batches: list[dict], ptx_batches: list[dict] | Non
     # 5. log: the step's health, optimizer, timing, memory and throughput figures.
     loss_bad = row.pop("ppo/nonfinite", 0.0) > 0
     row |= guard.record(step, nonfinite=not rollout_ok or loss_bad,
-                        skipped=actor.skipped_steps + critic.skipped_steps > skipped,
+                        skipped=sum(e.skipped_steps for e in trained) > skipped,
                         what="policy or value loss" if rollout_ok else "reward, KL or value in the rollout")
     fp16 = cfg.ds.dtype == "fp16"
-    row |= optimizer_metrics(actor, "ppo/actor_", fp16) | optimizer_metrics(critic, "ppo/critic_", fp16)
+    for name, engine in run.roles.trained().items():
+        row |= optimizer_metrics(engine, f"ppo/{name}_", fp16)
     row["ppo/kl_coef"] = kl_coef
     row |= {f"timing/{k}_s": v for k, v in timer.seconds.items()}
     row |= {f"memory/{k}_peak_gb": v for k, v in timer.peaks.items()}
@@ -295,13 +319,46 @@ def ppo_step(run: Run, prompt_batches: list[dict], ptx_batches: list[dict] | Non
     if not rollout_ok:  # no updates: no training throughput
         return row
     row |= step3_throughput(
-        **run.model_shapes, per_device_generation_batch=cfg.train.per_device_generation_batch_size,
+        **run.model_shapes,
+        per_device_generation_batch=cfg.train.per_device_generation_batch_size * cfg.rl.n_samples_per_prompt,
         generation_batches=cfg.train.generation_batches, ppo_epochs=cfg.train.ppo_epochs, ptx=ptx is not None,
         world_size=dist.world_size, seq_length=cfg.data.max_prompt_seq_len + cfg.data.max_answer_seq_len,
         decode_steps=sum(e.sequences.shape[1] for e in experiences) / len(experiences) - cfg.data.max_prompt_seq_len,
         generate_s=timer.seconds["generate"] / cfg.train.generation_batches, train_s=timer.seconds["train"],
         e2e_s=sum(timer.seconds.values()))
     return row
+
+
+def dynamic_fill(run: Run, exp: Experience, step: int, draw: int, timer: StepTimer,
+                 per_seq: list[dict[str, torch.Tensor]], extras: list[dict[str, Any]]) -> tuple[Experience, dict]:
+    """--dynamic_sampling (DAPO): keep the groups of `exp` whose rewards differ; while any rank has fewer than a
+    full batch of them and fewer than --max_gen_batches generation batches, generate for a further batch of
+    training prompts (drawn from this rank's stream, so a resumed run draws the same). A batch that cannot fill
+    is topped up with flat groups (zero advantage) and trains on what it has. Generated rollouts are added to
+    `per_seq` / `extras` (the step's rollout metrics); returns the batch and its counts (summed over ranks)."""
+    cfg, trainer, dist, n = run.cfg, run.trainer, run.dist, run.cfg.rl.n_samples_per_prompt
+    rows, dataset, collate = len(exp), run.prompt_loader.dataset, run.prompt_loader.collate_fn
+    pool, keep = [exp], [informative_groups(exp.scores, n)[0]]
+    batches = 1
+    # Every rank takes part in each generation (ZeRO-3 gathers are collective), so the loop's test is global.
+    while batches < cfg.rl.max_gen_batches and all_reduce_max([float(sum(int(k.sum()) for k in keep) < rows)],
+                                                              dist.device)[0] > 0:
+        pick = torch.Generator().manual_seed(rollout_seed(cfg.train.seed, dist.rank, step, 1000 * batches + draw))
+        index = torch.randint(len(dataset), (cfg.train.per_device_generation_batch_size,), generator=pick)
+        batch = to_device(collate([dataset[i] for i in index.tolist()]), dist.device)
+        with timer.phase("generate"):
+            sequences, greedy = trainer.generate_groups(batch, step, 1000 * batches + draw)
+        with timer.phase("experience"):
+            more, stats, extra = trainer.critic_free_experience(batch, sequences, greedy, step)
+        pool.append(more)
+        keep.append(informative_groups(more.scores, n)[0])
+        per_seq.append(stats)
+        extras.append(extra)
+        batches += 1
+    filled, flat = fill_with_groups(pool, keep, n, rows, run.tokenizer.pad_token_id)
+    dropped = sum(int((~k).sum()) for k in keep) // n
+    return filled, {"rollout/dynamic_gen_batches": float(batches), "rollout/dynamic_groups_dropped": float(dropped),
+                    "rollout/dynamic_flat_groups_trained": float(flat)}
 
 
 def rollout_stats(per_seq: list[dict[str, torch.Tensor]], dist: DistInfo) -> dict[str, float]:
@@ -354,13 +411,17 @@ def _evaluate(run: Run, loader, kwargs: dict[str, Any], width: int, per_rank: in
     for batch in loader:
         if seen >= per_rank:
             break
-        batch = to_device({k: v[:per_rank - seen] for k, v in batch.items()}, dist.device)
+        batch = to_device(head_rows(batch, per_rank - seen), dist.device)
         seen += batch["input_ids"].shape[0]
         sequences = generate_sequences(roles.actor, roles.actor_stage, batch["input_ids"], batch["attention_mask"],
                                        kwargs, cfg.ds.enable_hybrid_engine, cfg.ds.unpin_actor_parameters)
         mask, action_mask = sequence_masks(sequences, width, tok.pad_token_id, tok.eos_token_id,
                                            batch["attention_mask"])
-        scores = reward_scores(roles.reward, sequences, mask).double().cpu()
+        if cfg.critic_free:  # what the run optimises: the reward functions (+ the reward model's score)
+            scores = run.trainer.outcome_rewards(sequences, batch["attention_mask"], batch["prompts"],
+                                                 batch["columns"])[0].nan_to_num(0.0).double().cpu()
+        else:
+            scores = reward_scores(roles.reward, sequences, mask).double().cpu()
         prompts = tok.batch_decode(sequences[:, :width], skip_special_tokens=True)
         answers = [tok.decode(s[width:][m[width:].bool()], skip_special_tokens=True) for s, m in zip(sequences, mask)]
         checked, correct = rule_checks(prompts, answers)
@@ -373,15 +434,23 @@ def _evaluate(run: Run, loader, kwargs: dict[str, Any], width: int, per_rank: in
     return row
 
 
+def head_rows(batch: dict[str, Any], n: int) -> dict[str, Any]:
+    """The first `n` rows of a `collate_prompt_rows` batch (tensors, prompt texts and every column)."""
+    out = {k: v[:n] for k, v in batch.items() if k != "columns"}
+    out["columns"] = {k: v[:n] for k, v in batch["columns"].items()}
+    return out
+
+
 def model_shapes(cfg: Step3Config, roles: Roles) -> dict[str, Any]:
     """What `step3_throughput` needs of the models, computed once: configs, FLOPs factors, actor size."""
     ds, lora = cfg.ds, cfg.lora
-    actor_cfg, critic_cfg = hf_model(roles.actor.module).config, hf_model(roles.critic.module.model).config
+    actor_cfg = hf_model(roles.actor.module).config
+    critic_cfg = hf_model(roles.critic.module.model).config if roles.critic is not None else None
     return {"actor_config": actor_cfg, "critic_config": critic_cfg,
             "actor_k": activation_factor(ds.actor_gradient_checkpointing, lora.actor_lora_dim,
                                          model_shape(actor_cfg)[1]),
             "critic_k": activation_factor(ds.critic_gradient_checkpointing, lora.critic_lora_dim,
-                                          model_shape(critic_cfg)[1]),
+                                          model_shape(critic_cfg)[1]) if critic_cfg is not None else 0.0,
             "actor_params": sum(full_numel(p) for p in roles.actor.module.parameters()),
             "bytes_per_param": DTYPE_BYTES[ds.dtype]}
 
@@ -392,7 +461,8 @@ def save_models(run: Run, folder: Path) -> None:
     extra = lambda target: save_config_yaml(run.cfg, target / "config.yaml")  # noqa: E731
     base = roles.actor_full_precision  # a 4-bit actor is saved as its full-precision base with LoRA merged
     save_hf_folder(roles.actor.module, tok, folder / "actor", roles.actor_stage, dist, extra=extra, full_precision=base)
-    save_hf_folder(roles.critic.module.model, tok, folder / "critic", roles.critic_stage, dist, extra=extra)
+    if roles.critic is not None:  # critic-free estimators have none
+        save_hf_folder(roles.critic.module.model, tok, folder / "critic", roles.critic_stage, dist, extra=extra)
     if roles.ema is not None:
         save_hf_folder(roles.ema.module, tok, folder / "actor_ema", roles.ema_stage, dist, extra=extra,
                        full_precision=base)
@@ -408,7 +478,7 @@ def save_checkpoint(run: Run, step: int, position: dict[str, int]) -> None:
         if roles.ema is not None:
             save_module_tensors(roles.ema.module, roles.ema_stage, tag_folder / EMA_FILE, run.dist)
 
-    save_resume_state({"actor": roles.actor, "critic": roles.critic}, run.out, f"step{step}",
+    save_resume_state(roles.trained(), run.out, f"step{step}",
                       position | {"trainer": run.trainer.state_dict()}, run.dist, extra=extra,
                       keep=run.cfg.log.save_total_limit)
 

@@ -7,6 +7,10 @@
 - ema (--enable_ema; saved as actor_ema/): a frozen, LoRA-shaped copy of the actor moved towards it after each
   actor update; partitioned like the actor so the two can be gathered in pairs.
 
+Only the roles the run needs are built (`Step3Config.critic_free`, `needs_reference`, `needs_reward_model`): a
+critic-free estimator has no critic, no KL term means no reference, reward functions alone mean no reward model;
+the missing roles are None.
+
 Frozen roles are in eval mode, have no gradients and belong to no optimizer (DeepSpeed-Chat's layout).
 
 Quantized roles (--reference_quantization, --reward_quantization: bitsandbytes 8-bit or 4-bit) are loaded
@@ -53,15 +57,19 @@ ROLE_NAMES = ("actor", "critic", "reference", "reward", "ema")  # one vocabulary
 @dataclass
 class Roles:
     actor: Any
-    critic: Any
-    reference: Any
-    reward: Any
+    critic: Any | None      # None with a critic-free estimator
+    reference: Any | None   # None without a KL term
+    reward: Any | None      # None when reward functions score alone
     ema: Any | None
     actor_stage: int
     critic_stage: int
     # A quantized actor's full-precision base, loaded on the CPU
     # (for saving: `engine.runtime.checkpoint.save_hf_folder`).
     actor_full_precision: Callable[[], torch.nn.Module] | None = None
+
+    def trained(self) -> dict[str, Any]:
+        """{role name: engine} of the trained roles (what checkpoints and --resume hold)."""
+        return {name: engine for name, engine in (("actor", self.actor), ("critic", self.critic)) if engine is not None}
 
     def by_name(self) -> dict[str, Any]:
         """{role name: engine} for every role built (`ROLE_NAMES` order; no EMA without --enable_ema)."""
@@ -72,18 +80,23 @@ class Roles:
         return frozen_zero_stage(self.actor_stage)
 
 
-def resolve_paths(cfg: Step3Config, dist: DistInfo) -> tuple[str, str]:
-    """(actor path, critic path), checked before anything is written: the folders exist, the critic is a reward
-    model and the actor is not, prompt + answer fit the actor, and a --deepspeed_config agrees with the flags."""
-    paths = []
-    for role in ("actor", "critic"):
-        paths.append(resolve_model_path(cfg.role_model(role), cfg.train.seed, dist,
-                                        flag=f"{role}_model_name_or_path", hint=ROLE_HINTS[role]))
-    check_reward_model_config(paths[1], "critic_model_name_or_path", cfg.model.trust_remote_code)
+def resolve_paths(cfg: Step3Config, dist: DistInfo) -> tuple[str, str | None]:
+    """(actor path, critic path or None when no role reads the step-2 folder), checked before anything is
+    written: the folders exist, the critic is a reward model and the actor is not, prompt + answer fit the actor,
+    and a --deepspeed_config agrees with the flags."""
+    roles = ("actor", "critic") if cfg.needs_critic_folder else ("actor",)
+    paths: list[str | None] = [resolve_model_path(cfg.role_model(role), cfg.train.seed, dist,
+                                                  flag=f"{role}_model_name_or_path", hint=ROLE_HINTS[role])
+                               for role in roles]
+    if cfg.needs_critic_folder:
+        check_reward_model_config(paths[1], "critic_model_name_or_path", cfg.model.trust_remote_code)
+    else:
+        paths.append(None)
     check_context_length(paths[0], cfg)
     if cfg.ds.deepspeed_config and not cfg.ds.auto_fit:  # --auto_fit changes the flags; checked when built
         actor_ds_config(cfg, dist.world_size, ptx=bool(cfg.data.unsupervised_dataset_name))
-        critic_ds_config(cfg, dist.world_size)
+        if not cfg.critic_free:
+            critic_ds_config(cfg, dist.world_size)
     return paths[0], paths[1]
 
 
@@ -110,9 +123,11 @@ def check_context_length(actor_path: str, cfg: Step3Config) -> None:
                         f"{limit} tokens ({actor_path}); lower them")
 
 
-def load_step3_tokenizer(cfg: Step3Config, actor_path: str, critic_path: str) -> Any:
+def load_step3_tokenizer(cfg: Step3Config, actor_path: str, critic_path: str | None) -> Any:
     """The actor's tokenizer; the reward model must use the same vocabulary (it scores the actor's ids)."""
     tok = load_tokenizer(actor_path, cfg.role_model("actor"), cfg.data_args())
+    if critic_path is None:
+        return tok
     critic_tok = load_tokenizer(critic_path, cfg.role_model("critic"), cfg.data_args())
     if tok.get_vocab() != critic_tok.get_vocab():
         raise UserError(f"the tokenizers of --actor_model_name_or_path {actor_path} and --critic_model_name_or_path "
@@ -186,9 +201,10 @@ def _frozen_config(cfg: Step3Config, quantization: str, follows_stage: int, offl
     return frozen_ds_config(cfg, follows_stage, offload, world_size)
 
 
-def build_roles(cfg: Step3Config, dist: DistInfo, tokenizer: Any, actor_path: str, critic_path: str,
+def build_roles(cfg: Step3Config, dist: DistInfo, tokenizer: Any, actor_path: str, critic_path: str | None,
                 total_steps: int, ptx: bool) -> Roles:
-    """Load and wrap every role. `total_steps` is the optimizer steps of each trained role's schedule."""
+    """Load and wrap every role the run needs. `total_steps` is the optimizer steps of each trained role's
+    schedule."""
     world, ds, dtype, device = dist.world_size, cfg.ds, cfg.ds.dtype, dist.device
     actor_args, critic_args = cfg.role_model("actor"), cfg.role_model("critic")
 
@@ -204,21 +220,18 @@ def build_roles(cfg: Step3Config, dist: DistInfo, tokenizer: Any, actor_path: st
     if ds.enable_mixed_precision_lora:
         quantize_nontrainable_params(actor_engine)
     ref_config = _frozen_config(cfg, ds.reference_quantization, ds.actor_zero_stage, ds.offload_reference_model, world)
-    reference = _init_frozen(load_causal_lm(actor_path, actor_args, tokenizer, dtype, ref_config, False,
-                                            ds.reference_quantization, device), ref_config)
+    reference = (_init_frozen(load_causal_lm(actor_path, actor_args, tokenizer, dtype, ref_config, False,
+                                             ds.reference_quantization, device), ref_config)
+                 if cfg.needs_reference else None)
 
-    # Critic (+ LoRA) and the frozen reward model, both from the step-2 folder.
-    critic_config = critic_ds_config(cfg, world)
-    critic = load_reward_model(critic_path, critic_args, tokenizer, dtype, critic_config,
-                               ds.critic_gradient_checkpointing)
+    # Critic (+ LoRA) and the frozen reward model, both from the step-2 folder, when the run has them.
     critic_lora = cfg.role_lora("critic")
-    if critic_lora.lora_dim > 0:
-        critic = add_lora(critic, critic_lora)
-    critic_engine = init_trained_engine(critic, critic_config, train=cfg.train, lora=critic_lora, ds=cfg.ds,
-                                        total_steps=total_steps, role="critic")
+    critic_engine = (None if cfg.critic_free else
+                     _critic_role(cfg, critic_path, critic_args, tokenizer, total_steps, world))
     reward_config = _frozen_config(cfg, ds.reward_quantization, ds.critic_zero_stage, ds.offload_reward_model, world)
-    reward = _init_frozen(load_reward_model(critic_path, critic_args, tokenizer, dtype, reward_config, False,
-                                            ds.reward_quantization, device), reward_config)
+    reward = (_init_frozen(load_reward_model(critic_path, critic_args, tokenizer, dtype, reward_config, False,
+                                             ds.reward_quantization, device), reward_config)
+              if cfg.needs_reward_model else None)
 
     ema_engine = _ema_role(cfg, actor_engine, actor_path, tokenizer, dist) if cfg.ppo.enable_ema else None
     if ds.actor_quantization not in ("none", ds.reference_quantization):
@@ -231,13 +244,28 @@ def build_roles(cfg: Step3Config, dist: DistInfo, tokenizer: Any, actor_path: st
                       if ds.actor_quantization != "none" else None)
     roles = Roles(actor_engine, critic_engine, reference, reward, ema_engine, ds.actor_zero_stage, ds.critic_zero_stage,
                   full_precision)
-    logger.info("roles: actor %s%s, critic ZeRO-%d%s, reference %s, reward %s%s",
+    critic_text = (f"ZeRO-{ds.critic_zero_stage}" + (f" LoRA {critic_lora.lora_dim}" if critic_lora.lora_dim else "")
+                   if critic_engine is not None else "none")
+    logger.info("roles: actor %s%s, critic %s, reference %s, reward %s%s",
                 _describe(ds.actor_zero_stage, ds.actor_quantization),
-                f" LoRA {actor_lora.lora_dim}" if actor_lora.lora_dim else "",
-                ds.critic_zero_stage, f" LoRA {critic_lora.lora_dim}" if critic_lora.lora_dim else "",
-                _describe(ref_config, ds.reference_quantization), _describe(reward_config, ds.reward_quantization),
+                f" LoRA {actor_lora.lora_dim}" if actor_lora.lora_dim else "", critic_text,
+                _describe(ref_config, ds.reference_quantization) if reference is not None else "none",
+                _describe(reward_config, ds.reward_quantization) if reward is not None else "none (reward functions)",
                 ", EMA" if ema_engine is not None else "")
     return roles
+
+
+def _critic_role(cfg: Step3Config, critic_path: str, critic_args: Any, tokenizer: Any, total_steps: int,
+                 world: int) -> Any:
+    """The critic engine (+ LoRA), started from the step-2 reward model."""
+    critic_config = critic_ds_config(cfg, world)
+    critic = load_reward_model(critic_path, critic_args, tokenizer, cfg.ds.dtype, critic_config,
+                               cfg.ds.critic_gradient_checkpointing)
+    critic_lora = cfg.role_lora("critic")
+    if critic_lora.lora_dim > 0:
+        critic = add_lora(critic, critic_lora)
+    return init_trained_engine(critic, critic_config, train=cfg.train, lora=critic_lora, ds=cfg.ds,
+                               total_steps=total_steps, role="critic")
 
 
 def _ema_role(cfg: Step3Config, actor_engine: Any, actor_path: str, tokenizer: Any, dist: DistInfo) -> Any:

@@ -224,7 +224,8 @@ def step3_throughput(*, per_device_generation_batch: int, generation_batches: in
             (DeepSpeed-Chat wrote `... * 1 if no PTX else 2`, which by precedence is 2 with PTX).
         seq_length: prompt + answer tokens (max_prompt_seq_len + max_answer_seq_len, as it counts).
         decode_steps: tokens generated per generation batch (the longest answer), for the latency.
-        actor_config, critic_config: Hugging Face configs; actor_k, critic_k: `activation_factor`s.
+        actor_config, critic_config: Hugging Face configs (critic None: critic-free, no critic FLOPs);
+            actor_k, critic_k: `activation_factor`s.
         generate_s: seconds of one generation batch; train_s: seconds of the PPO updates; e2e_s: the
             whole PPO step (generation, experience, updates).
         actor_params, bytes_per_param: for the generation's weight-read bandwidth.
@@ -237,7 +238,8 @@ def step3_throughput(*, per_device_generation_batch: int, generation_batches: in
     samples = ppo_samples * (2 if ptx else 1)
     # The actor also trains on the PTX batches; the critic only on the PPO ones.
     train_flops = (calculate_flops(actor_k, samples, seq_length, *model_shape(actor_config))
-                   + calculate_flops(critic_k, ppo_samples, seq_length, *model_shape(critic_config)))
+                   + (calculate_flops(critic_k, ppo_samples, seq_length, *model_shape(critic_config))
+                      if critic_config is not None else 0.0))  # critic-free: no critic
     gen_flops = calculate_flops(1.0, per_device_generation_batch, seq_length, *model_shape(actor_config))
     token_latency = generate_s / max(decode_steps, 1.0)
     return {

@@ -102,3 +102,63 @@ def make_experience(actor: Any, ref: Any, critic: Any, reward: Any, sequences: t
               & torch.isfinite(returns).all(1))
     return exp, {"score": scores, "kl": stats["kl"], "response_len": action_mask.sum(1).float(),
                  "value_mean": masked_mean(values, action_mask, dim=1), "nonfinite": (~finite).float()}
+
+
+@torch.no_grad()
+def make_critic_free_experience(actor: Any, ref: Any | None, sequences: torch.Tensor, attention_mask: torch.Tensor,
+                                action_mask: torch.Tensor, rewards: torch.Tensor, *, estimator: str, group_size: int,
+                                kl_coef: float, kl_estimator: str = "k1", baselines: torch.Tensor | None = None,
+                                gamma: float = 1.0, std_normalize: bool = True
+                                ) -> tuple[Experience, dict[str, torch.Tensor], dict[str, torch.Tensor]]:
+    """The experience of a critic-free estimator (`engine.rl.advantages`) on the rows of whole groups.
+
+    Args: sequences, attention_mask (B, T) and action_mask (B, T-1) (`sequence_masks`, truncated answers
+    already masked out if asked); rewards (B,) one outcome reward per answer (NaN: no score), rows ordered by
+    group; the estimator's name, group size, baselines (B,) (remax); kl_coef / kl_estimator of the in-reward
+    KL penalty (--kl_ctl; 0 or no reference: none). `values` is zeros and `returns` the advantages (no critic).
+    Returns the experience, per-sequence stats as `make_experience`'s, and the estimator's stats.
+    """
+    from engine.rl.advantages import get_estimator
+    from engine.rl.ppo import kl_rewards
+
+    logprobs, _ = sequence_logprobs(actor, sequences, attention_mask)
+    ref_logprobs = sequence_logprobs(ref, sequences, attention_mask)[0] if ref is not None else logprobs
+    token_rewards, kl_stats = kl_rewards(logprobs, ref_logprobs, action_mask, kl_coef, kl_estimator)
+    use_kl = ref is not None and kl_coef > 0
+    advantages, adv_stats = get_estimator(estimator)(
+        rewards, action_mask, group_size=group_size, token_rewards=token_rewards if use_kl else None,
+        baselines=baselines, gamma=gamma, std_normalize=std_normalize)
+    advantages = advantages.to(logprobs.dtype)
+    zeros = torch.zeros_like(logprobs)
+    exp = Experience(sequences, attention_mask, action_mask, logprobs, ref_logprobs, zeros, rewards,
+                     token_rewards, advantages, advantages)
+    finite = torch.isfinite(advantages).all(1) & torch.isfinite(token_rewards).all(1)
+    # An unscored answer (NaN: every function returned None) counts as 0 in the score statistics.
+    return exp, {"score": rewards.nan_to_num(0.0), "kl": kl_stats["kl"], "response_len": action_mask.sum(1).float(),
+                 "value_mean": zeros[:, 0], "nonfinite": (~finite).float()}, adv_stats
+
+
+def pad_experience(exp: Experience, length: int, pad_id: int) -> Experience:
+    """`exp` with its sequences right-padded to `length` tokens (pad id, mask 0) and every per-action field to
+    `length - 1` (zeros), so experiences of different generation calls can be stacked."""
+    extra = length - exp.sequences.shape[1]
+    if extra <= 0:
+        return exp
+    pad = torch.nn.functional.pad
+    out = {f.name: pad(getattr(exp, f.name), (0, extra)) for f in fields(exp) if getattr(exp, f.name).dim() == 2}
+    out["sequences"] = pad(exp.sequences, (0, extra), value=pad_id)
+    return Experience(**{f.name: out.get(f.name, getattr(exp, f.name)) for f in fields(exp)})
+
+
+def fill_with_groups(experiences: list[Experience], informative: list[torch.Tensor], group_size: int, rows: int,
+                     pad_id: int) -> tuple[Experience, int]:
+    """DAPO's dynamic sampling: one experience of `rows` rows made of the informative groups of `experiences`
+    (in order; `informative[i]` (B_i,) bool per row), topped up with flat groups (zero advantage) when there are
+    too few, so the step keeps its micro-batch layout. Returns it and the number of flat groups used to fill."""
+    length = max(e.sequences.shape[1] for e in experiences)
+    padded = [pad_experience(e, length, pad_id) for e in experiences]
+    keep = torch.cat(informative)
+    order = torch.cat([keep.nonzero().flatten(), (~keep).nonzero().flatten()])[:rows]
+    stacked = Experience(**{f.name: torch.cat([getattr(e, f.name) for e in padded]) for f in fields(Experience)})
+    flat_rows = int((~keep[order]).sum())
+    return stacked.select(order), flat_rows // group_size

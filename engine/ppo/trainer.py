@@ -17,9 +17,18 @@ from engine.models.ema import ema_update
 from engine.models.hybrid import generation_mode
 from engine.models.load import position_ids
 from engine.models.roles import Roles
-from engine.ppo.experience import Experience, make_experience
+from engine.ppo.experience import (
+    Experience,
+    make_critic_free_experience,
+    make_experience,
+    reward_scores,
+    sequence_masks,
+)
+from engine.rewards import RewardFunctions
 from engine.rl.batch_mean import mean_normaliser
+from engine.rl.dapo import overlong_penalty, truncated_answers
 from engine.rl.lm_loss import causal_lm_loss, label_count
+from engine.rl.losses import POLICY_LOSSES, aggregate_loss, kl_loss, loss_counts
 from engine.rl.ppo import (
     AdaptiveKLController,
     RunningMoments,
@@ -67,14 +76,30 @@ def generate_sequences(actor: Any, zero_stage: int, input_ids: torch.Tensor, att
         module.train(was_training)
 
 
+def rollout_seed(seed: int, rank: int, step: int, draw: int = 0) -> int:
+    """The seed of one rank's sampling noise for one generation batch (`draw`) of PPO step `step`: distinct per
+    rank, step and draw, and a function of them only, so that data-parallel ranks sample independently and a
+    resumed run samples exactly what the uninterrupted run did."""
+    return (((seed * 1_000_003 + rank) * 1_000_003 + step) * 1_009 + draw) % (2 ** 63 - 1)
+
+
+def decode_answers(tokenizer: Any, sequences: torch.Tensor, attention_mask: torch.Tensor, width: int) -> list[str]:
+    """The answer texts of generated `sequences` (B, T): the real tokens after the prompt width, special
+    tokens dropped (what the reward functions judge)."""
+    return [tokenizer.decode(s[width:][m[width:].bool()], skip_special_tokens=True)
+            for s, m in zip(sequences, attention_mask)]
+
+
 class PPOTrainer:
     """Runs the roles for one PPO step: `generate`, `experience`, then `train_micro_batch` per micro-batch."""
 
-    def __init__(self, cfg: Step3Config, roles: Roles, tokenizer: Any, dist: DistInfo):
+    def __init__(self, cfg: Step3Config, roles: Roles, tokenizer: Any, dist: DistInfo,
+                 reward_fns: RewardFunctions | None = None):
         self.cfg, self.roles, self.tokenizer, self.dist = cfg, roles, tokenizer, dist
         self.kl_ctl = AdaptiveKLController(cfg.ppo.kl_ctl, cfg.ppo.target_kl, cfg.ppo.kl_horizon)
         self.score_moments = RunningMoments()
         self.gen_kwargs = generation_kwargs(cfg, tokenizer)
+        self.reward_fns = reward_fns  # --reward_funcs, resolved by the caller (None: the reward model scores)
 
     # -- rollout ---------------------------------------------------------------------------------
     def generate(self, batch: dict[str, torch.Tensor]) -> torch.Tensor:
@@ -86,6 +111,88 @@ class PPOTrainer:
             torch.cuda.empty_cache()
         return sequences
 
+    # -- critic-free rollout -----------------------------------------------------------------------
+    def generate_groups(self, batch: dict[str, Any], step: int, draw: int = 0
+                        ) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """(sequences (B x N, T) with the N = --n_samples_per_prompt answers of prompt g in rows g*N .. g*N+N-1,
+        greedy sequences (B, T') for remax's baseline or None). Both in one generate call each; the sampling
+        noise comes from this rank's own stream (`rollout_seed`), the global RNG is left as it was."""
+        n = self.cfg.rl.n_samples_per_prompt
+        ids, mask = batch["input_ids"], batch["attention_mask"]
+        devices = [self.dist.device] if self.dist.device.type == "cuda" else []
+        with torch.random.fork_rng(devices=devices):
+            torch.manual_seed(rollout_seed(self.cfg.train.seed, self.dist.rank, step, draw))
+            sequences = self._generate(ids.repeat_interleave(n, 0), mask.repeat_interleave(n, 0), self.gen_kwargs)
+        greedy = None
+        if self.cfg.rl.advantage_estimator == "remax":  # ReMax's baseline: one greedy answer per prompt
+            kwargs = {k: v for k, v in self.gen_kwargs.items() if k not in ("temperature", "top_p", "top_k")}
+            greedy = self._generate(ids, mask, kwargs | {"do_sample": False})
+        return sequences, greedy
+
+    def _generate(self, ids: torch.Tensor, mask: torch.Tensor, kwargs: dict[str, Any]) -> torch.Tensor:
+        ds = self.cfg.ds
+        sequences = generate_sequences(self.roles.actor, self.roles.actor_stage, ids, mask, kwargs,
+                                       ds.enable_hybrid_engine, ds.unpin_actor_parameters)
+        if ds.release_inference_cache and torch.cuda.is_available():
+            torch.cuda.empty_cache()
+        return sequences
+
+    @torch.no_grad()
+    def outcome_rewards(self, sequences: torch.Tensor, prompt_mask: torch.Tensor, prompts: list[str],
+                        columns: dict[str, list], step: int = 0) -> tuple[torch.Tensor, torch.Tensor, dict[str, Any]]:
+        """(rewards (B,), action_mask (B, T-1), parts) of generated rows whose prompts are `prompts` (B texts, one
+        per row) with their `columns`: the weighted reward functions plus the reward model's score (one more
+        term, weight 1) when there is one, plus DAPO's overlong penalty; NaN where nothing scored. With
+        --mask_truncated_answers, truncated answers have no actions. `parts`: "fn_values" (B, F) or None,
+        "truncated" (B,) bool."""
+        cfg, rl, tok = self.cfg, self.cfg.rl, self.tokenizer
+        width = cfg.data.max_prompt_seq_len
+        attention_mask, action_mask = sequence_masks(sequences, width, tok.pad_token_id, tok.eos_token_id, prompt_mask)
+        rewards, values = torch.zeros(len(sequences)), None
+        if self.reward_fns is not None:
+            answers = decode_answers(tok, sequences, attention_mask, width)
+            rewards, values, _ = self.reward_fns(prompts, answers, columns)
+        rewards = rewards.to(sequences.device)
+        if self.roles.reward is not None:
+            self.roles.reward.eval()
+            score = reward_scores(self.roles.reward, sequences, attention_mask).float()
+            rewards = score if self.reward_fns is None else rewards.nan_to_num(0.0) + score
+        rewards = faults.poison(rewards, step)
+        if rl.overlong_buffer_len > 0:
+            penalty, _ = overlong_penalty(action_mask, max_answer_len=cfg.data.max_answer_seq_len,
+                                          buffer_len=rl.overlong_buffer_len, penalty_factor=rl.overlong_penalty_factor)
+            rewards = rewards + penalty
+        truncated, _ = truncated_answers(sequences, action_mask, tok.eos_token_id)
+        if rl.mask_truncated_answers:
+            action_mask = action_mask * ~truncated.unsqueeze(1)
+        return rewards, action_mask, {"fn_values": values, "truncated": truncated, "attention_mask": attention_mask}
+
+    def critic_free_experience(self, batch: dict[str, Any], sequences: torch.Tensor, greedy: torch.Tensor | None,
+                               step: int) -> tuple[Experience, dict[str, torch.Tensor], dict[str, Any]]:
+        """Score the groups `generate_groups` made of a prompt batch and compute their advantages over whole
+        groups (before any micro-batch split). Returns the experience, per-sequence stats and the rollout's
+        extras (the estimator's stats, the reward functions' values)."""
+        cfg, rl, n = self.cfg, self.cfg.rl, self.cfg.rl.n_samples_per_prompt
+        prompts = [p for p in batch["prompts"] for _ in range(n)]
+        columns = {k: [v for v in vs for _ in range(n)] for k, vs in batch["columns"].items()}
+        prompt_mask = batch["attention_mask"].repeat_interleave(n, 0)
+        rewards, action_mask, parts = self.outcome_rewards(sequences, prompt_mask, prompts, columns, step)
+        baselines = None
+        if greedy is not None:
+            baselines = self.outcome_rewards(greedy, batch["attention_mask"], batch["prompts"], batch["columns"],
+                                             step)[0].repeat_interleave(n)
+        self.roles.actor.eval()
+        try:
+            exp, per_seq, adv_stats = make_critic_free_experience(
+                self.roles.actor, self.roles.reference, sequences, parts["attention_mask"], action_mask, rewards,
+                estimator=rl.advantage_estimator, group_size=n, kl_coef=self.kl_ctl.coef,
+                kl_estimator=cfg.ppo.kl_estimator, baselines=baselines, gamma=cfg.ppo.gamma,
+                std_normalize=rl.grpo_std_normalize)
+        finally:
+            self.roles.actor.train()
+        per_seq["truncated"] = parts["truncated"].float()
+        return exp, per_seq, {"advantages": adv_stats, "fn_values": parts["fn_values"]}
+
     def experience(self, sequences: torch.Tensor, prompt_mask: torch.Tensor, step: int = 0
                    ) -> tuple[Experience, dict[str, torch.Tensor]]:
         """Score `sequences` with all four roles (eval mode) and turn them into PPO targets. `step` (the PPO
@@ -93,10 +200,11 @@ class PPOTrainer:
         roles, cfg = self.roles, self.cfg
         roles.actor.eval()
         roles.critic.eval()
+        reference = roles.reference if roles.reference is not None else roles.actor  # no KL term: KL is 0
         try:
             transform = self._normalise if cfg.ppo.normalize_reward else None
             reward = lambda seqs, mask: faults.poison(roles.reward(seqs, mask), step)  # noqa: E731
-            return make_experience(roles.actor, roles.reference, roles.critic, reward, sequences,
+            return make_experience(roles.actor, reference, roles.critic, reward, sequences,
                                    cfg.data.max_prompt_seq_len, self.tokenizer.pad_token_id,
                                    self.tokenizer.eos_token_id, kl_coef=self.kl_ctl.coef,
                                    clip_reward_value=cfg.ppo.clip_reward_value, gamma=cfg.ppo.gamma,
@@ -153,6 +261,43 @@ class PPOTrainer:
                 "ppo/vf_clipfrac": float(v_stats["vf_clipfrac"]),
                 "ppo/nonfinite": float(not (math.isfinite(float(pg_loss)) and math.isfinite(float(v_loss))))}
 
+    def train_actor_micro_batch(self, exp: Experience, token_count: float | None = None,
+                                seq_count: float | None = None) -> dict[str, float]:
+        """One critic-free update of the actor on a micro-batch: the --policy_loss terms aggregated with
+        --loss_agg_mode (global window counts `token_count`, `seq_count`), plus --kl_loss_coef times the KL
+        loss on answer tokens, minus the entropy bonus."""
+        cfg, rl, actor = self.cfg, self.cfg.rl, self.roles.actor
+        seq, mask, action_mask = exp.sequences, exp.attention_mask, exp.action_mask
+        logits = actor(input_ids=seq, attention_mask=mask, position_ids=position_ids(mask)).logits[:, :-1]
+        logprobs = logprobs_from_logits(logits, seq[:, 1:])
+        gspo = rl.policy_loss == "gspo"
+        default_clip = cfg.ppo.cliprange if not gspo else None
+        clips = {k: v for k, v in (("clip_low", rl.cliprange_low if rl.cliprange_low is not None else default_clip),
+                                   ("clip_high", rl.cliprange_high if rl.cliprange_high is not None else default_clip))
+                 if v is not None}  # gspo without a flag: its own defaults (engine.rl.losses.GSPO_CLIP_*)
+        terms, pg_stats = POLICY_LOSSES[rl.policy_loss](logprobs, exp.logprobs, exp.advantages, action_mask,
+                                                        dual_clip_c=rl.dual_clip_c, token_count=token_count, **clips)
+        agg = {"token_count": token_count, "seq_count": seq_count, "constant": float(cfg.data.max_answer_seq_len)}
+        pg_loss, _ = aggregate_loss(terms, action_mask, rl.loss_agg_mode, **agg)
+        loss = pg_loss
+        stats: dict[str, float] = {}
+        if rl.kl_loss_coef > 0:
+            kl_terms, kl_stats = kl_loss(logprobs, exp.ref_logprobs, action_mask, rl.kl_loss_estimator, token_count)
+            kl_value, _ = aggregate_loss(kl_terms, action_mask, rl.loss_agg_mode, **agg)
+            loss = loss + rl.kl_loss_coef * kl_value
+            stats["ppo/kl_loss"] = float(kl_value.detach())
+        with torch.set_grad_enabled(cfg.ppo.entropy_coef > 0):
+            entropy = token_mean(entropy_from_logits(logits), action_mask, token_count)
+        if cfg.ppo.entropy_coef > 0:
+            loss = loss - cfg.ppo.entropy_coef * entropy
+        actor.backward(loss)
+        actor.step()
+        pg_loss = pg_loss.detach()
+        return stats | {"ppo/policy_loss": float(pg_loss), "ppo/entropy": float(entropy.detach()),
+                        "ppo/nonfinite": float(not math.isfinite(float(loss.detach())))} | {
+            f"ppo/{k}": float(pg_stats[k]) for k in ("clipfrac", "clipfrac_low", "clipfrac_high", "clipfrac_dual",
+                                                      "approx_kl", "ratio_max")}
+
     def ppo_updates(self, experiences: list[Experience], ptx: list[dict[str, torch.Tensor]] | None,
                     step: int) -> dict[str, float]:
         """--ppo_epochs passes of `train_micro_batch` (and `train_ptx` on the matching rows of `ptx`, one
@@ -170,10 +315,15 @@ class PPOTrainer:
         pieces = [(i, slice(start, start + micro)) for i, exp in enumerate(experiences)
                   for start in range(0, len(exp), micro)]
         normalisers = self._window_normalisers(experiences, ptx, pieces)
+        seq_norms = self._window_seq_normalisers(experiences, pieces) if self.cfg.critic_free else []
         for _ in range(self.cfg.train.ppo_epochs):
             for j, (i, rows) in enumerate(pieces):
                 answer_norm, ptx_norm = normalisers[j // accum]
-                stats = self.train_micro_batch(experiences[i].select(rows), answer_norm)
+                if self.cfg.critic_free:
+                    stats = self.train_actor_micro_batch(experiences[i].select(rows), answer_norm,
+                                                         seq_norms[j // accum])
+                else:
+                    stats = self.train_micro_batch(experiences[i].select(rows), answer_norm)
                 faults.mid_step(step)
                 if ptx is not None:
                     stats |= self.train_ptx({k: v[rows] for k, v in ptx[i].items()}, ptx_norm)
@@ -204,6 +354,15 @@ class PPOTrainer:
         world = self.dist.world_size
         return [(mean_normaliser(totals[k], accum, world), mean_normaliser(totals[k + 1], accum, world))
                 for k in range(0, len(totals), 2)]
+
+    def _window_seq_normalisers(self, experiences: list[Experience], pieces: list[tuple[int, slice]]) -> list[float]:
+        """The answer-count normaliser of each optimizer step's window (the seq-mean loss modes), from the
+        window's answers with at least one action on all ranks, as `_window_normalisers` does for tokens."""
+        accum = self.cfg.train.gradient_accumulation_steps
+        local = [float(sum(loss_counts(experiences[i].action_mask[rows])[1] for i, rows in pieces[w:w + accum]))
+                 for w in range(0, len(pieces), accum)]
+        return [mean_normaliser(total, accum, self.dist.world_size)
+                for total in all_reduce_sum(local, self.dist.device)]
 
     def _aligned_steps(self) -> None:
         """--align_overflow (fp16): when exactly one of actor and critic overflowed, skip the other's step too."""

@@ -89,6 +89,15 @@ def all_reduce_sum(values: list[float], device: torch.device) -> list[float]:
     return t.tolist()
 
 
+def all_reduce_max(values: list[float], device: torch.device) -> list[float]:
+    """The element-wise maximum of `values` over all ranks (the values themselves on one process)."""
+    if not (torch.distributed.is_available() and torch.distributed.is_initialized()):
+        return [float(v) for v in values]
+    t = torch.tensor(values, dtype=torch.float64, device=device)
+    torch.distributed.all_reduce(t, op=torch.distributed.ReduceOp.MAX)
+    return t.tolist()
+
+
 def setup_logging(is_main: bool) -> None:
     """Rank 0 logs at INFO; the other ranks only warnings and errors."""
     logging.basicConfig(level=logging.INFO if is_main else logging.WARNING,

@@ -92,8 +92,9 @@ def epoch_windows(loader: torch.utils.data.DataLoader, epoch: int, first_step: i
         yield [next(batches) for _ in range(accumulation)]
 
 
-def to_device(batch: dict[str, torch.Tensor], device: torch.device) -> dict[str, torch.Tensor]:
-    return {k: v.to(device) for k, v in batch.items()}
+def to_device(batch: dict[str, Any], device: torch.device) -> dict[str, Any]:
+    """The batch's tensors on `device`; other entries (prompt texts, reward columns) as they are."""
+    return {k: v.to(device) if isinstance(v, torch.Tensor) else v for k, v in batch.items()}
 
 
 @dataclass
