@@ -572,6 +572,36 @@ class PPOArgs:
         return out
 
 
+# The values of --advantage_estimator (engine.rl.advantages.ESTIMATOR_NAMES; literals here, so that the config
+# imports no torch): PPO's gae, with a critic, and the critic-free estimators.
+ESTIMATOR_NAMES = ("gae", "grpo", "dr_grpo", "rloo", "reinforce_pp", "reinforce_pp_baseline", "remax")
+
+
+@dataclass
+class RLArgs:
+    """Critic-free RL (issue 16): the advantage estimator, answers per prompt, KL as a loss, reward functions.
+    Defaults: today's PPO (gae with a critic, one answer per prompt, no KL loss, the reward model scores)."""
+
+    advantage_estimator: str = arg(
+        "gae", "gae: PPO with a critic (DeepSpeed-Chat). The others train no critic: grpo, dr_grpo, rloo, "
+        "reinforce_pp, reinforce_pp_baseline, remax (one extra greedy answer per prompt as the baseline).",
+        choices=ESTIMATOR_NAMES)
+    n_samples_per_prompt: int = arg(1, "Answers sampled per prompt (a group); group estimators need >= 2.")
+    kl_loss_coef: float = arg(
+        0.0, "Weight of a KL(actor || reference) term in the actor loss (0: off). With --kl_ctl 0 too, no "
+        "reference model is built.")
+    reward_funcs: list[str] = arg(
+        None, "Reward functions: path/to/file.py:function or package.module:function. Given without "
+        "--critic_model_name_or_path, no reward model is loaded. Empty: the reward model scores.",
+        default_factory=list)
+
+    def problems(self) -> list[str]:
+        out = _at_least(self, ("n_samples_per_prompt",))
+        if self.kl_loss_coef < 0:
+            out.append(f"--kl_loss_coef must be >= 0 (got {self.kl_loss_coef})")
+        return out
+
+
 @dataclass
 class Step3DeepSpeedArgs(role_twins(
         DeepSpeedArgs, per_role=("zero_stage", "gradient_checkpointing"),
@@ -683,6 +713,7 @@ class Step3Config(StepConfig):
     data: Step3DataArgs = field(default_factory=Step3DataArgs)
     train: Step3TrainArgs = field(default_factory=Step3TrainArgs)
     ppo: PPOArgs = field(default_factory=PPOArgs)
+    rl: RLArgs = field(default_factory=RLArgs)
     ds: Step3DeepSpeedArgs = field(default_factory=Step3DeepSpeedArgs)
     lora: Step3LoRAArgs = field(default_factory=Step3LoRAArgs)
     log: Step3LogArgs = field(default_factory=Step3LogArgs)
@@ -699,6 +730,22 @@ class Step3Config(StepConfig):
     def data_args(self) -> DataArgs:
         """The step-3 data flags as DataArgs (for the shared split, cache and tokenizer code)."""
         return self.data.view()
+
+    # Which roles a run builds (the roles, checkpointing and the planner ask these).
+    @property
+    def critic_free(self) -> bool:
+        """No critic: every estimator but PPO's gae."""
+        return self.rl.advantage_estimator != "gae"
+
+    @property
+    def needs_reference(self) -> bool:
+        """A reference model, unless there is no KL term at all (both coefficients 0)."""
+        return not (self.ppo.kl_ctl == 0 and self.rl.kl_loss_coef == 0)
+
+    @property
+    def needs_reward_model(self) -> bool:
+        """A reward model, unless reward functions are given and --critic_model_name_or_path is not."""
+        return not self.rl.reward_funcs or "critic_model_name_or_path" in self.given
 
     def cross_part_problems(self) -> list[str]:
         out: list[str] = []
