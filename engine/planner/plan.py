@@ -365,10 +365,8 @@ def _unused_knobs(work: Workload) -> dict[str, Any]:
     """The knobs of the roles `work` does not build, at their defaults (they change no memory)."""
     defaults = Knobs()
     names: list[str] = []
-    if work.critic_free:
-        names += ["critic_lora_dim", "critic_gradient_checkpointing"]
-        if not work.reward_model:  # the critic's stage also places the reward model
-            names.append("critic_zero_stage")
+    if work.critic_free:  # --critic_zero_stage stays the actor's: it places the reward model, and --offload
+        names += ["critic_lora_dim", "critic_gradient_checkpointing"]  # asks for stage >= 2 of both
     if not work.reference:
         names += ["offload_reference_model", "reference_quantization"]
     if not work.reward_model:
