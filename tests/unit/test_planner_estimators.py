@@ -183,3 +183,28 @@ def test_auto_fit_of_a_critic_free_run_keeps_given_flags_and_reads_no_critic_fol
     assert (fitted.ds.actor_zero_stage, fitted.lora.actor_lora_dim) == (3, 0)           # kept
     # no flags of absent roles (--critic_zero_stage stays: --offload asks for stage >= 2 of both trained roles)
     assert not any(f in message for f in ("--critic_lora_dim", "--critic_gradient", "--reward_quantization"))
+
+
+def test_the_docs_table_is_the_planners_prediction(llama7b):
+    """docs/planner.md's PPO vs GRPO model-state table holds what the planner predicts today."""
+    from pathlib import Path
+
+    shapes = {"LoRA 64, 1 x 80 GiB": (1, Knobs(actor_lora_dim=64, critic_lora_dim=64, only_optimize_lora=True,
+                                                actor_gradient_checkpointing=True, critic_gradient_checkpointing=True,
+                                                enable_hybrid_engine=True)),
+              "full, ZeRO-3, 8 x 80 GiB": (8, Knobs(actor_zero_stage=3, critic_zero_stage=3, enable_hybrid_engine=True,
+                                                     actor_gradient_checkpointing=True,
+                                                     critic_gradient_checkpointing=True))}
+    runs = {"PPO (gae)": {}, "GRPO, reward model, KL in reward": {"reward_model": True},
+            "GRPO, reward function, KL as a loss": {"reward_model": False},
+            "GRPO, reward function, no KL": {"reward_model": False, "reference": False}}
+    text = (Path(__file__).resolve().parents[2] / "docs/planner.md").read_text()
+    rows = [[c.strip() for c in line.strip("|").split("|")] for line in text.splitlines()
+            if line.startswith("| ") and line.split("|")[1].strip() in shapes]
+    assert len(rows) == 8
+    for shape, run, roles, gib, _ in rows:
+        world, knobs = shapes[shape]
+        grpo = {"advantage_estimator": "grpo", "n_samples_per_prompt": 8} if run.startswith("GRPO") else {}
+        states = role_states(Workload(*llama7b, 256, 256, world, **grpo, **runs[run]), knobs)
+        assert roles == ", ".join(r for r in states if r != "workspace")
+        assert float(gib.split()[0]) == pytest.approx(total(states) / 2**30, abs=0.05)
