@@ -9,6 +9,10 @@ as given; the planner searches the others for the cheapest settings that fit: fe
 quantized roles, full fine-tuning before LoRA, the requested batch sizes (halved until they fit), no
 gradient checkpointing, the lowest ZeRO stages, the hybrid mode on. Exit status 0 when something fits,
 1 when nothing does (the message says how much is missing).
+
+The algorithm flags are step 3's: --advantage_estimator grpo (or any but gae) plans without a critic,
+--n_samples_per_prompt N with N answers per prompt, --kl_ctl 0 --kl_loss_coef 0 without a reference,
+--reward_funcs (without --critic_model) without a reward model. Default: PPO, as step 3's.
 """
 from __future__ import annotations
 
@@ -20,8 +24,8 @@ from typing import Any
 
 from engine.config import Step3Config
 from engine.errors import UserError
-from engine.flags import leaf_fields
-from engine.planner.plan import PHASES, Hardware, Knobs, Workload, couple_lora, search
+from engine.flags import build_config, leaf_fields
+from engine.planner.plan import Hardware, Knobs, Workload, algorithm_of, couple_lora, search
 from engine.planner.shapes import load_config, model_shape_of, shipped_models
 from engine.runtime.entry import run_main
 
@@ -30,6 +34,8 @@ BOOL_KNOBS = ("offload", "offload_reference_model", "offload_reward_model", "act
               "critic_gradient_checkpointing", "only_optimize_lora", "enable_hybrid_engine")
 FIXED = ("actor_zero_stage", "critic_zero_stage", "actor_lora_dim", "critic_lora_dim", "reference_quantization",
          "reward_quantization", "actor_quantization") + BOOL_KNOBS
+# The step-3 flags of the algorithm: which roles exist and how many rollout rows a prompt gives.
+ALGORITHM = ("advantage_estimator", "n_samples_per_prompt", "kl_ctl", "kl_loss_coef", "reward_funcs")
 
 
 def _bool(text: str) -> bool:
@@ -62,6 +68,14 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--enable_ema", action="store_true")
     p.add_argument("--lora_rank", type=int, default=64, help="LoRA rank the search uses when it turns LoRA on")
     p.add_argument("--json", action="store_true", help="print one JSON object")
+    algorithm = p.add_argument_group("step-3 algorithm flags (default: PPO, as step 3's)")
+    for name in ALGORITHM:
+        _, f, tp = leaf_fields(Step3Config)[name]
+        text = f.metadata["help"].replace("%", "%%")
+        if name == "reward_funcs":
+            algorithm.add_argument(f"--{name}", nargs="*", default=[], metavar="REF", help=text)
+        else:
+            algorithm.add_argument(f"--{name}", type=tp, default=f.default, choices=f.metadata["choices"], help=text)
     fixed = p.add_argument_group("step-3 flags to keep (the planner chooses those not given)")
     for name in FIXED:  # type, choices and help from the step-3 config field
         _, f, tp = leaf_fields(Step3Config)[name]
@@ -79,6 +93,20 @@ def fixed_knobs(args: argparse.Namespace) -> dict[str, Any]:
                        args.lora_rank)
 
 
+def algorithm_config(args: argparse.Namespace) -> Step3Config:
+    """A step-3 config with the algorithm flags given here (and --critic_model as the critic's folder), whose
+    predicates say which roles the run builds."""
+    values: dict[str, Any] = {name: getattr(args, name) for name in ALGORITHM}
+    if args.critic_model:
+        values["critic_model_name_or_path"] = args.critic_model
+    cfg = build_config(Step3Config, values)
+    cfg.given = frozenset(n for n in values if n != "reward_funcs" or values[n])
+    bad = cfg.rl.problems() + cfg.ppo.problems()
+    if bad:
+        raise UserError("the given step-3 algorithm flags are not valid: " + "; ".join(bad))
+    return cfg
+
+
 def plan(args: argparse.Namespace) -> dict[str, Any]:
     """The planner's answer as a JSON-able dict (see `main` for its keys)."""
     if not args.actor_model:
@@ -92,7 +120,7 @@ def plan(args: argparse.Namespace) -> dict[str, Any]:
     actor = model_shape_of(load_config(args.actor_model))
     critic = model_shape_of(load_config(args.critic_model or args.actor_model), sequence_classification=True)
     work = Workload(actor, critic, args.max_prompt_seq_len, args.max_answer_seq_len, args.num_gpus,
-                    args.generation_batches)
+                    args.generation_batches, **algorithm_of(algorithm_config(args)))
     hw = Hardware(args.num_gpus, args.gpu_memory_gb, args.host_memory_gb, args.gpus_per_node, args.usable_fraction)
     requested = Knobs(per_device_generation_batch_size=args.per_device_generation_batch_size,
                       per_device_training_batch_size=args.per_device_training_batch_size, dtype=args.dtype,
@@ -115,6 +143,9 @@ def plan(args: argparse.Namespace) -> dict[str, Any]:
         "usable_gb_per_gpu": round(hw.usable_gb, 2),
         "models": {"actor": args.actor_model, "critic": args.critic_model or args.actor_model,
                    "actor_params": actor.params, "critic_params": critic.params},
+        "algorithm": {"advantage_estimator": work.advantage_estimator,
+                      "n_samples_per_prompt": work.n_samples_per_prompt,
+                      "roles": [r for r in chosen.prediction.roles if r != "workspace"]},
         "hardware": {"num_gpus": args.num_gpus, "gpu_memory_gb": args.gpu_memory_gb,
                      "host_memory_gb": args.host_memory_gb},
         "breakdown": chosen.prediction.to_json()["phases"],
@@ -142,10 +173,13 @@ def _gpus_that_fit(work: Workload, hw: Hardware, requested: Knobs, fixed: dict[s
 
 def render(answer: dict[str, Any]) -> str:
     """The human-readable table of `plan`'s answer."""
-    m, hw = answer["models"], answer["hardware"]
+    m, hw, algo = answer["models"], answer["hardware"], answer["algorithm"]
+    phases = list(answer["peak_gb"])
     lines = [f"actor {m['actor']} ({m['actor_params'] / 1e9:.2f}B), critic {m['critic']} "
              f"({m['critic_params'] / 1e9:.2f}B) on {hw['num_gpus']} x {hw['gpu_memory_gb']:g} GiB GPUs "
-             f"({answer['usable_gb_per_gpu']:g} GiB usable each)"]
+             f"({answer['usable_gb_per_gpu']:g} GiB usable each)",
+             f"{algo['advantage_estimator']}, {algo['n_samples_per_prompt']} answer(s) per prompt; roles: "
+             f"{', '.join(algo['roles'])}"]
     if answer["fits"]:
         lines.append("fits. The cheapest settings that fit, as step-3 flags:")
     else:
@@ -155,11 +189,11 @@ def render(answer: dict[str, Any]) -> str:
     lines.append("")
     parts = sorted({k for ph in answer["breakdown"].values() for k, v in ph.items() if v["gpu"] > 0.005})
     width = max(len(p) for p in parts + ["peak"])
-    lines.append(f"{'GiB per GPU':<{width}}  " + "  ".join(f"{ph:>12}" for ph in PHASES))
+    lines.append(f"{'GiB per GPU':<{width}}  " + "  ".join(f"{ph:>12}" for ph in phases))
     for part in parts:
-        cells = [answer["breakdown"][ph].get(part, {"gpu": 0.0})["gpu"] for ph in PHASES]
+        cells = [answer["breakdown"][ph].get(part, {"gpu": 0.0})["gpu"] for ph in phases]
         lines.append(f"{part:<{width}}  " + "  ".join(f"{c:>12.2f}" if c else f"{'-':>12}" for c in cells))
-    lines.append(f"{'peak':<{width}}  " + "  ".join(f"{answer['peak_gb'][ph]:>12.2f}" for ph in PHASES))
+    lines.append(f"{'peak':<{width}}  " + "  ".join(f"{answer['peak_gb'][ph]:>12.2f}" for ph in phases))
     lines.append(f"host memory per node: {answer['host_gb_per_node']:.1f} GiB of {hw['host_memory_gb']:g}")
     if not answer["fits"]:
         more = answer.get("num_gpus_that_fit")

@@ -1,14 +1,18 @@
 """Per-rank, per-phase memory of a step-3 run, and the search for the cheapest settings that fit.
 
-A plan is a `Workload` (the actor's and critic's shapes, sequence lengths, ranks) and `Knobs` (the
-step-3 flags that move memory). `predict` adds, for each phase, the model states every role holds
-(`model_states`) to that phase's transient tensors (`activations`):
+A plan is a `Workload` (the actor's and critic's shapes, sequence lengths, ranks, and the algorithm:
+advantage estimator, answers per prompt, whether a reference and a reward model exist) and `Knobs` (the
+step-3 flags that move memory). `predict` adds, for each phase, the model states every role that exists
+holds (`model_states`) to that phase's transient tensors (`activations`). A critic-free estimator
+(anything but PPO's gae) has no critic: no critic states, no critic forward, no critic_train phase. The
+rollout has N rows per prompt with `n_samples_per_prompt` N, and remax adds one greedy answer per prompt
+(generated and scored, not trained on):
 
-- generate: the actor's KV cache for prompt + answer, one layer's prefill working set, and what the
+- generate: the actor's KV cache for prompt + answer of every rollout row, one layer's prefill working set, and what the
   hybrid mode adds (ZeRO-3: the whole gathered actor; with LoRA below ZeRO-3: fused copies of the
   LoRA-targeted weights);
 - experience: the larger of the actor's / reference's scoring forward (log-probs from full logits)
-  and the critic's / reward model's forward, plus the stored experience;
+  and the critic's / reward model's forward, plus the stored experience of the trained rows;
 - actor_train / critic_train: a PPO micro-batch's activations (with or without gradient
   checkpointing), the actor's logits;
 - workspace, in every phase: ZeRO's gradient-reduction buffers (the trained parameters' count, at
@@ -27,7 +31,7 @@ from collections.abc import Iterator
 from dataclasses import dataclass, field
 from typing import Any
 
-from engine.config import Step3Config
+from engine.config import ESTIMATOR_NAMES, Step3Config
 from engine.flags import build_config, leaf_fields
 from engine.planner.activations import (
     inference_activation_bytes,
@@ -44,23 +48,61 @@ PHASES = ("generate", "experience", "actor_train", "critic_train")
 EXPERIENCE_FLOATS = 12        # fp32 values per token that step 3 keeps per experience (log-probs, values, ...)
 
 
-@dataclass(frozen=True)
-class Workload:
-    actor: ModelShape
-    critic: ModelShape          # the reward model's shape (a one-label sequence classifier)
-    max_prompt_seq_len: int
-    max_answer_seq_len: int
-    world_size: int = 1
-    generation_batches: int = 1
-
-    @property
-    def tokens(self) -> int:
-        return self.max_prompt_seq_len + self.max_answer_seq_len
+def algorithm_of(cfg: Step3Config) -> dict[str, Any]:
+    """The `Workload` fields a step-3 config's algorithm sets: its estimator, answers per prompt, and
+    whether it builds a reference and a reward model (the config's own predicates)."""
+    return {"advantage_estimator": cfg.rl.advantage_estimator, "n_samples_per_prompt": cfg.rl.n_samples_per_prompt,
+            "reference": cfg.needs_reference, "reward_model": cfg.needs_reward_model}
 
 
 def _default(flag: str) -> Any:
     """A step-3 flag's default, from its config field (one source for both)."""
     return leaf_fields(Step3Config)[flag][1].default
+
+
+@dataclass(frozen=True)
+class Workload:
+    """What a run does: the models, sequence lengths and ranks, and the algorithm (defaults: today's PPO)."""
+
+    actor: ModelShape
+    critic: ModelShape          # the critic's and reward model's shape (a one-label sequence classifier)
+    max_prompt_seq_len: int
+    max_answer_seq_len: int
+    world_size: int = 1
+    generation_batches: int = 1
+    advantage_estimator: str = _default("advantage_estimator")  # gae: PPO with a critic; the others have none
+    n_samples_per_prompt: int = _default("n_samples_per_prompt")  # rollout rows per prompt
+    reference: bool = True      # False with no KL term (Step3Config.needs_reference)
+    reward_model: bool = True   # False with reward functions only (Step3Config.needs_reward_model)
+
+    def __post_init__(self) -> None:
+        if self.advantage_estimator not in ESTIMATOR_NAMES:
+            raise ValueError(f"advantage_estimator must be one of {', '.join(ESTIMATOR_NAMES)}, "
+                             f"not {self.advantage_estimator!r}")
+        if self.n_samples_per_prompt < 1:
+            raise ValueError(f"n_samples_per_prompt must be >= 1, not {self.n_samples_per_prompt}")
+
+    @property
+    def tokens(self) -> int:
+        return self.max_prompt_seq_len + self.max_answer_seq_len
+
+    @property
+    def critic_free(self) -> bool:
+        return self.advantage_estimator != "gae"
+
+    @property
+    def phases(self) -> tuple[str, ...]:
+        """The phases of a step: no critic_train without a critic."""
+        return tuple(p for p in PHASES if not (p == "critic_train" and self.critic_free))
+
+    def trained_rows(self, prompts: int) -> int:
+        """Sequences per rank that `prompts` prompts per rank give to train on: N answers each."""
+        return prompts * self.n_samples_per_prompt
+
+    def rollout_rows(self, prompts: int) -> int:
+        """Sequences per rank generated (and scored by the reward) for `prompts` prompts: remax adds one
+        greedy answer per prompt, its baseline."""
+        return self.trained_rows(prompts) + (prompts if self.advantage_estimator == "remax" else 0)
 
 
 @dataclass(frozen=True)
@@ -123,7 +165,8 @@ class Prediction:
         return (total.gpu + total.cpu if merge_host else total.gpu) / GiB
 
     def peak_gb(self, merge_host: bool = False) -> dict[str, float]:
-        return {p: self.peak(p, merge_host) for p in PHASES}
+        """GiB per rank of each phase the step has (no critic_train without a critic)."""
+        return {p: self.peak(p, merge_host) for p in PHASES if p in self.phases}
 
     def host_gb(self) -> float:
         """Host GiB per rank for the offloaded states (the same in every phase)."""
@@ -140,7 +183,8 @@ class Prediction:
 
 
 def role_states(work: Workload, knobs: Knobs) -> dict[str, dict[str, Bytes]]:
-    """Model-state bytes per rank of every role (`model_states`), as `engine.models.roles` builds them."""
+    """Model-state bytes per rank of every role the run builds (`model_states`), as `engine.models.roles`
+    builds them: no critic when critic-free, no reference without KL, no reward model with functions only."""
     a, c, k, n = work.actor, work.critic, knobs, work.world_size
     b = DTYPE_BYTES[k.dtype]
     lora_a, lora_c = a.lora_params(k.actor_lora_dim), c.lora_params(k.critic_lora_dim)
@@ -164,7 +208,8 @@ def role_states(work: Workload, knobs: Knobs) -> dict[str, dict[str, Bytes]]:
         roles["actor"] = adapters | {"parameters": adapters["parameters"] + base}
     else:
         roles["actor"] = trained(a, lora_a, trainable_a, k.actor_zero_stage)
-    roles["critic"] = trained(c, lora_c, trainable_c, k.critic_zero_stage)
+    if not work.critic_free:
+        roles["critic"] = trained(c, lora_c, trainable_c, k.critic_zero_stage)
 
     def frozen(shape: ModelShape, extra: int, follows: int, offload: bool, quantization: str) -> dict[str, Bytes]:
         stage = frozen_zero_stage(follows, quantization)
@@ -172,15 +217,19 @@ def role_states(work: Workload, knobs: Knobs) -> dict[str, dict[str, Bytes]]:
                            zero_stage=stage, offload_params=offload and stage == 3, quantization=quantization,
                            **common)
 
-    roles["reference"] = frozen(a, 0, k.actor_zero_stage, k.offload_reference_model, k.reference_quantization)
-    roles["reward"] = frozen(c, 0, k.critic_zero_stage, k.offload_reward_model, k.reward_quantization)
+    if work.reference:
+        roles["reference"] = frozen(a, 0, k.actor_zero_stage, k.offload_reference_model, k.reference_quantization)
+    if work.reward_model:
+        roles["reward"] = frozen(c, 0, k.critic_zero_stage, k.offload_reward_model, k.reward_quantization)
     if k.enable_ema:
         roles["ema"] = frozen(a, lora_a, k.actor_zero_stage, k.offload_reference_model, k.actor_quantization)
     # ZeRO's gradient-reduction buffers (sized to the trained parameters by engine.runtime.run, at most
     # DeepSpeed's 5e8 elements; ZeRO-1/2 keep two with overlap_comm, ZeRO-1's in fp32) and the ZeRO-3
     # prefetch bucket live as long as the engines.
     work_bytes = 0.0
-    for stage, shape, trainable in ((k.actor_zero_stage, a, trainable_a), (k.critic_zero_stage, c, trainable_c)):
+    engines = [(k.actor_zero_stage, a, trainable_a)] + ([] if work.critic_free else
+                                                         [(k.critic_zero_stage, c, trainable_c)])
+    for stage, shape, trainable in engines:
         bucket = reduce_bucket_elements(trainable)
         if stage in (1, 2):
             work_bytes += 2 * (4 if stage == 1 else b) * bucket
@@ -191,15 +240,18 @@ def role_states(work: Workload, knobs: Knobs) -> dict[str, dict[str, Bytes]]:
 
 
 def predict(work: Workload, knobs: Knobs) -> Prediction:
-    """Bytes per rank of each phase of a step-3 PPO step (see the module docstring)."""
+    """Bytes per rank of each phase of a step-3 step (see the module docstring)."""
     a, c, k = work.actor, work.critic, knobs
     b, t, p = DTYPE_BYTES[k.dtype], work.tokens, work.max_prompt_seq_len
-    bg, bt = k.per_device_generation_batch_size, k.per_device_training_batch_size
+    bt = k.per_device_training_batch_size
+    # rows per rank: generated (and scored by the critic / reward model), and trained on
+    prompts = k.per_device_generation_batch_size
+    bg, bs = work.rollout_rows(prompts), work.trained_rows(prompts)
     roles = role_states(work, k)
     states = {f"{r}.{part}": v for r, parts in roles.items() for part, v in parts.items()}
     # DeepSpeed frees the gradients after each optimizer step: they exist in the training phases only.
     no_grads = {key: v for key, v in states.items() if not key.endswith(".gradients")}
-    experience_store = Bytes(gpu=EXPERIENCE_FLOATS * 4 * bg * t * work.generation_batches)
+    experience_store = Bytes(gpu=EXPERIENCE_FLOATS * 4 * bs * t * work.generation_batches)
 
     hybrid = Bytes()
     if k.enable_hybrid_engine and k.actor_zero_stage == 3 and k.actor_quantization == "none":
@@ -212,8 +264,9 @@ def predict(work: Workload, knobs: Knobs) -> Prediction:
                 "activations": Bytes(gpu=inference_activation_bytes(a, k.dtype, bg, p)
                                      + logits_bytes(a, k.dtype, bg, 1, "generate")),
                 "hybrid_gather": hybrid, "experience_store": experience_store}
-    scoring = max(inference_activation_bytes(a, k.dtype, bg, t) + logits_bytes(a, k.dtype, bg, t, "score"),
-                  inference_activation_bytes(c, k.dtype, bg, t))
+    scored = bg if "critic" in roles or "reward" in roles else 0
+    scoring = max(inference_activation_bytes(a, k.dtype, bs, t) + logits_bytes(a, k.dtype, bs, t, "score"),
+                  inference_activation_bytes(c, k.dtype, scored, t))
     experience = {"activations": Bytes(gpu=scoring), "experience_store": experience_store}
     actor_train = {"activations": Bytes(gpu=training_activation_bytes(a, k.dtype, bt, t, k.actor_gradient_checkpointing)
                                         + logits_bytes(a, k.dtype, bt, t, "train")),
@@ -223,7 +276,7 @@ def predict(work: Workload, knobs: Knobs) -> Prediction:
                     "experience_store": experience_store}
     phases = {"generate": no_grads | generate, "experience": no_grads | experience,
               "actor_train": states | actor_train, "critic_train": states | critic_train}
-    return Prediction(roles, phases)
+    return Prediction(roles, {ph: phases[ph] for ph in work.phases})
 
 
 # -- search ----------------------------------------------------------------------------------------
@@ -272,10 +325,14 @@ SEARCH_SPACE: dict[str, tuple] = {
 QUANT_COST = {"none": 0, "8bit": 1, "4bit": 2}
 
 
-def _candidates(fixed: dict[str, Any], lora_rank: int) -> Iterator[Knobs]:
-    """Every knob combination that agrees with `fixed` (flag name -> value), batch sizes left to fill."""
+def _candidates(fixed: dict[str, Any], lora_rank: int, work: Workload) -> Iterator[Knobs]:
+    """Every knob combination that agrees with `fixed` (flag name -> value), batch sizes left to fill.
+    The knobs of roles `work` does not build stay at their defaults unless fixed."""
     def options(name: str) -> tuple:
         return (fixed[name],) if name in fixed else SEARCH_SPACE[name]
+
+    unused = _unused_knobs(work)
+    seen: set[Knobs] = set()
 
     lora_fixed = {f: fixed[f] for f in ("actor_lora_dim", "critic_lora_dim", "only_optimize_lora") if f in fixed}
     stage_pins = [fixed.get("actor_zero_stage"), fixed.get("critic_zero_stage")]
@@ -296,10 +353,25 @@ def _candidates(fixed: dict[str, Any], lora_rank: int) -> Iterator[Knobs]:
             values |= dict(actor_lora_dim=lora_rank if lora else 0, critic_lora_dim=lora_rank if lora else 0,
                            only_optimize_lora=lora)
         values |= {f: v for f, v in fixed.items() if f in ("enable_ema", "dtype")}
+        values |= {f: v for f, v in unused.items() if f not in fixed}
         knobs = Knobs(**values)
-        if _pointless(knobs) or knobs.problems():
+        if knobs in seen or _pointless(knobs) or knobs.problems():  # seen: equal once unused knobs are reset
             continue
+        seen.add(knobs)
         yield knobs
+
+
+def _unused_knobs(work: Workload) -> dict[str, Any]:
+    """The knobs of the roles `work` does not build, at their defaults (they change no memory)."""
+    defaults = Knobs()
+    names: list[str] = []
+    if work.critic_free:  # --critic_zero_stage stays the actor's: it places the reward model, and --offload
+        names += ["critic_lora_dim", "critic_gradient_checkpointing"]  # asks for stage >= 2 of both
+    if not work.reference:
+        names += ["offload_reference_model", "reference_quantization"]
+    if not work.reward_model:
+        names += ["offload_reward_model", "reward_quantization"]
+    return {n: getattr(defaults, n) for n in names}
 
 
 def _pointless(k: Knobs) -> bool:
@@ -338,7 +410,7 @@ def _largest_batches(work: Workload, knobs: Knobs, hw: Hardware) -> tuple[Knobs,
     k = dataclasses.replace(ones, per_device_generation_batch_size=gen)
     for train in (t for t in _halvings(min(gen, knobs.per_device_training_batch_size)) if gen % t == 0):
         candidate = dataclasses.replace(k, per_device_training_batch_size=train)
-        pred = fitting(candidate, PHASES)
+        pred = fitting(candidate, work.phases)
         if pred is not None:
             return candidate, pred
     raise AssertionError("batch size 1 was checked to fit")
@@ -354,7 +426,7 @@ def search(work: Workload, hw: Hardware, requested: Knobs, fixed: dict[str, Any]
     base = {f: getattr(requested, f) for f in ("dtype", "enable_ema")}
     candidates = [dataclasses.replace(k, per_device_generation_batch_size=requested.per_device_generation_batch_size,
                                       per_device_training_batch_size=requested.per_device_training_batch_size)
-                  for k in _candidates(fixed | base, lora_rank)]
+                  for k in _candidates(fixed | base, lora_rank, work)]
     if not candidates:
         raise ValueError("no step-3 flag combination agrees with the fixed flags")
     closest: Choice | None = None

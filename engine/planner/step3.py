@@ -13,7 +13,17 @@ from engine.config import Step3Config
 from engine.errors import UserError
 from engine.flags import check
 from engine.models.tiny import ensure_tiny_model
-from engine.planner.plan import REQUESTED, GiB, Hardware, Knobs, Workload, couple_lora, predict, search
+from engine.planner.plan import (
+    REQUESTED,
+    GiB,
+    Hardware,
+    Knobs,
+    Workload,
+    algorithm_of,
+    couple_lora,
+    predict,
+    search,
+)
 from engine.planner.shapes import load_config, model_shape_of
 from engine.runtime.distributed import gpu_wanted
 
@@ -31,27 +41,32 @@ def knobs_from_step3(cfg: Step3Config) -> Knobs:
 
 def workload_of_step3(cfg: Step3Config, world_size: int, actor_config: Any = None, critic_config: Any = None
                       ) -> Workload:
-    """The workload of a parsed `Step3Config`; the configs default to those in its model folders."""
+    """The workload of a parsed `Step3Config`: its models (the configs default to those in its model
+    folders; the critic's folder is not read when the run builds neither critic nor reward model) and its
+    algorithm: the estimator, answers per prompt and which of critic, reference and reward model exist."""
     def config_of(path: str | None) -> Any:
         return load_config(path if path is not None else str(ensure_tiny_model(cfg.train.seed)))
 
-    actor = model_shape_of(actor_config or config_of(cfg.model.actor_model_name_or_path))
+    actor_config = actor_config or config_of(cfg.model.actor_model_name_or_path)
+    if critic_config is None and cfg.critic_free and not cfg.needs_reward_model:
+        critic_config = actor_config  # a stand-in: no role has the critic's shape
+    actor = model_shape_of(actor_config)
     critic = model_shape_of(critic_config or config_of(cfg.model.critic_model_name_or_path),
                             sequence_classification=True)
     return Workload(actor, critic, cfg.data.max_prompt_seq_len, cfg.data.max_answer_seq_len, world_size,
-                    cfg.train.generation_batches)
+                    cfg.train.generation_batches, **algorithm_of(cfg))
 
 
 def predict_for_step3(cfg: Step3Config, world_size: int, merge_host: bool | None = None) -> dict[str, Any]:
     """The planner's prediction for a parsed `Step3Config` on `world_size` ranks, per rank:
-    {"peak_gb": {"generate", "experience", "train", "actor_train", "critic_train"}, "roles": {role:
-    {part: GiB}}, "host_gb"}. `merge_host` (default: when no GPU is used) adds host bytes to the peaks,
-    as a CPU-only run holds everything in one memory."""
+    {"peak_gb": {"generate", "experience", "train", "actor_train", "critic_train" (with a critic)}, "roles":
+    {role: {part: GiB}} (the roles the run builds), "host_gb"}. `merge_host` (default: when no GPU is used)
+    adds host bytes to the peaks, as a CPU-only run holds everything in one memory."""
     if merge_host is None:
         merge_host = not gpu_wanted()
     pred = predict(workload_of_step3(cfg, world_size), knobs_from_step3(cfg))
     peaks = pred.peak_gb(merge_host)
-    peaks["train"] = max(peaks["actor_train"], peaks["critic_train"])
+    peaks["train"] = max(peaks["actor_train"], peaks.get("critic_train", 0.0))
     roles = {r: {part: (v.gpu + v.cpu if merge_host else v.gpu) / GiB for part, v in parts.items()}
              for r, parts in pred.roles.items()}
     return {"peak_gb": peaks, "roles": roles, "host_gb": pred.host_gb()}
@@ -71,7 +86,9 @@ def this_machine(world_size: int) -> Hardware:
 def auto_fit(cfg: Step3Config, hw: Hardware, actor_config: Any, critic_config: Any, lora_rank: int = 64
              ) -> tuple[Step3Config, str]:
     """(`cfg` with the cheapest fitting memory settings, a line saying what was chosen) for step 3's
-    --auto_fit. The knobs whose flags the user gave (`cfg.given`) are kept; batch sizes are upper bounds."""
+    --auto_fit. The knobs whose flags the user gave (`cfg.given`) are kept; batch sizes are upper bounds.
+    Only the roles the run builds count (`workload_of_step3`); critic_config may be None without critic
+    and reward model."""
     current = knobs_from_step3(cfg)
     fixed = {f.name: getattr(current, f.name) for f in dataclasses.fields(Knobs)
              if f.name not in REQUESTED and f.name in cfg.given}

@@ -1,5 +1,6 @@
-"""The Llama-2-7B step-3 recipes: their memory flags are the planner's answer for their hardware, the
-peak in their comment is the planner's, and the flags run (one PPO step on the built-in model, CPU)."""
+"""The Llama-2-7B step-3 recipes (PPO and GRPO): their memory flags are the planner's answer for their hardware
+and algorithm, the peak in their comment is the planner's, and the flags run (one PPO step on the built-in
+model, CPU)."""
 from __future__ import annotations
 
 import json
@@ -19,6 +20,8 @@ pytestmark = pytest.mark.smoke
 
 ROOT = Path(__file__).resolve().parents[2]
 RECIPES = sorted((ROOT / "step3_rlhf/training_scripts/llama2").glob("run_llama2_7b_*x*gb.sh"))
+PPO_RECIPES = [p for p in RECIPES if "_grpo_" not in p.name]
+GRPO_RECIPES = [p for p in RECIPES if "_grpo_" in p.name]
 
 
 def planner_command(script: Path) -> list[str]:
@@ -43,8 +46,16 @@ def memory_flags(script: Path) -> list[str]:
 
 
 def test_three_recipes():
-    assert [p.name for p in RECIPES] == ["run_llama2_7b_1x24gb.sh", "run_llama2_7b_1x80gb.sh",
-                                         "run_llama2_7b_8x80gb.sh"]
+    assert [p.name for p in PPO_RECIPES] == ["run_llama2_7b_1x24gb.sh", "run_llama2_7b_1x80gb.sh",
+                                             "run_llama2_7b_8x80gb.sh"]
+
+
+def test_grpo_recipes():
+    assert [p.name for p in GRPO_RECIPES] == ["run_llama2_7b_grpo_full_8x80gb.sh", "run_llama2_7b_grpo_lora_1x80gb.sh"]
+    for script in GRPO_RECIPES:  # the planner plans the recipe's algorithm
+        command = " ".join(planner_command(script))
+        assert "--advantage_estimator grpo --n_samples_per_prompt 8" in command
+        assert " ".join(main_py_args(script)).count("--advantage_estimator grpo --n_samples_per_prompt 8") == 1
 
 
 @pytest.mark.parametrize("script", RECIPES, ids=[p.stem for p in RECIPES])
@@ -59,7 +70,9 @@ def test_recipe_is_the_planners_answer(script: Path):
     assert f"--num_gpus {answer['hardware']['num_gpus']}" in script.read_text()
 
 
-@pytest.mark.parametrize("script", RECIPES, ids=[p.stem for p in RECIPES])
+# The GRPO recipes are left out until step 3 runs critic-free estimators (issue 16's step-3 wiring, on
+# another branch): then they join this list.
+@pytest.mark.parametrize("script", PPO_RECIPES, ids=[p.stem for p in PPO_RECIPES])
 def test_recipe_flags_run_on_a_scaled_down_model(script: Path, run_step, engine_cache, tmp_path):
     """The 7B recipe's memory flags (ZeRO stages, offload, LoRA, checkpointing, quantized roles, hybrid
     mode, batch sizes) on the built-in model, one rank, one PPO step with short sequences."""
