@@ -5,16 +5,19 @@ from __future__ import annotations
 
 import json
 import re
+from pathlib import Path
 
 import pytest
 from safetensors.torch import load_file
 
 from tests.conftest import read_metrics, tiny_model_folder
 
+LENGTH = f"{Path(__file__).resolve().parents[1] / 'helpers' / 'toy_rewards.py'}:answer_length"  # by file path
+
 pytestmark = pytest.mark.distributed
 
 ARGS = ["--advantage_estimator", "grpo", "--n_samples_per_prompt", "4", "--reward_funcs",
-        "engine.rewards.builtin:sort_rule", "tests.helpers.toy_rewards:answer_length",
+        "engine.rewards.builtin:sort_rule", LENGTH,
         "--actor_zero_stage", "3", "--enable_hybrid_engine", "--actor_lora_dim", "8", "--enable_ema",
         "--dtype", "fp32", "--max_prompt_seq_len", "32", "--max_answer_seq_len", "12",
         "--per_device_generation_batch_size", "2", "--per_device_training_batch_size", "4",

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import math
+from pathlib import Path
 
 import pytest
 import torch
@@ -15,7 +16,9 @@ from tests.conftest import read_metrics, tiny_model_folder
 pytestmark = pytest.mark.smoke
 
 RULE = "engine.rewards.builtin:sort_rule"
-LENGTH = "tests.helpers.toy_rewards:answer_length"  # the random model's answers all fail the rule: a signal
+# The random model's answers all fail the rule, so a length reward gives a signal. It is given by file path, as a
+# user would: the step runs in a subprocess that cannot import this repository's `tests` package.
+LENGTH = f"{Path(__file__).resolve().parents[1] / 'helpers' / 'toy_rewards.py'}:answer_length"
 GRPO = ["--advantage_estimator", "grpo", "--n_samples_per_prompt", "4", "--reward_funcs", RULE, LENGTH,
         "--reward_weights", "1.0", "0.5",
         "--max_prompt_seq_len", "32", "--max_answer_seq_len", "8", "--per_device_generation_batch_size", "2",
