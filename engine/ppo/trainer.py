@@ -225,23 +225,25 @@ class PPOTrainer:
         return (scores - self.score_moments.mean) / max(self.score_moments.std, 1e-6)
 
     # -- updates ---------------------------------------------------------------------------------
+    def _actor_forward(self, exp: Experience, token_count: float | None) -> tuple[torch.Tensor, torch.Tensor]:
+        """(logprobs (B, A) of the taken actions, the entropy's token mean) under the actor being trained; the
+        entropy carries a gradient only when --entropy_coef uses it."""
+        seq, mask = exp.sequences, exp.attention_mask
+        logits = self.roles.actor(input_ids=seq, attention_mask=mask, position_ids=position_ids(mask)).logits[:, :-1]
+        with torch.set_grad_enabled(self.cfg.ppo.entropy_coef > 0 and torch.is_grad_enabled()):
+            entropy = token_mean(entropy_from_logits(logits), exp.action_mask, token_count)
+        return logprobs_from_logits(logits, seq[:, 1:]), entropy
+
     def train_micro_batch(self, exp: Experience, token_count: float | None = None) -> dict[str, float]:
         """One PPO update of the actor, then of the critic, on a micro-batch of experience. The losses (and
         their statistics) divide sums over the answer actions by `token_count` (None: this micro-batch's own
         count; `ppo_updates` passes the global count per micro-batch, engine.rl.batch_mean)."""
         cfg, actor, critic = self.cfg, self.roles.actor, self.roles.critic
         seq, mask, action_mask = exp.sequences, exp.attention_mask, exp.action_mask
-        logits = actor(input_ids=seq, attention_mask=mask, position_ids=position_ids(mask)).logits[:, :-1]
-        logprobs = logprobs_from_logits(logits, seq[:, 1:])
+        logprobs, entropy = self._actor_forward(exp, token_count)
         pg_loss, pg_stats = policy_loss(logprobs, exp.logprobs, exp.advantages, action_mask, cfg.ppo.cliprange,
                                         token_count)
-        if cfg.ppo.entropy_coef > 0:
-            entropy = token_mean(entropy_from_logits(logits), action_mask, token_count)
-            actor_loss = pg_loss - cfg.ppo.entropy_coef * entropy
-        else:
-            with torch.no_grad():
-                entropy = token_mean(entropy_from_logits(logits), action_mask, token_count)
-            actor_loss = pg_loss
+        actor_loss = pg_loss - cfg.ppo.entropy_coef * entropy if cfg.ppo.entropy_coef > 0 else pg_loss
         actor.backward(actor_loss)
         if not cfg.ppo.align_overflow:
             actor.step()
@@ -267,9 +269,8 @@ class PPOTrainer:
         --loss_agg_mode (global window counts `token_count`, `seq_count`), plus --kl_loss_coef times the KL
         loss on answer tokens, minus the entropy bonus."""
         cfg, rl, actor = self.cfg, self.cfg.rl, self.roles.actor
-        seq, mask, action_mask = exp.sequences, exp.attention_mask, exp.action_mask
-        logits = actor(input_ids=seq, attention_mask=mask, position_ids=position_ids(mask)).logits[:, :-1]
-        logprobs = logprobs_from_logits(logits, seq[:, 1:])
+        action_mask = exp.action_mask
+        logprobs, entropy = self._actor_forward(exp, token_count)
         gspo = rl.policy_loss == "gspo"
         default_clip = cfg.ppo.cliprange if not gspo else None
         clips = {k: v for k, v in (("clip_low", rl.cliprange_low if rl.cliprange_low is not None else default_clip),
@@ -286,8 +287,6 @@ class PPOTrainer:
             kl_value, _ = aggregate_loss(kl_terms, action_mask, rl.loss_agg_mode, **agg)
             loss = loss + rl.kl_loss_coef * kl_value
             stats["ppo/kl_loss"] = float(kl_value.detach())
-        with torch.set_grad_enabled(cfg.ppo.entropy_coef > 0):
-            entropy = token_mean(entropy_from_logits(logits), action_mask, token_count)
         if cfg.ppo.entropy_coef > 0:
             loss = loss - cfg.ppo.entropy_coef * entropy
         actor.backward(loss)
