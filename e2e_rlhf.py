@@ -4,12 +4,14 @@ e2e_rlhf.py).
 
     python e2e_rlhf.py                        # the demo: built-in tiny model, bundled sorting task
     python e2e_rlhf.py --step 2 3             # start again from step 2 (step 1's model stays)
+    python e2e_rlhf.py --algorithm grpo       # step 1 -> GRPO with the task's rule as the reward (no step 2)
     python e2e_rlhf.py --actor-model 1.3b --reward-model 350m --deployment-type single_node
 
 With no arguments it runs the demo on what the machine has: one GPU when there is one, else two CPU
 ranks (DeepSpeed on gloo), and writes everything to ./output:
 
     output/step1_sft/ step2_reward/ step3_rlhf/   each step's models, metrics.jsonl, curves.png, training.log
+    output/step3_grpo/                            step 3 of --algorithm grpo (step3_<algorithm>; PPO's stays)
     output/eval/                                  eval_report.json, eval_report.md, samples.md
     output/report/                                README.md (the verdict), curves of all steps, the table
     output/logs/                                  the console output of every stage
@@ -18,6 +20,12 @@ Each step's output folder is passed to the next. The first stage that fails stop
 the end of its log and the command that starts again from it. --stepN-args passes extra flags to a
 step's main.py (e.g. --step3-args="--ppo_epochs 2 --enable_tensorboard"; write the `=`, so that a
 single flag is not taken for one of e2e_rlhf.py's own), --eval-args to step3_rlhf/evaluate.py.
+
+--algorithm picks step 3's algorithm: ppo (DeepSpeed-Chat's: a critic and the step-2 reward model), or a
+critic-free estimator (grpo, dr_grpo, rloo, reinforce_pp, reinforce_pp_baseline, remax) that is rewarded by
+the bundled task's rule (engine.rewards.builtin:sort_rule), so the pipeline is steps 1 and 3. The evaluation
+then compares SFT, the new actor and, when an earlier run left it, the PPO actor (and scores with the step-2
+reward model when there is one).
 """
 from __future__ import annotations
 
@@ -36,7 +44,8 @@ from pathlib import Path
 import yaml
 
 from engine.errors import UserError
-from engine.eval.report import build_report
+from engine.eval.report import build_report, step3_folder
+from engine.rl.advantages import ESTIMATOR_NAMES
 from engine.runtime.entry import run_main
 
 ROOT = Path(__file__).resolve().parent
@@ -48,14 +57,20 @@ ACTOR_MODELS = {"tiny": "tiny", "1.3b": "opt", "13b": "opt", "66b": "opt", "llam
 REWARD_MODELS = {"tiny": "tiny", "350m": "opt", "llama2-7b": "llama2", "llama2-7b-lora": "llama2"}
 DEFAULT_REWARD = {"tiny": "tiny", "opt": "350m"}
 DEPLOYMENTS = ("single_gpu", "single_node", "multi_node", "cpu")
+# step 3's --algorithm: PPO with a critic, or one of the critic-free estimators (engine.rl.advantages).
+ALGORITHMS = ("ppo", *(name for name in ESTIMATOR_NAMES if name != "gae"))
 TAIL_LINES = 40
 TAIL_BYTES = 1 << 18  # kept of a stage's output to find those lines in (progress bars make long lines)
 
 
 def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--step", type=int, nargs="+", choices=(1, 2, 3), default=[1, 2, 3],
-                   help="Which steps to run (default: all three); the others' outputs must already exist.")
+    p.add_argument("--step", type=int, nargs="+", choices=(1, 2, 3), default=None,
+                   help="Which steps to run (default: all three; 1 and 3 for a critic-free --algorithm); the "
+                   "others' outputs must already exist.")
+    p.add_argument("--algorithm", default="ppo", choices=ALGORITHMS,
+                   help="Step 3's algorithm: ppo (critic + step-2 reward model) or a critic-free estimator rewarded "
+                   "by the bundled task's rule (no step 2). Default: ppo.")
     p.add_argument("--actor-model", "--actor_model", default="tiny", choices=sorted(ACTOR_MODELS),
                    help="tiny: the built-in model on the bundled task; 1.3b/13b/66b: OPT; llama2-7b[-lora].")
     p.add_argument("--reward-model", "--reward_model", default=None, choices=sorted(REWARD_MODELS),
@@ -75,7 +90,11 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     p.add_argument("--eval-args", "--eval_args", default="", metavar="FLAGS",
                    help="Extra flags for step3_rlhf/evaluate.py, as one string: --eval-args=\"--flag value\".")
     args = p.parse_args(argv)
-    args.step = sorted(set(args.step))
+    critic_free = args.algorithm != "ppo"
+    args.step = sorted(set(args.step or ([1, 3] if critic_free else [1, 2, 3])))
+    if critic_free and 2 in args.step:
+        raise UserError(f"--algorithm {args.algorithm} is rewarded by the task's rule and trains no reward model: "
+                        f"drop 2 from --step (e.g. --step 1 3), or use --algorithm ppo")
     args.argv = list(sys.argv[1:] if argv is None else argv)
     if args.cpu_ranks < 1:
         raise UserError("--cpu-ranks must be >= 1")
@@ -101,11 +120,11 @@ def main(argv: Sequence[str] | None = None) -> None:
     family = ACTOR_MODELS[args.actor_model]
     reward = args.reward_model or DEFAULT_REWARD.get(family, args.actor_model)
     deployment = args.deployment_type or default_deployment()
-    check_choices(args.actor_model, reward, family, deployment)
+    check_choices(args.actor_model, reward, family, deployment, args.algorithm)
     if shutil.which("deepspeed") is None:
         raise UserError("the deepspeed launcher is not on PATH; install the project (pip install -e .)")
     stages = plan(args, out, family, reward, deployment)
-    check_inputs(args.step, out)
+    check_inputs(args.step, out, args.algorithm)
 
     out.mkdir(parents=True, exist_ok=True)
     # A report (or evaluation) from an earlier run would describe models this run replaces.
@@ -116,7 +135,9 @@ def main(argv: Sequence[str] | None = None) -> None:
         timings[stage.name] = run_stage(stage, args, out)
     report = build_report(out, {"command": shlex.join(["python", "e2e_rlhf.py", *args.argv]),
                                 "deployment": deployment, "actor_model": args.actor_model,
-                                "reward_model": reward, "seconds": timings})
+                                "reward_model": reward if args.algorithm == "ppo" else None,
+                                "algorithm": args.algorithm, "candidate": candidate_name(args.algorithm),
+                                "seconds": timings})
     print(f"\npipeline finished in {sum(timings.values()):.0f} s; report: {report / 'README.md'}", flush=True)
     verdict = (report / "verdict.txt")
     if verdict.is_file():
@@ -129,8 +150,21 @@ def default_deployment() -> str:
     return "single_gpu" if gpu_wanted() else "cpu"
 
 
-def check_choices(actor: str, reward: str, family: str, deployment: str) -> None:
+def candidate_name(algorithm: str) -> str:
+    """The trained actor's name in the evaluation: rlhf for PPO (as the demo always called it), else the algorithm."""
+    return "rlhf" if algorithm == "ppo" else algorithm
+
+
+def step_name(step: int, algorithm: str) -> str:
+    return STEP_NAMES[step] if step != 3 or algorithm == "ppo" else f"step 3 ({algorithm.upper()})"
+
+
+def check_choices(actor: str, reward: str, family: str, deployment: str, algorithm: str = "ppo") -> None:
     """Refuse model/deployment combinations no launch script covers, before anything runs."""
+    if algorithm != "ppo" and family != "tiny":
+        raise UserError(f"--algorithm {algorithm} runs the demo's bundled task (its rule is the reward); for "
+                        "Llama-2-7B GRPO on GSM8K use step3_rlhf/training_scripts/llama2/run_llama2_7b_grpo_*.sh, "
+                        "or drop --actor-model for the tiny demo")
     if REWARD_MODELS[reward] != family:
         raise UserError(f"--reward-model {reward} is not of the actor's family ({family}); step 3 needs actor and "
                         f"critic to share a tokenizer: use --reward-model {DEFAULT_REWARD.get(family, actor)}")
@@ -144,11 +178,11 @@ def check_choices(actor: str, reward: str, family: str, deployment: str) -> None
         raise UserError("the Llama-2 scripts run on one node of 8 GPUs; use --deployment-type single_node")
 
 
-def script_for(step: int, family: str, model: str, deployment: str) -> Path:
+def script_for(step: int, family: str, model: str, deployment: str, algorithm: str = "ppo") -> Path:
     """The launch script of `step` for a model and deployment; a clear error when there is none."""
     folder = ROOT / STEP_DIRS[step] / "training_scripts"
     if family == "tiny":
-        path = folder / "tiny" / "run_demo.sh"
+        path = folder / "tiny" / ("run_demo_critic_free.sh" if step == 3 and algorithm != "ppo" else "run_demo.sh")
     elif family == "llama2":
         path = folder / "llama2" / f"run_{model.replace('-', '_')}.sh"
     else:
@@ -164,22 +198,25 @@ def plan(args: argparse.Namespace, out: Path, family: str, reward: str, deployme
     """The stages to run: the chosen steps' launch scripts, then (after step 3) the evaluation."""
     env = stage_env(deployment, args.cpu_ranks)
     ranks = {"cpu": str(args.cpu_ranks), "single_gpu": "1", "single_node": ""}.get(deployment, "")
-    sft, rm, rlhf = (out / STEP_DIRS[n] for n in (1, 2, 3))
+    sft, rm, rlhf = out / STEP_DIRS[1], out / STEP_DIRS[2], out / step3_folder(args.algorithm)
     positional = {1: [sft, args.actor_zero_stage], 2: [rm, args.reward_zero_stage],
-                  3: [sft, rm, args.actor_zero_stage, args.reward_zero_stage, rlhf]}
+                  3: ([sft, rm, args.actor_zero_stage, args.reward_zero_stage, rlhf] if args.algorithm == "ppo"
+                      else [sft, args.algorithm, args.actor_zero_stage, rlhf])}
     if family == "tiny":  # the demo scripts also take step 2's starting model and the number of ranks
         positional[2].append(sft)
         for n in positional:
             positional[n].append(ranks)
     stages = []
     for n in args.step:
-        script = script_for(n, family, reward if n == 2 else args.actor_model, deployment)
+        script = script_for(n, family, reward if n == 2 else args.actor_model, deployment, args.algorithm)
         extra = split_flags(getattr(args, f"step{n}_args"), f"--step{n}-args")
-        stages.append(Stage(STEP_NAMES[n], ["bash", str(script), *map(str, positional[n]), *extra],
-                            out / "logs" / f"{STEP_DIRS[n]}.log", env, n))
+        log = out / "logs" / f"{step3_folder(args.algorithm) if n == 3 else STEP_DIRS[n]}.log"
+        stages.append(Stage(step_name(n, args.algorithm), ["bash", str(script), *map(str, positional[n]), *extra],
+                            log, env, n))
     if 3 in args.step:
         extra = split_flags(args.eval_args, "--eval-args")
-        stages.append(Stage("evaluation", lambda: evaluation_command(out, extra), out / "logs" / "evaluate.log", env))
+        stages.append(Stage("evaluation", lambda: evaluation_command(out, extra, args.algorithm),
+                            out / "logs" / "evaluate.log", env))
     return stages
 
 
@@ -202,15 +239,16 @@ def stage_env(deployment: str, cpu_ranks: int) -> dict[str, str]:
     return env
 
 
-def check_inputs(steps: list[int], out: Path) -> None:
+def check_inputs(steps: list[int], out: Path, algorithm: str = "ppo") -> None:
     """A step whose input step is not run now needs that step's model folder from an earlier run."""
-    needs = {2: [1], 3: [1, 2]}
+    needs = {2: [1], 3: [1, 2] if algorithm == "ppo" else [1]}
     for n in steps:
         for m in needs.get(n, []):
             folder = out / STEP_DIRS[m]
             if m not in steps and not (folder / "config.json").is_file():
-                raise UserError(f"{STEP_NAMES[n]} needs the model of {STEP_NAMES[m]} in {folder}, which is not "
-                                f"there; run from step {m} (--step {' '.join(map(str, range(m, 4)))})")
+                rerun = [k for k in range(m, 4) if algorithm == "ppo" or k != 2]  # critic-free: no step 2
+                raise UserError(f"{step_name(n, algorithm)} needs the model of {STEP_NAMES[m]} in {folder}, which "
+                                f"is not there; run from step {m} (--step {' '.join(map(str, rerun))})")
 
 
 def run_stage(stage: Stage, args: argparse.Namespace, out: Path) -> float:
@@ -268,20 +306,28 @@ def last_lines(text: str, n: int) -> list[str]:
     return [line for line in shown if line.strip()][-n:]
 
 
-def evaluation_command(out: Path, extra: list[str]) -> list[str]:
+def evaluation_command(out: Path, extra: list[str], algorithm: str = "ppo") -> list[str]:
     """step3_rlhf/evaluate.py on SFT vs RLHF (vs EMA) with the data, lengths, seed and sampling step 3 used
-    (read from the config.yaml step 3 saved, so it is built once step 3 has run)."""
-    rlhf = out / STEP_DIRS[3]
+    (read from the config.yaml step 3 saved, so it is built once step 3 has run). A critic-free run's actor is
+    named after its algorithm and compared with the PPO actor too when an earlier run left one; the step-2 reward
+    model scores when it exists."""
+    rlhf = out / step3_folder(algorithm)
     saved = rlhf / "config.yaml"
     if not saved.is_file():
         raise UserError(f"{saved} is missing: step 3 did not finish; run --step 3 again")
     cfg = yaml.safe_load(saved.read_text())
     data, ppo, train = cfg.get("data", {}), cfg.get("ppo", {}), cfg.get("train", {})
-    models = [f"sft={out / STEP_DIRS[1]}", f"rlhf={rlhf / 'actor'}"]
+    name = candidate_name(algorithm)
+    models = [f"sft={out / STEP_DIRS[1]}", f"{name}={rlhf / 'actor'}"]
     if (rlhf / "actor_ema" / "config.json").is_file():
-        models.append(f"ema={rlhf / 'actor_ema'}")
+        models.append(f"{'ema' if algorithm == 'ppo' else name + '_ema'}={rlhf / 'actor_ema'}")
+    ppo_actor = out / step3_folder("ppo") / "actor"
+    if algorithm != "ppo" and (ppo_actor / "config.json").is_file():
+        models.append(f"ppo={ppo_actor}")
+    reward = out / STEP_DIRS[2]
     command = [sys.executable, str(ROOT / "step3_rlhf" / "evaluate.py"), "--models", *models,
-               "--reward_model", str(out / STEP_DIRS[2]), "--output_dir", str(out / "eval"),
+               *(["--reward_model", str(reward)] if algorithm == "ppo" or (reward / "config.json").is_file() else []),
+               "--output_dir", str(out / "eval"),
                "--max_prompt_seq_len", str(data.get("max_prompt_seq_len", 256)),
                "--max_answer_seq_len", str(data.get("max_answer_seq_len", 256)),
                "--seed", str(train.get("seed", 1234))]

@@ -1,12 +1,13 @@
-"""Compare actors (e.g. SFT vs RLHF vs EMA) on held-out prompts with the reward model and, where the
-prompts have one, the task's rule.
+"""Compare actors (e.g. SFT vs RLHF vs EMA) on held-out prompts with the reward model (when given) and, where
+the prompts have one, the task's rule.
 
     python step3_rlhf/evaluate.py --models sft=output/step1_sft rlhf=output/step3_rlhf/actor \\
         ema=output/step3_rlhf/actor_ema --reward_model output/step2_reward --output_dir output/eval
 
 Per model: mean reward-model score, win rate against the first model by that score (per prompt; a
-tie counts half), KL to the reference per answer (default reference: the first model, which is what
-step 3 starts from and penalises against), answer-length statistics and, on the bundled sorting task,
+tie counts half; both only with --reward_model, e.g. not after a GRPO run with rule rewards), KL to the
+reference per answer (default reference: the first model, which is what step 3 starts from and penalises
+against), answer-length statistics and, on the bundled sorting task,
 the share of answers right by its rule. The prompts are the eval part of --data_path (default: the
 bundled task's 400 held-out prompts), which no step trains on. Answers are sampled as step 3's
 rollouts are (temperature 1, no top-k or top-p) with one seed for every model, so identical models give
@@ -44,7 +45,8 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--models", nargs="+", required=True, metavar="NAME=PATH",
                    help="The actors to compare, the baseline first; a bare PATH is named after its folder.")
-    p.add_argument("--reward_model", required=True, help="The step-2 folder that scores the answers.")
+    p.add_argument("--reward_model", default=None, help="The step-2 folder that scores the answers (default: none; "
+                   "then the table has no reward-model score or win rate).")
     p.add_argument("--reference", default=None, help="The model KL is measured against (default: the first).")
     p.add_argument("--data_path", nargs="*", default=[], help="Datasets as in the steps (default: the bundled task).")
     p.add_argument("--eval_prompts", type=int, default=400, help="Held-out prompts to answer (at most).")
@@ -126,7 +128,8 @@ def main(argv: Sequence[str] | None = None) -> None:
         if load_tokenizer(path, model_args, padding_side="left").get_vocab() != tokenizer.get_vocab():
             raise UserError(f"{path} has another tokenizer than {first}; the models compared, the reference and "
                             "the reward model must share one vocabulary")
-    reward = RewardModel(load_reward_for_inference(args.reward_model, args.trust_remote_code)[0]).to(device).eval()
+    reward = (RewardModel(load_reward_for_inference(args.reward_model, args.trust_remote_code)[0]).to(device).eval()
+              if args.reward_model else None)
     ref_path = args.reference or first
     reference = load_for_inference(ref_path, args.trust_remote_code)[0].to(device)
     texts, prompt_ids = held_out_prompts(args.data_path, tokenizer, args.max_prompt_seq_len, args.eval_prompts,
@@ -156,7 +159,7 @@ def main(argv: Sequence[str] | None = None) -> None:
     write_atomically(out / "eval_report.json", json.dumps(report, indent=2) + "\n")
     write_atomically(out / "eval_report.md", f"Held-out prompts: {len(texts)} x {k} answers; decoding: "
                           f"{'greedy' if args.greedy else 'sampled, seed ' + str(args.seed)}; KL reference: "
-                          f"{ref_path}; reward model: {args.reward_model}\n\n{table}")
+                          f"{ref_path}; reward model: {args.reward_model or 'none'}\n\n{table}")
     write_atomically(out / "samples.md", markdown_samples(texts_k, results, args.num_samples, stride=k))
     print(table, flush=True)
     logger.info("wrote eval_report.json, eval_report.md and samples.md to %s", out)

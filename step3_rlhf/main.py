@@ -268,9 +268,8 @@ def ppo_step(run: Run, prompt_batches: list[dict], ptx_batches: list[dict] | Non
     dynamic: dict[str, float] = {}
     for draw, batch in enumerate(prompt_batches):
         batch = to_device(batch, dist.device)
-        with timer.phase("generate"):  # 1. generate (critic-free: N answers per prompt, this rank's own noise)
-            sequences, greedy = (trainer.generate_groups(batch, step, draw) if cfg.critic_free
-                                 else (trainer.generate(batch), None))
+        with timer.phase("generate"):  # 1. generate (N answers per prompt, this rank's own noise)
+            sequences, greedy = trainer.generate(batch, step, draw)
         with timer.phase("experience"):  # 2. score (reference, critic, reward model), 3. rewards and advantages
             if cfg.critic_free:
                 exp, stats, extra = trainer.critic_free_experience(batch, sequences, greedy, step)
@@ -347,7 +346,7 @@ def dynamic_fill(run: Run, exp: Experience, step: int, draw: int, timer: StepTim
         index = torch.randint(len(dataset), (cfg.train.per_device_generation_batch_size,), generator=pick)
         batch = to_device(collate([dataset[i] for i in index.tolist()]), dist.device)
         with timer.phase("generate"):
-            sequences, greedy = trainer.generate_groups(batch, step, 1000 * batches + draw)
+            sequences, greedy = trainer.generate(batch, step, 1000 * batches + draw)
         with timer.phase("experience"):
             more, stats, extra = trainer.critic_free_experience(batch, sequences, greedy, step)
         pool.append(more)

@@ -2,11 +2,12 @@
 a glance whether RLHF helped.
 
     report/README.md        the verdict, the evaluation table, each step's before/after, timings, curves
-    report/verdict.txt      one line: did the RLHF actor beat the SFT actor?
+    report/verdict.txt      one line: did the RLHF actor (PPO's, or the --algorithm's) beat the SFT actor?
     report/summary.json     the same numbers for machines
     report/step1_sft.png    SFT loss and perplexity
     report/step2_reward.png reward-model loss and accuracy
     report/step3_rlhf.png   PPO reward, KL, policy and value loss, answer length, held-out score and rule
+    report/step3_grpo.png   the same for a critic-free run (`e2e_rlhf.py --algorithm grpo`; one per algorithm)
     report/metrics/         every step's metrics.jsonl
     report/eval_report.*, samples.md   the evaluation (step3_rlhf/evaluate.py)
 
@@ -35,25 +36,47 @@ SHOWN = {"step1_sft": ["eval/loss", "eval/perplexity"],
          "step2_reward": ["eval/reward_accuracy", "eval/score_margin"],
          "step3_rlhf": ["eval/score_mean", "eval/rule_success", "eval/response_len"]}
 EVAL_FILES = ("eval_report.json", "eval_report.md", "samples.md")
+# A critic-free step 3 (`e2e_rlhf.py --algorithm grpo`, ...): rule reward, no critic, no value loss.
+CRITIC_FREE_KEYS = ["rollout/reward_mean", "rollout/kl", "ppo/policy_loss", "ppo/entropy", "rollout/response_len",
+                    "eval/rule_success"]
+
+
+def step3_folder(algorithm: str) -> str:
+    """The pipeline's step-3 folder of an algorithm: step3_rlhf for PPO (DeepSpeed-Chat's name), else
+    step3_<estimator>, so that a GRPO run keeps the PPO run's actor to compare with."""
+    return "step3_rlhf" if algorithm == "ppo" else f"step3_{algorithm}"
+
+
+def step_folders(out: Path) -> dict[str, tuple[str, list[str], list[str]]]:
+    """{folder: (title, curve keys, before -> after keys)} of the steps a report shows: the three fixed ones and
+    every critic-free step-3 folder under `out`."""
+    folders = {name: (title, keys, SHOWN[name]) for name, (title, keys) in STEPS.items()}
+    for path in sorted(out.glob("step3_*")):
+        if path.name not in folders and (path / "metrics.jsonl").is_file():
+            title = f"Step 3: {path.name.removeprefix('step3_').upper()}"
+            folders[path.name] = (title, CRITIC_FREE_KEYS, SHOWN["step3_rlhf"])
+    return folders
 
 
 def verdict(models: dict[str, dict[str, float]], baseline: str = "sft", candidate: str = "rlhf"
             ) -> tuple[bool | None, str]:
     """(did `candidate` beat `baseline`, one line saying by how much) from eval_report.json's "models".
 
-    Beating means a higher mean reward-model score and, where the rule is defined, a higher rule success
-    rate. None when either model is missing."""
+    Beating means a higher mean reward-model score (when a reward model scored) and, where the rule is
+    defined, a higher rule success rate. None when either model is missing or there is nothing to compare."""
     if baseline not in models or candidate not in models:
         return None, f"no evaluation of both {baseline} and {candidate}"
     base, cand = models[baseline], models[candidate]
-    parts = [f"reward score {base['score_mean']:.3f} -> {cand['score_mean']:.3f} "
-             f"({cand['score_mean'] - base['score_mean']:+.3f})"]
-    better = cand["score_mean"] > base["score_mean"]
-    if "rule_success_rate" in base and "rule_success_rate" in cand:
-        parts.append(f"rule success {base['rule_success_rate']:.3f} -> {cand['rule_success_rate']:.3f} "
-                     f"({cand['rule_success_rate'] - base['rule_success_rate']:+.3f})")
-        better = better and cand["rule_success_rate"] > base["rule_success_rate"]
-    parts.append(f"win rate vs {baseline} {cand['win_rate_vs_first']:.3f}, KL to reference {cand['kl_to_ref']:.3f}")
+    parts, checks = [], []
+    for key, name in (("score_mean", "reward score"), ("rule_success_rate", "rule success")):
+        if key in base and key in cand:
+            parts.append(f"{name} {base[key]:.3f} -> {cand[key]:.3f} ({cand[key] - base[key]:+.3f})")
+            checks.append(cand[key] > base[key])
+    if not checks:
+        return None, f"no reward-model score or rule success to compare {candidate} with {baseline}"
+    better = all(checks)
+    win = f"win rate vs {baseline} {cand['win_rate_vs_first']:.3f}, " if "win_rate_vs_first" in cand else ""
+    parts.append(f"{win}KL to reference {cand['kl_to_ref']:.3f}")
     head = f"{candidate.upper()} {'beat' if better else 'did NOT beat'} {baseline.upper()}"
     return better, f"{head}: " + "; ".join(parts)
 
@@ -98,7 +121,7 @@ def _write(out: Path, stage: Path, pipeline: dict[str, Any]) -> dict[str, Any]:
             if (out / "eval" / name).is_file():
                 shutil.copy2(out / "eval" / name, stage / name)
         evaluation = json.loads(report.read_text())
-        beat, line = verdict(evaluation["models"])
+        beat, line = verdict(evaluation["models"], candidate=pipeline.get("candidate", "rlhf"))
         summary |= {"evaluation": evaluation, "rlhf_beat_sft": beat, "verdict": line}
         (stage / "verdict.txt").write_text(line + "\n")
         md += ["## Verdict", "", f"**{line}**", "", f"Held-out prompts: {evaluation['prompts']}, answers "
@@ -107,14 +130,15 @@ def _write(out: Path, stage: Path, pipeline: dict[str, Any]) -> dict[str, Any]:
                (out / "eval" / "eval_report.md").read_text().split("\n\n", 1)[-1].strip(), ""]
 
     rows_md = []
-    for folder, (title, keys) in STEPS.items():
+    folders = step_folders(out)
+    for folder, (title, keys, shown) in folders.items():
         metrics = out / folder / "metrics.jsonl"
         if not metrics.is_file():
             continue
         (stage / "metrics").mkdir(exist_ok=True)
         shutil.copy2(metrics, stage / "metrics" / f"{folder}.jsonl")
         rows = read_metrics(metrics)
-        changes = before_after(rows, SHOWN[folder])
+        changes = before_after(rows, shown)
         summary["steps"][folder] = {"steps": max((r["step"] for r in rows), default=0),
                                     "before_after": {k: list(v) for k, v in changes.items()}}
         if plot_curves(metrics, stage / f"{folder}.png", keys, title=title) is not None:
@@ -128,7 +152,7 @@ def _write(out: Path, stage: Path, pipeline: dict[str, Any]) -> dict[str, Any]:
         total = sum(pipeline["seconds"].values())
         md += ["## Time", "", "| stage | seconds |", "|---|---|",
                *(f"| {k} | {v:.0f} |" for k, v in pipeline["seconds"].items()), f"| total | {total:.0f} |", ""]
-    curves = [f"![{STEPS[f][0]}]({c})" for f, s in summary["steps"].items() if (c := s.get("curves"))]
+    curves = [f"![{folders[f][0]}]({c})" for f, s in summary["steps"].items() if (c := s.get("curves"))]
     if curves:
         md += ["## Curves", "", *curves, ""]
     (stage / "README.md").write_text("\n".join(md))

@@ -108,14 +108,16 @@ def make_experience(actor: Any, ref: Any, critic: Any, reward: Any, sequences: t
 def make_critic_free_experience(actor: Any, ref: Any | None, sequences: torch.Tensor, attention_mask: torch.Tensor,
                                 action_mask: torch.Tensor, rewards: torch.Tensor, *, estimator: str, group_size: int,
                                 kl_coef: float, kl_estimator: str = "k1", baselines: torch.Tensor | None = None,
-                                gamma: float = 1.0, std_normalize: bool = True
+                                gamma: float = 1.0, std_normalize: bool = True,
+                                batch_sum: Callable[[torch.Tensor], torch.Tensor] | None = None
                                 ) -> tuple[Experience, dict[str, torch.Tensor], dict[str, torch.Tensor]]:
     """The experience of a critic-free estimator (`engine.rl.advantages`) on the rows of whole groups.
 
     Args: sequences, attention_mask (B, T) and action_mask (B, T-1) (`sequence_masks`, truncated answers
     already masked out if asked); rewards (B,) one outcome reward per answer (NaN: no score), rows ordered by
     group; the estimator's name, group size, baselines (B,) (remax); kl_coef / kl_estimator of the in-reward
-    KL penalty (--kl_ctl; 0 or no reference: none). `values` is zeros and `returns` the advantages (no critic).
+    KL penalty (--kl_ctl; 0 or no reference: none); `batch_sum` sums statistics over the ranks (the batch-whitening
+    estimators use it). `values` is zeros and `returns` the advantages (no critic).
     Returns the experience, per-sequence stats as `make_experience`'s, and the estimator's stats.
     """
     from engine.rl.advantages import get_estimator
@@ -127,7 +129,7 @@ def make_critic_free_experience(actor: Any, ref: Any | None, sequences: torch.Te
     use_kl = ref is not None and kl_coef > 0
     advantages, adv_stats = get_estimator(estimator)(
         rewards, action_mask, group_size=group_size, token_rewards=token_rewards if use_kl else None,
-        baselines=baselines, gamma=gamma, std_normalize=std_normalize)
+        baselines=baselines, gamma=gamma, std_normalize=std_normalize, batch_sum=batch_sum)
     advantages = advantages.to(logprobs.dtype)
     zeros = torch.zeros_like(logprobs)
     exp = Experience(sequences, attention_mask, action_mask, logprobs, ref_logprobs, zeros, rewards,

@@ -102,21 +102,12 @@ class PPOTrainer:
         self.reward_fns = reward_fns  # --reward_funcs, resolved by the caller (None: the reward model scores)
 
     # -- rollout ---------------------------------------------------------------------------------
-    def generate(self, batch: dict[str, torch.Tensor]) -> torch.Tensor:
-        ds = self.cfg.ds
-        sequences = generate_sequences(self.roles.actor, self.roles.actor_stage, batch["input_ids"],
-                                       batch["attention_mask"], self.gen_kwargs, ds.enable_hybrid_engine,
-                                       ds.unpin_actor_parameters)
-        if ds.release_inference_cache and torch.cuda.is_available():
-            torch.cuda.empty_cache()
-        return sequences
-
-    # -- critic-free rollout -----------------------------------------------------------------------
-    def generate_groups(self, batch: dict[str, Any], step: int, draw: int = 0
-                        ) -> tuple[torch.Tensor, torch.Tensor | None]:
+    def generate(self, batch: dict[str, Any], step: int = 0, draw: int = 0
+                 ) -> tuple[torch.Tensor, torch.Tensor | None]:
         """(sequences (B x N, T) with the N = --n_samples_per_prompt answers of prompt g in rows g*N .. g*N+N-1,
         greedy sequences (B, T') for remax's baseline or None). Both in one generate call each; the sampling
-        noise comes from this rank's own stream (`rollout_seed`), the global RNG is left as it was."""
+        noise comes from this rank's own stream (`rollout_seed`, per rank, PPO step and generation batch `draw`),
+        so data-parallel ranks sample independently and the global RNG is left as it was."""
         n = self.cfg.rl.n_samples_per_prompt
         ids, mask = batch["input_ids"], batch["attention_mask"]
         devices = [self.dist.device] if self.dist.device.type == "cuda" else []
@@ -169,7 +160,7 @@ class PPOTrainer:
 
     def critic_free_experience(self, batch: dict[str, Any], sequences: torch.Tensor, greedy: torch.Tensor | None,
                                step: int) -> tuple[Experience, dict[str, torch.Tensor], dict[str, Any]]:
-        """Score the groups `generate_groups` made of a prompt batch and compute their advantages over whole
+        """Score the groups `generate` made of a prompt batch and compute their advantages over whole
         groups (before any micro-batch split). Returns the experience, per-sequence stats and the rollout's
         extras (the estimator's stats, the reward functions' values)."""
         cfg, rl, n = self.cfg, self.cfg.rl, self.cfg.rl.n_samples_per_prompt
@@ -187,11 +178,14 @@ class PPOTrainer:
                 self.roles.actor, self.roles.reference, sequences, parts["attention_mask"], action_mask, rewards,
                 estimator=rl.advantage_estimator, group_size=n, kl_coef=self.kl_ctl.coef,
                 kl_estimator=cfg.ppo.kl_estimator, baselines=baselines, gamma=cfg.ppo.gamma,
-                std_normalize=rl.grpo_std_normalize)
+                std_normalize=rl.grpo_std_normalize, batch_sum=self._sum_over_ranks)
         finally:
             self.roles.actor.train()
         per_seq["truncated"] = parts["truncated"].float()
         return exp, per_seq, {"advantages": adv_stats, "fn_values": parts["fn_values"]}
+
+    def _sum_over_ranks(self, stats: torch.Tensor) -> torch.Tensor:
+        return torch.tensor(all_reduce_sum(stats.tolist(), self.dist.device), dtype=torch.float64)
 
     def experience(self, sequences: torch.Tensor, prompt_mask: torch.Tensor, step: int = 0
                    ) -> tuple[Experience, dict[str, torch.Tensor]]:
@@ -314,13 +308,11 @@ class PPOTrainer:
         pieces = [(i, slice(start, start + micro)) for i, exp in enumerate(experiences)
                   for start in range(0, len(exp), micro)]
         normalisers = self._window_normalisers(experiences, ptx, pieces)
-        seq_norms = self._window_seq_normalisers(experiences, pieces) if self.cfg.critic_free else []
         for _ in range(self.cfg.train.ppo_epochs):
             for j, (i, rows) in enumerate(pieces):
-                answer_norm, ptx_norm = normalisers[j // accum]
+                answer_norm, ptx_norm, seq_norm = normalisers[j // accum]
                 if self.cfg.critic_free:
-                    stats = self.train_actor_micro_batch(experiences[i].select(rows), answer_norm,
-                                                         seq_norms[j // accum])
+                    stats = self.train_actor_micro_batch(experiences[i].select(rows), answer_norm, seq_norm)
                 else:
                     stats = self.train_micro_batch(experiences[i].select(rows), answer_norm)
                 faults.mid_step(step)
@@ -335,9 +327,10 @@ class PPOTrainer:
         return {k: totals[i] / totals[-1] for i, k in enumerate(keys)}
 
     def _window_normalisers(self, experiences: list[Experience], ptx: list[dict[str, torch.Tensor]] | None,
-                            pieces: list[tuple[int, slice]]) -> list[tuple[float, float]]:
-        """(answer-action, PTX-target) normaliser of each optimizer step's window of `pieces` (the micro-batches
-        of one PPO epoch, in order), from the counts of the window on all ranks (engine.rl.batch_mean).
+                            pieces: list[tuple[int, slice]]) -> list[tuple[float, float, float]]:
+        """(answer-action, PTX-target, answer) normaliser of each optimizer step's window of `pieces` (the
+        micro-batches of one PPO epoch, in order), from the counts of the window on all ranks in one all-reduce
+        (engine.rl.batch_mean). The answer count (answers with at least one action) is the seq-mean loss modes'.
 
         The config makes a PPO epoch a whole number of windows, so windows line up with DeepSpeed's boundaries.
         With PTX the actor's DeepSpeed window is doubled (a PPO and a PTX backward per micro-batch) and
@@ -347,21 +340,12 @@ class PPOTrainer:
         local: list[float] = []
         for w in range(0, len(pieces), accum):
             window = pieces[w:w + accum]
-            local.append(float(sum(experiences[i].action_mask[rows].sum() for i, rows in window)))
-            local.append(float(sum(label_count(ptx[i]["labels"][rows]) for i, rows in window)) if ptx else 0.0)
+            counts = [loss_counts(experiences[i].action_mask[rows]) for i, rows in window]
+            ptx_targets = sum(label_count(ptx[i]["labels"][rows]) for i, rows in window) if ptx else 0
+            local += [float(sum(c[0] for c in counts)), float(ptx_targets), float(sum(c[1] for c in counts))]
         totals = all_reduce_sum(local, self.dist.device)
         world = self.dist.world_size
-        return [(mean_normaliser(totals[k], accum, world), mean_normaliser(totals[k + 1], accum, world))
-                for k in range(0, len(totals), 2)]
-
-    def _window_seq_normalisers(self, experiences: list[Experience], pieces: list[tuple[int, slice]]) -> list[float]:
-        """The answer-count normaliser of each optimizer step's window (the seq-mean loss modes), from the
-        window's answers with at least one action on all ranks, as `_window_normalisers` does for tokens."""
-        accum = self.cfg.train.gradient_accumulation_steps
-        local = [float(sum(loss_counts(experiences[i].action_mask[rows])[1] for i, rows in pieces[w:w + accum]))
-                 for w in range(0, len(pieces), accum)]
-        return [mean_normaliser(total, accum, self.dist.world_size)
-                for total in all_reduce_sum(local, self.dist.device)]
+        return [tuple(mean_normaliser(t, accum, world) for t in totals[k:k + 3]) for k in range(0, len(totals), 3)]
 
     def _aligned_steps(self) -> None:
         """--align_overflow (fp16): when exactly one of actor and critic overflowed, skip the other's step too."""

@@ -2,7 +2,7 @@
 tensor functions in one registry, `ADVANTAGE_ESTIMATORS`, all with the same signature:
 
     fn(rewards, action_mask, *, group_size=1, token_rewards=None, baselines=None, gamma=1.0,
-       std_normalize=True, std_floor=STD_FLOOR) -> (advantages (B, A), stats)
+       std_normalize=True, std_floor=STD_FLOOR, batch_sum=None) -> (advantages (B, A), stats)
 
 Conventions (those of `engine.rl.ppo`): positions are actions, `action_mask` (B, A) is 1 on answer actions.
 - `rewards` (B,): one outcome reward per answer; NaN means "no score" (every reward function returned None).
@@ -12,6 +12,9 @@ Conventions (those of `engine.rl.ppo`): positions are actions, `action_mask` (B,
 - `token_rewards` (B, A): per-action rewards added to the outcome, i.e. the KL-in-reward penalty of
   `engine.rl.ppo.kl_rewards`; None: no KL in the reward. As in OpenRLHF, every estimator adds their
   return-to-go (undiscounted except in REINFORCE++) to the outcome advantage.
+- `batch_sum`: sums a 1-D tensor of statistics over every rank's part of the batch (None: this part is the
+  batch). Only the batch-whitening estimators (REINFORCE++ and its baseline variant) use it; the caller passes an
+  all-reduce, so their whitening is over the whole data-parallel batch, not one rank's.
 - A group whose scored rewards are all equal (or with fewer than two scored) carries no signal: with a group
   estimator its rows get exactly zero advantage (KL penalty included) and it is counted in
   `frac_reward_zero_std`.
@@ -27,6 +30,7 @@ import torch
 
 from engine.rl.ppo import gae, score_position, whiten
 
+BatchSum = Callable[[torch.Tensor], torch.Tensor]
 # The smallest std a group's rewards are divided by: a nearly constant group (rewards differing by float noise)
 # must not get huge advantages (NeMo-RL issue 4161: 4000x). verl adds 1e-6, TRL 1e-4; 1e-3 follows NeMo-RL.
 STD_FLOOR = 1e-3
@@ -109,7 +113,8 @@ def _outcome_plus_kl(outcome: torch.Tensor, action_mask: torch.Tensor, token_rew
 
 def grpo(rewards: torch.Tensor, action_mask: torch.Tensor, *, group_size: int = 1,
          token_rewards: torch.Tensor | None = None, baselines: torch.Tensor | None = None, gamma: float = 1.0,
-         std_normalize: bool = True, std_floor: float = STD_FLOOR) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+         std_normalize: bool = True, std_floor: float = STD_FLOOR,
+         batch_sum: BatchSum | None = None) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
     """GRPO: A_i = (r_i - mean_g) / max(std_g, std_floor) (unbiased std over the group's scored rewards), on every
     answer action; `std_normalize=False` keeps r_i - mean_g (Dr. GRPO). `baselines` and `gamma` are unused."""
     check_groups(rewards.shape[0], group_size)
@@ -122,7 +127,8 @@ def grpo(rewards: torch.Tensor, action_mask: torch.Tensor, *, group_size: int = 
 
 def dr_grpo(rewards: torch.Tensor, action_mask: torch.Tensor, *, group_size: int = 1,
             token_rewards: torch.Tensor | None = None, baselines: torch.Tensor | None = None, gamma: float = 1.0,
-            std_normalize: bool = True, std_floor: float = STD_FLOOR) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+            std_normalize: bool = True, std_floor: float = STD_FLOOR,
+            batch_sum: BatchSum | None = None) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
     """Dr. GRPO (Liu et al. 2025): A_i = r_i - mean_g, never divided by the std (`std_normalize` is ignored).
     Its other half is the constant loss normaliser, `seq-mean-token-sum-norm` in `engine.rl.losses`."""
     return grpo(rewards, action_mask, group_size=group_size, token_rewards=token_rewards, std_normalize=False)
@@ -130,7 +136,8 @@ def dr_grpo(rewards: torch.Tensor, action_mask: torch.Tensor, *, group_size: int
 
 def rloo(rewards: torch.Tensor, action_mask: torch.Tensor, *, group_size: int = 1,
          token_rewards: torch.Tensor | None = None, baselines: torch.Tensor | None = None, gamma: float = 1.0,
-         std_normalize: bool = True, std_floor: float = STD_FLOOR) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+         std_normalize: bool = True, std_floor: float = STD_FLOOR,
+         batch_sum: BatchSum | None = None) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
     """RLOO: A_i = r_i - mean of the other scored answers of the group = n / (n - 1) * (r_i - mean_g), n the
     group's scored count. `baselines`, `gamma`, `std_normalize` and `std_floor` are unused."""
     check_groups(rewards.shape[0], group_size)
@@ -140,42 +147,54 @@ def rloo(rewards: torch.Tensor, action_mask: torch.Tensor, *, group_size: int = 
 
 
 def _whitened_returns(outcome: torch.Tensor, action_mask: torch.Tensor, token_rewards: torch.Tensor | None,
-                      gamma: float, live: torch.Tensor) -> torch.Tensor:
+                      gamma: float, live: torch.Tensor, batch_sum: BatchSum | None) -> torch.Tensor:
     """REINFORCE++'s advantage: the discounted return of (outcome on the last action + token rewards), whitened
-    over the answer actions of the rows with signal in the whole batch (unbiased variance, as verl)."""
+    over the answer actions of the rows with signal in the whole batch (unbiased variance, as verl), on all
+    ranks when `batch_sum` sums over them."""
     rewards = _at_last_action(torch.where(live, outcome.float(), 0.0), action_mask)
     if token_rewards is not None:
         rewards = rewards + token_rewards.float() * action_mask
     mask = action_mask * live.unsqueeze(1)
-    return whiten(_returns(rewards, action_mask, gamma), mask)
+    returns = _returns(rewards, action_mask, gamma)
+    if batch_sum is None:
+        return whiten(returns, mask)
+    # Count, sum and sum of squares (float64: the difference below cancels) over every rank's part.
+    local = torch.stack([mask.sum(), (returns * mask).sum(), (returns ** 2 * mask).sum()]).double()
+    n, total, total_sq = batch_sum(local).tolist()
+    mean = total / max(n, 1.0)
+    var = max(total_sq - n * mean ** 2, 0.0) / max(n - 1.0, 1.0)
+    return (returns - mean) * (var + 1e-8) ** -0.5
 
 
 def reinforce_pp(rewards: torch.Tensor, action_mask: torch.Tensor, *, group_size: int = 1,
                  token_rewards: torch.Tensor | None = None, baselines: torch.Tensor | None = None, gamma: float = 1.0,
-                 std_normalize: bool = True, std_floor: float = STD_FLOOR
+                 std_normalize: bool = True, std_floor: float = STD_FLOOR, batch_sum: BatchSum | None = None
                  ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
     """REINFORCE++ (Hu 2025): whitened discounted returns, no group needed (any `group_size` that divides the
-    batch; with >= 2 it only reports `frac_reward_zero_std`). `baselines`, `std_normalize`, `std_floor` unused."""
+    batch; with >= 2 it only reports `frac_reward_zero_std`). `baselines`, `std_normalize`, `std_floor` unused;
+    the whitening is over every rank's part when `batch_sum` sums over them."""
     live = ~torch.isnan(rewards)
-    advantages = _whitened_returns(rewards, action_mask, token_rewards, gamma, live)
+    advantages = _whitened_returns(rewards, action_mask, token_rewards, gamma, live, batch_sum)
     return _finish(advantages, rewards, action_mask, live, group_size)
 
 
 def reinforce_pp_baseline(rewards: torch.Tensor, action_mask: torch.Tensor, *, group_size: int = 1,
                           token_rewards: torch.Tensor | None = None, baselines: torch.Tensor | None = None,
-                          gamma: float = 1.0, std_normalize: bool = True, std_floor: float = STD_FLOOR
-                          ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+                          gamma: float = 1.0, std_normalize: bool = True, std_floor: float = STD_FLOOR,
+                          batch_sum: BatchSum | None = None) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
     """REINFORCE++-baseline: r_i - mean_g, then REINFORCE++'s returns and batch whitening (over the rows with
-    signal: flat groups are left out and get zero). `baselines`, `std_normalize`, `std_floor` unused."""
+    signal: flat groups are left out and get zero; on every rank's part when `batch_sum` sums over them).
+    `baselines`, `std_normalize`, `std_floor` unused."""
     check_groups(rewards.shape[0], group_size)
     mean, _, _, live = _group_moments(rewards, group_size)
-    advantages = _whitened_returns(rewards.float() - mean, action_mask, token_rewards, gamma, live)
+    advantages = _whitened_returns(rewards.float() - mean, action_mask, token_rewards, gamma, live, batch_sum)
     return _finish(advantages, rewards, action_mask, live, group_size)
 
 
 def remax(rewards: torch.Tensor, action_mask: torch.Tensor, *, group_size: int = 1,
           token_rewards: torch.Tensor | None = None, baselines: torch.Tensor | None = None, gamma: float = 1.0,
-          std_normalize: bool = True, std_floor: float = STD_FLOOR) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+          std_normalize: bool = True, std_floor: float = STD_FLOOR,
+          batch_sum: BatchSum | None = None) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
     """ReMax (Li et al. 2023): A_t = (r + return-to-go of the token rewards) - b, with `baselines` (B,) b = the
     reward of the greedy answer to the same prompt (NaN: no score, the row gets zero). Undiscounted, as verl
     (`gamma` unused); `std_normalize`, `std_floor` unused."""

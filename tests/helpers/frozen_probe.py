@@ -47,7 +47,7 @@ def main(argv: list[str]) -> None:
     prompts = [torch.tensor(tok(p)["input_ids"]) for p in PROMPTS]
     batch = collate_left_padded(prompts, tok.pad_token_id, cfg.data.max_prompt_seq_len)
     for _ in range(3):
-        exp, _ = trainer.experience(trainer.generate(batch), batch["attention_mask"])
+        exp, _ = trainer.experience(trainer.generate(batch)[0], batch["attention_mask"])
         trainer.train_micro_batch(exp)
         trainer.update_ema()
 

@@ -158,6 +158,25 @@ def test_group_advantages_do_not_depend_on_the_other_groups():
         torch.testing.assert_close(halves, whole)
 
 
+@pytest.mark.parametrize("name", ["reinforce_pp", "reinforce_pp_baseline"])
+def test_batch_whitening_over_ranks_equals_whitening_the_whole_batch(name):
+    # Two "ranks" each hold whole groups; `batch_sum` sums their statistics (as the trainer's all-reduce does).
+    # Pass 1 records each rank's statistics; pass 2 gives each rank the sum, so each whitens with global moments.
+    rewards = torch.tensor([1.0, 0.0, 0.0, 0.0, 3.0, 1.0, NAN, 1.0])
+    fn, kw = get_estimator(name), {"group_size": 2, "gamma": 0.9}
+    whole, _ = fn(rewards, MASK, **kw)
+    parts = [(rewards[:4], MASK[:4]), (rewards[4:], MASK[4:])]
+    seen = []
+    for r, m in parts:
+        fn(r, m, **kw, batch_sum=lambda t: seen.append(t) or t)
+    total = seen[0] + seen[1]
+    split = torch.cat([fn(r, m, **kw, batch_sum=lambda t: total)[0] for r, m in parts])
+    torch.testing.assert_close(split, whole)
+    # Without the sum each rank whitens its own part: other advantages (what the sum fixes).
+    alone = torch.cat([fn(r, m, **kw)[0] for r, m in parts])
+    assert not torch.allclose(alone, whole)
+
+
 def test_the_registry():
     assert ESTIMATOR_NAMES == ("gae", "grpo", "dr_grpo", "rloo", "reinforce_pp", "reinforce_pp_baseline", "remax")
     signatures = {str(inspect.signature(fn)) for fn in ADVANTAGE_ESTIMATORS.values()}

@@ -101,6 +101,40 @@ def test_evaluation_uses_what_step3_ran_with(tmp_path):
         e2e.evaluation_command(tmp_path, [])
 
 
+def test_a_critic_free_algorithm_runs_steps_1_and_3_with_the_rule(tmp_path):
+    step1, step3, evaluation = commands(["--algorithm", "grpo"], tmp_path)
+    assert step1[1].endswith("step1_sft/training_scripts/tiny/run_demo.sh")
+    assert step3[1].endswith("step3_rlhf/training_scripts/tiny/run_demo_critic_free.sh")
+    assert step3[2:] == [str(tmp_path / "step1_sft"), "grpo", "", str(tmp_path / "step3_grpo"), "2"]
+    script = Path(step3[1]).read_text()
+    assert "--reward_funcs engine.rewards.builtin:sort_rule" in script and "critic_model_name_or_path" not in script
+    assert [n for n in e2e.parse_args(["--algorithm", "rloo", "--step", "3"]).step] == [3]
+    with pytest.raises(UserError, match=r"drop 2 from --step"):
+        e2e.parse_args(["--algorithm", "grpo", "--step", "2", "3"])
+    with pytest.raises(UserError, match=r"--algorithm grpo runs the demo's bundled task"):
+        e2e.check_choices("llama2-7b", "llama2-7b", "llama2", "single_node", "grpo")
+    # Step 3 needs only step 1's model, and the hint leaves step 2 out.
+    with pytest.raises(UserError, match=r"step 3 \(GRPO\) needs the model of step 1 \(SFT\).*--step 1 3\)"):
+        e2e.check_inputs([3], tmp_path, "grpo")
+    (tmp_path / "step1_sft").mkdir()
+    (tmp_path / "step1_sft" / "config.json").write_text("{}")
+    e2e.check_inputs([3], tmp_path, "grpo")
+
+
+def test_a_critic_free_evaluation_compares_with_ppo_when_it_is_there(tmp_path):
+    grpo = tmp_path / "step3_grpo"
+    grpo.mkdir()
+    (grpo / "config.yaml").write_text(yaml.safe_dump({"ppo": {"do_sample": True}}))
+    text = " ".join(e2e.evaluation_command(tmp_path, [], "grpo"))
+    assert f"--models sft={tmp_path / 'step1_sft'} grpo={grpo / 'actor'} --" in text and "--reward_model" not in text
+    for folder in ("step3_rlhf/actor", "step2_reward"):  # an earlier PPO run's actor and reward model
+        (tmp_path / folder).mkdir(parents=True)
+        (tmp_path / folder / "config.json").write_text("{}")
+    text = " ".join(e2e.evaluation_command(tmp_path, [], "grpo"))
+    assert f"grpo={grpo / 'actor'} ppo={tmp_path / 'step3_rlhf' / 'actor'}" in text
+    assert f"--reward_model {tmp_path / 'step2_reward'}" in text
+
+
 def test_log_tail_shows_lines_as_a_terminal_does():
     text = "a\nbar 10%\rbar 50%\rbar 100%\n\nerror: boom\n"
     assert e2e.last_lines(text, 2) == ["bar 100%", "error: boom"]

@@ -81,6 +81,20 @@ def test_markdown_table_and_samples():
     assert "`x \\| y` (0.50 ✗)" in rows[2] and "*(empty)* (3.00 ✓)" in rows[3] and "`p \\| 1`" in rows[2]
 
 
+def test_without_a_reward_model_there_are_no_scores_or_win_rates():
+    a = Answers(["1 2", "3"], None, torch.zeros(2), torch.tensor([3, 2]), torch.tensor([True, False]))
+    b = Answers(["1 2", "4"], None, torch.tensor([0.2, 0.4]), torch.tensor([3, 2]), torch.tensor([True, True]))
+    out = summarize({"sft": a, "grpo": b})
+    assert not any(k in row for row in out.values() for k in ("score_mean", "score_std", "win_rate_vs_first"))
+    assert out["grpo"]["rule_success_rate"] == 1.0 and out["grpo"]["kl_to_ref"] == pytest.approx(0.3)
+    header = markdown_table(out).split("\n")[0]
+    assert "RM score" not in header and "win rate" not in header and "rule success" in header
+    rows = markdown_samples(["p1", "p2"], {"sft": a, "grpo": b}, count=2).strip().split("\n")
+    assert "`3` (✗)" in rows[3] and "`4` (✓)" in rows[3]
+    ok, line = verdict(out, candidate="grpo")
+    assert ok is True and line == "GRPO beat SFT: rule success 0.500 -> 1.000 (+0.500); KL to reference 0.300"
+
+
 def model_row(score, rule=None, win=0.5, kl=0.0):
     row = {"score_mean": score, "win_rate_vs_first": win, "kl_to_ref": kl, "response_len_mean": 5.0}
     return row | ({"rule_success_rate": rule} if rule is not None else {})
@@ -102,6 +116,8 @@ def test_verdict(sft, rlhf, beat):
 
 def test_verdict_without_both_models():
     assert verdict({"sft": model_row(1.0)})[0] is None
+    no_scores = {"kl_to_ref": 0.0, "response_len_mean": 5.0}  # no reward model and no rule: nothing to compare
+    assert verdict({"sft": no_scores, "rlhf": no_scores})[0] is None
 
 
 def test_before_after_takes_first_and_last_logged_values():
@@ -158,3 +174,29 @@ def test_report_of_a_partial_run_has_what_exists(tmp_path):
     summary = json.loads((report / "summary.json").read_text())
     assert list(summary["steps"]) == ["step1_sft"] and "verdict" not in summary
     assert not (report / "verdict.txt").exists()
+
+
+def test_report_of_a_critic_free_run_beside_ppo(tmp_path):
+    """A GRPO run's report: its own step-3 folder (curves, before -> after), the verdict names it, PPO's kept."""
+    write_jsonl(tmp_path / "step1_sft" / "metrics.jsonl", [{"step": 0, "eval/perplexity": 100.0}])
+    write_jsonl(tmp_path / "step3_rlhf" / "metrics.jsonl", [{"step": 0, "eval/rule_success": 0.15},
+                                                            {"step": 2, "eval/rule_success": 0.2}])
+    write_jsonl(tmp_path / "step3_grpo" / "metrics.jsonl", [
+        {"step": 0, "eval/rule_success": 0.17},
+        {"step": 1, "rollout/reward_mean": 0.2, "rollout/kl": 0.0, "ppo/policy_loss": 0.0, "ppo/entropy": 1.0},
+        {"step": 2, "eval/rule_success": 0.39}])
+    models = {"sft": {"kl_to_ref": 0.0, "rule_success_rate": 0.17},
+              "grpo": {"kl_to_ref": 0.8, "rule_success_rate": 0.4}}
+    (tmp_path / "eval").mkdir()
+    (tmp_path / "eval" / "eval_report.json").write_text(json.dumps(
+        {"models": models, "prompts": 400, "decoding": {"do_sample": True}, "seed": 1}))
+    (tmp_path / "eval" / "eval_report.md").write_text("header\n\n| model |\n")
+
+    report = build_report(tmp_path, {"candidate": "grpo"})
+    summary = json.loads((report / "summary.json").read_text())
+    assert list(summary["steps"]) == ["step1_sft", "step3_rlhf", "step3_grpo"]
+    assert summary["steps"]["step3_grpo"]["before_after"]["eval/rule_success"] == [0.17, 0.39]
+    assert summary["rlhf_beat_sft"] is True
+    assert summary["verdict"] == "GRPO beat SFT: rule success 0.170 -> 0.400 (+0.230); KL to reference 0.800"
+    assert "![Step 3: GRPO](step3_grpo.png)" in (report / "README.md").read_text()
+    assert (report / "step3_grpo.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"

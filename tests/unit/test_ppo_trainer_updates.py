@@ -194,7 +194,8 @@ def test_ppo_update_does_not_depend_on_the_split(name, ptx):
 def test_the_old_per_micro_batch_mean_would_change_the_update(monkeypatch):
     """The same comparison with each micro-batch's own mean (DeepSpeed-Chat's) fails: the test can fail."""
     whole = run_updates(*SPLITS["4 per micro-batch x 1"], ptx=True)
-    monkeypatch.setattr(PPOTrainer, "_window_normalisers", lambda self, exps, ptx, pieces: [(None, None)] * len(pieces))
+    monkeypatch.setattr(PPOTrainer, "_window_normalisers",
+                        lambda self, exps, ptx, pieces: [(None, None, None)] * len(pieces))
     split = run_updates(*SPLITS["1 per micro-batch x 4"], ptx=True)
     with pytest.raises(AssertionError):
         assert_same_update(split, whole)
