@@ -214,7 +214,7 @@ def train(run: Run) -> int | None:
     guard = BadStepGuard(cfg.fault.max_bad_steps, namespace="ppo", step_name="PPO step",
                          last_checkpoint=step or None)  # a resumed run starts at one
     bar = tqdm(total=plan.steps.total_steps, initial=step, disable=not dist.is_main or cfg.log.disable_tqdm,
-               desc="step 3 PPO")
+               desc="step 3 " + (cfg.rl.advantage_estimator.upper() if cfg.critic_free else "PPO"))
     for epoch in range(position["epoch"], cfg.train.num_train_epochs):
         first = position["step_in_epoch"] if epoch == position["epoch"] else 0
         windows = epoch_windows(prompt_loader, epoch, first, plan.steps, cfg.train.generation_batches)

@@ -37,8 +37,8 @@ SHOWN = {"step1_sft": ["eval/loss", "eval/perplexity"],
          "step3_rlhf": ["eval/score_mean", "eval/rule_success", "eval/response_len"]}
 EVAL_FILES = ("eval_report.json", "eval_report.md", "samples.md")
 # A critic-free step 3 (`e2e_rlhf.py --algorithm grpo`, ...): rule reward, no critic, no value loss.
-CRITIC_FREE_KEYS = ["rollout/reward_mean", "rollout/kl", "ppo/policy_loss", "ppo/entropy", "rollout/response_len",
-                    "eval/rule_success"]
+CRITIC_FREE_KEYS = ["rollout/reward_mean", "rollout/frac_reward_zero_std", "ppo/policy_loss", "ppo/entropy",
+                    "rollout/response_len", "eval/rule_success"]
 
 
 def step3_folder(algorithm: str) -> str:
@@ -54,7 +54,7 @@ def step_folders(out: Path) -> dict[str, tuple[str, list[str], list[str]]]:
     for path in sorted(out.glob("step3_*")):
         if path.name not in folders and (path / "metrics.jsonl").is_file():
             title = f"Step 3: {path.name.removeprefix('step3_').upper()}"
-            folders[path.name] = (title, CRITIC_FREE_KEYS, SHOWN["step3_rlhf"])
+            folders[path.name] = (title, CRITIC_FREE_KEYS, ["eval/rule_success", "eval/response_len"])
     return folders
 
 

@@ -183,7 +183,7 @@ def test_report_of_a_critic_free_run_beside_ppo(tmp_path):
                                                             {"step": 2, "eval/rule_success": 0.2}])
     write_jsonl(tmp_path / "step3_grpo" / "metrics.jsonl", [
         {"step": 0, "eval/rule_success": 0.17},
-        {"step": 1, "rollout/reward_mean": 0.2, "rollout/kl": 0.0, "ppo/policy_loss": 0.0, "ppo/entropy": 1.0},
+        {"step": 1, "rollout/reward_mean": 0.2, "rollout/frac_reward_zero_std": 0.5, "ppo/policy_loss": 0.0},
         {"step": 2, "eval/rule_success": 0.39}])
     models = {"sft": {"kl_to_ref": 0.0, "rule_success_rate": 0.17},
               "grpo": {"kl_to_ref": 0.8, "rule_success_rate": 0.4}}
