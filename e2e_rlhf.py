@@ -37,6 +37,7 @@ import yaml
 
 from engine.errors import UserError
 from engine.eval.report import build_report
+from engine.helptext import HelpFormatter
 from engine.runtime.entry import run_main
 
 ROOT = Path(__file__).resolve().parent
@@ -53,7 +54,7 @@ TAIL_BYTES = 1 << 18  # kept of a stage's output to find those lines in (progres
 
 
 def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=HelpFormatter)
     p.add_argument("--step", type=int, nargs="+", choices=(1, 2, 3), default=[1, 2, 3],
                    help="Which steps to run (default: all three); the others' outputs must already exist.")
     p.add_argument("--actor-model", "--actor_model", default="tiny", choices=sorted(ACTOR_MODELS),
