@@ -15,6 +15,7 @@ from collections.abc import Sequence
 from typing import Any
 
 from engine.errors import UserError
+from engine.helptext import HelpFormatter
 from engine.models.inference import generate, load_for_inference
 from engine.runtime.entry import run_main
 
@@ -22,15 +23,18 @@ HUMAN, ASSISTANT = " Human: ", " Assistant:"
 
 
 def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=HelpFormatter)
     p.add_argument("--path", required=True, help="The model folder (or hub name) to talk to.")
-    p.add_argument("--prompt", default=None, help="Answer this one message and exit.")
-    p.add_argument("--max_new_tokens", type=int, default=128)
-    p.add_argument("--do_sample", action="store_true", help="Sample (default: greedy).")
-    p.add_argument("--temperature", type=float, default=1.0)
-    p.add_argument("--top_p", type=float, default=1.0)
-    p.add_argument("--top_k", type=int, default=0)
-    p.add_argument("--trust_remote_code", action="store_true")
+    p.add_argument("--prompt", default=None, help="Answer this one message and exit. Default: talk until quit.")
+    p.add_argument("--max_new_tokens", type=int, default=128, help="Most tokens per answer.")
+    p.add_argument("--do_sample", action="store_true", help="Sample. Default: greedy decoding.")
+    p.add_argument("--temperature", type=float, default=1.0, help="Sampling temperature (with --do_sample).")
+    p.add_argument("--top_p", type=float, default=1.0,
+                   help="Nucleus sampling: keep the smallest token set with this probability mass (with --do_sample).")
+    p.add_argument("--top_k", type=int, default=0,
+                   help="Sample among the k most likely tokens (0: all; with --do_sample).")
+    p.add_argument("--trust_remote_code", action="store_true",
+                   help="Allow model/tokenizer code from the model folder or hub to run.")
     args = p.parse_args(argv)
     if args.max_new_tokens < 1 or args.temperature <= 0 or not 0 < args.top_p <= 1 or args.top_k < 0:
         raise UserError("--max_new_tokens must be >= 1, --temperature > 0, --top_p in (0, 1] and --top_k >= 0")

@@ -45,6 +45,7 @@ import yaml
 
 from engine.errors import UserError
 from engine.eval.report import build_report, step3_folder
+from engine.helptext import HelpFormatter
 from engine.rl.advantages import ESTIMATOR_NAMES
 from engine.runtime.entry import run_main
 
@@ -64,7 +65,7 @@ TAIL_BYTES = 1 << 18  # kept of a stage's output to find those lines in (progres
 
 
 def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=HelpFormatter)
     p.add_argument("--step", type=int, nargs="+", choices=(1, 2, 3), default=None,
                    help="Which steps to run (default: all three; 1 and 3 for a critic-free --algorithm); the "
                    "others' outputs must already exist.")

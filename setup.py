@@ -1,8 +1,10 @@
-"""Dependencies, with one rule pyproject.toml cannot express: never pull a CUDA torch by accident.
+"""Dependencies, with one rule pyproject.toml cannot express: keep the torch that is installed.
 
-With no torch installed, an unpinned `torch` (asked for by us or by deepspeed) resolves to the newest
-CUDA build, several GB. So when the target environment has no torch we pin torch==2.13.0 (a CPU wheel
-is available for it); when it has one, any torch >= 2.1 is kept as it is.
+A torch already in the target environment (the CPU build from PyTorch's CPU index, or a CUDA build) is
+kept as it is when it is 2.1 or newer: we ask for `torch>=2.1`, which any build label satisfies, so pip
+never replaces it. With no torch installed we pin the release we test, torch==2.13.0, never an unpinned
+torch that would move to a newer one; from PyPI that is the CUDA build (Linux), so CPU-only machines
+install the CPU build first (docs/install.md).
 """
 import os
 import subprocess

@@ -24,11 +24,33 @@ from engine.errors import UserError
 
 ROLES = ("actor", "critic")  # the trained roles of step 3; the reference and reward model load like them
 
+# The sections of --help and of docs/flags.md, in this order: title -> what its flags set. A flag is in
+# its part's section (PART_SECTIONS) unless its field names another (`arg(..., section=...)`).
+SECTIONS = {
+    "roles": "The models step 3 starts from (the actor and the frozen reference from step 1, the critic and "
+             "the frozen reward model from step 2) and how the frozen ones are held.",
+    "model": "How the model is loaded.",
+    "data": "Datasets, their split between the steps, and sequence lengths.",
+    "generation": "How the actor writes its answers during training.",
+    "RL algorithm": "Rewards, KL, advantages and the policy loss (docs/step3.md, docs/rewards.md).",
+    "reward model": "The pairwise loss of the reward model.",
+    "training": "Batch sizes, optimizer, schedule and seed.",
+    "DeepSpeed": "ZeRO, offload, dtype and the other memory settings.",
+    "LoRA": "Low-rank adapters (peft).",
+    "evaluation": "Evaluations of the actor during training.",
+    "logging": "Output folder, logs, metrics and checkpoints.",
+    "reliability": "What stops a run that has gone wrong.",
+}
+PART_SECTIONS = {"model": "model", "data": "data", "train": "training", "ds": "DeepSpeed", "lora": "LoRA",
+                 "log": "logging", "fault": "reliability", "reward": "reward model", "ppo": "RL algorithm",
+                 "rl": "RL algorithm"}
+
 
 def arg(default: Any = None, help: str = "", choices: Sequence[Any] | None = None,
-        default_factory: Any = None) -> Any:
-    """A config field: its default, its help text and, optionally, the allowed values."""
-    meta = {"help": help, "choices": tuple(choices) if choices else None}
+        default_factory: Any = None, section: str | None = None) -> Any:
+    """A config field: its default, its help text and, optionally, the allowed values and the --help
+    section it is listed in (default: its part's)."""
+    meta = {"help": help, "choices": tuple(choices) if choices else None, "section": section}
     if default_factory is not None:
         return field(default_factory=default_factory, metadata=meta)
     return field(default=default, metadata=meta)
@@ -80,7 +102,7 @@ class ModelArgs:
         None, "Hugging Face model folder or hub name. Default: the built-in tiny Llama model "
         "(random weights from a fixed seed), made on first use.")
     dropout: float | None = arg(
-        None, "Set every dropout probability in the model config to this value (None keeps the model's).")
+        None, "Set every dropout probability in the model config to this value. Default: the model's own.")
     attn_implementation: str = arg(
         "sdpa", "Attention kernel. flash_attention_2 needs the flash-attn package (a GPU extra).",
         choices=("sdpa", "eager", "flash_attention_2"))
@@ -127,7 +149,7 @@ class DataArgs:
 @dataclass
 class Step1DataArgs(DataArgs):
     sft_only_data_path: list[str] = arg(
-        default_factory=list, help="Datasets used whole by step 1 only (not split between steps).")
+        default_factory=list, help="Datasets used whole by step 1 only (not split between steps). Default: none.")
     train_on_prompt: bool = arg(
         False, "Also put loss on the prompt tokens, as DeepSpeed-Chat does. Default: loss on the "
         "answer tokens only (as TRL and OpenRLHF do), so the model is not trained to write prompts.")
@@ -169,14 +191,14 @@ class DeepSpeedArgs:
     offload: bool = arg(False, "Offload optimizer state to CPU (ZeRO >= 2) and parameters (ZeRO 3).")
     dtype: str | None = arg(
         None, choices=("fp16", "bf16", "fp32"),
-        help="Training dtype. None: fp16 on GPU (DeepSpeed-Chat's default), bf16 on a CPU-only "
-        "machine, where DeepSpeed cannot run fp16 (the parser fills it in).")
+        help="Training dtype. Default: fp16 on a GPU (DeepSpeed-Chat's default), bf16 on a CPU-only "
+        "machine, where DeepSpeed cannot run fp16.")
     gradient_checkpointing: bool = arg(False, "Recompute activations in the backward pass.")
     compute_fp32_loss: bool = arg(False, "Compute the loss from fp32 logits (for bf16/fp16 training).")
     gradient_clipping: float = arg(1.0, "Global gradient-norm clip (DeepSpeed-Chat: 1.0).")
     deepspeed_config: str | None = arg(
         None, "A DeepSpeed JSON config (see ds_configs/). Its \"auto\" values are filled from the "
-        "flags; explicit values are kept.")
+        "flags; explicit values are kept. Default: none, the config is built from the flags.")
     deepspeed: bool = arg(False, "Accepted for DeepSpeed-Chat launch scripts; DeepSpeed is always on.")
     local_rank: int = arg(-1, "Set by the launcher; ignored (LOCAL_RANK from the environment wins).")
 
@@ -424,11 +446,11 @@ def role_twins(shared: type, per_role: Sequence[str] = (), drop: Sequence[str] =
 class Step3ModelArgs(role_twins(
         ModelArgs, per_role=("model_name_or_path", "dropout"),
         actor_model_name_or_path=arg(
-            "output/step1_sft", "The step-1 (SFT) model folder: the actor starts from it and the frozen "
-            "reference is a copy of it. Default: where step 1 writes by default."),
+            "output/step1_sft", "The step-1 (SFT) model folder (where step 1 writes unless told otherwise): "
+            "the actor starts from it and the frozen reference is a copy of it.", section="roles"),
         critic_model_name_or_path=arg(
-            "output/step2_reward", "The step-2 reward-model folder: the frozen reward model and the "
-            "critic's starting point. Default: where step 2 writes by default."))):
+            "output/step2_reward", "The step-2 reward-model folder (where step 2 writes unless told "
+            "otherwise): the frozen reward model and the critic's starting point.", section="roles"))):
     num_padding_at_beginning: int = arg(
         1, "Accepted for DeepSpeed-Chat scripts (OPT's BOS equals its pad id). Step 3 carries real "
         "attention masks from the prompts and generation, so no count of leading pads is needed.")
@@ -446,20 +468,20 @@ class Step3DataArgs(role_twins(
         data_split="Comma-separated weights of the slices given to steps 1, 2 and 3; step 3 uses the third.")):
     prompt_column_map: str = arg(
         "", "Rename the fields of local prompt files before they are read: comma-separated field=name "
-        "pairs, e.g. question=prompt for GSM8K (whose prompt field is 'question'). Empty: no renaming.")
+        "pairs, e.g. question=prompt for GSM8K (whose prompt field is 'question'). Default: no renaming.")
     max_prompt_seq_len: int = arg(
         256, "Prompts are left-padded to this many tokens; longer prompts are dropped and counted.")
-    max_answer_seq_len: int = arg(256, "Most tokens generated per answer.")
+    max_answer_seq_len: int = arg(256, "Most tokens generated per answer.", section="generation")
     unsupervised_dataset_name: str | None = arg(
         None, "PTX: a pretraining-style dataset mixed into the actor's updates (a hub name with "
         "--unsupervised_dataset_config_name, or a local .txt/.json/.jsonl/.parquet file or folder). "
-        "None: no PTX.")
+        "Default: none, no PTX.")
     unsupervised_dataset_config_name: str | None = arg(
-        None, "The hub dataset's config name (e.g. wikitext-2-raw-v1 for wikitext).")
+        None, "The hub dataset's config name (e.g. wikitext-2-raw-v1 for wikitext). Default: none.")
     unsup_coef: float = arg(
         27.8, "Weight of the PTX language-modelling loss (InstructGPT's value, DeepSpeed-Chat's default).")
     preprocessing_num_workers: int | None = arg(
-        None, "Processes for tokenizing the PTX dataset (datasets' num_proc).")
+        None, "Processes for tokenizing the PTX dataset (datasets' num_proc). Default: this process alone.")
 
     def problems(self) -> list[str]:
         out = super().problems()
@@ -533,7 +555,7 @@ class PPOArgs:
         "k3 = exp(r) - 1 - r (never negative).", choices=("k1", "k2", "k3"))
     target_kl: float | None = arg(
         None, "Adaptive KL controller (Ziegler et al.): steer the KL per sequence towards this value. "
-        "None: fixed --kl_ctl.")
+        "Default: unset, a fixed --kl_ctl.")
     kl_horizon: int = arg(10000, "Horizon (in sequences) of the adaptive KL controller.")
     clip_reward_value: float = arg(5.0, "Reward-model scores are clipped to [-v, v].")
     normalize_reward: bool = arg(
@@ -544,23 +566,28 @@ class PPOArgs:
     cliprange: float = arg(0.2, "PPO ratio clip epsilon.")
     cliprange_value: float = arg(0.2, "Value clip epsilon around the old values.")
     entropy_coef: float = arg(0.0, "Entropy bonus coefficient in the actor loss.")
-    do_sample: bool = arg(True, "Sample answers (off: greedy decoding).")
-    temperature: float = arg(1.0, "Sampling temperature.")
-    top_p: float = arg(1.0, "Nucleus sampling: keep the smallest token set with this probability mass.")
-    top_k: int = arg(0, "Sample among the k most likely tokens (0: all).")
-    enable_ema: bool = arg(False, "Keep an exponential moving average of the actor, saved as actor_ema/.")
-    ema_decay: float = arg(0.992, "EMA decay: ema = decay * ema + (1 - decay) * actor after each actor update.")
+    do_sample: bool = arg(True, "Sample answers (off: greedy decoding).", section="generation")
+    temperature: float = arg(1.0, "Sampling temperature.", section="generation")
+    top_p: float = arg(1.0, "Nucleus sampling: keep the smallest token set with this probability mass.",
+                       section="generation")
+    top_k: int = arg(0, "Sample among the k most likely tokens (0: all).", section="generation")
+    enable_ema: bool = arg(False, "Keep an exponential moving average of the actor, saved as actor_ema/.",
+                           section="training")
+    ema_decay: float = arg(0.992, "EMA decay: ema = decay * ema + (1 - decay) * actor after each actor update.",
+                           section="training")
     align_overflow: bool = arg(
-        False, "fp16: when the actor or the critic overflows, skip both optimizer steps.")
+        False, "fp16: when the actor or the critic overflows, skip both optimizer steps.", section="training")
     eval_interval: int = arg(
         0, "Also evaluate the actor (answers to held-out prompts: reward score, length, and the "
-        "rule-checked success rate where the data defines one) every N PPO steps (0: before and after training).")
-    eval_prompts: int = arg(256, "Held-out prompts per evaluation (all ranks together, at most).")
+        "rule-checked success rate where the data defines one) every N PPO steps (0: before and after training).",
+        section="evaluation")
+    eval_prompts: int = arg(256, "Held-out prompts per evaluation (all ranks together, at most).",
+                            section="evaluation")
     eval_greedy: bool = arg(
         False, "Evaluate greedy answers. Default: answers decoded as in the rollouts (what PPO optimises), "
-        "with a fixed seed so every evaluation sees the same sampling noise.")
+        "with a fixed seed so every evaluation sees the same sampling noise.", section="evaluation")
     warn_kl_above: float = arg(
-        10.0, "Log a warning when the mean KL to the reference per sequence exceeds this (nats).")
+        10.0, "Log a warning when the mean KL to the reference per sequence exceeds this (nats).", section="logging")
 
     def problems(self) -> list[str]:
         out = []
@@ -611,13 +638,13 @@ class RLArgs:
         "k3", "Estimator of the KL loss: k1, k2, k3 (verl's low_var_kl, its default) or k3+ (k3's value with k2's "
         "gradient, straight-through).", choices=("k1", "k2", "k3", "k3+"))
     cliprange_low: float | None = arg(
-        None, "Lower ratio clip epsilon (1 - low). None: --cliprange (ppo) or 3e-4 (gspo, the GSPO paper's).")
+        None, "Lower ratio clip epsilon (1 - low). Default: --cliprange (ppo) or 3e-4 (gspo, the GSPO paper's).")
     cliprange_high: float | None = arg(
-        None, "Upper ratio clip epsilon (1 + high); DAPO's clip-higher uses 0.28. None: --cliprange (ppo) or 4e-4 "
-        "(gspo).")
+        None, "Upper ratio clip epsilon (1 + high); DAPO's clip-higher uses 0.28. Default: --cliprange (ppo) or "
+        "4e-4 (gspo).")
     dual_clip_c: float | None = arg(
         None, "Dual clip (Ye et al. 2020): bound the loss of negative-advantage tokens at c x advantage; verl uses "
-        "3.0. None: off.")
+        "3.0. Default: off.")
     policy_loss: str = arg(
         "ppo", "ppo: one importance ratio per token. gspo: one per answer (the geometric mean of its token "
         "ratios, GSPO), which needs --loss_agg_mode seq-mean-token-mean.", choices=("ppo", "gspo"))
@@ -641,11 +668,11 @@ class RLArgs:
         None, "Reward functions: path/to/file.py:function or package.module:function, called as "
         "fn(prompts, completions, **columns) -> list of float or None (TRL's signature). Built-ins: "
         "engine.rewards.builtin:sort_rule, engine.rewards.builtin:gsm8k_answer. Given alone (without "
-        "--critic_model_name_or_path), no reward model is loaded. Empty: the reward model scores.",
+        "--critic_model_name_or_path), no reward model is loaded. Default: none, the reward model scores.",
         default_factory=list)
     reward_weights: list[float] = arg(
-        None, "One weight per --reward_funcs entry (empty: all 1.0). A reward model, when also loaded, is one more "
-        "term with weight 1.", default_factory=list)
+        None, "One weight per --reward_funcs entry. A reward model, when also loaded, is one more term with "
+        "weight 1. Default: all 1.0.", default_factory=list)
 
     @property
     def group_estimator(self) -> bool:
@@ -681,27 +708,31 @@ class Step3DeepSpeedArgs(role_twins(
         actor_zero_stage="ZeRO stage of the actor (the reference follows: 3 if this is 3, else 0).",
         critic_zero_stage="ZeRO stage of the critic (the reward model follows: 3 if this is 3, else 0).",
         offload="Offload the actor's and critic's optimizer state (and ZeRO-3 parameters) to CPU.",
-        dtype="Dtype of all four roles. None: fp16 on GPU (DeepSpeed-Chat's default), bf16 on a CPU-only "
-        "machine, where DeepSpeed cannot run fp16 (the parser fills it in).",
+        dtype="Dtype of all four roles. Default: fp16 on a GPU (DeepSpeed-Chat's default), bf16 on a CPU-only "
+        "machine, where DeepSpeed cannot run fp16.",
         compute_fp32_loss="Accepted for DeepSpeed-Chat scripts: step 3 always computes log-probs and losses in fp32.",
         gradient_clipping="Global gradient-norm clip of both trained roles.",
         deepspeed_config="A DeepSpeed JSON config for the trained roles; its \"auto\" values are filled from "
-        "the flags.")):
-    offload_reference_model: bool = arg(False, "Offload the reference model's parameters to CPU (ZeRO-3 actor).")
-    offload_reward_model: bool = arg(False, "Offload the reward model's parameters to CPU (ZeRO-3 critic).")
+        "the flags. Default: none, the configs are built from the flags.")):
+    offload_reference_model: bool = arg(
+        False, "Offload the reference model's parameters to CPU (ZeRO-3 actor).", section="roles")
+    offload_reward_model: bool = arg(
+        False, "Offload the reward model's parameters to CPU (ZeRO-3 critic).", section="roles")
     enable_hybrid_engine: bool = arg(
         False, "Generate with the hybrid train/generate mode: the actor's ZeRO-3 shards gathered once "
-        "per generation batch, LoRA fused, KV cache, any model family, CPU too.")
+        "per generation batch, LoRA fused, KV cache, any model family, CPU too.", section="generation")
     unpin_actor_parameters: bool = arg(
         False, "Hybrid mode under ZeRO-3: do not hold the gathered actor for the whole generation; "
-        "gather layer by layer per token instead (less memory, much slower).")
+        "gather layer by layer per token instead (less memory, much slower).", section="generation")
     release_inference_cache: bool = arg(
         False, "Hybrid mode: return the generation's cached memory (KV cache) to the device after each "
-        "generation batch.")
+        "generation batch.", section="generation")
     inference_tp_size: int = arg(
-        1, "Tensor-parallel degree of generation. Only 1 is implemented; other values are refused.")
+        1, "Tensor-parallel degree of generation. Only 1 is implemented; other values are refused.",
+        section="generation")
     tp_gather_partition_size: int = arg(
-        8, "Layers gathered at a time for tensor-parallel generation; used only with --inference_tp_size > 1.")
+        8, "Layers gathered at a time for tensor-parallel generation; used only with --inference_tp_size > 1.",
+        section="generation")
     enable_mixed_precision_lora: bool = arg(
         False, "MixZ++: quantize the actor's frozen base weights under ZeRO-3 with LoRA (needs a CUDA GPU).")
     actor_quantization: str = arg(
@@ -709,15 +740,15 @@ class Step3DeepSpeedArgs(role_twins(
         "frozen, and train LoRA adapters on them. Needs --actor_lora_dim > 0, --only_optimize_lora and "
         "--actor_zero_stage 0-2; pair with --reference_quantization 4bit, or the KL also measures the base's "
         "rounding. The saved actor/ is full precision (the base re-read from the actor folder, LoRA merged).",
-        choices=("none", "4bit"))
+        choices=("none", "4bit"), section="roles")
     reference_quantization: str = arg(
         "none", "Load the frozen reference's Linear weights with bitsandbytes: 8bit (LLM.int8) or 4bit (NF4). "
         "A quantized reference is whole on every rank (ZeRO cannot partition it), even with --actor_zero_stage 3.",
-        choices=("none", "8bit", "4bit"))
+        choices=("none", "8bit", "4bit"), section="roles")
     reward_quantization: str = arg(
         "none", "Load the frozen reward model's Linear weights with bitsandbytes: 8bit (LLM.int8) or 4bit (NF4); "
         "its value head stays in --dtype. Whole on every rank, even with --critic_zero_stage 3.",
-        choices=("none", "8bit", "4bit"))
+        choices=("none", "8bit", "4bit"), section="roles")
     auto_fit: bool = arg(
         False, "Let the memory planner (python -m engine.planner) choose the memory settings you did not "
         "set (ZeRO stages, offload, LoRA, gradient checkpointing, quantized roles, hybrid mode, batch "

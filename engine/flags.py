@@ -11,6 +11,7 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import functools
+import textwrap
 import types
 import typing
 from collections.abc import Sequence
@@ -19,7 +20,9 @@ from typing import Any, TypeVar
 
 import yaml
 
+from engine.config import PART_SECTIONS, SECTIONS
 from engine.errors import UserError
+from engine.helptext import HelpFormatter, default_note, names_default, show_default
 from engine.preflight import default_dtype, preflight
 from engine.runtime.atomic import write_atomically
 
@@ -38,6 +41,18 @@ def leaf_fields(config_cls: type) -> dict[str, tuple[str, dataclasses.Field, Any
                 raise TypeError(f"flag --{f.name} is declared twice ({out[f.name][0]}, {part.name})")
             out[f.name] = (part.name, f, hints[f.name])
     return out
+
+
+@functools.cache
+def flag_sections(config_cls: type) -> dict[str, tuple[str, ...]]:
+    """--help section title -> its flags, in `SECTIONS` order (a field's own section, else its part's)."""
+    found: dict[str, list[str]] = {}
+    for name, (part, f, _) in leaf_fields(config_cls).items():
+        found.setdefault(f.metadata.get("section") or PART_SECTIONS[part], []).append(name)
+    unknown = sorted(set(found) - set(SECTIONS))
+    if unknown:
+        raise TypeError(f"{config_cls.__name__}: no --help section named {', '.join(unknown)} in SECTIONS")
+    return {title: tuple(found[title]) for title in SECTIONS if title in found}
 
 
 def _base_type(tp: Any) -> tuple[Any, bool]:
@@ -62,23 +77,34 @@ class _Parser(argparse.ArgumentParser):
 
 
 def build_parser(config_cls: type, description: str = "") -> argparse.ArgumentParser:
-    parser = _Parser(description=description, allow_abbrev=False, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--config", default=None, help="YAML file of flag values; flags override it.")
-    for name, (_, f, tp) in leaf_fields(config_cls).items():
-        base, _ = _base_type(tp)
-        # Defaults are SUPPRESSed so that only flags given on the command line override the YAML
-        # (and `given` knows them); the help shows the field's default itself.
-        help_text = f"{f.metadata.get('help', '')} (default: {_field_default(f)!r})"
-        kwargs: dict[str, Any] = {"help": help_text.replace("%", "%%"), "default": argparse.SUPPRESS}
-        if f.metadata.get("choices"):
-            kwargs["choices"] = f.metadata["choices"]
-        if base is bool:
-            parser.add_argument(f"--{name}", action=argparse.BooleanOptionalAction, **kwargs)
-        elif typing.get_origin(base) is list:
-            parser.add_argument(f"--{name}", nargs="*", type=typing.get_args(base)[0], **kwargs)
-        else:
-            parser.add_argument(f"--{name}", type=base, **kwargs)
+    """The step's parser: one flag per config field, listed in the sections of `flag_sections`."""
+    parser = _Parser(description=description, allow_abbrev=False, formatter_class=HelpFormatter,
+                     usage="%(prog)s [-h] [--config FILE] [--flag VALUE ...]")
+    parser.add_argument("--config", default=None, metavar="FILE",
+                        help="YAML file of flag values (flat, or grouped by part); flags given here override it.")
+    leaves = leaf_fields(config_cls)
+    for title, names in flag_sections(config_cls).items():
+        # argparse keeps descriptions as written here (the step's own keeps its examples): wrap this one.
+        group = parser.add_argument_group(title, textwrap.fill(SECTIONS[title], 76))
+        for name in names:
+            _add_flag(group, name, *leaves[name][1:])
     return parser
+
+
+def _add_flag(group: argparse._ArgumentGroup, name: str, f: dataclasses.Field, tp: Any) -> None:
+    base, _ = _base_type(tp)
+    # Defaults are SUPPRESSed so that only flags given on the command line override the YAML
+    # (and `given` knows them); the help shows the field's default itself.
+    help_text = f.metadata.get("help", "") + default_note(f.metadata.get("help", ""), _field_default(f))
+    kwargs: dict[str, Any] = {"help": help_text.replace("%", "%%"), "default": argparse.SUPPRESS}
+    if f.metadata.get("choices"):
+        kwargs["choices"] = f.metadata["choices"]
+    if base is bool:
+        group.add_argument(f"--{name}", action=argparse.BooleanOptionalAction, **kwargs)
+    elif typing.get_origin(base) is list:
+        group.add_argument(f"--{name}", nargs="*", type=typing.get_args(base)[0], **kwargs)
+    else:
+        group.add_argument(f"--{name}", type=base, **kwargs)
 
 
 def _coerce(name: str, value: Any, tp: Any) -> Any:
@@ -187,14 +213,28 @@ def check(cfg: Any) -> None:
 
 
 def flag_table(config_cls: type) -> str:
-    """The Markdown flag reference of a step (the docs embed it; a test keeps the two equal)."""
-    rows = ["| flag | default | meaning |", "|---|---|---|"]
-    for name, (_, f, _) in leaf_fields(config_cls).items():
-        text = f.metadata.get("help", "").replace("|", "/")
-        if f.metadata.get("choices"):
-            text += " Choices: " + ", ".join(map(str, f.metadata["choices"])) + "."
-        rows.append(f"| `--{name}` | `{_field_default(f)!r}` | {text} |")
-    return "\n".join(rows) + "\n"
+    """The Markdown flag reference of a step, one table per --help section (the docs embed it; a test
+    keeps the two equal)."""
+    leaves = leaf_fields(config_cls)
+    out: list[str] = []
+    for title, names in flag_sections(config_cls).items():
+        out += [f"### {title}", "", SECTIONS[title], "", "| flag | default | meaning |", "|---|---|---|"]
+        for name in names:
+            f = leaves[name][1]
+            text = f.metadata.get("help", "").replace("|", "/")
+            if f.metadata.get("choices"):
+                text += " Choices: " + ", ".join(map(str, f.metadata["choices"])) + "."
+            out.append(f"| `--{name}` | {_default_cell(f)} | {text} |")
+        out.append("")
+    return "\n".join(out)
+
+
+def _default_cell(f: dataclasses.Field) -> str:
+    """A table's default: the value, or a pointer to the text where "unset" would say less than it."""
+    value = _field_default(f)
+    if value in (None, [], "") and names_default(f.metadata.get("help", "")):
+        return "see meaning"
+    return "`" + show_default(value).replace("|", "\\|") + "`"
 
 
 def config_to_dict(cfg: Any) -> dict[str, Any]:

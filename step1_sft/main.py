@@ -1,14 +1,16 @@
 """Step 1: supervised fine-tuning of a causal LM on prompt + chosen answer.
 
     # the built-in tiny model on the bundled sorting task, one process
-    python step1_sft/main.py --output_dir output/step1
-    # 2 ranks (GPUs, or CPU processes on gloo when there is no GPU)
-    deepspeed --num_gpus 2 step1_sft/main.py --model_name_or_path ./my-model --data_path ./data.jsonl
-        --zero_stage 3 --offload --lora_dim 8 --gradient_checkpointing --dtype bf16  (one line)
-    torchrun --nproc_per_node 2 step1_sft/main.py ...
+    python step1_sft/main.py --output_dir output/step1_sft
+    # 2 ranks (GPUs, or CPU processes on gloo when there is no GPU), ZeRO-3 with offload, LoRA
+    deepspeed --num_gpus 2 step1_sft/main.py --model_name_or_path ./my-model --data_path ./data.jsonl \\
+        --zero_stage 3 --offload --lora_dim 8 --gradient_checkpointing --dtype bf16 \\
+        --output_dir output/step1_sft
+    # the same with torchrun
+    torchrun --nproc_per_node 2 step1_sft/main.py --model_name_or_path ./my-model --data_path ./data.jsonl
 
-Every flag: `python step1_sft/main.py --help`. Writes a Hugging Face folder to --output_dir, with
-metrics.jsonl, curves.png and the resolved config.yaml.
+Writes a Hugging Face folder to --output_dir, with metrics.jsonl, curves.png and the resolved
+config.yaml.
 """
 from __future__ import annotations
 

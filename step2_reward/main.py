@@ -1,14 +1,15 @@
 """Step 2: train a reward model on (prompt, chosen, rejected) pairs.
 
     # the built-in tiny model on the bundled sorting task, one process
-    python step2_reward/main.py --output_dir output/step2
-    # from a step-1 output, 2 ranks (GPUs, or CPU processes on gloo)
-    deepspeed --num_gpus 2 step2_reward/main.py --model_name_or_path output/step1 --zero_stage 3 ...
+    python step2_reward/main.py --output_dir output/step2_reward
+    # from a step-1 output, 2 ranks (GPUs, or CPU processes on gloo), ZeRO-3
+    deepspeed --num_gpus 2 step2_reward/main.py --model_name_or_path output/step1_sft --zero_stage 3 \\
+        --output_dir output/step2_reward
 
-Every flag: `python step2_reward/main.py --help`. Writes a Hugging Face folder (a
-*ForSequenceClassification model, num_labels 1) to --output_dir that step 3 loads as critic and reward
-model and `AutoModelForSequenceClassification.from_pretrained` loads as is, plus reward_stats.json
-(score mean and std on the eval set), metrics.jsonl, curves.png and config.yaml.
+Writes a Hugging Face folder (a *ForSequenceClassification model, num_labels 1) to --output_dir
+that step 3 loads as critic and reward model and `AutoModelForSequenceClassification.from_pretrained`
+loads as is, plus reward_stats.json (score mean and std on the eval set), metrics.jsonl, curves.png
+and config.yaml.
 """
 from __future__ import annotations
 

@@ -30,6 +30,7 @@ from engine.config import ModelArgs
 from engine.data.sources import BUNDLED, load_source
 from engine.errors import UserError
 from engine.eval.compare import markdown_samples, markdown_table, run_model, summarize
+from engine.helptext import HelpFormatter
 from engine.models.inference import check_model_path, load_for_inference, load_reward_for_inference
 from engine.models.load import load_tokenizer
 from engine.models.reward_model import RewardModel
@@ -42,7 +43,7 @@ logger = logging.getLogger("engine")
 
 
 def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=HelpFormatter)
     p.add_argument("--models", nargs="+", required=True, metavar="NAME=PATH",
                    help="The actors to compare, the baseline first; a bare PATH is named after its folder.")
     p.add_argument("--reward_model", default=None, help="The step-2 folder that scores the answers (default: none; "
@@ -55,15 +56,17 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     p.add_argument("--max_prompt_seq_len", type=int, default=32, help="Longer prompts are skipped (step 3's rule).")
     p.add_argument("--max_answer_seq_len", type=int, default=16, help="New tokens per answer (at most).")
     p.add_argument("--greedy", action="store_true", help="Decode greedily instead of sampling.")
-    p.add_argument("--temperature", type=float, default=1.0)
-    p.add_argument("--top_p", type=float, default=1.0)
-    p.add_argument("--top_k", type=int, default=0)
-    p.add_argument("--batch_size", type=int, default=64)
+    p.add_argument("--temperature", type=float, default=1.0, help="Sampling temperature (step 3's default).")
+    p.add_argument("--top_p", type=float, default=1.0,
+                   help="Nucleus sampling: keep the smallest token set with this probability mass.")
+    p.add_argument("--top_k", type=int, default=0, help="Sample among the k most likely tokens (0: all).")
+    p.add_argument("--batch_size", type=int, default=64, help="Answers generated and scored at once.")
     p.add_argument("--seed", type=int, default=1234, help="Seed of the sampling (the same for every model) and, as the "
                    "steps' --seed, of carving held-out rows from a dataset without an eval split.")
     p.add_argument("--num_samples", type=int, default=12, help="Prompts shown in samples.md.")
-    p.add_argument("--output_dir", default="output/eval")
-    p.add_argument("--trust_remote_code", action="store_true")
+    p.add_argument("--output_dir", default="output/eval", help="Where the report and samples go.")
+    p.add_argument("--trust_remote_code", action="store_true",
+                   help="Allow model/tokenizer code from the model folders or hub to run.")
     args = p.parse_args(argv)
     if min(args.eval_prompts, args.samples_per_prompt, args.max_prompt_seq_len, args.max_answer_seq_len,
            args.batch_size) < 1:

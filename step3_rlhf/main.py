@@ -6,13 +6,16 @@ with a per-token KL penalty to a frozen reference; a critic (from step 2) estima
     # 2 ranks (GPUs, or CPU processes on gloo), ZeRO-3, hybrid generation, LoRA, EMA
     deepspeed --num_gpus 2 step3_rlhf/main.py --actor_model_name_or_path output/step1_sft \\
         --critic_model_name_or_path output/step2_reward --actor_zero_stage 3 --critic_zero_stage 3 \\
-        --enable_hybrid_engine --actor_lora_dim 8 --enable_ema ...
+        --enable_hybrid_engine --actor_lora_dim 8 --enable_ema --output_dir output/step3_rlhf
+    # critic-free: GRPO with 4 answers per prompt and the bundled task's rule as the reward
+    python step3_rlhf/main.py --advantage_estimator grpo --n_samples_per_prompt 4 \\
+        --reward_funcs engine.rewards.builtin:sort_rule --output_dir output/step3_grpo
 
-Every flag: `python step3_rlhf/main.py --help`. Writes actor/, critic/ and (with --enable_ema)
-actor_ema/ as Hugging Face folders to --output_dir, plus metrics.jsonl, curves.png and config.yaml.
-One PPO step = generate answers for --generation_batches prompt batches, score them (reference
-log-probs, critic values, reward-model scores), turn scores and KL into per-token rewards and GAE
-advantages, then --ppo_epochs passes of PPO updates over that experience.
+Writes actor/, critic/ and (with --enable_ema) actor_ema/ as Hugging Face folders to --output_dir,
+plus metrics.jsonl, curves.png and config.yaml. One PPO step = generate answers for
+--generation_batches prompt batches, score them (reference log-probs, critic values, reward-model
+scores), turn scores and KL into per-token rewards and GAE advantages, then --ppo_epochs passes of
+PPO updates over that experience.
 """
 from __future__ import annotations
 

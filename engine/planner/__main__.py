@@ -1,14 +1,14 @@
 """Will this step-3 run fit, and with which flags?
 
     python -m engine.planner --actor_model llama-2-7b --critic_model llama-2-7b --num_gpus 1 \\
-        --gpu_memory_gb 24 --max_prompt_seq_len 256 --max_answer_seq_len 256 [--json]
+        --gpu_memory_gb 24 --max_prompt_seq_len 256 --max_answer_seq_len 256
 
-Models: a shipped config name (see --list_models) or a Hugging Face folder. Step-3 flags given here
-(--actor_zero_stage 3, --offload, --actor_lora_dim 8, --reference_quantization 4bit, ...) are kept
-as given; the planner searches the others for the cheapest settings that fit: fewest offloads, fewest
-quantized roles, full fine-tuning before LoRA, the requested batch sizes (halved until they fit), no
-gradient checkpointing, the lowest ZeRO stages, the hybrid mode on. Exit status 0 when something fits,
-1 when nothing does (the message says how much is missing).
+Add --json for one JSON object. Models: a shipped config name (see --list_models) or a Hugging Face
+folder. Step-3 flags given here (--actor_zero_stage 3, --offload, --actor_lora_dim 8,
+--reference_quantization 4bit, ...) are kept as given; the planner searches the others for the cheapest
+settings that fit: fewest offloads, fewest quantized roles, full fine-tuning before LoRA, the requested
+batch sizes (halved until they fit), no gradient checkpointing, the lowest ZeRO stages, the hybrid mode
+on. Exit status 0 when something fits, 1 when nothing does (the message says how much is missing).
 
 The algorithm flags are step 3's: --advantage_estimator grpo (or any but gae) plans without a critic,
 --n_samples_per_prompt N with N answers per prompt, --kl_ctl 0 --kl_loss_coef 0 without a reference,
@@ -25,6 +25,7 @@ from typing import Any
 from engine.config import Step3Config
 from engine.errors import UserError
 from engine.flags import build_config, leaf_fields
+from engine.helptext import HelpFormatter
 from engine.planner.plan import Hardware, Knobs, Workload, algorithm_of, couple_lora, search
 from engine.planner.shapes import load_config, model_shape_of, shipped_models
 from engine.runtime.entry import run_main
@@ -48,7 +49,7 @@ def _bool(text: str) -> bool:
 
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="python -m engine.planner", description=__doc__,
-                                formatter_class=argparse.RawDescriptionHelpFormatter)
+                                formatter_class=HelpFormatter)
     p.add_argument("--actor_model", help="shipped config name or model folder of the actor")
     p.add_argument("--critic_model", help="of the critic and reward model (default: the actor's)")
     p.add_argument("--list_models", action="store_true", help="print the shipped model configs and exit")

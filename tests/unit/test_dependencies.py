@@ -67,3 +67,22 @@ def test_torch_is_pinned_by_release_so_any_build_of_it_satisfies_the_pin():
 
 def test_ci_installs_the_constraints():
     assert "-c requirements/ci-constraints.txt" in (ROOT / ".ci" / "run").read_text()
+
+
+@pytest.mark.parametrize("installed", ["2.13.0+cpu", "2.1.0+cpu", "2.13.0+cu128", "2.13.0"])
+def test_an_installed_torch_is_kept(installed):
+    """With torch installed, setup.py asks for a range that its build satisfies, so pip does not replace a
+    CPU build from PyTorch's CPU index with PyPI's CUDA one."""
+    tree = ast.parse((ROOT / "setup.py").read_text())
+    with_torch = next(n.value.body.value for n in tree.body
+                      if isinstance(n, ast.Assign) and getattr(n.targets[0], "id", "") == "torch_req")
+    assert Requirement(with_torch).specifier.contains(installed), with_torch
+
+
+def test_ci_installs_the_cpu_torch_on_a_machine_without_one():
+    """PyPI's torch==2.13.0 is the CUDA build with 19 NVIDIA packages; a CPU-only CI machine without torch
+    takes the CPU build from PyTorch's CPU index before the project's install."""
+    run = (ROOT / ".ci" / "run").read_text()
+    cpu = "pip install --quiet --disable-pip-version-check torch==2.13.0 --index-url https://download.pytorch.org/whl/cpu"
+    assert cpu in run and run.index(cpu) < run.index("-c requirements/ci-constraints.txt")
+    assert f"torch=={constraint_pins()['torch']} " in cpu  # the release CI tests
