@@ -89,7 +89,8 @@ def hub_error(name: str, err: Exception, role: str = "") -> UserError:
                          "Hugging Face model folder (config.json, weights, tokenizer files)")
     offline = offline_vars()
     if offline and not in_hub_cache(name):
-        return UserError(f"cannot load '{name}'{of_role}: offline mode is on ({'=1, '.join(offline)}=1) and the "
+        settings = ", ".join(f"{var}={os.environ[var]}" for var in offline)
+        return UserError(f"cannot load '{name}'{of_role}: offline mode is on ({settings}) and the "
                          f"Hugging Face cache does not hold it; unset {' and '.join(offline)} to download it once, "
                          "or pass a local model folder")
     return UserError(f"cannot load '{name}'{of_role} ({reason}); check the name, your network or HF_TOKEN, or pass "
