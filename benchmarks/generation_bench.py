@@ -67,7 +67,7 @@ class GatherCounter:
 
 def build_actor(args: argparse.Namespace, dist):
     model_args = ModelArgs(model_name_or_path=args.model_name_or_path)
-    path = resolve_model_path(model_args, args.seed, dist)
+    path = resolve_model_path(model_args, args.seed, dist, role="benchmarked")
     tok = load_tokenizer(path, model_args)
     tok.padding_side = "left"
     ds = DeepSpeedArgs(zero_stage=3, dtype=args.dtype)

@@ -52,13 +52,14 @@ logger = logging.getLogger("engine")
 def main(argv: Sequence[str] | None = None) -> None:
     cfg = parse_config(Step1Config, argv, description=__doc__)
     # Output folder, ranks, DeepSpeed config, tokenizer and data first: bad input fails before anything is written.
-    inputs = prepare_step(cfg, load_sft_data, collate_right_padded)
+    inputs = prepare_step(cfg, load_sft_data, collate_right_padded, role="sft")
     out, dist, ds_config, zero_stage = inputs.out, inputs.dist, inputs.ds_config, inputs.zero_stage
     tokenizer, model_path, schedule = inputs.tokenizer, inputs.model_path, inputs.schedule
     train_loader, eval_loader = inputs.train_loader, inputs.eval_loader
 
     # Model, LoRA, optimizer, DeepSpeed.
-    model = load_causal_lm(model_path, cfg.model, tokenizer, cfg.ds.dtype, ds_config, cfg.ds.gradient_checkpointing)
+    model = load_causal_lm(model_path, cfg.model, tokenizer, cfg.ds.dtype, ds_config, cfg.ds.gradient_checkpointing,
+                           role="sft")
     if cfg.lora.lora_dim > 0:
         model = apply_lora(model, cfg.lora)
     engine = init_trained_engine(model, ds_config, train=cfg.train, lora=cfg.lora, ds=cfg.ds,

@@ -15,7 +15,7 @@ from collections.abc import Sequence
 from engine.data.sort_task import generate as synthetic_rows
 from engine.data.sort_task import is_correct, parse_prompt
 from engine.errors import UserError
-from engine.models.inference import generate, load_for_inference
+from engine.models.inference import check_model_path, generate, load_for_inference
 from engine.runtime.entry import run_main
 
 logger = logging.getLogger("engine")
@@ -48,9 +48,12 @@ def main(argv: Sequence[str] | None = None) -> None:
         sampling["top_k"] = args.top_k
     if args.penalty_alpha is not None:
         sampling["penalty_alpha"] = args.penalty_alpha
+    models = {name: getattr(args, f"model_name_or_path_{name}") for name in ("baseline", "finetune")}
+    for name, path in models.items():  # both paths before either model is loaded
+        check_model_path(path, name, f"model_name_or_path_{name}")
     answers = {}
-    for name, path in (("baseline", args.model_name_or_path_baseline), ("finetune", args.model_name_or_path_finetune)):
-        model, tok = load_for_inference(path, args.trust_remote_code)
+    for name, path in models.items():
+        model, tok = load_for_inference(path, args.trust_remote_code, role=name, flag=f"model_name_or_path_{name}")
         answers[name] = generate(model, tok, prompts, args.max_new_tokens, **sampling)
     per_prompt = args.num_return_sequences
     for i, prompt in enumerate(prompts):

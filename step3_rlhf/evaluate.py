@@ -23,6 +23,7 @@ import json
 import logging
 from collections.abc import Sequence
 from pathlib import Path
+from typing import Any
 
 import torch
 
@@ -110,6 +111,28 @@ def held_out_prompts(data_path: list[str], tokenizer, width: int, limit: int, se
     return texts[:limit], ids[:limit]
 
 
+def checked_tokenizer(args: argparse.Namespace, paths: dict[str, str]) -> Any:
+    """The first model's tokenizer, once every model path the run reads is checked (`check_model_path`) and
+    shares its vocabulary; errors name the model (its --models name, reference or reward)."""
+    given = [(path, name, "models") for name, path in paths.items()]
+    given += [(path, role, flag) for path, role, flag in ((args.reference, "reference", "reference"),
+                                                           (args.reward_model, "reward", "reward_model")) if path]
+    for path, role, flag in given:
+        check_model_path(path, role, flag)
+    model_args = ModelArgs(trust_remote_code=args.trust_remote_code)
+    first, first_role = given[0][:2]
+    tokenizer = load_tokenizer(first, model_args, padding_side="left", role=first_role)
+    seen = {first}
+    for path, role, _ in given:
+        if path in seen:
+            continue
+        seen.add(path)
+        if load_tokenizer(path, model_args, padding_side="left", role=role).get_vocab() != tokenizer.get_vocab():
+            raise UserError(f"{path} (the {role} model) has another tokenizer than {first}; the models compared, the "
+                            "reference and the reward model must share one vocabulary")
+    return tokenizer
+
+
 def main(argv: Sequence[str] | None = None) -> None:
     logging.basicConfig(level=logging.INFO, format="%(message)s")
     args = parse_args(argv)
@@ -120,21 +143,13 @@ def main(argv: Sequence[str] | None = None) -> None:
 
     # Inputs first: every folder exists and shares one vocabulary, and the reward model is one, before
     # any answer is generated. Then one compared model at a time is in memory (with reference and RM).
-    model_args = ModelArgs(trust_remote_code=args.trust_remote_code)
-    for path in dict.fromkeys([*paths.values(), args.reference, args.reward_model]):
-        if path is not None:
-            check_model_path(path)
-    tokenizer = load_tokenizer(first, model_args, padding_side="left")
-    for path in dict.fromkeys([*paths.values(), args.reference, args.reward_model]):
-        if path in (None, first):
-            continue
-        if load_tokenizer(path, model_args, padding_side="left").get_vocab() != tokenizer.get_vocab():
-            raise UserError(f"{path} has another tokenizer than {first}; the models compared, the reference and "
-                            "the reward model must share one vocabulary")
-    reward = (RewardModel(load_reward_for_inference(args.reward_model, args.trust_remote_code)[0]).to(device).eval()
+    tokenizer = checked_tokenizer(args, paths)
+    reward = (RewardModel(load_reward_for_inference(args.reward_model, args.trust_remote_code,
+                                                    flag="reward_model")[0]).to(device).eval()
               if args.reward_model else None)
     ref_path = args.reference or first
-    reference = load_for_inference(ref_path, args.trust_remote_code)[0].to(device)
+    reference = load_for_inference(ref_path, args.trust_remote_code, role="reference" if args.reference else
+                                   next(iter(paths)), flag="reference" if args.reference else "models")[0].to(device)
     texts, prompt_ids = held_out_prompts(args.data_path, tokenizer, args.max_prompt_seq_len, args.eval_prompts,
                                          args.seed)
 
@@ -147,7 +162,8 @@ def main(argv: Sequence[str] | None = None) -> None:
     results = {}
     for name, path in paths.items():
         logger.info("answering %d held-out prompts %d times with %s (%s)", len(texts), k, name, path)
-        model = reference if path == ref_path else load_for_inference(path, args.trust_remote_code)[0].to(device)
+        model = (reference if path == ref_path else
+                 load_for_inference(path, args.trust_remote_code, role=name, flag="models")[0].to(device))
         results[name] = run_model(model, reference, reward, tokenizer, texts_k, ids_k, args.max_prompt_seq_len,
                                   gen_kwargs, args.batch_size, args.seed, device)
         del model

@@ -54,10 +54,10 @@ def engine_cache(tmp_path_factory) -> Path:
 @pytest.fixture(scope="session")
 def run_step(engine_cache):
     """run_step(script, args, nprocs=1) -> CompletedProcess; nprocs > 1 uses `launcher` (deepspeed or torchrun);
-    `env` adds variables to the offline environment."""
+    `env` adds variables to the offline environment; `umask` sets the process's (default: this one's)."""
 
     def run(script: str, args: list[str], nprocs: int = 1, timeout: int = 600, check: bool = True,
-            launcher: str = "deepspeed", env: dict[str, str] | None = None):
+            launcher: str = "deepspeed", env: dict[str, str] | None = None, umask: int = -1):
         env = offline_env(engine_cache) | (env or {})
         if nprocs == 1:
             cmd = [sys.executable, str(ROOT / script)]
@@ -69,7 +69,7 @@ def run_step(engine_cache):
             cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", str(nprocs),
                    "--master_port", port, str(ROOT / script)]
         proc = subprocess.run(cmd + ["--disable_tqdm", *args], cwd=ROOT, env=env, capture_output=True,
-                              text=True, timeout=timeout)
+                              text=True, timeout=timeout, umask=umask)
         if check and proc.returncode != 0:
             raise AssertionError(f"{script} failed ({proc.returncode}):\n{proc.stderr[-4000:]}\n{proc.stdout[-2000:]}")
         return proc

@@ -9,44 +9,53 @@ import torch
 from engine.config import ModelArgs
 from engine.errors import UserError
 from engine.models.load import load_tokenizer
+from engine.models.paths import check_model_source, hub_error, looks_local, who
+
+FOLDER_FIX = "; give a Hugging Face model folder (a step's --output_dir)"
+REWARD_FOLDER_FIX = "; give a step-2 --output_dir (a reward model folder)"
 
 
-def check_model_path(path: str) -> None:
-    """Refuse a local path that does not exist or holds no config.json (a hub name passes)."""
-    local = Path(path).expanduser()
-    if local.exists() and not (local / "config.json").is_file():
-        raise UserError(f"{path}: no config.json there; give a Hugging Face model folder (a step's --output_dir)")
-    if not local.exists() and (path.startswith((".", "/", "~")) or path.count("/") > 1):
-        raise UserError(f"{path}: no such model folder; give a Hugging Face model folder (a step's --output_dir) "
-                        "or a hub name")
+def check_model_path(path: str, role: str, flag: str, hint: str = "") -> str:
+    """`path` checked as the steps check theirs (`engine.models.paths`), plus: a local folder holds a
+    config.json. `role` and `flag` name the model in errors."""
+    source = check_model_source(path, role, flag, hint)
+    if Path(source).is_dir() and not (Path(source) / "config.json").is_file():
+        raise UserError(f"{who(role, flag)}: {path} has no config.json, so it is not a model folder"
+                        f"{hint or FOLDER_FIX}")
+    return source
 
 
-def _load_eval(auto_class: Any, path: str, trust_remote_code: bool, what: str) -> tuple[Any, Any]:
+def _load_eval(auto_class: Any, path: str, trust_remote_code: bool, role: str, flag: str,
+               hint: str = "") -> tuple[Any, Any]:
     """(`auto_class` model from `path` in eval mode, left-padding tokenizer); a failed load is a UserError."""
-    check_model_path(path)
-    tok = load_tokenizer(path, ModelArgs(trust_remote_code=trust_remote_code), padding_side="left")
+    path = check_model_path(path, role, flag, hint)
+    tok = load_tokenizer(path, ModelArgs(trust_remote_code=trust_remote_code), padding_side="left", role=role)
     try:
         model = auto_class.from_pretrained(path, trust_remote_code=trust_remote_code)
     except (OSError, ValueError) as err:
-        raise UserError(f"cannot load {what} '{path}': {str(err).splitlines()[0][:200]}") from None
+        raise hub_error(path, err, role) from None
     return model.eval(), tok
 
 
-def load_for_inference(path: str, trust_remote_code: bool = False) -> tuple[Any, Any]:
-    """(model in eval mode, left-padding tokenizer) from a Hugging Face folder or hub name."""
+def load_for_inference(path: str, trust_remote_code: bool = False, *, role: str = "chat",
+                       flag: str = "path") -> tuple[Any, Any]:
+    """(model in eval mode, left-padding tokenizer) from a Hugging Face folder or hub name; `role` and `flag`
+    name it in errors."""
     from transformers import AutoModelForCausalLM
 
-    return _load_eval(AutoModelForCausalLM, path, trust_remote_code, "model")
+    return _load_eval(AutoModelForCausalLM, path, trust_remote_code, role, flag)
 
 
-def load_reward_for_inference(path: str, trust_remote_code: bool = False) -> tuple[Any, Any]:
+def load_reward_for_inference(path: str, trust_remote_code: bool = False, *,
+                              flag: str = "model_name_or_path") -> tuple[Any, Any]:
     """(reward model in eval mode, tokenizer) from a step-2 folder: a plain Hugging Face
     `*ForSequenceClassification` with one label, as outside this engine."""
     from transformers import AutoModelForSequenceClassification
 
-    if not (Path(path).expanduser() / "config.json").is_file():
-        raise UserError(f"{path}: not a model folder (no config.json); give a step-2 --output_dir")
-    model, tok = _load_eval(AutoModelForSequenceClassification, path, trust_remote_code, "reward model")
+    if not looks_local(path):  # a step-2 folder, as before: the reward model is never fetched from the hub
+        raise UserError(f"{who('reward', flag)}: {path} is not a model folder here{REWARD_FOLDER_FIX}")
+    model, tok = _load_eval(AutoModelForSequenceClassification, path, trust_remote_code, "reward", flag,
+                            REWARD_FOLDER_FIX)
     if model.config.num_labels != 1:
         raise UserError(f"{path} has {model.config.num_labels} labels; a reward model has 1")
     return model, tok

@@ -17,6 +17,7 @@ import torch
 
 from engine.config import DataArgs, ModelArgs
 from engine.errors import UserError
+from engine.models.paths import check_model_source, hub_error
 from engine.preflight import missing_quantization_packages
 from engine.runtime.distributed import DistInfo, barrier
 from engine.runtime.ds_private import full_shape
@@ -30,12 +31,12 @@ DROPOUT_KEYS = ("dropout", "attention_dropout", "hidden_dropout", "activation_dr
 
 
 def resolve_model_path(model: ModelArgs, seed: int, dist: DistInfo, flag: str = "model_name_or_path",
-                       hint: str = "") -> str:
+                       hint: str = "", role: str = "sft") -> str:
     """The folder or hub name to load; builds the embedded tiny model when none is given.
 
     A local folder is checked here, before any data is read or anything written: it must hold a
-    config.json that transformers reads and weights. `flag` names the flag in error messages; `hint` is
-    appended to them (e.g. which step writes it).
+    config.json that transformers reads and weights (`engine.models.paths` says what counts as local).
+    `flag` and `role` name the model in error messages; `hint` is appended to them (e.g. which step writes it).
     """
     if model.model_name_or_path is None:
         from engine.models.tiny import ensure_tiny_model
@@ -44,17 +45,10 @@ def resolve_model_path(model: ModelArgs, seed: int, dist: DistInfo, flag: str = 
             ensure_tiny_model(seed)
         barrier()
         return str(ensure_tiny_model(seed))
-    path = Path(model.model_name_or_path).expanduser()
-    if path.is_dir():
-        check_model_folder(path, model, flag, hint)
-        return str(path)
-    if path.exists():
-        raise UserError(f"--{flag} {path} is a file, not a model folder; point at the folder holding config.json"
-                        f"{hint}")
-    if str(path).startswith((".", "/", "~")) or str(path).count("/") > 1:
-        raise UserError(f"--{flag} {model.model_name_or_path}: no such model folder"
-                        f"{hint or '; give a Hugging Face model folder or hub name'}")
-    return model.model_name_or_path  # a hub name
+    source = check_model_source(model.model_name_or_path, role, flag, hint)
+    if Path(source).is_dir():
+        check_model_folder(Path(source), model, flag, hint, role)
+    return source
 
 
 # The weight files transformers reads from a local folder (one file, or an index of shards).
@@ -62,32 +56,22 @@ WEIGHT_FILES = ("model.safetensors", "model.safetensors.index.json", "pytorch_mo
                 "pytorch_model.bin.index.json")
 
 
-def check_model_folder(path: Path, model: ModelArgs, flag: str, hint: str = "") -> None:
+def check_model_folder(path: Path, model: ModelArgs, flag: str, hint: str = "", role: str = "") -> None:
     """Refuse a local folder that is not a loadable Hugging Face model: no config.json, a config.json
     transformers cannot read, or no weights."""
     from transformers import AutoConfig
 
     if not (path / "config.json").is_file():
         raise UserError(f"--{flag} {path}: the folder has no config.json, so it is not a "
-                        "Hugging Face model folder (for a step output, point at the folder holding "
-                        f"config.json){hint}")
+                        f"Hugging Face model folder{f' for the {role} model' if role else ''} (for a step output, "
+                        f"point at the folder holding config.json){hint}")
     try:
         AutoConfig.from_pretrained(str(path), trust_remote_code=model.trust_remote_code)
     except (OSError, ValueError, KeyError) as err:
-        raise hub_error(str(path), err) from None
+        raise hub_error(str(path), err, role) from None
     if not any((path / name).is_file() for name in WEIGHT_FILES):
         raise UserError(f"--{flag} {path}: the folder has no weights (no {' or '.join(WEIGHT_FILES[::2])}); "
                         f"copy the complete model folder, or rerun the step that writes it{hint}")
-
-
-def hub_error(name: str, err: Exception) -> UserError:
-    """The UserError of a model or tokenizer transformers could not load, from a local folder or the hub."""
-    reason = f"{type(err).__name__}: {(str(err).splitlines() or [''])[0][:200]}"
-    if Path(name).expanduser().is_dir():
-        return UserError(f"cannot load the model folder {name} ({reason}); check that it is a complete Hugging Face "
-                         "model folder (config.json, weights, tokenizer files)")
-    return UserError(f"cannot load '{name}' ({reason}); check the name, your network or HF_TOKEN, or pass a local "
-                     "model folder")
 
 
 # Files of a saved tokenizer, one of which a local model folder needs (fast, sentencepiece, BPE or tiktoken
@@ -102,22 +86,24 @@ def has_tokenizer_files(folder: Path) -> bool:
 
 
 def load_tokenizer(path: str, model: ModelArgs | None = None, data: DataArgs | None = None, *,
-                   padding_side: str = "right") -> Any:
+                   padding_side: str = "right", role: str = "") -> Any:
     """The tokenizer of a model folder or hub name, with a pad token (eos when it has none, as DeepSpeed-Chat).
 
     Training pads on the right (`padding_side="right"`); generation pads prompts on the left ("left").
-    `model` gives trust_remote_code (default off); `data` adds its --eot_token with --add_eot_token."""
+    `model` gives trust_remote_code (default off); `data` adds its --eot_token with --add_eot_token; `role`
+    names the model in errors."""
     model = model or ModelArgs()
     from transformers import AutoTokenizer
 
     folder = Path(path).expanduser()
     if folder.is_dir() and not has_tokenizer_files(folder):
-        raise UserError(f"{path} has no tokenizer files (tokenizer.json, tokenizer_config.json, ...); save the "
-                        "tokenizer into the model folder (tokenizer.save_pretrained(folder))")
+        raise UserError(f"{path}{f' (the {role} model)' if role else ''} has no tokenizer files (tokenizer.json, "
+                        "tokenizer_config.json, ...); save the tokenizer into the model folder "
+                        "(tokenizer.save_pretrained(folder))")
     try:
         tok = AutoTokenizer.from_pretrained(path, padding_side=padding_side, trust_remote_code=model.trust_remote_code)
     except (OSError, ValueError, TypeError) as err:
-        raise hub_error(path, err) from None
+        raise hub_error(path, err, role) from None
     if tok.pad_token is None:
         if tok.eos_token is None:
             raise UserError(f"the tokenizer of {path} has neither a pad nor an eos token; add a pad "
@@ -230,20 +216,21 @@ def use_dequantizing_4bit_matmul(model: torch.nn.Module) -> None:
 
 def load_pretrained(auto_class: Any, path: str, model: ModelArgs, tokenizer: Any, dtype: str,
                     ds_config: dict[str, Any] | None, gradient_checkpointing: bool, quantization: str = "none",
-                    device: torch.device | None = None, **config_overrides: Any) -> torch.nn.Module:
+                    device: torch.device | None = None, *, role: str = "", **config_overrides: Any
+                    ) -> torch.nn.Module:
     """`auto_class.from_pretrained(path)` ready for `deepspeed.initialize` (partitioned under ZeRO-3).
 
     `quantization` ('none', '8bit', '4bit'): load the decoder's Linear weights with bitsandbytes (see
     `quantization_config`) whole onto `device` (default CPU); ZeRO-3 cannot partition them, so
     `ds_config` must not be a ZeRO-3 config then. `config_overrides` set config attributes first (e.g.
-    num_labels=1 for a reward model).
+    num_labels=1 for a reward model); `role` names the model in errors.
     """
     from transformers import AutoConfig
 
     try:
         hf_config = AutoConfig.from_pretrained(path, trust_remote_code=model.trust_remote_code)
     except (OSError, ValueError) as err:
-        raise hub_error(path, err) from None
+        raise hub_error(path, err, role) from None
     for key, value in config_overrides.items():
         setattr(hf_config, key, value)
     configure_model_config(hf_config, model, tokenizer.pad_token_id)
@@ -262,7 +249,7 @@ def load_pretrained(auto_class: Any, path: str, model: ModelArgs, tokenizer: Any
                 path, config=hf_config, dtype=DTYPES[dtype], attn_implementation=model.attn_implementation,
                 trust_remote_code=model.trust_remote_code, **quantized)
         except (OSError, ValueError) as err:
-            raise hub_error(path, err) from None
+            raise hub_error(path, err, role) from None
         resize_embeddings(loaded, tokenizer)
     if quantization == "4bit":
         use_dequantizing_4bit_matmul(loaded)
@@ -274,12 +261,12 @@ def load_pretrained(auto_class: Any, path: str, model: ModelArgs, tokenizer: Any
 
 def load_causal_lm(path: str, model: ModelArgs, tokenizer: Any, dtype: str,
                    ds_config: dict[str, Any] | None, gradient_checkpointing: bool, quantization: str = "none",
-                   device: torch.device | None = None) -> torch.nn.Module:
-    """A causal LM ready for `deepspeed.initialize` (`quantization`, `device`: see `load_pretrained`)."""
+                   device: torch.device | None = None, role: str = "") -> torch.nn.Module:
+    """A causal LM ready for `deepspeed.initialize` (`quantization`, `device`, `role`: see `load_pretrained`)."""
     from transformers import AutoModelForCausalLM
 
     return load_pretrained(AutoModelForCausalLM, path, model, tokenizer, dtype, ds_config, gradient_checkpointing,
-                           quantization, device)
+                           quantization, device, role=role)
 
 
 def meta_skeleton(model: torch.nn.Module) -> torch.nn.Module:

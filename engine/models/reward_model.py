@@ -16,6 +16,7 @@ import torch
 from engine.config import LoRAArgs, ModelArgs
 from engine.errors import UserError
 from engine.models.load import hf_model, load_pretrained, position_ids
+from engine.models.paths import hub_error
 from engine.rl.reward import end_scores
 
 logger = logging.getLogger("engine")
@@ -46,16 +47,16 @@ class RewardModel(torch.nn.Module):
 
 
 def load_reward_model(path: str, model: ModelArgs, tokenizer: Any, dtype: str, ds_config: dict[str, Any] | None,
-                      gradient_checkpointing: bool, quantization: str = "none", device: torch.device | None = None
-                      ) -> RewardModel:
+                      gradient_checkpointing: bool, quantization: str = "none", device: torch.device | None = None,
+                      role: str = "") -> RewardModel:
     """A reward model from a reward-model folder or, with a fresh value head, from a causal-LM folder.
 
     `quantization` ('none', '8bit', '4bit'), `device`: see `engine.models.load.load_pretrained`; the value head
-    is never quantized (transformers keeps a model's last Linear layer in full precision)."""
+    is never quantized (transformers keeps a model's last Linear layer in full precision); `role` names it in errors."""
     from transformers import AutoModelForSequenceClassification
 
     return RewardModel(load_pretrained(AutoModelForSequenceClassification, path, model, tokenizer, dtype, ds_config,
-                                       gradient_checkpointing, quantization, device, num_labels=1))
+                                       gradient_checkpointing, quantization, device, role=role, num_labels=1))
 
 
 def add_lora(model: RewardModel, lora: LoRAArgs) -> RewardModel:
@@ -67,17 +68,16 @@ def add_lora(model: RewardModel, lora: LoRAArgs) -> RewardModel:
     return model
 
 
-def check_reward_model_config(path: str, flag: str, trust_remote_code: bool) -> None:
+def check_reward_model_config(path: str, flag: str, trust_remote_code: bool, role: str = "reward") -> None:
     """Refuse a folder that is not a reward model (a *ForSequenceClassification with one label)."""
     from transformers import AutoConfig
 
     try:
         config = AutoConfig.from_pretrained(path, trust_remote_code=trust_remote_code)
     except (OSError, ValueError) as err:
-        from engine.models.load import hub_error
-
-        raise hub_error(path, err) from None
+        raise hub_error(path, err, role) from None
     archs = config.architectures or []
     if not any(a.endswith("ForSequenceClassification") for a in archs) or config.num_labels != 1:
-        raise UserError(f"--{flag} {path} is not a reward model (architectures {archs}, {config.num_labels} "
-                        "labels); pass the folder step 2 wrote (a *ForSequenceClassification with one label)")
+        raise UserError(f"--{flag} {path} (the {role} model) is not a reward model (architectures {archs}, "
+                        f"{config.num_labels} labels); pass the folder step 2 wrote (a *ForSequenceClassification "
+                        "with one label)")

@@ -33,6 +33,7 @@ from engine.errors import UserError
 from engine.models.ema import ema_update
 from engine.models.load import is_quantized, load_causal_lm, load_tokenizer, resolve_model_path
 from engine.models.lora import apply_lora
+from engine.models.paths import hub_error
 from engine.models.reward_model import add_lora, check_reward_model_config, load_reward_model
 from engine.runtime.distributed import DistInfo
 from engine.runtime.ds_config import (
@@ -80,16 +81,24 @@ class Roles:
         return frozen_zero_stage(self.actor_stage)
 
 
+def folder_role(cfg: Step3Config, flag_role: str) -> str:
+    """The role errors name for the folder of --<flag_role>_model_name_or_path: a critic-free run reads the
+    step-2 folder for its reward model only."""
+    return "reward" if flag_role == "critic" and cfg.critic_free else flag_role
+
+
 def resolve_paths(cfg: Step3Config, dist: DistInfo) -> tuple[str, str | None]:
     """(actor path, critic path or None when no role reads the step-2 folder), checked before anything is
     written: the folders exist, the critic is a reward model and the actor is not, prompt + answer fit the actor,
     and a --deepspeed_config agrees with the flags."""
     roles = ("actor", "critic") if cfg.needs_critic_folder else ("actor",)
     paths: list[str | None] = [resolve_model_path(cfg.role_model(role), cfg.train.seed, dist,
-                                                  flag=f"{role}_model_name_or_path", hint=ROLE_HINTS[role])
+                                                  flag=f"{role}_model_name_or_path", hint=ROLE_HINTS[role],
+                                                  role=folder_role(cfg, role))
                                for role in roles]
     if cfg.needs_critic_folder:
-        check_reward_model_config(paths[1], "critic_model_name_or_path", cfg.model.trust_remote_code)
+        check_reward_model_config(paths[1], "critic_model_name_or_path", cfg.model.trust_remote_code,
+                                  role=folder_role(cfg, "critic"))
     else:
         paths.append(None)
     check_context_length(paths[0], cfg)
@@ -105,12 +114,10 @@ def check_context_length(actor_path: str, cfg: Step3Config) -> None:
     (where its config says)."""
     from transformers import AutoConfig
 
-    from engine.models.load import hub_error
-
     try:
         config = AutoConfig.from_pretrained(actor_path, trust_remote_code=cfg.model.trust_remote_code)
     except (OSError, ValueError) as err:
-        raise hub_error(actor_path, err) from None
+        raise hub_error(actor_path, err, "actor") from None
     archs = config.architectures or []
     if any(a.endswith("ForSequenceClassification") for a in archs):
         raise UserError(f"--actor_model_name_or_path {actor_path} is a reward model, not a causal LM (architectures "
@@ -125,10 +132,10 @@ def check_context_length(actor_path: str, cfg: Step3Config) -> None:
 
 def load_step3_tokenizer(cfg: Step3Config, actor_path: str, critic_path: str | None) -> Any:
     """The actor's tokenizer; the reward model must use the same vocabulary (it scores the actor's ids)."""
-    tok = load_tokenizer(actor_path, cfg.role_model("actor"), cfg.data_args())
+    tok = load_tokenizer(actor_path, cfg.role_model("actor"), cfg.data_args(), role="actor")
     if critic_path is None:
         return tok
-    critic_tok = load_tokenizer(critic_path, cfg.role_model("critic"), cfg.data_args())
+    critic_tok = load_tokenizer(critic_path, cfg.role_model("critic"), cfg.data_args(), role=folder_role(cfg, "critic"))
     if tok.get_vocab() != critic_tok.get_vocab():
         raise UserError(f"the tokenizers of --actor_model_name_or_path {actor_path} and --critic_model_name_or_path "
                         f"{critic_path} differ; the reward model must share the actor's vocabulary (train step 2 "
@@ -211,7 +218,7 @@ def build_roles(cfg: Step3Config, dist: DistInfo, tokenizer: Any, actor_path: st
     # Actor (+ LoRA; a 4-bit base with --actor_quantization) and its frozen reference.
     actor_config = actor_ds_config(cfg, world, ptx)
     actor = load_causal_lm(actor_path, actor_args, tokenizer, dtype, actor_config, ds.actor_gradient_checkpointing,
-                           ds.actor_quantization, device)
+                           ds.actor_quantization, device, role="actor")
     actor_lora = cfg.role_lora("actor")
     if actor_lora.lora_dim > 0:
         actor = apply_lora(actor, actor_lora)
@@ -221,7 +228,7 @@ def build_roles(cfg: Step3Config, dist: DistInfo, tokenizer: Any, actor_path: st
         quantize_nontrainable_params(actor_engine)
     ref_config = _frozen_config(cfg, ds.reference_quantization, ds.actor_zero_stage, ds.offload_reference_model, world)
     reference = (_init_frozen(load_causal_lm(actor_path, actor_args, tokenizer, dtype, ref_config, False,
-                                             ds.reference_quantization, device), ref_config)
+                                             ds.reference_quantization, device, role="reference"), ref_config)
                  if cfg.needs_reference else None)
 
     # Critic (+ LoRA) and the frozen reward model, both from the step-2 folder, when the run has them.
@@ -230,7 +237,7 @@ def build_roles(cfg: Step3Config, dist: DistInfo, tokenizer: Any, actor_path: st
                      _critic_role(cfg, critic_path, critic_args, tokenizer, total_steps, world))
     reward_config = _frozen_config(cfg, ds.reward_quantization, ds.critic_zero_stage, ds.offload_reward_model, world)
     reward = (_init_frozen(load_reward_model(critic_path, critic_args, tokenizer, dtype, reward_config, False,
-                                             ds.reward_quantization, device), reward_config)
+                                             ds.reward_quantization, device, role="reward"), reward_config)
               if cfg.needs_reward_model else None)
 
     ema_engine = _ema_role(cfg, actor_engine, actor_path, tokenizer, dist) if cfg.ppo.enable_ema else None
@@ -240,7 +247,7 @@ def build_roles(cfg: Step3Config, dist: DistInfo, tokenizer: Any, actor_path: st
                        "compares the actor with the same quantized base", ds.actor_quantization,
                        ds.reference_quantization, ds.actor_quantization)
     # What a saved 4-bit actor is made of: the base re-read in --dtype on the CPU, LoRA merged into it.
-    full_precision = (partial(load_causal_lm, actor_path, actor_args, tokenizer, dtype, None, False)
+    full_precision = (partial(load_causal_lm, actor_path, actor_args, tokenizer, dtype, None, False, role="actor")
                       if ds.actor_quantization != "none" else None)
     roles = Roles(actor_engine, critic_engine, reference, reward, ema_engine, ds.actor_zero_stage, ds.critic_zero_stage,
                   full_precision)
@@ -260,7 +267,7 @@ def _critic_role(cfg: Step3Config, critic_path: str, critic_args: Any, tokenizer
     """The critic engine (+ LoRA), started from the step-2 reward model."""
     critic_config = critic_ds_config(cfg, world)
     critic = load_reward_model(critic_path, critic_args, tokenizer, cfg.ds.dtype, critic_config,
-                               cfg.ds.critic_gradient_checkpointing)
+                               cfg.ds.critic_gradient_checkpointing, role="critic")
     critic_lora = cfg.role_lora("critic")
     if critic_lora.lora_dim > 0:
         critic = add_lora(critic, critic_lora)
@@ -276,7 +283,7 @@ def _ema_role(cfg: Step3Config, actor_engine: Any, actor_path: str, tokenizer: A
     ema_config = _frozen_config(cfg, ds.actor_quantization, ds.actor_zero_stage, ds.offload_reference_model,
                                 dist.world_size)
     ema = load_causal_lm(actor_path, cfg.role_model("actor"), tokenizer, ds.dtype, ema_config, False,
-                         ds.actor_quantization, dist.device)
+                         ds.actor_quantization, dist.device, role="ema")
     actor_lora = cfg.role_lora("actor")
     if actor_lora.lora_dim > 0:
         with torch.random.fork_rng(devices=[]):  # its LoRA init is overwritten; keep the RNG stream

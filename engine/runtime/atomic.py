@@ -1,7 +1,10 @@
 """Safe files: every write that readers must see whole or not at all, and the private cache folder.
 
 Every temp-and-rename in the engine goes through this module. The temp file or folder is made beside its
-target (the same file system, so the rename is atomic) and removed whatever happens.
+target (the same file system, so the rename is atomic) and removed whatever happens. What is published gets
+the modes a plain `open()` or `mkdir()` would give (0666 and 0777 less the process umask), not the private
+0600 and 0700 of `mkstemp` and `mkdtemp`, which a rename keeps: a teammate, a web server or a container with
+another uid can read the outputs whenever the umask lets them.
 
 - `write_atomically`: one file, written to a temp file and renamed over `path`.
 - `publish_folder`: a finished staging folder becomes an output the user asked for (a model folder, the
@@ -33,6 +36,31 @@ def cache_root() -> Path:
     return base / "rlhf_engine"
 
 
+def process_umask() -> int:
+    """The process umask. Linux shows it in /proc/self/status; elsewhere it is read by setting it, briefly, to
+    the private 077 (a file another thread creates meanwhile is then private, never too open)."""
+    try:
+        for line in Path("/proc/self/status").read_text().splitlines():
+            if line.startswith("Umask:"):
+                return int(line.split()[1], 8)
+    except (OSError, ValueError, IndexError):
+        pass
+    mask = os.umask(0o077)
+    os.umask(mask)
+    return mask
+
+
+def apply_umask(root: Path) -> None:
+    """Give `root` and everything under it the modes of a plain `mkdir()` / `open()`: folders (and files with an
+    owner execute bit, e.g. a copied script) 0777 less the umask, other files 0666 less the umask."""
+    mask = process_umask()
+    for path in [root, *root.rglob("*")]:
+        if path.is_symlink():
+            continue
+        executable = path.is_dir() or path.stat().st_mode & 0o100
+        os.chmod(path, (0o777 if executable else 0o666) & ~mask)
+
+
 def write_atomically(path: Path, data: str | bytes | Callable[[Path], None], *, fsync: bool = False) -> None:
     """Write `data` (text as UTF-8; or a function that writes the file at the path it is given, such as
     safetensors' `save_file`) to a temp file beside `path`, then rename it over `path`: readers never see
@@ -48,6 +76,7 @@ def write_atomically(path: Path, data: str | bytes | Callable[[Path], None], *, 
         if fsync:
             with open(tmp, "rb") as f:
                 os.fsync(f.fileno())
+        os.chmod(tmp, 0o666 & ~process_umask())
         os.replace(tmp, path)
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
@@ -81,6 +110,7 @@ def publish_folder(staging: Path, target: Path, *, model: bool = True) -> None:
     """Move a finished staging folder to `target` (newest wins, see the module docstring). A `model` folder
     is replaced file by file with `config.json` last, so a crash never leaves a loadable half and files of
     the user's own in it stay; any other folder is replaced whole."""
+    apply_umask(staging)
     if not target.exists():
         os.rename(staging, target)
         return

@@ -157,18 +157,19 @@ class StepInputs:
     schedule: Schedule
 
 
-def prepare_step(cfg: Any, load_data: Callable[..., tuple[Any, Any]], collate: Callable[..., Any]) -> StepInputs:
+def prepare_step(cfg: Any, load_data: Callable[..., tuple[Any, Any]], collate: Callable[..., Any],
+                 role: str) -> StepInputs:
     """Output folder, distributed set-up and seed, DeepSpeed config, model path, tokenizer, data loaders and
     schedule of step 1 or 2, in this order: bad input fails before anything is written.
 
     load_data: `(data_args, tokenizer, cache_dir, seed, dist) -> (train_set, eval_set)`.
-    collate: a collate function taking `pad_id`."""
+    collate: a collate function taking `pad_id`. role: what errors call the model ("sft", "reward")."""
     out = check_output_dir(cfg.log.output_dir, resume=cfg.log.resume)
     dist = init_distributed(cfg.train.seed, peer_timeout=cfg.fault.peer_timeout)
     setup_logging(dist.is_main)
     ds_config = build_ds_config(cfg.ds, cfg.train, dist.world_size)
-    model_path = resolve_model_path(cfg.model, cfg.train.seed, dist)
-    tokenizer = load_tokenizer(model_path, cfg.model, cfg.data)
+    model_path = resolve_model_path(cfg.model, cfg.train.seed, dist, role=role)
+    tokenizer = load_tokenizer(model_path, cfg.model, cfg.data, role=role)
     cache_dir = Path(cfg.data.data_output_path or out / "data_cache")
     train_set, eval_set = load_data(cfg.data, tokenizer, cache_dir, cfg.train.seed, dist)
     collate_fn = partial(collate, pad_id=tokenizer.pad_token_id)

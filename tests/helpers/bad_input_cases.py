@@ -134,6 +134,14 @@ def model_flag(step: int, role: str = "actor") -> str:
     return f"--{role}_model_name_or_path" if step == 3 else "--model_name_or_path"
 
 
+def hub_shaped_missing(c: Ctx) -> str:
+    """`<a folder of the working directory>/no-such-model` (the runner's working directory: the repository)."""
+    here = next((p.name for p in sorted(Path.cwd().iterdir()) if p.is_dir() and not p.name.startswith(".")), None)
+    if here is None:
+        raise Skip("the working directory has no folder to name a path under")
+    return f"{here}/no-such-model"
+
+
 def model(build_folder: Callable[[Ctx], str], role: str = "actor") -> Callable[[Ctx, int], list[str]]:
     return lambda c, step: [model_flag(step, role), build_folder(c)]
 
@@ -290,6 +298,15 @@ CASES: list[Case] = [
     Case("missing-critic-folder", "step 3's critic folder does not exist", (3,),
          model(lambda c: str(c.dir / "no-model"), "critic"), "no such model folder", "run step 2 first",
          names="--critic_model_name_or_path"),
+    Case("hub-shaped-missing-folder", "a missing path shaped like a hub name (owner/name) whose first folder is "
+         "here, as output/nope", PAIRS, model(hub_shaped_missing), "no such model folder",
+         "give a Hugging Face model folder"),
+    Case("hub-shaped-missing-actor-folder", "step 3's actor path, missing and shaped like a hub name (output/nope)",
+         (3,), model(hub_shaped_missing), "no such model folder", "run step 1 first",
+         names="--actor_model_name_or_path (the actor model)"),
+    Case("uncached-hub-model-offline", "a hub model name the Hugging Face cache lacks, with HF_HUB_OFFLINE=1 (or "
+         "TRANSFORMERS_OFFLINE=1)", ALL, model(lambda c: "acme/uncached-model"), "offline mode is on",
+         "unset HF_HUB_OFFLINE to download it once"),
     Case("model-path-is-a-file", "the model path is a file, not a folder", ALL,
          model(lambda c: c.write("model.bin", "x")), "is a file, not a model folder",
          "point at the folder holding config.json"),

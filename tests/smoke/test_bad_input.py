@@ -56,6 +56,19 @@ def test_user_error_is_refused_cleanly(case_id, bad_input_run):
     assert left == [], f"the refused run created, changed or removed {left}"
 
 
+# The model-path cases are refused before any model is loaded or the hub is asked (online, a hub-shaped missing
+# path once retried the hub for 49.5 s). The runner calls the mains in one process: the time is the checks', not
+# the imports'.
+MODEL_PATH_CASES = ("missing-model-folder", "missing-actor-folder", "missing-critic-folder",
+                    "hub-shaped-missing-folder", "hub-shaped-missing-actor-folder", "uncached-hub-model-offline")
+
+
+@pytest.mark.parametrize("case_id", [i for i in case_ids() if cases_by_id()[i][0].name in MODEL_PATH_CASES])
+def test_a_bad_model_path_is_refused_in_seconds(case_id, bad_input_run):
+    result = bad_input_run[case_id]
+    assert result["exit"] == 2 and result["seconds"] < 15, result
+
+
 def test_read_only_output_dir_is_refused_where_the_os_says_so(monkeypatch, tmp_path):
     # The output-dir-read-only case is skipped as root (root writes anywhere); this checks the same path.
     import os

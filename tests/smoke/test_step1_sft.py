@@ -37,6 +37,18 @@ def test_eval_perplexity_falls_and_artifacts_exist(sft_run):
     assert {"train/loss", "train/lr"} <= set(read_metrics(sft_run)[1])
 
 
+def test_outputs_follow_the_umask(run_step, tmp_path):
+    # Under umask 027 a plain open() gives 0640 and mkdir() 0750; before the fix model.safetensors, config.yaml
+    # and curves.png kept mkstemp's 0600 and published folders mkdtemp's 0700.
+    out = tmp_path / "sft"
+    run_step("step1_sft/main.py", ["--output_dir", str(out), *SMALL, "--test_stop_step", "2"], umask=0o027)
+    found = {str(p.relative_to(out)): oct(p.stat().st_mode & 0o777) for p in [out, *out.rglob("*")]}
+    for name in ("model.safetensors", "config.yaml", "curves.png", "config.json", "metrics.jsonl"):
+        assert found.pop(name) == "0o640", name
+    assert found.pop(".") == "0o750"
+    assert set(found.values()) <= {"0o640", "0o750"}, found
+
+
 def test_all_parameters_trained(sft_run, engine_cache):
     base, trained = tiny_base(engine_cache), load_file(str(sft_run / "model.safetensors"))
     assert base.keys() == trained.keys()

@@ -161,4 +161,5 @@ def test_rw_eval_scores_pairs_and_prompts(rm_run, tmp_path):
     assert len(scores) == 2 and scores[0] > scores[1]
     proc = subprocess.run([sys.executable, script, "--model_name_or_path", str(tmp_path / "nope"), "--prompt", "x",
                            "--response", "y"], capture_output=True, text=True, timeout=300)
-    assert proc.returncode == 2 and "not a model folder" in proc.stderr and "Traceback" not in proc.stderr
+    assert proc.returncode == 2 and "Traceback" not in proc.stderr
+    assert "(the reward model): no such model folder" in proc.stderr and "give a step-2 --output_dir" in proc.stderr

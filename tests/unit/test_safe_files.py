@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import ast
 import json
+import os
 import tempfile
 from pathlib import Path
 
@@ -214,3 +215,61 @@ def test_publish_folder_replaces_a_non_model_folder_whole(tmp_path):
         publish_folder(staging, target, model=False)
     assert [p.name for p in target.iterdir()] == ["summary.json"]
     assert [p.name for p in tmp_path.iterdir()] == ["report"]  # no staging or deleted folder left
+
+
+# ----------------------------------------------------------------------------------------------
+# (d) published outputs follow the umask, not mkstemp's 0600 / mkdtemp's 0700
+# ----------------------------------------------------------------------------------------------
+@pytest.fixture(params=[(0o022, 0o644, 0o755), (0o027, 0o640, 0o750)], ids=["umask022", "umask027"])
+def umask_modes(request):
+    """(file mode, folder mode) a plain open() / mkdir() gives under the umask this sets (restored after)."""
+    mask, file_mode, folder_mode = request.param
+    old = os.umask(mask)
+    yield file_mode, folder_mode
+    os.umask(old)
+
+
+def modes(root: Path) -> dict[str, str]:
+    return {str(p.relative_to(root)): oct(p.stat().st_mode & 0o777) for p in sorted(root.rglob("*"))}
+
+
+def test_process_umask_is_read_without_proc_too(umask_modes, monkeypatch):
+    from engine.runtime.atomic import process_umask
+
+    mask = 0o777 & ~umask_modes[1]
+    assert process_umask() == mask
+    monkeypatch.setattr(Path, "read_text", lambda self, *a, **k: (_ for _ in ()).throw(OSError("no /proc")))
+    assert process_umask() == mask and process_umask() == mask  # the fallback restores what it read
+
+
+def test_published_files_and_folders_follow_the_umask(tmp_path, umask_modes):
+    from engine.runtime.atomic import publish_folder, staging_folder, write_atomically
+
+    file_mode, folder_mode = oct(umask_modes[0]), oct(umask_modes[1])
+    write_atomically(tmp_path / "config.yaml", "a: 1\n")
+    write_atomically(tmp_path / "model.safetensors", lambda tmp: tmp.write_bytes(b"w"), fsync=True)
+    for name, model in (("report", False), ("actor", True)):
+        with staging_folder(tmp_path / name) as staging:
+            (staging / "sub").mkdir()
+            write_atomically(staging / "sub" / "curves.png", b"png")  # private temp file inside a private folder
+            write_atomically(staging / "config.json", "{}")
+            publish_folder(staging, tmp_path / name, model=model)
+    with staging_folder(tmp_path / "actor") as staging:  # a model folder replaced file by file
+        write_atomically(staging / "model.safetensors", b"w2")
+        write_atomically(staging / "config.json", "{}")
+        publish_folder(staging, tmp_path / "actor")
+    expected = {"config.yaml": file_mode, "model.safetensors": file_mode, "actor/model.safetensors": file_mode}
+    for name in ("report", "actor"):
+        expected |= {name: folder_mode, f"{name}/config.json": file_mode, f"{name}/sub": folder_mode,
+                     f"{name}/sub/curves.png": file_mode}
+    assert modes(tmp_path) == expected
+
+
+def test_an_executable_file_keeps_its_execute_bits(tmp_path, umask_modes):
+    from engine.runtime.atomic import publish_folder, staging_folder
+
+    with staging_folder(tmp_path / "ckpt") as staging:
+        (staging / "zero_to_fp32.py").write_text("print()")
+        os.chmod(staging / "zero_to_fp32.py", 0o700)
+        publish_folder(staging, tmp_path / "ckpt", model=False)
+    assert modes(tmp_path)["ckpt/zero_to_fp32.py"] == oct(umask_modes[1])
