@@ -230,7 +230,7 @@ def build_roles(cfg: Step3Config, dist: DistInfo, tokenizer: Any, actor_path: st
                      _critic_role(cfg, critic_path, critic_args, tokenizer, total_steps, world))
     reward_config = _frozen_config(cfg, ds.reward_quantization, ds.critic_zero_stage, ds.offload_reward_model, world)
     reward = (_init_frozen(load_reward_model(critic_path, critic_args, tokenizer, dtype, reward_config, False,
-                                             ds.reward_quantization, device), reward_config)
+                                             ds.reward_quantization, device, role="reward"), reward_config)
               if cfg.needs_reward_model else None)
 
     ema_engine = _ema_role(cfg, actor_engine, actor_path, tokenizer, dist) if cfg.ppo.enable_ema else None
@@ -260,7 +260,7 @@ def _critic_role(cfg: Step3Config, critic_path: str, critic_args: Any, tokenizer
     """The critic engine (+ LoRA), started from the step-2 reward model."""
     critic_config = critic_ds_config(cfg, world)
     critic = load_reward_model(critic_path, critic_args, tokenizer, cfg.ds.dtype, critic_config,
-                               cfg.ds.critic_gradient_checkpointing)
+                               cfg.ds.critic_gradient_checkpointing, role="critic")
     critic_lora = cfg.role_lora("critic")
     if critic_lora.lora_dim > 0:
         critic = add_lora(critic, critic_lora)
