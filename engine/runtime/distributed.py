@@ -50,6 +50,10 @@ def init_distributed(seed: int, peer_timeout: float = 0.0) -> DistInfo:
     peer_timeout > 0 with more than one rank starts the peer watchdog (engine/runtime/watchdog.py): if a rank
     dies or fails, the others stop within that many seconds, naming it; `run_main` stops it at the end.
     0 (the default, for callers without a --peer_timeout flag): no watchdog."""
+    if "DS_ACCELERATOR" not in os.environ and not torch.cuda.is_available():
+        # What DeepSpeed picks on a machine without a GPU, said up front: it then skips its warning
+        # "Setting accelerator to CPU. If you have GPU or other accelerator, we were unable to detect it".
+        os.environ["DS_ACCELERATOR"] = "cpu"
     import deepspeed
 
     if "RANK" not in os.environ:  # plain `python main.py`: a world of one
