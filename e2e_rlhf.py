@@ -72,7 +72,7 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     p.add_argument("--output-dir", "--output_dir", default="./output", help="Where everything goes.")
     p.add_argument("--verbose", action="store_true",
                    help="Also show the DeepSpeed launcher's INFO lines and DeepSpeed's own (output/logs/ has the "
-                   "launcher's either way); sets RLHF_ENGINE_VERBOSE=1 for the steps.")
+                   "launcher's either way); sets RLHF_ENGINE_VERBOSE=1 for the steps (setting it does the same).")
     for n in (1, 2, 3):
         p.add_argument(f"--step{n}-args", f"--step{n}_args", default="", metavar="FLAGS",
                        help=f"Extra flags for {STEP_DIRS[n]}/main.py, as one string: --step{n}-args=\"--flag value\".")
@@ -166,9 +166,9 @@ def script_for(step: int, family: str, model: str, deployment: str) -> Path:
 
 def plan(args: argparse.Namespace, out: Path, family: str, reward: str, deployment: str) -> list[Stage]:
     """The stages to run: the chosen steps' launch scripts, then (after step 3) the evaluation."""
-    from engine.runtime.distributed import VERBOSE_ENV
+    from engine.runtime.distributed import VERBOSE_ENV, verbose_wanted
 
-    env = stage_env(deployment, args.cpu_ranks) | ({VERBOSE_ENV: "1"} if args.verbose else {})
+    env = stage_env(deployment, args.cpu_ranks) | ({VERBOSE_ENV: "1"} if verbose_wanted(args.verbose) else {})
     ranks = {"cpu": str(args.cpu_ranks), "single_gpu": "1", "single_node": ""}.get(deployment, "")
     sft, rm, rlhf = (out / STEP_DIRS[n] for n in (1, 2, 3))
     positional = {1: [sft, args.actor_zero_stage], 2: [rm, args.reward_zero_stage],
@@ -226,7 +226,9 @@ def run_stage(stage: Stage, args: argparse.Namespace, out: Path) -> float:
     stage.log.parent.mkdir(parents=True, exist_ok=True)
     start = time.perf_counter()
     tail = bytearray()  # the end of the output, for the error message
-    console = LauncherLines(verbose=args.verbose, hide_hostfile=args.deployment_type != "multi_node")
+    from engine.runtime.distributed import verbose_wanted
+
+    console = LauncherLines(verbose=verbose_wanted(args.verbose), hide_hostfile=args.deployment_type != "multi_node")
     with open(stage.log, "wb") as log:
         proc = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
                                 env={**os.environ, **stage.env}, start_new_session=True)

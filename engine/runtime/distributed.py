@@ -103,7 +103,7 @@ def all_reduce_max(values: list[float], device: torch.device) -> list[float]:
     return t.tolist()
 
 
-# Set (to anything but 0) to see DeepSpeed's INFO lines and the launcher's full output; --verbose does the same.
+# Set (to anything but 0) to see DeepSpeed's INFO lines in a step and the launcher's lines in e2e_rlhf.py's console.
 VERBOSE_ENV = "RLHF_ENGINE_VERBOSE"
 
 
