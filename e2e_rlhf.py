@@ -259,7 +259,7 @@ def run_stage(stage: Stage, args: argparse.Namespace, out: Path) -> float:
 
 
 class LauncherLines:
-    """Keeps the DeepSpeed launcher's INFO lines off the console (33 lines of up to 900 characters in the
+    """Keeps the DeepSpeed launcher's INFO lines off the console (30 lines of up to 878 characters in the
     demo: the command of every rank, its environment) unless --verbose; the stage's log keeps them. Its
     warnings and errors pass, but for "Unable to find hostfile", expected on one machine. Complete lines
     are filtered; an unfinished one passes at once (a progress bar) unless it may be a launcher line."""
