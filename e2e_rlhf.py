@@ -31,6 +31,7 @@ from __future__ import annotations
 
 import argparse
 import os
+import re
 import shlex
 import shutil
 import signal
@@ -85,6 +86,9 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
                    "(CPU ranks on gloo; tiny model only). Default: single_gpu with a GPU, else cpu.")
     p.add_argument("--cpu-ranks", "--cpu_ranks", type=int, default=2, help="Ranks of the cpu deployment.")
     p.add_argument("--output-dir", "--output_dir", default="./output", help="Where everything goes.")
+    p.add_argument("--verbose", action="store_true",
+                   help="Also show the DeepSpeed launcher's INFO lines and DeepSpeed's own (output/logs/ has the "
+                   "launcher's either way); sets RLHF_ENGINE_VERBOSE=1 for the steps (setting it does the same).")
     for n in (1, 2, 3):
         p.add_argument(f"--step{n}-args", f"--step{n}_args", default="", metavar="FLAGS",
                        help=f"Extra flags for {STEP_DIRS[n]}/main.py, as one string: --step{n}-args=\"--flag value\".")
@@ -197,7 +201,9 @@ def script_for(step: int, family: str, model: str, deployment: str, algorithm: s
 
 def plan(args: argparse.Namespace, out: Path, family: str, reward: str, deployment: str) -> list[Stage]:
     """The stages to run: the chosen steps' launch scripts, then (after step 3) the evaluation."""
-    env = stage_env(deployment, args.cpu_ranks)
+    from engine.runtime.distributed import VERBOSE_ENV, verbose_wanted
+
+    env = stage_env(deployment, args.cpu_ranks) | ({VERBOSE_ENV: "1"} if verbose_wanted(args.verbose) else {})
     ranks = {"cpu": str(args.cpu_ranks), "single_gpu": "1", "single_node": ""}.get(deployment, "")
     sft, rm, rlhf = out / STEP_DIRS[1], out / STEP_DIRS[2], out / step3_folder(args.algorithm)
     positional = {1: [sft, args.actor_zero_stage], 2: [rm, args.reward_zero_stage],
@@ -259,16 +265,20 @@ def run_stage(stage: Stage, args: argparse.Namespace, out: Path) -> float:
     stage.log.parent.mkdir(parents=True, exist_ok=True)
     start = time.perf_counter()
     tail = bytearray()  # the end of the output, for the error message
+    from engine.runtime.distributed import verbose_wanted
+
+    console = LauncherLines(verbose=verbose_wanted(args.verbose), hide_hostfile=args.deployment_type != "multi_node")
     with open(stage.log, "wb") as log:
         proc = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
                                 env={**os.environ, **stage.env}, start_new_session=True)
         try:
             while chunk := os.read(proc.stdout.fileno(), 1 << 16):
-                sys.stdout.buffer.write(chunk)
+                sys.stdout.buffer.write(console.feed(chunk))
                 sys.stdout.buffer.flush()
                 log.write(chunk)
                 tail += chunk
                 del tail[:-TAIL_BYTES]
+            sys.stdout.buffer.write(console.flush())
             code = proc.wait()
         except KeyboardInterrupt:
             os.killpg(proc.pid, signal.SIGTERM)
@@ -285,6 +295,45 @@ def run_stage(stage: Stage, args: argparse.Namespace, out: Path) -> float:
         sys.exit(code if code > 0 else 1)
     print(f"=== {stage.name} done in {seconds:.0f} s", flush=True)
     return seconds
+
+
+class LauncherLines:
+    """Keeps the DeepSpeed launcher's INFO lines off the console (30 lines of up to 878 characters in the
+    demo: the command of every rank, its environment) unless --verbose; the stage's log keeps them. Its
+    warnings and errors pass, but for "Unable to find hostfile", expected on one machine. Complete lines
+    are filtered; an unfinished one passes at once (a progress bar) unless it may be a launcher line."""
+
+    def __init__(self, verbose: bool, hide_hostfile: bool):
+        hidden = [] if verbose else [LAUNCHER_INFO] + ([LAUNCHER_HOSTFILE] if hide_hostfile else [])
+        self.hidden = re.compile(rb"|".join(hidden)) if hidden else None
+        self.pending = b""
+
+    def feed(self, chunk: bytes) -> bytes:
+        if self.hidden is None:
+            return chunk
+        head, newline, tail = (self.pending + chunk).rpartition(b"\n")
+        shown = self.hidden.sub(b"", head + newline)
+        start = LAUNCHER_PREFIX.search(tail)  # a launcher line still being written: wait for its end
+        cut = start.start() if start else len(tail)
+        self.pending = tail[cut:]
+        return shown + tail[:cut]
+
+    def flush(self) -> bytes:
+        """What is still held when the stage ends (its last line had no newline)."""
+        rest, self.pending = self.pending, b""
+        if self.hidden is None or not rest:
+            return rest
+        shown = self.hidden.sub(b"", rest + b"\n")
+        return shown[:-1] if shown.endswith(b"\n") else shown
+
+
+# The launcher's log lines: "[2026-12-07 03:42:45,867] [INFO] [runner.py:618:main] cmd = ...". A line may
+# follow a progress bar's last update on the same line (no newline in between): matched anywhere.
+LAUNCHER_STAMP = rb"\[\d{4}-\d\d-\d\d \d\d:\d\d:\d\d,\d+\] "
+LAUNCHER_INFO = LAUNCHER_STAMP + rb"\[(?:DEBUG|INFO)\] \[(?:runner|launch)\.py:\d+:\w+\][^\n]*\n"
+LAUNCHER_HOSTFILE = LAUNCHER_STAMP + rb"\[WARNING\] \[runner\.py:\d+:fetch_hostfile\][^\n]*\n"
+# The start of a stamp, possibly cut short by the end of a read.
+LAUNCHER_PREFIX = re.compile(rb"\[\d{4}-\d\d-\d\d [^\]\n]*(?:\][^\n]*)?$|\[[\d\-: ,]{0,25}$")
 
 
 def restart_command(argv: list[str], steps: list[int]) -> str:

@@ -257,6 +257,9 @@ class LogArgs:
         False, "Continue from the last complete checkpoint in --output_dir (an incomplete or truncated one, "
         "e.g. from a kill during a save, is skipped with a warning).")
     disable_tqdm: bool = arg(False, "No progress bar.")
+    verbose: bool = arg(
+        False, "Also show DeepSpeed's INFO lines (its configuration, timers); RLHF_ENGINE_VERBOSE=1 does the "
+        "same and reaches the step through a launch script. Warnings and errors show either way.")
 
     def problems(self) -> list[str]:
         out = []

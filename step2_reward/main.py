@@ -158,8 +158,8 @@ def train_step(run: RunContext, batches: list[dict], step: int, guard: BadStepGu
                                   cfg.reward.rm_margin, cfg.reward.rm_l2_coef, pair_count=normaliser)
         nonfinite = not (torch.isfinite(values).all() and torch.isfinite(loss))  # an inf score can give a finite loss
         n_pairs = values.shape[0] // 2
-        sums += torch.tensor([float(loss) * normaliser, float(stats["accuracy"]) * n_pairs, n_pairs, float(nonfinite)],
-                             dtype=torch.float64)
+        sums += torch.tensor([float(loss.detach()) * normaliser, float(stats["accuracy"]) * n_pairs, n_pairs,
+                              float(nonfinite)], dtype=torch.float64)
         engine.backward(loss)
         faults.mid_step(step)
         engine.step()

@@ -35,7 +35,7 @@ from engine.data.unsupervised import collate_blocks, load_ptx_data
 from engine.errors import UserError
 from engine.eval.compare import rule_checks
 from engine.flags import parse_config, save_config_yaml
-from engine.models.load import hf_model
+from engine.models.load import hf_model, keep_bitsandbytes_out
 from engine.models.roles import Roles, build_roles, load_step3_tokenizer, resolve_paths
 from engine.observe.metrics import plot_curves
 from engine.observe.perf import (
@@ -116,8 +116,10 @@ def main(argv: Sequence[str] | None = None) -> None:
 def build(cfg: Step3Config) -> Run:
     """Distributed set-up and seed, inputs checked, data, the roles and the PPO trainer, resumed with --resume."""
     out = check_output_dir(cfg.log.output_dir, resume=cfg.log.resume)
+    keep_bitsandbytes_out(quantized=any(q != "none" for q in (cfg.ds.actor_quantization, cfg.ds.reference_quantization,
+                                                               cfg.ds.reward_quantization)))
     dist = init_distributed(cfg.train.seed, peer_timeout=cfg.fault.peer_timeout)
-    setup_logging(dist.is_main)
+    setup_logging(dist.is_main, cfg.log.verbose)
 
     # Inputs first: bad folders or data fail before anything is written.
     actor_path, critic_path = resolve_paths(cfg, dist)

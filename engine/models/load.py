@@ -9,6 +9,7 @@ from __future__ import annotations
 import contextlib
 import copy
 import logging
+import sys
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -153,6 +154,18 @@ def resize_embeddings(model: torch.nn.Module, tokenizer: Any) -> None:
         model.resize_token_embeddings(len(tokenizer), pad_to_multiple_of=8)
 
 
+def keep_bitsandbytes_out(quantized: bool) -> None:
+    """Make bitsandbytes unimportable in a process that quantizes no role (call before transformers loads).
+
+    peft imports bitsandbytes whenever it is installed, and transformers imports peft for its learning-rate
+    schedules, so every run paid for it: on a CPU with AVX512-BF16 (bitsandbytes 0.50) the import asks
+    the hub for a kernel, costs seconds and logs a warning per rank advising trust_remote_code=True.
+    A None entry in sys.modules is Python's documented way to block an import: `import` raises
+    ImportError and `importlib.util.find_spec` returns None, so peft and transformers see no bitsandbytes."""
+    if not quantized and "bitsandbytes" not in sys.modules:
+        sys.modules["bitsandbytes"] = None  # type: ignore[assignment]
+
+
 def quantization_config(quantization: str, dtype: str) -> Any:
     """transformers' `BitsAndBytesConfig` of a --*_quantization value (None for 'none').
 
@@ -216,14 +229,15 @@ def use_dequantizing_4bit_matmul(model: torch.nn.Module) -> None:
 
 def load_pretrained(auto_class: Any, path: str, model: ModelArgs, tokenizer: Any, dtype: str,
                     ds_config: dict[str, Any] | None, gradient_checkpointing: bool, quantization: str = "none",
-                    device: torch.device | None = None, *, role: str = "", **config_overrides: Any
-                    ) -> torch.nn.Module:
+                    device: torch.device | None = None, loading_info: dict[str, Any] | None = None, *,
+                    role: str = "", **config_overrides: Any) -> torch.nn.Module:
     """`auto_class.from_pretrained(path)` ready for `deepspeed.initialize` (partitioned under ZeRO-3).
 
     `quantization` ('none', '8bit', '4bit'): load the decoder's Linear weights with bitsandbytes (see
     `quantization_config`) whole onto `device` (default CPU); ZeRO-3 cannot partition them, so
-    `ds_config` must not be a ZeRO-3 config then. `config_overrides` set config attributes first (e.g.
-    num_labels=1 for a reward model); `role` names the model in errors.
+    `ds_config` must not be a ZeRO-3 config then. `loading_info`: filled with transformers' missing and
+    unexpected keys. `config_overrides` set config attributes first (e.g. num_labels=1 for a reward model);
+    `role` names the model in errors.
     """
     from transformers import AutoConfig
 
@@ -247,7 +261,10 @@ def load_pretrained(auto_class: Any, path: str, model: ModelArgs, tokenizer: Any
         try:
             loaded = auto_class.from_pretrained(
                 path, config=hf_config, dtype=DTYPES[dtype], attn_implementation=model.attn_implementation,
-                trust_remote_code=model.trust_remote_code, **quantized)
+                trust_remote_code=model.trust_remote_code, output_loading_info=loading_info is not None, **quantized)
+            if loading_info is not None:
+                loaded, info = loaded
+                loading_info.update(info)
         except (OSError, ValueError) as err:
             raise hub_error(path, err, role) from None
         resize_embeddings(loaded, tokenizer)

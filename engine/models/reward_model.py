@@ -8,7 +8,9 @@ per-token values that step 3's critic needs.
 """
 from __future__ import annotations
 
+import contextlib
 import logging
+from collections.abc import Iterator
 from typing import Any
 
 import torch
@@ -48,15 +50,58 @@ class RewardModel(torch.nn.Module):
 
 def load_reward_model(path: str, model: ModelArgs, tokenizer: Any, dtype: str, ds_config: dict[str, Any] | None,
                       gradient_checkpointing: bool, quantization: str = "none", device: torch.device | None = None,
-                      role: str = "") -> RewardModel:
+                      role: str = "reward") -> RewardModel:
     """A reward model from a reward-model folder or, with a fresh value head, from a causal-LM folder.
 
     `quantization` ('none', '8bit', '4bit'), `device`: see `engine.models.load.load_pretrained`; the value head
-    is never quantized (transformers keeps a model's last Linear layer in full precision); `role` names it in errors."""
+    is never quantized (transformers keeps a model's last Linear layer in full precision). `role` names the
+    model in errors and in the one line that says whether the value head is new or loaded."""
     from transformers import AutoModelForSequenceClassification
 
-    return RewardModel(load_pretrained(AutoModelForSequenceClassification, path, model, tokenizer, dtype, ds_config,
-                                       gradient_checkpointing, quantization, device, role=role, num_labels=1))
+    info: dict[str, Any] = {}
+    with held_load_report() as held:
+        loaded = load_pretrained(AutoModelForSequenceClassification, path, model, tokenizer, dtype, ds_config,
+                                 gradient_checkpointing, quantization, device, loading_info=info, role=role,
+                                 num_labels=1)
+    new_head = any(key.split(".")[0] == HEAD for key in info.get("missing_keys", ()))
+    if not expected_load_report(info, new_head):
+        for record in held:  # something other than the value head differs: show transformers' own report
+            logging.getLogger(record.name).handle(record)
+    logger.info("%s: value head (%s) %s %s", role, HEAD,
+                "new, randomly initialised on top of" if new_head else "loaded from", path)
+    return RewardModel(loaded)
+
+
+# transformers logs its load report (missing and unexpected weights) as one WARNING record of this logger.
+LOAD_REPORT_LOGGER = "transformers.modeling_utils"
+
+
+@contextlib.contextmanager
+def held_load_report() -> Iterator[list[logging.LogRecord]]:
+    """Hold back transformers' load report while a model loads; yields the held records."""
+    held: list[logging.LogRecord] = []
+
+    def hold(record: logging.LogRecord) -> bool:
+        if "LOAD REPORT" in str(record.msg):
+            held.append(record)
+            return False
+        return True
+
+    report_logger = logging.getLogger(LOAD_REPORT_LOGGER)
+    report_logger.addFilter(hold)
+    try:
+        yield held
+    finally:
+        report_logger.removeFilter(hold)
+
+
+def expected_load_report(info: dict[str, Any], new_head: bool) -> bool:
+    """Whether a reward model's load report says only what is expected: nothing, or, for a value head made
+    on a causal LM, that the head is new and the LM's output layer is left out. Anything else (a missing
+    decoder weight, a size mismatch) is worth the user's attention."""
+    missing = [k for k in info.get("missing_keys", ()) if k.split(".")[0] != HEAD]
+    unexpected = [k for k in info.get("unexpected_keys", ()) if not (new_head and k.split(".")[0] == "lm_head")]
+    return not (missing or unexpected or info.get("mismatched_keys") or info.get("error_msgs"))
 
 
 def add_lora(model: RewardModel, lora: LoRAArgs) -> RewardModel:

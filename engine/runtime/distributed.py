@@ -12,6 +12,7 @@ import warnings
 from dataclasses import dataclass
 
 import torch
+from tqdm import tqdm
 
 from engine.runtime import watchdog
 
@@ -49,6 +50,10 @@ def init_distributed(seed: int, peer_timeout: float = 0.0) -> DistInfo:
     peer_timeout > 0 with more than one rank starts the peer watchdog (engine/runtime/watchdog.py): if a rank
     dies or fails, the others stop within that many seconds, naming it; `run_main` stops it at the end.
     0 (the default, for callers without a --peer_timeout flag): no watchdog."""
+    if "DS_ACCELERATOR" not in os.environ and not torch.cuda.is_available():
+        # What DeepSpeed picks on a machine without a GPU, said up front: it then skips its warning
+        # "Setting accelerator to CPU. If you have GPU or other accelerator, we were unable to detect it".
+        os.environ["DS_ACCELERATOR"] = "cpu"
     import deepspeed
 
     if "RANK" not in os.environ:  # plain `python main.py`: a world of one
@@ -98,11 +103,39 @@ def all_reduce_max(values: list[float], device: torch.device) -> list[float]:
     return t.tolist()
 
 
-def setup_logging(is_main: bool) -> None:
-    """Rank 0 logs at INFO; the other ranks only warnings and errors."""
-    logging.basicConfig(level=logging.INFO if is_main else logging.WARNING,
+# Set (to anything but 0) to see DeepSpeed's INFO lines in a step and the launcher's lines in e2e_rlhf.py's console.
+VERBOSE_ENV = "RLHF_ENGINE_VERBOSE"
+
+
+def verbose_wanted(flag: bool = False) -> bool:
+    """--verbose, or RLHF_ENGINE_VERBOSE set (the form that reaches a step through a launch script)."""
+    return flag or os.environ.get(VERBOSE_ENV, "0") not in ("", "0")
+
+
+class TqdmLogHandler(logging.StreamHandler):
+    """A console handler that writes through `tqdm.write`: it clears the progress bar, prints the line and
+    redraws the bar, so a log line never lands glued to the bar."""
+
+    def emit(self, record: logging.LogRecord) -> None:
+        try:
+            tqdm.write(self.format(record), file=self.stream)
+        except Exception:  # logging's contract: a failing handler reports and never raises
+            self.handleError(record)
+
+
+def setup_logging(is_main: bool, verbose: bool = False) -> None:
+    """Rank 0 logs at INFO; the other ranks only warnings and errors. DeepSpeed's own INFO lines only when
+    `verbose_wanted(verbose)`; its warnings and errors always."""
+    logging.basicConfig(level=logging.INFO if is_main else logging.WARNING, handlers=[TqdmLogHandler()],
                         format="%(asctime)s %(levelname)s %(message)s", datefmt="%H:%M:%S", force=True)
     # Deprecation notices from transformers/torch internals, once per rank, bury the training log.
     warnings.filterwarnings("ignore", category=FutureWarning)
-    for noisy in ("DeepSpeed", "deepspeed", "torch.distributed", "httpx", "datasets"):
+    for noisy in ("torch.distributed", "httpx", "datasets"):
         logging.getLogger(noisy).setLevel(logging.WARNING)
+    # DeepSpeed's logger has its own stdout handler with its own level: both must change.
+    ds_level = logging.INFO if verbose_wanted(verbose) and is_main else logging.WARNING
+    for name in ("DeepSpeed", "deepspeed"):
+        ds_logger = logging.getLogger(name)
+        ds_logger.setLevel(ds_level)
+        for handler in ds_logger.handlers:
+            handler.setLevel(ds_level)

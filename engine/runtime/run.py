@@ -13,7 +13,7 @@ import torch
 
 from engine.errors import UserError
 from engine.flags import config_to_dict, save_config_yaml
-from engine.models.load import load_tokenizer, resolve_model_path
+from engine.models.load import keep_bitsandbytes_out, load_tokenizer, resolve_model_path
 from engine.observe.metrics import MetricsLogger
 from engine.runtime.distributed import DistInfo, init_distributed, setup_logging
 from engine.runtime.engines import build_ds_config
@@ -165,8 +165,9 @@ def prepare_step(cfg: Any, load_data: Callable[..., tuple[Any, Any]], collate: C
     load_data: `(data_args, tokenizer, cache_dir, seed, dist) -> (train_set, eval_set)`.
     collate: a collate function taking `pad_id`. role: what errors call the model ("sft", "reward")."""
     out = check_output_dir(cfg.log.output_dir, resume=cfg.log.resume)
+    keep_bitsandbytes_out(quantized=False)  # steps 1 and 2 quantize nothing
     dist = init_distributed(cfg.train.seed, peer_timeout=cfg.fault.peer_timeout)
-    setup_logging(dist.is_main)
+    setup_logging(dist.is_main, cfg.log.verbose)
     ds_config = build_ds_config(cfg.ds, cfg.train, dist.world_size)
     model_path = resolve_model_path(cfg.model, cfg.train.seed, dist, role=role)
     tokenizer = load_tokenizer(model_path, cfg.model, cfg.data, role=role)
