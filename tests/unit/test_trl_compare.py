@@ -62,15 +62,16 @@ def test_bad_settings_are_refused(bench, flags, message):
         bench.parse_args(flags)
 
 
-def fake_run(trainer, seed, successes, step_s, wall_s=10.0):
+def fake_run(trainer, seed, successes, step_s, startup_s=10.0):
     curve = [{"step": 10 * i, "completions": 640 * i, "rule_success": s} for i, s in enumerate(successes)]
-    return {"trainer": trainer, "seed": seed, "curve": curve, "step_s": step_s, "wall_s": wall_s, "versions": {}}
+    return {"trainer": trainer, "seed": seed, "curve": curve, "step_s": step_s, "startup_s": startup_s,
+            "eval_s": 1.0, "wall_s": startup_s + sum(step_s) + 1.0, "versions": {}}
 
 
 def test_report_means_medians_and_verdict_on_made_up_runs(bench):
     runs = [fake_run("trl", 1, [0.25, 0.30, 0.40], [1.0, 3.0, 2.0]),
-            fake_run("ours", 1, [0.25, 0.35, 0.45], [0.5, 0.7, 0.6], wall_s=6.8),
-            fake_run("ours", 2, [0.25, 0.25, 0.40], [0.4, 0.8, 0.9], wall_s=7.1),
+            fake_run("ours", 1, [0.25, 0.35, 0.45], [0.5, 0.7, 0.6], startup_s=4.5),
+            fake_run("ours", 2, [0.25, 0.25, 0.40], [0.4, 0.8, 0.9], startup_s=5.5),
             fake_run("trl", 2, [0.25, 0.30, 0.30], [2.0, 2.5, 1.5])]
     report = bench.build_report(runs, {"steps": 20})
     assert [(r["trainer"], r["seed"]) for r in report["runs"]] == [("ours", 1), ("ours", 2), ("trl", 1), ("trl", 2)]
@@ -83,12 +84,14 @@ def test_report_means_medians_and_verdict_on_made_up_runs(bench):
     assert ours["curve_completions"] == [0, 640, 1280]
     # medians over all six steps: ours 0.4 0.5 0.6 0.7 0.8 0.9 -> 0.65; trl 1.0 1.5 2.0 2.0 2.5 3.0 -> 2.0
     assert ours["step_s_median"] == pytest.approx(0.65) and trl["step_s_median"] == pytest.approx(2.0)
-    # start-up = wall - timed steps: (6.8 - 1.8 + 7.1 - 2.1) / 2 = 5.0
+    # start-up: the mean of the runs' (4.5 + 5.5) / 2
     assert ours["startup_s_mean"] == pytest.approx(5.0)
     assert report["verdict"] == {"curve_at_least_as_high": True, "step_faster": True}
 
     text = bench.markdown(report)
-    assert "| ours | 1 | 0.250 | 0.350 | 0.450 | 0.600 | 5.0 |" in text
+    assert "| ours | 1 | 0.250 | 0.350 | 0.450 | 0.600 | 4.5 |" in text
+    assert "ours: mean rule success over the evaluations after step 0 0.36" in text
+    assert "at the last 0.425; median step 0.650 s" in text
     assert "| **trl** | mean | **0.250** | **0.300** | **0.350** | **2.000** |" in text
     assert "at least as high at every evaluation: **yes**; our step faster: **yes**" in text
 
