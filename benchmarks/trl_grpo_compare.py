@@ -262,7 +262,7 @@ def worker(args: argparse.Namespace) -> None:
     import torch
     import transformers
 
-    began = time.perf_counter()
+    began, load_before = time.perf_counter(), os.getloadavg()[0]
     out = Path(args.work_dir) / f"{args.worker}_seed{args.seed}"
     shutil.rmtree(out, ignore_errors=True)
     versions = {"torch": torch.__version__, "transformers": transformers.__version__}
@@ -276,7 +276,9 @@ def worker(args: argparse.Namespace) -> None:
         result = run_ours(args, out)
     total = time.perf_counter() - began
     # start-up: what is neither a timed step nor an evaluation (imports, model and data loading, set-up)
+    # the 1-minute load average before and after: on a shared machine, what the times were measured beside
     result |= {"trainer": args.worker, "seed": args.seed, "versions": versions, "wall_s": total,
+               "load_average": [load_before, os.getloadavg()[0]],
                "startup_s": total - sum(result["step_s"]) - result["eval_s"]}
     Path(args.result).write_text(json.dumps(result))
 
