@@ -8,7 +8,7 @@ and time per optimizer step, for both trainers and several seeds, interleaved in
 
 Both trainers start from the same step-1 model (`--sft_model`, or one built here by step1_sft/main.py from the
 built-in tiny model, as the GRPO learning test builds it), train on the bundled task's training prompts with
-the rule reward `engine.rewards.builtin:sort_rule`, and share every setting that matters (SETTINGS in the
+the rule reward `engine.rewards.builtin:sort_rule`, and share every setting that matters (`settings` in the
 JSON): group size, sampling (temperature 1, top_p 1, top_k 0), learning rate (constant, no warm-up), Adam
 betas, gradient clip, batch (`--prompts_per_step` prompts x `--group_size` completions: TRL counts
 `per_device_train_batch_size` in completions), answer length, one optimizer step per generation, fp32, no
@@ -62,7 +62,7 @@ def parse_args(argv: Sequence[str]) -> argparse.Namespace:
                    "one into --work_dir/sft with step1_sft/main.py from the built-in tiny model.")
     p.add_argument("--work_dir", default="output/trl_grpo_compare", help="Run folders (replaced) and the SFT model.")
     p.add_argument("--seeds", type=int, nargs="+", default=[1, 2, 3])
-    p.add_argument("--steps", type=int, default=40, help="Optimizer steps of each run (one per prompt batch).")
+    p.add_argument("--steps", type=int, default=60, help="Optimizer steps of each run (one per prompt batch).")
     p.add_argument("--prompts_per_step", type=int, default=8)
     p.add_argument("--group_size", type=int, default=8, help="Completions per prompt (GRPO's N).")
     p.add_argument("--learning_rate", type=float, default=1e-3, help="Constant, no warm-up, for both.")
@@ -259,10 +259,10 @@ def run_trl(args: argparse.Namespace, out: Path) -> dict[str, Any]:
 
 def worker(args: argparse.Namespace) -> None:
     """One (trainer, seed) run: its result as JSON in --result."""
+    began, load_before = time.perf_counter(), os.getloadavg()[0]
     import torch
     import transformers
 
-    began, load_before = time.perf_counter(), os.getloadavg()[0]
     out = Path(args.work_dir) / f"{args.worker}_seed{args.seed}"
     shutil.rmtree(out, ignore_errors=True)
     versions = {"torch": torch.__version__, "transformers": transformers.__version__}
@@ -275,12 +275,14 @@ def worker(args: argparse.Namespace) -> None:
         versions["deepspeed"] = deepspeed.__version__
         result = run_ours(args, out)
     total = time.perf_counter() - began
-    # start-up: what is neither a timed step nor an evaluation (imports, model and data loading, set-up)
-    # the 1-minute load average before and after: on a shared machine, what the times were measured beside
+    from engine.runtime.atomic import write_atomically
+
+    # start-up: what is neither a timed step nor an evaluation (imports, model and data loading, set-up; not
+    # the interpreter's own start). The 1-minute load average before and after: what the times were beside.
     result |= {"trainer": args.worker, "seed": args.seed, "versions": versions, "wall_s": total,
                "load_average": [load_before, os.getloadavg()[0]],
                "startup_s": total - sum(result["step_s"]) - result["eval_s"]}
-    Path(args.result).write_text(json.dumps(result))
+    write_atomically(Path(args.result), json.dumps(result))
 
 
 # ----------------------------------------------------------------------------------------------
@@ -398,11 +400,11 @@ def markdown(report: dict[str, Any]) -> str:
 
 
 def drive(args: argparse.Namespace) -> dict[str, Any]:
-    trl_version = require_trl()  # before any model is built: a missing TRL costs nothing
+    trl_version = require_trl()  # before anything is built or written: a missing TRL costs nothing
+    if args.sft_model is not None and not (Path(args.sft_model) / "config.json").exists():
+        raise UserError(f"--sft_model {args.sft_model}: not a model folder (no config.json); give step 1's output")
     Path(args.work_dir).mkdir(parents=True, exist_ok=True)
     args.sft_model = args.sft_model or build_sft(args)
-    if not (Path(args.sft_model) / "config.json").exists():
-        raise UserError(f"--sft_model {args.sft_model}: not a model folder (no config.json); give step 1's output")
     runs = []
     for i, seed in enumerate(args.seeds):  # interleaved: the order of the trainers alternates
         for trainer in (TRAINERS if i % 2 == 0 else TRAINERS[::-1]):

@@ -47,6 +47,14 @@ def test_trl_outside_the_tested_range_is_refused(bench, monkeypatch, version, ok
             bench.require_trl()
 
 
+def test_a_bad_sft_model_is_refused_before_anything_is_written(bench, monkeypatch, tmp_path):
+    monkeypatch.setitem(sys.modules, "trl", types.SimpleNamespace(__version__="1.16.0"))
+    work = tmp_path / "work"
+    with pytest.raises(UserError, match="not a model folder"):
+        bench.main(["--work_dir", str(work), "--sft_model", str(tmp_path / "missing")])
+    assert not work.exists()
+
+
 def test_setup_py_trl_extra_is_the_script_requirement(bench):
     tree = ast.parse((ROOT / "setup.py").read_text())
     call = next(n for n in ast.walk(tree) if isinstance(n, ast.Call) and getattr(n.func, "id", "") == "setup")
