@@ -49,5 +49,7 @@ setup(
         "dev": ["pytest>=8", "pytest-xdist>=3.5", "ruff>=0.17"],
         "flash": ["flash-attn>=2.5"],
         "wandb": ["wandb"],
+        # benchmarks/trl_grpo_compare.py only (its TRL_REQUIREMENT); tested with trl 1.16.0 on transformers 5.25
+        "trl": ["trl>=1.16.0,<1.17"],
     },
 )
