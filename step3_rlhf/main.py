@@ -60,7 +60,15 @@ from engine.runtime.distributed import DistInfo, all_reduce_max, all_reduce_sum,
 from engine.runtime.ds_config import DTYPE_BYTES
 from engine.runtime.ds_private import full_numel
 from engine.runtime.entry import run_main
-from engine.runtime.run import Schedule, check_output_dir, epoch_windows, make_loader, start_run, to_device
+from engine.runtime.run import (
+    Schedule,
+    check_inputs,
+    check_output_dir,
+    epoch_windows,
+    make_loader,
+    start_run,
+    to_device,
+)
 
 logger = logging.getLogger("engine")
 EMA_FILE = "actor_ema.safetensors"
@@ -113,6 +121,7 @@ def main(argv: Sequence[str] | None = None) -> None:
 def build(cfg: Step3Config) -> Run:
     """Distributed set-up and seed, inputs checked, data, the roles and the PPO trainer, resumed with --resume."""
     out = check_output_dir(cfg.log.output_dir, resume=cfg.log.resume)
+    check_inputs(cfg)  # before DeepSpeed's start-up, which can take a minute the first time
     dist = init_distributed(cfg.train.seed, peer_timeout=cfg.fault.peer_timeout)
     setup_logging(dist.is_main)
 

@@ -40,6 +40,18 @@ def check_output_dir(output_dir: str, resume: bool = False) -> Path:
     return path
 
 
+def check_inputs(cfg: Any) -> None:
+    """The input checks that read only the file system (today: the --data_path entries), run before the process
+    group starts: DeepSpeed's start-up can take a minute the first time (engine/runtime/op_builds.py), and a
+    typo must not wait for it."""
+    from engine.data.sources import data_path_problem
+
+    for spec in list(cfg.data.data_path) + list(getattr(cfg.data, "sft_only_data_path", [])):
+        problem = data_path_problem(spec)
+        if problem:
+            raise UserError(problem)
+
+
 class ResumableSampler(torch.utils.data.DistributedSampler):
     """A DistributedSampler that can start part-way through an epoch (for --resume)."""
 
@@ -158,12 +170,13 @@ class StepInputs:
 
 
 def prepare_step(cfg: Any, load_data: Callable[..., tuple[Any, Any]], collate: Callable[..., Any]) -> StepInputs:
-    """Output folder, distributed set-up and seed, DeepSpeed config, model path, tokenizer, data loaders and
-    schedule of step 1 or 2, in this order: bad input fails before anything is written.
+    """Output folder, data paths, distributed set-up and seed, DeepSpeed config, model path, tokenizer, data
+    loaders and schedule of step 1 or 2, in this order: bad input fails before anything is written.
 
     load_data: `(data_args, tokenizer, cache_dir, seed, dist) -> (train_set, eval_set)`.
     collate: a collate function taking `pad_id`."""
     out = check_output_dir(cfg.log.output_dir, resume=cfg.log.resume)
+    check_inputs(cfg)
     dist = init_distributed(cfg.train.seed, peer_timeout=cfg.fault.peer_timeout)
     setup_logging(dist.is_main)
     ds_config = build_ds_config(cfg.ds, cfg.train, dist.world_size)
