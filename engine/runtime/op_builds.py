@@ -144,7 +144,7 @@ def _judging(lock: Path) -> Iterator[None]:
 def _stale(lock: Path, ours: bool) -> None:
     if not ours:
         raise UserError(f"{lock} is a lock left by a DeepSpeed op build that stopped part-way (no process on this "
-                        f"machine holds it); if no other machine builds into {lock.parent}, remove it: rm {lock}")
+                        f"machine holds it); if no other machine builds into that folder, remove it: rm {lock}")
     lock.unlink(missing_ok=True)
     logger.warning("removed %s, a lock left by a build of DeepSpeed's %s op that stopped part-way (no process "
                    "holds it); building it again", lock, lock.parent.name)

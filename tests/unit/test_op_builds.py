@@ -1,46 +1,24 @@
 """DeepSpeed's op builds (engine/runtime/op_builds.py): the cache folder per environment, the line before a
 build, and the lock of a build: a stale one is removed (our cache) or named in a UserError (the user's
-folder), a live one is waited for at most the given time.
-
-The stale lock is made the way a killed build makes it: a child process takes torch's own FileBaton (what
-torch.utils.cpp_extension holds while it builds) and is stopped with SIGTERM. Measured once on a real
-build (DeepSpeed's shm op in a temp TORCH_EXTENSIONS_DIR, SIGTERM 12 s in; torch 2.13, DeepSpeed 0.19.8):
-the same state, an empty `lock` that no process holds open, with `build.ninja` and some object files beside
-it and no `.so`; the orphaned ninja went on compiling in the folder for a while, which `lock_users` counts.
+folder), a live one is waited for at most the given time. tests/helpers/op_locks.py makes the lock a killed
+build leaves (and says how that was measured).
 """
 from __future__ import annotations
 
 import logging
 import os
-import signal
 import subprocess
 import sys
 import time
 from pathlib import Path
 
 import pytest
-from torch.utils import file_baton
 
 from engine.errors import UserError
 from engine.runtime import op_builds
+from tests.helpers.op_locks import building, child, leave_stale_lock, stop
 
-HOLD = "import os, sys, time; fd = os.open(sys.argv[1], os.O_RDONLY); print('holding', flush=True); time.sleep(60)"
-# torch's FileBaton, loaded from its file without importing torch (seconds per child otherwise).
-KILLED_BUILD = ("import importlib.util, sys, time; spec = importlib.util.spec_from_file_location('fb', sys.argv[2]); "
-                "fb = importlib.util.module_from_spec(spec); spec.loader.exec_module(fb); "
-                "assert fb.FileBaton(sys.argv[1]).try_acquire(); print('building', flush=True); time.sleep(60)")
-FILE_BATON = file_baton.__file__
-
-
-def _child(code: str, *args: str, cwd: Path | None = None) -> subprocess.Popen:
-    proc = subprocess.Popen([sys.executable, "-c", code, *args], stdout=subprocess.PIPE, text=True, cwd=cwd)
-    assert proc.stdout.readline().strip() in ("holding", "building", "ready")
-    return proc
-
-
-def _stop(proc: subprocess.Popen) -> None:
-    proc.send_signal(signal.SIGTERM)
-    proc.wait(timeout=30)
+HOLD = "import os, sys, time; fd = os.open(sys.argv[1], os.O_RDONLY); print('ready', flush=True); time.sleep(60)"
 
 
 @pytest.fixture
@@ -51,15 +29,15 @@ def lock(tmp_path) -> Path:
 
 
 def test_a_killed_builder_leaves_a_lock_that_no_process_holds(lock):
-    builder = _child(KILLED_BUILD, str(lock), FILE_BATON)
+    builder = building(lock)
     assert op_builds.lock_users(lock) == {builder.pid}  # live: it holds the file open
-    _stop(builder)
+    stop(builder)
     assert lock.exists()  # what every later launch waited on forever
     assert op_builds.lock_users(lock) == set()
 
 
 def test_a_stale_lock_in_our_cache_is_removed_with_a_line(lock, caplog):
-    _stop(_child(KILLED_BUILD, str(lock), FILE_BATON))
+    leave_stale_lock(lock)
     with caplog.at_level(logging.WARNING, logger="engine"):
         start = time.monotonic()
         op_builds.settle_lock(lock, ours=True, wait_s=30)
@@ -69,7 +47,7 @@ def test_a_stale_lock_in_our_cache_is_removed_with_a_line(lock, caplog):
 
 
 def test_a_stale_lock_in_the_users_folder_is_a_user_error_naming_it(lock):
-    _stop(_child(KILLED_BUILD, str(lock), FILE_BATON))
+    leave_stale_lock(lock)
     with pytest.raises(UserError, match=f"{lock} is a lock left by .* remove it: rm {lock}$"):
         op_builds.settle_lock(lock, ours=False, wait_s=30)
     assert lock.exists()  # not ours to remove: another machine may build into a shared folder
@@ -77,7 +55,7 @@ def test_a_stale_lock_in_the_users_folder_is_a_user_error_naming_it(lock):
 
 def test_a_live_build_is_waited_for_at_most_the_bound(lock, caplog):
     lock.touch()
-    holder = _child(HOLD, str(lock))
+    holder = child(HOLD, str(lock))
     try:
         start = time.monotonic()
         with caplog.at_level(logging.WARNING, logger="engine"), \
@@ -87,30 +65,30 @@ def test_a_live_build_is_waited_for_at_most_the_bound(lock, caplog):
         assert f"waiting for another process ({holder.pid})" in caplog.text
         assert lock.exists()  # a live build's lock is never removed
     finally:
-        _stop(holder)
+        stop(holder)
     op_builds.settle_lock(lock, ours=True, wait_s=1)  # its holder gone: stale now
     assert not lock.exists()
 
 
 def test_the_wait_ends_when_the_build_does(lock):
     lock.touch()
-    holder = _child(HOLD, str(lock))
+    holder = child(HOLD, str(lock))
     remover = subprocess.Popen([sys.executable, "-c", f"import os, time; time.sleep(0.3); os.remove({str(lock)!r})"])
     try:
         op_builds.settle_lock(lock, ours=False, wait_s=30)
         assert not lock.exists()
     finally:
         remover.wait(timeout=30)
-        _stop(holder)
+        stop(holder)
 
 
 def test_a_process_running_in_the_build_folder_counts_as_the_build(lock):
     lock.touch()  # a killed builder's orphaned ninja keeps compiling in the folder
-    ninja = _child("import time; print('ready', flush=True); time.sleep(60)", cwd=lock.parent)
+    ninja = child("import time; print('ready', flush=True); time.sleep(60)", cwd=lock.parent)
     try:
         assert op_builds.lock_users(lock) == {ninja.pid}
     finally:
-        _stop(ninja)
+        stop(ninja)
 
 
 def test_the_cache_is_one_folder_per_environment(monkeypatch, tmp_path):
