@@ -80,7 +80,8 @@ def init_distributed(seed: int, peer_timeout: float = 0.0) -> DistInfo:
                           MASTER_ADDR="127.0.0.1", MASTER_PORT=str(free_port()))
     if not torch.distributed.is_initialized():
         check_rendezvous_port()  # before DeepSpeed's import and op build: a busy port fails in seconds
-        op_builds.install()
+    op_builds.install()  # before DeepSpeed loads an op, here or later (cpu_adam with --offload)
+    if not torch.distributed.is_initialized():
         import deepspeed
 
         deepspeed.init_distributed(verbose=False)

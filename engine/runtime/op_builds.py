@@ -37,7 +37,7 @@ from engine.runtime.atomic import cache_root
 logger = logging.getLogger("engine")
 
 # The longest a live build may hold the lock before a waiting process stops. Cold CPU builds measured
-# 28-69 s on 2 cores (docs/troubleshooting.md); CUDA builds of the larger ops take several minutes.
+# 28-69 s on 2 cores (docs/reliability.md, "Start-up"); CUDA builds of the larger ops take several minutes.
 LOCK_WAIT_S = 900.0
 POLL_S = 0.5
 
