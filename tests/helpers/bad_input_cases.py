@@ -538,12 +538,17 @@ def run_in_process(main: Callable, argv: list[str], err: Any) -> tuple[int, str]
             return 1, traceback.format_exc()
 
 
+DIST_VARS = ("RANK", "LOCAL_RANK", "WORLD_SIZE", "LOCAL_WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT")
+
+
 def run_process(step: int, argv: list[str], env: dict[str, str]) -> tuple[int, str]:
     """(exit status, stderr) of `python stepN/main.py argv` with `env` added to this process's environment."""
     import subprocess
 
     script = Path(__file__).resolve().parents[2] / STEPS[step].replace(".", "/")
-    proc = subprocess.run([sys.executable, f"{script}.py", *argv], env=os.environ | env, capture_output=True,
+    # Not the runner's own process group (the in-process cases set RANK, MASTER_PORT, ...): a fresh launch.
+    fresh = {k: v for k, v in os.environ.items() if k not in DIST_VARS}
+    proc = subprocess.run([sys.executable, f"{script}.py", *argv], env=fresh | env, capture_output=True,
                           text=True, timeout=300)
     return proc.returncode, proc.stderr
 
