@@ -36,7 +36,7 @@ from engine.errors import UserError
 from engine.eval.compare import rule_checks
 from engine.flags import parse_config, save_config_yaml
 from engine.models.load import hf_model, keep_bitsandbytes_out
-from engine.models.roles import Roles, build_roles, load_step3_tokenizer, resolve_paths
+from engine.models.roles import Roles, build_roles, check_role_paths, load_step3_tokenizer, resolve_paths
 from engine.observe.metrics import plot_curves
 from engine.observe.perf import (
     StepTimer,
@@ -63,7 +63,15 @@ from engine.runtime.distributed import DistInfo, all_reduce_max, all_reduce_sum,
 from engine.runtime.ds_config import DTYPE_BYTES
 from engine.runtime.ds_private import full_numel
 from engine.runtime.entry import run_main
-from engine.runtime.run import Schedule, check_output_dir, epoch_windows, make_loader, start_run, to_device
+from engine.runtime.run import (
+    Schedule,
+    check_inputs,
+    check_output_dir,
+    epoch_windows,
+    make_loader,
+    start_run,
+    to_device,
+)
 
 logger = logging.getLogger("engine")
 EMA_FILE = "actor_ema.safetensors"
@@ -118,6 +126,8 @@ def build(cfg: Step3Config) -> Run:
     out = check_output_dir(cfg.log.output_dir, resume=cfg.log.resume)
     keep_bitsandbytes_out(quantized=any(q != "none" for q in (cfg.ds.actor_quantization, cfg.ds.reference_quantization,
                                                                cfg.ds.reward_quantization)))
+    check_inputs(cfg)  # before DeepSpeed's start-up, which can take a minute the first time
+    check_role_paths(cfg)
     dist = init_distributed(cfg.train.seed, peer_timeout=cfg.fault.peer_timeout)
     setup_logging(dist.is_main, cfg.log.verbose)
 

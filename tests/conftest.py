@@ -26,6 +26,14 @@ import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
 
+# DeepSpeed's op cache (engine/runtime/op_builds.py) is per environment, under the engine's cache root; the
+# tests point RLHF_ENGINE_CACHE at a folder of their own session, which would rebuild the ops (about a minute
+# each) in every session and xdist worker. Every test process uses this environment's usual folder instead.
+if not os.environ.get("TORCH_EXTENSIONS_DIR"):
+    from engine.runtime.op_builds import extensions_dir
+
+    os.environ["TORCH_EXTENSIONS_DIR"] = str(extensions_dir())
+
 
 def pytest_xdist_auto_num_workers(config) -> int:
     """`-n auto`: one worker per core, at most 4. Most tests run one single-threaded process, the

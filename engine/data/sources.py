@@ -212,11 +212,24 @@ def load_source(spec: str, tokenizer: Any, seed: int, prompt_columns: Mapping[st
         if path.suffix not in SUFFIXES:
             raise UserError(f"{path}: unsupported file type; use .jsonl, .json or .parquet")
         return carve_eval(read_rows(path, tokenizer, prompt_columns), seed)
-    from engine.data.hub import find_hub_dataset, load_hub_dataset
+    from engine.data.hub import load_hub_dataset
 
-    if find_hub_dataset(spec) is None:
-        hint = " (the file does not exist)" if path.suffix in SUFFIXES or "/" not in spec else ""
-        raise UserError(f"--data_path {spec}: not a file, folder or known dataset name{hint}; give a "
-                        ".jsonl/.json/.parquet file, a folder with train.* and eval.*, local/jsonfile, "
-                        "or a DeepSpeed-Chat dataset name such as Dahoas/rm-static")
+    problem = data_path_problem(spec)
+    if problem:
+        raise UserError(problem)
     return load_hub_dataset(spec, seed, keep_columns=prompt_columns is not None)
+
+
+def data_path_problem(spec: str) -> str | None:
+    """The error of a --data_path entry that is neither the bundled task, local/jsonfile, an existing file or
+    folder nor a known hub dataset name, else None. It reads only the file system, so the steps call it
+    before the process group starts (`engine.runtime.run.check_inputs`)."""
+    from engine.data.hub import find_hub_dataset
+
+    path = Path(spec).expanduser()
+    if spec in (BUNDLED, LOCAL_JSONFILE) or path.exists() or find_hub_dataset(spec) is not None:
+        return None
+    hint = " (the file does not exist)" if path.suffix in SUFFIXES or "/" not in spec else ""
+    return (f"--data_path {spec}: not a file, folder or known dataset name{hint}; give a "
+            ".jsonl/.json/.parquet file, a folder with train.* and eval.*, local/jsonfile, "
+            "or a DeepSpeed-Chat dataset name such as Dahoas/rm-static")

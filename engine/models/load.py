@@ -46,6 +46,15 @@ def resolve_model_path(model: ModelArgs, seed: int, dist: DistInfo, flag: str = 
             ensure_tiny_model(seed)
         barrier()
         return str(ensure_tiny_model(seed))
+    return check_given_model(model, flag, hint, role)
+
+
+def check_given_model(model: ModelArgs, flag: str = "model_name_or_path", hint: str = "", role: str = "sft"
+                      ) -> str | None:
+    """`resolve_model_path`'s checks of a given model, which read only the file system: a step runs them before
+    DeepSpeed starts too, so a typo is reported in seconds. None: no model given (the built-in one)."""
+    if model.model_name_or_path is None:
+        return None
     source = check_model_source(model.model_name_or_path, role, flag, hint)
     if Path(source).is_dir():
         check_model_folder(Path(source), model, flag, hint, role)

@@ -31,7 +31,7 @@ import torch
 from engine.config import Step3Config
 from engine.errors import UserError
 from engine.models.ema import ema_update
-from engine.models.load import is_quantized, load_causal_lm, load_tokenizer, resolve_model_path
+from engine.models.load import check_given_model, is_quantized, load_causal_lm, load_tokenizer, resolve_model_path
 from engine.models.lora import apply_lora
 from engine.models.paths import hub_error
 from engine.models.reward_model import add_lora, check_reward_model_config, load_reward_model
@@ -85,6 +85,13 @@ def folder_role(cfg: Step3Config, flag_role: str) -> str:
     """The role errors name for the folder of --<flag_role>_model_name_or_path: a critic-free run reads the
     step-2 folder for its reward model only."""
     return "reward" if flag_role == "critic" and cfg.critic_free else flag_role
+
+
+def check_role_paths(cfg: Step3Config) -> None:
+    """The model-folder checks of `resolve_paths` that need no process group (run before DeepSpeed starts)."""
+    for role in ("actor", "critic") if cfg.needs_critic_folder else ("actor",):
+        check_given_model(cfg.role_model(role), flag=f"{role}_model_name_or_path", hint=ROLE_HINTS[role],
+                          role=folder_role(cfg, role))
 
 
 def resolve_paths(cfg: Step3Config, dist: DistInfo) -> tuple[str, str | None]:

@@ -4,6 +4,7 @@ DeepSpeed picks the backend from its accelerator: nccl on CUDA, gloo on CPU.
 """
 from __future__ import annotations
 
+import errno
 import logging
 import os
 import random
@@ -14,7 +15,8 @@ from dataclasses import dataclass
 import torch
 from tqdm import tqdm
 
-from engine.runtime import watchdog
+from engine.errors import UserError
+from engine.runtime import op_builds, watchdog
 
 logger = logging.getLogger("engine")
 
@@ -38,6 +40,30 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
+def check_rendezvous_port() -> None:
+    """Refuse a MASTER_PORT another process listens on, before the rendezvous: rank 0 hosts the rendezvous
+    store there, and a busy port otherwise ends the run after tens of seconds with a long EADDRINUSE
+    traceback (two jobs on one machine with the launcher's default port 29500). Under torchrun the agent
+    hosts the store itself (TORCHELASTIC_USE_AGENT_STORE), so the port is in use by design."""
+    if os.environ.get("RANK") != "0" or os.environ.get("TORCHELASTIC_USE_AGENT_STORE", "").lower() == "true":
+        return
+    port = int(os.environ.get("MASTER_PORT", "0") or 0)
+    if port <= 0:
+        return
+    with socket.socket() as s:
+        # SO_REUSEADDR, as the store sets it: a port whose old connections linger in TIME_WAIT is free.
+        s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        try:
+            s.bind(("", port))
+        except OSError as err:
+            if err.errno != errno.EADDRINUSE:
+                raise
+            other = free_port()
+            raise UserError(f"port {port} (MASTER_PORT, the rendezvous port) is in use on this machine, probably by "
+                            f"another job; pick a free one: deepspeed --master_port {other} ..., torchrun "
+                            f"--master_port {other} ..., or MASTER_PORT={other}") from None
+
+
 def gpu_wanted() -> bool:
     """Run on CUDA: there is a GPU and DeepSpeed is not told to use the CPU (DS_ACCELERATOR=cpu, which
     e2e_rlhf.py's cpu deployment sets because the launcher exposes the GPUs to every rank anyway)."""
@@ -54,12 +80,15 @@ def init_distributed(seed: int, peer_timeout: float = 0.0) -> DistInfo:
         # What DeepSpeed picks on a machine without a GPU, said up front: it then skips its warning
         # "Setting accelerator to CPU. If you have GPU or other accelerator, we were unable to detect it".
         os.environ["DS_ACCELERATOR"] = "cpu"
-    import deepspeed
-
     if "RANK" not in os.environ:  # plain `python main.py`: a world of one
         os.environ.update(RANK="0", LOCAL_RANK="0", WORLD_SIZE="1",
                           MASTER_ADDR="127.0.0.1", MASTER_PORT=str(free_port()))
     if not torch.distributed.is_initialized():
+        check_rendezvous_port()  # before DeepSpeed's import and op build: a busy port fails in seconds
+    op_builds.install()  # before DeepSpeed loads an op, here or later (cpu_adam with --offload)
+    if not torch.distributed.is_initialized():
+        import deepspeed
+
         deepspeed.init_distributed(verbose=False)
     local_rank = int(os.environ.get("LOCAL_RANK", "0"))
     if gpu_wanted():

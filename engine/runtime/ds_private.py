@@ -168,3 +168,27 @@ def deepspeed_safe_globals() -> list[Any]:
     from deepspeed.utils.tensor_fragment import fragment_address
 
     return [LossScaler, DynamicLossScaler, ZeroStageEnum, fragment_address]
+
+
+# ----------------------------------------------------------------------------------------------
+# Op builds
+# ----------------------------------------------------------------------------------------------
+def hook_op_builds(before: Callable[[str], None]) -> None:
+    """Call `before(op name)` ahead of every op DeepSpeed compiles or loads from its JIT cache: every op
+    builder's `load()` calls `OpBuilder.jit_load` for an op not installed prebuilt, which passes the op's
+    `name` to torch.utils.cpp_extension.load as the build folder's name. Idempotent.
+    Verified on DeepSpeed 0.19.8."""
+    from deepspeed.ops.op_builder.builder import OpBuilder
+
+    original = OpBuilder.jit_load
+    if getattr(original, "engine_hook", None) is before:
+        return
+    original = getattr(original, "engine_original", original)
+
+    def jit_load(self: Any, verbose: bool = True) -> Any:
+        before(self.name)
+        return original(self, verbose)
+
+    jit_load.engine_hook = before  # type: ignore[attr-defined]
+    jit_load.engine_original = original  # type: ignore[attr-defined]
+    OpBuilder.jit_load = jit_load

@@ -13,7 +13,7 @@ import torch
 
 from engine.errors import UserError
 from engine.flags import config_to_dict, save_config_yaml
-from engine.models.load import keep_bitsandbytes_out, load_tokenizer, resolve_model_path
+from engine.models.load import check_given_model, keep_bitsandbytes_out, load_tokenizer, resolve_model_path
 from engine.observe.metrics import MetricsLogger
 from engine.runtime.distributed import DistInfo, init_distributed, setup_logging
 from engine.runtime.engines import build_ds_config
@@ -38,6 +38,18 @@ def check_output_dir(output_dir: str, resume: bool = False) -> Path:
         # A UserError naming the fix when there is no usable checkpoint (the launchers set WORLD_SIZE).
         find_resume_checkpoint(path, int(os.environ.get("WORLD_SIZE", "1")), warn=False)  # start_run warns
     return path
+
+
+def check_inputs(cfg: Any) -> None:
+    """The input checks that read only the file system (today: the --data_path entries), run before the process
+    group starts: DeepSpeed's start-up can take a minute the first time (engine/runtime/op_builds.py), and a
+    typo must not wait for it."""
+    from engine.data.sources import data_path_problem
+
+    for spec in list(cfg.data.data_path) + list(getattr(cfg.data, "sft_only_data_path", [])):
+        problem = data_path_problem(spec)
+        if problem:
+            raise UserError(problem)
 
 
 class ResumableSampler(torch.utils.data.DistributedSampler):
@@ -159,13 +171,15 @@ class StepInputs:
 
 def prepare_step(cfg: Any, load_data: Callable[..., tuple[Any, Any]], collate: Callable[..., Any],
                  role: str) -> StepInputs:
-    """Output folder, distributed set-up and seed, DeepSpeed config, model path, tokenizer, data loaders and
-    schedule of step 1 or 2, in this order: bad input fails before anything is written.
+    """Output folder, data paths, distributed set-up and seed, DeepSpeed config, model path, tokenizer, data
+    loaders and schedule of step 1 or 2, in this order: bad input fails before anything is written.
 
     load_data: `(data_args, tokenizer, cache_dir, seed, dist) -> (train_set, eval_set)`.
     collate: a collate function taking `pad_id`. role: what errors call the model ("sft", "reward")."""
     out = check_output_dir(cfg.log.output_dir, resume=cfg.log.resume)
     keep_bitsandbytes_out(quantized=False)  # steps 1 and 2 quantize nothing
+    check_inputs(cfg)
+    check_given_model(cfg.model, role=role)  # again in resolve_model_path; here before DeepSpeed starts
     dist = init_distributed(cfg.train.seed, peer_timeout=cfg.fault.peer_timeout)
     setup_logging(dist.is_main, cfg.log.verbose)
     ds_config = build_ds_config(cfg.ds, cfg.train, dist.world_size)

@@ -1,5 +1,6 @@
 """The bad inputs every step must refuse cleanly, and a runner that feeds them all to the step mains in one
-Python process (a subprocess per case would cost 6-10 s of imports each).
+Python process (a subprocess per case would cost 6-10 s of imports each), but for the few start-up cases
+that need a process of their own (`START_UP`).
 
 Each `Case` is one user error: what the user did (`problem`), the flags that do it (`args`), and two
 fragments of the short message the steps must print: `message` names the problem, `fix` the way out.
@@ -22,6 +23,7 @@ import sys
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 STEPS = {1: "step1_sft.main", 2: "step2_reward.main", 3: "step3_rlhf.main"}
 ALL, PAIRS = (1, 2, 3), (1, 2)  # PAIRS: steps 1 and 2, which share the data and model flags
@@ -65,6 +67,8 @@ class Case:
     leaves: str = ""                        # "data_cache": found after the data is tokenized, so the
                                             # complete tokenized cache stays in <out>/data_cache
     names: str = ""                         # a further fragment the message holds (the flag it names)
+    env: Callable[[Ctx], dict[str, str]] | None = None  # the environment it needs, for a case that must
+                                            # start a process of its own: it runs as a real subprocess
 
 
 # ----------------------------------------------------------------------------------------------
@@ -440,6 +444,41 @@ def errors_table() -> str:
     return "\n".join(lines) + "\n"
 
 
+_HELD: list = []  # sockets that play another job's, open until the runner exits
+
+
+def busy_port(c: Ctx) -> dict[str, str]:
+    """The environment a launcher gives rank 0, with a MASTER_PORT another process listens on."""
+    import socket
+
+    other_job = socket.socket()
+    other_job.bind(("127.0.0.1", 0))
+    other_job.listen()
+    _HELD.append(other_job)
+    return {"RANK": "0", "LOCAL_RANK": "0", "WORLD_SIZE": "1", "MASTER_ADDR": "127.0.0.1",
+            "MASTER_PORT": str(other_job.getsockname()[1])}
+
+
+def stale_build_lock(c: Ctx) -> dict[str, str]:
+    """A TORCH_EXTENSIONS_DIR of the user's own (beside the case's folder) with the lock a killed op build leaves."""
+    from tests.helpers.op_locks import leave_stale_lock
+
+    ops = c.dir.with_name(c.dir.name + "-ops")
+    leave_stale_lock(ops / "deepspeed_shm_comm" / "lock")
+    return {"TORCH_EXTENSIONS_DIR": str(ops)}
+
+
+START_UP = [
+    Case("port-in-use", "the rendezvous port (MASTER_PORT, deepspeed/torchrun --master_port) is taken, e.g. by "
+         "another job", ALL, flags(), "(MASTER_PORT, the rendezvous port) is in use on this machine",
+         "pick a free one: deepspeed --master_port", env=busy_port),
+    Case("stale-op-build-lock", "a DeepSpeed op build stopped part-way (SIGTERM) left its lock in a "
+         "TORCH_EXTENSIONS_DIR the user set (in the engine's own cache it is removed, with a line)", (1,), flags(),
+         "is a lock left by a DeepSpeed op build that stopped part-way", "remove it: rm ", env=stale_build_lock),
+]
+CASES += START_UP
+
+
 # ----------------------------------------------------------------------------------------------
 # The runner
 # ----------------------------------------------------------------------------------------------
@@ -463,32 +502,27 @@ def snapshot(root: Path) -> dict[str, list]:
 
 
 def run_case(case: Case, step: int, ctx: Ctx, main: Callable) -> dict:
-    """Call the step's main through `run_main` as `python stepN/main.py ...` would; report what happened."""
-    import contextlib
+    """Call the step's main through `run_main` as `python stepN/main.py ...` would (a case with `env`: run that
+    command, in a process of its own); report what happened."""
     import io
     import time
-    import traceback
 
-    from engine.runtime.entry import run_main
 
     ctx.dir.mkdir(parents=True)
     try:
         argv = base_args(step, ctx) + case.args(ctx, step)
     except Skip as skip:
         return {"skipped": str(skip)}
+    env = case.env(ctx) if case.env is not None else None
     before = snapshot(ctx.dir)
     err = io.StringIO()
     start = time.perf_counter()
     tb = ""
-    with contextlib.redirect_stderr(err), contextlib.redirect_stdout(io.StringIO()):
-        try:
-            run_main(main, argv)
-            code = 0
-        except SystemExit as exit_:
-            code = exit_.code
-        except BaseException:  # noqa: BLE001 - a bug in the engine: report it as the traceback it would print
-            code = 1
-            tb = traceback.format_exc()
+    if env is not None:
+        code, stderr = run_process(step, argv, env)
+        err.write(stderr)
+    else:
+        code, tb = run_in_process(main, argv, err)
     seconds = time.perf_counter() - start
     for folder in [ctx.dir, *ctx.dir.rglob("*")]:  # undo a case's chmod so the folder can be removed
         if folder.is_dir() and not folder.stat().st_mode & 0o200:
@@ -501,6 +535,39 @@ def run_case(case: Case, step: int, ctx: Ctx, main: Callable) -> dict:
     return {"argv": argv, "dir": str(ctx.dir), "exit": code, "stderr": stderr[-4000:], "message": message,
             "traceback": bool(tb) or "Traceback" in stderr, "changed": changed, "broken_caches": broken_caches,
             "seconds": round(seconds, 3)}
+
+
+def run_in_process(main: Callable, argv: list[str], err: Any) -> tuple[int, str]:
+    """(exit status, traceback or "") of `run_main(main, argv)`, its stderr written to `err`."""
+    import contextlib
+    import io
+    import traceback
+
+    from engine.runtime.entry import run_main
+
+    with contextlib.redirect_stderr(err), contextlib.redirect_stdout(io.StringIO()):
+        try:
+            run_main(main, argv)
+            return 0, ""
+        except SystemExit as exit_:
+            return exit_.code, ""
+        except BaseException:  # noqa: BLE001 - a bug in the engine: report it as the traceback it would print
+            return 1, traceback.format_exc()
+
+
+DIST_VARS = ("RANK", "LOCAL_RANK", "WORLD_SIZE", "LOCAL_WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT")
+
+
+def run_process(step: int, argv: list[str], env: dict[str, str]) -> tuple[int, str]:
+    """(exit status, stderr) of `python stepN/main.py argv` with `env` added to this process's environment."""
+    import subprocess
+
+    script = Path(__file__).resolve().parents[2] / STEPS[step].replace(".", "/")
+    # Not the runner's own process group (the in-process cases set RANK, MASTER_PORT, ...): a fresh launch.
+    fresh = {k: v for k, v in os.environ.items() if k not in DIST_VARS}
+    proc = subprocess.run([sys.executable, f"{script}.py", *argv], env=fresh | env, capture_output=True,
+                          text=True, timeout=300)
+    return proc.returncode, proc.stderr
 
 
 def _complete_safetensors(path: Path) -> bool:

@@ -40,6 +40,29 @@ def test_every_function_names_the_version_it_was_verified_on():
 
 
 # ----------------------------------------------------------------------------------------------
+# the op-build hook (engine/runtime/op_builds.py)
+# ----------------------------------------------------------------------------------------------
+def test_every_jit_build_passes_the_ops_name_to_torchs_loader_as_its_folder():
+    from deepspeed.ops.op_builder.builder import OpBuilder
+
+    jit_load = getattr(OpBuilder.jit_load, "engine_original", OpBuilder.jit_load)
+    assert "load(name=self.name," in inspect.getsource(jit_load)  # $TORCH_EXTENSIONS_DIR/<name>/lock
+    assert "self.jit_load(" in inspect.getsource(OpBuilder.load)
+
+
+def test_hook_op_builds_calls_before_ahead_of_the_build_once(monkeypatch):
+    from deepspeed.ops.op_builder.builder import OpBuilder
+
+    calls = []
+    monkeypatch.setattr(OpBuilder, "jit_load", lambda self, verbose=True: calls.append(("build", self.name)))
+    before = lambda name: calls.append(("before", name))  # noqa: E731
+    ds_private.hook_op_builds(before)
+    ds_private.hook_op_builds(before)  # idempotent: not wrapped twice
+    OpBuilder.jit_load(SimpleNamespace(name="cpu_adam"))
+    assert calls == [("before", "cpu_adam"), ("build", "cpu_adam")]
+
+
+# ----------------------------------------------------------------------------------------------
 # names on DeepSpeed's classes (what CPU cannot run)
 # ----------------------------------------------------------------------------------------------
 def test_the_zero_optimizers_have_the_private_methods_we_call():
