@@ -153,7 +153,8 @@ def test_boundary_values_are_accepted(values):
     ({}, 1),
     # 16 / 8 = 2 micro-batches per generation batch; a window of 4 needs 2 of them (DeepSpeed-Chat accumulates
     # across experience batches; once refused here).
-    ({"per_device_generation_batch_size": 16, "per_device_training_batch_size": 8, "gradient_accumulation_steps": 4}, 2),
+    ({"per_device_generation_batch_size": 16, "per_device_training_batch_size": 8,
+      "gradient_accumulation_steps": 4}, 2),
     # DeepSpeed-Chat's opt/single_gpu step-3 shape: 1 micro-batch per generation batch, accumulation 2.
     ({"gradient_accumulation_steps": 2}, 2),
     # 3 rounds of --generation_batches 2 (2 micro-batches each) make 6 micro-batches, 2 windows of 3.
