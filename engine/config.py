@@ -94,6 +94,12 @@ def _at_least(part: Any, names: Sequence[str], low: int = 1) -> list[str]:
     return [f"--{n} must be >= {low} (got {getattr(part, n)})" for n in names if getattr(part, n) < low]
 
 
+def _tensorboard_help(job: str) -> str:
+    return ("TensorBoard folder (with --enable_tensorboard). The default is inside --output_dir; a path you give "
+            "is read as DeepSpeed-Chat reads it: relative to the working directory, the events in "
+            f"<path>/ds_tensorboard_logs/{job}_tensorboard/ (--tensorboard_path $OUTPUT: beside the model).")
+
+
 # ----------------------------------------------------------------------------------------------
 # Shared parts
 # ----------------------------------------------------------------------------------------------
@@ -246,7 +252,10 @@ class LoRAArgs:
 class LogArgs:
     output_dir: str = arg("output/step1_sft", "Where the model, checkpoints, metrics and plots go.")
     enable_tensorboard: bool = arg(False, "Write TensorBoard events.")
-    tensorboard_path: str = arg("step1_tensorboard", "TensorBoard folder; relative to --output_dir.")
+    tensorboard_path: str = arg(
+        "step1_tensorboard", _tensorboard_help("step1_model"))
+    # The last folder of a --tensorboard_path you give (DeepSpeed-Chat's DeepSpeed tensorboard job name).
+    tensorboard_job: ClassVar[str] = "step1_model"
     enable_wandb: bool = arg(False, "Log to Weights & Biases (needs the wandb package).")
     wandb_project: str = arg("rlhf-engine", "W&B project name.")
     print_loss: bool = arg(False, "Log the loss of every step on every rank (DeepSpeed-Chat flag).")
@@ -358,7 +367,9 @@ class RewardArgs:
 @dataclass
 class RewardLogArgs(LogArgs):
     output_dir: str = arg("output/step2_reward", "Where the model, checkpoints, metrics and plots go.")
-    tensorboard_path: str = arg("step2_tensorboard", "TensorBoard folder; relative to --output_dir.")
+    tensorboard_path: str = arg(
+        "step2_tensorboard", _tensorboard_help("step2_model"))
+    tensorboard_job: ClassVar[str] = "step2_model"
 
 
 @dataclass
@@ -811,7 +822,9 @@ class Step3LoRAArgs(role_twins(
 @dataclass
 class Step3LogArgs(LogArgs):
     output_dir: str = arg("output/step3_rlhf", "Where actor/, critic/, actor_ema/, checkpoints, metrics and plots go.")
-    tensorboard_path: str = arg("step3_tensorboard", "TensorBoard folder; relative to --output_dir.")
+    tensorboard_path: str = arg(
+        "step3_tensorboard", _tensorboard_help("step3_model"))
+    tensorboard_job: ClassVar[str] = "step3_model"
     print_interval: int = arg(1, "Log a summary line every N PPO steps.")
     save_interval: int = arg(
         0, "Every N PPO steps write checkpoint-<step>/{actor,critic} and the state --resume reads (0: only "
