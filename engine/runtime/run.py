@@ -11,6 +11,7 @@ from typing import Any
 
 import torch
 
+from engine.data.sources import default_data_note
 from engine.errors import UserError
 from engine.flags import config_to_dict, save_config_yaml
 from engine.models.load import load_tokenizer, resolve_model_path
@@ -133,8 +134,11 @@ def start_run(cfg: Any, engine: Any, out: Path, dist: DistInfo, keys: tuple[str,
     if cfg.log.resume:
         position.update(load_resume_state(engine, out, dist, keys or POSITION_KEYS, extra=load_extra))
     out.mkdir(parents=True, exist_ok=True)
+    notes = [n for n in (default_data_note(cfg.data.data_path),) if n]
     if dist.is_main:
-        save_config_yaml(cfg, out / "config.yaml")
+        save_config_yaml(cfg, out / "config.yaml", notes)
+    for note in notes:
+        logger.info("%s", note)
     metrics = MetricsLogger(out, is_main=dist.is_main,
                             tensorboard_dir=tensorboard_dir(cfg, out),
                             wandb_project=cfg.log.wandb_project if cfg.log.enable_wandb else None,

@@ -55,6 +55,9 @@ def test_accumulation_across_generation_batches_runs_as_deepspeed_chat(run_step,
     log = proc.stdout + proc.stderr
     assert "so a PPO step collects 2 generation batches" in log
     assert "--inference_tp_size 2 and --tp_gather_partition_size 4 have no effect" in log
+    # No --data_path: the log and config.yaml say the bundled task was used, not DeepSpeed-Chat's default.
+    assert "no --data_path, so the bundled synthetic sorting task" in log
+    assert (out / "config.yaml").read_text().startswith("# data: no --data_path, so the bundled synthetic sorting")
     rows = [r for r in read_metrics(out) if "ppo/policy_loss" in r]
     assert [r["step"] for r in rows] == [1, 2]
     assert all(r["rollout/sequences"] == 4 for r in rows)  # 2 generation batches of 2 prompts
