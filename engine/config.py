@@ -202,8 +202,9 @@ class DeepSpeedArgs:
         "machine, where DeepSpeed cannot run fp16.")
     gradient_checkpointing: bool = arg(False, "Recompute activations in the backward pass.")
     compute_fp32_loss: bool = arg(
-        False, "Compute the loss in fp32 (for bf16/fp16 training): step 1 from fp32 logits, step 2 from fp32 "
-        "scores (as DeepSpeed-Chat's reward model casts them).")
+        False, "Step 1: compute the loss from fp32 logits (for bf16/fp16 training). Step 2 accepts it for "
+        "DeepSpeed-Chat scripts but needs no switch: its reward model always returns fp32 scores, so the loss "
+        "is always fp32 (what the flag does in DeepSpeed-Chat).")
     gradient_clipping: float = arg(1.0, "Global gradient-norm clip (DeepSpeed-Chat: 1.0).")
     deepspeed_config: str | None = arg(
         None, "A DeepSpeed JSON config (see ds_configs/). Its \"auto\" values are filled from the "

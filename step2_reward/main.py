@@ -154,8 +154,6 @@ def train_step(run: RunContext, batches: list[dict], step: int, guard: BadStepGu
     for batch in batches:
         batch = to_device(batch, dist.device)
         values = faults.poison(engine(batch["input_ids"], batch["attention_mask"]), step)
-        if cfg.ds.compute_fp32_loss:  # DeepSpeed-Chat's RewardModel casts its rewards the same way
-            values = values.float()
         loss, stats = reward_loss(values, batch["input_ids"], batch["attention_mask"], cfg.reward.rm_loss,
                                   cfg.reward.rm_margin, cfg.reward.rm_l2_coef, pair_count=normaliser)
         nonfinite = not (torch.isfinite(values).all() and torch.isfinite(loss))  # an inf score can give a finite loss
