@@ -133,6 +133,8 @@ def build(cfg: Step3Config) -> Run:
     out = check_output_dir(cfg.log.output_dir, resume=cfg.log.resume)
     dist = init_distributed(cfg.train.seed, peer_timeout=cfg.fault.peer_timeout)
     setup_logging(dist.is_main)
+    for notice in cfg.compat_notices():
+        logger.warning("%s", notice)
 
     # Inputs first: bad folders or data fail before anything is written.
     actor_path, critic_path = resolve_paths(cfg, dist)
@@ -161,8 +163,6 @@ def build(cfg: Step3Config) -> Run:
         trainer.load_state_dict(position.pop("trainer"))
     if accumulation_note(cfg):
         logger.info("%s", accumulation_note(cfg))
-    for notice in cfg.compat_notices():
-        logger.warning("%s", notice)
     logger.info("PPO: %d steps (%d per epoch), %d micro-batches of %d per step, %d optimizer steps, %d ranks",
                 plan.steps.total_steps, plan.steps.steps_per_epoch, plan.micro_batches,
                 cfg.train.per_device_training_batch_size, plan.optimizer_steps, dist.world_size)
