@@ -6,6 +6,7 @@ e2e_rlhf.py).
     python e2e_rlhf.py --step 2 3             # start again from step 2 (step 1's model stays)
     python e2e_rlhf.py --algorithm grpo       # step 1 -> GRPO with the task's rule as the reward (no step 2)
     python e2e_rlhf.py --actor-model 1.3b --reward-model 350m --deployment-type single_node
+    python e2e_rlhf.py --actor-model 6.7b --deployment-type single_gpu    # DeepSpeed-Chat's sizes and deployments
 
 With no arguments it runs the demo on what the machine has: one GPU when there is one, else two CPU
 ranks (DeepSpeed on gloo), and writes everything to ./output:
@@ -54,8 +55,9 @@ ROOT = Path(__file__).resolve().parent
 STEP_DIRS = {1: "step1_sft", 2: "step2_reward", 3: "step3_rlhf"}
 STEP_NAMES = {1: "step 1 (SFT)", 2: "step 2 (reward model)", 3: "step 3 (PPO RLHF)"}
 # --actor-model and --reward-model choices: the model family whose launch scripts run them.
-ACTOR_MODELS = {"tiny": "tiny", "1.3b": "opt", "13b": "opt", "66b": "opt", "llama2-7b": "llama2",
-                "llama2-7b-lora": "llama2"}
+# DeepSpeed-Chat's sizes (1.3b, 6.7b, 13b, 66b) plus its 30b LoRA scripts.
+ACTOR_MODELS = {"tiny": "tiny", "1.3b": "opt", "6.7b": "opt", "13b": "opt", "30b": "opt", "66b": "opt",
+                "llama2-7b": "llama2", "llama2-7b-lora": "llama2"}
 REWARD_MODELS = {"tiny": "tiny", "350m": "opt", "llama2-7b": "llama2", "llama2-7b-lora": "llama2"}
 DEFAULT_REWARD = {"tiny": "tiny", "opt": "350m"}
 DEPLOYMENTS = ("single_gpu", "single_node", "multi_node", "cpu")
@@ -74,7 +76,9 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
                    help="Step 3's algorithm: ppo (critic + step-2 reward model) or a critic-free estimator rewarded "
                    "by the bundled task's rule (no step 2). Default: ppo.")
     p.add_argument("--actor-model", "--actor_model", default="tiny", choices=sorted(ACTOR_MODELS),
-                   help="tiny: the built-in model on the bundled task; 1.3b/13b/66b: OPT; llama2-7b[-lora].")
+                   help="tiny: the built-in model on the bundled task; 1.3b/6.7b/13b/30b/66b: OPT, through "
+                   "training_scripts/opt/<deployment>/run_<size>.sh (run_<size>_lora.sh where only that exists, "
+                   "e.g. 6.7b on single_gpu, 30b on single_node), as DeepSpeed-Chat; llama2-7b[-lora].")
     p.add_argument("--reward-model", "--reward_model", default=None, choices=sorted(REWARD_MODELS),
                    help="Default: tiny for tiny, 350m for OPT actors, the actor's own for Llama-2.")
     p.add_argument("--actor-zero-stage", "--actor_zero_stage", default="", choices=("", "0", "1", "2", "3"),
@@ -192,6 +196,8 @@ def script_for(step: int, family: str, model: str, deployment: str, algorithm: s
         path = folder / "llama2" / f"run_{model.replace('-', '_')}.sh"
     else:
         path = folder / "opt" / deployment / f"run_{model}.sh"
+        lora = path.with_name(f"run_{model}_lora.sh")  # DeepSpeed-Chat ships some sizes only as LoRA scripts
+        path = lora if not path.is_file() and lora.is_file() else path
     if not path.is_file():
         have = sorted(p.stem.removeprefix("run_") for p in path.parent.glob("run_*.sh"))
         raise UserError(f"no launch script for {STEP_NAMES[step]} with model {model} on {deployment} "

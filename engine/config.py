@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+import math
 import re
 import typing
 from collections.abc import Sequence
@@ -91,6 +92,12 @@ def parse_column_map(text: str) -> dict[str, str]:
 
 def _at_least(part: Any, names: Sequence[str], low: int = 1) -> list[str]:
     return [f"--{n} must be >= {low} (got {getattr(part, n)})" for n in names if getattr(part, n) < low]
+
+
+def _tensorboard_help(job: str) -> str:
+    return ("TensorBoard folder (with --enable_tensorboard). The default is inside --output_dir; a path you give "
+            "is read as DeepSpeed-Chat reads it: relative to the working directory, the events in "
+            f"<path>/ds_tensorboard_logs/{job}_tensorboard/ (--tensorboard_path $OUTPUT: beside the model).")
 
 
 # ----------------------------------------------------------------------------------------------
@@ -194,7 +201,10 @@ class DeepSpeedArgs:
         help="Training dtype. Default: fp16 on a GPU (DeepSpeed-Chat's default), bf16 on a CPU-only "
         "machine, where DeepSpeed cannot run fp16.")
     gradient_checkpointing: bool = arg(False, "Recompute activations in the backward pass.")
-    compute_fp32_loss: bool = arg(False, "Compute the loss from fp32 logits (for bf16/fp16 training).")
+    compute_fp32_loss: bool = arg(
+        False, "Step 1: compute the loss from fp32 logits (for bf16/fp16 training). Step 2 accepts it for "
+        "DeepSpeed-Chat scripts but needs no switch: its reward model always returns fp32 scores, so the loss "
+        "is always fp32 (what the flag does in DeepSpeed-Chat).")
     gradient_clipping: float = arg(1.0, "Global gradient-norm clip (DeepSpeed-Chat: 1.0).")
     deepspeed_config: str | None = arg(
         None, "A DeepSpeed JSON config (see ds_configs/). Its \"auto\" values are filled from the "
@@ -243,7 +253,10 @@ class LoRAArgs:
 class LogArgs:
     output_dir: str = arg("output/step1_sft", "Where the model, checkpoints, metrics and plots go.")
     enable_tensorboard: bool = arg(False, "Write TensorBoard events.")
-    tensorboard_path: str = arg("step1_tensorboard", "TensorBoard folder; relative to --output_dir.")
+    tensorboard_path: str = arg(
+        "step1_tensorboard", _tensorboard_help("step1_model"))
+    # The last folder of a --tensorboard_path you give (DeepSpeed-Chat's DeepSpeed tensorboard job name).
+    tensorboard_job: ClassVar[str] = "step1_model"
     enable_wandb: bool = arg(False, "Log to Weights & Biases (needs the wandb package).")
     wandb_project: str = arg("rlhf-engine", "W&B project name.")
     print_loss: bool = arg(False, "Log the loss of every step on every rank (DeepSpeed-Chat flag).")
@@ -338,8 +351,9 @@ class RewardTrainArgs(TrainArgs):
 @dataclass
 class RewardArgs:
     num_padding_at_beginning: int = arg(
-        1, "Leading tokens that may equal the pad id yet are real (OPT's BOS when pad = bos; "
-        "DeepSpeed-Chat's flag). Used where a mask is rebuilt from pad ids; padded batches carry their own mask.")
+        1, "Accepted for DeepSpeed-Chat scripts (leading tokens that equal the pad id yet are real: OPT's BOS). "
+        "Not needed in training: step 2's batches carry the tokenizer's attention mask, so a BOS equal to the "
+        "pad id is never taken for padding; only rw_eval.py, which rebuilds masks from ids, uses it.")
     rm_loss: str = arg(
         "end", "Pairwise loss: 'end' = Bradley-Terry on the end scores (as TRL and OpenRLHF; the score "
         "step 3 uses), 'span' = DeepSpeed-Chat's per-token loss over the span where chosen and rejected "
@@ -357,7 +371,9 @@ class RewardArgs:
 @dataclass
 class RewardLogArgs(LogArgs):
     output_dir: str = arg("output/step2_reward", "Where the model, checkpoints, metrics and plots go.")
-    tensorboard_path: str = arg("step2_tensorboard", "TensorBoard folder; relative to --output_dir.")
+    tensorboard_path: str = arg(
+        "step2_tensorboard", _tensorboard_help("step2_model"))
+    tensorboard_job: ClassVar[str] = "step2_model"
 
 
 @dataclass
@@ -508,7 +524,10 @@ class Step3TrainArgs(role_twins(
         actor_learning_rate=arg(9.65e-6, "Peak learning rate of the actor."),
         critic_learning_rate=arg(5e-6, "Peak learning rate of the critic."),
         num_train_epochs="Passes over the step-3 prompts.",
-        gradient_accumulation_steps="PPO micro-batches per optimizer step.",
+        gradient_accumulation_steps="PPO micro-batches per optimizer step. When a PPO step has fewer micro-batches "
+        "than this (or not a multiple), the step collects more generation batches (a multiple of "
+        "--generation_batches) until its micro-batches fill whole windows, as DeepSpeed-Chat accumulates "
+        "across experience batches; the log says how many.",
         num_warmup_steps=arg(100, "Warm-up optimizer steps of the schedules (DeepSpeed-Chat: 100)."),
         test_stop_step="Stop after this many PPO steps without changing the schedule (0: run to the end).")):
     per_device_generation_batch_size: int = arg(16, "Prompts per rank per generation batch.")
@@ -516,7 +535,9 @@ class Step3TrainArgs(role_twins(
     generation_batches: int = arg(
         1, "Generation batches collected before the PPO updates that use them (one PPO step).")
     ppo_epochs: int = arg(1, "Passes of PPO updates over each step's experience.")
-    enable_test_mode: bool = arg(False, "Stop after --test_stop_step PPO steps (DeepSpeed-Chat flag).")
+    enable_test_mode: bool = arg(
+        False, "Accepted for DeepSpeed-Chat scripts, not needed here: --test_stop_step alone stops the run "
+        "(DeepSpeed-Chat needs both). Given without --test_stop_step it is refused, since it would change nothing.")
 
     def problems(self) -> list[str]:
         out = super().problems()
@@ -544,10 +565,18 @@ class Step3TrainArgs(role_twins(
             return [f"a generation batch holds {gen} prompts x --n_samples_per_prompt {samples_per_prompt} = {rows} "
                     f"answers per rank, which --per_device_training_batch_size {micro} does not divide; use one of "
                     f"{', '.join(map(str, valid))} (or change --per_device_generation_batch_size)"]
-        if (rows * self.generation_batches // micro) % self.gradient_accumulation_steps:
-            return [f"a PPO step has {rows * self.generation_batches // micro} micro-batches per rank, "
-                    f"not a multiple of --gradient_accumulation_steps {self.gradient_accumulation_steps}"]
         return []
+
+    def step_generation_batches(self, samples_per_prompt: int) -> int:
+        """Generation batches one PPO step collects: --generation_batches, times the fewest rounds of them whose
+        micro-batches fill whole --gradient_accumulation_steps windows. DeepSpeed-Chat accumulates across
+        experience batches (its optimizer steps only at the window's end, so the next batch is generated by
+        the same weights); collecting those batches into one PPO step does the same updates and keeps each
+        loss a token mean over its window (engine.rl.batch_mean), which needs the window's counts up front."""
+        rows = self.per_device_generation_batch_size * samples_per_prompt
+        micro = rows * self.generation_batches // self.per_device_training_batch_size
+        accum = self.gradient_accumulation_steps
+        return self.generation_batches * (accum // math.gcd(micro, accum))
 
 
 @dataclass
@@ -731,11 +760,12 @@ class Step3DeepSpeedArgs(role_twins(
         False, "Hybrid mode: return the generation's cached memory (KV cache) to the device after each "
         "generation batch.", section="generation")
     inference_tp_size: int = arg(
-        1, "Tensor-parallel degree of generation. Only 1 is implemented; other values are refused.",
-        section="generation")
+        1, "Accepted for DeepSpeed-Chat scripts; values > 1 have no effect here (with a warning): there is no "
+        "tensor-parallel generation, the hybrid mode gathers whole layers on every rank, so each rank holds the "
+        "full actor while generating (--unpin_actor_parameters lowers that memory).", section="generation")
     tp_gather_partition_size: int = arg(
-        8, "Layers gathered at a time for tensor-parallel generation; used only with --inference_tp_size > 1.",
-        section="generation")
+        8, "Accepted for DeepSpeed-Chat scripts, no effect here (with a warning when set): DeepSpeed's layers "
+        "gathered at a time for tensor-parallel generation, which this engine does not do.", section="generation")
     enable_mixed_precision_lora: bool = arg(
         False, "MixZ++: quantize the actor's frozen base weights under ZeRO-3 with LoRA (needs a CUDA GPU).")
     actor_quantization: str = arg(
@@ -766,11 +796,7 @@ class Step3DeepSpeedArgs(role_twins(
         if self.offload_reward_model and self.critic_zero_stage != 3:
             out.append("--offload_reward_model needs --critic_zero_stage 3 (the reward model is partitioned "
                        "like the critic; DeepSpeed offloads parameters only under ZeRO-3)")
-        if self.inference_tp_size != 1:
-            out.append(f"--inference_tp_size {self.inference_tp_size}: tensor-parallel generation is not "
-                       "implemented; use 1 (the hybrid mode gathers the whole actor on each rank, and "
-                       "--unpin_actor_parameters lowers its memory)")
-        out += _at_least(self, ("tp_gather_partition_size",))
+        out += _at_least(self, ("inference_tp_size", "tp_gather_partition_size"))
         for name in ("unpin_actor_parameters", "release_inference_cache"):
             if getattr(self, name) and not self.enable_hybrid_engine:
                 out.append(f"--{name} is a hybrid-mode setting; add --enable_hybrid_engine")
@@ -800,7 +826,9 @@ class Step3LoRAArgs(role_twins(
 @dataclass
 class Step3LogArgs(LogArgs):
     output_dir: str = arg("output/step3_rlhf", "Where actor/, critic/, actor_ema/, checkpoints, metrics and plots go.")
-    tensorboard_path: str = arg("step3_tensorboard", "TensorBoard folder; relative to --output_dir.")
+    tensorboard_path: str = arg(
+        "step3_tensorboard", _tensorboard_help("step3_model"))
+    tensorboard_job: ClassVar[str] = "step3_model"
     print_interval: int = arg(1, "Log a summary line every N PPO steps.")
     save_interval: int = arg(
         0, "Every N PPO steps write checkpoint-<step>/{actor,critic} and the state --resume reads (0: only "
@@ -858,6 +886,21 @@ class Step3Config(StepConfig):
     def needs_critic_folder(self) -> bool:
         """Whether the step-2 folder is read at all (for the critic or the reward model)."""
         return not self.critic_free or self.needs_reward_model
+
+    @property
+    def step_generation_batches(self) -> int:
+        """Generation batches per PPO step (Step3TrainArgs.step_generation_batches)."""
+        return self.train.step_generation_batches(self.rl.n_samples_per_prompt)
+
+    def compat_notices(self) -> list[str]:
+        """Warnings for DeepSpeed-Chat flags this engine accepts but cannot honour (step 3 logs them)."""
+        out = []
+        if self.ds.inference_tp_size > 1 or "tp_gather_partition_size" in self.given:
+            out.append(f"--inference_tp_size {self.ds.inference_tp_size} and --tp_gather_partition_size "
+                       f"{self.ds.tp_gather_partition_size} have no effect: there is no tensor-parallel generation "
+                       "here; the hybrid mode gathers whole layers, so each rank holds the full actor while generating "
+                       "(more memory than DeepSpeed-Chat's TP slices; --unpin_actor_parameters lowers it)")
+        return out
 
     def cross_part_problems(self) -> list[str]:
         out: list[str] = self.train.batch_problems(self.rl.n_samples_per_prompt)

@@ -241,6 +241,8 @@ def config_to_dict(cfg: Any) -> dict[str, Any]:
     return dataclasses.asdict(cfg)
 
 
-def save_config_yaml(cfg: Any, path: Path) -> None:
-    """The resolved config as YAML, written to a temp file and renamed: a crash never leaves half of it."""
-    write_atomically(path, yaml.safe_dump(config_to_dict(cfg), sort_keys=False))
+def save_config_yaml(cfg: Any, path: Path, notes: Sequence[str] = ()) -> None:
+    """The resolved config as YAML, written to a temp file and renamed: a crash never leaves half of it.
+    `notes` become comment lines at the top (what a default resolved to; a --config reading it ignores them)."""
+    header = "".join(f"# {line}\n" for note in notes for line in note.splitlines())
+    write_atomically(path, header + yaml.safe_dump(config_to_dict(cfg), sort_keys=False))

@@ -87,14 +87,29 @@ class PPOSchedule:
 
     @classmethod
     def of(cls, cfg: Step3Config, prompt_batches: int) -> PPOSchedule:
-        t = cfg.train
-        if prompt_batches < t.generation_batches:
-            raise UserError(f"an epoch has {prompt_batches} prompt batches per rank, fewer than --generation_batches "
-                            f"{t.generation_batches}; lower --per_device_generation_batch_size or --generation_batches")
-        steps = Schedule.of(prompt_batches, t.generation_batches, t.num_train_epochs)
+        t, per_step = cfg.train, cfg.step_generation_batches
+        if prompt_batches < per_step:
+            raise UserError(f"an epoch has {prompt_batches} prompt batches per rank, fewer than the {per_step} "
+                            f"generation batches of a PPO step ({accumulation_note(cfg) or '--generation_batches'}); "
+                            "lower --per_device_generation_batch_size, --generation_batches or "
+                            "--gradient_accumulation_steps")
+        steps = Schedule.of(prompt_batches, per_step, t.num_train_epochs)
         rows = t.per_device_generation_batch_size * cfg.rl.n_samples_per_prompt  # answers per generation batch
-        micro = rows * t.generation_batches // t.per_device_training_batch_size
+        micro = rows * per_step // t.per_device_training_batch_size
         return cls(steps, micro, steps.total_steps * micro * t.ppo_epochs // t.gradient_accumulation_steps)
+
+
+def accumulation_note(cfg: Step3Config) -> str:
+    """Why a PPO step collects more than --generation_batches generation batches ('' when it does not)."""
+    t, per_step = cfg.train, cfg.step_generation_batches
+    if per_step == t.generation_batches:
+        return ""
+    micro = t.per_device_generation_batch_size * cfg.rl.n_samples_per_prompt * t.generation_batches
+    micro //= t.per_device_training_batch_size
+    return (f"--gradient_accumulation_steps {t.gradient_accumulation_steps} spans {per_step // t.generation_batches} "
+            f"rounds of --generation_batches {t.generation_batches} ({micro} micro-batches each), so a PPO step "
+            f"collects {per_step} generation batches, all generated before the optimizer steps, as DeepSpeed-Chat "
+            "accumulates across experience batches")
 
 
 @dataclass
@@ -130,6 +145,8 @@ def build(cfg: Step3Config) -> Run:
     check_role_paths(cfg)
     dist = init_distributed(cfg.train.seed, peer_timeout=cfg.fault.peer_timeout)
     setup_logging(dist.is_main, cfg.log.verbose)
+    for notice in cfg.compat_notices():
+        logger.warning("%s", notice)
 
     # Inputs first: bad folders or data fail before anything is written.
     actor_path, critic_path = resolve_paths(cfg, dist)
@@ -156,6 +173,8 @@ def build(cfg: Step3Config) -> Run:
                                   keys=POSITION_KEYS + ("trainer",), load_extra=load_ema)
     if cfg.log.resume:
         trainer.load_state_dict(position.pop("trainer"))
+    if accumulation_note(cfg):
+        logger.info("%s", accumulation_note(cfg))
     logger.info("PPO: %d steps (%d per epoch), %d micro-batches of %d per step, %d optimizer steps, %d ranks",
                 plan.steps.total_steps, plan.steps.steps_per_epoch, plan.micro_batches,
                 cfg.train.per_device_training_batch_size, plan.optimizer_steps, dist.world_size)
@@ -232,8 +251,9 @@ def train(run: Run) -> int | None:
                desc="step 3 " + (cfg.rl.advantage_estimator.upper() if cfg.critic_free else "PPO"))
     for epoch in range(position["epoch"], cfg.train.num_train_epochs):
         first = position["step_in_epoch"] if epoch == position["epoch"] else 0
-        windows = epoch_windows(prompt_loader, epoch, first, plan.steps, cfg.train.generation_batches)
-        ptx_windows = (epoch_windows(ptx_loader, epoch, first, plan.steps, cfg.train.generation_batches)
+        per_step = cfg.step_generation_batches
+        windows = epoch_windows(prompt_loader, epoch, first, plan.steps, per_step)
+        ptx_windows = (epoch_windows(ptx_loader, epoch, first, plan.steps, per_step)
                        if ptx_loader is not None else None)
         for step_in_epoch, prompts in enumerate(windows, start=first):
             row = ppo_step(run, prompts, next(ptx_windows) if ptx_windows is not None else None, step + 1, guard)
@@ -335,10 +355,10 @@ def ppo_step(run: Run, prompt_batches: list[dict], ptx_batches: list[dict] | Non
     row |= step3_throughput(
         **run.model_shapes,
         per_device_generation_batch=cfg.train.per_device_generation_batch_size * cfg.rl.n_samples_per_prompt,
-        generation_batches=cfg.train.generation_batches, ppo_epochs=cfg.train.ppo_epochs, ptx=ptx is not None,
+        generation_batches=len(prompt_batches), ppo_epochs=cfg.train.ppo_epochs, ptx=ptx is not None,
         world_size=dist.world_size, seq_length=cfg.data.max_prompt_seq_len + cfg.data.max_answer_seq_len,
         decode_steps=sum(e.sequences.shape[1] for e in experiences) / len(experiences) - cfg.data.max_prompt_seq_len,
-        generate_s=timer.seconds["generate"] / cfg.train.generation_batches, train_s=timer.seconds["train"],
+        generate_s=timer.seconds["generate"] / len(prompt_batches), train_s=timer.seconds["train"],
         e2e_s=sum(timer.seconds.values()))
     return row
 

@@ -15,7 +15,7 @@ from safetensors.torch import load_file, save_file
 
 from engine.config import DataArgs, Step1DataArgs
 from engine.data.sort_task import ASSET_DIR as BUNDLED_DIR
-from engine.data.sources import BUNDLED, LOCAL_JSONFILE, LOCAL_JSONFILE_DIR
+from engine.data.sources import BUNDLED, LOCAL_JSONFILE, LOCAL_JSONFILE_DIR, data_sources
 from engine.errors import UserError
 from engine.runtime.atomic import write_atomically
 from engine.runtime.distributed import DistInfo, all_reduce_sum, barrier
@@ -53,7 +53,7 @@ def cache_key(data: DataArgs, tokenizer: Any, phase: int, seed: int, extra: dict
     parts = {
         "extra": extra or {},
         "version": CACHE_VERSION, "phase": phase, "seed": seed,
-        "sources": [source_fingerprint(s) for s in data.data_path or [BUNDLED]],
+        "sources": [source_fingerprint(s) for s in data_sources(data.data_path)],
         "sft_only": [source_fingerprint(s) for s in data.sft_only_data_path] if step1 and phase == 1 else [],
         "split": data.data_split, "max_seq_len": data.max_seq_len, "overlength": data.overlength,
         "train_on_prompt": step1 and data.train_on_prompt,

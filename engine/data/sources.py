@@ -15,7 +15,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import logging
-from collections.abc import Iterable, Mapping
+from collections.abc import Iterable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -30,6 +30,20 @@ LOCAL_JSONFILE = "local/jsonfile"
 # DeepSpeed-Chat's local/jsonfile reads <DeepSpeed-Chat>/data/{train,eval}.json; ours is the repo root.
 LOCAL_JSONFILE_DIR = Path(__file__).resolve().parents[2] / "data"
 SUFFIXES = (".jsonl", ".json", ".parquet")
+DSCHAT_DEFAULT_DATA = "Dahoas/rm-static"  # DeepSpeed-Chat's --data_path default
+
+
+def data_sources(data_path: Sequence[str]) -> list[str]:
+    """The sources a --data_path means: itself, or the bundled task when it is empty."""
+    return list(data_path) or [BUNDLED]
+
+
+def default_data_note(data_path: Sequence[str]) -> str | None:
+    """What an empty --data_path trains on, for the log and config.yaml (None when a path was given)."""
+    if data_path:
+        return None
+    return (f"data: no --data_path, so the bundled synthetic sorting task ({BUNDLED}, {BUNDLED_DIR}) is used; "
+            f"DeepSpeed-Chat's default would be {DSCHAT_DEFAULT_DATA}: pass --data_path {DSCHAT_DEFAULT_DATA} for it")
 
 
 # ----------------------------------------------------------------------------------------------

@@ -7,7 +7,7 @@ from typing import Any
 
 from engine.config import DataArgs, Step1DataArgs, parse_data_split
 from engine.data.rows import Row
-from engine.data.sources import BUNDLED, load_source
+from engine.data.sources import data_sources, load_source
 from engine.errors import UserError
 
 
@@ -37,7 +37,7 @@ def phase_rows(data: DataArgs, tokenizer: Any, phase: int, seed: int,
     train: list[Row] = []
     evals: list[Row] = []
     available = 0
-    for spec in data.data_path or [BUNDLED]:
+    for spec in data_sources(data.data_path):
         tr, ev = load_source(spec, tokenizer, seed, prompt_columns)
         available += len(tr)
         train += [tr[i] for i in phase_slice(len(tr), weights, phase, seed)]

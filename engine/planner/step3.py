@@ -54,7 +54,7 @@ def workload_of_step3(cfg: Step3Config, world_size: int, actor_config: Any = Non
     critic = model_shape_of(critic_config or config_of(cfg.model.critic_model_name_or_path),
                             sequence_classification=True)
     return Workload(actor, critic, cfg.data.max_prompt_seq_len, cfg.data.max_answer_seq_len, world_size,
-                    cfg.train.generation_batches, **algorithm_of(cfg))
+                    cfg.step_generation_batches, **algorithm_of(cfg))
 
 
 def predict_for_step3(cfg: Step3Config, world_size: int, merge_host: bool | None = None) -> dict[str, Any]:

@@ -11,6 +11,7 @@ from typing import Any
 
 import torch
 
+from engine.data.sources import default_data_note
 from engine.errors import UserError
 from engine.flags import config_to_dict, save_config_yaml
 from engine.models.load import check_given_model, keep_bitsandbytes_out, load_tokenizer, resolve_model_path
@@ -145,13 +146,29 @@ def start_run(cfg: Any, engine: Any, out: Path, dist: DistInfo, keys: tuple[str,
     if cfg.log.resume:
         position.update(load_resume_state(engine, out, dist, keys or POSITION_KEYS, extra=load_extra))
     out.mkdir(parents=True, exist_ok=True)
+    notes = [n for n in (default_data_note(cfg.data.data_path),) if n]
     if dist.is_main:
-        save_config_yaml(cfg, out / "config.yaml")
+        save_config_yaml(cfg, out / "config.yaml", notes)
+    for note in notes:
+        logger.info("%s", note)
     metrics = MetricsLogger(out, is_main=dist.is_main,
-                            tensorboard_dir=out / cfg.log.tensorboard_path if cfg.log.enable_tensorboard else None,
+                            tensorboard_dir=tensorboard_dir(cfg, out),
                             wandb_project=cfg.log.wandb_project if cfg.log.enable_wandb else None,
                             wandb_config=config_to_dict(cfg), run_name=out.name, resume=cfg.log.resume)
     return position, metrics
+
+
+def tensorboard_dir(cfg: Any, out: Path) -> Path | None:
+    """Where the TensorBoard events go (None without --enable_tensorboard): the default folder inside `out`;
+    a --tensorboard_path the user gave resolves as in DeepSpeed-Chat (dschat/utils/ds_utils.py): relative to
+    the working directory, into <path>/ds_tensorboard_logs/<job>_tensorboard."""
+    log = cfg.log
+    if not log.enable_tensorboard:
+        return None
+    if "tensorboard_path" not in cfg.given:
+        return out / log.tensorboard_path
+    job = f"{log.tensorboard_job}_tensorboard"
+    return Path(log.tensorboard_path).expanduser().absolute() / "ds_tensorboard_logs" / job
 
 
 @dataclass

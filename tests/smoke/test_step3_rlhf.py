@@ -42,6 +42,27 @@ def test_ptx_mixes_language_modelling_into_the_actor_updates(run_step, tiny_role
     assert [r["step"] for r in steps] == [1, 2] and all(r["ppo/ptx_loss"] > 0 for r in steps)
 
 
+def test_accumulation_across_generation_batches_runs_as_deepspeed_chat(run_step, tiny_roles, tmp_path):
+    """DeepSpeed-Chat's opt/single_gpu step-3 shape (one micro-batch per generation batch, accumulation 2, no
+    tensor-parallel generation here): a PPO step collects 2 generation batches and ends on one optimizer step."""
+    actor, critic = tiny_roles
+    out = tmp_path / "step3"
+    proc = run_step("step3_rlhf/main.py", [
+        "--actor_model_name_or_path", str(actor), "--critic_model_name_or_path", str(critic), "--output_dir", str(out),
+        *TINY, "--per_device_generation_batch_size", "2", "--per_device_training_batch_size", "2",
+        "--gradient_accumulation_steps", "2", "--test_stop_step", "2", "--eval_prompts", "2",
+        "--inference_tp_size", "2", "--tp_gather_partition_size", "4"])
+    log = proc.stdout + proc.stderr
+    assert "so a PPO step collects 2 generation batches" in log
+    assert "--inference_tp_size 2 and --tp_gather_partition_size 4 have no effect" in log
+    # No --data_path: the log and config.yaml say the bundled task was used, not DeepSpeed-Chat's default.
+    assert "no --data_path, so the bundled synthetic sorting task" in log
+    assert (out / "config.yaml").read_text().startswith("# data: no --data_path, so the bundled synthetic sorting")
+    rows = [r for r in read_metrics(out) if "ppo/policy_loss" in r]
+    assert [r["step"] for r in rows] == [1, 2]
+    assert all(r["rollout/sequences"] == 4 for r in rows)  # 2 generation batches of 2 prompts
+
+
 # ----------------------------------------------------------------------------------------------
 # Quantized roles: 4-bit reference, 8-bit reward model, QLoRA actor (4-bit base + LoRA) and its EMA
 # ----------------------------------------------------------------------------------------------

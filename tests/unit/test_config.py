@@ -262,6 +262,19 @@ def test_saved_yaml_round_trips(tmp_path):
     assert again.train.learning_rate == 2e-5 and again.data.data_path == ["a.jsonl", "b"]
 
 
+def test_config_yaml_names_the_bundled_data_when_no_data_path_is_given(tmp_path):
+    from engine.data.sources import BUNDLED, default_data_note
+
+    assert default_data_note(["Dahoas/rm-static"]) is None
+    note = default_data_note([])
+    assert BUNDLED in note and "--data_path Dahoas/rm-static" in note
+    cfg = parse_config(Step1Config, ["--seed", "7"])
+    path = tmp_path / "resolved.yaml"
+    save_config_yaml(cfg, path, [note])
+    assert path.read_text().startswith(f"# {note}\n")
+    assert parse_config(Step1Config, ["--config", str(path)]) == cfg  # the note is a comment
+
+
 # ----------------------------------------------------------------------------------------------
 # Command-line mistakes
 # ----------------------------------------------------------------------------------------------

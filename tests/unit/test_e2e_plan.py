@@ -42,7 +42,9 @@ def test_the_demo_on_gpus(tmp_path, deployment, ranks):
 
 
 @pytest.mark.parametrize("actor,deployment", [("1.3b", "single_gpu"), ("1.3b", "single_node"), ("66b", "multi_node"),
-                                              ("llama2-7b", "single_node"), ("llama2-7b-lora", "single_node")])
+                                              ("llama2-7b", "single_node"), ("llama2-7b-lora", "single_node"),
+                                              ("6.7b", "single_gpu"), ("6.7b", "single_node"), ("13b", "single_node"),
+                                              ("30b", "single_node")])
 def test_gpu_recipes_use_existing_scripts_with_their_positional_arguments(tmp_path, actor, deployment):
     step1, step2, step3, _ = commands(["--actor-model", actor, "--deployment-type", deployment,
                                        "--actor-zero-stage", "3"], tmp_path)
@@ -54,6 +56,17 @@ def test_gpu_recipes_use_existing_scripts_with_their_positional_arguments(tmp_pa
                          str(tmp_path / "step3_rlhf")]
 
 
+@pytest.mark.parametrize("actor,deployment,script", [
+    ("6.7b", "single_gpu", "opt/single_gpu/run_6.7b_lora.sh"), ("13b", "single_node", "opt/single_node/run_13b.sh"),
+    ("30b", "single_node", "opt/single_node/run_30b_lora.sh"), ("6.7b", "single_node", "opt/single_node/run_6.7b.sh")])
+def test_dschat_sizes_pick_dschat_scripts(tmp_path, actor, deployment, script):
+    """DeepSpeed-Chat's e2e sizes and deployments; a size shipped only as LoRA uses its _lora script."""
+    step1, step2, step3, _ = commands(["--actor-model", actor, "--deployment-type", deployment], tmp_path)
+    assert step1[1] == str(ROOT / "step1_sft" / "training_scripts" / script)
+    assert step3[1] == str(ROOT / "step3_rlhf" / "training_scripts" / script)
+    assert step2[1] == str(ROOT / "step2_reward" / "training_scripts" / "opt" / deployment / "run_350m.sh")
+
+
 @pytest.mark.parametrize("argv,message", [
     (["--actor-model", "1.3b", "--deployment-type", "cpu"], "needs GPUs"),
     (["--deployment-type", "multi_node"], "runs on one machine"),
@@ -61,7 +74,7 @@ def test_gpu_recipes_use_existing_scripts_with_their_positional_arguments(tmp_pa
     (["--actor-model", "llama2-7b", "--deployment-type", "single_gpu"], "one node of 8 GPUs"),
     (["--actor-model", "llama2-7b", "--reward-model", "llama2-7b-lora", "--deployment-type", "single_node"],
      "goes with --reward-model llama2-7b"),
-    (["--actor-model", "13b", "--deployment-type", "single_node"], "no launch script for step 1 (SFT) with model 13b"),
+    (["--actor-model", "66b", "--deployment-type", "single_node"], "no launch script for step 1 (SFT) with model 66b"),
     (["--step1-args", "--seed 'unclosed"], "--step1-args: cannot split"),
 ])
 def test_combinations_without_a_recipe_are_refused(tmp_path, argv, message):

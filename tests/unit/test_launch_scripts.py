@@ -22,8 +22,19 @@ from engine.flags import leaf_fields
 from tests.helpers.launch_scripts import code_lines, main_py_args
 
 ROOT = Path(__file__).resolve().parents[2]
-SCRIPTS = sorted(ROOT.glob("step*/training_scripts/**/*.sh"))
+ALL_SCRIPTS = sorted(ROOT.glob("step*/training_scripts/**/*.sh"))
+ALL_IDS = [str(p.relative_to(ROOT)) for p in ALL_SCRIPTS]
+
+
+def runs_main_py(script: Path) -> bool:
+    return bool(re.search(r"main\.py\b", code_lines(script.read_text())))
+
+
+# Scripts that run a step's main.py; the others (the sweeps' drivers) run those scripts.
+SCRIPTS = [p for p in ALL_SCRIPTS if runs_main_py(p)]
 SCRIPT_IDS = [str(p.relative_to(ROOT)) for p in SCRIPTS]
+DRIVERS = [p for p in ALL_SCRIPTS if not runs_main_py(p)]
+DRIVER_IDS = [str(p.relative_to(ROOT)) for p in DRIVERS]
 STEP_DIR = re.compile(r"^step(\d+)_")
 
 
@@ -161,18 +172,18 @@ def test_step1_scripts_exist() -> None:
 
 
 @pytest.mark.skipif(shutil.which("bash") is None, reason="bash is not installed")
-@pytest.mark.parametrize("script", SCRIPTS, ids=SCRIPT_IDS)
+@pytest.mark.parametrize("script", ALL_SCRIPTS, ids=ALL_IDS)
 def test_bash_syntax(script: Path) -> None:
     result = subprocess.run(["bash", "-n", str(script)], capture_output=True, text=True)
     assert result.returncode == 0, result.stderr
 
 
-@pytest.mark.parametrize("script", SCRIPTS, ids=SCRIPT_IDS)
+@pytest.mark.parametrize("script", ALL_SCRIPTS, ids=ALL_IDS)
 def test_executable(script: Path) -> None:
     assert os.access(script, os.X_OK), f"chmod +x {script.relative_to(ROOT)}"
 
 
-@pytest.mark.parametrize("script", SCRIPTS, ids=SCRIPT_IDS)
+@pytest.mark.parametrize("script", ALL_SCRIPTS, ids=ALL_IDS)
 def test_header(script: Path) -> None:
     lines = script.read_text().splitlines()
     assert lines[0] == "#!/usr/bin/env bash"
@@ -235,3 +246,103 @@ def test_script_passes_extra_flags_after_its_positional_arguments(script: Path) 
     text = code_lines(script.read_text())
     last = max(int(k) for k in re.findall(r"\$\{(\d+)[:?-]", text))
     assert f'"${{@:{last + 1}}}"' in text, f"{script.name} takes {last} positional arguments"
+
+
+# ----------------------------------------------------------------------------------------------
+# DeepSpeed-Chat's script shapes, and every flag set through the step's parser
+# ----------------------------------------------------------------------------------------------
+DSCHAT_SHAPES = {
+    "step1_sft": {"opt/single_gpu/run_1.3b.sh", "opt/single_gpu/run_6.7b_lora.sh", "opt/single_node/run_1.3b.sh",
+                  "opt/single_node/run_1.3b_lora.sh", "opt/single_node/run_6.7b.sh", "opt/single_node/run_13b.sh",
+                  "opt/single_node/run_30b_lora.sh", "opt/multi_node/run_66b.sh", "llama2/run_llama2_7b.sh",
+                  "llama2/run_llama2_7b_lora.sh", "opt/single_node/sweep/run_single.sh",
+                  "opt/single_node/sweep/run_step1_sweep.sh"},
+    "step2_reward": {"opt/single_gpu/run_350m.sh", "opt/single_node/run_350m.sh", "opt/multi_node/run_350m.sh",
+                     "llama2/run_llama2_7b.sh", "llama2/run_llama2_7b_lora.sh", "opt/single_node/sweep/run_single.sh",
+                     "opt/single_node/sweep/run_step2_sweep.sh"},
+    "step3_rlhf": {"opt/single_gpu/run_1.3b.sh", "opt/single_gpu/run_6.7b_lora.sh", "opt/single_node/run_1.3b.sh",
+                   "opt/single_node/run_1.3b_lora.sh", "opt/single_node/run_6.7b.sh", "opt/single_node/run_13b.sh",
+                   "opt/single_node/run_30b_lora.sh", "opt/multi_node/run_66b.sh", "llama2/run_llama2_7b.sh",
+                   "llama2/run_llama2_7b_lora.sh", "llama2/run_llama2_7b_mixz.sh",
+                   "opt/single_node/sweep/run_single.sh", "opt/single_node/sweep/run_step3_sweep.sh"},
+}
+
+
+@pytest.mark.parametrize("step", sorted(DSCHAT_SHAPES))
+def test_every_dschat_script_shape_is_shipped(step):
+    folder = ROOT / step / "training_scripts"
+    have = {str(p.relative_to(folder)) for p in ALL_SCRIPTS if p.is_relative_to(folder)}
+    assert DSCHAT_SHAPES[step] <= have, sorted(DSCHAT_SHAPES[step] - have)
+    for sweep in folder.glob("**/sweep"):
+        assert (sweep / "README.md").is_file(), f"{sweep.relative_to(ROOT)} has no README.md"
+
+
+@pytest.mark.parametrize("script", DRIVERS, ids=DRIVER_IDS)
+def test_driver_runs_scripts_that_exist(script):
+    called = re.findall(r'"\$HERE/([\w.]+\.sh)"', code_lines(script.read_text()))
+    assert called, f"{script.name} calls no script"
+    assert all((script.parent / name).is_file() for name in called)
+
+
+FAKE_DEEPSPEED = """#!/usr/bin/env bash
+# records its arguments (NUL-separated, one record per line of the index) instead of launching anything
+n=$(ls "$FAKE_DS_DIR" | wc -l)
+printf '%s\\0' "$@" > "$FAKE_DS_DIR/call_$n"
+"""
+
+
+def launched_flag_sets(script: Path, tmp_path: Path) -> list[list[str]]:
+    """The main.py argument lists a script launches, from a run with a stand-in `deepspeed` that only records
+    them (required positional arguments get placeholder paths; the others their defaults)."""
+    bin_dir, calls, work = tmp_path / "bin", tmp_path / "calls", tmp_path / "work"
+    for folder in (bin_dir, calls, work):
+        folder.mkdir(parents=True, exist_ok=True)
+    fake = bin_dir / "deepspeed"
+    fake.write_text(FAKE_DEEPSPEED)
+    fake.chmod(0o755)
+    text = code_lines(script.read_text())
+    required = [int(n) for n in re.findall(r"\$\{(\d+):\?", text)]
+    args = [f"/models/arg{n}" for n in range(1, max(required, default=0) + 1)]
+    env = dict(os.environ, PATH=f"{bin_dir}:{os.environ['PATH']}", FAKE_DS_DIR=str(calls))
+    result = subprocess.run(["bash", str(script), *args], cwd=work, env=env, capture_output=True, text=True,
+                            timeout=60)
+    assert result.returncode == 0, result.stdout + result.stderr
+    sets = []
+    for record in sorted(calls.iterdir(), key=lambda p: int(p.name.split("_")[1])):
+        words = record.read_text().split("\0")[:-1]
+        at = [i for i, w in enumerate(words) if w.endswith("main.py")]
+        assert at, words
+        sets.append([*words[at[0]:]])
+    return sets
+
+
+@pytest.mark.skipif(shutil.which("bash") is None, reason="bash is not installed")
+@pytest.mark.parametrize("script", ALL_SCRIPTS, ids=ALL_IDS)
+def test_every_flag_set_parses(script, tmp_path, monkeypatch):
+    """Each main.py command a script (or a sweep driver) launches parses into its step's config with every
+    check passing, on a machine with CUDA (the scripts' target); no training runs."""
+    import engine.preflight as preflight
+    from engine.flags import parse_config
+
+    monkeypatch.setattr(preflight, "cuda_available", lambda: True)
+    monkeypatch.setattr(preflight, "missing_quantization_packages", lambda: [])
+    sets = launched_flag_sets(script, tmp_path)
+    assert sets, f"{script.name} launched nothing"
+    for words in sets:
+        cls = config_class(Path(words[0]))
+        parse_config(cls, words[1:])  # raises UserError, naming the problems, if a set is refused
+
+
+def test_flag_sets_of_a_sweep_and_a_refused_set_are_seen(tmp_path, monkeypatch):
+    """The stand-in launcher sees every point of a sweep, and a set the config refuses fails the parse."""
+    from engine.errors import UserError
+    from engine.flags import parse_config
+
+    sweep = ROOT / "step3_rlhf/training_scripts/opt/single_node/sweep/run_step3_sweep.sh"
+    sets = launched_flag_sets(sweep, tmp_path / "sweep")
+    assert len(sets) == 17 and sum("--enable_mixed_precision_lora" in s for s in sets) == 1
+    bad = tmp_path / "bad.sh"
+    bad.write_text('#!/usr/bin/env bash\ndeepspeed "$0/step3_rlhf/main.py" --inference_tp_size 0\n')
+    words, = launched_flag_sets(bad, tmp_path / "bad")
+    with pytest.raises(UserError, match="--inference_tp_size must be >= 1"):
+        parse_config(config_class(Path(words[0].replace(str(bad), str(ROOT)))), words[1:])

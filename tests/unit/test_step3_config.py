@@ -60,14 +60,11 @@ def test_no_flags_is_the_same_as_make_config_defaults():
 INVALID = [
     # 16 prompts per generation batch cannot be cut into micro-batches of 6.
     ({"per_device_generation_batch_size": 16, "per_device_training_batch_size": 6}, "--per_device_training_batch_size"),
-    # 16 / 8 = 2 micro-batches per PPO step, not a multiple of 4.
-    ({"per_device_generation_batch_size": 16, "per_device_training_batch_size": 8,
-      "gradient_accumulation_steps": 4}, "--gradient_accumulation_steps"),
     ({"offload": True, "actor_zero_stage": 1, "critic_zero_stage": 2}, "--offload"),
     ({"offload": True, "actor_zero_stage": 3, "critic_zero_stage": 0}, "--offload"),
     ({"offload_reference_model": True, "actor_zero_stage": 2}, "--offload_reference_model"),
     ({"offload_reward_model": True, "critic_zero_stage": 2}, "--offload_reward_model"),
-    ({"inference_tp_size": 2}, "--inference_tp_size"),
+    ({"inference_tp_size": 0}, "--inference_tp_size"),
     ({"tp_gather_partition_size": 0}, "--tp_gather_partition_size"),
     ({"unpin_actor_parameters": True}, "--unpin_actor_parameters"),
     ({"release_inference_cache": True}, "--release_inference_cache"),
@@ -127,7 +124,7 @@ def test_a_shared_check_runs_per_role_with_the_role_flags():
 
 def test_all_problems_are_listed_together():
     with pytest.raises(UserError) as info:
-        make_config(Step3Config, {"gamma": 1.5, "inference_tp_size": 2, "enable_test_mode": True})
+        make_config(Step3Config, {"gamma": 1.5, "inference_tp_size": 0, "enable_test_mode": True})
     assert len(problems(info.value)) == 3
 
 
@@ -150,6 +147,37 @@ def test_all_problems_are_listed_together():
 ])
 def test_boundary_values_are_accepted(values):
     make_config(Step3Config, values)
+
+
+@pytest.mark.parametrize("values, per_step", [
+    ({}, 1),
+    # 16 / 8 = 2 micro-batches per generation batch; a window of 4 needs 2 of them (DeepSpeed-Chat accumulates
+    # across experience batches; once refused here).
+    ({"per_device_generation_batch_size": 16, "per_device_training_batch_size": 8,
+      "gradient_accumulation_steps": 4}, 2),
+    # DeepSpeed-Chat's opt/single_gpu step-3 shape: 1 micro-batch per generation batch, accumulation 2.
+    ({"gradient_accumulation_steps": 2}, 2),
+    # 3 rounds of --generation_batches 2 (2 micro-batches each) make 6 micro-batches, 2 windows of 3.
+    ({"per_device_generation_batch_size": 4, "per_device_training_batch_size": 4, "generation_batches": 2,
+      "gradient_accumulation_steps": 3}, 6),
+    # Whole windows already: unchanged.
+    ({"per_device_generation_batch_size": 8, "per_device_training_batch_size": 4, "generation_batches": 2,
+      "gradient_accumulation_steps": 4}, 2),
+])
+def test_accumulation_across_generation_batches(values, per_step):
+    cfg = make_config(Step3Config, values)
+    assert cfg.step_generation_batches == per_step
+    t = cfg.train
+    micro = t.per_device_generation_batch_size * per_step // t.per_device_training_batch_size
+    assert micro % t.gradient_accumulation_steps == 0  # every PPO step ends on an optimizer step
+
+
+def test_tensor_parallel_flags_are_accepted_with_a_notice():
+    assert make_config(Step3Config).compat_notices() == []
+    cfg = parse_config(Step3Config, ["--inference_tp_size", "2", "--actor_zero_stage", "3"])
+    notice, = cfg.compat_notices()
+    assert "--inference_tp_size 2" in notice and "no effect" in notice and "full actor" in notice
+    assert len(parse_config(Step3Config, ["--tp_gather_partition_size", "4"]).compat_notices()) == 1
 
 
 def test_quantization_without_bitsandbytes_says_how_to_install_it(monkeypatch):

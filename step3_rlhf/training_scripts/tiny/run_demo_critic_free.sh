@@ -1,4 +1,4 @@
-#!/bin/bash
+#!/usr/bin/env bash
 # Step 3 of the demo pipeline with a critic-free estimator (`python e2e_rlhf.py --algorithm grpo`): the step-1
 # actor learns the bundled sorting task from its rule (engine.rewards.builtin:sort_rule) as the reward, so no
 # reward model or critic is built; no KL term either (--kl_ctl 0), so no reference. Eight sampled answers per

@@ -3,7 +3,7 @@
 # single_gpu script: rank-128 LoRA on every decoder Linear layer, 8 accumulation steps, the other
 # flags at their defaults: 1 epoch, lr 1e-3, micro batch 16, fp16). DeepSpeed-Chat gets rm-static
 # from its --data_path default; ours defaults to the bundled toy task, so it is named here.
-# TensorBoard events go to $OUTPUT/step1_tensorboard (--tensorboard_path is relative to --output_dir).
+# TensorBoard events go to $OUTPUT/ds_tensorboard_logs/step1_model_tensorboard, as in DeepSpeed-Chat.
 #
 # Usage: run_1.3b.sh [OUTPUT=./output] [ZERO_STAGE=0] [main.py flags...]
 set -euo pipefail
@@ -21,6 +21,7 @@ deepspeed --num_gpus 1 "$ROOT/step1_sft/main.py" \
    --lora_dim 128 \
    --zero_stage "$ZERO_STAGE" \
    --enable_tensorboard \
+   --tensorboard_path "$OUTPUT" \
    --deepspeed \
    --output_dir "$OUTPUT" \
    "${@:3}" \

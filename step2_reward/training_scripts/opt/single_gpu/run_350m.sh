@@ -4,8 +4,8 @@
 # the other flags at their defaults: 1 epoch, lr 5e-5, micro batch 16 pairs, fp16). OPT's tokenizer
 # starts every row with its BOS token, which equals the pad id: --num_padding_at_beginning 1.
 # DeepSpeed-Chat gets rm-static from its --data_path default; ours defaults to the bundled toy task,
-# so it is named here. TensorBoard events go to $OUTPUT/step2_tensorboard (--tensorboard_path is
-# relative to --output_dir).
+# so it is named here. TensorBoard events go to $OUTPUT/ds_tensorboard_logs/step2_model_tensorboard,
+# as in DeepSpeed-Chat.
 #
 # Usage: run_350m.sh [OUTPUT=./output] [ZERO_STAGE=0] [main.py flags...]
 set -euo pipefail
@@ -25,6 +25,7 @@ deepspeed --num_gpus 1 "$ROOT/step2_reward/main.py" \
    --gradient_accumulation_steps 4 \
    --zero_stage "$ZERO_STAGE" \
    --enable_tensorboard \
+   --tensorboard_path "$OUTPUT" \
    --deepspeed \
    --output_dir "$OUTPUT" \
    "${@:3}" \

@@ -7,10 +7,10 @@
 # rank-128 LoRA on the actor's decoder layers, hybrid-engine generation, fp16). As in DeepSpeed-Chat,
 # the actor's base weights train too (at --actor_learning_rate), its LoRA weights at
 # --actor_lora_learning_rate (5e-4).
-# Left out on purpose: DeepSpeed-Chat's --inference_tp_size 8 --tp_gather_partition_size 4.
-# Tensor-parallel generation is not implemented in this engine, which refuses any
-# --inference_tp_size but 1; the hybrid mode gathers the whole actor on each GPU instead (add
-# --unpin_actor_parameters to gather it layer by layer if that does not fit).
+# DeepSpeed-Chat's --inference_tp_size 8 --tp_gather_partition_size 4 are kept but have no effect here
+# (step 3 logs a warning): there is no tensor-parallel generation, the hybrid mode gathers the whole
+# actor on each GPU instead (add --unpin_actor_parameters to gather it layer by layer if that does
+# not fit).
 # The nodes are listed in a DeepSpeed hostfile ("<host> slots=8" per line): $HOSTFILE, default
 # /job/hostfile (DeepSpeed's own default). Run from the first node; every node needs this repository
 # and both model folders at the same paths. CRITIC_MODEL_PATH must be a reward model in Hugging Face
@@ -60,6 +60,8 @@ deepspeed --hostfile "$HOSTFILE" "$ROOT/step3_rlhf/main.py" \
    --actor_dropout 0.0 \
    --actor_lora_dim 128 \
    --actor_lora_module_name decoder.layers. \
+   --inference_tp_size 8 \
+   --tp_gather_partition_size 4 \
    --deepspeed \
    --output_dir "$OUTPUT" \
    "${@:6}" \

@@ -10,8 +10,8 @@
 # folder with one label (what step2_reward/main.py writes) and stops, naming the flag, if not; a
 # reward model saved in DeepSpeed-Chat's own layout can fail that check: pass your step-2 output then.
 # --num_padding_at_beginning is accepted for compatibility only (step 3 works from real attention
-# masks). TensorBoard events go to $OUTPUT/step3_tensorboard (--tensorboard_path is relative to
-# --output_dir, so DeepSpeed-Chat's "--tensorboard_path $OUTPUT" is left at its default here).
+# masks). TensorBoard events go to $OUTPUT/ds_tensorboard_logs/step3_model_tensorboard, as in
+# DeepSpeed-Chat's "--tensorboard_path $OUTPUT".
 #
 # Usage: run_1.3b.sh [ACTOR_MODEL_PATH=AdamG012/chat-opt-1.3b-sft-deepspeed]
 #                    [CRITIC_MODEL_PATH=AdamG012/chat-opt-350m-reward-deepspeed]
@@ -52,6 +52,7 @@ deepspeed "$ROOT/step3_rlhf/main.py" \
    --critic_zero_stage "$CRITIC_ZERO_STAGE" \
    --enable_ema \
    --enable_tensorboard \
+   --tensorboard_path "$OUTPUT" \
    --deepspeed \
    --output_dir "$OUTPUT" \
    "${@:6}" \

@@ -6,9 +6,9 @@
 # 100 warm-up steps, actor dropout off, actor gradient checkpointing, rank-128 LoRA on the actor's
 # decoder layers, hybrid-engine generation, fp16). As in DeepSpeed-Chat, the actor's base weights
 # train too (at --actor_learning_rate), its LoRA weights at --actor_lora_learning_rate (5e-4).
-# Left out on purpose: DeepSpeed-Chat's --inference_tp_size 2. Tensor-parallel generation is not
-# implemented in this engine, which refuses any value but 1; the hybrid mode gathers the whole actor
-# on each GPU instead (add --unpin_actor_parameters if that does not fit).
+# DeepSpeed-Chat's --inference_tp_size 2 is kept but has no effect here (step 3 logs a warning): there
+# is no tensor-parallel generation, the hybrid mode gathers the whole actor on each GPU instead (add
+# --unpin_actor_parameters if that does not fit).
 # CRITIC_MODEL_PATH must be a reward model in Hugging Face *ForSequenceClassification form (one
 # label), as step2_reward/main.py writes it. --num_padding_at_beginning is accepted for
 # compatibility only (step 3 works from real attention masks).
@@ -52,6 +52,7 @@ deepspeed "$ROOT/step3_rlhf/main.py" \
    --actor_dropout 0.0 \
    --actor_lora_dim 128 \
    --actor_lora_module_name decoder.layers. \
+   --inference_tp_size 2 \
    --deepspeed \
    --output_dir "$OUTPUT" \
    "${@:6}" \
