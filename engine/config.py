@@ -124,6 +124,11 @@ class DataArgs:
         "Several are concatenated. Default: the bundled synthetic sorting task.")
     data_split: str = arg(
         "2,4,4", "Comma-separated weights of the slices given to steps 1, 2 and 3 (disjoint, seeded).")
+    data_split_compat: str = arg(
+        "none", "How --data_split picks each step's rows: 'none' = our rule (a Python-random permutation per "
+        "dataset); 'dschat' = DeepSpeed-Chat's (numpy RandomState(--seed) permutation, rounded cumulative cuts), "
+        "so the same --seed and --data_split select the same rows of a dataset as DeepSpeed-Chat does.",
+        choices=("none", "dschat"))
     data_output_path: str | None = arg(
         None, "Folder for the tokenized cache. Default: <output_dir>/data_cache (DeepSpeed-Chat "
         "uses /tmp/data_files, a shared world-writable folder; we do not).")
