@@ -586,8 +586,10 @@ class PPOArgs:
         0, "Also evaluate the actor (answers to held-out prompts: reward score, length, and the "
         "rule-checked success rate where the data defines one) every N PPO steps (0: before and after training).",
         section="evaluation")
-    eval_prompts: int = arg(256, "Held-out prompts per evaluation (all ranks together, at most).",
-                            section="evaluation")
+    eval_prompts: int = arg(
+        256, "Held-out prompts per evaluation (all ranks together, at most). 0: no evaluation at all, as in "
+        "DeepSpeed-Chat's step 3 (which never evaluates); the held-out prompts are then not needed.",
+        section="evaluation")
     eval_greedy: bool = arg(
         False, "Evaluate greedy answers. Default: answers decoded as in the rollouts (what PPO optimises), "
         "with a fixed seed so every evaluation sees the same sampling noise.", section="evaluation")
@@ -611,8 +613,11 @@ class PPOArgs:
             out.append("--temperature must be > 0, --top_p in (0, 1] and --top_k >= 0")
         if not 0.0 <= self.ema_decay <= 1.0:
             out.append(f"--ema_decay must be in [0, 1] (got {self.ema_decay})")
-        if self.eval_interval < 0 or self.eval_prompts < 1:
-            out.append("--eval_interval must be >= 0 and --eval_prompts >= 1")
+        if self.eval_interval < 0 or self.eval_prompts < 0:
+            out.append("--eval_interval and --eval_prompts must be >= 0")
+        if self.eval_interval and not self.eval_prompts:
+            out.append(f"--eval_interval {self.eval_interval} asks for evaluations that --eval_prompts 0 turns off; "
+                       "drop one of them")
         return out
 
 

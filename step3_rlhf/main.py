@@ -184,7 +184,7 @@ def run_ppo(run: Run, *, measure_only: bool = False) -> None:
         metrics.close()
         return
     final = evaluate(run)
-    if not eval_due(cfg, position["global_step"]):
+    if final and not eval_due(cfg, position["global_step"]):
         metrics.log(position["global_step"], final)
     save_models(run, out)
     metrics.close()
@@ -192,8 +192,11 @@ def run_ppo(run: Run, *, measure_only: bool = False) -> None:
         plot_curves(out / "metrics.jsonl", out / "curves.png",
                     ["rollout/score_mean", "rollout/kl", "ppo/policy_loss", "ppo/value_loss",
                      "rollout/response_len", "eval/score_mean"], title="Step 3: PPO")
-        logger.info("done: eval score %.3f%s; models in %s", final["eval/score_mean"],
-                    f", rule success {final['eval/rule_success']:.3f}" if "eval/rule_success" in final else "", out)
+        if final:
+            logger.info("done: eval score %.3f%s; models in %s", final["eval/score_mean"],
+                        f", rule success {final['eval/rule_success']:.3f}" if "eval/rule_success" in final else "", out)
+        else:
+            logger.info("done (no evaluation: --eval_prompts 0); models in %s", out)
 
 
 def fit_to_machine(cfg: Step3Config, dist: DistInfo, actor_path: str, critic_path: str) -> Step3Config:
@@ -395,8 +398,10 @@ def evaluate(run: Run) -> dict[str, float]:
     """The actor's answers to held-out prompts, decoded as in the rollouts (or greedily with
     --eval_greedy): reward score, length, and the sorting rule where the prompts are the bundled
     task's (`engine.data.sort_task`). Sampling uses a fixed seed of its own, so every evaluation sees the
-    same noise and the training RNG stream is untouched."""
+    same noise and the training RNG stream is untouched. Empty with --eval_prompts 0."""
     cfg, tok, dist = run.cfg, run.tokenizer, run.dist
+    if not cfg.ppo.eval_prompts:
+        return {}
     width, per_rank = cfg.data.max_prompt_seq_len, -(-cfg.ppo.eval_prompts // dist.world_size)
     kwargs = generation_kwargs(cfg, tok)
     if cfg.ppo.eval_greedy:

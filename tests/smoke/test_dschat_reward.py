@@ -136,7 +136,8 @@ def test_a_folder_in_neither_format_is_refused_naming_both(dschat, engine_cache)
     assert "Traceback" not in proc.stderr and not (folder.parent / "x").exists()
 
 
-def test_a_dschat_reward_folder_drives_step_3(dschat, run_step, engine_cache, tmp_path):
+def test_a_dschat_reward_folder_drives_step_3_with_evaluation_off(dschat, run_step, engine_cache, tmp_path):
+    """(One run for both, to spare the CPU: --eval_prompts 0 is DeepSpeed-Chat's step 3, which never evaluates.)"""
     from tests.conftest import tiny_model_folder
 
     folder, _, _ = dschat
@@ -145,7 +146,10 @@ def test_a_dschat_reward_folder_drives_step_3(dschat, run_step, engine_cache, tm
         "--actor_model_name_or_path", str(tiny_model_folder(engine_cache)), "--critic_model_name_or_path",
         str(folder), "--output_dir", str(out), "--max_prompt_seq_len", "32", "--max_answer_seq_len", "8",
         "--per_device_generation_batch_size", "2", "--per_device_training_batch_size", "2", "--num_warmup_steps", "0",
-        "--dtype", "fp32", "--test_stop_step", "1", "--eval_prompts", "2"])
+        "--dtype", "fp32", "--test_stop_step", "2", "--eval_prompts", "0"])
     assert "is a DeepSpeed-Chat step-2 folder" in proc.stderr + proc.stdout
-    rows = [r for r in read_metrics(out) if "rollout/score_mean" in r]
-    assert rows and all(abs(r["rollout/score_mean"]) > 0 for r in rows)
+    rows = read_metrics(out)
+    assert [r["step"] for r in rows if "rollout/score_mean" in r] == [1, 2]
+    assert all(abs(r["rollout/score_mean"]) > 0 for r in rows if "rollout/score_mean" in r)
+    assert not [k for r in rows for k in r if k.startswith("eval/")]
+    assert "no evaluation: --eval_prompts 0" in proc.stderr + proc.stdout and (out / "actor" / "config.json").is_file()

@@ -92,6 +92,8 @@ INVALID = [
     ({"unsup_coef": -1.0}, "--unsup_coef"),
     ({"ppo_epochs": 0}, "--ppo_epochs"),
     ({"print_answers_interval": 0}, "--print_answers_interval"),
+    ({"eval_prompts": -1}, "--eval_prompts must be >= 0"),
+    ({"eval_prompts": 0, "eval_interval": 5}, "--eval_interval 5 asks for evaluations that --eval_prompts 0"),
     # QLoRA: a 4-bit actor trains LoRA only, and ZeRO-3 cannot partition bitsandbytes weights.
     ({"actor_quantization": "4bit"}, "--actor_lora_dim 8 (or another rank > 0) and --only_optimize_lora"),
     ({"actor_quantization": "4bit", "actor_lora_dim": 8}, "--only_optimize_lora"),
@@ -140,6 +142,7 @@ def test_all_problems_are_listed_together():
     {"offload_reference_model": True, "offload_reward_model": True, "actor_zero_stage": 3, "critic_zero_stage": 3},
     {"unpin_actor_parameters": True, "release_inference_cache": True, "enable_hybrid_engine": True},
     {"enable_test_mode": True, "test_stop_step": 3},
+    {"eval_prompts": 0},  # no evaluation, as DeepSpeed-Chat's step 3
     {"gamma": 0.0, "lam": 1.0, "top_p": 1.0, "ema_decay": 1.0, "target_kl": 6.0, "actor_dropout": 0.0},
     # Quantized frozen roles beside ZeRO-3 partners (they are whole on each rank), fp32 included.
     {"reference_quantization": "4bit", "reward_quantization": "8bit", "actor_zero_stage": 3, "critic_zero_stage": 3,
