@@ -328,7 +328,7 @@ def ppo_step(run: Run, prompt_batches: list[dict], ptx_batches: list[dict] | Non
         per_device_generation_batch=cfg.train.per_device_generation_batch_size * cfg.rl.n_samples_per_prompt,
         generation_batches=cfg.train.generation_batches, ppo_epochs=cfg.train.ppo_epochs, ptx=ptx is not None,
         world_size=dist.world_size, seq_length=cfg.data.max_prompt_seq_len + cfg.data.max_answer_seq_len,
-        decode_steps=sum(e.sequences.shape[1] for e in experiences) / len(experiences) - cfg.data.max_prompt_seq_len,
+        answer_len=row["rollout/response_len"],  # all ranks' real answers, not this rank's padded width
         generate_s=timer.seconds["generate"] / cfg.train.generation_batches, train_s=timer.seconds["train"],
         e2e_s=sum(timer.seconds.values()))
     return row
