@@ -236,3 +236,37 @@ def test_deepspeed_chat_llama2_lora_argv_parses():
     assert cfg.train.actor_weight_decay == 0.1 and cfg.model.actor_dropout == 0.0
     assert cfg.data.data_path == ["Dahoas/rm-static"] and cfg.log.output_dir == "out"
     assert cfg.role_lora("critic").lora_dim == 64
+
+
+# Step-3 and step-1/2 flags whose defaults differ from DeepSpeed-Chat's, and the words of their help that say
+# how to get its behaviour.
+DIFFERENT_DEFAULTS = {
+    (Step3Config, "do_sample"): "--no-do_sample", (Step3Config, "top_k"): "--top_k 50",
+    (Step3Config, "eval_prompts"): "0: no evaluation", (Step3Config, "seed"): "DeepSpeed-Chat's step 3",
+    (Step3Config, "dtype"): "DeepSpeed-Chat's default", (Step3Config, "whiten_advantages"): "DeepSpeed-Chat: no",
+    (Step3Config, "actor_lora_module_name"): "'auto'",
+}
+
+
+def _help(config: type, name: str) -> str:
+    import dataclasses
+
+    for part in dataclasses.fields(config):
+        for f in dataclasses.fields(part.default_factory()):
+            if f.name == name:
+                return f.metadata["help"]
+    raise KeyError(name)
+
+
+@pytest.mark.parametrize("where, words", DIFFERENT_DEFAULTS.items(), ids=lambda x: str(x))
+def test_help_of_a_default_that_differs_from_deepspeed_chat_says_how_to_get_its(where, words):
+    text = _help(*where)
+    assert words in text and ("DeepSpeed-Chat" in text or "Default: fp16" in text), text
+
+
+def test_step_1_and_2_help_name_their_deepspeed_chat_differences():
+    from engine.config import Step1Config, Step2Config
+
+    assert "as DeepSpeed-Chat does" in _help(Step1Config, "train_on_prompt")
+    assert "--rm_loss span for its behaviour" in _help(Step2Config, "rm_loss")
+    assert "DeepSpeed-Chat" in _help(Step1Config, "data_output_path")
