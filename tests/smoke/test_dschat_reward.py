@@ -108,6 +108,13 @@ def test_load_time_conversion_scores_as_deepspeed_chat(dschat):
     assert loaded != str(folder) and convert_dschat.is_dschat_reward_folder(folder)
     torch.testing.assert_close(our_scores(loaded, tok, ids, mask), theirs, rtol=1e-5, atol=1e-5)
     assert reward_model_folder(str(folder), "critic_model_name_or_path", False) == loaded  # converted once
+    # The evaluation scripts (step2_reward/rw_eval.py, step3_rlhf/evaluate.py) read it too.
+    from engine.models.inference import load_reward_for_inference
+    from engine.models.reward_model import RewardModel
+
+    model, _ = load_reward_for_inference(str(folder))
+    with torch.no_grad():
+        torch.testing.assert_close(RewardModel(model).scores(ids, mask), theirs, rtol=1e-5, atol=1e-5)
 
 
 def test_convert_command_scores_as_deepspeed_chat(dschat, tmp_path, engine_cache):
