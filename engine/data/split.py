@@ -44,7 +44,8 @@ def dschat_phase_slice(n: int, weights: Sequence[float], phase: int, seed: int) 
     cuts = [cuts[0]] + [c - excess for c in cuts[1:]]  # DeepSpeed-Chat moves every cut but the first
     order = np.arange(n, dtype=np.uint32 if n < np.iinfo(np.uint32).max - 1 else np.int64)
     np.random.RandomState(seed=seed).shuffle(order)
-    return order[max(cuts[phase - 1], 0):max(cuts[phase], 0)].tolist()
+    # Sliced as DeepSpeed-Chat slices, a negative cut included (possible only for a near-zero share of a few rows).
+    return order[cuts[phase - 1]:cuts[phase]].tolist()
 
 
 SPLIT_RULES = {"none": phase_slice, "dschat": dschat_phase_slice}

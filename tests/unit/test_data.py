@@ -395,8 +395,9 @@ def dschat_split_indices(data_split: str, n: int, seed: int, split_index: int) -
     return shuffle[index[split_index]:index[split_index + 1]].tolist()
 
 
-@pytest.mark.parametrize("split", ["2,4,4", "6,2,2", "1,1,1", "10,0,0"])
-@pytest.mark.parametrize("n", [7, 10, 101, 4000])
+# 0,1,1 of 3 rows: cuts 0, 2, 4 shifted by the excess 1 to 0, -1, 1, 3 (its odd case of a negative cut).
+@pytest.mark.parametrize("split", ["2,4,4", "6,2,2", "1,1,1", "10,0,0", "0,1,1"])
+@pytest.mark.parametrize("n", [3, 7, 10, 101, 4000])
 def test_dschat_rule_selects_deepspeed_chats_rows(split, n):
     from engine.data.split import dschat_phase_slice
 
