@@ -160,3 +160,13 @@ def test_a_dschat_reward_folder_drives_step_3_with_evaluation_off(dschat, run_st
     assert all(abs(r["rollout/score_mean"]) > 0 for r in rows if "rollout/score_mean" in r)
     assert not [k for r in rows for k in r if k.startswith("eval/")]
     assert "no evaluation: --eval_prompts 0" in proc.stderr + proc.stdout and (out / "actor" / "config.json").is_file()
+
+
+def test_a_dschat_folder_missing_weights_is_refused_and_nothing_is_cached(dschat, tmp_path):
+    folder, _, _ = dschat
+    state = torch.load(folder / "pytorch_model.bin", weights_only=True)
+    del state["rwtransformer.norm.weight"]
+    torch.save(state, folder / "pytorch_model.bin")
+    with pytest.raises(UserError, match=r"lacks weights the LlamaForSequenceClassification needs \(model.norm.weight"):
+        reward_model_folder(str(folder), "critic_model_name_or_path", False)
+    assert not list((tmp_path / "cache").glob("dschat-reward-*"))
