@@ -170,3 +170,33 @@ def test_a_dschat_folder_missing_weights_is_refused_and_nothing_is_cached(dschat
     with pytest.raises(UserError, match=r"lacks weights the LlamaForSequenceClassification needs \(model.norm.weight"):
         reward_model_folder(str(folder), "critic_model_name_or_path", False)
     assert not list((tmp_path / "cache").glob("dschat-reward-*"))
+
+
+@pytest.mark.parametrize("family", ["opt", "gpt2"])
+def test_other_families_convert_to_the_same_scores(family, tmp_path):
+    """OPT (DeepSpeed-Chat's own family: its v_head reads word_embed_proj_dim) and GPT-2 (base prefix
+    'transformer', not 'model')."""
+    from transformers import AutoModel, AutoModelForSequenceClassification, GPT2Config, OPTConfig
+
+    from engine.models.reward_model import RewardModel
+
+    config = {"opt": OPTConfig(hidden_size=32, ffn_dim=64, num_hidden_layers=1, num_attention_heads=4, vocab_size=64,
+                               word_embed_proj_dim=16, pad_token_id=1, architectures=["OPTForCausalLM"]),
+              "gpt2": GPT2Config(n_embd=32, n_layer=1, n_head=4, vocab_size=64, pad_token_id=0,
+                                 architectures=["GPT2LMHeadModel"])}[family]
+    torch.manual_seed(3)
+    base = AutoModel.from_config(config).eval()
+    v_head = torch.nn.Linear(getattr(config, "word_embed_proj_dim", 32), 1, bias=False)
+    src, dst = tmp_path / "dschat", tmp_path / "ours"
+    src.mkdir(), dst.mkdir()
+    torch.save({f"rwtransformer.{k}": v for k, v in base.state_dict().items()} | {"v_head.weight": v_head.weight.data},
+               src / "pytorch_model.bin")
+    config.to_json_file(str(src / "config.json"))
+    convert_dschat.write_converted(src, dst)
+    pad = config.pad_token_id
+    ids = torch.tensor([[5, 6, 7, 8, 9, 10], [5, 6, 7, 11, pad, pad]])  # prompt of 3, answers of 3 and 1
+    mask = (ids != pad).long()
+    model = AutoModelForSequenceClassification.from_pretrained(str(dst)).eval()
+    with torch.no_grad():
+        ours = RewardModel(model).scores(ids, mask)
+    torch.testing.assert_close(ours, forward_value_scores(base, v_head, ids, mask, pad, 3), rtol=1e-5, atol=1e-5)
