@@ -131,6 +131,11 @@ class DataArgs:
         "Several are concatenated. Default: the bundled synthetic sorting task.")
     data_split: str = arg(
         "2,4,4", "Comma-separated weights of the slices given to steps 1, 2 and 3 (disjoint, seeded).")
+    data_split_compat: str = arg(
+        "none", "How --data_split picks each step's rows: 'none' = our rule (a Python-random permutation per "
+        "dataset); 'dschat' = DeepSpeed-Chat's (numpy RandomState(--seed) permutation, rounded cumulative cuts), "
+        "so the same --seed and --data_split select the same rows of a dataset as DeepSpeed-Chat does.",
+        choices=("none", "dschat"))
     data_output_path: str | None = arg(
         None, "Folder for the tokenized cache. Default: <output_dir>/data_cache (DeepSpeed-Chat "
         "uses /tmp/data_files, a shared world-writable folder; we do not).")
@@ -357,7 +362,7 @@ class RewardArgs:
     rm_loss: str = arg(
         "end", "Pairwise loss: 'end' = Bradley-Terry on the end scores (as TRL and OpenRLHF; the score "
         "step 3 uses), 'span' = DeepSpeed-Chat's per-token loss over the span where chosen and rejected "
-        "differ.", choices=("end", "span"))
+        "differ (DeepSpeed-Chat's only loss: --rm_loss span for its behaviour).", choices=("end", "span"))
     rm_margin: float = arg(0.0, "Required score gap: loss = -logsigmoid(chosen - rejected - margin).")
     rm_l2_coef: float = arg(
         0.0, "Adds coef * mean((chosen + rejected)^2), which centres scores on 0 (0: off).")
@@ -529,7 +534,9 @@ class Step3TrainArgs(role_twins(
         "--generation_batches) until its micro-batches fill whole windows, as DeepSpeed-Chat accumulates "
         "across experience batches; the log says how many.",
         num_warmup_steps=arg(100, "Warm-up optimizer steps of the schedules (DeepSpeed-Chat: 100)."),
-        test_stop_step="Stop after this many PPO steps without changing the schedule (0: run to the end).")):
+        test_stop_step="Stop after this many PPO steps without changing the schedule (0: run to the end).",
+        seed="Seed of the data split, shuffling, sampling, dropout and the built-in model. DeepSpeed-Chat's step 3 "
+        "has no default seed (each run differs); its llama2 scripts pass --seed 1234, this default.")):
     per_device_generation_batch_size: int = arg(16, "Prompts per rank per generation batch.")
     per_device_training_batch_size: int = arg(16, "Sequences per rank per PPO micro-batch.")
     generation_batches: int = arg(
@@ -598,11 +605,16 @@ class PPOArgs:
     cliprange: float = arg(0.2, "PPO ratio clip epsilon.")
     cliprange_value: float = arg(0.2, "Value clip epsilon around the old values.")
     entropy_coef: float = arg(0.0, "Entropy bonus coefficient in the actor loss.")
-    do_sample: bool = arg(True, "Sample answers (off: greedy decoding).", section="generation")
+    do_sample: bool = arg(
+        True, "Sample answers (off: greedy decoding). DeepSpeed-Chat differs: it leaves this to the model's "
+        "generation_config (greedy for OPT) and forces greedy for Llama; --no-do_sample gives its behaviour.",
+        section="generation")
     temperature: float = arg(1.0, "Sampling temperature.", section="generation")
     top_p: float = arg(1.0, "Nucleus sampling: keep the smallest token set with this probability mass.",
                        section="generation")
-    top_k: int = arg(0, "Sample among the k most likely tokens (0: all).", section="generation")
+    top_k: int = arg(
+        0, "Sample among the k most likely tokens (0: all). transformers' generate() default, which DeepSpeed-Chat "
+        "keeps when a model samples, is 50: --top_k 50 for that.", section="generation")
     enable_ema: bool = arg(False, "Keep an exponential moving average of the actor, saved as actor_ema/.",
                            section="training")
     ema_decay: float = arg(0.992, "EMA decay: ema = decay * ema + (1 - decay) * actor after each actor update.",
@@ -613,8 +625,10 @@ class PPOArgs:
         0, "Also evaluate the actor (answers to held-out prompts: reward score, length, and the "
         "rule-checked success rate where the data defines one) every N PPO steps (0: before and after training).",
         section="evaluation")
-    eval_prompts: int = arg(256, "Held-out prompts per evaluation (all ranks together, at most).",
-                            section="evaluation")
+    eval_prompts: int = arg(
+        256, "Held-out prompts per evaluation (all ranks together, at most). 0: no evaluation at all, as in "
+        "DeepSpeed-Chat's step 3 (which never evaluates); the held-out prompts are then not needed.",
+        section="evaluation")
     eval_greedy: bool = arg(
         False, "Evaluate greedy answers. Default: answers decoded as in the rollouts (what PPO optimises), "
         "with a fixed seed so every evaluation sees the same sampling noise.", section="evaluation")
@@ -638,8 +652,11 @@ class PPOArgs:
             out.append("--temperature must be > 0, --top_p in (0, 1] and --top_k >= 0")
         if not 0.0 <= self.ema_decay <= 1.0:
             out.append(f"--ema_decay must be in [0, 1] (got {self.ema_decay})")
-        if self.eval_interval < 0 or self.eval_prompts < 1:
-            out.append("--eval_interval must be >= 0 and --eval_prompts >= 1")
+        if self.eval_interval < 0 or self.eval_prompts < 0:
+            out.append("--eval_interval and --eval_prompts must be >= 0")
+        if self.eval_interval and not self.eval_prompts:
+            out.append(f"--eval_interval {self.eval_interval} asks for evaluations that --eval_prompts 0 turns off; "
+                       "drop one of them")
         return out
 
 
@@ -815,9 +832,11 @@ class Step3DeepSpeedArgs(role_twins(
 class Step3LoRAArgs(role_twins(
         LoRAArgs, per_role=("lora_dim", "lora_module_name", "lora_learning_rate"), any_role=("only_optimize_lora",),
         actor_lora_module_name="Actor Linear layers whose name contains this get LoRA ('auto': every decoder "
-        "Linear layer).",
+        "Linear layer; on OPT the same layers as DeepSpeed-Chat's default 'decoder.layers.', which matches no "
+        "other family).",
         critic_lora_module_name="Critic Linear layers whose name contains this get LoRA ('auto': every decoder "
-        "Linear layer).",
+        "Linear layer; on OPT the same layers as DeepSpeed-Chat's default 'decoder.layers.', which matches no "
+        "other family).",
         only_optimize_lora="Train only the LoRA weights (and the critic's value head).",
         lora_scaling="LoRA output scale numerator (update x lora_scaling / lora_dim).")):
     pass

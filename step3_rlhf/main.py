@@ -215,7 +215,7 @@ def run_ppo(run: Run, *, measure_only: bool = False) -> None:
         metrics.close()
         return
     final = evaluate(run)
-    if not eval_due(cfg, position["global_step"]):
+    if final and not eval_due(cfg, position["global_step"]):
         metrics.log(position["global_step"], final)
     save_models(run, out)
     metrics.close()
@@ -223,8 +223,11 @@ def run_ppo(run: Run, *, measure_only: bool = False) -> None:
         plot_curves(out / "metrics.jsonl", out / "curves.png",
                     ["rollout/score_mean", "rollout/kl", "ppo/policy_loss", "ppo/value_loss",
                      "rollout/response_len", "eval/score_mean"], title="Step 3: PPO")
-        logger.info("done: eval score %.3f%s; models in %s", final["eval/score_mean"],
-                    f", rule success {final['eval/rule_success']:.3f}" if "eval/rule_success" in final else "", out)
+        if final:
+            logger.info("done: eval score %.3f%s; models in %s", final["eval/score_mean"],
+                        f", rule success {final['eval/rule_success']:.3f}" if "eval/rule_success" in final else "", out)
+        else:
+            logger.info("done (no evaluation: --eval_prompts 0); models in %s", out)
 
 
 def fit_to_machine(cfg: Step3Config, dist: DistInfo, actor_path: str, critic_path: str) -> Step3Config:
@@ -357,7 +360,7 @@ def ppo_step(run: Run, prompt_batches: list[dict], ptx_batches: list[dict] | Non
         per_device_generation_batch=cfg.train.per_device_generation_batch_size * cfg.rl.n_samples_per_prompt,
         generation_batches=len(prompt_batches), ppo_epochs=cfg.train.ppo_epochs, ptx=ptx is not None,
         world_size=dist.world_size, seq_length=cfg.data.max_prompt_seq_len + cfg.data.max_answer_seq_len,
-        decode_steps=sum(e.sequences.shape[1] for e in experiences) / len(experiences) - cfg.data.max_prompt_seq_len,
+        answer_len=row["rollout/response_len"],  # all ranks' real answers, not this rank's padded width
         generate_s=timer.seconds["generate"] / len(prompt_batches), train_s=timer.seconds["train"],
         e2e_s=sum(timer.seconds.values()))
     return row
@@ -427,8 +430,10 @@ def evaluate(run: Run) -> dict[str, float]:
     """The actor's answers to held-out prompts, decoded as in the rollouts (or greedily with
     --eval_greedy): reward score, length, and the sorting rule where the prompts are the bundled
     task's (`engine.data.sort_task`). Sampling uses a fixed seed of its own, so every evaluation sees the
-    same noise and the training RNG stream is untouched."""
+    same noise and the training RNG stream is untouched. Empty with --eval_prompts 0."""
     cfg, tok, dist = run.cfg, run.tokenizer, run.dist
+    if not cfg.ppo.eval_prompts:
+        return {}
     width, per_rank = cfg.data.max_prompt_seq_len, -(-cfg.ppo.eval_prompts // dist.world_size)
     kwargs = generation_kwargs(cfg, tok)
     if cfg.ppo.eval_greedy:

@@ -9,8 +9,9 @@ Standard library only. Definitions (every sum is over the measured PPO steps, af
   (max_prompt_seq_len + max_answer_seq_len), the width the TFLOPs formula counts / training seconds.
 - TFLOPs (per device): sum(TFLOPs x seconds) / sum(seconds) of the phase, i.e. total FLOPs / total time;
   MFU = TFLOPs / the device's peak dense TFLOPs (null when the peak is unknown).
-- decode step: `perf/gen_token_latency_s` (seconds per generated token position of one generation
-  batch); its HBM roofline is the time to read the actor's weights once, bytes / bandwidth, and the
+- decode step: `perf/gen_token_latency_s` (seconds of one generation batch per answer token, the mean
+  answer length over all ranks: above the time of one decode step when answers end before the batch's
+  widest); its HBM roofline is the time to read the actor's weights once, bytes / bandwidth, and the
   ratio step / roofline says how far decoding is from bandwidth-bound (1.0 = at the roofline).
 - memory: the largest per-phase peak over all steps (warm-up included: a run must fit its first step
   too); on CPU the peak is the process RSS, so growth = peak - `memory/baseline_gb` is what the run added.

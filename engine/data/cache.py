@@ -55,7 +55,9 @@ def cache_key(data: DataArgs, tokenizer: Any, phase: int, seed: int, extra: dict
         "version": CACHE_VERSION, "phase": phase, "seed": seed,
         "sources": [source_fingerprint(s) for s in data_sources(data.data_path)],
         "sft_only": [source_fingerprint(s) for s in data.sft_only_data_path] if step1 and phase == 1 else [],
-        "split": data.data_split, "max_seq_len": data.max_seq_len, "overlength": data.overlength,
+        # The split rule joins the key only when not our default, so caches written before the flag stay valid.
+        "split": data.data_split if data.data_split_compat == "none" else [data.data_split, data.data_split_compat],
+        "max_seq_len": data.max_seq_len, "overlength": data.overlength,
         "train_on_prompt": step1 and data.train_on_prompt,
         "eot": [data.add_eot_token, data.eot_token], "tokenizer": tokenizer_fingerprint(tokenizer),
     }

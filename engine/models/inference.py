@@ -49,11 +49,16 @@ def load_for_inference(path: str, trust_remote_code: bool = False, *, role: str 
 def load_reward_for_inference(path: str, trust_remote_code: bool = False, *,
                               flag: str = "model_name_or_path") -> tuple[Any, Any]:
     """(reward model in eval mode, tokenizer) from a step-2 folder: a plain Hugging Face
-    `*ForSequenceClassification` with one label, as outside this engine."""
+    `*ForSequenceClassification` with one label, as outside this engine, or a DeepSpeed-Chat step-2 folder
+    (converted once into the cache, `engine.models.convert_dschat`)."""
     from transformers import AutoModelForSequenceClassification
+
+    from engine.models.convert_dschat import converted_reward_folder, is_dschat_reward_folder
 
     if not looks_local(path):  # a step-2 folder, as before: the reward model is never fetched from the hub
         raise UserError(f"{who('reward', flag)}: {path} is not a model folder here{REWARD_FOLDER_FIX}")
+    if is_dschat_reward_folder(path):
+        path = str(converted_reward_folder(path))
     model, tok = _load_eval(AutoModelForSequenceClassification, path, trust_remote_code, "reward", flag,
                             REWARD_FOLDER_FIX)
     if model.config.num_labels != 1:

@@ -142,6 +142,22 @@ def zero3_construction(ds_config: dict[str, Any] | None) -> Iterator[None]:
         del keep_alive
 
 
+_PAD_WARNED: set[tuple[str, Any, int]] = set()  # (folder, config's pad id, tokenizer's): warned once per process
+
+
+def warn_pad_mismatch(path: str, hf_config: Any, pad_token_id: int, role: str = "") -> None:
+    """Warn when the folder's config.json names another pad id than its tokenizer (a DeepSpeed-Chat step-1 folder
+    sets the config's to eos): the tokenizer's is used, since it is what the data is padded with."""
+    config_pad = getattr(hf_config, "pad_token_id", None)
+    key = (path, config_pad, pad_token_id)
+    if config_pad is None or config_pad == pad_token_id or key in _PAD_WARNED:
+        return
+    _PAD_WARNED.add(key)
+    logger.warning("%s%s: config.json has pad_token_id %s but the tokenizer's pad token id is %s; using %s (the "
+                   "tokenizer's, which pads the data; attention masks hide the padding either way)", path,
+                   f" (the {role} model)" if role else "", config_pad, pad_token_id, pad_token_id)
+
+
 def configure_model_config(hf_config: Any, model: ModelArgs, pad_token_id: int) -> None:
     if model.dropout is not None:
         for key in DROPOUT_KEYS:
@@ -256,6 +272,7 @@ def load_pretrained(auto_class: Any, path: str, model: ModelArgs, tokenizer: Any
         raise hub_error(path, err, role) from None
     for key, value in config_overrides.items():
         setattr(hf_config, key, value)
+    warn_pad_mismatch(path, hf_config, tokenizer.pad_token_id, role)
     configure_model_config(hf_config, model, tokenizer.pad_token_id)
     quantized: dict[str, Any] = {}
     if quantization != "none":

@@ -17,9 +17,11 @@ import torch
 
 from engine.config import LoRAArgs, ModelArgs
 from engine.errors import UserError
+from engine.models.convert_dschat import FORMAT_TEXT, converted_reward_folder, is_dschat_reward_folder
 from engine.models.load import hf_model, load_pretrained, position_ids
 from engine.models.paths import hub_error
 from engine.rl.reward import end_scores
+from engine.runtime.distributed import DistInfo, barrier
 
 logger = logging.getLogger("engine")
 
@@ -113,6 +115,21 @@ def add_lora(model: RewardModel, lora: LoRAArgs) -> RewardModel:
     return model
 
 
+def reward_model_folder(path: str, flag: str, trust_remote_code: bool, role: str = "reward",
+                        dist: DistInfo | None = None) -> str:
+    """The reward-model folder to load for --`flag` `path`: `path` itself when it is one of ours, its converted
+    copy (made once, on local rank 0 of `dist`) when it is a DeepSpeed-Chat step-2 folder; refuses anything else."""
+    if is_dschat_reward_folder(path):
+        if dist is None or dist.local_rank == 0:
+            converted_reward_folder(path)
+        barrier()
+        converted = str(converted_reward_folder(path))
+        logger.info("--%s %s is a DeepSpeed-Chat step-2 folder; loading its conversion %s", flag, path, converted)
+        return converted
+    check_reward_model_config(path, flag, trust_remote_code, role)
+    return path
+
+
 def check_reward_model_config(path: str, flag: str, trust_remote_code: bool, role: str = "reward") -> None:
     """Refuse a folder that is not a reward model (a *ForSequenceClassification with one label)."""
     from transformers import AutoConfig
@@ -125,4 +142,4 @@ def check_reward_model_config(path: str, flag: str, trust_remote_code: bool, rol
     if not any(a.endswith("ForSequenceClassification") for a in archs) or config.num_labels != 1:
         raise UserError(f"--{flag} {path} (the {role} model) is not a reward model (architectures {archs}, "
                         f"{config.num_labels} labels); pass the folder step 2 wrote (a *ForSequenceClassification "
-                        "with one label)")
+                        f"with one label) or {FORMAT_TEXT}")

@@ -34,7 +34,7 @@ from engine.models.ema import ema_update
 from engine.models.load import check_given_model, is_quantized, load_causal_lm, load_tokenizer, resolve_model_path
 from engine.models.lora import apply_lora
 from engine.models.paths import hub_error
-from engine.models.reward_model import add_lora, check_reward_model_config, load_reward_model
+from engine.models.reward_model import add_lora, load_reward_model, reward_model_folder
 from engine.runtime.distributed import DistInfo
 from engine.runtime.ds_config import (
     eval_ds_config,
@@ -104,8 +104,8 @@ def resolve_paths(cfg: Step3Config, dist: DistInfo) -> tuple[str, str | None]:
                                                   role=folder_role(cfg, role))
                                for role in roles]
     if cfg.needs_critic_folder:
-        check_reward_model_config(paths[1], "critic_model_name_or_path", cfg.model.trust_remote_code,
-                                  role=folder_role(cfg, "critic"))
+        paths[1] = reward_model_folder(paths[1], "critic_model_name_or_path", cfg.model.trust_remote_code,
+                                       role=folder_role(cfg, "critic"), dist=dist)
     else:
         paths.append(None)
     check_context_length(paths[0], cfg)

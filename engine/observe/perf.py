@@ -213,7 +213,7 @@ class StepTimer:
 
 
 def step3_throughput(*, per_device_generation_batch: int, generation_batches: int, ppo_epochs: int, ptx: bool,
-                     world_size: int, seq_length: int, decode_steps: float, actor_config, critic_config,
+                     world_size: int, seq_length: int, answer_len: float, actor_config, critic_config,
                      actor_k: float, critic_k: float, generate_s: float, train_s: float, e2e_s: float,
                      actor_params: int, bytes_per_param: int) -> dict[str, float]:
     """DeepSpeed-Chat's step-3 throughput print, per device, with its PTX slip fixed.
@@ -223,7 +223,9 @@ def step3_throughput(*, per_device_generation_batch: int, generation_batches: in
             samples of a step are gen batch x generation_batches x ppo_epochs, doubled with PTX
             (DeepSpeed-Chat wrote `... * 1 if no PTX else 2`, which by precedence is 2 with PTX).
         seq_length: prompt + answer tokens (max_prompt_seq_len + max_answer_seq_len, as it counts).
-        decode_steps: tokens generated per generation batch (the longest answer), for the latency.
+        answer_len: the mean answer length in tokens over every sequence of the step on all ranks
+            (`rollout/response_len`), for the latency: not one rank's padded width, which the longest
+            answer of that rank alone sets.
         actor_config, critic_config: Hugging Face configs (critic None: critic-free, no critic FLOPs);
             actor_k, critic_k: `activation_factor`s.
         generate_s: seconds of one generation batch; train_s: seconds of the PPO updates; e2e_s: the
@@ -241,7 +243,7 @@ def step3_throughput(*, per_device_generation_batch: int, generation_batches: in
                    + (calculate_flops(critic_k, ppo_samples, seq_length, *model_shape(critic_config))
                       if critic_config is not None else 0.0))  # critic-free: no critic
     gen_flops = calculate_flops(1.0, per_device_generation_batch, seq_length, *model_shape(actor_config))
-    token_latency = generate_s / max(decode_steps, 1.0)
+    token_latency = generate_s / max(answer_len, 1.0)
     return {
         "perf/samples_per_s": samples * world_size / e2e_s,
         "perf/train_tflops": train_flops / (train_s * 1e12),

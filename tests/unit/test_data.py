@@ -17,7 +17,7 @@ from safetensors.torch import load_file
 from transformers import AutoTokenizer
 
 import engine.data.sft as sft
-from engine.config import DataArgs, Step1DataArgs
+from engine.config import DataArgs, Step1DataArgs, parse_data_split
 from engine.data.cache import cache_key, pack_sequences
 from engine.data.rows import Row
 from engine.data.sft import (
@@ -376,6 +376,53 @@ def test_sft_only_data_is_used_whole_in_phase_1_only(tmp_path, tok):
     assert main_train[0].isdisjoint(main_train[1]) and main_train[1].isdisjoint(main_train[2])
 
 
+def dschat_split_indices(data_split: str, n: int, seed: int, split_index: int) -> list[int]:
+    """DeepSpeed-Chat's get_raw_dataset_split_index + get_shuffle_idx (dschat/utils/data/data_utils.py), written
+    out from its rule: normalised weights, cumulative int(round(share * n)) cuts, every cut after the first
+    shifted by the excess over n, a numpy RandomState(seed) shuffle of arange(n), range `split_index`."""
+    import numpy as np
+
+    splits = [float(s) for s in data_split.split(",")]
+    splits = [s / sum(splits) for s in splits]
+    index = [0]
+    for i, share in enumerate(splits):
+        index.append(index[i] + int(round(share * float(n))))
+    diff = index[-1] - n
+    for i in range(1, len(index)):
+        index[i] -= diff
+    shuffle = np.arange(start=0, stop=n, step=1, dtype=np.uint32)
+    np.random.RandomState(seed=seed).shuffle(shuffle)
+    return shuffle[index[split_index]:index[split_index + 1]].tolist()
+
+
+# 0,1,1 of 3 rows: cuts 0, 2, 4 shifted by the excess 1 to 0, -1, 1, 3 (its odd case of a negative cut).
+@pytest.mark.parametrize("split", ["2,4,4", "6,2,2", "1,1,1", "10,0,0", "0,1,1"])
+@pytest.mark.parametrize("n", [3, 7, 10, 101, 4000])
+def test_dschat_rule_selects_deepspeed_chats_rows(split, n):
+    from engine.data.split import dschat_phase_slice
+
+    weights = parse_data_split(split)
+    for phase in (1, 2, 3):
+        assert dschat_phase_slice(n, weights, phase, seed=1234) == dschat_split_indices(split, n, 1234, phase - 1)
+
+
+def test_the_split_rule_is_chosen_by_data_split_compat(tmp_path, tok):
+    from engine.data.split import dschat_phase_slice
+
+    folder = tmp_path / "d"
+    folder.mkdir()
+    rows = sort_rows(50, "r ")
+    write_jsonl(folder / "train.jsonl", rows)
+    write_jsonl(folder / "eval.jsonl", sort_rows(10, "e "))
+    ours = {p: phase_slice(50, W244, p, seed=1234) for p in (1, 2, 3)}
+    theirs = {p: dschat_phase_slice(50, W244, p, seed=1234) for p in (1, 2, 3)}
+    assert any(set(ours[p]) != set(theirs[p]) for p in (1, 2, 3))  # the flag matters on this seed
+    for compat, picked in (("none", ours), ("dschat", theirs)):
+        data = DataArgs(data_path=[str(folder)], data_split="2,4,4", data_split_compat=compat)
+        train, _ = phase_rows(data, tok, 2, seed=1234)
+        assert [r.prompt for r in train] == [rows[i]["prompt"] for i in picked[2]]
+
+
 # ----------------------------------------------------------------------------------------------
 # Tokenisation
 # ----------------------------------------------------------------------------------------------
@@ -490,6 +537,7 @@ def test_cache_key_is_stable(tmp_path, tok):
 
 @pytest.mark.parametrize("change", [
     dict(max_seq_len=256), dict(data_split="6,2,2"), dict(overlength="drop"), dict(add_eot_token=True),
+    dict(data_split_compat="dschat"),
 ])
 def test_cache_key_changes_with_data_settings(tmp_path, tok, change):
     assert cache_key(_local_data(tmp_path, **change), tok, 1, 7) != cache_key(_local_data(tmp_path), tok, 1, 7)

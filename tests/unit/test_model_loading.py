@@ -74,3 +74,44 @@ def test_one_loader_pads_on_the_side_asked(tmp_path):
     left = load_tokenizer(folder, ModelArgs(), padding_side="left")
     assert left.padding_side == "left"
     assert left(["a", "a b c"], padding=True)["attention_mask"][0][0] == 0  # the short one is padded first
+
+
+def test_a_config_pad_id_other_than_the_tokenizers_is_warned_about_naming_both(tmp_path, caplog):
+    from transformers import LlamaConfig
+
+    from engine.models.load import warn_pad_mismatch
+
+    tok = load_tokenizer(str(_tokenizer_folder(tmp_path, pad=True, eos=True)), ModelArgs())
+    eos, pad = tok.eos_token_id, tok.pad_token_id
+    assert eos != pad
+    with caplog.at_level("WARNING", logger="engine"):
+        warn_pad_mismatch("step1_folder", LlamaConfig(pad_token_id=pad), pad)  # they agree: silent
+        warn_pad_mismatch("step1_folder", LlamaConfig(pad_token_id=None), pad)  # unset: silent
+        assert caplog.records == []
+        # DeepSpeed-Chat's step 1 saves the config with pad_token_id = eos_token_id
+        warn_pad_mismatch("step1_folder", LlamaConfig(pad_token_id=eos), pad, role="actor")
+        warn_pad_mismatch("step1_folder", LlamaConfig(pad_token_id=eos), pad, role="reference")  # once per folder
+    assert len(caplog.records) == 1
+    text = caplog.records[0].getMessage()
+    assert f"pad_token_id {eos}" in text and f"pad token id is {pad}; using {pad}" in text and "step1_folder" in text
+
+
+def test_loading_a_folder_whose_config_pad_id_disagrees_warns_and_uses_the_tokenizers(tmp_path, engine_cache,
+                                                                                       caplog):
+    import json
+    import shutil
+
+    from engine.models.load import load_causal_lm
+    from tests.conftest import tiny_model_folder
+
+    folder = tmp_path / "dschat_step1"
+    shutil.copytree(tiny_model_folder(engine_cache), folder)
+    config = json.loads((folder / "config.json").read_text())
+    config["pad_token_id"] = config["eos_token_id"]
+    (folder / "config.json").write_text(json.dumps(config))
+    tok = load_tokenizer(str(folder))
+    with caplog.at_level("WARNING", logger="engine"):
+        model = load_causal_lm(str(folder), ModelArgs(), tok, "fp32", None, False, role="actor")
+    assert model.config.pad_token_id == tok.pad_token_id != config["eos_token_id"]
+    assert any(f"pad_token_id {config['eos_token_id']}" in r.getMessage() and "(the actor model)" in r.getMessage()
+               for r in caplog.records)

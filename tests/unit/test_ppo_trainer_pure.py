@@ -162,7 +162,7 @@ CRITIC = SimpleNamespace(num_hidden_layers=1, hidden_size=4, vocab_size=10)
 
 def throughput(**overrides) -> dict[str, float]:
     kwargs = dict(per_device_generation_batch=2, generation_batches=1, ppo_epochs=1, ptx=False, world_size=2,
-                  seq_length=8, decode_steps=4, actor_config=ACTOR, critic_config=CRITIC, actor_k=4.0,
+                  seq_length=8, answer_len=4, actor_config=ACTOR, critic_config=CRITIC, actor_k=4.0,
                   critic_k=3.0, generate_s=2.0, train_s=1.0, e2e_s=4.0, actor_params=1000, bytes_per_param=2)
     return step3_throughput(**{**kwargs, **overrides})
 
@@ -184,7 +184,7 @@ def test_step3_throughput_hand_worked():
         "perf/train_tflops": 96832 / (1.0 * 1e12),
         "perf/gen_tflops": 17344 / (2.0 * 1e12),
         "perf/total_tflops": (96832 + 17344) / (4.0 * 1e12),
-        "perf/gen_token_latency_s": 2.0 / 4,                   # generate_s / decode_steps
+        "perf/gen_token_latency_s": 2.0 / 4,                   # generate_s / answer_len
         "perf/gen_bw_gb_s": 1000 * 2 / (0.5 * 1e9),
         "perf/e2e_s": 4.0,
     })
@@ -209,8 +209,8 @@ def test_step3_throughput_generation_batches_and_epochs():
     assert out["perf/total_tflops"] == pytest.approx((580992 + 2 * 17344) / (4.0 * 1e12))
 
 
-def test_step3_throughput_zero_decode_steps_counts_as_one():
-    out = throughput(decode_steps=0)
+def test_step3_throughput_zero_answer_len_counts_as_one():
+    out = throughput(answer_len=0)
     assert out["perf/gen_token_latency_s"] == pytest.approx(2.0)
     assert out["perf/gen_bw_gb_s"] == pytest.approx(2000 / (2.0 * 1e9))
 
@@ -219,3 +219,27 @@ def test_step3_throughput_zero_decode_steps_counts_as_one():
 def test_step3_throughput_rejects_non_positive_times(bad):
     with pytest.raises(ValueError, match="> 0"):
         throughput(**bad)
+
+
+def test_gen_token_latency_divides_by_the_mean_answer_length_of_all_ranks(monkeypatch):
+    """Step 3 passes `rollout/response_len` (all ranks' real answers) to step3_throughput, not rank 0's padded
+    width; here rank 1's sums join rank 0's through a stand-in for the all-reduce."""
+    import step3_rlhf.main as step3
+    from engine.runtime.distributed import DistInfo
+
+    def stats(lengths: list[float]) -> dict[str, torch.Tensor]:
+        n = len(lengths)
+        return {"score": torch.ones(n), "kl": torch.zeros(n), "response_len": torch.tensor(lengths),
+                "value_mean": torch.zeros(n), "nonfinite": torch.zeros(n)}
+
+    # rank 0: answers of 2 and 6 tokens (its batch is 6 wide); rank 1: 1 and 3 tokens.
+    rank1 = [2.0, 4.0, 2.0, 0.0, 4.0, 0.0, 0.0, 0.0]  # n, score, score^2, kl, length, value, empty, nonfinite
+    monkeypatch.setattr(step3, "all_reduce_sum", lambda values, device: [a + b for a, b in zip(values, rank1)])
+    row = step3.rollout_stats([stats([2.0, 6.0])], DistInfo(rank=0, local_rank=0, world_size=2,
+                                                            device=torch.device("cpu")))
+    assert row["rollout/response_len"] == pytest.approx((2 + 6 + 1 + 3) / 4)  # 3 tokens, not rank 0's width 6
+    out = throughput(answer_len=row["rollout/response_len"])
+    assert out["perf/gen_token_latency_s"] == pytest.approx(2.0 / 3)  # generate_s 2.0 / 3 tokens
+    import inspect  # and ppo_step passes that row's mean, whatever its neighbours compute
+
+    assert 'answer_len=row["rollout/response_len"]' in inspect.getsource(step3.ppo_step)

@@ -89,6 +89,8 @@ INVALID = [
     ({"unsup_coef": -1.0}, "--unsup_coef"),
     ({"ppo_epochs": 0}, "--ppo_epochs"),
     ({"print_answers_interval": 0}, "--print_answers_interval"),
+    ({"eval_prompts": -1}, "--eval_prompts must be >= 0"),
+    ({"eval_prompts": 0, "eval_interval": 5}, "--eval_interval 5 asks for evaluations that --eval_prompts 0"),
     # QLoRA: a 4-bit actor trains LoRA only, and ZeRO-3 cannot partition bitsandbytes weights.
     ({"actor_quantization": "4bit"}, "--actor_lora_dim 8 (or another rank > 0) and --only_optimize_lora"),
     ({"actor_quantization": "4bit", "actor_lora_dim": 8}, "--only_optimize_lora"),
@@ -137,6 +139,7 @@ def test_all_problems_are_listed_together():
     {"offload_reference_model": True, "offload_reward_model": True, "actor_zero_stage": 3, "critic_zero_stage": 3},
     {"unpin_actor_parameters": True, "release_inference_cache": True, "enable_hybrid_engine": True},
     {"enable_test_mode": True, "test_stop_step": 3},
+    {"eval_prompts": 0},  # no evaluation, as DeepSpeed-Chat's step 3
     {"gamma": 0.0, "lam": 1.0, "top_p": 1.0, "ema_decay": 1.0, "target_kl": 6.0, "actor_dropout": 0.0},
     # Quantized frozen roles beside ZeRO-3 partners (they are whole on each rank), fp32 included.
     {"reference_quantization": "4bit", "reward_quantization": "8bit", "actor_zero_stage": 3, "critic_zero_stage": 3,
@@ -261,3 +264,37 @@ def test_deepspeed_chat_llama2_lora_argv_parses():
     assert cfg.train.actor_weight_decay == 0.1 and cfg.model.actor_dropout == 0.0
     assert cfg.data.data_path == ["Dahoas/rm-static"] and cfg.log.output_dir == "out"
     assert cfg.role_lora("critic").lora_dim == 64
+
+
+# Step-3 and step-1/2 flags whose defaults differ from DeepSpeed-Chat's, and the words of their help that say
+# how to get its behaviour.
+DIFFERENT_DEFAULTS = {
+    (Step3Config, "do_sample"): "--no-do_sample", (Step3Config, "top_k"): "--top_k 50",
+    (Step3Config, "eval_prompts"): "0: no evaluation", (Step3Config, "seed"): "DeepSpeed-Chat's step 3",
+    (Step3Config, "dtype"): "DeepSpeed-Chat's default", (Step3Config, "whiten_advantages"): "DeepSpeed-Chat: no",
+    (Step3Config, "actor_lora_module_name"): "'auto'",
+}
+
+
+def _help(config: type, name: str) -> str:
+    import dataclasses
+
+    for part in dataclasses.fields(config):
+        for f in dataclasses.fields(part.default_factory()):
+            if f.name == name:
+                return f.metadata["help"]
+    raise KeyError(name)
+
+
+@pytest.mark.parametrize("where, words", DIFFERENT_DEFAULTS.items(), ids=lambda x: str(x))
+def test_help_of_a_default_that_differs_from_deepspeed_chat_says_how_to_get_its(where, words):
+    text = _help(*where)
+    assert words in text and ("DeepSpeed-Chat" in text or "Default: fp16" in text), text
+
+
+def test_step_1_and_2_help_name_their_deepspeed_chat_differences():
+    from engine.config import Step1Config, Step2Config
+
+    assert "as DeepSpeed-Chat does" in _help(Step1Config, "train_on_prompt")
+    assert "--rm_loss span for its behaviour" in _help(Step2Config, "rm_loss")
+    assert "DeepSpeed-Chat" in _help(Step1Config, "data_output_path")
