@@ -12,6 +12,9 @@ from tests.conftest import E2E_GRPO_STEPS, read_metrics
 
 pytestmark = pytest.mark.smoke
 
+# Rule success gained over SFT at this size (50 GRPO steps), measured; see the test that uses it.
+GRPO_RISE_MEASURED = 0.12
+
 
 def test_grpo_pipeline_writes_its_own_folder_and_report(e2e_grpo):
     out, proc = e2e_grpo
@@ -36,11 +39,10 @@ def test_grpo_beats_sft_on_the_rule_beside_ppo(e2e_grpo):
     assert list(models) == ["sft", "grpo", "ppo"] and report["reward_model"] is None
     assert not any("score_mean" in row for row in models.values())  # no reward model: the rule decides
     sft, grpo = models["sft"], models["grpo"]
-    # Measured (2026-12-07, 2 CPU ranks, 397 prompts x 4 answers): see GRPO_RISE_MEASURED. The bar is half of it.
+    # Measured (2026-12-07, 2 CPU ranks, 397 prompts x 4 answers, 50 steps): rule success 0.173 -> 0.293 (PPO's
+    # 40-step actor 0.196), KL 0.54; the full 250-step pipeline reaches 0.402. The bar is half the measured rise.
     assert grpo["rule_success_rate"] >= sft["rule_success_rate"] + GRPO_RISE_MEASURED / 2, models
     assert grpo["kl_to_ref"] > 0.0
     verdict = (out / "report" / "verdict.txt").read_text()
     assert verdict.startswith("GRPO beat SFT: rule success") and "reward score" not in verdict
 
-
-GRPO_RISE_MEASURED = 0.15
