@@ -11,7 +11,7 @@
         --out cpu.json -- --actor_zero_stage 3 --critic_zero_stage 3 --enable_hybrid_engine
     # one rank without the launcher; then an A/B table of two runs
     python benchmarks/rlhf_step.py --actor_model tiny --steps 3 --out a.json
-    python benchmarks/rlhf_step.py --compare a.json b.json
+    python benchmarks/rlhf_step.py --compare a.json b.json   # --json: the same figures as JSON
     # a critic-free estimator (no critic; the critic's folder is the reward model, beside a length reward
     # that scores random text unevenly); benchmarks/compare_estimators.sh runs PPO, GRPO, RLOO and ReMax
     python benchmarks/rlhf_step.py --actor_model tiny --steps 3 --out grpo.json -- --advantage_estimator grpo \\
@@ -70,6 +70,7 @@ def parse_args(argv: Sequence[str]) -> tuple[argparse.Namespace, list[str]]:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--compare", nargs="+", metavar="JSON", help="Print an A/B Markdown table of these reports "
                    "(ratios against the first) and exit.")
+    p.add_argument("--json", action="store_true", help="With --compare: print the comparison as JSON instead.")
     p.add_argument("--actor_model", default="tiny", help="'tiny', a shipped planner config name or a folder.")
     p.add_argument("--critic_model", default=None, help="Same choices; default: the actor's shape.")
     for flag in ("num_layers", "hidden_size", "intermediate_size", "num_heads"):
@@ -328,7 +329,7 @@ def write_report(report: dict[str, Any], args: argparse.Namespace) -> None:
     print(json.dumps(report), flush=True)
 
 
-def compare(paths: Sequence[str]) -> str:
+def compare(paths: Sequence[str], as_json: bool = False) -> str:
     reports = []
     for path in paths:
         try:
@@ -341,13 +342,16 @@ def compare(paths: Sequence[str]) -> str:
                             "with --out")
     if len(reports) < 2:
         raise UserError("--compare needs at least two reports")
-    return figures.compare_markdown(reports, [Path(p).stem for p in paths])
+    names = [Path(p).stem for p in paths]
+    if as_json:
+        return json.dumps(figures.compare_json(reports, names), indent=2) + "\n"
+    return figures.compare_markdown(reports, names)
 
 
 def main(argv: Sequence[str] | None = None) -> None:
     args, step3_flags = parse_args(sys.argv[1:] if argv is None else argv)
     if args.compare:
-        print(compare(args.compare), end="", flush=True)
+        print(compare(args.compare, args.json), end="", flush=True)
         return
     from engine.runtime.distributed import gpu_wanted
 

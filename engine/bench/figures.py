@@ -333,6 +333,24 @@ def compare_markdown(reports: Sequence[Mapping[str, Any]], names: Sequence[str])
     return "\n".join(lines) + "\n"
 
 
+def compare_json(reports: Sequence[Mapping[str, Any]], names: Sequence[str]) -> dict[str, Any]:
+    """The A/B table's figures as JSON: each run's algorithm and roles, then {metric: {run: value}} and the
+    same as ratios to the first run (None where a run lacks the figure)."""
+    if len(reports) < 2:
+        raise ValueError("compare needs at least two reports")
+    runs = {n: {"advantage_estimator": r["config"].get("advantage_estimator", "gae"),
+                "n_samples_per_prompt": r["config"].get("n_samples_per_prompt", 1),
+                "roles": list(lookup(r, ("memory", "roles")) or {}), "step3_flags": r["config"]["step3_flags"]}
+            for n, r in zip(names, reports)}
+    values: dict[str, dict[str, Any]] = {}
+    for label, path in COMPARE_ROWS + tuple(_role_rows(reports)):
+        row = {n: lookup(r, path) for n, r in zip(names, reports)}
+        if any(v is not None for v in row.values()):
+            values[label] = row
+    ratios = {label: {n: ratio(v, row[names[0]]) for n, v in row.items()} for label, row in values.items()}
+    return {"reference": names[0], "runs": runs, "values": values, "ratios_to_reference": ratios}
+
+
 def _ratio_text(value: float | None) -> str:
     return "n/a" if value is None or not math.isfinite(value) else f"{value:.2f}x"
 
