@@ -228,7 +228,7 @@ def run_config(args: argparse.Namespace, probe: Probe, folders: dict[str, tuple[
     critic_name, critic_folder = args.critic_model or args.actor_model, str(folders["critic"][0])
     # The critic and the reward model share the critic's folder; each is described when built.
     built = {role: model_facts(critic_name, folders["critic"][1], engine) | {"folder": critic_folder}
-             for role, engine in (("critic", roles.critic), ("reward_model", roles.reward)) if engine is not None}
+             for role, engine in (("critic", roles.critic), ("reward", roles.reward)) if engine is not None}
     return {
         "actor": model_facts(args.actor_model, folders["actor"][1], roles.actor) | {"folder": str(folders["actor"][0])},
         **built,

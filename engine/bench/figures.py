@@ -248,7 +248,7 @@ def _title(cfg: Mapping[str, Any]) -> str:
     """'<actor> actor, <critic> critic' for PPO; the estimator, answers per prompt and scorers otherwise."""
     if "critic" in cfg:
         return f"{cfg['actor']['name']} actor, {cfg['critic']['name']} critic"
-    scorers = [f"{cfg['reward_model']['name']} reward model"] if "reward_model" in cfg else []
+    scorers = [f"{cfg['reward']['name']} reward model"] if "reward" in cfg else []
     scorers += [ref.rsplit(":", 1)[-1] for ref in cfg.get("reward_funcs", [])]
     return (f"{cfg['actor']['name']} actor, {cfg.get('advantage_estimator')} x {cfg.get('n_samples_per_prompt')} "
             f"answers per prompt, no critic, scored by {' + '.join(scorers) or 'nothing'}")
