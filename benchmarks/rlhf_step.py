@@ -125,10 +125,12 @@ def build_models(args: argparse.Namespace, dist: Any, dtype: str) -> dict[str, t
     from engine.runtime.distributed import barrier
 
     scale = {k: getattr(args, k) for k in ("num_layers", "hidden_size", "intermediate_size", "num_heads")}
-    shapes = {"actor": args.actor_model, "critic": args.critic_model or args.actor_model}
+    shapes = {"actor": args.actor_model}
+    if not args.no_reward_model:  # the critic's folder: the critic and / or the reward model
+        shapes["critic"] = args.critic_model or args.actor_model
     device = "cuda" if dist.device.type == "cuda" else "cpu"
     configs = {role: load_shape(name, **scale) for role, name in shapes.items()}
-    if getattr(configs["critic"], "vocab_size", 0) < getattr(configs["actor"], "vocab_size", 0):
+    if "critic" in configs and getattr(configs["critic"], "vocab_size", 0) < getattr(configs["actor"], "vocab_size", 0):
         raise UserError(f"the critic's vocabulary ({configs['critic'].vocab_size}) is smaller than the actor's "
                         f"({configs['actor'].vocab_size}): it would be given token ids it has no embedding for; "
                         "choose a --critic_model with at least the actor's vocabulary")
@@ -225,9 +227,9 @@ def run_config(args: argparse.Namespace, probe: Probe, folders: dict[str, tuple[
     import transformers
 
     cfg, dist, roles = probe.run.cfg, probe.run.dist, probe.run.roles
-    critic_name, critic_folder = args.critic_model or args.actor_model, str(folders["critic"][0])
     # The critic and the reward model share the critic's folder; each is described when built.
-    built = {role: model_facts(critic_name, folders["critic"][1], engine) | {"folder": critic_folder}
+    built = {role: (model_facts(args.critic_model or args.actor_model, folders["critic"][1], engine)
+                    | {"folder": str(folders["critic"][0])})
              for role, engine in (("critic", roles.critic), ("reward", roles.reward)) if engine is not None}
     return {
         "actor": model_facts(args.actor_model, folders["actor"][1], roles.actor) | {"folder": str(folders["actor"][0])},

@@ -95,6 +95,22 @@ def test_benchmark_runs_a_critic_free_estimator(engine_cache, tmp_path):
         assert "critic" not in report["planner"]["roles"]
 
 
+def test_benchmark_without_reward_model_builds_the_actor_alone(engine_cache, tmp_path):
+    """--no_reward_model: the reward function scores alone; with no KL term there is no reference either."""
+    out = tmp_path / "rloo.json"
+    cmd = [sys.executable, SCRIPT, "--actor_model", "tiny", "--steps", "2", "--max_prompt_seq_len", "16",
+           "--max_answer_seq_len", "8", "--per_device_generation_batch_size", "2", "--per_device_training_batch_size",
+           "4", "--run_dir", str(tmp_path / "run"), "--cache_dir", str(engine_cache / "bench_models"), "--out", str(out),
+           "--no_reward_model", "--", "--advantage_estimator", "rloo", "--n_samples_per_prompt", "2", "--kl_ctl", "0",
+           "--reward_funcs", str(ROOT / "benchmarks" / "length_reward.py") + ":answer_length"]
+    proc = subprocess.run(cmd, cwd=ROOT, env=offline_env(engine_cache), capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    report = json.loads(out.read_text())
+    assert report["config"]["roles"] == list(report["memory"]["roles"]) == ["actor"]
+    assert "reward" not in report["config"] and report["throughput"]["trained_samples_per_step"] == 4  # 2 x 2
+    assert report["memory"]["model_states_gb"] == pytest.approx(report["memory"]["roles"]["actor"]["total"]["cpu"])
+
+
 def test_flags_the_benchmark_owns_are_refused_after_the_separator(tmp_path):
     proc = subprocess.run([sys.executable, SCRIPT, "--compare", str(tmp_path / "missing.json"), "x.json"],
                           cwd=ROOT, capture_output=True, text=True, timeout=60)
@@ -102,3 +118,6 @@ def test_flags_the_benchmark_owns_are_refused_after_the_separator(tmp_path):
     proc = subprocess.run([sys.executable, SCRIPT, "--steps", "2", "--", "--max_prompt_seq_len", "8"],
                           cwd=ROOT, capture_output=True, text=True, timeout=60)
     assert proc.returncode == 2 and "--max_prompt_seq_len after --" in proc.stderr
+    proc = subprocess.run([sys.executable, SCRIPT, "--no_reward_model", "--", "--advantage_estimator", "grpo"],
+                          cwd=ROOT, capture_output=True, text=True, timeout=60)
+    assert proc.returncode == 2 and "give --reward_funcs after --" in proc.stderr and "Traceback" not in proc.stderr
