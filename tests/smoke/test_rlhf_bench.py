@@ -100,7 +100,8 @@ def test_benchmark_without_reward_model_builds_the_actor_alone(engine_cache, tmp
     out = tmp_path / "rloo.json"
     cmd = [sys.executable, SCRIPT, "--actor_model", "tiny", "--steps", "2", "--max_prompt_seq_len", "16",
            "--max_answer_seq_len", "8", "--per_device_generation_batch_size", "2", "--per_device_training_batch_size",
-           "4", "--run_dir", str(tmp_path / "run"), "--cache_dir", str(engine_cache / "bench_models"), "--out", str(out),
+           "4", "--run_dir", str(tmp_path / "run"), "--cache_dir", str(engine_cache / "bench_models"),
+           "--out", str(out),
            "--no_reward_model", "--", "--advantage_estimator", "rloo", "--n_samples_per_prompt", "2", "--kl_ctl", "0",
            "--reward_funcs", str(ROOT / "benchmarks" / "length_reward.py") + ":answer_length"]
     proc = subprocess.run(cmd, cwd=ROOT, env=offline_env(engine_cache), capture_output=True, text=True, timeout=300)
