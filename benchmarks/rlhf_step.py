@@ -97,6 +97,8 @@ def parse_args(argv: Sequence[str]) -> tuple[argparse.Namespace, list[str]]:
                    help="Critic-free runs only: no reward model (the --reward_funcs after -- score alone).")
     p.add_argument("--local_rank", type=int, default=-1, help="Set by the deepspeed launcher; ignored.")
     args = p.parse_args(own)
+    if args.json and args.compare is None:
+        raise UserError("--json formats the --compare table; give --compare a.json b.json ... with it")
     if args.no_reward_model and "--reward_funcs" not in step3_flags:
         raise UserError("--no_reward_model leaves nothing to score the answers: give --reward_funcs after -- "
                         "(e.g. benchmarks/length_reward.py:answer_length) with a critic-free --advantage_estimator")

@@ -122,3 +122,5 @@ def test_flags_the_benchmark_owns_are_refused_after_the_separator(tmp_path):
     proc = subprocess.run([sys.executable, SCRIPT, "--no_reward_model", "--", "--advantage_estimator", "grpo"],
                           cwd=ROOT, capture_output=True, text=True, timeout=60)
     assert proc.returncode == 2 and "give --reward_funcs after --" in proc.stderr and "Traceback" not in proc.stderr
+    proc = subprocess.run([sys.executable, SCRIPT, "--json"], cwd=ROOT, capture_output=True, text=True, timeout=60)
+    assert proc.returncode == 2 and "--json formats the --compare table" in proc.stderr
