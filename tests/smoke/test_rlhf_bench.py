@@ -66,6 +66,10 @@ def test_benchmark_reports_throughput_memory_and_compares(engine_cache, tmp_path
     assert "| metric | a | b |" in table.stdout
     samples_row = next(line for line in table.stdout.splitlines() if line.startswith("| samples/s |"))
     assert samples_row.endswith("(2.00x) |")
+    as_json = subprocess.run([sys.executable, SCRIPT, "--compare", str(out), str(tmp_path / "b.json"), "--json"],
+                             cwd=ROOT, capture_output=True, text=True, timeout=60)
+    assert as_json.returncode == 0, as_json.stderr
+    assert json.loads(as_json.stdout)["ratios_to_reference"]["samples/s"] == {"a": 1.0, "b": 2.0}
 
 
 def test_benchmark_runs_a_critic_free_estimator(engine_cache, tmp_path):
