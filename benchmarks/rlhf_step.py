@@ -1,4 +1,4 @@
-"""Step-3 (PPO) throughput and memory benchmark on random-weight models of any shape, no download.
+"""Step-3 (PPO or critic-free) throughput and memory benchmark on random-weight models of any shape, no download.
 
     # one H200, Llama-2-7B actor and critic, LoRA, hybrid generation (A/B options after --)
     deepspeed --num_gpus 1 benchmarks/rlhf_step.py --actor_model llama-2-7b --critic_model llama-2-7b \\
@@ -11,15 +11,25 @@
         --out cpu.json -- --actor_zero_stage 3 --critic_zero_stage 3 --enable_hybrid_engine
     # one rank without the launcher; then an A/B table of two runs
     python benchmarks/rlhf_step.py --actor_model tiny --steps 3 --out a.json
-    python benchmarks/rlhf_step.py --compare a.json b.json
+    python benchmarks/rlhf_step.py --compare a.json b.json   # --json: the same figures as JSON
+    # a critic-free estimator (no critic; the critic's folder is the reward model, beside a length reward
+    # that scores random text unevenly); benchmarks/compare_estimators.sh runs PPO, GRPO, RLOO and ReMax
+    python benchmarks/rlhf_step.py --actor_model tiny --steps 3 --out grpo.json -- --advantage_estimator grpo \\
+        --n_samples_per_prompt 4 --reward_funcs benchmarks/length_reward.py:answer_length
 
 `--actor_model` / `--critic_model` take a shipped planner config (engine.planner.shapes.shipped_models()),
 a folder with a config.json, or `tiny`; `--num_layers`, `--hidden_size`, `--intermediate_size` and
 `--num_heads` scale both. Random-weight folders (engine.bench.random_models) are built once by rank 0 into
 `--cache_dir` and reused. Step 3 (step3_rlhf/main.py) then runs in this process on the bundled prompts
 for `--steps` PPO steps, without its evaluations and saved models; every flag after `--` goes to step 3
-as it is (ZeRO stages, --offload, --enable_hybrid_engine, LoRA, quantized roles...). The report (rank 0)
-drops `--warmup_steps` steps and gives throughput, TFLOPs and MFU, the time split, the decode step
+as it is (ZeRO stages, --offload, --enable_hybrid_engine, LoRA, quantized roles, --advantage_estimator...).
+The critic's folder is always given to step 3: a PPO run trains it as the critic and scores with it as the
+reward model; a critic-free run builds no critic and scores with it as the reward model (plus any
+--reward_funcs), so that PPO and critic-free runs hold the same reference and reward model and differ by
+the critic alone. `--no_reward_model` drops it from a critic-free run (--reward_funcs then score alone).
+The report (rank 0) lists only the roles the run built, drops `--warmup_steps` steps and gives throughput
+(with the time per trained sample: one rollout row the updates train on, N per prompt with
+--n_samples_per_prompt N), TFLOPs and MFU, the time split, the decode step
 against the HBM roofline, peak memory per phase, model states per role, and the memory planner's
 prediction with its error (engine.bench.figures documents every definition). It is written as JSON (`--out`,
 also printed as one line) and Markdown (`--markdown`, default: the JSON's path with .md).
@@ -60,6 +70,7 @@ def parse_args(argv: Sequence[str]) -> tuple[argparse.Namespace, list[str]]:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--compare", nargs="+", metavar="JSON", help="Print an A/B Markdown table of these reports "
                    "(ratios against the first) and exit.")
+    p.add_argument("--json", action="store_true", help="With --compare: print the comparison as JSON instead.")
     p.add_argument("--actor_model", default="tiny", help="'tiny', a shipped planner config name or a folder.")
     p.add_argument("--critic_model", default=None, help="Same choices; default: the actor's shape.")
     for flag in ("num_layers", "hidden_size", "intermediate_size", "num_heads"):
@@ -82,8 +93,15 @@ def parse_args(argv: Sequence[str]) -> tuple[argparse.Namespace, list[str]]:
                    help="Peak dense TFLOPs per device for MFU. Default: 989 on an H100/H200 in bf16/fp16, else none.")
     p.add_argument("--hbm_gb_s", type=float, default=None,
                    help="Memory bandwidth (GB/s) for the decode roofline. Default: 4800 on an H200, else none.")
+    p.add_argument("--no_reward_model", action="store_true",
+                   help="Critic-free runs only: no reward model (the --reward_funcs after -- score alone).")
     p.add_argument("--local_rank", type=int, default=-1, help="Set by the deepspeed launcher; ignored.")
     args = p.parse_args(own)
+    if args.json and args.compare is None:
+        raise UserError("--json formats the --compare table; give --compare a.json b.json ... with it")
+    if args.no_reward_model and "--reward_funcs" not in step3_flags:
+        raise UserError("--no_reward_model leaves nothing to score the answers: give --reward_funcs after -- "
+                        "(e.g. benchmarks/length_reward.py:answer_length) with a critic-free --advantage_estimator")
     owned = sorted({f.split("=")[0] for f in step3_flags if f.split("=")[0] in OWNED_FLAGS})
     if owned:
         raise UserError(f"{', '.join(owned)} after --: the benchmark sets these from its own flags; give "
@@ -109,10 +127,12 @@ def build_models(args: argparse.Namespace, dist: Any, dtype: str) -> dict[str, t
     from engine.runtime.distributed import barrier
 
     scale = {k: getattr(args, k) for k in ("num_layers", "hidden_size", "intermediate_size", "num_heads")}
-    shapes = {"actor": args.actor_model, "critic": args.critic_model or args.actor_model}
+    shapes = {"actor": args.actor_model}
+    if not args.no_reward_model:  # the critic's folder: the critic and / or the reward model
+        shapes["critic"] = args.critic_model or args.actor_model
     device = "cuda" if dist.device.type == "cuda" else "cpu"
     configs = {role: load_shape(name, **scale) for role, name in shapes.items()}
-    if getattr(configs["critic"], "vocab_size", 0) < getattr(configs["actor"], "vocab_size", 0):
+    if "critic" in configs and getattr(configs["critic"], "vocab_size", 0) < getattr(configs["actor"], "vocab_size", 0):
         raise UserError(f"the critic's vocabulary ({configs['critic'].vocab_size}) is smaller than the actor's "
                         f"({configs['actor'].vocab_size}): it would be given token ids it has no embedding for; "
                         "choose a --critic_model with at least the actor's vocabulary")
@@ -163,8 +183,8 @@ def planner_prediction(cfg: Any, world_size: int) -> tuple[dict[str, Any] | None
 
 def step3_argv(args: argparse.Namespace, folders: dict[str, tuple[Path, Any]], dtype: str,
                step3_flags: list[str]) -> list[str]:
-    return ["--actor_model_name_or_path", str(folders["actor"][0]),
-            "--critic_model_name_or_path", str(folders["critic"][0]), "--output_dir", args.run_dir,
+    critic = [] if args.no_reward_model else ["--critic_model_name_or_path", str(folders["critic"][0])]
+    return ["--actor_model_name_or_path", str(folders["actor"][0]), *critic, "--output_dir", args.run_dir,
             "--max_prompt_seq_len", str(args.max_prompt_seq_len), "--max_answer_seq_len", str(args.max_answer_seq_len),
             "--per_device_generation_batch_size", str(args.per_device_generation_batch_size),
             "--per_device_training_batch_size", str(args.per_device_training_batch_size),
@@ -209,10 +229,16 @@ def run_config(args: argparse.Namespace, probe: Probe, folders: dict[str, tuple[
     import transformers
 
     cfg, dist, roles = probe.run.cfg, probe.run.dist, probe.run.roles
+    # The critic and the reward model share the critic's folder; each is described when built.
+    built = {role: (model_facts(args.critic_model or args.actor_model, folders["critic"][1], engine)
+                    | {"folder": str(folders["critic"][0])})
+             for role, engine in (("critic", roles.critic), ("reward", roles.reward)) if engine is not None}
     return {
         "actor": model_facts(args.actor_model, folders["actor"][1], roles.actor) | {"folder": str(folders["actor"][0])},
-        "critic": (model_facts(args.critic_model or args.actor_model, folders["critic"][1], roles.critic)
-                   | {"folder": str(folders["critic"][0])}),
+        **built,
+        "roles": list(roles.by_name()),
+        "advantage_estimator": cfg.rl.advantage_estimator, "n_samples_per_prompt": cfg.rl.n_samples_per_prompt,
+        "reward_funcs": list(cfg.rl.reward_funcs),
         "scale_overrides": {k: getattr(args, k) for k in ("num_layers", "hidden_size", "intermediate_size", "num_heads")
                             if getattr(args, k) is not None},
         "world_size": dist.world_size, "device": dist.device.type, "device_name": device_name(dist.device),
@@ -245,12 +271,18 @@ def make_report(args: argparse.Namespace, probe: Probe, folders: dict[str, tuple
     peak = args.peak_tflops if args.peak_tflops is not None else figures.default_peak_tflops(config["device_name"],
                                                                                           config["dtype"])
     hbm = args.hbm_gb_s if args.hbm_gb_s is not None else figures.default_hbm_gb_s(config["device_name"])
-    memory = figures.memory_peaks(all_steps, baseline, on_cpu) | {"roles": figures.role_gb(role_bytes)}
+    roles = figures.role_gb(role_bytes)
+    memory = figures.memory_peaks(all_steps, baseline, on_cpu) | {"roles": roles,
+                                                                  "model_states_gb": figures.model_states_gb(roles)}
+    # Rollout rows the updates train on per PPO step, all ranks: prompts x answers per prompt.
+    trained = (config["per_device_generation_batch_size"] * config["n_samples_per_prompt"]
+               * config["generation_batches"] * config["world_size"])
     report = {
         "config": config,
         "steps": {"run": len(all_steps), "warmup": args.warmup_steps, "measured": len(steps)},
         "throughput": figures.throughput(steps, seq_length=config["max_prompt_seq_len"] + config["max_answer_seq_len"],
-                                       ppo_epochs=config["ppo_epochs"], peak_tflops=peak),
+                                       ppo_epochs=config["ppo_epochs"], peak_tflops=peak,
+                                       trained_samples_per_step=trained),
         "time": figures.phase_times(steps),
         "decode": figures.decode(steps, config["actor"]["param_bytes"], hbm),
         "memory": memory,
@@ -301,7 +333,7 @@ def write_report(report: dict[str, Any], args: argparse.Namespace) -> None:
     print(json.dumps(report), flush=True)
 
 
-def compare(paths: Sequence[str]) -> str:
+def compare(paths: Sequence[str], as_json: bool = False) -> str:
     reports = []
     for path in paths:
         try:
@@ -314,13 +346,16 @@ def compare(paths: Sequence[str]) -> str:
                             "with --out")
     if len(reports) < 2:
         raise UserError("--compare needs at least two reports")
-    return figures.compare_markdown(reports, [Path(p).stem for p in paths])
+    names = [Path(p).stem for p in paths]
+    if as_json:
+        return json.dumps(figures.compare_json(reports, names), indent=2) + "\n"
+    return figures.compare_markdown(reports, names)
 
 
 def main(argv: Sequence[str] | None = None) -> None:
     args, step3_flags = parse_args(sys.argv[1:] if argv is None else argv)
     if args.compare:
-        print(compare(args.compare), end="", flush=True)
+        print(compare(args.compare, args.json), end="", flush=True)
         return
     from engine.runtime.distributed import gpu_wanted
 

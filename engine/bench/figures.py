@@ -2,7 +2,11 @@
 rows step 3 writes to metrics.jsonl, plus the Markdown of one report and of an A/B comparison.
 
 Standard library only. Definitions (every sum is over the measured PPO steps, after the warm-up ones):
-- samples/s: DeepSpeed-Chat's `perf/samples_per_s` (global), time-weighted: sum(samples) / sum(e2e).
+- samples/s: DeepSpeed-Chat's `perf/samples_per_s` (global), time-weighted: sum(samples) / sum(e2e); its
+  samples are rollout rows x ppo_epochs (x 2 with PTX).
+- time per trained sample: sum(e2e) / (steps x the rollout rows one PPO step trains on, all ranks: prompts
+  x --n_samples_per_prompt x generation_batches), each row counted once however many PPO epochs see it;
+  the figure that compares PPO (1 answer per prompt) with critic-free estimators (N answers per prompt).
 - generation tokens/s: answer tokens generated on all ranks (`rollout/sequences` x `rollout/response_len`)
   / rank 0's generation seconds.
 - training tokens/s: the padded tokens the PPO updates run through, sequences x ppo_epochs x
@@ -105,8 +109,9 @@ def measured_steps(rows: Iterable[Mapping[str, Any]], warmup_steps: int) -> list
 
 
 def throughput(steps: Sequence[Mapping[str, Any]], *, seq_length: int, ppo_epochs: int,
-               peak_tflops: float | None) -> dict[str, Any]:
-    """Rates over the measured steps (see the module docstring)."""
+               peak_tflops: float | None, trained_samples_per_step: int | None = None) -> dict[str, Any]:
+    """Rates over the measured steps (see the module docstring); the time per trained sample is None
+    without `trained_samples_per_step` (rollout rows per PPO step, all ranks)."""
     if not steps:
         raise ValueError("no measured PPO steps")
     col = lambda key: [float(r[key]) for r in steps]  # noqa: E731
@@ -122,6 +127,9 @@ def throughput(steps: Sequence[Mapping[str, Any]], *, seq_length: int, ppo_epoch
         "gen_tflops": weighted_mean(col("perf/gen_tflops"), gen_s),
         "total_tflops": weighted_mean(col("perf/total_tflops"), e2e_s),
         "peak_tflops": peak_tflops,
+        "trained_samples_per_step": trained_samples_per_step,
+        "s_per_trained_sample": (None if trained_samples_per_step is None
+                                 else sum(e2e_s) / (len(steps) * trained_samples_per_step)),
     }
     out["mfu"] = None if peak_tflops is None else {
         phase: mfu(out[f"{phase}_tflops"], peak_tflops) for phase in ("train", "gen", "total")}
@@ -157,6 +165,11 @@ def role_gb(role_bytes: Mapping[str, Mapping[str, Mapping[str, int]]]) -> dict[s
         out[role] = {c: {kind: v / GIB for kind, v in categories[c].items()} for c in ROLE_CATEGORIES}
         out[role]["total"] = {kind: sum(out[role][c][kind] for c in ROLE_CATEGORIES) for kind in ("gpu", "cpu")}
     return out
+
+
+def model_states_gb(roles_gb: Mapping[str, Any]) -> float:
+    """Model states of every role on this rank, GB, accelerator + host: the figure the estimators compare."""
+    return sum(cats["total"]["gpu"] + cats["total"]["cpu"] for cats in roles_gb.values())
 
 
 def planner_errors(planner: Mapping[str, Any], measured_peaks: Mapping[str, float] | None,
@@ -195,6 +208,8 @@ def markdown_report(report: Mapping[str, Any]) -> str:
     cfg, tp, times, dec, mem = (report[k] for k in ("config", "throughput", "time", "decode", "memory"))
     lines = [*_header(report), "", "| throughput | value |", "|---|---|",
              f"| samples/s (global) | {_fmt(tp['samples_per_s'])} |",
+             f"| s per trained sample ({_fmt(tp.get('trained_samples_per_step'))} per PPO step) | "
+             f"{_fmt(tp.get('s_per_trained_sample'))} |",
              f"| generation tokens/s (global) | {_fmt(tp['gen_tokens_per_s'])} |",
              f"| training tokens/s (global, padded) | {_fmt(tp['train_tokens_per_s'])} |",
              f"| answer tokens per sequence (mean) | {_fmt(tp['answer_tokens_mean'])} |"]
@@ -210,7 +225,7 @@ def markdown_report(report: Mapping[str, Any]) -> str:
         lines.append(f"| {phase} | {_fmt(times['seconds'][phase])} | {100 * times['fractions'][phase]:.1f}% | "
                      f"{_fmt(mem['peak_gb'][phase])} | {_fmt(growth)} |")
     lines += ["", f"Baseline (process before any model): {_fmt(mem['baseline_gb'])} GB. Model states per rank "
-              "(rank 0), GB, accelerator / host:", "",
+              f"(rank 0), GB, accelerator / host ({_fmt(mem.get('model_states_gb'))} GB in all):", "",
               "| role | parameters | gradients | reduce buckets | optimizer | total |", "|---|---|---|---|---|---|"]
     for role, cats in mem["roles"].items():
         cells = " | ".join(f"{_fmt(cats[c]['gpu'])} / {_fmt(cats[c]['cpu'])}" for c in (*ROLE_CATEGORIES, "total"))
@@ -223,11 +238,21 @@ def markdown_report(report: Mapping[str, Any]) -> str:
 def _header(report: Mapping[str, Any]) -> list[str]:
     cfg, steps = report["config"], report["steps"]
     flags = " ".join(cfg["step3_flags"]) or "-"
-    return [f"# Step-3 benchmark: {cfg['actor']['name']} actor, {cfg['critic']['name']} critic", "",
+    return [f"# Step-3 benchmark: {_title(cfg)}", "",
             f"{cfg['world_size']} rank(s) on {cfg['device_name']}, {cfg['dtype']}, prompt {cfg['max_prompt_seq_len']} "
             f"+ answer {cfg['max_answer_seq_len']} tokens, {cfg['per_device_generation_batch_size']} prompts and "
             f"{cfg['per_device_training_batch_size']} per micro-batch per rank; {steps['measured']} PPO steps "
             f"measured after {steps['warmup']} warm-up. Step-3 flags: `{flags}`"]
+
+
+def _title(cfg: Mapping[str, Any]) -> str:
+    """'<actor> actor, <critic> critic' for PPO; the estimator, answers per prompt and scorers otherwise."""
+    if "critic" in cfg:
+        return f"{cfg['actor']['name']} actor, {cfg['critic']['name']} critic"
+    scorers = [f"{cfg['reward']['name']} reward model"] if "reward" in cfg else []
+    scorers += [ref.rsplit(":", 1)[-1] for ref in cfg.get("reward_funcs", [])]
+    return (f"{cfg['actor']['name']} actor, {cfg.get('advantage_estimator')} x {cfg.get('n_samples_per_prompt')} "
+            f"answers per prompt, no critic, scored by {' + '.join(scorers) or 'nothing'}")
 
 
 def _planner_markdown(planner: Mapping[str, Any] | None, errors: Mapping[str, Any] | None, note: str | None,
@@ -254,6 +279,7 @@ def _planner_markdown(planner: Mapping[str, Any] | None, errors: Mapping[str, An
 # Rows of the A/B table: (label, path into the report).
 COMPARE_ROWS: tuple[tuple[str, tuple[str, ...]], ...] = (
     ("samples/s", ("throughput", "samples_per_s")),
+    ("s per trained sample", ("throughput", "s_per_trained_sample")),
     ("generation tokens/s", ("throughput", "gen_tokens_per_s")),
     ("training tokens/s", ("throughput", "train_tokens_per_s")),
     ("train TFLOPs", ("throughput", "train_tflops")),
@@ -265,6 +291,7 @@ COMPARE_ROWS: tuple[tuple[str, tuple[str, ...]], ...] = (
     ("PPO step s", ("time", "e2e_s")),
     ("decode step s", ("decode", "step_s")),
     ("decode / roofline", ("decode", "roofline_ratio")),
+    ("model states GB (all roles)", ("memory", "model_states_gb")),
     ("generate peak GB", ("memory", "peak_gb", "generate")),
     ("experience peak GB", ("memory", "peak_gb", "experience")),
     ("train peak GB", ("memory", "peak_gb", "train")),
@@ -305,6 +332,24 @@ def compare_markdown(reports: Sequence[Mapping[str, Any]], names: Sequence[str])
         cells = [_fmt(values[0])] + [f"{_fmt(v)} ({_ratio_text(ratio(v, values[0]))})" for v in values[1:]]
         lines.append(f"| {label} | " + " | ".join(cells) + " |")
     return "\n".join(lines) + "\n"
+
+
+def compare_json(reports: Sequence[Mapping[str, Any]], names: Sequence[str]) -> dict[str, Any]:
+    """The A/B table's figures as JSON: each run's algorithm and roles, then {metric: {run: value}} and the
+    same as ratios to the first run (None where a run lacks the figure)."""
+    if len(reports) < 2:
+        raise ValueError("compare needs at least two reports")
+    runs = {n: {"advantage_estimator": r["config"].get("advantage_estimator", "gae"),
+                "n_samples_per_prompt": r["config"].get("n_samples_per_prompt", 1),
+                "roles": list(lookup(r, ("memory", "roles")) or {}), "step3_flags": r["config"]["step3_flags"]}
+            for n, r in zip(names, reports)}
+    values: dict[str, dict[str, Any]] = {}
+    for label, path in COMPARE_ROWS + tuple(_role_rows(reports)):
+        row = {n: lookup(r, path) for n, r in zip(names, reports)}
+        if any(v is not None for v in row.values()):
+            values[label] = row
+    ratios = {label: {n: ratio(v, row[names[0]]) for n, v in row.items()} for label, row in values.items()}
+    return {"reference": names[0], "runs": runs, "values": values, "ratios_to_reference": ratios}
 
 
 def _ratio_text(value: float | None) -> str:

@@ -70,22 +70,40 @@ def test_recipe_is_the_planners_answer(script: Path):
     assert f"--num_gpus {answer['hardware']['num_gpus']}" in script.read_text()
 
 
-# The GRPO recipes are left out until step 3 runs critic-free estimators (issue 16's step-3 wiring, on
-# another branch): then they join this list.
-@pytest.mark.parametrize("script", PPO_RECIPES, ids=[p.stem for p in PPO_RECIPES])
+# The random model's answers fail every task's rule (GSM8K's too), so the GRPO recipes score with a length reward
+# instead, given by file path (the step's subprocess cannot import this repository's `tests` package).
+LENGTH = f"{ROOT / 'tests' / 'helpers' / 'toy_rewards.py'}:answer_length"
+ALGORITHM_FLAGS = ("--advantage_estimator", "--n_samples_per_prompt", "--kl_ctl", "--kl_loss_coef")
+
+
+def algorithm_flags(script: Path) -> list[str]:
+    """A GRPO recipe's estimator, group size and KL settings, with the length reward for its reward function."""
+    args, out = main_py_args(script), ["--reward_funcs", LENGTH]
+    for flag in ALGORITHM_FLAGS:
+        out += [flag, args[args.index(flag) + 1]]
+    return out
+
+
+@pytest.mark.parametrize("script", RECIPES, ids=[p.stem for p in RECIPES])
 def test_recipe_flags_run_on_a_scaled_down_model(script: Path, run_step, engine_cache, tmp_path):
     """The 7B recipe's memory flags (ZeRO stages, offload, LoRA, checkpointing, quantized roles, hybrid
-    mode, batch sizes) on the built-in model, one rank, one PPO step with short sequences."""
+    mode, batch sizes) on the built-in model, one rank, one PPO step with short sequences. A GRPO recipe
+    runs its algorithm (no critic, no reward model) with a length reward."""
     from tests.conftest import read_metrics, tiny_model_folder, tiny_reward_folder
 
     actor = tiny_model_folder(engine_cache)
-    critic = tiny_reward_folder(engine_cache, tmp_path / "rm")
+    grpo = script in GRPO_RECIPES
+    scoring = (algorithm_flags(script) if grpo
+               else ["--critic_model_name_or_path", str(tiny_reward_folder(engine_cache, tmp_path / "rm"))])
     flags = memory_flags(script)
     out = tmp_path / "out"
-    run_step("step3_rlhf/main.py", ["--actor_model_name_or_path", str(actor), "--critic_model_name_or_path",
-                                    str(critic), "--output_dir", str(out), *flags, "--max_prompt_seq_len", "16",
-                                    "--max_answer_seq_len", "8", "--test_stop_step", "1", "--eval_prompts", "4",
-                                    "--disable_tqdm"])
+    run_step("step3_rlhf/main.py", ["--actor_model_name_or_path", str(actor), *scoring, "--output_dir", str(out),
+                                    *flags, "--max_prompt_seq_len", "16", "--max_answer_seq_len", "8",
+                                    "--test_stop_step", "1", "--eval_prompts", "4", "--disable_tqdm"])
     rows = [r for r in read_metrics(out) if "ppo/policy_loss" in r]
-    assert len(rows) == 1 and all(abs(rows[0][k]) < 1e3 for k in ("ppo/policy_loss", "ppo/value_loss"))
+    losses = ("ppo/policy_loss",) if grpo else ("ppo/policy_loss", "ppo/value_loss")
+    assert len(rows) == 1 and all(abs(rows[0][k]) < 1e3 for k in losses)
     assert json.loads((out / "actor" / "config.json").read_text())["model_type"] == "llama"
+    if grpo:  # the recipe's group: 16 prompts x 8 answers, and no critic anywhere
+        assert rows[0]["rollout/sequences"] == 128 and "ppo/value_loss" not in rows[0]
+        assert not (out / "critic").exists()

@@ -80,6 +80,11 @@ def test_throughput_over_measured_steps_is_time_weighted():
     assert out["total_tflops"] == pytest.approx(4.0)  # (6*4 + 2*4) / 8
     assert out["mfu"]["gen"] == pytest.approx(7.0 / 40.0)
     assert figures.throughput(steps, seq_length=32, ppo_epochs=2, peak_tflops=None)["mfu"] is None
+    # time per trained sample: 4 + 4 = 8 s over 2 steps x 32 rows (8 prompts x 4 answers) = 0.125 s, each row
+    # counted once whatever ppo_epochs; unknown without the rows per step
+    per_row = figures.throughput(steps, seq_length=32, ppo_epochs=2, peak_tflops=None, trained_samples_per_step=32)
+    assert per_row["s_per_trained_sample"] == pytest.approx(8 / 64) and per_row["trained_samples_per_step"] == 32
+    assert out["s_per_trained_sample"] is None
 
     times = figures.phase_times(steps)
     # means: generate (1+3)/2 = 2, experience 0.5, train (2.5+0.5)/2 = 1.5; total 4
@@ -123,6 +128,35 @@ def test_compare_table_gives_ratios_against_the_first():
     assert "training tokens/s" not in table  # rows no report has are left out
     with pytest.raises(ValueError):
         figures.compare_markdown([report(1.0, 1.0)], ["a"])
+
+
+def test_compare_json_and_model_states_of_ppo_against_a_critic_free_run():
+    gib = 2**30
+    zero = {"gpu": 0, "cpu": 0}
+
+    def roles(*names: str) -> dict:
+        # 1 GiB of parameters on the host and 3 GiB of optimizer states on the accelerator per role
+        return figures.role_gb({n: {"parameters": {"gpu": 0, "cpu": gib}, "gradients": zero, "buffers": zero,
+                                    "optimizer": {"gpu": 3 * gib, "cpu": 0}} for n in names})
+
+    ppo_roles, grpo_roles = roles("actor", "critic", "reference"), roles("actor", "reference")
+    # 3 roles x (1 + 3) GiB = 12; 2 roles = 8
+    assert figures.model_states_gb(ppo_roles) == 12.0 and figures.model_states_gb(grpo_roles) == 8.0
+    ppo = {"config": {"step3_flags": []}, "throughput": {"s_per_trained_sample": 0.5},
+           "memory": {"roles": ppo_roles, "model_states_gb": 12.0}}
+    grpo = {"config": {"step3_flags": ["--advantage_estimator", "grpo"], "advantage_estimator": "grpo",
+                       "n_samples_per_prompt": 4}, "throughput": {"s_per_trained_sample": 0.25},
+            "memory": {"roles": grpo_roles, "model_states_gb": 8.0}}
+    out = figures.compare_json([ppo, grpo], ["ppo", "grpo"])
+    assert out["runs"]["ppo"] == {"advantage_estimator": "gae", "n_samples_per_prompt": 1,
+                                  "roles": ["actor", "critic", "reference"], "step3_flags": []}
+    assert out["runs"]["grpo"]["roles"] == ["actor", "reference"]
+    assert out["values"]["model states GB (all roles)"] == {"ppo": 12.0, "grpo": 8.0}
+    # 8 / 12 = 0.667 of PPO's model states; 0.25 / 0.5 = half the time per trained sample
+    assert out["ratios_to_reference"]["model states GB (all roles)"]["grpo"] == pytest.approx(2 / 3)
+    assert out["ratios_to_reference"]["s per trained sample"] == {"ppo": 1.0, "grpo": 0.5}
+    assert out["values"]["critic states GB (gpu)"] == {"ppo": 3.0, "grpo": None}  # the critic-free run has none
+    assert "samples/s" not in out["values"]  # figures no run has are left out
 
 
 # ------------------------------------------------------------------------------------------ shapes
