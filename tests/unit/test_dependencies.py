@@ -82,7 +82,9 @@ def test_an_installed_torch_is_kept(installed):
 def test_ci_installs_the_cpu_torch_on_a_machine_without_one():
     """PyPI's torch==2.13.0 is the CUDA build with 19 NVIDIA packages; a CPU-only CI machine without torch
     takes the CPU build from PyTorch's CPU index before the project's install."""
-    run = (ROOT / ".ci" / "run").read_text()
-    cpu = "pip install --quiet --disable-pip-version-check torch==2.13.0 --index-url https://download.pytorch.org/whl/cpu"
+    run = (ROOT / ".ci" / "run").read_text().replace("\\\n", " ")
+    run = " ".join(run.split())
+    cpu = ("pip install --quiet --disable-pip-version-check --retries 0 --timeout 20 torch==2.13.0 --index-url "
+           "https://download.pytorch.org/whl/cpu")
     assert cpu in run and run.index(cpu) < run.index("-c requirements/ci-constraints.txt")
     assert f"torch=={constraint_pins()['torch']} " in cpu  # the release CI tests
