@@ -36,8 +36,7 @@ HEAD_KEY = "v_head.weight"
 # weights we do not write.
 NOT_COPIED = (WEIGHTS, "config.json", "model.safetensors", "model.safetensors.index.json",
               "pytorch_model.bin.index.json")
-FORMAT_TEXT = (f"a DeepSpeed-Chat step-2 folder ({WEIGHTS} with {BASE_PREFIX}* and {HEAD_KEY} keys beside "
-               "the base causal LM's config.json and tokenizer files)")
+FORMAT_TEXT = f"a DeepSpeed-Chat step-2 folder ({WEIGHTS} with {BASE_PREFIX}* and {HEAD_KEY} keys)"
 
 
 def _state_dict(weights: Path) -> dict[str, Any]:

@@ -141,5 +141,4 @@ def check_reward_model_config(path: str, flag: str, trust_remote_code: bool, rol
     archs = config.architectures or []
     if not any(a.endswith("ForSequenceClassification") for a in archs) or config.num_labels != 1:
         raise UserError(f"--{flag} {path} (the {role} model) is not a reward model (architectures {archs}, "
-                        f"{config.num_labels} labels); pass the folder step 2 wrote (a *ForSequenceClassification "
-                        f"with one label) or {FORMAT_TEXT}")
+                        f"{config.num_labels} labels); pass the folder step 2 wrote, or {FORMAT_TEXT}")
