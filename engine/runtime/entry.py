@@ -10,11 +10,13 @@ import sys
 from collections.abc import Callable, Sequence
 
 from engine.errors import UserError
+from engine.observe import startup
 from engine.runtime import watchdog
 
 
 def run_main(main: Callable[[Sequence[str] | None], object], argv: Sequence[str] | None = None) -> None:
     """Call `main(argv)`; a UserError becomes `error: <message>` on stderr and exit status 2."""
+    startup.launched()  # the step's start-up time counts from the process's start
     try:
         main(argv)
     except UserError as err:
