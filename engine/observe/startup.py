@@ -9,12 +9,17 @@ step, adds `first_step_done()` to that step's metrics:
     startup/other_s           the rest: config parsing, input checks, resume, the first step itself
 
 so the parts and `other` add up to the total. `imports` is the time from the process's start to `begin()`
-(the interpreter, torch, transformers, the engine) plus DeepSpeed's own import, which happens later.
+(the interpreter, torch, the engine) plus every module first imported later, until the first step: DeepSpeed,
+and the model family's code that transformers imports lazily in `from_pretrained`. Those are timed by wrapping
+CPython's `importlib._bootstrap._find_and_load` (what an `import` of a module not yet in sys.modules calls;
+CPython 3.8-3.13) from `begin()` to the first step; where it is missing they stay in the part that ran them.
 """
 from __future__ import annotations
 
+import importlib._bootstrap
 import logging
 import os
+import threading
 import time
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -25,7 +30,8 @@ PARTS = ("imports", "distributed", "op_builds", "model", "data", "first_eval")
 
 
 class Startup:
-    """The start-up parts of one run, timed from `t0` (a `time.time()`)."""
+    """The start-up parts of one run, timed from `t0` (a `time.time()`); until `finish()` the first import of
+    each module is timed as `imports`."""
 
     def __init__(self, t0: float, imports_s: float) -> None:
         self.t0 = t0
@@ -33,6 +39,20 @@ class Startup:
         self.seconds["imports"] = imports_s
         self.done = False
         self._nested: list[float] = []  # per open part: seconds its nested parts took
+        self._thread = threading.get_ident()
+        self._find_and_load = getattr(importlib._bootstrap, "_find_and_load", None)
+        if self._find_and_load is not None:
+            importlib._bootstrap._find_and_load = self._timed_import
+
+    def _timed_import(self, *args, **kwargs):
+        if self.done or threading.get_ident() != self._thread:  # the part stack is the main thread's
+            return self._find_and_load(*args, **kwargs)
+        with self.part("imports"):
+            return self._find_and_load(*args, **kwargs)
+
+    def _unhook(self) -> None:
+        if self._find_and_load is not None and importlib._bootstrap._find_and_load == self._timed_import:
+            importlib._bootstrap._find_and_load = self._find_and_load
 
     @contextmanager
     def part(self, name: str) -> Iterator[None]:
@@ -55,6 +75,7 @@ class Startup:
         if self.done:
             return {}
         self.done = True
+        self._unhook()
         total = time.time() - self.t0
         row = {"startup/to_first_step_s": total} | {f"startup/{k}_s": v for k, v in self.seconds.items()}
         row["startup/other_s"] = max(total - sum(self.seconds.values()), 0.0)
@@ -93,6 +114,8 @@ def begin() -> Startup:
     now = time.time()
     t0 = process_start_time() if _from_process_start else now
     _from_process_start = False
+    if _current is not None:
+        _current.finish()  # a run that never reached its first step (a second main in one process)
     _current = Startup(min(t0, now), now - min(t0, now))
     return _current
 

@@ -88,8 +88,8 @@ def init_distributed(seed: int, peer_timeout: float = 0.0) -> DistInfo:
         check_rendezvous_port()  # before DeepSpeed's import and op build: a busy port fails in seconds
     op_builds.install()  # before DeepSpeed loads an op, here or later (cpu_adam with --offload)
     if not torch.distributed.is_initialized():
-        with startup.part("imports"):
-            import deepspeed
+        import deepspeed
+
         with startup.part("distributed"):
             deepspeed.init_distributed(verbose=False)
     local_rank = int(os.environ.get("LOCAL_RANK", "0"))
