@@ -114,10 +114,17 @@ def begin() -> Startup:
     now = time.time()
     t0 = process_start_time() if _from_process_start else now
     _from_process_start = False
-    if _current is not None:
-        _current.finish()  # a run that never reached its first step (a second main in one process)
+    end()  # a run in this process that never reached its first step
     _current = Startup(min(t0, now), now - min(t0, now))
     return _current
+
+
+def end() -> None:
+    """Close the current run's record without a report (its import timing stops)."""
+    global _current
+    if _current is not None:
+        _current.finish()
+        _current = None
 
 
 @contextmanager

@@ -38,4 +38,6 @@ def run_main(main: Callable[[Sequence[str] | None], object], argv: Sequence[str]
             watchdog.stop_process(*peer)
         watchdog.fail(1, watchdog.one_line(err))
         raise
+    finally:
+        startup.end()  # stop timing imports (a run that failed before its first step never reported)
     watchdog.finish()

@@ -90,3 +90,17 @@ def test_a_first_import_inside_a_part_counts_as_imports(tmp_path, monkeypatch):
     assert row["startup/imports_s"] >= 0.3 and row["startup/model_s"] < 0.3
     assert importlib._bootstrap._find_and_load != run._timed_import  # unhooked after the report
     monkeypatch.delitem(sys.modules, "slow_module_for_startup")
+
+
+def test_run_main_stops_the_import_timing_of_a_run_that_failed_early():
+    from engine.errors import UserError
+    from engine.runtime.entry import run_main
+
+    def main(argv):
+        startup.begin()
+        raise UserError("bad input")
+
+    with pytest.raises(SystemExit):
+        run_main(main, [])
+    assert startup._current is None
+    assert importlib._bootstrap._find_and_load.__module__ != startup.__name__  # CPython's own again
