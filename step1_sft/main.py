@@ -26,6 +26,7 @@ from engine.eval.lm import evaluate_lm
 from engine.flags import parse_config, save_config_yaml
 from engine.models.load import load_causal_lm
 from engine.models.lora import apply_lora
+from engine.observe import startup
 from engine.observe.metrics import plot_curves
 from engine.observe.perf import StepTimer, peak_memory_gb, train_throughput
 from engine.rl.batch_mean import mean_normaliser
@@ -50,6 +51,7 @@ logger = logging.getLogger("engine")
 
 
 def main(argv: Sequence[str] | None = None) -> None:
+    startup.begin()
     cfg = parse_config(Step1Config, argv, description=__doc__)
     # Output folder, ranks, DeepSpeed config, tokenizer and data first: bad input fails before anything is written.
     inputs = prepare_step(cfg, load_sft_data, collate_right_padded, role="sft")
@@ -58,19 +60,21 @@ def main(argv: Sequence[str] | None = None) -> None:
     train_loader, eval_loader = inputs.train_loader, inputs.eval_loader
 
     # Model, LoRA, optimizer, DeepSpeed.
-    model = load_causal_lm(model_path, cfg.model, tokenizer, cfg.ds.dtype, ds_config, cfg.ds.gradient_checkpointing,
-                           role="sft")
-    if cfg.lora.lora_dim > 0:
-        model = apply_lora(model, cfg.lora)
-    engine = init_trained_engine(model, ds_config, train=cfg.train, lora=cfg.lora, ds=cfg.ds,
-                                 total_steps=schedule.total_steps)
+    with startup.part("model"):
+        model = load_causal_lm(model_path, cfg.model, tokenizer, cfg.ds.dtype, ds_config,
+                               cfg.ds.gradient_checkpointing, role="sft")
+        if cfg.lora.lora_dim > 0:
+            model = apply_lora(model, cfg.lora)
+        engine = init_trained_engine(model, ds_config, train=cfg.train, lora=cfg.lora, ds=cfg.ds,
+                                     total_steps=schedule.total_steps)
 
     # Resume or start.
     position, metrics = start_run(cfg, engine, out, dist)
     logger.info("training %d steps (%d per epoch), %d ranks, ZeRO-%d", schedule.total_steps,
                 schedule.steps_per_epoch, dist.world_size, zero_stage)
     if position["global_step"] == 0:
-        metrics.log(0, evaluate_lm(engine, eval_loader, dist.device, cfg.ds.compute_fp32_loss))
+        with startup.part("first_eval"):
+            metrics.log(0, evaluate_lm(engine, eval_loader, dist.device, cfg.ds.compute_fp32_loss))
 
     run = RunContext(cfg, engine, tokenizer, dist, out, zero_stage, metrics)
     stopped = train(run, train_loader, eval_loader, schedule, position)
@@ -99,7 +103,7 @@ def train(run: RunContext, train_loader, eval_loader, schedule: Schedule, positi
         for step_in_epoch, window in enumerate(windows, start=first):
             row = train_step(run, window, step + 1, guard)
             step += 1
-            row |= {"train/lr": engine.get_lr()[0], "train/epoch": epoch}
+            row |= {"train/lr": engine.get_lr()[0], "train/epoch": epoch} | startup.first_step_done(dist.is_main)
             if step % cfg.log.print_interval == 0 or step == schedule.total_steps:
                 logger.info("step %d: %s", step, ", ".join(f"{k}={v:.4g}" for k, v in row.items()))
             run.metrics.log(step, row)

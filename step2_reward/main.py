@@ -26,6 +26,7 @@ from engine.data.pairs import collate_pairs, load_pair_data
 from engine.flags import parse_config, save_config_yaml
 from engine.models.load import hf_model
 from engine.models.reward_model import add_lora, load_reward_model
+from engine.observe import startup
 from engine.observe.metrics import plot_curves
 from engine.observe.perf import StepTimer, peak_memory_gb, train_throughput
 from engine.rl.batch_mean import mean_normaliser
@@ -50,6 +51,7 @@ logger = logging.getLogger("engine")
 
 
 def main(argv: Sequence[str] | None = None) -> None:
+    startup.begin()
     cfg = parse_config(Step2Config, argv, description=__doc__)
     # Output folder, ranks, DeepSpeed config, tokenizer and data first: bad input fails before anything is written.
     inputs = prepare_step(cfg, load_pair_data, collate_pairs, role="reward")
@@ -58,12 +60,13 @@ def main(argv: Sequence[str] | None = None) -> None:
     train_loader, eval_loader = inputs.train_loader, inputs.eval_loader
 
     # Reward model (value head on the base transformer), LoRA, optimizer, DeepSpeed.
-    model = load_reward_model(model_path, cfg.model, tokenizer, cfg.ds.dtype, ds_config, cfg.ds.gradient_checkpointing,
-                              role="reward")
-    if cfg.lora.lora_dim > 0:
-        model = add_lora(model, cfg.lora)
-    engine = init_trained_engine(model, ds_config, train=cfg.train, lora=cfg.lora, ds=cfg.ds,
-                                 total_steps=schedule.total_steps)
+    with startup.part("model"):
+        model = load_reward_model(model_path, cfg.model, tokenizer, cfg.ds.dtype, ds_config,
+                                  cfg.ds.gradient_checkpointing, role="reward")
+        if cfg.lora.lora_dim > 0:
+            model = add_lora(model, cfg.lora)
+        engine = init_trained_engine(model, ds_config, train=cfg.train, lora=cfg.lora, ds=cfg.ds,
+                                     total_steps=schedule.total_steps)
 
     # Resume or start.
     position, metrics = start_run(cfg, engine, out, dist)
@@ -71,7 +74,8 @@ def main(argv: Sequence[str] | None = None) -> None:
                 schedule.steps_per_epoch, dist.world_size, zero_stage, cfg.reward.rm_loss)
     run = RunContext(cfg, engine, tokenizer, dist, out, zero_stage, metrics)
     if position["global_step"] == 0:
-        metrics.log(0, evaluate(run, eval_loader))
+        with startup.part("first_eval"):
+            metrics.log(0, evaluate(run, eval_loader))
 
     if train(run, train_loader, eval_loader, schedule, position) is not None:
         logger.info("stopped by --test_stop_step at step %d", position["global_step"])
@@ -111,7 +115,7 @@ def train(run: RunContext, train_loader, eval_loader, schedule: Schedule, positi
             row = train_step(run, window, step + 1, guard)
             step += 1
             position.update(epoch=epoch, step_in_epoch=step_in_epoch + 1, global_step=step)
-            row |= {"train/lr": engine.get_lr()[0], "train/epoch": epoch}
+            row |= {"train/lr": engine.get_lr()[0], "train/epoch": epoch} | startup.first_step_done(dist.is_main)
             if interval_eval_due(cfg, step):
                 row |= evaluate(run, eval_loader)
             if step % cfg.log.print_interval == 0 or step == schedule.total_steps:

@@ -37,6 +37,7 @@ from engine.eval.compare import rule_checks
 from engine.flags import parse_config, save_config_yaml
 from engine.models.load import hf_model, keep_bitsandbytes_out
 from engine.models.roles import Roles, build_roles, check_role_paths, load_step3_tokenizer, resolve_paths
+from engine.observe import startup
 from engine.observe.metrics import plot_curves
 from engine.observe.perf import (
     StepTimer,
@@ -133,6 +134,7 @@ class Run:
 
 
 def main(argv: Sequence[str] | None = None) -> None:
+    startup.begin()
     run_ppo(build(parse_config(Step3Config, argv, description=__doc__)))
 
 
@@ -149,21 +151,25 @@ def build(cfg: Step3Config) -> Run:
         logger.warning("%s", notice)
 
     # Inputs first: bad folders or data fail before anything is written.
-    actor_path, critic_path = resolve_paths(cfg, dist)
-    if cfg.ds.auto_fit:
-        cfg = fit_to_machine(cfg, dist, actor_path, critic_path)
-    tokenizer = load_step3_tokenizer(cfg, actor_path, critic_path)
+    with startup.part("model"):
+        actor_path, critic_path = resolve_paths(cfg, dist)
+        if cfg.ds.auto_fit:
+            cfg = fit_to_machine(cfg, dist, actor_path, critic_path)
+        tokenizer = load_step3_tokenizer(cfg, actor_path, critic_path)
     # Imported now: a bad --reward_funcs reference fails before any data is cached.
     reward_fns = RewardFunctions(cfg.rl.reward_funcs, cfg.rl.reward_weights) if cfg.rl.reward_funcs else None
-    prompt_loader, eval_loader, ptx_loader = make_loaders(cfg, tokenizer, out, dist)
+    with startup.part("data"):
+        prompt_loader, eval_loader, ptx_loader = make_loaders(cfg, tokenizer, out, dist)
     batches = min(len(prompt_loader), len(ptx_loader)) if ptx_loader is not None else len(prompt_loader)
     plan = PPOSchedule.of(cfg, batches)
 
     # Memory in use before any model is built (on CPU the RSS of Python, the libraries, the tokenizer and
     # the data): the CPU phase peaks (process RSS) minus this are what the models and the PPO step added.
     baseline_gb = current_memory_gb(dist.device)
-    roles = build_roles(cfg, dist, tokenizer, actor_path, critic_path, plan.optimizer_steps, ptx_loader is not None)
-    trainer = PPOTrainer(cfg, roles, tokenizer, dist, reward_fns)
+    with startup.part("model"):
+        roles = build_roles(cfg, dist, tokenizer, actor_path, critic_path, plan.optimizer_steps,
+                            ptx_loader is not None)
+        trainer = PPOTrainer(cfg, roles, tokenizer, dist, reward_fns)
 
     def load_ema(tag_folder: Path) -> None:
         if roles.ema is not None:
@@ -206,7 +212,8 @@ def run_ppo(run: Run, *, measure_only: bool = False) -> None:
     the saved models and the plots, which a throughput measurement does not want."""
     cfg, dist, metrics, position, out = run.cfg, run.dist, run.metrics, run.position, run.out
     if position["global_step"] == 0:
-        first = {} if measure_only else evaluate(run)
+        with startup.part("first_eval"):
+            first = {} if measure_only else evaluate(run)
         metrics.log(0, {"memory/baseline_gb": run.baseline_gb} | first)
     stopped = train(run)
     if stopped is not None:
@@ -264,6 +271,7 @@ def train(run: Run) -> int | None:
             position.update(epoch=epoch, step_in_epoch=step_in_epoch + 1, global_step=step)
             row |= {f"train/{name}_lr": engine.get_lr()[0] for name, engine in run.roles.trained().items()}
             row["train/epoch"] = epoch
+            row |= startup.first_step_done(dist.is_main)
             if eval_due(cfg, step):
                 row |= evaluate(run)
             if guard.healthy:  # a bad step's NaN statistics would blind the trend checks

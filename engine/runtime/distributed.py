@@ -16,6 +16,7 @@ import torch
 from tqdm import tqdm
 
 from engine.errors import UserError
+from engine.observe import startup
 from engine.runtime import op_builds, watchdog
 
 logger = logging.getLogger("engine")
@@ -89,7 +90,8 @@ def init_distributed(seed: int, peer_timeout: float = 0.0) -> DistInfo:
     if not torch.distributed.is_initialized():
         import deepspeed
 
-        deepspeed.init_distributed(verbose=False)
+        with startup.part("distributed"):
+            deepspeed.init_distributed(verbose=False)
     local_rank = int(os.environ.get("LOCAL_RANK", "0"))
     if gpu_wanted():
         torch.cuda.set_device(local_rank)

@@ -12,6 +12,8 @@ from typing import Any
 
 import torch
 
+from engine.observe import startup
+
 VERIFIED_ON = "0.19.8"  # the DeepSpeed version every function below was checked on
 
 
@@ -186,8 +188,9 @@ def hook_op_builds(before: Callable[[str], None]) -> None:
     original = getattr(original, "engine_original", original)
 
     def jit_load(self: Any, verbose: bool = True) -> Any:
-        before(self.name)
-        return original(self, verbose)
+        with startup.part("op_builds"):
+            before(self.name)
+            return original(self, verbose)
 
     jit_load.engine_hook = before  # type: ignore[attr-defined]
     jit_load.engine_original = original  # type: ignore[attr-defined]

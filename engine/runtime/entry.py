@@ -10,11 +10,13 @@ import sys
 from collections.abc import Callable, Sequence
 
 from engine.errors import UserError
+from engine.observe import startup
 from engine.runtime import watchdog
 
 
 def run_main(main: Callable[[Sequence[str] | None], object], argv: Sequence[str] | None = None) -> None:
     """Call `main(argv)`; a UserError becomes `error: <message>` on stderr and exit status 2."""
+    startup.launched()  # the step's start-up time counts from the process's start
     try:
         main(argv)
     except UserError as err:
@@ -36,4 +38,6 @@ def run_main(main: Callable[[Sequence[str] | None], object], argv: Sequence[str]
             watchdog.stop_process(*peer)
         watchdog.fail(1, watchdog.one_line(err))
         raise
+    finally:
+        startup.end()  # stop timing imports (a run that failed before its first step never reported)
     watchdog.finish()

@@ -15,6 +15,7 @@ from engine.data.sources import default_data_note
 from engine.errors import UserError
 from engine.flags import config_to_dict, save_config_yaml
 from engine.models.load import check_given_model, keep_bitsandbytes_out, load_tokenizer, resolve_model_path
+from engine.observe import startup
 from engine.observe.metrics import MetricsLogger
 from engine.runtime.distributed import DistInfo, init_distributed, setup_logging
 from engine.runtime.engines import build_ds_config
@@ -200,10 +201,12 @@ def prepare_step(cfg: Any, load_data: Callable[..., tuple[Any, Any]], collate: C
     dist = init_distributed(cfg.train.seed, peer_timeout=cfg.fault.peer_timeout)
     setup_logging(dist.is_main, cfg.log.verbose)
     ds_config = build_ds_config(cfg.ds, cfg.train, dist.world_size)
-    model_path = resolve_model_path(cfg.model, cfg.train.seed, dist, role=role)
-    tokenizer = load_tokenizer(model_path, cfg.model, cfg.data, role=role)
+    with startup.part("model"):
+        model_path = resolve_model_path(cfg.model, cfg.train.seed, dist, role=role)
+        tokenizer = load_tokenizer(model_path, cfg.model, cfg.data, role=role)
     cache_dir = Path(cfg.data.data_output_path or out / "data_cache")
-    train_set, eval_set = load_data(cfg.data, tokenizer, cache_dir, cfg.train.seed, dist)
+    with startup.part("data"):
+        train_set, eval_set = load_data(cfg.data, tokenizer, cache_dir, cfg.train.seed, dist)
     collate_fn = partial(collate, pad_id=tokenizer.pad_token_id)
     t = cfg.train
     train_loader = make_loader(train_set, t.per_device_train_batch_size, dist, True, t.seed, collate_fn)
