@@ -69,9 +69,9 @@ class GatherCounter:
                 delattr(backend, name)  # back to the class's method
 
 
-def build_actor(args: argparse.Namespace, dist, zero3_leaves: bool = True):
-    """The LoRA actor under ZeRO-3; `zero3_leaves=False` undoes apply_lora's leaf marking (one fetch per
-    peft sub-module, the layout before issue 18) so that the two can be compared."""
+def build_actor(args: argparse.Namespace, dist, only_lora: bool = True, zero3_leaves: bool = True):
+    """The LoRA actor under ZeRO-3 (`only_lora`: --only_optimize_lora); `zero3_leaves=False` undoes
+    apply_lora's leaf marking (one fetch per peft sub-module, as before issue 18) to compare the two."""
     torch.manual_seed(args.seed)  # the same LoRA initialisation for every actor built
     model_args = ModelArgs(model_name_or_path=args.model_name_or_path)
     path = resolve_model_path(model_args, args.seed, dist, role="benchmarked")
@@ -84,7 +84,7 @@ def build_actor(args: argparse.Namespace, dist, zero3_leaves: bool = True):
     ds_config["zero_optimization"].update(stage3_max_reuse_distance=0, stage3_param_persistence_threshold=0,
                                           stage3_max_live_parameters=0, stage3_prefetch_bucket_size=0)
     model = load_causal_lm(path, model_args, tok, args.dtype, ds_config, gradient_checkpointing=False)
-    model = apply_lora(model, LoRAArgs(lora_dim=args.lora_dim, only_optimize_lora=True))
+    model = apply_lora(model, LoRAArgs(lora_dim=args.lora_dim, only_optimize_lora=only_lora))
     if not zero3_leaves:
         for module in model.modules():
             if z3_leaf_module(module):
@@ -123,11 +123,12 @@ def sequence_logprobs(engine, sequences: torch.Tensor, pad_id: int) -> torch.Ten
 
 
 def compare_leaves(args, dist, tok, enc, gen) -> dict:
-    """Issue 18's fix pinned: the same actor built with and without ZeRO-3 leaf LoRA layers, trained the
-    same way, gives the same greedy tokens and log-probs; and how many all-gathers each needs per token."""
+    """Issue 18's fix pinned: the same actor (base weights trained too, where apply_lora marks leaves) built
+    with and without ZeRO-3 leaf LoRA layers, trained the same way, gives the same greedy tokens and
+    log-probs; and how many all-gathers each needs."""
     runs = {}
     for name, leaves in (("leaf", True), ("per_module", False)):
-        engine, _ = build_actor(args, dist, zero3_leaves=leaves)
+        engine, _ = build_actor(args, dist, only_lora=False, zero3_leaves=leaves)
         lora_steps(engine, tok, 3, dist.device)
         counter = GatherCounter()
         with counter.counting():
