@@ -9,11 +9,14 @@ ZeRO-3 is set up so the model does not stay resident between steps (stage3_max_r
 no persistence), standing in for a model too large to keep whole. Both modes generate greedily from
 the same prompts with the same (LoRA-trained) actor; the tokens must match. Prints and writes JSON:
 wall time, generated tokens, all-gather calls and bytes per generated token for each mode, and
-`speedup` and `allgather_bytes_ratio` (naive over hybrid).
+`speedup` and `allgather_bytes_ratio` (naive over hybrid). `--compare_leaves` adds `leaves`: naive
+generation with peft's LoRA layers as ZeRO-3 leaf modules (engine.models.lora) against one fetch per
+peft sub-module (before issue 18): same tokens, largest log-prob difference, all-gather calls and time.
 """
 from __future__ import annotations
 
 import argparse
+import functools
 import json
 import time
 from collections.abc import Iterator
@@ -21,6 +24,7 @@ from contextlib import contextmanager
 
 import torch
 import torch.distributed as tdist
+from deepspeed.utils import set_z3_leaf_module, z3_leaf_module
 
 from engine.config import DeepSpeedArgs, LoRAArgs, ModelArgs, TrainArgs
 from engine.data.sort_task import generate as synthetic_rows
@@ -65,7 +69,10 @@ class GatherCounter:
                 delattr(backend, name)  # back to the class's method
 
 
-def build_actor(args: argparse.Namespace, dist):
+def build_actor(args: argparse.Namespace, dist, only_lora: bool = True, zero3_leaves: bool = True):
+    """The LoRA actor under ZeRO-3 (`only_lora`: --only_optimize_lora); `zero3_leaves=False` undoes
+    apply_lora's leaf marking (one fetch per peft sub-module, as before issue 18) to compare the two."""
+    torch.manual_seed(args.seed)  # the same LoRA initialisation for every actor built
     model_args = ModelArgs(model_name_or_path=args.model_name_or_path)
     path = resolve_model_path(model_args, args.seed, dist, role="benchmarked")
     tok = load_tokenizer(path, model_args)
@@ -77,7 +84,11 @@ def build_actor(args: argparse.Namespace, dist):
     ds_config["zero_optimization"].update(stage3_max_reuse_distance=0, stage3_param_persistence_threshold=0,
                                           stage3_max_live_parameters=0, stage3_prefetch_bucket_size=0)
     model = load_causal_lm(path, model_args, tok, args.dtype, ds_config, gradient_checkpointing=False)
-    model = apply_lora(model, LoRAArgs(lora_dim=args.lora_dim, only_optimize_lora=True))
+    model = apply_lora(model, LoRAArgs(lora_dim=args.lora_dim, only_optimize_lora=only_lora))
+    if not zero3_leaves:
+        for module in model.modules():
+            if z3_leaf_module(module):
+                set_z3_leaf_module(module, False)
     groups = optimizer_param_groups(model, 0.0, 1e-2)
     engine = deepspeed_initialize(model, make_optimizer(groups, 1e-2, (0.9, 0.95), False), None, ds_config)
     return engine, tok
@@ -91,6 +102,46 @@ def lora_steps(engine, tok, n: int, device) -> None:
                      labels=batch["input_ids"].to(device))
         engine.backward(out.loss)
         engine.step()
+
+
+def naive_generate(engine, enc, gen) -> torch.Tensor:
+    """Generation through ZeRO-3's hooks (every rank steps until all finish)."""
+    engine.module.eval()
+    with torch.no_grad():
+        out = engine.module.generate(**enc, use_cache=True, synced_gpus=True, **gen)
+    engine.module.train()
+    return out
+
+
+def sequence_logprobs(engine, sequences: torch.Tensor, pad_id: int) -> torch.Tensor:
+    """(B, L-1) log-probability of each next token, computed through ZeRO-3's hooks."""
+    engine.module.eval()
+    with torch.no_grad():
+        logits = engine(input_ids=sequences, attention_mask=(sequences != pad_id).long()).logits.float()
+    engine.module.train()
+    return torch.log_softmax(logits[:, :-1], dim=-1).gather(-1, sequences[:, 1:, None]).squeeze(-1)
+
+
+def compare_leaves(args, dist, tok, enc, gen) -> dict:
+    """Issue 18's fix pinned: the same actor (base weights trained too, where apply_lora marks leaves) built
+    with and without ZeRO-3 leaf LoRA layers, trained the same way, gives the same greedy tokens and
+    log-probs; and how many all-gathers each needs."""
+    runs = {}
+    for name, leaves in (("leaf", True), ("per_module", False)):
+        engine, _ = build_actor(args, dist, only_lora=False, zero3_leaves=leaves)
+        lora_steps(engine, tok, 3, dist.device)
+        counter = GatherCounter()
+        with counter.counting():
+            tokens, seconds = timed(functools.partial(naive_generate, engine, enc, gen))
+        runs[name] = {"tokens": tokens, "logprobs": sequence_logprobs(engine, tokens, tok.pad_token_id),
+                      "wall_s": seconds, "allgather_calls": counter.calls}
+    a, b = runs["leaf"], runs["per_module"]
+    same = torch.tensor([float(torch.equal(a["tokens"], b["tokens"]))])
+    diff = torch.tensor([(a["logprobs"] - b["logprobs"]).abs().max().item() if bool(same) else float("inf")])
+    tdist.all_reduce(same, op=tdist.ReduceOp.MIN)
+    tdist.all_reduce(diff, op=tdist.ReduceOp.MAX)
+    return {"same_tokens": bool(same.item()), "max_logprob_diff": diff.item(),
+            **{f"{k}_{n}": runs[n][k] for n in runs for k in ("wall_s", "allgather_calls")}}
 
 
 def timed(fn):
@@ -110,6 +161,8 @@ def main() -> None:
     p.add_argument("--dtype", default="bf16", choices=("fp32", "bf16", "fp16"))
     p.add_argument("--seed", type=int, default=1234)
     p.add_argument("--out", default=None, help="Also write the JSON here.")
+    p.add_argument("--compare_leaves", action="store_true", help="Also build the actor with and without "
+                   "ZeRO-3 leaf LoRA layers and compare their greedy tokens, log-probs and all-gathers ('leaves').")
     p.add_argument("--local_rank", type=int, default=-1)
     args = p.parse_args()
 
@@ -123,11 +176,7 @@ def main() -> None:
                pad_token_id=tok.pad_token_id)
 
     def naive():
-        engine.module.eval()
-        with torch.no_grad():
-            out = engine.module.generate(**enc, use_cache=True, synced_gpus=True, **gen)
-        engine.module.train()
-        return out
+        return naive_generate(engine, enc, gen)
 
     def hybrid():
         with generation_mode(engine, zero_stage=3) as model:
@@ -153,6 +202,8 @@ def main() -> None:
                "same_tokens": bool(same_all.item()), "world_size": dist.world_size,
                "batch_size_per_rank": args.batch_size, "max_new_tokens": args.max_new_tokens,
                "dtype": args.dtype, "lora_dim": args.lora_dim}
+    if args.compare_leaves:
+        report["leaves"] = compare_leaves(args, dist, tok, enc, gen)
     if dist.is_main:
         text = json.dumps(report, indent=2)
         print(text, flush=True)

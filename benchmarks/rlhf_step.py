@@ -42,6 +42,7 @@ import logging
 import os
 import platform
 import sys
+import time
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
@@ -56,6 +57,7 @@ from engine.observe.metrics import read_metrics  # noqa: E402
 from engine.runtime.entry import run_main  # noqa: E402
 
 logger = logging.getLogger("engine")
+LAUNCH_ENV = "RLHF_BENCH_LAUNCH_TIME"
 # Step-3 flags this script sets from its own; giving them after -- would make the report disagree with the run.
 OWNED_FLAGS = ("--actor_model_name_or_path", "--critic_model_name_or_path", "--output_dir", "--max_prompt_seq_len",
                "--max_answer_seq_len", "--per_device_generation_batch_size", "--per_device_training_batch_size",
@@ -158,6 +160,7 @@ class Probe:
         self.tracker: Any = None
         self.planner: dict[str, Any] | None = None
         self.planner_note: str | None = None
+        self.first_step_at: float | None = None  # wall clock when this rank logged PPO step 1
 
     def __call__(self, run: Any) -> None:
         from engine.bench.role_memory import RoleMemoryTracker
@@ -167,6 +170,40 @@ class Probe:
         self.tracker = RoleMemoryTracker(roles.by_name())
         self.tracker.watch_steps(max_steps=2)
         self.planner, self.planner_note = planner_prediction(run.cfg, run.dist.world_size)
+        log = run.metrics.log  # every rank calls it (only rank 0 writes): each rank's first-step time
+
+        def timed_log(step: int, row: Any) -> None:
+            if self.first_step_at is None and step >= 1 and any(k.startswith("timing/") for k in row):
+                self.first_step_at = time.time()
+            log(step, row)
+
+        run.metrics.log = timed_log
+
+
+def launch_time() -> float:
+    """When this run was launched: $RLHF_BENCH_LAUNCH_TIME (epoch seconds, set by a driver before the
+    launcher, as benchmarks/lora_speed.sh does), else this process's start (launcher time left out)."""
+    if os.environ.get(LAUNCH_ENV):
+        return float(os.environ[LAUNCH_ENV])
+    import psutil
+
+    return psutil.Process().create_time()
+
+
+def startup_figures(probe: Probe, device: Any) -> dict[str, Any]:
+    """Per rank (a list indexed by rank): launch to the end of PPO step 1, and the peak RSS of the process."""
+    import resource
+
+    from engine.runtime.distributed import all_reduce_sum
+
+    world, rank = probe.run.dist.world_size, probe.run.dist.rank
+    slots = [0.0] * (2 * world)  # [launch-to-first-step per rank..., peak RSS GB per rank...]
+    slots[rank] = (probe.first_step_at or float("nan")) - launch_time()
+    slots[world + rank] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20  # KiB on Linux
+    values = all_reduce_sum(slots, device)
+    return {"launch_to_first_step_s": values[:world], "launch_to_first_step_s_max": max(values[:world]),
+            "peak_rss_gb": values[world:], "peak_rss_gb_max": max(values[world:]),
+            "launch_from": LAUNCH_ENV if os.environ.get(LAUNCH_ENV) else "process start"}
 
 
 def planner_prediction(cfg: Any, world_size: int) -> tuple[dict[str, Any] | None, str | None]:
@@ -257,7 +294,7 @@ def run_config(args: argparse.Namespace, probe: Probe, folders: dict[str, tuple[
 
 
 def make_report(args: argparse.Namespace, probe: Probe, folders: dict[str, tuple[Path, Any]], step3_flags: list[str],
-                role_bytes: dict[str, Any]) -> dict[str, Any]:
+                role_bytes: dict[str, Any], startup: dict[str, Any]) -> dict[str, Any]:
     """The report of a finished run (rank 0), from step 3's metrics.jsonl and the probe."""
     config = run_config(args, probe, folders, step3_flags)
     rows = read_metrics(Path(args.run_dir) / "metrics.jsonl")
@@ -285,6 +322,7 @@ def make_report(args: argparse.Namespace, probe: Probe, folders: dict[str, tuple
                                        trained_samples_per_step=trained),
         "time": figures.phase_times(steps),
         "decode": figures.decode(steps, config["actor"]["param_bytes"], hbm),
+        "startup": startup | {"first_step_s": figures.step_seconds(all_steps[0])},
         "memory": memory,
         "planner": probe.planner,
         "planner_note": probe.planner_note,
@@ -315,9 +353,10 @@ def run_benchmark(args: argparse.Namespace, step3_flags: list[str]) -> dict[str,
     probe(run)
     step3.run_ppo(run, measure_only=True)
     role_bytes = probe.tracker.finish()
+    startup = startup_figures(probe, dist.device)
     if not dist.is_main:
         return None
-    return make_report(args, probe, folders, step3_flags, role_bytes)
+    return make_report(args, probe, folders, step3_flags, role_bytes, startup)
 
 
 def write_report(report: dict[str, Any], args: argparse.Namespace) -> None:

@@ -142,6 +142,11 @@ def phase_times(steps: Sequence[Mapping[str, Any]]) -> dict[str, Any]:
     return {"seconds": means, "e2e_s": sum(means.values()), "fractions": time_split(means)}
 
 
+def step_seconds(step: Mapping[str, Any]) -> float:
+    """Seconds of one PPO step: the sum of its phases."""
+    return sum(float(step[f"timing/{phase}_s"]) for phase in PHASES)
+
+
 def decode(steps: Sequence[Mapping[str, Any]], actor_param_bytes: float, hbm_gb_s: float | None) -> dict[str, Any]:
     step_s = sum(float(r["perf/gen_token_latency_s"]) for r in steps) / len(steps)
     return {"step_s": step_s, "actor_param_bytes": actor_param_bytes, "hbm_gb_s": hbm_gb_s,
@@ -218,6 +223,12 @@ def markdown_report(report: Mapping[str, Any]) -> str:
         lines.append(f"| {phase} TFLOPs per device | {_fmt(tp[f'{phase}_tflops'])}{util} |")
     lines.append(f"| decode step | {_fmt(dec['step_s'])} s (roofline {_fmt(dec['roofline_s'])} s, "
                  f"ratio {_fmt(dec['roofline_ratio'])}) |")
+    start = report.get("startup")
+    if start:  # reports written before the startup figures existed have none
+        per_rank = {k: ", ".join(_fmt(v) for v in start[k]) for k in ("launch_to_first_step_s", "peak_rss_gb")}
+        lines += [f"| first PPO step | {_fmt(start['first_step_s'])} s |",
+                  f"| launch to end of first step, per rank | {per_rank['launch_to_first_step_s']} s |",
+                  f"| peak RSS per rank | {per_rank['peak_rss_gb']} GB |"]
     lines += ["", "| phase | s per PPO step | share | peak GB per rank | growth over baseline GB |",
               "|---|---|---|---|---|"]
     for phase in PHASES:
@@ -289,6 +300,9 @@ COMPARE_ROWS: tuple[tuple[str, tuple[str, ...]], ...] = (
     ("experience s", ("time", "seconds", "experience")),
     ("train s", ("time", "seconds", "train")),
     ("PPO step s", ("time", "e2e_s")),
+    ("first PPO step s", ("startup", "first_step_s")),
+    ("launch to first step s (slowest rank)", ("startup", "launch_to_first_step_s_max")),
+    ("peak RSS GB (largest rank)", ("startup", "peak_rss_gb_max")),
     ("decode step s", ("decode", "step_s")),
     ("decode / roofline", ("decode", "roofline_ratio")),
     ("model states GB (all roles)", ("memory", "model_states_gb")),

@@ -4,6 +4,13 @@ peft's `get_peft_model` is applied after the (possibly ZeRO-3-partitioned) model
 before `deepspeed.initialize`, the order that works under every ZeRO stage (the model-family smoke
 tests train LoRA at ZeRO 0-3). Merging for a save happens on a gathered copy
 (`engine.runtime.checkpoint`), never on the partitioned model.
+
+peft turns each adapted Linear into three modules (base layer, lora_A, lora_B); ZeRO-3 would then
+gather and release three times per Linear per forward (per decoded token in generation). When the base
+weights train too, each LoRA layer is marked a ZeRO-3 leaf module, so its three weights are fetched
+together, once. With --only_optimize_lora (a frozen base inside the layer) they are not: DeepSpeed 0.19.8's
+backward then finds a released LoRA weight (size 0) when the parameters are partitioned
+(tests/distributed/test_hybrid_generation.py trains that case).
 """
 from __future__ import annotations
 
@@ -59,9 +66,21 @@ def apply_lora(model: torch.nn.Module, lora: LoRAArgs) -> torch.nn.Module:
     if not lora.only_optimize_lora:
         for p in peft_model.parameters():
             p.requires_grad_(True)
+    leaves = 0 if lora.only_optimize_lora else mark_zero3_leaves(peft_model)
     logger.info("LoRA rank %d on %d Linear layers (%s)", lora.lora_dim, len(targets),
-                "LoRA only" if lora.only_optimize_lora else "base weights train too")
+                "LoRA only: one ZeRO-3 fetch per peft sub-module" if lora.only_optimize_lora else
+                f"base weights train too; {leaves} layers fetched whole under ZeRO-3")
     return peft_model
+
+
+def mark_zero3_leaves(model: torch.nn.Module) -> int:
+    """Mark every peft LoRA layer of `model` a ZeRO-3 leaf module (one fetch for base + adapters); returns
+    how many. Must run before `deepspeed.initialize`, which installs the hooks; ZeRO 0-2 ignore the mark."""
+    from deepspeed.utils import set_z3_leaf_modules
+    from peft.tuners.lora import LoraLayer
+
+    classes = list(dict.fromkeys(type(m) for m in model.modules() if isinstance(m, LoraLayer)))
+    return len(set_z3_leaf_modules(model, classes)) if classes else 0
 
 
 def is_lora_param(name: str) -> bool:

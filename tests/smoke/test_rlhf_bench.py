@@ -22,11 +22,13 @@ def test_benchmark_reports_throughput_memory_and_compares(engine_cache, tmp_path
            "--max_prompt_seq_len", "16", "--max_answer_seq_len", "16", "--per_device_generation_batch_size", "4",
            "--per_device_training_batch_size", "4", "--dtype", "bf16", "--run_dir", str(tmp_path / "run"),
            "--cache_dir", str(engine_cache / "bench_models"), "--out", str(out)]
-    proc = subprocess.run(cmd, cwd=ROOT, env=offline_env(engine_cache), capture_output=True, text=True, timeout=300)
+    env = offline_env(engine_cache)
+    env.pop("RLHF_BENCH_LAUNCH_TIME", None)  # launch time: this process's start
+    proc = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stderr[-4000:]
     report = json.loads(out.read_text())
     assert json.loads(proc.stdout.strip().splitlines()[-1]) == report  # also printed as one JSON line
-    assert (tmp_path / "a.md").is_file() and "samples/s" in (tmp_path / "a.md").read_text()
+    assert (tmp_path / "a.md").is_file() and "first PPO step" in (tmp_path / "a.md").read_text()
 
     assert report["steps"] == {"run": 2, "warmup": 1, "measured": 1}
     tp, times, mem = report["throughput"], report["time"], report["memory"]
@@ -38,6 +40,13 @@ def test_benchmark_reports_throughput_memory_and_compares(engine_cache, tmp_path
     assert tp["train_tokens_per_s"] == pytest.approx(4 * 32 / times["seconds"]["train"])
     assert 0 < mem["baseline_gb"] < mem["peak_gb"]["train"]
     assert mem["growth_gb"]["train"] == pytest.approx(mem["peak_gb"]["train"] - mem["baseline_gb"])
+    # Start-up (issue 18): the first step is the sum of its phases; launch (this process's start, no launcher)
+    # to its end covers imports and model loading too; the peak RSS (getrusage) exceeds the baseline.
+    start, first = report["startup"], report["per_step"][0]
+    assert start["first_step_s"] == pytest.approx(sum(first[f"timing/{k}_s"] for k in times["seconds"]))
+    assert start["launch_from"] == "process start" and len(start["launch_to_first_step_s"]) == 1
+    assert start["launch_to_first_step_s_max"] > start["first_step_s"] > 0
+    assert start["peak_rss_gb"] == [start["peak_rss_gb_max"]] and start["peak_rss_gb_max"] > mem["baseline_gb"]
 
     # Model states of the ZeRO-0 bf16 run, counted from the live tensors (per parameter: 2 bytes of weights;
     # 2 bytes of bf16 + 4 of fp32 gradients; fp32 master + two Adam moments = 12 bytes, plus 4-byte step

@@ -110,6 +110,25 @@ def test_lora_rank_and_scale_follow_the_flags():
     assert q.scaling["default"] == 0.5  # lora_scaling / lora_dim = 2 / 4 (DeepSpeed-Chat's convention)
 
 
+def test_every_lora_layer_is_one_zero3_leaf():
+    # ZeRO-3 then fetches base, lora_A and lora_B of an adapted Linear in one go (issue 18), and nothing else
+    # is a leaf: the decoder layers keep their own per-module fetch.
+    from deepspeed.utils import z3_leaf_module
+
+    model = apply_lora(tiny_llama(), LoRAArgs(lora_dim=4, only_optimize_lora=False))
+    leaves = sorted(name for name, m in model.named_modules() if z3_leaf_module(m))
+    assert len(leaves) == LAYERS * len(LLAMA_LINEARS)  # 2 x 7 = 14
+    assert all(name.endswith(tuple(LLAMA_LINEARS)) for name in leaves)
+
+
+def test_only_optimize_lora_keeps_per_module_zero3_fetches():
+    # A frozen base inside a leaf breaks DeepSpeed 0.19.8's ZeRO-3 backward (engine.models.lora's docstring).
+    from deepspeed.utils import z3_leaf_module
+
+    model = apply_lora(tiny_llama(), LoRAArgs(lora_dim=4, only_optimize_lora=True))
+    assert not any(z3_leaf_module(m) for m in model.modules())
+
+
 def _group_of(groups: list[dict], param: torch.nn.Parameter) -> dict:
     hits = [g for g in groups if any(p is param for p in g["params"])]
     assert len(hits) == 1
