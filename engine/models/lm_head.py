@@ -27,12 +27,24 @@ def causal_lm(model: Any) -> Any:
     return model
 
 
+def can_skip_logits(model: Any) -> bool:
+    """Whether `model` is a transformers causal LM that can return no logits and has a decoder to hook."""
+    lm = causal_lm(model)
+    return hasattr(lm, "get_decoder") and "logits_to_keep" in inspect.signature(lm.forward).parameters
+
+
+def use_full_logits(model: Any, chunk_size: int | None) -> bool:
+    """0 asks for the full logits; automatic (None) falls back to them for a model that cannot skip its
+    logits (a non-transformers model), where an explicit size is refused (`hidden_and_head`)."""
+    return chunk_size == 0 or (chunk_size is None and not can_skip_logits(model))
+
+
 def hidden_and_head(model: Any, **inputs: torch.Tensor) -> tuple[torch.Tensor, torch.nn.Module]:
     """(last hidden states (B, T, H), the LM head module) of `model` on `inputs`, no logits computed."""
     lm = causal_lm(model)
-    if "logits_to_keep" not in inspect.signature(lm.forward).parameters:
-        raise UserError(f"{type(lm).__name__} cannot skip its logits (no logits_to_keep argument), which chunked "
-                        "log-probs need; pass --logprob_chunk_size 0 to compute them from the full logits")
+    if not can_skip_logits(model):
+        raise UserError(f"{type(lm).__name__} cannot skip its logits (no logits_to_keep argument or decoder), which "
+                        "chunked log-probs need; pass --logprob_chunk_size 0 to compute them from the full logits")
     caught: list[torch.Tensor] = []
     hook = lm.get_decoder().register_forward_hook(lambda _m, _i, out: caught.append(out[0]))
     try:
@@ -52,9 +64,10 @@ def token_logprobs(model: Any, sequences: torch.Tensor, attention_mask: torch.Te
                    chunk_size: int | None, with_entropy: bool = False
                    ) -> tuple[torch.Tensor, torch.Tensor | None]:
     """(log-probs (B, T-1) of each taken token, entropy (B, T-1) or None) of a causal LM on `sequences` (B, T).
-    `chunk_size`: positions per chunk along the sequence, None for automatic, 0 for the full logits."""
+    `chunk_size`: positions per chunk along the sequence, None for automatic, 0 for the full logits
+    (`use_full_logits`)."""
     inputs = {"input_ids": sequences, "attention_mask": attention_mask, "position_ids": position_ids}
-    if chunk_size == 0:
+    if use_full_logits(model, chunk_size):
         logits = model(**inputs).logits[:, :-1]
         return logprobs_from_logits(logits, sequences[:, 1:]), entropy_from_logits(logits) if with_entropy else None
     hidden, head = hidden_and_head(model, **inputs)
@@ -66,7 +79,7 @@ def lm_loss(model: Any, batch: dict[str, torch.Tensor], chunk_size: int | None, 
             token_count: float | None = None) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
     """`causal_lm_loss` of `model` on a labelled batch; `chunk_size` as in `token_logprobs`."""
     inputs = {"input_ids": batch["input_ids"], "attention_mask": batch["attention_mask"]}
-    if chunk_size == 0:
+    if use_full_logits(model, chunk_size):
         return causal_lm_loss(model(**inputs).logits, batch["labels"], fp32=fp32, token_count=token_count)
     hidden, head = hidden_and_head(model, **inputs)
     size = resolve_chunk_size(chunk_size, batch["input_ids"].shape[0], vocab_size(model))

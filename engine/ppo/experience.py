@@ -13,7 +13,7 @@ from typing import Any
 
 import torch
 
-from engine.models.lm_head import token_logprobs
+from engine.models.lm_head import token_logprobs, use_full_logits
 from engine.models.load import position_ids
 from engine.rl.ppo import answer_action_mask, compute_rewards, gae, logprobs_from_logits, masked_mean, whiten
 from engine.rl.reward import end_scores
@@ -42,10 +42,10 @@ class Experience:
 
 def sequence_logprobs(model: Any, sequences: torch.Tensor, attention_mask: torch.Tensor, chunk_size: int | None = 0
                       ) -> tuple[torch.Tensor, torch.Tensor | None]:
-    """(log-probs (B, T-1) of each taken token, logits (B, T-1, V)) of a causal LM on `sequences`. With
-    `chunk_size` other than 0 (None: automatic) the log-probs come chunk by chunk
-    (`engine.models.lm_head.token_logprobs`) and no logits are returned (None)."""
-    if chunk_size != 0:
+    """(log-probs (B, T-1) of each taken token, logits (B, T-1, V)) of a causal LM on `sequences`. Chunked
+    (`chunk_size` > 0, or None: automatic; see `engine.models.lm_head.use_full_logits`), the log-probs come
+    chunk by chunk and no logits are returned (None)."""
+    if not use_full_logits(model, chunk_size):
         return token_logprobs(model, sequences, attention_mask, position_ids(attention_mask), chunk_size)[0], None
     logits = model(input_ids=sequences, attention_mask=attention_mask,
                    position_ids=position_ids(attention_mask)).logits[:, :-1]
