@@ -3,8 +3,8 @@ sequence, so no full (B, L, V) fp32 logits tensor is ever held. Pure torch.
 
 Each chunk applies the LM head (any callable (B, c, H) -> (B, c, V)) and the log-softmax under
 `torch.utils.checkpoint`: the forward keeps only the chunk's hidden states, and the backward recomputes one
-chunk's logits at a time. The values and gradients equal those of the full-logits functions in
-`engine.rl.ppo` and `engine.rl.lm_loss` up to float summation order.
+chunk's logits at a time (see `_run_chunk` for which form and why). The values and gradients equal those
+of the full-logits functions in `engine.rl.ppo` and `engine.rl.lm_loss` up to float summation order.
 """
 from __future__ import annotations
 
@@ -39,11 +39,16 @@ def _chunk_logprobs(head: Head, hidden: torch.Tensor, labels: torch.Tensor, with
     return taken, entropy
 
 
-def _run_chunk(fn: Callable, *args: torch.Tensor):
-    # Checkpoint only where a backward will run; under no_grad it would just add overhead.
-    if torch.is_grad_enabled():
-        return checkpoint(fn, *args, use_reentrant=False)
-    return fn(*args)
+def _run_chunk(fn: Callable, hidden: torch.Tensor, labels: torch.Tensor):
+    # Checkpoint only where a backward will run through the hidden states. The reentrant form re-runs the
+    # head as a module call inside the backward, which ZeRO-3's hooks gather for like any forward; the
+    # non-reentrant form checks the recomputed tensors against the saved ones and fails on ZeRO-3's
+    # released (empty) frozen weights (transformers issue 47254, DeepSpeed PR 8148). With hidden states
+    # that need no gradient (only the head trains) the reentrant form would drop the head's gradient, so
+    # that rare case keeps each chunk's tensors instead.
+    if torch.is_grad_enabled() and hidden.requires_grad:
+        return checkpoint(fn, hidden, labels, use_reentrant=True)
+    return fn(hidden, labels)
 
 
 def chunked_logprobs(hidden: torch.Tensor, head: Head, labels: torch.Tensor, chunk_size: int,

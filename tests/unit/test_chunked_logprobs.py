@@ -133,3 +133,15 @@ def test_experience_logprobs_equal_to_full_logits(model):
     assert logits.shape == (3, 18, VOCAB) and no_logits is None
     torch.testing.assert_close(chunked, full)
     torch.testing.assert_close(auto, full)
+
+
+def test_a_head_trained_alone_still_gets_its_gradient():
+    # hidden states that need no gradient (everything below the head frozen): no checkpoint, same gradient
+    torch.manual_seed(3)
+    head = torch.nn.Linear(6, 11, bias=False)
+    hidden, labels = torch.randn(2, 5, 6), torch.randint(0, 11, (2, 5))
+    logprobs_from_logits(head(hidden), labels).sum().backward()
+    want = head.weight.grad.clone()
+    head.weight.grad = None
+    chunked_logprobs(hidden, head, labels, chunk_size=3)[0].sum().backward()
+    torch.testing.assert_close(head.weight.grad, want)
