@@ -210,6 +210,13 @@ class DeepSpeedArgs:
         False, "Step 1: compute the loss from fp32 logits (for bf16/fp16 training). Step 2 accepts it for "
         "DeepSpeed-Chat scripts but needs no switch: its reward model always returns fp32 scores, so the loss "
         "is always fp32 (what the flag does in DeepSpeed-Chat).")
+    logprob_chunk_size: int | None = arg(
+        None, "Steps 1 and 3: compute the loss, log-probs and entropy from the last hidden states this many "
+        "sequence positions at a time (the LM head and log-softmax per chunk, recomputed in the backward), so no "
+        "full (batch, length, vocabulary) fp32 logits tensor is held; 0 uses the full logits. Default: None, "
+        "automatic: as many positions as keep one chunk's fp32 logits within 128 MiB (engine.rl.chunked); a "
+        "model that is not a transformers causal LM uses the full logits. Step 2's reward model has no "
+        "vocabulary head and ignores it.")
     gradient_clipping: float = arg(1.0, "Global gradient-norm clip (DeepSpeed-Chat: 1.0).")
     deepspeed_config: str | None = arg(
         None, "A DeepSpeed JSON config (see ds_configs/). Its \"auto\" values are filled from the "
@@ -223,6 +230,8 @@ class DeepSpeedArgs:
             out.append("--offload needs --zero_stage 2 or 3; DeepSpeed ignores offload below stage 2")
         if self.gradient_clipping < 0:
             out.append("--gradient_clipping must be >= 0 (0 disables clipping)")
+        if self.logprob_chunk_size is not None and self.logprob_chunk_size < 0:
+            out.append("--logprob_chunk_size must be >= 0 (0 uses the full logits; leave it out for automatic)")
         return out
 
 

@@ -24,13 +24,14 @@ from engine.config import Step1Config
 from engine.data.sft import collate_right_padded, load_sft_data
 from engine.eval.lm import evaluate_lm
 from engine.flags import parse_config, save_config_yaml
+from engine.models.lm_head import lm_loss
 from engine.models.load import load_causal_lm
 from engine.models.lora import apply_lora
 from engine.observe import startup
 from engine.observe.metrics import plot_curves
 from engine.observe.perf import StepTimer, peak_memory_gb, train_throughput
 from engine.rl.batch_mean import mean_normaliser
-from engine.rl.lm_loss import causal_lm_loss, label_count
+from engine.rl.lm_loss import label_count
 from engine.runtime import faults
 from engine.runtime.bad_steps import BadStepGuard, optimizer_metrics
 from engine.runtime.checkpoint import save_hf_folder
@@ -74,7 +75,7 @@ def main(argv: Sequence[str] | None = None) -> None:
                 schedule.steps_per_epoch, dist.world_size, zero_stage)
     if position["global_step"] == 0:
         with startup.part("first_eval"):
-            metrics.log(0, evaluate_lm(engine, eval_loader, dist.device, cfg.ds.compute_fp32_loss))
+            metrics.log(0, evaluate_lm(engine, eval_loader, dist.device, cfg.ds))
 
     run = RunContext(cfg, engine, tokenizer, dist, out, zero_stage, metrics)
     stopped = train(run, train_loader, eval_loader, schedule, position)
@@ -116,7 +117,7 @@ def train(run: RunContext, train_loader, eval_loader, schedule: Schedule, positi
             if cfg.train.test_stop_step and step >= cfg.train.test_stop_step:
                 bar.close()
                 return True
-        run.metrics.log(step, evaluate_lm(engine, eval_loader, dist.device, cfg.ds.compute_fp32_loss))
+        run.metrics.log(step, evaluate_lm(engine, eval_loader, dist.device, cfg.ds))
     bar.close()
     return False
 
@@ -137,8 +138,7 @@ def train_step(run: RunContext, batches: list[dict], step: int, guard: BadStepGu
     loss_sum, tokens, nonfinite, width = 0.0, 0.0, 0.0, 0
     for batch in batches:
         batch = to_device(batch, dist.device)
-        logits = engine(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
-        loss, stats = causal_lm_loss(logits, batch["labels"], fp32=cfg.ds.compute_fp32_loss, token_count=normaliser)
+        loss, stats = lm_loss(engine, batch, cfg.ds.logprob_chunk_size, cfg.ds.compute_fp32_loss, normaliser)
         loss = faults.poison(loss, step)
         engine.backward(loss)
         faults.mid_step(step)

@@ -14,11 +14,12 @@ and a log-sum-exp), with b bytes per element of the model dtype, h the hidden si
 
 Gradient checkpointing (transformers', non-reentrant) keeps each layer's input (b·h per token) and
 recomputes one layer at a time in the backward pass. Logits are V wide per token and dominate small
-models: see `logits_bytes` for what step 3 keeps of them in each phase.
+models unless chunked (--logprob_chunk_size): see `logits_bytes` for what step 3 keeps of them in each phase.
 """
 from __future__ import annotations
 
 from engine.planner.shapes import ModelShape
+from engine.rl.chunked import resolve_chunk_size
 from engine.runtime.ds_config import DTYPE_BYTES
 
 
@@ -64,8 +65,13 @@ def inference_activation_bytes(shape: ModelShape, dtype: str, batch: int, tokens
     return layer_working_bytes(shape, dtype) * batch * tokens
 
 
-def logits_bytes(shape: ModelShape, dtype: str, batch: int, tokens: int, phase: str) -> float:
+def logits_bytes(shape: ModelShape, dtype: str, batch: int, tokens: int, phase: str,
+                 chunk_size: int | None = 0) -> float:
     """Bytes of the vocabulary-wide tensors step 3 holds at its peak in `phase`.
+
+    With chunked log-probs (`chunk_size` as --logprob_chunk_size: > 0, or None for automatic; 0 is off) the
+    "score" and "train" terms below hold for one chunk of positions at a time, not for all `tokens`: the
+    forward keeps only the hidden states, and the backward recomputes one chunk's logits at a time.
 
     - "score": experience making takes log-probs of the taken tokens: the logits (b), a contiguous fp32
       copy of the shifted logits (`.float()` of the slice, or log_softmax's own copy of it in fp32) and
@@ -76,6 +82,8 @@ def logits_bytes(shape: ModelShape, dtype: str, batch: int, tokens: int, phase: 
     - "generate": transformers computes the logits of the last position only: B·V in fp32, a few times.
     """
     b, v = DTYPE_BYTES[dtype], shape.vocab_size
+    if chunk_size != 0 and phase != "generate":
+        tokens = min(tokens, resolve_chunk_size(chunk_size, batch, v))
     if phase == "score":
         return batch * tokens * v * (b + 8)
     if phase == "train":

@@ -126,6 +126,7 @@ class Knobs:
     enable_ema: bool = _default("enable_ema")
     per_device_generation_batch_size: int = _default("per_device_generation_batch_size")
     per_device_training_batch_size: int = _default("per_device_training_batch_size")
+    logprob_chunk_size: int | None = _default("logprob_chunk_size")
     dtype: str = "bf16"  # step 3's default is the machine's (fp16 on a GPU); a plan is for any machine
 
     def problems(self) -> list[str]:
@@ -265,11 +266,12 @@ def predict(work: Workload, knobs: Knobs) -> Prediction:
                                      + logits_bytes(a, k.dtype, bg, 1, "generate")),
                 "hybrid_gather": hybrid, "experience_store": experience_store}
     scored = bg if "critic" in roles or "reward" in roles else 0
-    scoring = max(inference_activation_bytes(a, k.dtype, bs, t) + logits_bytes(a, k.dtype, bs, t, "score"),
+    score_logits = logits_bytes(a, k.dtype, bs, t, "score", k.logprob_chunk_size)
+    scoring = max(inference_activation_bytes(a, k.dtype, bs, t) + score_logits,
                   inference_activation_bytes(c, k.dtype, scored, t))
     experience = {"activations": Bytes(gpu=scoring), "experience_store": experience_store}
     actor_train = {"activations": Bytes(gpu=training_activation_bytes(a, k.dtype, bt, t, k.actor_gradient_checkpointing)
-                                        + logits_bytes(a, k.dtype, bt, t, "train")),
+                                        + logits_bytes(a, k.dtype, bt, t, "train", k.logprob_chunk_size)),
                    "experience_store": experience_store}
     critic_train = {"activations": Bytes(gpu=training_activation_bytes(c, k.dtype, bt, t,
                                                                        k.critic_gradient_checkpointing)),
@@ -352,7 +354,7 @@ def _candidates(fixed: dict[str, Any], lora_rank: int, work: Workload) -> Iterat
         else:
             values |= dict(actor_lora_dim=lora_rank if lora else 0, critic_lora_dim=lora_rank if lora else 0,
                            only_optimize_lora=lora)
-        values |= {f: v for f, v in fixed.items() if f in ("enable_ema", "dtype")}
+        values |= {f: v for f, v in fixed.items() if f in ("enable_ema", "dtype", "logprob_chunk_size")}
         values |= {f: v for f, v in unused.items() if f not in fixed}
         knobs = Knobs(**values)
         if knobs in seen or _pointless(knobs) or knobs.problems():  # seen: equal once unused knobs are reset

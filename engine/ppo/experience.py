@@ -13,6 +13,7 @@ from typing import Any
 
 import torch
 
+from engine.models.lm_head import token_logprobs, use_full_logits
 from engine.models.load import position_ids
 from engine.rl.ppo import answer_action_mask, compute_rewards, gae, logprobs_from_logits, masked_mean, whiten
 from engine.rl.reward import end_scores
@@ -39,9 +40,13 @@ class Experience:
         return self.sequences.shape[0]
 
 
-def sequence_logprobs(model: Any, sequences: torch.Tensor, attention_mask: torch.Tensor
-                      ) -> tuple[torch.Tensor, torch.Tensor]:
-    """(log-probs (B, T-1) of each taken token, logits (B, T-1, V)) of a causal LM on `sequences`."""
+def sequence_logprobs(model: Any, sequences: torch.Tensor, attention_mask: torch.Tensor, chunk_size: int | None = 0
+                      ) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """(log-probs (B, T-1) of each taken token, logits (B, T-1, V)) of a causal LM on `sequences`. Chunked
+    (`chunk_size` > 0, or None: automatic; see `engine.models.lm_head.use_full_logits`), the log-probs come
+    chunk by chunk and no logits are returned (None)."""
+    if not use_full_logits(model, chunk_size):
+        return token_logprobs(model, sequences, attention_mask, position_ids(attention_mask), chunk_size)[0], None
     logits = model(input_ids=sequences, attention_mask=attention_mask,
                    position_ids=position_ids(attention_mask)).logits[:, :-1]
     return logprobs_from_logits(logits, sequences[:, 1:]), logits
@@ -77,17 +82,19 @@ def make_experience(actor: Any, ref: Any, critic: Any, reward: Any, sequences: t
                     pad_id: int, eos_id: int, *, kl_coef: float, clip_reward_value: float, gamma: float,
                     lam: float, kl_estimator: str = "k1", whiten_advantages: bool = False,
                     score_transform: Callable[[torch.Tensor], torch.Tensor] | None = None,
-                    prompt_mask: torch.Tensor | None = None) -> tuple[Experience, dict[str, torch.Tensor]]:
+                    prompt_mask: torch.Tensor | None = None, logprob_chunk_size: int | None = 0
+                    ) -> tuple[Experience, dict[str, torch.Tensor]]:
     """The experience of a batch of generated `sequences` (B, T), plus per-sequence statistics (B,):
     "score" (raw), "kl" (the estimator summed over the answer), "response_len", "value_mean" and
     "nonfinite" (1.0 where the score, a reward, an advantage or a return is NaN or inf).
 
     `score_transform` maps raw scores before they become rewards (e.g. running normalisation);
-    `whiten_advantages` whitens advantages over the answer actions of the batch.
+    `whiten_advantages` whitens advantages over the answer actions of the batch; `logprob_chunk_size` is
+    `sequence_logprobs`'s `chunk_size`.
     """
     attention_mask, action_mask = sequence_masks(sequences, prompt_width, pad_id, eos_id, prompt_mask)
-    logprobs, _ = sequence_logprobs(actor, sequences, attention_mask)
-    ref_logprobs, _ = sequence_logprobs(ref, sequences, attention_mask)
+    logprobs, _ = sequence_logprobs(actor, sequences, attention_mask, logprob_chunk_size)
+    ref_logprobs, _ = sequence_logprobs(ref, sequences, attention_mask, logprob_chunk_size)
     values = critic_values(critic, sequences, attention_mask).float() * action_mask
     scores = reward_scores(reward, sequences, attention_mask).float()
     shaped = score_transform(scores) if score_transform is not None else scores
@@ -109,7 +116,8 @@ def make_critic_free_experience(actor: Any, ref: Any | None, sequences: torch.Te
                                 action_mask: torch.Tensor, rewards: torch.Tensor, *, estimator: str, group_size: int,
                                 kl_coef: float, kl_estimator: str = "k1", baselines: torch.Tensor | None = None,
                                 gamma: float = 1.0, std_normalize: bool = True,
-                                batch_sum: Callable[[torch.Tensor], torch.Tensor] | None = None
+                                batch_sum: Callable[[torch.Tensor], torch.Tensor] | None = None,
+                                logprob_chunk_size: int | None = 0
                                 ) -> tuple[Experience, dict[str, torch.Tensor], dict[str, torch.Tensor]]:
     """The experience of a critic-free estimator (`engine.rl.advantages`) on the rows of whole groups.
 
@@ -117,14 +125,16 @@ def make_critic_free_experience(actor: Any, ref: Any | None, sequences: torch.Te
     already masked out if asked); rewards (B,) one outcome reward per answer (NaN: no score), rows ordered by
     group; the estimator's name, group size, baselines (B,) (remax); kl_coef / kl_estimator of the in-reward
     KL penalty (--kl_ctl; 0 or no reference: none); `batch_sum` sums statistics over the ranks (the batch-whitening
-    estimators use it). `values` is zeros and `returns` the advantages (no critic).
+    estimators use it); `logprob_chunk_size` as in `sequence_logprobs`. `values` is zeros and `returns` the
+    advantages (no critic).
     Returns the experience, per-sequence stats as `make_experience`'s, and the estimator's stats.
     """
     from engine.rl.advantages import get_estimator
     from engine.rl.ppo import kl_rewards
 
-    logprobs, _ = sequence_logprobs(actor, sequences, attention_mask)
-    ref_logprobs = sequence_logprobs(ref, sequences, attention_mask)[0] if ref is not None else logprobs
+    logprobs, _ = sequence_logprobs(actor, sequences, attention_mask, logprob_chunk_size)
+    ref_logprobs = (sequence_logprobs(ref, sequences, attention_mask, logprob_chunk_size)[0] if ref is not None
+                    else logprobs)
     token_rewards, kl_stats = kl_rewards(logprobs, ref_logprobs, action_mask, kl_coef, kl_estimator)
     use_kl = ref is not None and kl_coef > 0
     advantages, adv_stats = get_estimator(estimator)(

@@ -15,6 +15,7 @@ import torch
 from engine.config import Step3Config
 from engine.models.ema import ema_update
 from engine.models.hybrid import generation_mode
+from engine.models.lm_head import lm_loss, token_logprobs
 from engine.models.load import position_ids
 from engine.models.roles import Roles
 from engine.ppo.experience import (
@@ -27,13 +28,11 @@ from engine.ppo.experience import (
 from engine.rewards import RewardFunctions
 from engine.rl.batch_mean import mean_normaliser
 from engine.rl.dapo import overlong_penalty, truncated_answers
-from engine.rl.lm_loss import causal_lm_loss, label_count
+from engine.rl.lm_loss import label_count
 from engine.rl.losses import POLICY_LOSSES, aggregate_loss, kl_loss, loss_counts
 from engine.rl.ppo import (
     AdaptiveKLController,
     RunningMoments,
-    entropy_from_logits,
-    logprobs_from_logits,
     policy_loss,
     token_mean,
     value_loss,
@@ -178,7 +177,8 @@ class PPOTrainer:
                 self.roles.actor, self.roles.reference, sequences, parts["attention_mask"], action_mask, rewards,
                 estimator=rl.advantage_estimator, group_size=n, kl_coef=self.kl_ctl.coef,
                 kl_estimator=cfg.ppo.kl_estimator, baselines=baselines, gamma=cfg.ppo.gamma,
-                std_normalize=rl.grpo_std_normalize, batch_sum=self._sum_over_ranks)
+                std_normalize=rl.grpo_std_normalize, batch_sum=self._sum_over_ranks,
+                logprob_chunk_size=cfg.ds.logprob_chunk_size)
         finally:
             self.roles.actor.train()
         per_seq["truncated"] = parts["truncated"].float()
@@ -204,7 +204,7 @@ class PPOTrainer:
                                    clip_reward_value=cfg.ppo.clip_reward_value, gamma=cfg.ppo.gamma,
                                    lam=cfg.ppo.lam, kl_estimator=cfg.ppo.kl_estimator,
                                    whiten_advantages=cfg.ppo.whiten_advantages, score_transform=transform,
-                                   prompt_mask=prompt_mask)
+                                   prompt_mask=prompt_mask, logprob_chunk_size=cfg.ds.logprob_chunk_size)
         finally:
             roles.actor.train()
             roles.critic.train()
@@ -223,10 +223,11 @@ class PPOTrainer:
         """(logprobs (B, A) of the taken actions, the entropy's token mean) under the actor being trained; the
         entropy carries a gradient only when --entropy_coef uses it."""
         seq, mask = exp.sequences, exp.attention_mask
-        logits = self.roles.actor(input_ids=seq, attention_mask=mask, position_ids=position_ids(mask)).logits[:, :-1]
-        with torch.set_grad_enabled(self.cfg.ppo.entropy_coef > 0 and torch.is_grad_enabled()):
-            entropy = token_mean(entropy_from_logits(logits), exp.action_mask, token_count)
-        return logprobs_from_logits(logits, seq[:, 1:]), entropy
+        logprobs, entropy = token_logprobs(self.roles.actor, seq, mask, position_ids(mask),
+                                           self.cfg.ds.logprob_chunk_size, with_entropy=True)
+        if self.cfg.ppo.entropy_coef <= 0:
+            entropy = entropy.detach()
+        return logprobs, token_mean(entropy, exp.action_mask, token_count)
 
     def train_micro_batch(self, exp: Experience, token_count: float | None = None) -> dict[str, float]:
         """One PPO update of the actor, then of the critic, on a micro-batch of experience. The losses (and
@@ -355,10 +356,9 @@ class PPOTrainer:
 
     def train_ptx(self, batch: dict[str, torch.Tensor], token_count: float | None = None) -> dict[str, float]:
         """One language-modelling update of the actor on a PTX batch, weighted by --unsup_coef; `token_count`
-        as in `causal_lm_loss`."""
+        as in `engine.rl.lm_loss.causal_lm_loss`."""
         actor = self.roles.actor
-        logits = actor(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
-        loss, _ = causal_lm_loss(logits, batch["labels"], fp32=True, token_count=token_count)
+        loss, _ = lm_loss(actor, batch, self.cfg.ds.logprob_chunk_size, fp32=True, token_count=token_count)
         actor.backward(self.cfg.data.unsup_coef * loss)
         actor.step()
         return {"ppo/ptx_loss": float(loss.detach())}

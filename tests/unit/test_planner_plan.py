@@ -57,6 +57,20 @@ def test_logits_bytes_by_phase():
         logits_bytes(TOY, "bf16", 1, 1, "eval")
 
 
+def test_chunked_logits_bytes_are_one_chunk():
+    # chunks of 2 positions of 3: the score and train terms for 2 tokens; generate is one position anyway
+    assert logits_bytes(TOY, "bf16", 2, 3, "score", chunk_size=2) == 2 * 2 * 10 * (2 + 8)
+    assert logits_bytes(TOY, "fp32", 2, 3, "train", chunk_size=2) == 2 * 2 * 10 * (4 + 16)
+    assert logits_bytes(TOY, "bf16", 2, 3, "generate", chunk_size=2) == 2 * 10 * 16
+    # a chunk longer than the sequence holds the whole sequence; automatic (None) on a 10-token vocabulary
+    # fits every position in 128 MiB
+    assert logits_bytes(TOY, "bf16", 2, 3, "score", chunk_size=5) == logits_bytes(TOY, "bf16", 2, 3, "score")
+    assert logits_bytes(TOY, "fp32", 2, 3, "train", chunk_size=None) == 2 * 3 * 10 * (4 + 16)
+    # a 128k vocabulary, 8 rows of 1024 tokens: automatic chunks of 128 MiB / (4 * 8 * 131072) = 32 positions
+    big = dataclasses.replace(TOY, vocab_size=131072)
+    assert logits_bytes(big, "bf16", 8, 1024, "train", chunk_size=None) == 8 * 32 * 131072 * (2 + 16)
+
+
 def _phases(work: Workload, **knobs) -> dict[str, float]:
     return predict(work, Knobs(**knobs)).peak_gb()
 
@@ -167,7 +181,7 @@ def test_auto_fit_keeps_explicit_flags_equal_to_their_defaults(tmp_path, where):
     config = load_config("llama-2-7b")
     common = ["--actor_model_name_or_path", "a", "--critic_model_name_or_path", "c", "--max_prompt_seq_len", "256",
               "--max_answer_seq_len", "256", "--per_device_generation_batch_size", "12",
-              "--per_device_training_batch_size", "4"]
+              "--per_device_training_batch_size", "4", "--logprob_chunk_size", "0"]  # full logits: the tight case
     free, _ = auto_fit(parse_config(Step3Config, common), Hardware(2, 48, 256), config, config)
     assert free.ds.actor_zero_stage == 3 and free.ds.actor_gradient_checkpointing  # what the planner would choose
     if where == "yaml":
