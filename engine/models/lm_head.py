@@ -33,10 +33,19 @@ def can_skip_logits(model: Any) -> bool:
     return hasattr(lm, "get_decoder") and "logits_to_keep" in inspect.signature(lm.forward).parameters
 
 
+def tied_head(model: Any) -> bool:
+    """Whether the LM head's weight is the input embedding's (OPT, GPT-2, the tied small models)."""
+    lm = causal_lm(model)
+    head, embedding = lm.get_output_embeddings(), lm.get_input_embeddings()
+    return head is not None and embedding is not None and getattr(head, "weight", None) is embedding.weight
+
+
 def use_full_logits(model: Any, chunk_size: int | None) -> bool:
     """0 asks for the full logits; automatic (None) falls back to them for a model that cannot skip its
-    logits (a non-transformers model), where an explicit size is refused (`hidden_and_head`)."""
-    return chunk_size == 0 or (chunk_size is None and not can_skip_logits(model))
+    logits (a non-transformers model), where an explicit size is refused (`hidden_and_head`), and for a head
+    tied to the input embedding: the checkpointed chunks give that shared weight its gradient in a backward of
+    their own, and ZeRO-1/2 then reduce it twice and stop (measured on OPT with LoRA, ZeRO-2 + offload)."""
+    return chunk_size == 0 or (chunk_size is None and (not can_skip_logits(model) or tied_head(model)))
 
 
 def hidden_and_head(model: Any, **inputs: torch.Tensor) -> tuple[torch.Tensor, torch.nn.Module]:

@@ -26,7 +26,7 @@ STEPS = 4
 
 
 def _step_rows(out):
-    return {r["step"]: {k: v for k, v in r.items() if not k.startswith(("timing/", "perf/", "memory/"))}
+    return {r["step"]: {k: v for k, v in r.items() if not k.startswith(("timing/", "perf/", "memory/", "startup/"))}
             for r in read_metrics(out) if "rollout/score_mean" in r}
 
 

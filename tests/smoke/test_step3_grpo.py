@@ -34,7 +34,7 @@ METRICS = ("rollout/reward_mean", "rollout/reward_std", "rollout/frac_reward_zer
 
 
 def _rows(out):
-    return {r["step"]: {k: v for k, v in r.items() if not k.startswith(("timing/", "perf/", "memory/"))}
+    return {r["step"]: {k: v for k, v in r.items() if not k.startswith(("timing/", "perf/", "memory/", "startup/"))}
             for r in read_metrics(out) if "rollout/reward_mean" in r}
 
 

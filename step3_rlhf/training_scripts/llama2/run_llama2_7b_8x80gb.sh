@@ -3,7 +3,7 @@
 # prompts and answers up to 256 tokens, bf16, on Dahoas/rm-static (learning rates, schedule and
 # weight decay as DeepSpeed-Chat's llama2 script). The memory flags are the memory planner's choice:
 #   python -m engine.planner --actor_model llama-2-7b --critic_model llama-2-7b --num_gpus 8 --gpu_memory_gb 80 --host_memory_gb 1024 --max_prompt_seq_len 256 --max_answer_seq_len 256
-# planner: peak 46.4 GiB per GPU (generate 43.1, experience 30.9, actor_train 46.4, critic_train 42.0); 72.0 usable; host 0.0 GiB
+# planner: peak 43.15 GiB per GPU (generate 43.15, experience 28.8, actor_train 42.6, critic_train 42.0); 72.0 usable; host 0.0 GiB
 # Full fine-tuning of actor and critic, ZeRO-3 across the 8 GPUs, gradient checkpointing, and the
 # hybrid mode, which gathers the actor once per generation batch.
 # The defaults are the folders step1_sft/training_scripts/llama2/run_llama2_7b.sh and

@@ -5,10 +5,10 @@
 # 256 tokens, bf16 (learning rate, schedule and weight decay as the PPO recipes). The memory flags are the
 # memory planner's choice:
 #   python -m engine.planner --actor_model llama-2-7b --num_gpus 8 --gpu_memory_gb 80 --host_memory_gb 1024 --max_prompt_seq_len 256 --max_answer_seq_len 256 --advantage_estimator grpo --n_samples_per_prompt 8 --kl_ctl 0 --kl_loss_coef 0.001 --reward_funcs engine.rewards.builtin:gsm8k_answer
-# planner: peak 71.8 GiB per GPU (generate 59.8, experience 39.1, actor_train 71.8); 72.0 usable; host 0.0 GiB
+# planner: peak 68.0 GiB per GPU (generate 59.8, experience 19.9, actor_train 68.0); 72.0 usable; host 0.0 GiB
 # Full fine-tuning under ZeRO-3 across the 8 GPUs and the hybrid mode, which gathers the actor once per
 # generation batch; without a critic the actor trains without gradient checkpointing (the PPO recipe on the
-# same GPUs needs it), at 71.8 of 72 usable GiB: add --actor_gradient_checkpointing if a GPU runs short.
+# same GPUs needs it), at 68.0 of 72 usable GiB: add --actor_gradient_checkpointing if a GPU runs short.
 # --critic_zero_stage 3 only places the (absent) reward model: the planner keeps both stages equal.
 # DATA_PATH is a folder with GSM8K's train.parquet and test.parquet (fields question, answer); see
 # docs/data.md. The default actor is the folder step1_sft/training_scripts/llama2/run_llama2_7b.sh writes.
