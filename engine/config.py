@@ -215,8 +215,8 @@ class DeepSpeedArgs:
         "sequence positions at a time (the LM head and log-softmax per chunk, recomputed in the backward), so no "
         "full (batch, length, vocabulary) fp32 logits tensor is held; 0 uses the full logits. Default: None, "
         "automatic: as many positions as keep one chunk's fp32 logits within 128 MiB (engine.rl.chunked); a "
-        "model that is not a transformers causal LM uses the full logits. Step 2's reward model has no "
-        "vocabulary head and ignores it.")
+        "model that is not a transformers causal LM, or whose head is tied to its input embedding, uses the "
+        "full logits. Step 2's reward model has no vocabulary head and ignores it.")
     gradient_clipping: float = arg(1.0, "Global gradient-norm clip (DeepSpeed-Chat: 1.0).")
     deepspeed_config: str | None = arg(
         None, "A DeepSpeed JSON config (see ds_configs/). Its \"auto\" values are filled from the "
