@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # Step 1 (SFT): full fine-tuning of facebook/opt-6.7b on one node with 8 GPUs and ZeRO-3
 # (DeepSpeed-Chat's single_node 6.7b script: 4 Dahoas/yitingxie datasets, 16 epochs, lr 9.65e-6,
-# micro batch 4 per GPU, gradient checkpointing, fp16).
+# micro batch 6 per GPU, gradient checkpointing, fp16).
 #
 # Usage: run_6.7b.sh [OUTPUT=./output] [ZERO_STAGE=3] [main.py flags...]
 set -euo pipefail
@@ -16,8 +16,8 @@ deepspeed "$ROOT/step1_sft/main.py" \
    --data_path Dahoas/rm-static Dahoas/full-hh-rlhf Dahoas/synthetic-instruct-gptj-pairwise yitingxie/rlhf-reward-datasets \
    --data_split 2,4,4 \
    --model_name_or_path facebook/opt-6.7b \
-   --per_device_train_batch_size 4 \
-   --per_device_eval_batch_size 4 \
+   --per_device_train_batch_size 6 \
+   --per_device_eval_batch_size 6 \
    --max_seq_len 512 \
    --learning_rate 9.65e-6 \
    --weight_decay 0.0 \
