@@ -479,11 +479,13 @@ def role_twins(shared: type, per_role: Sequence[str] = (), drop: Sequence[str] =
 class Step3ModelArgs(role_twins(
         ModelArgs, per_role=("model_name_or_path", "dropout"),
         actor_model_name_or_path=arg(
-            "output/step1_sft", "The step-1 (SFT) model folder (where step 1 writes unless told otherwise): "
+            "./output/step1_sft", "The step-1 (SFT) model folder (where step 1 writes unless told otherwise): "
             "the actor starts from it and the frozen reference is a copy of it.", section="roles"),
         critic_model_name_or_path=arg(
-            "output/step2_reward", "The step-2 reward-model folder (where step 2 writes unless told "
+            "./output/step2_reward", "The step-2 reward-model folder (where step 2 writes unless told "
             "otherwise): the frozen reward model and the critic's starting point.", section="roles"))):
+    # The defaults start with "./": a folder relative to the working directory, never a hub name such as
+    # owner "output" (engine/models/paths.py), so a missing one is refused at once with the way out.
     num_padding_at_beginning: int = arg(
         1, "Accepted for DeepSpeed-Chat scripts (OPT's BOS equals its pad id). Step 3 carries real "
         "attention masks from the prompts and generation, so no count of leading pads is needed.")
@@ -793,7 +795,9 @@ class Step3DeepSpeedArgs(role_twins(
         8, "Accepted for DeepSpeed-Chat scripts, no effect here (with a warning when set): DeepSpeed's layers "
         "gathered at a time for tensor-parallel generation, which this engine does not do.", section="generation")
     enable_mixed_precision_lora: bool = arg(
-        False, "MixZ++: quantize the actor's frozen base weights under ZeRO-3 with LoRA (needs a CUDA GPU).")
+        False, "MixZ++: quantize the actor's frozen base weights under ZeRO-3 with LoRA. Needs a CUDA GPU: on a CPU it "
+        "is accepted for DeepSpeed-Chat scripts with a warning and has no effect (the base stays in --dtype). On a "
+        "GPU it cannot be combined with --enable_hybrid_engine.")
     actor_quantization: str = arg(
         "none", "QLoRA: load the actor's base Linear weights in 4-bit NF4 (bitsandbytes, computing in --dtype), "
         "frozen, and train LoRA adapters on them. Needs --actor_lora_dim > 0, --only_optimize_lora and "
@@ -920,9 +924,14 @@ class Step3Config(StepConfig):
         """Generation batches per PPO step (Step3TrainArgs.step_generation_batches)."""
         return self.train.step_generation_batches(self.rl.n_samples_per_prompt)
 
-    def compat_notices(self) -> list[str]:
-        """Warnings for DeepSpeed-Chat flags this engine accepts but cannot honour (step 3 logs them)."""
+    def compat_notices(self, cuda: bool) -> list[str]:
+        """Warnings for DeepSpeed-Chat flags this engine accepts but cannot honour here (step 3 logs them);
+        `cuda`: whether this machine has a CUDA GPU."""
         out = []
+        if self.ds.enable_mixed_precision_lora and not cuda:
+            out.append("--enable_mixed_precision_lora has no effect without a CUDA GPU (DeepSpeed's quantized ZeRO-3 "
+                       "weights have no CPU kernels): the actor's frozen base stays in --dtype, about twice the "
+                       "memory of its 8-bit form")
         if self.ds.inference_tp_size > 1 or "tp_gather_partition_size" in self.given:
             out.append(f"--inference_tp_size {self.ds.inference_tp_size} and --tp_gather_partition_size "
                        f"{self.ds.tp_gather_partition_size} have no effect: there is no tensor-parallel generation "
@@ -936,10 +945,6 @@ class Step3Config(StepConfig):
         if ds.enable_mixed_precision_lora:
             if lora.actor_lora_dim == 0 or ds.actor_zero_stage != 3:
                 out.append("--enable_mixed_precision_lora needs --actor_lora_dim > 0 and --actor_zero_stage 3")
-            elif ds.enable_hybrid_engine:
-                out.append("--enable_mixed_precision_lora cannot be combined with --enable_hybrid_engine "
-                           "(the hybrid mode gathers full-precision weights); choose one, as DeepSpeed-Chat's "
-                           "llama2 _mixz script does")
         if ds.actor_quantization != "none" and (lora.actor_lora_dim == 0 or not lora.only_optimize_lora):
             out.append(f"--actor_quantization {ds.actor_quantization} (QLoRA) trains LoRA adapters on a frozen "
                        "quantized base: add --actor_lora_dim 8 (or another rank > 0) and --only_optimize_lora")

@@ -147,7 +147,7 @@ def build(cfg: Step3Config) -> Run:
     check_role_paths(cfg)
     dist = init_distributed(cfg.train.seed, peer_timeout=cfg.fault.peer_timeout)
     setup_logging(dist.is_main, cfg.log.verbose)
-    for notice in cfg.compat_notices():
+    for notice in cfg.compat_notices(cuda=dist.device.type == "cuda"):
         logger.warning("%s", notice)
 
     # Inputs first: bad folders or data fail before anything is written.

@@ -35,7 +35,7 @@ from engine.models.load import check_given_model, is_quantized, load_causal_lm, 
 from engine.models.lora import apply_lora
 from engine.models.paths import hub_error
 from engine.models.reward_model import add_lora, load_reward_model, reward_model_folder
-from engine.runtime.distributed import DistInfo
+from engine.runtime.distributed import DistInfo, gpu_wanted
 from engine.runtime.ds_config import (
     eval_ds_config,
     fill_template,
@@ -150,12 +150,17 @@ def load_step3_tokenizer(cfg: Step3Config, actor_path: str, critic_path: str | N
     return tok
 
 
+def _mixed_precision_lora(cfg: Step3Config) -> bool:
+    """MixZ++ applies on a CUDA GPU only; elsewhere the flag is accepted with a warning (compat_notices)."""
+    return cfg.ds.enable_mixed_precision_lora and gpu_wanted()
+
+
 def actor_ds_config(cfg: Step3Config, world_size: int, ptx: bool) -> dict[str, Any]:
     # With PTX the actor takes two backward passes (PPO, then language modelling) per micro-batch,
     # so its accumulation window doubles (as in DeepSpeed-Chat).
     config = _train_config(cfg, cfg.ds.actor_zero_stage, world_size,
                            cfg.train.gradient_accumulation_steps * (2 if ptx else 1))
-    if cfg.ds.enable_mixed_precision_lora:
+    if _mixed_precision_lora(cfg):
         config["zero_optimization"]["zero_quantized_nontrainable_weights"] = True
         if torch.cuda.device_count() != world_size:
             config["zero_optimization"]["zero_hpz_partition_size"] = torch.cuda.device_count()
@@ -231,7 +236,7 @@ def build_roles(cfg: Step3Config, dist: DistInfo, tokenizer: Any, actor_path: st
         actor = apply_lora(actor, actor_lora)
     actor_engine = init_trained_engine(actor, actor_config, train=cfg.train, lora=actor_lora, ds=cfg.ds,
                                        total_steps=total_steps, role="actor")
-    if ds.enable_mixed_precision_lora:
+    if _mixed_precision_lora(cfg):
         quantize_nontrainable_params(actor_engine)
     ref_config = _frozen_config(cfg, ds.reference_quantization, ds.actor_zero_stage, ds.offload_reference_model, world)
     reference = (_init_frozen(load_causal_lm(actor_path, actor_args, tokenizer, dtype, ref_config, False,

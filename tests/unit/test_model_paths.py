@@ -92,3 +92,17 @@ def test_offline_but_cached_or_online_blames_the_load_not_offline_mode(hub_cache
     online = str(hub_error("acme/uncached", OSError("no route"), "actor"))
     assert "offline" not in online and online.endswith("check the name, your network or HF_TOKEN, or pass a local "
                                                        "model folder")
+
+
+def test_step3_default_role_folders_are_local_where_no_output_folder_exists(tmp_path, monkeypatch):
+    """Run from a folder without `output/`, step 3's default actor and critic folders are refused at once as
+    missing folders (with the step to run), not tried on the hub as owner "output"."""
+    from engine.config import Step3Config
+    from engine.flags import make_config
+    from engine.models.roles import check_role_paths
+
+    monkeypatch.chdir(tmp_path)
+    cfg = make_config(Step3Config)
+    assert looks_local(cfg.model.actor_model_name_or_path) and looks_local(cfg.model.critic_model_name_or_path)
+    with pytest.raises(UserError, match=r"no such model folder \./output/step1_sft .*run step 1 first"):
+        check_role_paths(cfg)

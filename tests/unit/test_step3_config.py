@@ -69,9 +69,6 @@ INVALID = [
     ({"unpin_actor_parameters": True}, "--unpin_actor_parameters"),
     ({"release_inference_cache": True}, "--release_inference_cache"),
     ({"enable_mixed_precision_lora": True, "actor_zero_stage": 3}, "--enable_mixed_precision_lora"),
-    # LoRA and ZeRO-3 given, but this is a CPU machine (the autouse fixture).
-    ({"enable_mixed_precision_lora": True, "actor_zero_stage": 3, "actor_lora_dim": 8},
-     "--enable_mixed_precision_lora"),
     ({"align_overflow": True, "dtype": "bf16"}, "--align_overflow"),
     ({"enable_test_mode": True}, "--enable_test_mode"),
     ({"unsupervised_dataset_config_name": "wikitext-2-raw-v1"}, "--unsupervised_dataset_config_name"),
@@ -176,11 +173,11 @@ def test_accumulation_across_generation_batches(values, per_step):
 
 
 def test_tensor_parallel_flags_are_accepted_with_a_notice():
-    assert make_config(Step3Config).compat_notices() == []
+    assert make_config(Step3Config).compat_notices(cuda=False) == []
     cfg = parse_config(Step3Config, ["--inference_tp_size", "2", "--actor_zero_stage", "3"])
-    notice, = cfg.compat_notices()
+    notice, = cfg.compat_notices(cuda=False)
     assert "--inference_tp_size 2" in notice and "no effect" in notice and "full actor" in notice
-    assert len(parse_config(Step3Config, ["--tp_gather_partition_size", "4"]).compat_notices()) == 1
+    assert len(parse_config(Step3Config, ["--tp_gather_partition_size", "4"]).compat_notices(cuda=False)) == 1
 
 
 def test_quantization_without_bitsandbytes_says_how_to_install_it(monkeypatch):
@@ -190,6 +187,23 @@ def test_quantization_without_bitsandbytes_says_how_to_install_it(monkeypatch):
         make_config(Step3Config, {"reference_quantization": "8bit", "reward_quantization": "4bit"})
     assert problems(info.value) == ["  - --reference_quantization and --reward_quantization need bitsandbytes, "
                                     "which is not installed: pip install bitsandbytes"]
+
+
+def test_mixed_precision_lora_on_cpu_is_a_warned_no_op(monkeypatch):
+    """DeepSpeed-Chat's _mixz scripts (and its sweep's MixZ++ + hybrid point) run on a CPU: the flag is
+    accepted, warned about, and the actor's DeepSpeed config asks for no quantized weights."""
+    from engine.models import roles
+
+    monkeypatch.setattr(roles, "gpu_wanted", lambda: False)
+    base = {"enable_mixed_precision_lora": True, "actor_zero_stage": 3, "actor_lora_dim": 8, "dtype": "bf16"}
+    for cfg in (make_config(Step3Config, base), make_config(Step3Config, {**base, "enable_hybrid_engine": True})):
+        notice, = cfg.compat_notices(cuda=False)
+        assert "--enable_mixed_precision_lora has no effect" in notice
+        assert "zero_quantized_nontrainable_weights" not in roles.actor_ds_config(cfg, 2, ptx=False)["zero_optimization"]
+    assert make_config(Step3Config, base).compat_notices(cuda=True) == []
+    monkeypatch.setattr(roles, "gpu_wanted", lambda: True)
+    assert roles.actor_ds_config(make_config(Step3Config, base), 2, ptx=False)["zero_optimization"][
+        "zero_quantized_nontrainable_weights"] is True
 
 
 def test_mixed_precision_lora_on_gpu_accepted_but_not_with_hybrid(monkeypatch):
