@@ -199,7 +199,8 @@ def test_mixed_precision_lora_on_cpu_is_a_warned_no_op(monkeypatch):
     for cfg in (make_config(Step3Config, base), make_config(Step3Config, {**base, "enable_hybrid_engine": True})):
         notice, = cfg.compat_notices(cuda=False)
         assert "--enable_mixed_precision_lora has no effect" in notice
-        assert "zero_quantized_nontrainable_weights" not in roles.actor_ds_config(cfg, 2, ptx=False)["zero_optimization"]
+        zero = roles.actor_ds_config(cfg, 2, ptx=False)["zero_optimization"]
+        assert "zero_quantized_nontrainable_weights" not in zero
     assert make_config(Step3Config, base).compat_notices(cuda=True) == []
     monkeypatch.setattr(roles, "gpu_wanted", lambda: True)
     assert roles.actor_ds_config(make_config(Step3Config, base), 2, ptx=False)["zero_optimization"][
