@@ -74,10 +74,11 @@ def remove_universal(folder: Path, tag: str, roles: Sequence[str]) -> None:
         (role_folder / "latest_universal").unlink(missing_ok=True)
 
 
-def ensure_universal(folder: Path, tag: str, roles: Sequence[str], saved_world: int) -> None:
+def ensure_universal(folder: Path, tag: str, roles: Sequence[str], saved_world: int, workers: int = 1) -> None:
     """Convert checkpoint `tag` under `folder` (ds_checkpoint/) to the universal format, once: a sealed
     conversion is reused. Roles without per-rank shards are left as they are. A UserError, naming DeepSpeed's
-    reason and the rank count that resumes without conversion, when DeepSpeed cannot convert it."""
+    reason and the rank count that resumes without conversion, when DeepSpeed cannot convert it. `workers`:
+    processes that extract shards (more than 1 forks, which a training process should not do)."""
     if universal_problem(folder, tag) is None:
         return
     remove_universal(folder, tag, roles)
@@ -85,23 +86,26 @@ def ensure_universal(folder: Path, tag: str, roles: Sequence[str], saved_world: 
                 "so that another number of ranks can load it", folder / tag, saved_world)
     for role_folder in role_folders(folder, tag, roles):
         if is_sharded(role_folder):
-            _convert(role_folder, saved_world)
+            _convert(role_folder, saved_world, workers)
     files = {str(p.relative_to(folder)): p.stat().st_size
              for role_folder in role_folders(folder, tag, roles) if (role_folder / UNIVERSAL_DIR).is_dir()
              for p in sorted((role_folder / UNIVERSAL_DIR).rglob("*")) if p.is_file()}
     write_atomically(folder / tag / UNIVERSAL_MANIFEST, json.dumps({"tag": tag, "files": files}, indent=1) + "\n")
 
 
-def _convert(role_folder: Path, saved_world: int) -> None:
+def _convert(role_folder: Path, saved_world: int, workers: int) -> None:
     """`ds_to_universal` of one role's folder into a staging folder, renamed to `universal/` when complete."""
     from deepspeed.checkpoint import ds_to_universal
 
     from engine.runtime.ds_private import safe_torch_load
 
     staging = role_folder / f"{UNIVERSAL_DIR}.tmp"
-    args = Namespace(input_folder=str(role_folder), output_folder=str(staging), num_extract_workers=1,
-                     num_merge_workers=1, keep_temp_folder=False, strict=True, inject_missing_state=False)
-    chatter = io.StringIO()  # its progress bars and prints; kept for the error message
+    args = Namespace(input_folder=str(role_folder), output_folder=str(staging), num_extract_workers=workers,
+                     num_merge_workers=max(1, workers // 2), keep_temp_folder=False, strict=True,
+                     # ZeRO 1/2 checkpoints lack the `universal_checkpoint_info` Megatron-DeepSpeed adds; without
+                     # tensor or pipeline parallelism DeepSpeed's default (its format version only) is all of it.
+                     inject_missing_state=True)
+    chatter = io.StringIO()  # its progress bars and prints, kept off the console
     try:
         with safe_torch_load(), contextlib.redirect_stdout(chatter), contextlib.redirect_stderr(chatter):
             ds_to_universal.main(args)
@@ -113,22 +117,25 @@ def _convert(role_folder: Path, saved_world: int) -> None:
     staging.rename(role_folder / UNIVERSAL_DIR)
 
 
-def convert_newest(output_dir: Path) -> Path:
+def convert_newest(output_dir: Path, workers: int = 1) -> Path:
     """Convert the newest complete checkpoint of a step's `output_dir`; returns its tag folder."""
     from engine.runtime.checkpoint import MANIFEST, find_resume_checkpoint
 
     tag_folder = find_resume_checkpoint(output_dir)
     manifest = json.loads((tag_folder / MANIFEST).read_text())
-    ensure_universal(tag_folder.parent, tag_folder.name, manifest["roles"], manifest["world_size"])
+    ensure_universal(tag_folder.parent, tag_folder.name, manifest["roles"], manifest["world_size"], workers)
     return tag_folder
 
 
 def main(argv: Sequence[str] | None = None) -> None:
     parser = argparse.ArgumentParser(prog="python -m engine.runtime.reshard", description=__doc__.split("\n")[0])
     parser.add_argument("--output_dir", required=True, help="the step's --output_dir (holds ds_checkpoint/)")
+    parser.add_argument("--workers", type=int, default=4, help="processes extracting the shards in parallel")
     args = parser.parse_args(argv)
+    if args.workers < 1:
+        raise UserError(f"--workers must be >= 1 (got {args.workers})")
     logging.basicConfig(level=logging.INFO, format="%(message)s")
-    tag_folder = convert_newest(Path(args.output_dir).expanduser())
+    tag_folder = convert_newest(Path(args.output_dir).expanduser(), args.workers)
     logger.info("%s can now be resumed with any number of ranks (--resume)", tag_folder)
 
 

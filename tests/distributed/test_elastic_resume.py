@@ -1,6 +1,7 @@
 """Elastic resume: a step-1 ZeRO-3 checkpoint written by 2 CPU ranks resumes on 1 rank and on 4 (DeepSpeed's
-universal format, converted once on --resume), with the weights, optimizer state, learning-rate schedule and data
-position carried over: every sample of the epoch is trained on once (the ranks log the sample ids they take).
+universal format, converted once: by `python -m engine.runtime.reshard` or by --resume), with the weights,
+optimizer state, learning-rate schedule and data position carried over: every sample of the epoch is trained on
+once (the ranks log the sample ids they take).
 
 - 1 rank with --gradient_accumulation_steps 2 keeps the global batch of 16: the same samples make each step as in
   the uninterrupted 2-rank run, so its losses match that run's up to float summation order.
@@ -12,12 +13,14 @@ from __future__ import annotations
 
 import math
 import shutil
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
 
 from engine.runtime.run import SAMPLE_LOG
-from tests.conftest import read_metrics
+from tests.conftest import ROOT, offline_env, read_metrics
 
 pytestmark = pytest.mark.distributed
 
@@ -43,7 +46,7 @@ def _from_step2(straight: Path, out: Path) -> None:
         shutil.rmtree(path)
 
 
-def test_two_rank_checkpoint_resumes_on_one_and_on_four_ranks(run_step, tmp_path):
+def test_two_rank_checkpoint_resumes_on_one_and_on_four_ranks(run_step, engine_cache, tmp_path):
     straight = tmp_path / "straight"
     run_step("step1_sft/main.py", ["--output_dir", str(straight), *COMMON, "--test_stop_step", "4"], nprocs=2,
              env={SAMPLE_LOG: str(tmp_path / "straight.log")})
@@ -56,8 +59,14 @@ def test_two_rank_checkpoint_resumes_on_one_and_on_four_ranks(run_step, tmp_path
     one, four = tmp_path / "one", tmp_path / "four"
     _from_step2(straight, one)
     _from_step2(straight, four)
-    run_step("step1_sft/main.py", ["--output_dir", str(one), *COMMON, "--gradient_accumulation_steps", "2",
-                                   "--test_stop_step", "4", "--resume"], env={SAMPLE_LOG: str(tmp_path / "one.log")})
+    # `one` is converted ahead of time by the command, `four` by --resume itself.
+    cli = subprocess.run([sys.executable, "-m", "engine.runtime.reshard", "--output_dir", str(one), "--workers", "1"],
+                         cwd=ROOT, env=offline_env(engine_cache), capture_output=True, text=True, timeout=300)
+    assert cli.returncode == 0 and "can now be resumed with any number of ranks" in cli.stderr, cli.stderr[-2000:]
+    proc = run_step("step1_sft/main.py", ["--output_dir", str(one), *COMMON, "--gradient_accumulation_steps", "2",
+                                          "--test_stop_step", "4", "--resume"],
+                    env={SAMPLE_LOG: str(tmp_path / "one.log")})
+    assert "elastic resume" in proc.stderr and "converting" not in proc.stderr  # the command's conversion, reused
     proc = run_step("step1_sft/main.py", ["--output_dir", str(four), *COMMON, "--test_stop_step", "3", "--resume"],
                     nprocs=4, env={SAMPLE_LOG: str(tmp_path / "four.log")})
 
