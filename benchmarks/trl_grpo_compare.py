@@ -198,10 +198,10 @@ def run_ours(args: argparse.Namespace, out: Path) -> dict[str, Any]:
     curve, times, phases = Curve(args, run.tokenizer), [], {}
     curve.maybe_eval(model, 0)
     guard = BadStepGuard(run.cfg.fault.max_bad_steps, namespace="ppo", step_name="PPO step")
-    windows = epoch_windows(run.prompt_loader, 0, 0, run.plan.steps, run.cfg.train.generation_batches)
+    windows = epoch_windows(run.prompt_loader, 0, 0, run.cfg.train.generation_batches)
     for step in range(1, args.steps + 1):
         start = time.perf_counter()
-        row = step3.ppo_step(run, next(windows), None, step, guard)
+        row = step3.ppo_step(run, next(windows)[1], None, step, guard)
         times.append(time.perf_counter() - start)
         for k in ("generate", "experience", "train"):  # step 3's own split of the step (seconds)
             phases.setdefault(k, []).append(row[f"timing/{k}_s"])

@@ -41,6 +41,7 @@ from engine.runtime.entry import run_main
 from engine.runtime.run import (
     RunContext,
     Schedule,
+    epoch_start,
     epoch_windows,
     prepare_step,
     save_checkpoint,
@@ -70,7 +71,8 @@ def main(argv: Sequence[str] | None = None) -> None:
                                      total_steps=schedule.total_steps)
 
     # Resume or start.
-    position, metrics = start_run(cfg, engine, out, dist)
+    position, metrics = start_run(cfg, engine, out, dist, samples_per_step=cfg.train.per_device_train_batch_size
+                                  * cfg.train.gradient_accumulation_steps)
     logger.info("training %d steps (%d per epoch), %d ranks, ZeRO-%d", schedule.total_steps,
                 schedule.steps_per_epoch, dist.world_size, zero_stage)
     if position["global_step"] == 0:
@@ -99,9 +101,9 @@ def train(run: RunContext, train_loader, eval_loader, schedule: Schedule, positi
     bar = tqdm(total=schedule.total_steps, initial=step, disable=not dist.is_main or cfg.log.disable_tqdm,
                desc="step 1 SFT")
     for epoch in range(position["epoch"], cfg.train.num_train_epochs):
-        first = position["step_in_epoch"] if epoch == position["epoch"] else 0
-        windows = epoch_windows(train_loader, epoch, first, schedule, accum)
-        for step_in_epoch, window in enumerate(windows, start=first):
+        first, consumed = epoch_start(position, epoch)
+        for step_in_epoch, (samples, window) in enumerate(epoch_windows(train_loader, epoch, consumed, accum),
+                                                          start=first):
             row = train_step(run, window, step + 1, guard)
             step += 1
             row |= {"train/lr": engine.get_lr()[0], "train/epoch": epoch} | startup.first_step_done(dist.is_main)
@@ -112,7 +114,8 @@ def train(run: RunContext, train_loader, eval_loader, schedule: Schedule, positi
             bar.update(1)
             bar.set_postfix(loss=f"{row['train/loss']:.4f}")
             if cfg.log.save_interval and step % cfg.log.save_interval == 0 and guard.save_allowed(step):
-                position = {"epoch": epoch, "step_in_epoch": step_in_epoch + 1, "global_step": step}
+                position = {"epoch": epoch, "step_in_epoch": step_in_epoch + 1, "samples_in_epoch": samples,
+                            "global_step": step}
                 save_checkpoint(run, engine.module, step, position)
             if cfg.train.test_stop_step and step >= cfg.train.test_stop_step:
                 bar.close()

@@ -40,6 +40,7 @@ from engine.runtime.entry import run_main
 from engine.runtime.run import (
     RunContext,
     Schedule,
+    epoch_start,
     epoch_windows,
     prepare_step,
     save_checkpoint,
@@ -69,7 +70,8 @@ def main(argv: Sequence[str] | None = None) -> None:
                                      total_steps=schedule.total_steps)
 
     # Resume or start.
-    position, metrics = start_run(cfg, engine, out, dist)
+    position, metrics = start_run(cfg, engine, out, dist, samples_per_step=cfg.train.per_device_train_batch_size
+                                  * cfg.train.gradient_accumulation_steps)
     logger.info("training %d steps (%d per epoch), %d ranks, ZeRO-%d, %s loss", schedule.total_steps,
                 schedule.steps_per_epoch, dist.world_size, zero_stage, cfg.reward.rm_loss)
     run = RunContext(cfg, engine, tokenizer, dist, out, zero_stage, metrics)
@@ -109,12 +111,12 @@ def train(run: RunContext, train_loader, eval_loader, schedule: Schedule, positi
     bar = tqdm(total=schedule.total_steps, initial=step, disable=not dist.is_main or cfg.log.disable_tqdm,
                desc="step 2 RM")
     for epoch in range(position["epoch"], cfg.train.num_train_epochs):
-        first = position["step_in_epoch"] if epoch == position["epoch"] else 0
-        windows = epoch_windows(train_loader, epoch, first, schedule, accum)
-        for step_in_epoch, window in enumerate(windows, start=first):
+        first, consumed = epoch_start(position, epoch)
+        for step_in_epoch, (samples, window) in enumerate(epoch_windows(train_loader, epoch, consumed, accum),
+                                                          start=first):
             row = train_step(run, window, step + 1, guard)
             step += 1
-            position.update(epoch=epoch, step_in_epoch=step_in_epoch + 1, global_step=step)
+            position.update(epoch=epoch, step_in_epoch=step_in_epoch + 1, samples_in_epoch=samples, global_step=step)
             row |= {"train/lr": engine.get_lr()[0], "train/epoch": epoch} | startup.first_step_done(dist.is_main)
             if interval_eval_due(cfg, step):
                 row |= evaluate(run, eval_loader)

@@ -23,6 +23,7 @@ import logging
 from collections.abc import Sequence
 from dataclasses import dataclass
 from functools import partial
+from itertools import repeat
 from pathlib import Path
 from typing import Any
 
@@ -68,8 +69,10 @@ from engine.runtime.run import (
     Schedule,
     check_inputs,
     check_output_dir,
+    epoch_start,
     epoch_windows,
     make_loader,
+    resume_position,
     start_run,
     to_device,
 )
@@ -98,6 +101,13 @@ class PPOSchedule:
         rows = t.per_device_generation_batch_size * cfg.rl.n_samples_per_prompt  # answers per generation batch
         micro = rows * per_step // t.per_device_training_batch_size
         return cls(steps, micro, steps.total_steps * micro * t.ppo_epochs // t.gradient_accumulation_steps)
+
+    def resumed(self, cfg: Step3Config, position: dict[str, int] | None, loaders: list[Any]) -> PPOSchedule:
+        """The schedule of a run resuming at `position` on this run's world size (`Schedule.resumed`)."""
+        t = cfg.train
+        steps = self.steps.resumed(position, loaders, cfg.step_generation_batches, t.num_train_epochs)
+        return PPOSchedule(steps, self.micro_batches,
+                           steps.total_steps * self.micro_batches * t.ppo_epochs // t.gradient_accumulation_steps)
 
 
 def accumulation_note(cfg: Step3Config) -> str:
@@ -161,7 +171,8 @@ def build(cfg: Step3Config) -> Run:
     with startup.part("data"):
         prompt_loader, eval_loader, ptx_loader = make_loaders(cfg, tokenizer, out, dist)
     batches = min(len(prompt_loader), len(ptx_loader)) if ptx_loader is not None else len(prompt_loader)
-    plan = PPOSchedule.of(cfg, batches)
+    loaders = [loader for loader in (prompt_loader, ptx_loader) if loader is not None]
+    plan = PPOSchedule.of(cfg, batches).resumed(cfg, resume_position(out) if cfg.log.resume else None, loaders)
 
     # Memory in use before any model is built (on CPU the RSS of Python, the libraries, the tokenizer and
     # the data): the CPU phase peaks (process RSS) minus this are what the models and the PPO step added.
@@ -175,8 +186,9 @@ def build(cfg: Step3Config) -> Run:
         if roles.ema is not None:
             load_module_tensors(roles.ema.module, roles.ema_stage, tag_folder / EMA_FILE, dist)
 
-    position, metrics = start_run(cfg, roles.trained(), out, dist,
-                                  keys=POSITION_KEYS + ("trainer",), load_extra=load_ema)
+    position, metrics = start_run(cfg, roles.trained(), out, dist, keys=POSITION_KEYS + ("trainer",),
+                                  load_extra=load_ema, samples_per_step=cfg.train.per_device_generation_batch_size
+                                  * cfg.step_generation_batches)
     if cfg.log.resume:
         trainer.load_state_dict(position.pop("trainer"))
     if accumulation_note(cfg):
@@ -260,15 +272,15 @@ def train(run: Run) -> int | None:
     bar = tqdm(total=plan.steps.total_steps, initial=step, disable=not dist.is_main or cfg.log.disable_tqdm,
                desc="step 3 " + (cfg.rl.advantage_estimator.upper() if cfg.critic_free else "PPO"))
     for epoch in range(position["epoch"], cfg.train.num_train_epochs):
-        first = position["step_in_epoch"] if epoch == position["epoch"] else 0
-        per_step = cfg.step_generation_batches
-        windows = epoch_windows(prompt_loader, epoch, first, plan.steps, per_step)
-        ptx_windows = (epoch_windows(ptx_loader, epoch, first, plan.steps, per_step)
-                       if ptx_loader is not None else None)
-        for step_in_epoch, prompts in enumerate(windows, start=first):
-            row = ppo_step(run, prompts, next(ptx_windows) if ptx_windows is not None else None, step + 1, guard)
+        first, consumed = epoch_start(position, epoch)
+        # PTX blocks are drawn in step with the prompts (the same batch size): the same global position.
+        windows = epoch_windows(prompt_loader, epoch, consumed, cfg.step_generation_batches)
+        ptx_windows = (epoch_windows(ptx_loader, epoch, consumed, cfg.step_generation_batches)
+                       if ptx_loader is not None else repeat((0, None)))
+        for step_in_epoch, ((samples, prompts), (_, ptx)) in enumerate(zip(windows, ptx_windows), start=first):
+            row = ppo_step(run, prompts, ptx, step + 1, guard)
             step += 1
-            position.update(epoch=epoch, step_in_epoch=step_in_epoch + 1, global_step=step)
+            position.update(epoch=epoch, step_in_epoch=step_in_epoch + 1, samples_in_epoch=samples, global_step=step)
             row |= {f"train/{name}_lr": engine.get_lr()[0] for name, engine in run.roles.trained().items()}
             row["train/epoch"] = epoch
             row |= startup.first_step_done(dist.is_main)

@@ -15,6 +15,7 @@ types they hold, so a tampered checkpoint cannot run code.
 """
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import random
@@ -30,15 +31,18 @@ from engine.errors import UserError
 from engine.models.load import copy_missing_buffers, hf_model, is_quantized, is_quantized_tensor, meta_skeleton
 from engine.runtime import faults
 from engine.runtime.atomic import publish_folder, remove_folder, staging_folder, write_atomically
-from engine.runtime.distributed import DistInfo, all_reduce_sum, barrier
-from engine.runtime.ds_private import safe_checkpoint_loading
+from engine.runtime.distributed import DistInfo, all_reduce_sum, barrier, set_seed
+from engine.runtime.ds_private import safe_checkpoint_loading, universal_loading
+from engine.runtime.reshard import UNIVERSAL_DIR, UNIVERSAL_MANIFEST, ensure_universal, is_sharded, remove_universal
 
 logger = logging.getLogger("engine")
 
 DS_CHECKPOINT_DIR = "ds_checkpoint"
 MANIFEST = "manifest.json"
 TAG = re.compile(r"step(\d+)")  # a checkpoint tag, "step<N>"; every other folder in ds_checkpoint/ is a role's
-POSITION_KEYS = ("epoch", "step_in_epoch", "global_step")  # the data position a step saves
+# The data position a step saves: the epoch, the optimizer (PPO) steps taken in it and in all, and the samples of the
+# epoch's global order all ranks consumed (`engine.runtime.run.ResumableSampler`), which any world size can resume.
+POSITION_KEYS = ("epoch", "step_in_epoch", "samples_in_epoch", "global_step")
 
 
 # ----------------------------------------------------------------------------------------------
@@ -206,6 +210,7 @@ def save_resume_state(engines: Any, output_dir: Path, tag: str, client_state: di
     folder = output_dir / DS_CHECKPOINT_DIR
     if dist.is_main and (folder / tag / MANIFEST).exists():  # re-writing a step (after a resume): unseal first
         (folder / tag / MANIFEST).unlink()
+        remove_universal(folder, tag, list(_named_engines(engines)))  # its universal copy is of the old state
     barrier()
     for name, engine in _named_engines(engines).items():
         # A quantized base is frozen and re-made from the model folder: only what trains is saved.
@@ -222,7 +227,8 @@ def save_resume_state(engines: Any, output_dir: Path, tag: str, client_state: di
     faults.mid_save(tag_step(tag))
     barrier()
     if dist.is_main:
-        _seal(folder, tag, list(_named_engines(engines)), dist.world_size)
+        position = {k: client_state[k] for k in POSITION_KEYS if k in client_state}
+        _seal(folder, tag, list(_named_engines(engines)), dist.world_size, position)
         write_atomically(folder / "latest", tag)  # DeepSpeed's tools (zero_to_fp32.py) read `latest`
         if keep:
             prune_checkpoints(output_dir, keep)
@@ -238,14 +244,20 @@ def tag_step(tag: str) -> int:
 
 
 def _tag_files(folder: Path, tag: str, names: list[str]) -> list[Path]:
-    """Every file of checkpoint `tag`: the per-role DeepSpeed folders and the tag folder itself."""
+    """Every file of checkpoint `tag`: the per-role DeepSpeed folders and the tag folder itself (less the
+    universal copy an elastic resume adds, which has its own seal)."""
     roots = {folder / tag} | {folder / name / tag for name in names}
-    return sorted(p for root in roots if root.is_dir() for p in root.rglob("*") if p.is_file() and p.name != MANIFEST)
+    return sorted(p for root in roots if root.is_dir() for p in root.rglob("*")
+                  if p.is_file() and p.name not in (MANIFEST, UNIVERSAL_MANIFEST)
+                  and not p.relative_to(root).parts[0].startswith(UNIVERSAL_DIR))
 
 
-def _seal(folder: Path, tag: str, names: list[str], world_size: int) -> None:
+def _seal(folder: Path, tag: str, names: list[str], world_size: int, position: dict[str, int] | None = None) -> None:
     files = {str(p.relative_to(folder)): p.stat().st_size for p in _tag_files(folder, tag, names)}
-    manifest = {"tag": tag, "world_size": world_size, "roles": names, "files": files}
+    # The position is here too (it is also in DeepSpeed's client state), readable before any engine is built:
+    # a run resuming with another world size sizes its learning-rate schedule from it (`resume_position`).
+    manifest = {"tag": tag, "world_size": world_size, "roles": names, "position": position or {},
+                "files": files}
     write_atomically(folder / tag / MANIFEST, json.dumps(manifest, indent=1) + "\n")
 
 
@@ -278,9 +290,10 @@ def checkpoint_tags(folder: Path) -> list[str]:
     return sorted(tags, key=tag_step, reverse=True)
 
 
-def find_resume_checkpoint(output_dir: Path, world_size: int, warn: bool = True) -> Path:
+def find_resume_checkpoint(output_dir: Path, world_size: int | None = None, warn: bool = True) -> Path:
     """The tag folder of the newest complete checkpoint in `output_dir`; warns (`warn`) about each newer
-    one that is incomplete. A UserError when there is none, or when it was written by another world size."""
+    one that is incomplete. A UserError when there is none. `world_size`: the ranks of the run that resumes; one
+    other than the checkpoint's is logged (the checkpoint is converted when it loads, `engine.runtime.reshard`)."""
     folder = output_dir / DS_CHECKPOINT_DIR
     tags = checkpoint_tags(folder)
     if not tags:
@@ -297,12 +310,16 @@ def find_resume_checkpoint(output_dir: Path, world_size: int, warn: bool = True)
                         "run without --resume to start over")
     for reason in skipped if warn else []:
         logger.warning("--resume: skipping checkpoint %s; using %s", reason, tag)
-    saved_world = json.loads((folder / tag / MANIFEST).read_text())["world_size"]
-    if saved_world != world_size:
-        raise UserError(f"--resume: checkpoint {folder / tag} was written by {saved_world} ranks, this run has "
-                        f"{world_size}; resume with {saved_world} ranks (ZeRO shards, RNG states and the data "
-                        f"order are per rank), or start a new run from {output_dir / f'checkpoint-{tag_step(tag)}'}")
+    saved_world = saved_world_size(folder / tag)
+    if warn and world_size is not None and saved_world != world_size:
+        logger.info("--resume: checkpoint %s was written by %d ranks, this run has %d: elastic resume (the data "
+                    "position is global; docs/reliability.md)", folder / tag, saved_world, world_size)
     return folder / tag
+
+
+def saved_world_size(tag_folder: Path) -> int:
+    """The number of ranks that wrote the sealed checkpoint `tag_folder`."""
+    return int(json.loads((tag_folder / MANIFEST).read_text())["world_size"])
 
 
 def prune_checkpoints(output_dir: Path, keep: int) -> None:
@@ -348,28 +365,89 @@ def _load_trained(src: dict[str, torch.Tensor], dst: torch.nn.Module) -> None:
     dst.load_state_dict({k: v for k, v in src.items() if k in trained}, strict=False)
 
 
+def resume_position(output_dir: Path) -> dict[str, int] | None:
+    """The data position of the checkpoint --resume takes (None for a checkpoint sealed before the manifest
+    held it), read before any engine is built."""
+    tag_folder = find_resume_checkpoint(output_dir, warn=False)
+    position = json.loads((tag_folder / MANIFEST).read_text()).get("position")
+    return position if position and all(k in position for k in POSITION_KEYS) else None
+
+
 def load_resume_state(engines: Any, output_dir: Path, dist: DistInfo, keys: tuple[str, ...] = POSITION_KEYS,
-                      extra: Callable[[Path], None] | None = None) -> dict[str, Any]:
+                      extra: Callable[[Path], None] | None = None, seed: int = 0) -> dict[str, Any]:
     """Restore the newest complete checkpoint written by `save_resume_state`; returns the `keys` of its client
-    state. `extra(tag_folder)` (called on every rank) loads what the save's `extra` added."""
+    state. `extra(tag_folder)` (called on every rank) loads what the save's `extra` added.
+
+    Written by another number of ranks (elastic resume), it is converted once (`engine.runtime.reshard`) and
+    loaded from DeepSpeed's universal format, and every rank seeds its RNGs from `seed` and the step (the
+    saved per-rank RNG states belong to ranks that may no longer exist)."""
     tag_folder = find_resume_checkpoint(output_dir, dist.world_size)
     folder, tag = tag_folder.parent, tag_folder.name
     step = tag_step(tag)
     if all_reduce_sum([float(step)], dist.device)[0] != step * dist.world_size:
         raise UserError(f"--resume: the ranks found different checkpoints in {folder}; --output_dir must be one "
                         "folder that every rank sees (a shared file system)")
+    saved_world = saved_world_size(tag_folder)
+    elastic = saved_world != dist.world_size
+    if elastic:
+        _convert_on_rank0(folder, tag, list(_named_engines(engines)), saved_world, dist)
     client_state: dict[str, Any] = {}
     for name, engine in _named_engines(engines).items():
-        with safe_checkpoint_loading(engine):
-            load_path, state = engine.load_checkpoint(
-                str(folder / name), tag=tag, load_optimizer_states=True, load_lr_scheduler_states=True,
-                custom_load_fn=_load_trained if is_quantized(engine.module) else None)
-        if load_path is None:
-            raise UserError(f"--resume: DeepSpeed could not load {folder / name / tag}")
-        client_state = client_state or state
+        client_state = client_state or _load_engine(engine, folder, name, tag, elastic)
     if extra is not None:
         extra(tag_folder)
-    _restore_rng(_rng_file(tag_folder, dist.rank))
-    logger.info("resumed from %s (step %s)", tag_folder, client_state.get("global_step"))
-    # DeepSpeed adds its own keys to the client state; hand back only what we saved.
-    return {k: client_state[k] for k in keys}
+    if elastic:
+        _check_elastic_position(client_state, tag_folder, saved_world)
+        set_seed(elastic_seed(seed, step))
+    else:
+        _restore_rng(_rng_file(tag_folder, dist.rank))
+    logger.info("resumed from %s (step %s)%s", tag_folder, client_state.get("global_step"),
+                f", written by {saved_world} ranks, on {dist.world_size}" if elastic else "")
+    # DeepSpeed adds its own keys to the client state; hand back only what we saved (a checkpoint from before
+    # elastic resume lacks "samples_in_epoch": `engine.runtime.run.start_run` derives it).
+    return {k: client_state[k] for k in keys if k in client_state}
+
+
+def _convert_on_rank0(folder: Path, tag: str, roles: list[str], saved_world: int, dist: DistInfo) -> None:
+    """`ensure_universal` on rank 0 while the others wait; its refusal stops every rank with a message."""
+    failure = None
+    if dist.is_main:
+        try:
+            ensure_universal(folder, tag, roles, saved_world)
+        except UserError as err:
+            failure = err
+    if all_reduce_sum([float(failure is not None)], dist.device)[0]:
+        raise failure or UserError(f"--resume: rank 0 could not convert {folder / tag} (its message says why); "
+                                   f"resume with the {saved_world} ranks that wrote it")
+
+
+def _load_engine(engine: Any, folder: Path, name: str, tag: str, elastic: bool) -> dict[str, Any]:
+    """Load one engine's DeepSpeed checkpoint (its universal copy for an elastic resume of a sharded one);
+    returns its client state."""
+    role_folder = folder / name / tag
+    universal = elastic and is_sharded(role_folder)
+    if universal and getattr(engine, "zero_nvme_offload_optimizer", lambda: False)():
+        raise UserError(f"--resume: {role_folder} was written by another number of ranks with the optimizer "
+                        "offloaded to NVMe, whose per-rank swap files DeepSpeed cannot re-shard; resume with "
+                        "the ranks that wrote it")
+    load_dir, load_tag = (role_folder, UNIVERSAL_DIR) if universal else (folder / name, tag)
+    with safe_checkpoint_loading(engine), universal_loading(engine) if universal else contextlib.nullcontext():
+        load_path, state = engine.load_checkpoint(
+            str(load_dir), tag=load_tag, load_optimizer_states=True, load_lr_scheduler_states=True,
+            custom_load_fn=_load_trained if is_quantized(engine.module) else None)
+    if load_path is None:
+        raise UserError(f"--resume: DeepSpeed could not load {load_dir / load_tag}")
+    return state
+
+
+def _check_elastic_position(client_state: dict[str, Any], tag_folder: Path, saved_world: int) -> None:
+    if "samples_in_epoch" not in client_state:
+        raise UserError(f"--resume: checkpoint {tag_folder} predates elastic resume (it holds the data position "
+                        f"per rank, not the samples all ranks consumed); resume with the {saved_world} ranks that "
+                        "wrote it")
+
+
+def elastic_seed(seed: int, step: int) -> int:
+    """The seed of every rank's RNGs after an elastic resume at `step`: like a fresh start (every rank seeded
+    alike from --seed), moved on by the step, so the resumed run does not replay step 1's dropout masks."""
+    return (seed * 1_000_003 + step) % (2 ** 63 - 1)

@@ -161,6 +161,41 @@ def safe_checkpoint_loading(engine: Any) -> Iterator[None]:
         engine.checkpoint_engine = engine.checkpoint_engine._inner
 
 
+@contextlib.contextmanager
+def safe_torch_load() -> Iterator[None]:
+    """Inside the block every `torch.load` reads with `weights_only=True` and the `deepspeed_safe_globals`
+    allow-list, whatever its caller asked: DeepSpeed's universal-checkpoint converter (`ds_to_universal`) and
+    its universal loaders call `torch.load(..., weights_only=False)` directly, not through the checkpoint
+    engine. Verified on DeepSpeed 0.19.8."""
+    original = torch.load
+
+    def load(*args: Any, **kwargs: Any) -> Any:
+        kwargs["weights_only"] = True
+        with torch.serialization.safe_globals(deepspeed_safe_globals()):
+            return original(*args, **kwargs)
+
+    torch.load = load
+    try:
+        yield
+    finally:
+        torch.load = original
+
+
+@contextlib.contextmanager
+def universal_loading(engine: Any) -> Iterator[None]:
+    """Inside the block `engine.load_checkpoint` reads DeepSpeed's universal format (what `"checkpoint":
+    {"load_universal": true}` in the config turns on; the engine reads the setting, `_config.
+    load_universal_checkpoint`, only when it loads), through `safe_torch_load`. Verified on DeepSpeed 0.19.8."""
+    config = engine._config
+    before = config.load_universal_checkpoint
+    config.load_universal_checkpoint = True
+    try:
+        with safe_torch_load():
+            yield
+    finally:
+        config.load_universal_checkpoint = before
+
+
 def deepspeed_safe_globals() -> list[Any]:
     """The non-tensor types DeepSpeed's checkpoints hold (found by loading ZeRO 0-3, offload and LoRA
     checkpoints with weights_only=True): plain data classes and enums, at their private module paths.

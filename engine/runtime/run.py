@@ -38,7 +38,7 @@ def check_output_dir(output_dir: str, resume: bool = False) -> Path:
         from engine.runtime.checkpoint import find_resume_checkpoint
 
         # A UserError naming the fix when there is no usable checkpoint (the launchers set WORLD_SIZE).
-        find_resume_checkpoint(path, int(os.environ.get("WORLD_SIZE", "1")), warn=False)  # start_run warns
+        find_resume_checkpoint(path, warn=False)  # start_run warns
     return path
 
 
@@ -54,18 +54,51 @@ def check_inputs(cfg: Any) -> None:
             raise UserError(problem)
 
 
+# Tests: each rank appends "<epoch> <index>" per training sample it takes to <value>.rank<r>.
+SAMPLE_LOG = "RLHF_ENGINE_SAMPLE_LOG"
+
+
 class ResumableSampler(torch.utils.data.DistributedSampler):
-    """A DistributedSampler that can start part-way through an epoch (for --resume)."""
+    """A DistributedSampler that starts after the first `consumed` samples of the epoch's global order.
+
+    The global order is the epoch's permutation (or 0..n-1 without shuffling) as torch's DistributedSampler
+    makes it, independent of the world size; DistributedSampler deals it out round-robin (rank r takes
+    positions r, r + W, r + 2W, ...), so after every rank has taken k samples the first k * W of the order are
+    consumed. That count is the data position a checkpoint saves; a run with any number of ranks deals out the
+    rest of the order round-robin again, so no sample of the epoch is skipped or repeated (`consumed` = 0 is
+    exactly DistributedSampler, padding included: the tail is padded from the epoch's start to a multiple of
+    the world size)."""
 
     def __init__(self, dataset: Any, dist: DistInfo, shuffle: bool, seed: int):
         super().__init__(dataset, num_replicas=dist.world_size, rank=dist.rank, shuffle=shuffle, seed=seed)
-        self.start = 0
+        self.consumed = 0
+        self.log: str | None = None  # SAMPLE_LOG's value, set on training loaders by `epoch_windows`
+
+    def epoch_order(self) -> list[int]:
+        """The epoch's global sample order, before padding (DistributedSampler's permutation)."""
+        if not self.shuffle:
+            return list(range(len(self.dataset)))
+        g = torch.Generator()
+        g.manual_seed(self.seed + self.epoch)
+        return torch.randperm(len(self.dataset), generator=g).tolist()
 
     def __iter__(self) -> Iterator[int]:
-        return iter(list(super().__iter__())[self.start:])
+        order = self.epoch_order()
+        rest = order[self.consumed:]
+        pad = -len(rest) % self.num_replicas
+        if pad:
+            rest += (order * -(-pad // len(order)))[:pad]
+        mine = rest[self.rank::self.num_replicas]
+        return iter(mine) if self.log is None else self._logged(mine)
+
+    def _logged(self, indices: list[int]) -> Iterator[int]:
+        for index in indices:  # appended as the loader draws it, so only what was trained on is logged
+            with open(f"{self.log}.rank{self.rank}", "a") as f:
+                f.write(f"{self.epoch} {index}\n")
+            yield index
 
     def __len__(self) -> int:
-        return super().__len__() - self.start
+        return -(-max(len(self.dataset) - self.consumed, 0) // self.num_replicas)
 
 
 def make_loader(dataset: Any, batch_size: int, dist: DistInfo, shuffle: bool, seed: int,
@@ -92,18 +125,55 @@ class Schedule:
                             f"--gradient_accumulation_steps {accumulation}; lower the batch size or accumulation")
         return cls(steps, steps * epochs)
 
+    def resumed(self, position: dict[str, int] | None, loaders: torch.utils.data.DataLoader | list[Any],
+                accumulation: int, epochs: int) -> Schedule:
+        """The schedule of a run resuming at `position` (None: a fresh run): the steps taken, plus those left
+        in the epoch at this run's world size (of the shortest of `loaders`), plus the later epochs. The same
+        as `self` when the world size is the checkpoint's; with another one the global batch changes (the
+        per-device batch stays), so the steps left change, and the learning-rate schedule ends with them."""
+        if position is None:
+            return self
+        loaders = loaders if isinstance(loaders, list) else [loaders]
+        left = min(windows_left(loader, position["epoch"], position["samples_in_epoch"], accumulation)
+                   for loader in loaders)
+        later = max(epochs - position["epoch"] - 1, 0) * self.steps_per_epoch
+        return Schedule(self.steps_per_epoch, position["global_step"] + left + later)
 
-def epoch_windows(loader: torch.utils.data.DataLoader, epoch: int, first_step: int, schedule: Schedule,
-                  accumulation: int) -> Iterator[list[Any]]:
-    """The accumulation windows (lists of micro-batches) of one epoch, from optimizer step `first_step`.
 
-    A resumed run starts part-way: the sampler skips the micro-batches of the steps already taken.
-    """
-    loader.sampler.set_epoch(epoch)
-    loader.sampler.start = first_step * accumulation * loader.batch_size
+def windows_left(loader: torch.utils.data.DataLoader, epoch: int, consumed: int, accumulation: int) -> int:
+    """The accumulation windows (optimizer steps) of epoch `epoch` left after `consumed` samples (all ranks)."""
+    sampler = loader.sampler
+    sampler.set_epoch(epoch)
+    sampler.consumed = consumed
+    return len(loader) // accumulation
+
+
+def epoch_start(position: dict[str, int], epoch: int) -> tuple[int, int]:
+    """(steps taken, samples all ranks consumed) in epoch `epoch` before the loop starts it: the resumed
+    position's in its epoch, else none."""
+    return (position["step_in_epoch"], position["samples_in_epoch"]) if epoch == position["epoch"] else (0, 0)
+
+
+def epoch_windows(loader: torch.utils.data.DataLoader, epoch: int, consumed: int,
+                  accumulation: int) -> Iterator[tuple[int, list[Any]]]:
+    """(samples of the epoch consumed after it, by all ranks; the window) for each accumulation window (a list
+    of micro-batches) of epoch `epoch` after the first `consumed` samples of its global order.
+
+    A resumed run starts part-way: the sampler skips what the ranks of the run that saved took, whatever
+    their number. A last micro-batch short of the batch size counts as a full one (the epoch is then over)."""
+    windows = windows_left(loader, epoch, consumed, accumulation)
+    loader.sampler.log = os.environ.get(SAMPLE_LOG) or None
+    per_window = accumulation * loader.batch_size * loader.sampler.num_replicas
     batches = iter(loader)
-    for _ in range(first_step, schedule.steps_per_epoch):
-        yield [next(batches) for _ in range(accumulation)]
+    for window in range(windows):
+        yield consumed + (window + 1) * per_window, [next(batches) for _ in range(accumulation)]
+
+
+def resume_position(out: Path) -> dict[str, int] | None:
+    """The data position --resume starts from (see `engine.runtime.checkpoint.resume_position`)."""
+    from engine.runtime.checkpoint import resume_position as position_of
+
+    return position_of(out)
 
 
 def to_device(batch: dict[str, Any], device: torch.device) -> dict[str, Any]:
@@ -134,18 +204,23 @@ def save_checkpoint(run: RunContext, module: torch.nn.Module, step: int, positio
 
 
 def start_run(cfg: Any, engine: Any, out: Path, dist: DistInfo, keys: tuple[str, ...] | None = None,
-              load_extra: Callable[[Path], None] | None = None) -> tuple[dict[str, Any], MetricsLogger]:
+              load_extra: Callable[[Path], None] | None = None,
+              samples_per_step: int = 0) -> tuple[dict[str, Any], MetricsLogger]:
     """(data position, metrics logger) of a step: from the newest complete checkpoint with --resume, else zero.
 
     `engine`: one DeepSpeed engine or {role: engine}; `keys`: the client-state keys to restore
-    (default: the data position); `load_extra(tag_folder)` loads the files the save's `extra` added.
+    (default: the data position); `load_extra(tag_folder)` loads the files the save's `extra` added;
+    `samples_per_step`: the samples one rank takes per step, for a checkpoint that predates "samples_in_epoch".
     Also creates --output_dir and saves the resolved config there (the first thing a run writes).
     """
     from engine.runtime.checkpoint import POSITION_KEYS, load_resume_state
 
-    position: dict[str, Any] = {"epoch": 0, "step_in_epoch": 0, "global_step": 0}
+    position: dict[str, Any] = {"epoch": 0, "step_in_epoch": 0, "samples_in_epoch": 0, "global_step": 0}
     if cfg.log.resume:
-        position.update(load_resume_state(engine, out, dist, keys or POSITION_KEYS, extra=load_extra))
+        position.update(load_resume_state(engine, out, dist, keys or POSITION_KEYS, extra=load_extra,
+                                          seed=cfg.train.seed))
+        if "samples_in_epoch" not in position:  # same world size (load_resume_state checks): per rank x ranks
+            position["samples_in_epoch"] = position["step_in_epoch"] * samples_per_step * dist.world_size
     out.mkdir(parents=True, exist_ok=True)
     notes = [n for n in (default_data_note(cfg.data.data_path),) if n]
     if dist.is_main:
@@ -212,5 +287,7 @@ def prepare_step(cfg: Any, load_data: Callable[..., tuple[Any, Any]], collate: C
     train_loader = make_loader(train_set, t.per_device_train_batch_size, dist, True, t.seed, collate_fn)
     eval_loader = make_loader(eval_set, t.per_device_eval_batch_size, dist, False, t.seed, collate_fn)
     schedule = Schedule.of(len(train_loader), t.gradient_accumulation_steps, t.num_train_epochs)
+    schedule = schedule.resumed(resume_position(out) if cfg.log.resume else None, train_loader,
+                                t.gradient_accumulation_steps, t.num_train_epochs)
     return StepInputs(out, dist, ds_config, ds_config["zero_optimization"]["stage"], model_path, tokenizer,
                       train_loader, eval_loader, schedule)

@@ -47,7 +47,7 @@ def test_zero3_offload_lora_checkpointing(run_step, local_inputs, tmp_path):
 
 def test_zero3_resume_after_kill_two_ranks_is_bit_identical(run_step, tmp_path):
     """12 steps straight == a run whose rank 0 is SIGKILLed mid step 6 (the launcher then stops rank 1),
-    resumed from step 4 on 2 ranks. Resuming on 1 rank is refused, naming the rank count."""
+    resumed from step 4 on 2 ranks. (Resuming on another rank count: tests/distributed/test_elastic_resume.py.)"""
     common = ["--zero_stage", "3", "--lora_dim", "4", "--dropout", "0.1", "--dtype", "fp32",
               "--per_device_train_batch_size", "8", "--max_seq_len", "64", "--save_interval", "4",
               "--test_stop_step", "12"]
@@ -56,9 +56,6 @@ def test_zero3_resume_after_kill_two_ranks_is_bit_identical(run_step, tmp_path):
     killed = run_step("step1_sft/main.py", ["--output_dir", str(resumed), *common], nprocs=2, check=False,
                       env={"RLHF_ENGINE_FAULT": "kill:6:0"})
     assert killed.returncode != 0 and max(train_losses(resumed)) == 5, killed.stderr[-2000:]
-    one_rank = run_step("step1_sft/main.py", ["--output_dir", str(resumed), *common, "--resume"], check=False)
-    assert one_rank.returncode == 2 and "written by 2 ranks, this run has 1" in one_rank.stderr
-    assert "Traceback" not in one_rank.stderr
     run_step("step1_sft/main.py", ["--output_dir", str(resumed), *common, "--resume"], nprocs=2)
     a, b = train_losses(straight), train_losses(resumed)
     assert sorted(a) == sorted(b) == list(range(1, 13))

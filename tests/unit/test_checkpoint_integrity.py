@@ -1,4 +1,4 @@
-"""Checkpoint integrity: the seal, the fall-back to the previous good checkpoint, the world-size check,
+"""Checkpoint integrity: the seal, the fall-back to the previous good checkpoint, another world size (logged),
 --save_total_limit, and DeepSpeed's pickles read without running code. Files are made by hand here; the
 smoke and distributed tests resume real runs after a kill -9."""
 from __future__ import annotations
@@ -83,11 +83,17 @@ def test_no_complete_checkpoint_and_no_checkpoint_are_user_errors(tmp_path):
         find_resume_checkpoint(tmp_path, world_size=1)
 
 
-def test_other_world_size_is_refused_naming_both_counts_and_the_way_out(tmp_path):
+def test_other_world_size_is_resumed_elastically_and_logged(tmp_path, caplog):
+    """Another rank count is no longer refused (engine.runtime.reshard converts the checkpoint when it loads);
+    find_resume_checkpoint says so once, naming both counts."""
     _fake_checkpoint(tmp_path, 4, world_size=2)
-    with pytest.raises(UserError, match=r"written by 2 ranks, this run has 4; resume with 2 ranks .*checkpoint-4"):
-        find_resume_checkpoint(tmp_path, world_size=4)
-    assert find_resume_checkpoint(tmp_path, world_size=2).name == "step4"
+    with caplog.at_level("INFO", logger="engine"):
+        assert find_resume_checkpoint(tmp_path, world_size=4).name == "step4"
+    assert "written by 2 ranks, this run has 4: elastic resume" in caplog.text
+    caplog.clear()
+    with caplog.at_level("INFO", logger="engine"):
+        assert find_resume_checkpoint(tmp_path, world_size=2).name == "step4"
+    assert "elastic" not in caplog.text
 
 
 def test_save_total_limit_keeps_the_newest_and_drops_interrupted_leftovers(tmp_path):

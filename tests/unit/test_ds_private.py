@@ -81,6 +81,29 @@ def test_the_zero_optimizers_have_the_private_methods_we_call():
     ds_private.deepspeed_safe_globals()  # the private module paths of the types import
 
 
+def test_universal_loading_switches_the_setting_the_engine_reads_when_it_loads(monkeypatch):
+    """`load_universal_checkpoint()` reads `_config.load_universal_checkpoint` at call time (set only in the
+    block), and the converter and universal loaders call `torch.load` through the module attribute, which
+    `safe_torch_load` replaces with a weights_only load."""
+    from deepspeed.checkpoint import ds_to_universal, universal_checkpoint
+    from deepspeed.runtime.engine import DeepSpeedEngine
+    from deepspeed.runtime.zero import stage3
+
+    assert "self._config.load_universal_checkpoint" in inspect.getsource(DeepSpeedEngine.load_universal_checkpoint)
+    engine = SimpleNamespace(_config=SimpleNamespace(load_universal_checkpoint=False))
+    with ds_private.universal_loading(engine):
+        assert DeepSpeedEngine.load_universal_checkpoint(engine) is True
+        assert torch.load is not ds_private.torch.serialization.load
+    assert DeepSpeedEngine.load_universal_checkpoint(engine) is False
+    for module in (ds_to_universal, universal_checkpoint, stage3):
+        assert "torch.load(" in inspect.getsource(module), module.__name__
+    seen = []
+    monkeypatch.setattr(torch, "load", lambda *a, **k: seen.append(k["weights_only"]))
+    with ds_private.safe_torch_load():
+        torch.load("x", weights_only=False)
+    assert seen == [True]
+
+
 # ----------------------------------------------------------------------------------------------
 # --align_overflow on fakes: which engine is made to skip
 # ----------------------------------------------------------------------------------------------
