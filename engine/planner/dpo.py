@@ -266,11 +266,12 @@ def _part_of(cfg: Any, name: str) -> Any:
 
 
 def knobs_of(cfg: Any) -> DPOKnobs:
-    """The knobs of a parsed DPO config; a knob the config has no field for stays at its default."""
+    """The knobs of a parsed DPO config; a knob the config has no field for (or a dtype left to the machine:
+    bf16 or fp16, two bytes either way) stays at its default."""
     values = {}
     for f in dataclasses.fields(DPOKnobs):
         part = _part_of(cfg, f.name)
-        if part is not None:
+        if part is not None and not (f.name == "dtype" and getattr(part, f.name) is None):
             values[f.name] = getattr(part, f.name)
     return DPOKnobs(**values)
 

@@ -45,7 +45,8 @@ def build_parser() -> argparse.ArgumentParser:
     add_hardware_args(p)
     p.add_argument("--max_seq_len", type=int, default=512, help="tokens per sequence (prompt + answer)")
     p.add_argument("--per_device_train_batch_size", type=int, default=16, help="pairs per micro-batch: the most to try")
-    p.add_argument("--dtype", default="bf16", choices=("bf16", "fp16", "fp32"))
+    p.add_argument("--dtype", default="bf16", choices=("bf16", "fp16", "fp32"),
+                   help="the training dtype (fp16 and bf16 plan alike: two bytes each)")
     p.add_argument("--logprob_chunk_size", type=int, default=None, help="as the DPO step's (default: automatic)")
     p.add_argument("--lora_rank", type=int, default=64, help="LoRA rank the search uses when it turns LoRA on")
     p.add_argument("--json", action="store_true", help="print one JSON object")

@@ -12,7 +12,15 @@ import pytest
 from engine.config import DataArgs, DeepSpeedArgs, LoRAArgs, StepConfig, TrainArgs
 from engine.errors import UserError
 from engine.planner.__main__ import main as planner_main
-from engine.planner.dpo import DPOKnobs, DPOWorkload, dpo_role_states, plan_dpo, predict_dpo, search_dpo
+from engine.planner.dpo import (
+    DPOKnobs,
+    DPOWorkload,
+    dpo_role_states,
+    knobs_of,
+    plan_dpo,
+    predict_dpo,
+    search_dpo,
+)
 from engine.planner.dpo_cli import build_parser
 from engine.planner.model_states import Bytes
 from engine.planner.plan import Hardware
@@ -182,6 +190,8 @@ def test_plan_dpo_keeps_given_flags_and_fills_the_rest():
     assert "--auto_fit chose" in message and "reference: precomputed" in message
     with pytest.raises(UserError, match="nothing fits 1 x 8 GiB.*GiB more per GPU"):
         plan_dpo(cfg, Hardware(1, 8, 64), config)
+    unparsed = dpo_config({"zero_stage": 2})  # dtype None: the machine's, two bytes on a GPU or a CPU
+    assert knobs_of(unparsed) == DPOKnobs(zero_stage=2)
 
 
 def test_plan_dpo_never_sets_a_field_the_config_lacks_and_honours_its_checks():
