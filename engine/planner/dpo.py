@@ -178,17 +178,19 @@ def _candidates(work: DPOWorkload, fixed: dict[str, Any], lora_rank: int, refuse
         values |= lora_fixed if lora is None else dict(lora_dim=lora_rank if lora else 0, only_optimize_lora=lora)
         values |= {f: v for f, v in fixed.items() if f in REQUESTED}
         knobs = DPOKnobs(**values)
-        if knobs in seen or _pointless(knobs, work) or knobs.problems() or refuse(knobs):
+        if knobs in seen or _pointless(knobs, work, fixed) or knobs.problems() or refuse(knobs):
             continue
         seen.add(knobs)
         yield knobs
 
 
-def _pointless(k: DPOKnobs, work: DPOWorkload) -> bool:
-    """Reference flags that change nothing: no copy to offload or quantize, or offload below ZeRO-3."""
+def _pointless(k: DPOKnobs, work: DPOWorkload, fixed: dict[str, Any]) -> bool:
+    """Reference flags the search would set for nothing: no copy to offload or quantize, or offload below
+    ZeRO-3 (kept when the user gave them: DeepSpeed-Chat's scripts pass --offload_reference_model as a habit)."""
     copy = k.reference_mode(work) == "copy"
     zero3_copy = copy and frozen_zero_stage(k.zero_stage, k.reference_quantization) == 3
-    return (k.offload_reference_model and not zero3_copy) or (k.reference_quantization != "none" and not copy)
+    return ((k.offload_reference_model and not zero3_copy and "offload_reference_model" not in fixed)
+            or (k.reference_quantization != "none" and not copy and "reference_quantization" not in fixed))
 
 
 def _group(k: DPOKnobs) -> tuple:
@@ -309,8 +311,11 @@ def plan_dpo(cfg: Any, hw: Hardware, model_config: Any, *, adapter_reference: bo
     fixed = {f.name: getattr(current, f.name) for f in dataclasses.fields(DPOKnobs)
              if f.name not in REQUESTED and (f.name in given or f.name not in settable)}
     work = DPOWorkload(model_shape_of(model_config), cfg.data.max_seq_len, hw.num_gpus, adapter_reference)
-    best, closest = search_dpo(work, hw, current, couple_lora(fixed, lora_rank), lora_rank,
-                               refuse=lambda k: with_knobs(cfg, k).problems())
+    try:
+        best, closest = search_dpo(work, hw, current, couple_lora(fixed, lora_rank), lora_rank,
+                                   refuse=lambda k: with_knobs(cfg, k).problems())
+    except ValueError as err:
+        raise UserError(f"--auto_fit: {err}; unset some of the memory flags you gave") from None
     if best is None:
         short = max(closest.prediction.peak_gb().values()) - hw.usable_gb
         raise UserError(f"--auto_fit: nothing fits {hw.num_gpus} x {hw.gpu_memory_gb:.0f} GiB; the closest settings "
