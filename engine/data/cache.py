@@ -26,9 +26,10 @@ CACHE_VERSION = 2  # bump when any step's tokenisation changes
 HASH_LIMIT = 256 * 2**20  # files up to this size are keyed by content, larger ones by size + mtime
 
 
-def _file_fingerprint(f: Path) -> list[Any]:
+def file_fingerprint(f: Path, hash_limit: int = HASH_LIMIT) -> list[Any]:
+    """[resolved path, content hash] of a file up to `hash_limit` bytes, else [resolved path, size, mtime]."""
     stat = f.stat()
-    if stat.st_size <= HASH_LIMIT:
+    if stat.st_size <= hash_limit:
         return [str(f.resolve()), hashlib.sha256(f.read_bytes()).hexdigest()]
     return [str(f.resolve()), stat.st_size, stat.st_mtime_ns]
 
@@ -38,7 +39,7 @@ def source_fingerprint(spec: str) -> Any:
     folder = {BUNDLED: BUNDLED_DIR, LOCAL_JSONFILE: LOCAL_JSONFILE_DIR}.get(spec)
     path = folder or Path(spec).expanduser()
     files = sorted(f for f in path.iterdir() if f.is_file()) if path.is_dir() else [path] if path.is_file() else []
-    return [spec] + [_file_fingerprint(f) for f in files]
+    return [spec] + [file_fingerprint(f) for f in files]
 
 
 def tokenizer_fingerprint(tokenizer: Any) -> str:

@@ -10,4 +10,7 @@
 - `plan`: per-phase peaks of a step-3 run and the search for the cheapest settings that fit (its candidates
   pruned by the step-3 config's own checks).
 - `step3`: the same for a parsed `Step3Config`: its knobs, workload and prediction, and step 3's `--auto_fit`.
+- `dpo`: the DPO step's phases (reference log-probs, training on 2x the micro-batch), its three reference modes
+  (a frozen copy, LoRA adapters off, precomputed), its search, and `plan_dpo` for the DPO main's `--auto_fit`;
+  `dpo_cli` is `python -m engine.planner --step dpo`.
 """

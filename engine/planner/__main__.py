@@ -1,4 +1,4 @@
-"""Will this step-3 run fit, and with which flags?
+"""Will this step-3 run fit, and with which flags? (The DPO step: --step dpo, engine/planner/dpo_cli.py.)
 
     python -m engine.planner --actor_model llama-2-7b --critic_model llama-2-7b --num_gpus 1 \\
         --gpu_memory_gb 24 --max_prompt_seq_len 256 --max_answer_seq_len 256
@@ -26,6 +26,7 @@ from engine.config import Step3Config
 from engine.errors import UserError
 from engine.flags import build_config, leaf_fields
 from engine.helptext import HelpFormatter
+from engine.planner.cli import add_hardware_args, hardware_of, parse_bool, phase_table
 from engine.planner.plan import Hardware, Knobs, Workload, algorithm_of, couple_lora, search
 from engine.planner.shapes import load_config, model_shape_of, shipped_models
 from engine.runtime.entry import run_main
@@ -37,29 +38,19 @@ FIXED = ("actor_zero_stage", "critic_zero_stage", "actor_lora_dim", "critic_lora
          "reward_quantization", "actor_quantization") + BOOL_KNOBS
 # The step-3 flags of the algorithm: which roles exist and how many rollout rows a prompt gives.
 ALGORITHM = ("advantage_estimator", "n_samples_per_prompt", "kl_ctl", "kl_loss_coef", "reward_funcs")
-
-
-def _bool(text: str) -> bool:
-    if text.lower() in ("1", "true", "yes", "on"):
-        return True
-    if text.lower() in ("0", "false", "no", "off"):
-        return False
-    raise argparse.ArgumentTypeError(f"expected true or false, not {text!r}")
+STEPS = ("3", "dpo")
 
 
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="python -m engine.planner", description=__doc__,
                                 formatter_class=HelpFormatter)
+    p.add_argument("--step", choices=STEPS, default="3",
+                   help="the step to plan: 3 (RLHF: PPO or critic-free; the flags below) or dpo (its own flags: "
+                        "python -m engine.planner --step dpo -h)")
     p.add_argument("--actor_model", help="shipped config name or model folder of the actor")
     p.add_argument("--critic_model", help="of the critic and reward model (default: the actor's)")
     p.add_argument("--list_models", action="store_true", help="print the shipped model configs and exit")
-    p.add_argument("--num_gpus", type=int, default=1, help="GPUs in all (ranks)")
-    p.add_argument("--gpu_memory_gb", type=float, default=80.0, help="memory of each GPU, GiB")
-    p.add_argument("--host_memory_gb", type=float, default=256.0, help="host memory per node, GiB")
-    p.add_argument("--gpus_per_node", type=int, default=8)
-    p.add_argument("--usable_fraction", type=float, default=0.9,
-                   help="share of each GPU (and host) a plan may fill; the rest is for the CUDA context, "
-                        "communication buffers and fragmentation")
+    add_hardware_args(p)
     p.add_argument("--max_prompt_seq_len", type=int, default=256)
     p.add_argument("--max_answer_seq_len", type=int, default=256)
     p.add_argument("--per_device_generation_batch_size", type=int, default=16, help="the most to try")
@@ -82,7 +73,7 @@ def build_parser() -> argparse.ArgumentParser:
         _, f, tp = leaf_fields(Step3Config)[name]
         text = f.metadata["help"].replace("%", "%%")
         if name in BOOL_KNOBS:
-            fixed.add_argument(f"--{name}", type=_bool, nargs="?", const=True, metavar="true|false", help=text)
+            fixed.add_argument(f"--{name}", type=parse_bool, nargs="?", const=True, metavar="true|false", help=text)
         else:
             fixed.add_argument(f"--{name}", type=tp, choices=f.metadata["choices"], help=text)
     return p
@@ -112,17 +103,15 @@ def plan(args: argparse.Namespace) -> dict[str, Any]:
     """The planner's answer as a JSON-able dict (see `main` for its keys)."""
     if not args.actor_model:
         raise UserError("give --actor_model (a shipped config name or a model folder); --list_models lists the names")
-    for name in ("num_gpus", "per_device_generation_batch_size", "per_device_training_batch_size",
+    hw = hardware_of(args)
+    for name in ("per_device_generation_batch_size", "per_device_training_batch_size",
                  "max_prompt_seq_len", "max_answer_seq_len", "generation_batches"):
         if getattr(args, name) < 1:
             raise UserError(f"--{name} must be at least 1, not {getattr(args, name)}")
-    if args.gpu_memory_gb <= 0 or args.host_memory_gb <= 0:
-        raise UserError("--gpu_memory_gb and --host_memory_gb must be positive")
     actor = model_shape_of(load_config(args.actor_model))
     critic = model_shape_of(load_config(args.critic_model or args.actor_model), sequence_classification=True)
     work = Workload(actor, critic, args.max_prompt_seq_len, args.max_answer_seq_len, args.num_gpus,
                     args.generation_batches, **algorithm_of(algorithm_config(args)))
-    hw = Hardware(args.num_gpus, args.gpu_memory_gb, args.host_memory_gb, args.gpus_per_node, args.usable_fraction)
     requested = Knobs(per_device_generation_batch_size=args.per_device_generation_batch_size,
                       per_device_training_batch_size=args.per_device_training_batch_size, dtype=args.dtype,
                       enable_ema=args.enable_ema)
@@ -175,7 +164,6 @@ def _gpus_that_fit(work: Workload, hw: Hardware, requested: Knobs, fixed: dict[s
 def render(answer: dict[str, Any]) -> str:
     """The human-readable table of `plan`'s answer."""
     m, hw, algo = answer["models"], answer["hardware"], answer["algorithm"]
-    phases = list(answer["peak_gb"])
     lines = [f"actor {m['actor']} ({m['actor_params'] / 1e9:.2f}B), critic {m['critic']} "
              f"({m['critic_params'] / 1e9:.2f}B) on {hw['num_gpus']} x {hw['gpu_memory_gb']:g} GiB GPUs "
              f"({answer['usable_gb_per_gpu']:g} GiB usable each)",
@@ -187,15 +175,7 @@ def render(answer: dict[str, Any]) -> str:
         lines.append(f"does not fit: needs {answer['needs_gb_more_per_gpu']:.1f} GiB more per GPU even with the "
                      "settings closest to fitting:")
     lines.append(f"  {answer['flags']}")
-    lines.append("")
-    parts = sorted({k for ph in answer["breakdown"].values() for k, v in ph.items() if v["gpu"] > 0.005})
-    width = max(len(p) for p in parts + ["peak"])
-    lines.append(f"{'GiB per GPU':<{width}}  " + "  ".join(f"{ph:>12}" for ph in phases))
-    for part in parts:
-        cells = [answer["breakdown"][ph].get(part, {"gpu": 0.0})["gpu"] for ph in phases]
-        lines.append(f"{part:<{width}}  " + "  ".join(f"{c:>12.2f}" if c else f"{'-':>12}" for c in cells))
-    lines.append(f"{'peak':<{width}}  " + "  ".join(f"{answer['peak_gb'][ph]:>12.2f}" for ph in phases))
-    lines.append(f"host memory per node: {answer['host_gb_per_node']:.1f} GiB of {hw['host_memory_gb']:g}")
+    lines += [""] + phase_table(answer)
     if not answer["fits"]:
         more = answer.get("num_gpus_that_fit")
         lines.append(f"add GPUs ({more} x {hw['gpu_memory_gb']:g} GiB would fit)" if more else
@@ -206,6 +186,13 @@ def render(answer: dict[str, Any]) -> str:
 
 
 def main(argv: Sequence[str] | None = None) -> None:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    step, rest = _step_of(argv)
+    if step == "dpo":
+        from engine.planner import dpo_cli
+
+        dpo_cli.main(rest)
+        return
     args = build_parser().parse_args(argv)
     if args.list_models:
         print("\n".join(shipped_models()))
@@ -214,6 +201,14 @@ def main(argv: Sequence[str] | None = None) -> None:
     print(json.dumps(answer, indent=1) if args.json else render(answer))
     if not answer["fits"]:
         sys.exit(1)
+
+
+def _step_of(argv: list[str]) -> tuple[str, list[str]]:
+    """(the --step asked for, the other arguments): --step dpo hands them to the DPO planner's parser."""
+    pre = argparse.ArgumentParser(add_help=False)
+    pre.add_argument("--step", choices=STEPS, default="3")
+    known, rest = pre.parse_known_args(argv)
+    return known.step, rest
 
 
 if __name__ == "__main__":

@@ -166,8 +166,8 @@ class Prediction:
         return (total.gpu + total.cpu if merge_host else total.gpu) / GiB
 
     def peak_gb(self, merge_host: bool = False) -> dict[str, float]:
-        """GiB per rank of each phase the step has (no critic_train without a critic)."""
-        return {p: self.peak(p, merge_host) for p in PHASES if p in self.phases}
+        """GiB per rank of each phase the step has (no critic_train without a critic), in step order."""
+        return {p: self.peak(p, merge_host) for p in self.phases}
 
     def host_gb(self) -> float:
         """Host GiB per rank for the offloaded states (the same in every phase)."""
@@ -187,7 +187,6 @@ def role_states(work: Workload, knobs: Knobs) -> dict[str, dict[str, Bytes]]:
     """Model-state bytes per rank of every role the run builds (`model_states`), as `engine.models.roles`
     builds them: no critic when critic-free, no reference without KL, no reward model with functions only."""
     a, c, k, n = work.actor, work.critic, knobs, work.world_size
-    b = DTYPE_BYTES[k.dtype]
     lora_a, lora_c = a.lora_params(k.actor_lora_dim), c.lora_params(k.critic_lora_dim)
     common = dict(dtype=k.dtype, world_size=n)
     roles: dict[str, dict[str, Bytes]] = {}
@@ -227,17 +226,24 @@ def role_states(work: Workload, knobs: Knobs) -> dict[str, dict[str, Bytes]]:
     # ZeRO's gradient-reduction buffers (sized to the trained parameters by engine.runtime.run, at most
     # DeepSpeed's 5e8 elements; ZeRO-1/2 keep two with overlap_comm, ZeRO-1's in fp32) and the ZeRO-3
     # prefetch bucket live as long as the engines.
-    work_bytes = 0.0
     engines = [(k.actor_zero_stage, a, trainable_a)] + ([] if work.critic_free else
                                                          [(k.critic_zero_stage, c, trainable_c)])
-    for stage, shape, trainable in engines:
-        bucket = reduce_bucket_elements(trainable)
-        if stage in (1, 2):
-            work_bytes += 2 * (4 if stage == 1 else b) * bucket
-        if stage == 3:
-            work_bytes += b * bucket + b * min(STAGE3_BUCKET, shape.params)
+    work_bytes = sum(engine_buffer_bytes(stage, shape.params, trainable, k.dtype)
+                     for stage, shape, trainable in engines)
     roles["workspace"] = {"buffers": Bytes(gpu=work_bytes)}
     return roles
+
+
+def engine_buffer_bytes(zero_stage: int, params: int, trainable: int, dtype: str) -> float:
+    """Bytes of one trained engine's ZeRO buffers: gradient reduction (sized to the trained parameters, at most
+    DeepSpeed's 5e8 elements; two under ZeRO-1/2 with overlap_comm, fp32 under ZeRO-1) and the ZeRO-3
+    prefetch bucket."""
+    b, bucket = DTYPE_BYTES[dtype], reduce_bucket_elements(trainable)
+    if zero_stage in (1, 2):
+        return 2 * (4 if zero_stage == 1 else b) * bucket
+    if zero_stage == 3:
+        return b * bucket + b * min(STAGE3_BUCKET, params)
+    return 0.0
 
 
 def predict(work: Workload, knobs: Knobs) -> Prediction:

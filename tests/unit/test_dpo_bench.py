@@ -1,0 +1,50 @@
+"""The DPO memory benchmark's measuring tools (benchmarks/dpo_memory.py): the census of live weights and its
+interim DPO loss, by hand."""
+from __future__ import annotations
+
+import importlib.util
+import math
+from pathlib import Path
+
+import pytest
+import torch
+
+from engine.bench.live_weights import count_weights, live_modules
+
+ROOT = Path(__file__).resolve().parents[2]
+
+
+def bench_module():
+    spec = importlib.util.spec_from_file_location("dpo_memory", ROOT / "benchmarks" / "dpo_memory.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_a_second_model_is_counted_and_wrapping_or_sharing_is_not():
+    policy = torch.nn.Sequential(torch.nn.Linear(4, 4), torch.nn.LayerNorm(4))  # 16 + 4 + 4 + 4 floats
+    reference = torch.nn.Linear(8, 2)  # 16 + 2 floats
+    alone = count_weights(policy, list(policy.modules()))
+    assert alone == {"live_module_bytes": 28 * 4, "policy_bytes": 28 * 4, "non_policy_bytes": 0,
+                     "models_with_weights": 1}
+    both = count_weights(policy, [*policy.modules(), reference])
+    assert (both["non_policy_bytes"], both["models_with_weights"]) == (18 * 4, 2)
+    wrapper = torch.nn.Sequential(policy)  # the policy inside another module, as peft wraps it
+    alias = torch.nn.Linear(4, 4)
+    alias.weight, alias.bias = policy[0].weight, policy[0].bias  # the policy's storages: no new bytes
+    shared = count_weights(wrapper, [wrapper, *policy.modules()])
+    assert shared == alone | {"models_with_weights": 1}
+    assert count_weights(wrapper, [wrapper, *policy.modules(), alias])["non_policy_bytes"] == 0
+
+
+def test_the_census_sees_every_live_module():
+    reference = torch.nn.Linear(8, 2)
+    assert any(m is reference for m in live_modules(collect=False))  # no collection: a second less
+
+
+def test_interim_sigmoid_loss_by_hand():
+    # policy log-ratio chosen - rejected = -1 - (-3) = 2; the reference's = -2 - (-2) = 0; beta 0.5:
+    # -logsigmoid(0.5 x 2) = log(1 + e^-1) = 0.3132617
+    loss = bench_module().sigmoid_dpo_loss(torch.tensor([-1.0]), torch.tensor([-3.0]), torch.tensor([-2.0]),
+                                           torch.tensor([-2.0]), beta=0.5)
+    assert loss.item() == pytest.approx(math.log1p(math.exp(-1.0)))
