@@ -29,7 +29,7 @@ from collections.abc import Sequence
 from pathlib import Path
 
 from engine.errors import UserError
-from engine.runtime.atomic import remove_folder, write_atomically
+from engine.runtime.atomic import publish_folder, remove_folder, write_atomically
 
 logger = logging.getLogger("engine")
 
@@ -114,7 +114,7 @@ def _convert(role_folder: Path, saved_world: int, workers: int) -> None:
                         f"({type(e).__name__}: {e}); resume with the {saved_world} ranks that wrote it") from e
     finally:
         (role_folder / "latest_universal").unlink(missing_ok=True)  # ds_to_universal's pointer to the staging folder
-    staging.rename(role_folder / UNIVERSAL_DIR)
+    publish_folder(staging, role_folder / UNIVERSAL_DIR, model=False)
 
 
 def convert_newest(output_dir: Path, workers: int = 1) -> Path:
