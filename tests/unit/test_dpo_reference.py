@@ -41,6 +41,7 @@ def models(engine_cache):
     from transformers import AutoModelForCausalLM
 
     base = AutoModelForCausalLM.from_pretrained(str(tiny_model_folder(engine_cache)), torch_dtype=torch.float32).eval()
+    torch.manual_seed(0)  # lora_A's initialisation
     policy = apply_lora(copy.deepcopy(base), LoRAArgs(lora_dim=4, only_optimize_lora=True))
     with torch.no_grad():  # trained-looking adapters: the policy differs from the reference
         gen = torch.Generator().manual_seed(0)
@@ -85,8 +86,8 @@ def test_three_reference_modes_give_the_same_loss(models):
         losses[name] = batch_loss(policy, logps, DPOArgs())[0]
     torch.testing.assert_close(losses["adapters_off"], losses["copy"])
     torch.testing.assert_close(losses["precomputed"], losses["copy"])
-    # The adapters matter: the policy is not its reference, so the loss is not log 2.
-    assert abs(float(losses["copy"].detach()) - math.log(2)) > 0.01, float(losses["copy"])
+    # The adapters matter: the policy is not its reference (so the agreement above is not that of equal models).
+    assert float((policy.chosen - copy_ref.logps(batch, "train").chosen).abs().min()) > 0.1
 
 
 def test_policy_without_training_is_its_reference(models):
