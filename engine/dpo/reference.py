@@ -38,8 +38,10 @@ SPLITS = ("train", "eval")
 
 @contextlib.contextmanager
 def adapters_off(engine: Any) -> Iterator[None]:
-    """The policy engine as its own reference: eval mode (no dropout), LoRA adapters disabled; restores both."""
-    was_training = engine.training
+    """The policy engine as its own reference: eval mode (no dropout), LoRA adapters disabled; restores both.
+    (The mode is read from the engine's module: DeepSpeed's engine passes train()/eval() on without setting its
+    own `training`.)"""
+    was_training = engine.module.training
     engine.eval()
     try:
         with engine.module.disable_adapter():

@@ -73,7 +73,7 @@ def evaluate(engine: Any, reference: Reference, loader: Any, dpo: DPOArgs, devic
              chunk_size: int | None, max_batches: int) -> dict[str, float]:
     """The DPO metrics over at most `max_batches` evaluation batches per rank, all ranks: `eval/loss`,
     `eval/rewards/accuracies`, ..., `eval/pairs`. The policy runs in eval mode (no dropout)."""
-    was_training = engine.training
+    was_training = getattr(engine, "module", engine).training  # DeepSpeed's engine does not set its own
     engine.eval()
     sums = MetricSums()
     for i, batch in enumerate(loader):

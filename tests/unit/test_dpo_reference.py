@@ -26,7 +26,8 @@ PAIRS = [([5, 6, 7], [8, 9, 2], [9, 2]), ([5, 10], [11, 12, 13, 2], [13, 2]), ([
 
 
 class EngineLike(torch.nn.Module):
-    """What the reference uses of a DeepSpeed engine: `.module`, calls, train/eval."""
+    """What the reference uses of a DeepSpeed engine: `.module`, calls, and train/eval passed on to the module
+    without setting its own `training` (as DeepSpeed 0.19.8's engine does)."""
 
     def __init__(self, module: torch.nn.Module):
         super().__init__()
@@ -34,6 +35,10 @@ class EngineLike(torch.nn.Module):
 
     def forward(self, *args, **kwargs):
         return self.module(*args, **kwargs)
+
+    def train(self, mode: bool = True):
+        self.module.train(mode)
+        return self
 
 
 @pytest.fixture(scope="module")
@@ -48,7 +53,7 @@ def models(engine_cache):
         for name, p in policy.named_parameters():
             if "lora_B" in name:
                 p.copy_(torch.randn(p.shape, generator=gen) * 5.0)
-    return base, EngineLike(policy).train()
+    return base, EngineLike(policy.train())
 
 
 def dataset() -> DPOPairDataset:
@@ -75,7 +80,7 @@ def test_three_reference_modes_give_the_same_loss(models):
     # Precomputed in batches of 2 (other padding than the training batch), in the natural row order.
     cached = precompute(off_ref, {"train": data}, batch_size=2, pad_id=PAD, dist=DistInfo(0, 0, 1, torch.device("cpu")))
     pre_ref = Reference("precomputed", 0, cached=cached)
-    assert engine.training  # adapters_off restored training mode
+    assert engine.module.training  # adapters_off restored the training mode
 
     policy = pair_logps(engine, batch, 0)
     losses = {}
