@@ -413,8 +413,8 @@ DPO_LOSSES = ("sigmoid", "ipo", "hinge", "robust", "simpo")  # engine.rl.dpo.LOS
 
 @dataclass
 class DPOTrainArgs(RewardTrainArgs):
-    learning_rate: float = arg(5e-5, "Peak learning rate (DeepSpeed-Chat's step-2 default; DPO papers use 5e-7 "
-                               "to 1e-6 on 7B models).")
+    learning_rate: float = arg(1e-3, "Peak learning rate (DeepSpeed-Chat's DPO default; its OPT-350m scripts pass "
+                               "5e-5, its Llama-2-7B scripts 9.65e-6).")
 
 
 @dataclass
@@ -471,9 +471,10 @@ class DPOArgs:
 @dataclass
 class DPOLogArgs(LogArgs):
     output_dir: str = arg("output/step2_dpo", "Where the model, checkpoints, metrics and plots go.")
+    # DeepSpeed-Chat's DPO main kept step 2's TensorBoard names.
     tensorboard_path: str = arg(
-        "step2_dpo_tensorboard", _tensorboard_help("step2_dpo_model"))
-    tensorboard_job: ClassVar[str] = "step2_dpo_model"
+        "step2_tensorboard", _tensorboard_help("step2_model"))
+    tensorboard_job: ClassVar[str] = "step2_model"
 
 
 @dataclass
