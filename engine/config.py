@@ -455,8 +455,8 @@ class DPOArgs:
         if self.beta <= 0:
             out.append(f"--beta must be > 0 (got {self.beta})")
         if not 0 <= self.label_smoothing < 0.5:
-            out.append(f"--label_smoothing must be in [0, 0.5) (got {self.label_smoothing}): it is the chance a "
-                       "label is wrong, and 0.5 would mean the labels carry no preference")
+            out.append(f"--label_smoothing must be in [0, 0.5) (got {self.label_smoothing}); give the chance that a "
+                       "label is wrong (0.5 or more: the labels would carry no preference)")
         elif self.label_smoothing and self.dpo_loss in ("ipo", "hinge"):
             out.append(f"--label_smoothing has no meaning for --dpo_loss {self.dpo_loss}; use sigmoid, robust or "
                        "simpo, or drop it")
