@@ -210,7 +210,8 @@ class DeepSpeedArgs:
     compute_fp32_loss: bool = arg(
         False, "Step 1: compute the loss from fp32 logits (for bf16/fp16 training). Step 2 accepts it for "
         "DeepSpeed-Chat scripts but needs no switch: its reward model always returns fp32 scores, so the loss "
-        "is always fp32 (what the flag does in DeepSpeed-Chat).")
+        "is always fp32 (what the flag does in DeepSpeed-Chat). DPO accepts it too and always computes its "
+        "log-probs in fp32.")
     logprob_chunk_size: int | None = arg(
         None, "Steps 1 and 3: compute the loss, log-probs and entropy from the last hidden states this many "
         "sequence positions at a time (the LM head and log-softmax per chunk, recomputed in the backward), so no "
