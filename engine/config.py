@@ -437,7 +437,8 @@ class DPOArgs:
         "auto", "How the frozen reference is held: copy = a frozen copy of the starting model (ZeRO-3 when the "
         "policy is, else whole; --offload_reference_model, --reference_quantization); adapters_off = the policy "
         "with its LoRA adapters switched off (no second copy; needs --lora_dim > 0 and --only_optimize_lora, so "
-        "that the base stays the starting model); auto = adapters_off when that holds, else copy.",
+        "that the base stays the starting model); auto = adapters_off when that holds and no flag asks for a "
+        "held copy (--offload_reference_model, --reference_quantization), else copy.",
         choices=("auto", "copy", "adapters_off"))
     precompute_ref_logps: bool = arg(
         False, "Compute the reference's log-probs of every pair in one pass before training, cache them beside the "
@@ -502,7 +503,10 @@ class DPOConfig(StepConfig):
             return "none"
         if self.dpo.reference_model != "auto":
             return self.dpo.reference_model
-        return "adapters_off" if self.lora.lora_dim > 0 and self.lora.only_optimize_lora else "copy"
+        # A DeepSpeed-Chat command line with --offload_reference_model asks for a held copy, so auto keeps it.
+        wants_copy = self.dpo.offload_reference_model or self.dpo.reference_quantization != "none"
+        frozen_base = self.lora.lora_dim > 0 and self.lora.only_optimize_lora
+        return "adapters_off" if frozen_base and not wants_copy else "copy"
 
     def cross_part_problems(self) -> list[str]:
         dpo, out = self.dpo, []

@@ -71,14 +71,3 @@ def test_dpo_pairs_keep_the_end_token_even_when_it_is_the_pad_token_and_record_p
     kept_prompts = (" Human: x Assistant:", " Human: sort 3 1 Assistant:")
     assert lengths == [len(tok(prompt)["input_ids"]) for prompt in kept_prompts]
 
-
-def test_dpo_reference_mode():
-    from engine.config import DPOConfig
-    from engine.flags import build_config
-
-    assert build_config(DPOConfig).reference_mode == "copy"
-    assert build_config(DPOConfig, {"lora_dim": 4}).reference_mode == "copy"  # the base trains: no adapters-off
-    assert build_config(DPOConfig, {"lora_dim": 4, "only_optimize_lora": True}).reference_mode == "adapters_off"
-    assert build_config(DPOConfig, {"lora_dim": 4, "only_optimize_lora": True, "reference_model": "copy"}
-                        ).reference_mode == "copy"
-    assert build_config(DPOConfig, {"dpo_loss": "simpo"}).reference_mode == "none"
