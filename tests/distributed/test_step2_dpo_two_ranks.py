@@ -32,10 +32,12 @@ def test_zero3_lora_dpo_improves_held_out_preference_accuracy(run_step, engine_c
     # Before training the policy is its reference exactly (LoRA B = 0), gathered from ZeRO-3 shards with its
     # adapters switched off: every reward is 0, so no pair is ranked right (accuracy counts chosen > rejected).
     assert evals[0]["eval/rewards/accuracies"] == 0.0 and evals[0]["eval/rewards/margins"] == 0.0
-    # 1800 train pairs, 200 held out; after 50 steps of 16 pairs. Measured held-out accuracy: 0.765 (--seed 1234,
-    # the default), MEASURED_SEEDS; the bar is the lowest less 2 binomial standard deviations of 200 pairs.
+    # 1800 train pairs, 200 held out; after 50 steps of 16 pairs. Held-out accuracy measured 2026-12-07 (this
+    # command, torch 2.13.0+cpu, DeepSpeed 0.19.8) with --seed 1234 (the default) / 1 / 2 / 3 / 4: 0.765 / 0.705 /
+    # 0.73 / 0.73 / 0.765. The bar is the lowest less 2 binomial standard deviations of 200 pairs at the mean
+    # (0.74: sd 0.031), 0.705 - 0.062; an untrained policy scores 0 here, a coin 0.5.
     acc = evals[-1]["eval/rewards/accuracies"]
-    assert evals[-1]["step"] == 50 and acc >= BAR and evals[-1]["eval/rewards/margins"] > 0
+    assert evals[-1]["step"] == 50 and acc >= 0.64 and evals[-1]["eval/rewards/margins"] > 0
     probe = ("import sys; from transformers import AutoModelForCausalLM as M; m = M.from_pretrained(sys.argv[1]); "
              "assert not any('lora' in k for k in m.state_dict()); print('ok')")
     proc = subprocess.run([sys.executable, "-c", probe, str(out)], capture_output=True, text=True, timeout=120)
