@@ -7,11 +7,11 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from engine.config import Step1Config, Step2Config, Step3Config
+from engine.config import DPOConfig, Step1Config, Step2Config, Step3Config
 from engine.flags import flag_table
 
 FLAGS_MD = Path(__file__).resolve().parent / "flags.md"
-CONFIGS = {"step1": Step1Config, "step2": Step2Config, "step3": Step3Config}
+CONFIGS = {"step1": Step1Config, "step2": Step2Config, "step2_dpo": DPOConfig, "step3": Step3Config}
 
 
 def regenerate(text: str) -> str:

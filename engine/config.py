@@ -35,6 +35,7 @@ SECTIONS = {
     "generation": "How the actor writes its answers during training.",
     "RL algorithm": "Rewards, KL, advantages and the policy loss (docs/step3.md, docs/rewards.md).",
     "reward model": "The pairwise loss of the reward model.",
+    "DPO": "The DPO-family loss and how its frozen reference is held (docs/step2_dpo.md).",
     "training": "Batch sizes, optimizer, schedule and seed.",
     "DeepSpeed": "ZeRO, offload, dtype and the other memory settings.",
     "LoRA": "Low-rank adapters (peft).",
@@ -43,8 +44,8 @@ SECTIONS = {
     "reliability": "What stops a run that has gone wrong.",
 }
 PART_SECTIONS = {"model": "model", "data": "data", "train": "training", "ds": "DeepSpeed", "lora": "LoRA",
-                 "log": "logging", "fault": "reliability", "reward": "reward model", "ppo": "RL algorithm",
-                 "rl": "RL algorithm"}
+                 "log": "logging", "fault": "reliability", "reward": "reward model", "dpo": "DPO",
+                 "ppo": "RL algorithm", "rl": "RL algorithm"}
 
 
 def arg(default: Any = None, help: str = "", choices: Sequence[Any] | None = None,
@@ -209,7 +210,8 @@ class DeepSpeedArgs:
     compute_fp32_loss: bool = arg(
         False, "Step 1: compute the loss from fp32 logits (for bf16/fp16 training). Step 2 accepts it for "
         "DeepSpeed-Chat scripts but needs no switch: its reward model always returns fp32 scores, so the loss "
-        "is always fp32 (what the flag does in DeepSpeed-Chat).")
+        "is always fp32 (what the flag does in DeepSpeed-Chat). DPO accepts it too and always computes its "
+        "log-probs in fp32.")
     logprob_chunk_size: int | None = arg(
         None, "Steps 1 and 3: compute the loss, log-probs and entropy from the last hidden states this many "
         "sequence positions at a time (the LM head and log-softmax per chunk, recomputed in the backward), so no "
@@ -402,6 +404,126 @@ class Step2Config(StepConfig):
     reward: RewardArgs = field(default_factory=RewardArgs)
     log: RewardLogArgs = field(default_factory=RewardLogArgs)
     fault: FaultArgs = field(default_factory=FaultArgs)
+
+
+# ----------------------------------------------------------------------------------------------
+# Step 2, the DPO alternative (step2_dpo/main.py): learns from the pairs directly, no reward model, no PPO
+# ----------------------------------------------------------------------------------------------
+DPO_LOSSES = ("sigmoid", "ipo", "hinge", "robust", "simpo")  # engine.rl.dpo.LOSSES (engine.rl imports no config)
+
+
+@dataclass
+class DPOTrainArgs(RewardTrainArgs):
+    learning_rate: float = arg(1e-3, "Peak learning rate (DeepSpeed-Chat's DPO default; its OPT-350m scripts pass "
+                               "5e-5, its Llama-2-7B scripts 9.65e-6).")
+
+
+@dataclass
+class DPOArgs:
+    dpo_loss: str = arg(
+        "sigmoid", "The loss: sigmoid = DPO (with --label_smoothing: conservative DPO, DeepSpeed-Chat's and "
+        "OpenRLHF's), ipo, hinge (SLiC), robust (rDPO), simpo (reference-free, length-normalised; no reference "
+        "model at all). Formulas in docs/step2_dpo.md.", choices=DPO_LOSSES)
+    beta: float = arg(0.1, "DPO's beta, the strength of the pull towards the reference (DeepSpeed-Chat, OpenRLHF "
+                      "and TRL: 0.1); for simpo the reward scale (the SimPO paper: 2 to 2.5).")
+    label_smoothing: float = arg(
+        0.0, "The assumed chance that a pair's preference is wrong, in [0, 0.5): conservative DPO with sigmoid "
+        "(DeepSpeed-Chat's flag), the unbiased loss with robust, smoothing with simpo (0: plain DPO).")
+    simpo_gamma: float = arg(0.5, "SimPO's target reward margin (TRL's default, 0.5).")
+    nll_coef: float = arg(
+        0.0, "Add this times the chosen answer's negative log-likelihood per token (OpenRLHF's --nll_loss_coef, "
+        "Llama 3's recipe); 0: none.")
+    reference_model: str = arg(
+        "auto", "How the frozen reference is held: copy = a frozen copy of the starting model (ZeRO-3 when the "
+        "policy is, else whole; --offload_reference_model, --reference_quantization); adapters_off = the policy "
+        "with its LoRA adapters switched off (no second copy; needs --lora_dim > 0 and --only_optimize_lora, so "
+        "that the base stays the starting model); auto = adapters_off when that holds and no flag asks for a "
+        "held copy (--offload_reference_model, --reference_quantization), else copy.",
+        choices=("auto", "copy", "adapters_off"))
+    precompute_ref_logps: bool = arg(
+        False, "Compute the reference's log-probs of every pair in one pass before training, cache them beside the "
+        "tokenized data (keyed by data, tokenizer and reference model), then drop the reference: no reference in "
+        "memory while training (TRL's precompute_ref_log_probs).")
+    offload_reference_model: bool = arg(
+        False, "Offload the frozen copy's parameters to CPU (DeepSpeed-Chat's flag; needs --zero_stage 3, under "
+        "which the copy is partitioned like the policy).")
+    reference_quantization: str = arg(
+        "none", "Load the frozen copy's Linear weights with bitsandbytes: 8bit (LLM.int8) or 4bit (NF4), whole on "
+        "every rank. Its log-probs then differ from the starting model's by the rounding, so the loss does not "
+        "start at log 2.", choices=("none", "8bit", "4bit"))
+
+    def problems(self) -> list[str]:
+        out = []
+        if self.beta <= 0:
+            out.append(f"--beta must be > 0 (got {self.beta})")
+        if not 0 <= self.label_smoothing < 0.5:
+            out.append(f"--label_smoothing must be in [0, 0.5) (got {self.label_smoothing}); give the chance that a "
+                       "label is wrong (0.5 or more: the labels would carry no preference)")
+        elif self.label_smoothing and self.dpo_loss in ("ipo", "hinge"):
+            out.append(f"--label_smoothing has no meaning for --dpo_loss {self.dpo_loss}; use sigmoid, robust or "
+                       "simpo, or drop it")
+        if self.nll_coef < 0:
+            out.append(f"--nll_coef must be >= 0 (got {self.nll_coef})")
+        if self.offload_reference_model and self.reference_quantization != "none":
+            out.append("--offload_reference_model and --reference_quantization exclude each other: offloading moves "
+                       "ZeRO-3 partitions to the CPU, and a quantized reference is not partitioned; drop one of them")
+        return out
+
+
+@dataclass
+class DPOLogArgs(LogArgs):
+    output_dir: str = arg("output/step2_dpo", "Where the model, checkpoints, metrics and plots go.")
+    # DeepSpeed-Chat's DPO main kept step 2's TensorBoard names.
+    tensorboard_path: str = arg(
+        "step2_tensorboard", _tensorboard_help("step2_model"))
+    tensorboard_job: ClassVar[str] = "step2_model"
+
+
+@dataclass
+class DPOConfig(StepConfig):
+    """Step 2, DPO: a policy trained on preference pairs against a frozen reference."""
+
+    model: ModelArgs = field(default_factory=ModelArgs)
+    data: DataArgs = field(default_factory=DataArgs)
+    train: DPOTrainArgs = field(default_factory=DPOTrainArgs)
+    ds: DeepSpeedArgs = field(default_factory=DeepSpeedArgs)
+    lora: LoRAArgs = field(default_factory=LoRAArgs)
+    dpo: DPOArgs = field(default_factory=DPOArgs)
+    log: DPOLogArgs = field(default_factory=DPOLogArgs)
+    fault: FaultArgs = field(default_factory=FaultArgs)
+
+    @property
+    def reference_free(self) -> bool:
+        return self.dpo.dpo_loss == "simpo"
+
+    @property
+    def reference_mode(self) -> str:
+        """'none' (simpo), 'copy' or 'adapters_off': --reference_model with auto resolved."""
+        if self.reference_free:
+            return "none"
+        if self.dpo.reference_model != "auto":
+            return self.dpo.reference_model
+        # A DeepSpeed-Chat command line with --offload_reference_model asks for a held copy, so auto keeps it.
+        wants_copy = self.dpo.offload_reference_model or self.dpo.reference_quantization != "none"
+        frozen_base = self.lora.lora_dim > 0 and self.lora.only_optimize_lora
+        return "adapters_off" if frozen_base and not wants_copy else "copy"
+
+    def cross_part_problems(self) -> list[str]:
+        dpo, out = self.dpo, []
+        if dpo.reference_model == "adapters_off" and not (self.lora.lora_dim > 0 and self.lora.only_optimize_lora):
+            out.append("--reference_model adapters_off needs --lora_dim > 0 and --only_optimize_lora (with the base "
+                       "training too, the policy without adapters is no longer the starting model); add them or use "
+                       "--reference_model copy")
+        if self.reference_mode != "copy" and (dpo.offload_reference_model or dpo.reference_quantization != "none"):
+            out.append("--offload_reference_model and --reference_quantization set how a frozen copy is held, and "
+                       f"this run has none (reference: {self.reference_mode}); drop them or add --reference_model copy")
+        elif dpo.offload_reference_model and self.ds.zero_stage != 3:
+            out.append("--offload_reference_model needs --zero_stage 3 (the reference is partitioned like the "
+                       "policy; DeepSpeed offloads parameters only under ZeRO-3)")
+        if self.reference_free and dpo.precompute_ref_logps:
+            out.append("--precompute_ref_logps has nothing to compute with --dpo_loss simpo, which uses no reference; "
+                       "drop it")
+        return out
 
 
 # ----------------------------------------------------------------------------------------------

@@ -47,6 +47,11 @@ def preflight(cfg: Any) -> list[str]:
         out.append(f"--data_output_path {path} is a file; give a folder path for the tokenized-data cache")
     if isinstance(cfg, Step3Config):
         out += _step3_preflight(cfg)
+    dpo = getattr(cfg, "dpo", None)  # DPOConfig
+    missing = missing_quantization_packages() if dpo is not None and dpo.reference_quantization != "none" else []
+    if missing:
+        out.append(f"--reference_quantization needs {' and '.join(missing)}, which "
+                   f"{'are' if len(missing) > 1 else 'is'} not installed: pip install {' '.join(missing)}")
     return out
 
 

@@ -4,6 +4,12 @@ Each side is prompt + answer (+ the end token when it differs from the pad token
 real token is the same one Hugging Face's sequence-classification pooling reads). Pairs that cannot
 teach a preference are skipped and counted: no rejected answer, or chosen and rejected identical
 (also after truncation).
+
+DPO (`load_dpo_pair_data`) reads the same slice, with two differences: the end token is always appended
+(the policy must learn to stop; the attention mask, not the id, marks it real when it is the pad id), and
+each side keeps its prompt length (the prompt tokenized alone, as step 1), so the log-probs cover the answer
+only (`engine.rl.dpo.answer_actions`). Its items carry their row index in the split (`index`), the key of
+the precomputed reference log-probs (`engine.data.ref_logps`).
 """
 from __future__ import annotations
 
@@ -36,29 +42,33 @@ class PairStats:
     dropped_overlength: int = 0
 
 
-def tokenize_scored(prompt: str, answer: str, tokenizer: Any, end_id: int) -> list[int]:
-    """Token ids of a sequence to score: prompt + answer, ending with `end_id` unless it is the pad id."""
+def tokenize_scored(prompt: str, answer: str, tokenizer: Any, end_id: int, always_end: bool = False) -> list[int]:
+    """Token ids of a sequence to score: prompt + answer, ending with `end_id` unless it is the pad id
+    (`always_end`: also then)."""
     ids = tokenizer(prompt + answer)["input_ids"]
-    if end_id != tokenizer.pad_token_id and (not ids or ids[-1] != end_id):
+    if (always_end or end_id != tokenizer.pad_token_id) and (not ids or ids[-1] != end_id):
         ids = ids + [end_id]
     return ids
 
 
-def tokenize_pair(row: Row, tokenizer: Any, end_id: int) -> tuple[list[int], list[int]]:
+def tokenize_pair(row: Row, tokenizer: Any, end_id: int, always_end: bool = False) -> tuple[list[int], list[int]]:
     """Token ids of prompt + chosen and of prompt + rejected."""
-    return (tokenize_scored(row.prompt, row.chosen, tokenizer, end_id),
-            tokenize_scored(row.prompt, row.rejected, tokenizer, end_id))
+    return (tokenize_scored(row.prompt, row.chosen, tokenizer, end_id, always_end),
+            tokenize_scored(row.prompt, row.rejected, tokenizer, end_id, always_end))
 
 
-def tokenize_pairs(rows: list[Row], tokenizer: Any, data: DataArgs, end_id: int, stats: PairStats
-                   ) -> tuple[list[list[int]], list[list[int]]]:
+def tokenize_pairs(rows: list[Row], tokenizer: Any, data: DataArgs, end_id: int, stats: PairStats,
+                   prompt_lengths: list[int] | None = None) -> tuple[list[list[int]], list[list[int]]]:
+    """(chosen ids, rejected ids) of the usable rows. Given a list, `prompt_lengths` receives each kept pair's
+    prompt length (DPO: the end token is then always appended)."""
+    dpo = prompt_lengths is not None
     chosen, rejected = [], []
     for row in rows:
         stats.rows += 1
         if row.rejected is None:
             stats.no_rejected += 1
             continue
-        c, r = tokenize_pair(row, tokenizer, end_id)
+        c, r = tokenize_pair(row, tokenizer, end_id, always_end=dpo)
         if max(len(c), len(r)) > data.max_seq_len:
             if data.overlength == "drop":
                 stats.dropped_overlength += 1
@@ -71,10 +81,13 @@ def tokenize_pairs(rows: list[Row], tokenizer: Any, data: DataArgs, end_id: int,
         stats.kept += 1
         chosen.append(c)
         rejected.append(r)
+        if dpo:
+            prompt_lengths.append(len(tokenizer(row.prompt)["input_ids"]))
     return chosen, rejected
 
 
-def _build(data: DataArgs, tokenizer: Any, seed: int) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
+def _build(data: DataArgs, tokenizer: Any, seed: int, dpo: bool = False
+           ) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
     train_rows, eval_rows = phase_rows(data, tokenizer, 2, seed)
     end_id = end_token_id(tokenizer, data)
     tensors, meta = {}, {}
@@ -83,7 +96,8 @@ def _build(data: DataArgs, tokenizer: Any, seed: int) -> tuple[dict[str, torch.T
             raise UserError(f"--data_split {data.data_split} gives step 2 no {split} rows; give step 2 a larger share "
                             "or more rows (or a folder with an eval.* file)")
         stats = PairStats()
-        chosen, rejected = tokenize_pairs(rows, tokenizer, data, end_id, stats)
+        prompt_lengths: list[int] | None = [] if dpo else None
+        chosen, rejected = tokenize_pairs(rows, tokenizer, data, end_id, stats, prompt_lengths)
         if not chosen:
             raise UserError(f"no usable {split} preference pairs for step 2 ({asdict(stats)}); " + (
                 f"{stats.dropped_overlength} longer than --max_seq_len were dropped; raise the limit or use "
@@ -92,6 +106,8 @@ def _build(data: DataArgs, tokenizer: Any, seed: int) -> tuple[dict[str, torch.T
                 "--data_path and --data_split"))
         for side, seqs in (("chosen", chosen), ("rejected", rejected)):
             tensors |= {f"{split}/{side}_{k}": v for k, v in pack_sequences(seqs).items()}
+        if dpo:
+            tensors[f"{split}/prompt_lengths"] = torch.tensor(prompt_lengths, dtype=torch.int64)
         meta[f"{split}_stats"] = json.dumps(asdict(stats))
     return tensors, meta
 
@@ -118,6 +134,20 @@ def load_pair_data(data: DataArgs, tokenizer: Any, cache_dir: Path, seed: int, d
     return tuple(PairDataset(split_tensors(tensors, split)) for split in ("train", "eval"))
 
 
+def dpo_cache_path(data: DataArgs, tokenizer: Any, cache_dir: Path, seed: int) -> Path:
+    """The tokenized DPO pairs' cache file; its name is the data's fingerprint (`engine.data.ref_logps`)."""
+    return cache_dir / f"dpo_pairs_{cache_key(data, tokenizer, 2, seed, extra={'dpo': 1})}.safetensors"
+
+
+def load_dpo_pair_data(data: DataArgs, tokenizer: Any, cache_dir: Path, seed: int, dist: DistInfo
+                       ) -> tuple[DPOPairDataset, DPOPairDataset]:
+    """Step 2's slice as DPO pairs (end token always, prompt lengths): built by rank 0 or reused, on every rank."""
+    path = dpo_cache_path(data, tokenizer, cache_dir, seed)
+    tensors, meta = cached_tensors(path, lambda: _build(data, tokenizer, seed, dpo=True), dist)
+    _log_stats(meta, data)
+    return tuple(DPOPairDataset(split_tensors(tensors, split)) for split in ("train", "eval"))
+
+
 class PairDataset(torch.utils.data.Dataset):
     def __init__(self, tensors: dict[str, torch.Tensor]):
         self.t = tensors
@@ -134,3 +164,17 @@ def collate_pairs(batch: list[dict[str, torch.Tensor]], pad_id: int) -> dict[str
     """Right-padded (2B, T) input_ids and attention_mask: the B chosen rows, then the B rejected rows."""
     input_ids, mask = right_pad([b["chosen"] for b in batch] + [b["rejected"] for b in batch], pad_id)
     return {"input_ids": input_ids, "attention_mask": mask}
+
+
+class DPOPairDataset(PairDataset):
+    """Pairs with their prompt length and their row index in the split."""
+
+    def __getitem__(self, i: int) -> dict[str, torch.Tensor]:
+        return super().__getitem__(i) | {"prompt_length": self.t["prompt_lengths"][i], "index": torch.tensor(i)}
+
+
+def collate_dpo_pairs(batch: list[dict[str, torch.Tensor]], pad_id: int) -> dict[str, torch.Tensor]:
+    """`collate_pairs` plus prompt_lengths (2B,) in the same row order and index (B,), each pair's row."""
+    out = collate_pairs(batch, pad_id)
+    lengths = torch.stack([b["prompt_length"] for b in batch])
+    return out | {"prompt_lengths": torch.cat([lengths, lengths]), "index": torch.stack([b["index"] for b in batch])}

@@ -204,7 +204,8 @@ class FrozenModule(torch.nn.Module):
         return self.module(*args, **kwargs)
 
 
-def _init_frozen(model: torch.nn.Module, ds_config: dict[str, Any]) -> Any:
+def init_frozen(model: torch.nn.Module, ds_config: dict[str, Any] | None) -> Any:
+    """A frozen role: a DeepSpeed inference engine (`ds_config`), or a `FrozenModule` for a quantized model."""
     if is_quantized(model):
         return FrozenModule(model)
     engine = deepspeed_initialize(_freeze(model), None, None, ds_config)
@@ -239,7 +240,7 @@ def build_roles(cfg: Step3Config, dist: DistInfo, tokenizer: Any, actor_path: st
     if _mixed_precision_lora(cfg):
         quantize_nontrainable_params(actor_engine)
     ref_config = _frozen_config(cfg, ds.reference_quantization, ds.actor_zero_stage, ds.offload_reference_model, world)
-    reference = (_init_frozen(load_causal_lm(actor_path, actor_args, tokenizer, dtype, ref_config, False,
+    reference = (init_frozen(load_causal_lm(actor_path, actor_args, tokenizer, dtype, ref_config, False,
                                              ds.reference_quantization, device, role="reference"), ref_config)
                  if cfg.needs_reference else None)
 
@@ -248,7 +249,7 @@ def build_roles(cfg: Step3Config, dist: DistInfo, tokenizer: Any, actor_path: st
     critic_engine = (None if cfg.critic_free else
                      _critic_role(cfg, critic_path, critic_args, tokenizer, total_steps, world))
     reward_config = _frozen_config(cfg, ds.reward_quantization, ds.critic_zero_stage, ds.offload_reward_model, world)
-    reward = (_init_frozen(load_reward_model(critic_path, critic_args, tokenizer, dtype, reward_config, False,
+    reward = (init_frozen(load_reward_model(critic_path, critic_args, tokenizer, dtype, reward_config, False,
                                              ds.reward_quantization, device, role="reward"), reward_config)
               if cfg.needs_reward_model else None)
 
@@ -300,7 +301,7 @@ def _ema_role(cfg: Step3Config, actor_engine: Any, actor_path: str, tokenizer: A
     if actor_lora.lora_dim > 0:
         with torch.random.fork_rng(devices=[]):  # its LoRA init is overwritten; keep the RNG stream
             ema = apply_lora(ema, actor_lora)
-    ema_engine = _init_frozen(ema, ema_config)
+    ema_engine = init_frozen(ema, ema_config)
     ema_update(ema_engine.module, actor_engine.module, decay=0.0, zero_stage=ds.actor_zero_stage)
     return ema_engine
 

@@ -260,6 +260,7 @@ class StepInputs:
     train_loader: torch.utils.data.DataLoader
     eval_loader: torch.utils.data.DataLoader
     schedule: Schedule
+    cache_dir: Path  # the tokenized-data cache folder (--data_output_path, or data_cache/ in --output_dir)
 
 
 def prepare_step(cfg: Any, load_data: Callable[..., tuple[Any, Any]], collate: Callable[..., Any],
@@ -290,4 +291,4 @@ def prepare_step(cfg: Any, load_data: Callable[..., tuple[Any, Any]], collate: C
     schedule = schedule.resumed(resume_position(out) if cfg.log.resume else None, train_loader,
                                 t.gradient_accumulation_steps, t.num_train_epochs)
     return StepInputs(out, dist, ds_config, ds_config["zero_optimization"]["stage"], model_path, tokenizer,
-                      train_loader, eval_loader, schedule)
+                      train_loader, eval_loader, schedule, cache_dir)

@@ -25,8 +25,10 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-STEPS = {1: "step1_sft.main", 2: "step2_reward.main", 3: "step3_rlhf.main"}
+DPO = 4  # step2_dpo/main.py, the DPO alternative to steps 2 + 3 (step 2's data and steps 1-2's model flags)
+STEPS = {1: "step1_sft.main", 2: "step2_reward.main", 3: "step3_rlhf.main", DPO: "step2_dpo.main"}
 ALL, PAIRS = (1, 2, 3), (1, 2)  # PAIRS: steps 1 and 2, which share the data and model flags
+LABELS = {1: "1", 2: "2", 3: "3", DPO: "DPO"}  # in docs/errors.md
 
 
 @dataclass(frozen=True)
@@ -120,7 +122,7 @@ def too_long(c: Ctx, step: int) -> list[str]:
 
 
 def empty_slice(c: Ctx, step: int) -> list[str]:
-    split = {1: "0,1,1", 2: "1,0,1", 3: "1,1,0"}[step]
+    split = {1: "0,1,1", 2: "1,0,1", 3: "1,1,0", DPO: "1,0,1"}[step]
     return ["--data_path", c.write("data.jsonl", jsonl(GOOD)), "--data_split", split]
 
 
@@ -215,7 +217,7 @@ def per_step(**by_step: list[str]) -> Callable[[Ctx, int], list[str]]:
 
 CASES: list[Case] = [
     # --- where the data comes from
-    Case("missing-data-file", "--data_path names a file that does not exist", ALL,
+    Case("missing-data-file", "--data_path names a file that does not exist", (*ALL, DPO),
          lambda c, step: ["--data_path", str(c.dir / "nope.jsonl")],
          "not a file, folder or known dataset name (the file does not exist)", "give a .jsonl/.json/.parquet file"),
     Case("unknown-dataset-name", "--data_path is neither a file, a folder nor a known hub dataset", ALL,
@@ -229,7 +231,7 @@ CASES: list[Case] = [
     Case("unsupported-file-type", "a .csv (or other) file: only .jsonl, .json and .parquet are read", (1,),
          data("data.csv", "prompt,chosen\n\"a,b\n"), "unsupported file type", "use .jsonl, .json or .parquet"),
     # --- malformed files
-    Case("malformed-jsonl-line", "a .jsonl line that is not JSON", ALL,
+    Case("malformed-jsonl-line", "a .jsonl line that is not JSON", (*ALL, DPO),
          data("data.jsonl", jsonl(GOOD[:1]) + '{"prompt": oops}\n' + jsonl(GOOD[1:])),
          "data.jsonl:2: malformed JSON", "fix or remove that line"),
     Case("malformed-json-file", "a .json file that is not JSON", ALL,
@@ -265,10 +267,10 @@ CASES: list[Case] = [
     Case("column-named-completions", "a step-3 field named like a reward-function argument", (3,),
          data("data.jsonl", jsonl([row(i, completions="x") for i in range(2, 12)])),
          "a field named 'completions'", "rename it with --prompt_column_map completions=<another name>"),
-    Case("no-rejected-answers", "step 2 data without 'rejected' (SFT-only data)", (2,),
+    Case("no-rejected-answers", "step 2 data without 'rejected' (SFT-only data)", (2, DPO),
          data("data.jsonl", jsonl([row(i, rejected=None) for i in range(20)])), "no usable train preference pairs",
          "rows need a 'rejected' answer that differs from 'chosen'"),
-    Case("identical-pairs", "step 2 data whose chosen and rejected are the same", (2,),
+    Case("identical-pairs", "step 2 data whose chosen and rejected are the same", (2, DPO),
          data("data.jsonl", jsonl([row(i, rejected=f" 1 {i}") for i in range(20)])),
          "no usable train preference pairs", "rows need a 'rejected' answer that differs from 'chosen'"),
     Case("number-field", "a number where text is expected", ALL, bad_row(prompt=5),
@@ -287,14 +289,14 @@ CASES: list[Case] = [
          "no usable train", "raise the limit"),
     Case("every-prompt-too-long", "every prompt over --max_prompt_seq_len (longer prompts are dropped, as "
          "DeepSpeed-Chat does)", (3,), too_long, "fits --max_prompt_seq_len 3", "raise the limit"),
-    Case("empty-data-slice", "--data_split gives the step no rows", ALL, empty_slice,
+    Case("empty-data-slice", "--data_split gives the step no rows", (*ALL, DPO), empty_slice,
          "gives step", "a larger share"),
     Case("ptx-missing-file", "--unsupervised_dataset_name names a file that does not exist", (3,),
          ptx("nope.txt", None), "no such file or folder", "give a .txt/.jsonl/.json/.parquet file"),
     Case("ptx-too-little-text", "PTX text too short for one block of prompt + answer tokens", (3,),
          ptx("ptx.txt", "just a few words\n"), "make no full block", "give more text", leaves="data_cache"),
     # --- model folders
-    Case("missing-model-folder", "the model folder does not exist", PAIRS,
+    Case("missing-model-folder", "the model folder does not exist", (*PAIRS, DPO),
          model(lambda c: str(c.dir / "no-model")), "no such model folder", "give a Hugging Face model folder"),
     Case("missing-actor-folder", "step 3's actor folder does not exist", (3,),
          model(lambda c: str(c.dir / "no-model")), "no such model folder", "run step 1 first",
@@ -339,22 +341,37 @@ CASES: list[Case] = [
          flags("--max_prompt_seq_len", "400", "--max_answer_seq_len", "200"),
          "exceeds the actor's context of 512 tokens", "lower them"),
     # --- flags
-    Case("unknown-flag", "a flag the step does not have", ALL, flags("--not_a_flag", "1"),
+    Case("unknown-flag", "a flag the step does not have", (*ALL, DPO), flags("--not_a_flag", "1"),
          "unknown flag(s) --not_a_flag", "see --help"),
     Case("bad-flag-value", "a flag value of the wrong type", (1,), flags("--learning_rate", "fast"),
          "argument --learning_rate: invalid float value: 'fast'", "see --help"),
     Case("bad-choice", "a value outside a flag's choices", (1,), flags("--zero_stage", "5"),
          "argument --zero_stage: invalid choice", "see --help"),
-    Case("offload-below-zero-2", "--offload below ZeRO-2 (DeepSpeed would ignore it)", ALL,
+    Case("offload-below-zero-2", "--offload below ZeRO-2 (DeepSpeed would ignore it)", (*ALL, DPO),
          per_step(s1=["--offload", "--zero_stage", "1"], s3=["--offload", "--actor_zero_stage", "1"]),
          "--offload needs", "DeepSpeed ignores offload below stage 2"),
     Case("offload-reference-below-zero-3", "--offload_reference_model without a ZeRO-3 actor", (3,),
          flags("--offload_reference_model"), "--offload_reference_model needs --actor_zero_stage 3",
          "DeepSpeed offloads parameters only under ZeRO-3"),
+    Case("dpo-offload-reference-below-zero-3", "DPO's --offload_reference_model without ZeRO-3", (DPO,),
+         flags("--offload_reference_model"), "--offload_reference_model needs --zero_stage 3",
+         "DeepSpeed offloads parameters only under ZeRO-3"),
+    Case("dpo-adapters-off-without-frozen-lora", "DPO's reference as the policy without adapters, but no frozen "
+         "LoRA base", (DPO,), flags("--reference_model", "adapters_off"),
+         "--reference_model adapters_off needs --lora_dim > 0 and --only_optimize_lora", "--reference_model copy"),
+    Case("dpo-label-smoothing-out-of-range", "DPO's --label_smoothing outside [0, 0.5)", (DPO,),
+         flags("--label_smoothing", "0.5"), "--label_smoothing must be in [0, 0.5)",
+         "give the chance that a label is wrong"),
+    Case("dpo-label-smoothing-without-meaning", "--label_smoothing with a DPO loss that has no label noise (ipo, "
+         "hinge)", (DPO,), flags("--dpo_loss", "ipo", "--label_smoothing", "0.1"),
+         "--label_smoothing has no meaning for --dpo_loss ipo", "use sigmoid, robust or simpo"),
+    Case("dpo-precompute-without-reference", "--precompute_ref_logps with the reference-free SimPO loss", (DPO,),
+         flags("--dpo_loss", "simpo", "--precompute_ref_logps"), "--precompute_ref_logps has nothing to compute",
+         "drop it"),
     Case("offload-reward-below-zero-3", "--offload_reward_model without a ZeRO-3 critic", (3,),
          flags("--offload_reward_model"), "--offload_reward_model needs --critic_zero_stage 3",
          "DeepSpeed offloads parameters only under ZeRO-3"),
-    Case("only-optimize-lora-without-lora", "--only_optimize_lora without a LoRA rank", ALL,
+    Case("only-optimize-lora-without-lora", "--only_optimize_lora without a LoRA rank", (*ALL, DPO),
          flags("--only_optimize_lora"), "--only_optimize_lora needs", "lora_dim"),
     Case("save-total-limit-without-interval", "--save_total_limit without --save_interval", ALL,
          flags("--save_total_limit", "2"), "--save_total_limit needs --save_interval > 0",
@@ -413,24 +430,29 @@ CASES: list[Case] = [
          ds_config('{"zero_optimization": {"stage": 3}}'), "zero_optimization.stage = 3 contradicts the flags",
          "set it to \"auto\" or pass the matching flag"),
     # --- output
-    Case("output-dir-is-a-file", "--output_dir is a file", ALL, output_is_a_file, "is a file", "give a folder path"),
+    Case("output-dir-is-a-file", "--output_dir is a file", (*ALL, DPO), output_is_a_file, "is a file",
+         "give a folder path"),
     Case("output-dir-under-a-file", "--output_dir lies inside a file's path", (1,), output_under_a_file,
          "is a file, not a folder", "give a folder path"),
     Case("output-dir-read-only", "--output_dir where the user may not write", ALL, output_read_only,
          "no permission to write in", "choose a folder you can write to"),
     Case("data-cache-is-a-file", "--data_output_path (the tokenized-data cache) is a file", ALL, cache_is_a_file,
          "--data_output_path", "give a folder path"),
-    Case("resume-without-checkpoint", "--resume with no checkpoint in --output_dir", ALL, flags("--resume"),
+    Case("resume-without-checkpoint", "--resume with no checkpoint in --output_dir", (*ALL, DPO), flags("--resume"),
          "--resume: no checkpoint in", "run without --resume"),
 ]
 
 
+def case_id(case: Case, step: int) -> str:
+    return f"{case.name}-" + ("dpo" if step == DPO else f"step{step}")
+
+
 def case_ids() -> list[str]:
-    return [f"{case.name}-step{step}" for case in CASES for step in case.steps]
+    return [case_id(case, step) for case in CASES for step in case.steps]
 
 
 def cases_by_id() -> dict[str, tuple[Case, int]]:
-    return {f"{case.name}-step{step}": (case, step) for case in CASES for step in case.steps}
+    return {case_id(case, step): (case, step) for case in CASES for step in case.steps}
 
 
 def errors_table() -> str:
@@ -438,7 +460,7 @@ def errors_table() -> str:
     lines = ["| input problem | steps | message (names the problem) | fix (in the message) | case |",
              "|---|---|---|---|---|"]
     for case in CASES:
-        cells = [case.problem, ", ".join(map(str, case.steps)), f"`{case.message}`", f"`{case.fix}`",
+        cells = [case.problem, ", ".join(LABELS[step] for step in case.steps), f"`{case.message}`", f"`{case.fix}`",
                  f"`{case.name}`" + (" (*)" if case.leaves else "")]
         lines.append("| " + " | ".join(cell.replace("|", "/") for cell in cells) + " |")
     return "\n".join(lines) + "\n"

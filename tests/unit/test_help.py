@@ -12,7 +12,7 @@ from dataclasses import dataclass, field
 
 import pytest
 
-from engine.config import SECTIONS, ModelArgs, Step1Config, Step2Config, Step3Config, arg
+from engine.config import SECTIONS, DPOConfig, ModelArgs, Step1Config, Step2Config, Step3Config, arg
 from engine.flags import flag_sections, leaf_fields
 from engine.helptext import HelpFormatter, default_note, names_default, show_default
 from tests.conftest import ROOT
@@ -21,10 +21,11 @@ COMMON = ["model", "data", "training", "DeepSpeed", "LoRA", "logging", "reliabil
 STEPS = {
     "step1_sft": (Step1Config, COMMON),
     "step2_reward": (Step2Config, [*COMMON, "reward model"]),
+    "step2_dpo": (DPOConfig, [*COMMON, "DPO"]),
     "step3_rlhf": (Step3Config, [*COMMON, "roles", "generation", "RL algorithm", "evaluation"]),
 }
-SCRIPTS = ["step1_sft/main.py", "step2_reward/main.py", "step3_rlhf/main.py", "step3_rlhf/evaluate.py",
-           "e2e_rlhf.py", "chat.py"]
+SCRIPTS = ["step1_sft/main.py", "step2_reward/main.py", "step2_dpo/main.py", "step3_rlhf/main.py",
+           "step3_rlhf/evaluate.py", "e2e_rlhf.py", "chat.py"]
 
 
 @pytest.fixture(autouse=True)
@@ -94,7 +95,7 @@ def test_defaults_read_true(path, script_help):
     assert twice == []
 
 
-@pytest.mark.parametrize("config", [Step1Config, Step2Config, Step3Config])
+@pytest.mark.parametrize("config", [Step1Config, Step2Config, DPOConfig, Step3Config])
 def test_every_field_shows_its_default(config):
     """A field whose default has no value to show (None, empty) says in its text what happens unset."""
     for name, (_, f, _) in leaf_fields(config).items():
@@ -103,7 +104,7 @@ def test_every_field_shows_its_default(config):
             assert names_default(f.metadata["help"]), f"--{name}: say 'Default: ...' in its help"
 
 
-@pytest.mark.parametrize("config", [Step1Config, Step2Config, Step3Config])
+@pytest.mark.parametrize("config", [Step1Config, Step2Config, DPOConfig, Step3Config])
 def test_sections_partition_the_flags(config):
     sections = flag_sections(config)
     flat = [name for names in sections.values() for name in names]

@@ -45,8 +45,13 @@ def script_step(script: Path) -> int:
     return int(match.group(1))
 
 
+# Step folders whose config is not Step<N>Config.
+FOLDER_CONFIGS = {"step2_dpo": "DPOConfig"}
+
+
 def config_class(script: Path) -> type:
-    name = f"Step{script_step(script)}Config"
+    top = script.relative_to(ROOT).parts[0] if script.is_relative_to(ROOT) else ""
+    name = FOLDER_CONFIGS.get(top, f"Step{script_step(script)}Config")
     cls = getattr(engine_config, name, None)
     if cls is None:
         pytest.skip(f"engine.config has no {name} yet, so the flags of {script.name} cannot be checked")
@@ -260,6 +265,8 @@ DSCHAT_SHAPES = {
     "step2_reward": {"opt/single_gpu/run_350m.sh", "opt/single_node/run_350m.sh", "opt/multi_node/run_350m.sh",
                      "llama2/run_llama2_7b.sh", "llama2/run_llama2_7b_lora.sh", "opt/single_node/sweep/run_single.sh",
                      "opt/single_node/sweep/run_step2_sweep.sh"},
+    "step2_dpo": {"opt/single_gpu/run_350m.sh", "opt/single_node/run_350m.sh", "opt/multi_node/run_350m.sh",
+                  "llama2/run_llama2_7b.sh", "llama2/run_llama2_7b_lora.sh"},
     "step3_rlhf": {"opt/single_gpu/run_1.3b.sh", "opt/single_gpu/run_6.7b_lora.sh", "opt/single_node/run_1.3b.sh",
                    "opt/single_node/run_1.3b_lora.sh", "opt/single_node/run_6.7b.sh", "opt/single_node/run_13b.sh",
                    "opt/single_node/run_30b_lora.sh", "opt/multi_node/run_66b.sh", "llama2/run_llama2_7b.sh",

@@ -58,3 +58,16 @@ def test_collate_puts_chosen_first_then_rejected():
     out = collate_pairs(batch, pad_id=0)
     assert out["input_ids"].tolist() == [[1, 2, 3, 0], [5, 0, 0, 0], [1, 4, 0, 0], [5, 6, 7, 8]]
     assert out["attention_mask"].tolist() == [[1, 1, 1, 0], [1, 0, 0, 0], [1, 1, 0, 0], [1, 1, 1, 1]]
+
+
+def test_dpo_pairs_keep_the_end_token_even_when_it_is_the_pad_token_and_record_prompt_lengths(tok):
+    # DPO: the policy must learn to stop, so the end token is always appended (the batch's attention mask, not the
+    # id, marks it real); each kept pair records its prompt length (the prompt tokenized alone, as in step 1).
+    rows = [Row(" Human: x Assistant:", " a", " b"), Row(" Human: y Assistant:", " c", None),
+            Row(" Human: sort 3 1 Assistant:", " 1 3", " 3 1")]
+    lengths: list[int] = []
+    chosen, rejected = tokenize_pairs(rows, tok, DataArgs(), tok.pad_token_id, PairStats(), prompt_lengths=lengths)
+    assert [c[-1] for c in chosen] == [tok.pad_token_id] * 2 and [r[-1] for r in rejected] == [tok.pad_token_id] * 2
+    kept_prompts = (" Human: x Assistant:", " Human: sort 3 1 Assistant:")
+    assert lengths == [len(tok(prompt)["input_ids"]) for prompt in kept_prompts]
+

@@ -84,12 +84,12 @@ def test_quantized_reward_scores_stay_close_to_full_precision(random_llama, quan
 
 
 def test_a_quantized_frozen_role_is_a_plain_frozen_module(random_llama):
-    from engine.models.roles import FrozenModule, _init_frozen
+    from engine.models.roles import FrozenModule, init_frozen
 
     path = random_llama[0]
     tok = load_tokenizer(path, ModelArgs())
     model = load_causal_lm(path, ModelArgs(), tok, "bf16", None, False, "4bit")
-    role = _init_frozen(model.train(), None)  # no DeepSpeed config: ZeRO cannot partition it
+    role = init_frozen(model.train(), None)  # no DeepSpeed config: ZeRO cannot partition it
     assert isinstance(role, FrozenModule) and role.module is model and role.optimizer is None
     assert not model.training and not any(p.requires_grad for p in model.parameters())
     ids, mask = _batch(len(tok))
