@@ -45,8 +45,12 @@ def script_step(script: Path) -> int:
     return int(match.group(1))
 
 
+# Step folders whose config is not Step<N>Config: DPO, the alternative to steps 2 + 3.
+FOLDER_CONFIGS = {"step2_dpo": "DPOConfig"}
+
+
 def config_class(script: Path) -> type:
-    name = f"Step{script_step(script)}Config"
+    name = FOLDER_CONFIGS.get(script.relative_to(ROOT).parts[0], f"Step{script_step(script)}Config")
     cls = getattr(engine_config, name, None)
     if cls is None:
         pytest.skip(f"engine.config has no {name} yet, so the flags of {script.name} cannot be checked")
