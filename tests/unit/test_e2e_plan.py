@@ -244,3 +244,16 @@ def test_a_dpo_evaluation_compares_every_actor_the_folder_holds(tmp_path):
     (tmp_path / "step3_grpo" / "config.yaml").write_text(yaml.safe_dump({"ppo": {"do_sample": True}}))
     text = " ".join(e2e.evaluation_command(tmp_path, [], "grpo"))
     assert f"grpo={tmp_path / 'step3_grpo' / 'actor'} ppo={tmp_path / 'step3_rlhf' / 'actor'} dpo={dpo} --" in text
+
+
+def test_step_names_and_folders_per_algorithm(tmp_path):
+    """DPO's trained step is 2 (named and foldered as DPO), the critic-free ones' 3; PPO keeps its three steps."""
+    assert e2e.parse_args([]).step == [1, 2, 3] and e2e.parse_args(["--algorithm", "rloo"]).step == [1, 3]
+    names = {(n, a): e2e.step_name(n, a) for n in (1, 2, 3) for a in ("ppo", "dpo", "grpo")}
+    assert names[2, "ppo"] == "step 2 (reward model)" and names[2, "dpo"] == "step 2 (DPO)"
+    assert names[3, "grpo"] == "step 3 (GRPO)" and names[1, "dpo"] == "step 1 (SFT)"
+    assert [e2e.step_output(n, "dpo") for n in (1, 2)] == ["step1_sft", "step2_dpo"]
+    assert [e2e.step_output(n, "ppo") for n in (1, 2, 3)] == ["step1_sft", "step2_reward", "step3_rlhf"]
+    # Step 1 alone trains no actor to compare: no evaluation stage.
+    args = e2e.parse_args(["--algorithm", "dpo", "--step", "1"])
+    assert [s.name for s in e2e.plan(args, tmp_path, "tiny", "tiny", "cpu")] == ["step 1 (SFT)"]
