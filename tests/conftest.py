@@ -185,7 +185,8 @@ def e2e_grpo(e2e_demo, engine_cache, tmp_path_factory) -> tuple[Path, subprocess
 
 
 # The DPO pipeline test's size: DPO stopped after this many steps (of 100), the evaluation on this many held-out
-# prompts (x 4 answers); 86 s on 2 busy CPU cores (load 8), most of it DPO's start-up and the evaluation.
+# prompts (x 4 answers): 86 s on the 2 CPU cores at load 8, 57 s at load 5, most of it DPO's start-up and the
+# evaluation of three actors.
 E2E_DPO_STEPS = 50
 E2E_DPO_PROMPTS = 100
 

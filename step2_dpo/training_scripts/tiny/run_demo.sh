@@ -3,11 +3,11 @@
 # the folder step1_sft/training_scripts/tiny/run_demo.sh writes) trained directly on the bundled sorting pairs
 # (step 2's slice, as the reward model reads them) against a frozen copy of itself, in place of steps 2 + 3.
 # fp32, ZeRO stage 0, full fine-tuning, as the other demo steps; the reference is a frozen copy (the default for
-# full fine-tuning; 0.45 GB peak per rank with it, so the tiny model needs none of the cheaper modes). 8 pairs per
-# rank per step, one epoch (100 steps), lr 3e-4, beta 0.1, --nll_coef 1: plain DPO lowered the chosen answers'
-# log-probs with the rejected ones and moved their mass to stray bytes (rule success 0.17 -> 0.01 at lr 3e-4,
-# 0.08 at 1e-4, 0.11 with beta 1, 0.19 at 3e-5); the chosen answer's NLL term keeps it on sorted lists (0.28).
-# Measured in docs/_dpo_pipeline_section.md.
+# full fine-tuning; 0.45 GB peak per rank, as with LoRA rank 8 and the adapters-off reference, which learned far
+# less here: rule success 0.18). 8 pairs per rank per step, one epoch (100 steps), lr 3e-4, beta 0.1, --nll_coef
+# 1: plain DPO lowered the chosen answers' log-probs with the rejected ones and moved their mass to stray bytes
+# (rule success 0.17 -> 0.01 at lr 3e-4, 0.08 at 1e-4, 0.11 with beta 1, 0.19 at 3e-5); the chosen answer's NLL
+# term keeps it on sorted lists (0.28). Measured in docs/_dpo_pipeline_section.md.
 # NUM_RANKS: how many ranks `deepspeed --num_gpus` starts (GPUs, or CPU processes on gloo when there is
 # no GPU); empty: every GPU of the machine. Flags after the positional arguments go to main.py as they are.
 #
