@@ -5,6 +5,7 @@ e2e_rlhf.py).
     python e2e_rlhf.py                        # the demo: built-in tiny model, bundled sorting task
     python e2e_rlhf.py --step 2 3             # start again from step 2 (step 1's model stays)
     python e2e_rlhf.py --algorithm grpo       # step 1 -> GRPO with the task's rule as the reward (no step 2)
+    python e2e_rlhf.py --algorithm dpo        # step 1 -> step 2 (DPO) on the task's pairs, in place of steps 2 + 3
     python e2e_rlhf.py --actor-model 1.3b --reward-model 350m --deployment-type single_node
     python e2e_rlhf.py --actor-model 6.7b --deployment-type single_gpu    # DeepSpeed-Chat's sizes and deployments
 
@@ -13,6 +14,7 @@ ranks (DeepSpeed on gloo), and writes everything to ./output:
 
     output/step1_sft/ step2_reward/ step3_rlhf/   each step's models, metrics.jsonl, curves.png, training.log
     output/step3_grpo/                            step 3 of --algorithm grpo (step3_<algorithm>; PPO's stays)
+    output/step2_dpo/                             step 2 of --algorithm dpo: the DPO actor itself, its metrics
     output/eval/                                  eval_report.json, eval_report.md, samples.md
     output/report/                                README.md (the verdict), curves of all steps, the table
     output/logs/                                  the console output of every stage
@@ -27,6 +29,12 @@ critic-free estimator (grpo, dr_grpo, rloo, reinforce_pp, reinforce_pp_baseline,
 the bundled task's rule (engine.rewards.builtin:sort_rule), so the pipeline is steps 1 and 3. The evaluation
 then compares SFT, the new actor and, when an earlier run left it, the PPO actor (and scores with the step-2
 reward model when there is one).
+
+--algorithm dpo replaces steps 2 and 3 with step 2 (DPO, step2_dpo/main.py): the step-1 model is trained directly
+on the bundled task's preference pairs (those the reward model learns from) against a frozen copy of itself, with
+no reward model, no generation and no critic, so the pipeline is steps 1 and 2 (--step 1 2; --step 2 starts again
+from an earlier step 1). The evaluation compares SFT, the DPO actor and every actor an earlier run left in the
+output folder (PPO's, GRPO's, ...), scored by the step-2 reward model when one is there.
 """
 from __future__ import annotations
 
@@ -46,7 +54,7 @@ from pathlib import Path
 import yaml
 
 from engine.errors import UserError
-from engine.eval.report import build_report, step3_folder
+from engine.eval.report import DPO_FOLDER, actor_path, build_report, step3_folder, trained_folder
 from engine.helptext import HelpFormatter
 from engine.rl.advantages import ESTIMATOR_NAMES
 from engine.runtime.entry import run_main
@@ -54,6 +62,7 @@ from engine.runtime.entry import run_main
 ROOT = Path(__file__).resolve().parent
 STEP_DIRS = {1: "step1_sft", 2: "step2_reward", 3: "step3_rlhf"}
 STEP_NAMES = {1: "step 1 (SFT)", 2: "step 2 (reward model)", 3: "step 3 (PPO RLHF)"}
+DPO = "dpo"  # the --algorithm whose step 2 (step2_dpo/main.py) replaces steps 2 + 3
 # --actor-model and --reward-model choices: the model family whose launch scripts run them.
 # DeepSpeed-Chat's sizes (1.3b, 6.7b, 13b, 66b) plus its 30b LoRA scripts.
 ACTOR_MODELS = {"tiny": "tiny", "1.3b": "opt", "6.7b": "opt", "13b": "opt", "30b": "opt", "66b": "opt",
@@ -61,8 +70,9 @@ ACTOR_MODELS = {"tiny": "tiny", "1.3b": "opt", "6.7b": "opt", "13b": "opt", "30b
 REWARD_MODELS = {"tiny": "tiny", "350m": "opt", "llama2-7b": "llama2", "llama2-7b-lora": "llama2"}
 DEFAULT_REWARD = {"tiny": "tiny", "opt": "350m"}
 DEPLOYMENTS = ("single_gpu", "single_node", "multi_node", "cpu")
-# step 3's --algorithm: PPO with a critic, or one of the critic-free estimators (engine.rl.advantages).
-ALGORITHMS = ("ppo", *(name for name in ESTIMATOR_NAMES if name != "gae"))
+# --algorithm: PPO with a critic (steps 2 + 3), DPO (step 2 alone), or a critic-free estimator for step 3
+# (engine.rl.advantages).
+ALGORITHMS = ("ppo", DPO, *(name for name in ESTIMATOR_NAMES if name != "gae"))
 TAIL_LINES = 40
 TAIL_BYTES = 1 << 18  # kept of a stage's output to find those lines in (progress bars make long lines)
 
@@ -70,11 +80,12 @@ TAIL_BYTES = 1 << 18  # kept of a stage's output to find those lines in (progres
 def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=HelpFormatter)
     p.add_argument("--step", type=int, nargs="+", choices=(1, 2, 3), default=None,
-                   help="Which steps to run (default: all three; 1 and 3 for a critic-free --algorithm); the "
-                   "others' outputs must already exist.")
+                   help="Which steps to run (default: all three; 1 and 3 for a critic-free --algorithm; 1 and 2 for "
+                   "dpo); the others' outputs must already exist.")
     p.add_argument("--algorithm", default="ppo", choices=ALGORITHMS,
-                   help="Step 3's algorithm: ppo (critic + step-2 reward model) or a critic-free estimator rewarded "
-                   "by the bundled task's rule (no step 2). Default: ppo.")
+                   help="ppo: step 2 trains a reward model, step 3 PPO with a critic (DeepSpeed-Chat's pipeline); dpo: "
+                   "step 2 trains the actor on the preference pairs directly (step2_dpo/main.py, no step 3); or a "
+                   "critic-free estimator for step 3, rewarded by the bundled task's rule (no step 2). Default: ppo.")
     p.add_argument("--actor-model", "--actor_model", default="tiny", choices=sorted(ACTOR_MODELS),
                    help="tiny: the built-in model on the bundled task; 1.3b/6.7b/13b/30b/66b: OPT, through "
                    "training_scripts/opt/<deployment>/run_<size>.sh (run_<size>_lora.sh where only that exists, "
@@ -94,14 +105,18 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
                    help="Also show the DeepSpeed launcher's INFO lines and DeepSpeed's own (output/logs/ has the "
                    "launcher's either way); sets RLHF_ENGINE_VERBOSE=1 for the steps (setting it does the same).")
     for n in (1, 2, 3):
+        also = f" ({DPO_FOLDER}/main.py with --algorithm dpo)" if n == 2 else ""
         p.add_argument(f"--step{n}-args", f"--step{n}_args", default="", metavar="FLAGS",
-                       help=f"Extra flags for {STEP_DIRS[n]}/main.py, as one string: --step{n}-args=\"--flag value\".")
+                       help=f"Extra flags for {STEP_DIRS[n]}/main.py{also}, as one string: "
+                       f"--step{n}-args=\"--flag value\".")
     p.add_argument("--eval-args", "--eval_args", default="", metavar="FLAGS",
                    help="Extra flags for step3_rlhf/evaluate.py, as one string: --eval-args=\"--flag value\".")
     args = p.parse_args(argv)
-    critic_free = args.algorithm != "ppo"
-    args.step = sorted(set(args.step or ([1, 3] if critic_free else [1, 2, 3])))
-    if critic_free and 2 in args.step:
+    args.step = sorted(set(args.step or pipeline_steps(args.algorithm)))
+    if args.algorithm == DPO and 3 in args.step:
+        raise UserError("--algorithm dpo trains the actor in step 2 (DPO), in place of the reward model and step 3: "
+                        "drop 3 from --step (e.g. --step 1 2), or use --algorithm ppo or a critic-free one for step 3")
+    if args.algorithm not in ("ppo", DPO) and 2 in args.step:
         raise UserError(f"--algorithm {args.algorithm} is rewarded by the task's rule and trains no reward model: "
                         f"drop 2 from --step (e.g. --step 1 3), or use --algorithm ppo")
     args.argv = list(sys.argv[1:] if argv is None else argv)
@@ -137,7 +152,7 @@ def main(argv: Sequence[str] | None = None) -> None:
 
     out.mkdir(parents=True, exist_ok=True)
     # A report (or evaluation) from an earlier run would describe models this run replaces.
-    for stale in ["report"] + (["eval"] if 3 in args.step else []):
+    for stale in ["report"] + (["eval"] if trained_step(args.algorithm) in args.step else []):
         shutil.rmtree(out / stale, ignore_errors=True)
     timings: dict[str, float] = {}
     for stage in stages:
@@ -164,13 +179,39 @@ def candidate_name(algorithm: str) -> str:
     return "rlhf" if algorithm == "ppo" else algorithm
 
 
+def pipeline_steps(algorithm: str) -> list[int]:
+    """The steps of the whole pipeline: PPO's three, DPO's step 2 in place of 2 + 3, a critic-free step 3 alone."""
+    return {"ppo": [1, 2, 3], DPO: [1, 2]}.get(algorithm, [1, 3])
+
+
+def trained_step(algorithm: str) -> int:
+    """The step that trains the actor the evaluation compares with SFT."""
+    return pipeline_steps(algorithm)[-1]
+
+
 def step_name(step: int, algorithm: str) -> str:
-    return STEP_NAMES[step] if step != 3 or algorithm == "ppo" else f"step 3 ({algorithm.upper()})"
+    if algorithm == "ppo" or step != trained_step(algorithm):
+        return STEP_NAMES[step]
+    return f"step {step} ({algorithm.upper()})"
+
+
+def step_output(step: int, algorithm: str) -> str:
+    """The output folder of `step` in this algorithm's pipeline (step3_grpo for GRPO's step 3, step2_dpo for DPO)."""
+    return trained_folder(algorithm) if step == trained_step(algorithm) else STEP_DIRS[step]
+
+
+def step_code(step: int, algorithm: str) -> str:
+    """The folder of `step`'s main.py and launch scripts: step2_dpo for DPO's step 2, else the step's own."""
+    return DPO_FOLDER if algorithm == DPO and step == 2 else STEP_DIRS[step]
 
 
 def check_choices(actor: str, reward: str, family: str, deployment: str, algorithm: str = "ppo") -> None:
     """Refuse model/deployment combinations no launch script covers, before anything runs."""
-    if algorithm != "ppo" and family != "tiny":
+    if algorithm == DPO and family != "tiny":
+        raise UserError(f"--algorithm dpo runs the demo's bundled task; for --actor-model {actor} run step 1, then "
+                        f"{DPO_FOLDER}/main.py with --model_name_or_path <step-1 folder> and your pairs' --data_path "
+                        "(docs/step2_dpo.md), or drop --actor-model for the tiny demo")
+    if algorithm not in ("ppo", DPO) and family != "tiny":
         raise UserError(f"--algorithm {algorithm} runs the demo's bundled task (its rule is the reward); for "
                         "Llama-2-7B GRPO on GSM8K use step3_rlhf/training_scripts/llama2/run_llama2_7b_grpo_*.sh, "
                         "or drop --actor-model for the tiny demo")
@@ -189,9 +230,10 @@ def check_choices(actor: str, reward: str, family: str, deployment: str, algorit
 
 def script_for(step: int, family: str, model: str, deployment: str, algorithm: str = "ppo") -> Path:
     """The launch script of `step` for a model and deployment; a clear error when there is none."""
-    folder = ROOT / STEP_DIRS[step] / "training_scripts"
+    folder = ROOT / step_code(step, algorithm) / "training_scripts"
     if family == "tiny":
-        path = folder / "tiny" / ("run_demo_critic_free.sh" if step == 3 and algorithm != "ppo" else "run_demo.sh")
+        critic_free = step == 3 and algorithm not in ("ppo", DPO)
+        path = folder / "tiny" / ("run_demo_critic_free.sh" if critic_free else "run_demo.sh")
     elif family == "llama2":
         path = folder / "llama2" / f"run_{model.replace('-', '_')}.sh"
     else:
@@ -200,7 +242,7 @@ def script_for(step: int, family: str, model: str, deployment: str, algorithm: s
         path = lora if not path.is_file() and lora.is_file() else path
     if not path.is_file():
         have = sorted(p.stem.removeprefix("run_") for p in path.parent.glob("run_*.sh"))
-        raise UserError(f"no launch script for {STEP_NAMES[step]} with model {model} on {deployment} "
+        raise UserError(f"no launch script for {step_name(step, algorithm)} with model {model} on {deployment} "
                         f"({path.relative_to(ROOT)}); that deployment has: {', '.join(have) or 'none'}")
     return path
 
@@ -212,10 +254,12 @@ def plan(args: argparse.Namespace, out: Path, family: str, reward: str, deployme
     env = stage_env(deployment, args.cpu_ranks) | ({VERBOSE_ENV: "1"} if verbose_wanted(args.verbose) else {})
     ranks = {"cpu": str(args.cpu_ranks), "single_gpu": "1", "single_node": ""}.get(deployment, "")
     sft, rm, rlhf = out / STEP_DIRS[1], out / STEP_DIRS[2], out / step3_folder(args.algorithm)
-    positional = {1: [sft, args.actor_zero_stage], 2: [rm, args.reward_zero_stage],
+    dpo = args.algorithm == DPO  # step 2 trains the actor: the actor's ZeRO stage
+    positional = {1: [sft, args.actor_zero_stage],
+                  2: [out / DPO_FOLDER, args.actor_zero_stage] if dpo else [rm, args.reward_zero_stage],
                   3: ([sft, rm, args.actor_zero_stage, args.reward_zero_stage, rlhf] if args.algorithm == "ppo"
                       else [sft, args.algorithm, args.actor_zero_stage, rlhf])}
-    if family == "tiny":  # the demo scripts also take step 2's starting model and the number of ranks
+    if family == "tiny":  # the demo scripts also take step 2's starting model (reward model or DPO) and the ranks
         positional[2].append(sft)
         for n in positional:
             positional[n].append(ranks)
@@ -223,10 +267,10 @@ def plan(args: argparse.Namespace, out: Path, family: str, reward: str, deployme
     for n in args.step:
         script = script_for(n, family, reward if n == 2 else args.actor_model, deployment, args.algorithm)
         extra = split_flags(getattr(args, f"step{n}_args"), f"--step{n}-args")
-        log = out / "logs" / f"{step3_folder(args.algorithm) if n == 3 else STEP_DIRS[n]}.log"
+        log = out / "logs" / f"{step_output(n, args.algorithm)}.log"
         stages.append(Stage(step_name(n, args.algorithm), ["bash", str(script), *map(str, positional[n]), *extra],
                             log, env, n))
-    if 3 in args.step:
+    if trained_step(args.algorithm) in args.step:
         extra = split_flags(args.eval_args, "--eval-args")
         stages.append(Stage("evaluation", lambda: evaluation_command(out, extra, args.algorithm),
                             out / "logs" / "evaluate.log", env))
@@ -259,7 +303,7 @@ def check_inputs(steps: list[int], out: Path, algorithm: str = "ppo") -> None:
         for m in needs.get(n, []):
             folder = out / STEP_DIRS[m]
             if m not in steps and not (folder / "config.json").is_file():
-                rerun = [k for k in range(m, 4) if algorithm == "ppo" or k != 2]  # critic-free: no step 2
+                rerun = [k for k in pipeline_steps(algorithm) if k >= m]
                 raise UserError(f"{step_name(n, algorithm)} needs the model of {STEP_NAMES[m]} in {folder}, which "
                                 f"is not there; run from step {m} (--step {' '.join(map(str, rerun))})")
 
@@ -364,29 +408,31 @@ def last_lines(text: str, n: int) -> list[str]:
 
 def evaluation_command(out: Path, extra: list[str], algorithm: str = "ppo") -> list[str]:
     """step3_rlhf/evaluate.py on SFT vs RLHF (vs EMA) with the data, lengths, seed and sampling step 3 used
-    (read from the config.yaml step 3 saved, so it is built once step 3 has run). A critic-free run's actor is
-    named after its algorithm and compared with the PPO actor too when an earlier run left one; the step-2 reward
-    model scores when it exists."""
-    rlhf = out / step3_folder(algorithm)
-    saved = rlhf / "config.yaml"
+    (read from the config.yaml step 3 saved, so it is built once step 3 has run). A critic-free or DPO run's actor
+    is named after its algorithm and compared with the other actors an earlier run left (`other_actors`); the
+    step-2 reward model scores when it exists. DPO generates nothing in training: its actor is judged with
+    evaluate.py's defaults, the demo's step-3 lengths and sampling, as those actors are."""
+    trained = out / trained_folder(algorithm)
+    saved = trained / "config.yaml"
     if not saved.is_file():
-        raise UserError(f"{saved} is missing: step 3 did not finish; run --step 3 again")
+        step = trained_step(algorithm)
+        raise UserError(f"{saved} is missing: step {step} did not finish; run --step {step} again")
     cfg = yaml.safe_load(saved.read_text())
     data, ppo, train = cfg.get("data", {}), cfg.get("ppo", {}), cfg.get("train", {})
     name = candidate_name(algorithm)
-    models = [f"sft={out / STEP_DIRS[1]}", f"{name}={rlhf / 'actor'}"]
-    if (rlhf / "actor_ema" / "config.json").is_file():
-        models.append(f"{'ema' if algorithm == 'ppo' else name + '_ema'}={rlhf / 'actor_ema'}")
-    ppo_actor = out / step3_folder("ppo") / "actor"
-    if algorithm != "ppo" and (ppo_actor / "config.json").is_file():
-        models.append(f"ppo={ppo_actor}")
+    models = [f"sft={out / STEP_DIRS[1]}", f"{name}={actor_path(out, algorithm)}"]
+    if (trained / "actor_ema" / "config.json").is_file():
+        models.append(f"{'ema' if algorithm == 'ppo' else name + '_ema'}={trained / 'actor_ema'}")
+    if algorithm != "ppo":
+        models += [f"{other}={path}" for other, path in other_actors(out, algorithm).items()]
     reward = out / STEP_DIRS[2]
     command = [sys.executable, str(ROOT / "step3_rlhf" / "evaluate.py"), "--models", *models,
                *(["--reward_model", str(reward)] if algorithm == "ppo" or (reward / "config.json").is_file() else []),
-               "--output_dir", str(out / "eval"),
-               "--max_prompt_seq_len", str(data.get("max_prompt_seq_len", 256)),
-               "--max_answer_seq_len", str(data.get("max_answer_seq_len", 256)),
-               "--seed", str(train.get("seed", 1234))]
+               "--output_dir", str(out / "eval")]
+    if algorithm != DPO:
+        command += ["--max_prompt_seq_len", str(data.get("max_prompt_seq_len", 256)),
+                    "--max_answer_seq_len", str(data.get("max_answer_seq_len", 256))]
+    command += ["--seed", str(train.get("seed", 1234))]
     if data.get("data_path"):
         command += ["--data_path", *data["data_path"]]
     if ppo.get("do_sample", True):
@@ -395,6 +441,18 @@ def evaluation_command(out: Path, extra: list[str], algorithm: str = "ppo") -> l
     else:
         command.append("--greedy")
     return command + extra
+
+
+def other_actors(out: Path, algorithm: str) -> dict[str, Path]:
+    """{name: folder} of the actors earlier runs left under `out`, besides `algorithm`'s: PPO's (as ppo), each
+    critic-free step 3's (grpo, rloo, ...) and DPO's, in that order; a folder without a saved model is left out."""
+    found = {"ppo": actor_path(out, "ppo")}
+    for folder in sorted(out.glob("step3_*")):
+        found.setdefault(folder.name.removeprefix("step3_"), folder / "actor")
+    found[DPO] = actor_path(out, DPO)
+    found.pop("rlhf", None)  # step3_rlhf is PPO's, named ppo above
+    return {name: path for name, path in found.items()
+            if name != algorithm and name in ALGORITHMS and (path / "config.json").is_file()}
 
 
 if __name__ == "__main__":

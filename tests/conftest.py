@@ -48,7 +48,7 @@ def pytest_collection_modifyitems(config, items) -> None:
     """Tests that use the pipeline run (`e2e_demo`) are the e2e tier and share one xdist worker, which builds
     it once."""
     for item in items:
-        if {"e2e_demo", "e2e_grpo"} & set(getattr(item, "fixturenames", ())):
+        if {"e2e_demo", "e2e_grpo", "e2e_dpo"} & set(getattr(item, "fixturenames", ())):
             item.add_marker(pytest.mark.e2e)
             item.add_marker(pytest.mark.xdist_group("e2e"))
 
@@ -180,5 +180,34 @@ def e2e_grpo(e2e_demo, engine_cache, tmp_path_factory) -> tuple[Path, subprocess
     proc = subprocess.run(cmd, cwd=ROOT, env=offline_env(engine_cache), capture_output=True, text=True, timeout=900)
     if proc.returncode != 0:
         raise AssertionError(f"e2e_rlhf.py --algorithm grpo failed ({proc.returncode}):\n{proc.stderr[-4000:]}\n"
+                             f"{proc.stdout[-3000:]}")
+    return out, proc
+
+
+# The DPO pipeline test's size: DPO stopped after this many steps (of 100), the evaluation on this many held-out
+# prompts (x 4 answers): 86 s on the 2 CPU cores at load 8, 57 s at load 5, most of it DPO's start-up and the
+# evaluation of three actors.
+E2E_DPO_STEPS = 50
+E2E_DPO_PROMPTS = 100
+
+
+@pytest.fixture(scope="session")
+def e2e_dpo(e2e_demo, engine_cache, tmp_path_factory) -> tuple[Path, subprocess.CompletedProcess]:
+    """(output folder, finished process) of `python e2e_rlhf.py --algorithm dpo --step 2` at a reduced size
+    (E2E_DPO_STEPS steps, E2E_DPO_PROMPTS evaluation prompts) in a copy of the PPO pipeline's folder (its step-1
+    model and PPO actor), so that the DPO actor is evaluated beside SFT and PPO without changing `e2e_demo`'s
+    evaluation."""
+    import shutil
+
+    ppo, _ = e2e_demo
+    out = tmp_path_factory.mktemp("e2e_dpo")
+    for folder in ("step1_sft", "step3_rlhf"):
+        shutil.copytree(ppo / folder, out / folder)
+    cmd = [sys.executable, str(ROOT / "e2e_rlhf.py"), "--output_dir", str(out), "--deployment-type", "cpu",
+           "--algorithm", "dpo", "--step", "2", f"--step2-args=--disable_tqdm --test_stop_step {E2E_DPO_STEPS}",
+           f"--eval-args=--eval_prompts {E2E_DPO_PROMPTS}"]
+    proc = subprocess.run(cmd, cwd=ROOT, env=offline_env(engine_cache), capture_output=True, text=True, timeout=900)
+    if proc.returncode != 0:
+        raise AssertionError(f"e2e_rlhf.py --algorithm dpo failed ({proc.returncode}):\n{proc.stderr[-4000:]}\n"
                              f"{proc.stdout[-3000:]}")
     return out, proc

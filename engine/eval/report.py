@@ -8,6 +8,7 @@ a glance whether RLHF helped.
     report/step2_reward.png reward-model loss and accuracy
     report/step3_rlhf.png   PPO reward, KL, policy and value loss, answer length, held-out score and rule
     report/step3_grpo.png   the same for a critic-free run (`e2e_rlhf.py --algorithm grpo`; one per algorithm)
+    report/step2_dpo.png    DPO's loss, rewards/accuracies, rewards/margins, ... (`e2e_rlhf.py --algorithm dpo`)
     report/metrics/         every step's metrics.jsonl
     report/eval_report.*, samples.md   the evaluation (step3_rlhf/evaluate.py)
 
@@ -28,13 +29,19 @@ from engine.runtime.atomic import publish_folder, staging_folder
 STEPS = {
     "step1_sft": ("Step 1: SFT", ["train/loss", "eval/loss", "eval/perplexity"]),
     "step2_reward": ("Step 2: reward model", ["train/loss", "eval/reward_accuracy", "eval/score_margin"]),
+    # DPO in place of steps 2 + 3 (`e2e_rlhf.py --algorithm dpo`), with TRL's metric names.
+    "step2_dpo": ("Step 2: DPO", ["train/loss", "rewards/accuracies", "rewards/margins", "rewards/chosen",
+                                  "rewards/rejected", "logps/chosen", "logps/rejected", "eval/rewards/accuracies",
+                                  "eval/rewards/margins"]),
     "step3_rlhf": ("Step 3: PPO RLHF", ["rollout/score_mean", "rollout/kl", "ppo/policy_loss", "ppo/value_loss",
                                         "rollout/response_len", "eval/score_mean", "eval/rule_success"]),
 }
 # What each step's before -> after row shows (the evaluation key it logs before and after training).
 SHOWN = {"step1_sft": ["eval/loss", "eval/perplexity"],
          "step2_reward": ["eval/reward_accuracy", "eval/score_margin"],
+         "step2_dpo": ["eval/loss", "eval/rewards/accuracies", "eval/rewards/margins"],
          "step3_rlhf": ["eval/score_mean", "eval/rule_success", "eval/response_len"]}
+DPO_FOLDER = "step2_dpo"  # the folder of `e2e_rlhf.py --algorithm dpo`'s step 2, which replaces steps 2 + 3
 EVAL_FILES = ("eval_report.json", "eval_report.md", "samples.md")
 # A critic-free step 3 (`e2e_rlhf.py --algorithm grpo`, ...): rule reward, no critic, no value loss.
 CRITIC_FREE_KEYS = ["rollout/reward_mean", "rollout/frac_reward_zero_std", "ppo/policy_loss", "ppo/entropy",
@@ -47,9 +54,21 @@ def step3_folder(algorithm: str) -> str:
     return "step3_rlhf" if algorithm == "ppo" else f"step3_{algorithm}"
 
 
+def trained_folder(algorithm: str) -> str:
+    """The pipeline folder of the step that trains the actor with `algorithm`: step2_dpo for DPO (which replaces
+    steps 2 + 3), else step 3's."""
+    return DPO_FOLDER if algorithm == "dpo" else step3_folder(algorithm)
+
+
+def actor_path(out: Path, algorithm: str) -> Path:
+    """The actor `algorithm` trained under `out`: DPO's folder is the model itself, step 3's holds actor/."""
+    folder = out / trained_folder(algorithm)
+    return folder if algorithm == "dpo" else folder / "actor"
+
+
 def step_folders(out: Path) -> dict[str, tuple[str, list[str], list[str]]]:
-    """{folder: (title, curve keys, before -> after keys)} of the steps a report shows: the three fixed ones and
-    every critic-free step-3 folder under `out`."""
+    """{folder: (title, curve keys, before -> after keys)} of the steps a report shows: the fixed ones (DPO's
+    among them) and every critic-free step-3 folder under `out`."""
     folders = {name: (title, keys, SHOWN[name]) for name, (title, keys) in STEPS.items()}
     for path in sorted(out.glob("step3_*")):
         if path.name not in folders and (path / "metrics.jsonl").is_file():

@@ -175,3 +175,85 @@ def test_the_cpu_deployment_keeps_the_ranks_off_the_gpus(monkeypatch):
     assert not gpu_wanted()
     monkeypatch.delenv("DS_ACCELERATOR")
     assert gpu_wanted()
+
+
+def test_dpo_runs_step_1_and_step_2_dpo_then_the_evaluation(tmp_path):
+    args = e2e.parse_args(["--algorithm", "dpo", "--output_dir", str(tmp_path)])
+    assert args.step == [1, 2]
+    stages = e2e.plan(args, tmp_path, "tiny", "tiny", "cpu")
+    assert [s.name for s in stages] == ["step 1 (SFT)", "step 2 (DPO)", "evaluation"]
+    step2 = stages[1]
+    assert step2.command[1] == str(ROOT / "step2_dpo" / "training_scripts" / "tiny" / "run_demo.sh")
+    assert step2.command[2:] == [str(tmp_path / "step2_dpo"), "", str(tmp_path / "step1_sft"), "2"]
+    assert step2.log == tmp_path / "logs" / "step2_dpo.log" and step2.step == 2
+    script = Path(step2.command[1]).read_text()
+    assert '"$ROOT/step2_dpo/main.py"' in script and "--model_name_or_path \"$MODEL\"" in script
+    # The actor's ZeRO stage is DPO's (it trains the actor); step 2's extra flags go to step2_dpo/main.py.
+    args = e2e.parse_args(["--algorithm", "dpo", "--step", "2", "--actor-zero-stage", "3", "--reward-zero-stage", "1",
+                           "--step2-args=--beta 0.2"])
+    (step2, evaluation) = e2e.plan(args, tmp_path, "tiny", "tiny", "cpu")
+    assert step2.command[2:] == [str(tmp_path / "step2_dpo"), "3", str(tmp_path / "step1_sft"), "2", "--beta", "0.2"]
+    assert evaluation.name == "evaluation"
+
+
+@pytest.mark.parametrize("argv,message", [
+    (["--algorithm", "dpo", "--step", "3"], "--algorithm dpo trains the actor in step 2 (DPO), in place of the reward "
+     "model and step 3: drop 3 from --step (e.g. --step 1 2)"),
+    (["--algorithm", "dpo", "--step", "1", "2", "3"], "drop 3 from --step"),
+])
+def test_dpo_has_no_step_3(argv, message):
+    with pytest.raises(UserError, match=re.escape(message)):
+        e2e.parse_args(argv)
+
+
+def test_dpo_refusals_and_the_missing_step_1_hint(tmp_path):
+    with pytest.raises(UserError, match=r"--algorithm dpo runs the demo's bundled task; for --actor-model 1\.3b run "
+                       r"step 1, then step2_dpo/main\.py"):
+        e2e.check_choices("1.3b", "350m", "opt", "single_gpu", "dpo")
+    with pytest.raises(UserError, match=r"step 2 \(DPO\) needs the model of step 1 \(SFT\) in .*step1_sft.*"
+                       r"\(--step 1 2\)"):
+        e2e.check_inputs([2], tmp_path, "dpo")
+    (tmp_path / "step1_sft").mkdir()
+    (tmp_path / "step1_sft" / "config.json").write_text("{}")
+    e2e.check_inputs([2], tmp_path, "dpo")
+    assert e2e.restart_command(["--algorithm", "dpo"], [2]) == "python e2e_rlhf.py --algorithm dpo --step 2"
+
+
+def test_a_dpo_evaluation_compares_every_actor_the_folder_holds(tmp_path):
+    dpo = tmp_path / "step2_dpo"
+    dpo.mkdir()
+    with pytest.raises(UserError, match=r"step2_dpo/config\.yaml is missing: step 2 did not finish; run --step 2"):
+        e2e.evaluation_command(tmp_path, [], "dpo")
+    (dpo / "config.yaml").write_text(yaml.safe_dump({"data": {"data_path": [], "max_seq_len": 64},
+                                                     "train": {"seed": 7}}))
+    command = e2e.evaluation_command(tmp_path, ["--eval_prompts", "50"], "dpo")
+    text = " ".join(command)
+    # Sampled as step 3's evaluation samples (evaluate.py's defaults: the demo's lengths, temperature 1).
+    assert f"--models sft={tmp_path / 'step1_sft'} dpo={dpo} --output_dir" in text
+    assert "--reward_model" not in text and "--max_prompt_seq_len" not in text and "--greedy" not in text
+    assert "--seed 7" in text and "--temperature 1.0 --top_p 1.0 --top_k 0" in text
+    assert command[-2:] == ["--eval_prompts", "50"]
+    for folder in ("step3_rlhf/actor", "step3_grpo/actor", "step3_rloo", "step2_reward"):  # rloo: no model saved
+        (tmp_path / folder).mkdir(parents=True)
+        (tmp_path / folder / "config.json").write_text("{}") if folder != "step3_rloo" else None
+    text = " ".join(e2e.evaluation_command(tmp_path, [], "dpo"))
+    assert (f"--models sft={tmp_path / 'step1_sft'} dpo={dpo} ppo={tmp_path / 'step3_rlhf' / 'actor'} "
+            f"grpo={tmp_path / 'step3_grpo' / 'actor'} --reward_model {tmp_path / 'step2_reward'}") in text
+    # A GRPO run's evaluation shows the DPO actor an earlier run left (a saved model), after PPO's.
+    (dpo / "config.json").write_text("{}")
+    (tmp_path / "step3_grpo" / "config.yaml").write_text(yaml.safe_dump({"ppo": {"do_sample": True}}))
+    text = " ".join(e2e.evaluation_command(tmp_path, [], "grpo"))
+    assert f"grpo={tmp_path / 'step3_grpo' / 'actor'} ppo={tmp_path / 'step3_rlhf' / 'actor'} dpo={dpo} --" in text
+
+
+def test_step_names_and_folders_per_algorithm(tmp_path):
+    """DPO's trained step is 2 (named and foldered as DPO), the critic-free ones' 3; PPO keeps its three steps."""
+    assert e2e.parse_args([]).step == [1, 2, 3] and e2e.parse_args(["--algorithm", "rloo"]).step == [1, 3]
+    names = {(n, a): e2e.step_name(n, a) for n in (1, 2, 3) for a in ("ppo", "dpo", "grpo")}
+    assert names[2, "ppo"] == "step 2 (reward model)" and names[2, "dpo"] == "step 2 (DPO)"
+    assert names[3, "grpo"] == "step 3 (GRPO)" and names[1, "dpo"] == "step 1 (SFT)"
+    assert [e2e.step_output(n, "dpo") for n in (1, 2)] == ["step1_sft", "step2_dpo"]
+    assert [e2e.step_output(n, "ppo") for n in (1, 2, 3)] == ["step1_sft", "step2_reward", "step3_rlhf"]
+    # Step 1 alone trains no actor to compare: no evaluation stage.
+    args = e2e.parse_args(["--algorithm", "dpo", "--step", "1"])
+    assert [s.name for s in e2e.plan(args, tmp_path, "tiny", "tiny", "cpu")] == ["step 1 (SFT)"]

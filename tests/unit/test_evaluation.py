@@ -200,3 +200,33 @@ def test_report_of_a_critic_free_run_beside_ppo(tmp_path):
     assert summary["verdict"] == "GRPO beat SFT: rule success 0.170 -> 0.400 (+0.230); KL to reference 0.800"
     assert "![Step 3: GRPO](step3_grpo.png)" in (report / "README.md").read_text()
     assert (report / "step3_grpo.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_report_of_a_dpo_run_beside_ppo_and_grpo(tmp_path):
+    """A DPO run's report (`e2e_rlhf.py --algorithm dpo`): its step-2 folder with TRL's metric names (curves,
+    before -> after), between the reward model and step 3; the verdict names DPO and carries the reward score."""
+    write_jsonl(tmp_path / "step1_sft" / "metrics.jsonl", [{"step": 0, "eval/perplexity": 100.0}])
+    write_jsonl(tmp_path / "step3_grpo" / "metrics.jsonl", [{"step": 0, "eval/rule_success": 0.17}])
+    write_jsonl(tmp_path / "step2_dpo" / "metrics.jsonl", [
+        {"step": 0, "eval/loss": 0.693, "eval/rewards/accuracies": 0.0, "eval/rewards/margins": 0.0},
+        {"step": 1, "train/loss": 0.69, "rewards/accuracies": 0.5, "rewards/margins": 0.01, "logps/chosen": -3.0},
+        {"step": 2, "eval/loss": 0.2, "eval/rewards/accuracies": 0.9, "eval/rewards/margins": 2.5}])
+    models = {"sft": {"kl_to_ref": 0.0, "rule_success_rate": 0.17, "score_mean": -1.0},
+              "dpo": {"kl_to_ref": 0.3, "rule_success_rate": 0.3, "score_mean": -0.5, "win_rate_vs_first": 0.6},
+              "grpo": {"kl_to_ref": 0.8, "rule_success_rate": 0.4}}
+    (tmp_path / "eval").mkdir()
+    (tmp_path / "eval" / "eval_report.json").write_text(json.dumps(
+        {"models": models, "prompts": 400, "decoding": {"do_sample": True}, "seed": 1}))
+    (tmp_path / "eval" / "eval_report.md").write_text("header\n\n| model |\n")
+
+    report = build_report(tmp_path, {"candidate": "dpo", "algorithm": "dpo"})
+    summary = json.loads((report / "summary.json").read_text())
+    assert list(summary["steps"]) == ["step1_sft", "step2_dpo", "step3_grpo"]
+    assert summary["steps"]["step2_dpo"]["before_after"] == {
+        "eval/loss": [0.693, 0.2], "eval/rewards/accuracies": [0.0, 0.9], "eval/rewards/margins": [0.0, 2.5]}
+    assert summary["steps"]["step2_dpo"]["steps"] == 2 and summary["rlhf_beat_sft"] is True
+    assert summary["verdict"] == ("DPO beat SFT: reward score -1.000 -> -0.500 (+0.500); rule success 0.170 -> "
+                                  "0.300 (+0.130); win rate vs sft 0.600, KL to reference 0.300")
+    assert "![Step 2: DPO](step2_dpo.png)" in (report / "README.md").read_text()
+    assert (report / "step2_dpo.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    assert (report / "metrics" / "step2_dpo.jsonl").is_file()
