@@ -68,14 +68,6 @@ def current_rss() -> int:
         return int(f.read().split()[1]) * resource.getpagesize()
 
 
-def sigmoid_dpo_loss(policy_chosen, policy_rejected, ref_chosen, ref_rejected, beta: float):
-    """DPO's sigmoid loss (Rafailov et al. 2023, eq. 7), mean over pairs: -logsigmoid(beta * (policy log-ratio
-    of chosen over rejected - the reference's))."""
-    import torch.nn.functional as F
-
-    return -F.logsigmoid(beta * ((policy_chosen - policy_rejected) - (ref_chosen - ref_rejected))).mean()
-
-
 def sequence_logprobs(model: Any, seqs: Any, answer_mask: Any) -> Any:
     """(2B,) summed log-probs of the answer tokens of each sequence (the prompt masked out)."""
     import torch
@@ -148,8 +140,10 @@ def precompute(policy: Any, seqs: Any, answer_mask: Any, path: Path) -> dict[str
 
 
 def dpo_step(args, policy, optimizer, reference, cached, seqs, answer_mask) -> float:
-    """One DPO step; returns its loss."""
+    """One DPO step (engine.rl.dpo's sigmoid loss); returns its loss."""
     import torch
+
+    from engine.rl.dpo import dpo_loss
 
     pairs = seqs.shape[0] // 2
     if cached is not None:
@@ -158,8 +152,7 @@ def dpo_step(args, policy, optimizer, reference, cached, seqs, answer_mask) -> f
         with torch.no_grad(), (adapters_off(reference) if reference is policy else contextlib.nullcontext()):
             ref = sequence_logprobs(reference, seqs, answer_mask)
     logps = sequence_logprobs(policy, seqs, answer_mask)
-    # The one line to switch to the shared loss at merge: engine.rl.dpo's sigmoid loss.
-    loss = sigmoid_dpo_loss(logps[:pairs], logps[pairs:], ref[:pairs], ref[pairs:], beta=args.beta)
+    loss, _ = dpo_loss(logps[:pairs], logps[pairs:], ref[:pairs], ref[pairs:], loss_type="sigmoid", beta=args.beta)
     loss.backward()
     optimizer.step()
     optimizer.zero_grad(set_to_none=True)

@@ -33,7 +33,7 @@ from engine.runtime import faults
 from engine.runtime.atomic import publish_folder, remove_folder, staging_folder, write_atomically
 from engine.runtime.distributed import DistInfo, all_reduce_sum, barrier, set_seed
 from engine.runtime.ds_private import safe_checkpoint_loading, universal_loading
-from engine.runtime.reshard import UNIVERSAL_DIR, UNIVERSAL_MANIFEST, ensure_universal, is_sharded, remove_universal
+from engine.runtime.universal import UNIVERSAL_DIR, UNIVERSAL_MANIFEST, ensure_universal, is_sharded, remove_universal
 
 logger = logging.getLogger("engine")
 
@@ -293,7 +293,7 @@ def checkpoint_tags(folder: Path) -> list[str]:
 def find_resume_checkpoint(output_dir: Path, world_size: int | None = None, warn: bool = True) -> Path:
     """The tag folder of the newest complete checkpoint in `output_dir`; warns (`warn`) about each newer
     one that is incomplete. A UserError when there is none. `world_size`: the ranks of the run that resumes; one
-    other than the checkpoint's is logged (the checkpoint is converted when it loads, `engine.runtime.reshard`)."""
+    other than the checkpoint's is logged (the checkpoint is converted when it loads, `engine.runtime.universal`)."""
     folder = output_dir / DS_CHECKPOINT_DIR
     tags = checkpoint_tags(folder)
     if not tags:
@@ -378,7 +378,7 @@ def load_resume_state(engines: Any, output_dir: Path, dist: DistInfo, keys: tupl
     """Restore the newest complete checkpoint written by `save_resume_state`; returns the `keys` of its client
     state. `extra(tag_folder)` (called on every rank) loads what the save's `extra` added.
 
-    Written by another number of ranks (elastic resume), it is converted once (`engine.runtime.reshard`) and
+    Written by another number of ranks (elastic resume), it is converted once (`engine.runtime.universal`) and
     loaded from DeepSpeed's universal format, and every rank seeds its RNGs from `seed` and the step (the
     saved per-rank RNG states belong to ranks that may no longer exist)."""
     tag_folder = find_resume_checkpoint(output_dir, dist.world_size)

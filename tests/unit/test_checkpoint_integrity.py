@@ -84,7 +84,7 @@ def test_no_complete_checkpoint_and_no_checkpoint_are_user_errors(tmp_path):
 
 
 def test_other_world_size_is_resumed_elastically_and_logged(tmp_path, caplog):
-    """Another rank count is no longer refused (engine.runtime.reshard converts the checkpoint when it loads);
+    """Another rank count is no longer refused (engine.runtime.universal converts the checkpoint when it loads);
     find_resume_checkpoint says so once, naming both counts."""
     _fake_checkpoint(tmp_path, 4, world_size=2)
     with caplog.at_level("INFO", logger="engine"):

@@ -10,8 +10,8 @@ import torch
 
 from engine.runtime.checkpoint import DS_CHECKPOINT_DIR, MANIFEST, _seal, elastic_seed, resume_position
 from engine.runtime.distributed import DistInfo
-from engine.runtime.reshard import UNIVERSAL_DIR, UNIVERSAL_MANIFEST, is_sharded, remove_universal, universal_problem
 from engine.runtime.run import ResumableSampler, Schedule, epoch_windows, make_loader, windows_left
+from engine.runtime.universal import UNIVERSAL_DIR, UNIVERSAL_MANIFEST, is_sharded, remove_universal, universal_problem
 
 CPU = torch.device("cpu")
 

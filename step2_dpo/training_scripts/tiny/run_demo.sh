@@ -7,7 +7,7 @@
 # less here: rule success 0.18). 8 pairs per rank per step, one epoch (100 steps), lr 3e-4, beta 0.1, --nll_coef
 # 1: plain DPO lowered the chosen answers' log-probs with the rejected ones and moved their mass to stray bytes
 # (rule success 0.17 -> 0.01 at lr 3e-4, 0.08 at 1e-4, 0.11 with beta 1, 0.19 at 3e-5); the chosen answer's NLL
-# term keeps it on sorted lists (0.28). Measured in docs/_dpo_pipeline_section.md.
+# term keeps it on sorted lists (0.28). Measured in docs/step2_dpo.md (In the pipeline).
 # NUM_RANKS: how many ranks `deepspeed --num_gpus` starts (GPUs, or CPU processes on gloo when there is
 # no GPU); empty: every GPU of the machine. Flags after the positional arguments go to main.py as they are.
 #
