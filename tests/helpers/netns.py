@@ -240,6 +240,46 @@ class Hosts:
                              capture_output=True, text=True, check=True)
         return out.stdout.strip()
 
+    def start_sshd(self, folder: Path) -> dict[str, str]:
+        """An sshd in every host (a service) that takes a throwaway key made in `folder`; returns the environment
+        additions under which `ssh <host name>` (and pdsh, and DeepSpeed's runner) reach any host as root without
+        a prompt: PATH first names an `ssh` that uses `folder`'s own config. ~/.ssh is never read or written."""
+        folder = Path(folder)
+        folder.mkdir(parents=True, exist_ok=True)
+        for key in ("client_key", "host_key"):
+            subprocess.run(["ssh-keygen", "-q", "-t", "ed25519", "-N", "", "-f", str(folder / key)], check=True)
+        (folder / "authorized_keys").write_text((folder / "client_key.pub").read_text())
+        (folder / "sshd_config").write_text(
+            f"HostKey {folder / 'host_key'}\nAuthorizedKeysFile {folder / 'authorized_keys'}\nStrictModes no\n"
+            "UsePAM no\nPermitRootLogin prohibit-password\nPasswordAuthentication no\nPidFile none\n"
+            "LogLevel ERROR\n")
+        (folder / "ssh_config").write_text(
+            f"Host *\n  IdentityFile {folder / 'client_key'}\n  IdentitiesOnly yes\n  BatchMode yes\n"
+            "  StrictHostKeyChecking no\n  UserKnownHostsFile /dev/null\n  LogLevel ERROR\n  ConnectTimeout 10\n")
+        bin_dir = folder / "bin"
+        bin_dir.mkdir(exist_ok=True)
+        wrapper = bin_dir / "ssh"
+        wrapper.write_text(f'#!/bin/sh\nexec {shutil.which("ssh")} -F {folder / "ssh_config"} "$@"\n')
+        wrapper.chmod(0o755)
+        Path("/run/sshd").mkdir(exist_ok=True)  # sshd's privilege-separation folder
+        sshd = shutil.which("sshd") or "/usr/sbin/sshd"
+        for h in self.hosts:
+            h.popen([sshd, "-D", "-e", "-f", str(folder / "sshd_config")], service=True)
+        env = {"PATH": f"{bin_dir}:{os.environ.get('PATH', '')}"}
+        for h in self.hosts:
+            self._wait_for_ssh(h, env)
+        return env
+
+    def _wait_for_ssh(self, target: Host, env: dict[str, str], wait_s: float = 20) -> None:
+        deadline = time.monotonic() + wait_s
+        while True:
+            probe = self.hosts[0].run(["ssh", target.name, "hostname"], env=dict(os.environ, **env), timeout=30)
+            if probe.returncode == 0 and probe.stdout.strip() == target.name:
+                return
+            if time.monotonic() > deadline:
+                raise RuntimeError(f"sshd on {target} did not answer: {probe.stderr.strip()}")
+            time.sleep(0.2)
+
     def close(self) -> None:
         for h in self.hosts:
             _delete(h.ns)
