@@ -32,6 +32,7 @@ from engine.runtime import faults
 from engine.runtime.atomic import publish_folder, remove_folder, staging_folder, write_atomically
 from engine.runtime.distributed import DistInfo, all_reduce_sum, barrier
 from engine.runtime.ds_private import safe_checkpoint_loading
+from engine.runtime.nodes import writes_node_copy
 
 logger = logging.getLogger("engine")
 
@@ -204,7 +205,8 @@ def save_resume_state(engines: Any, output_dir: Path, tag: str, client_state: di
     `keep` > 0: afterwards only the newest `keep` sealed checkpoints are kept (with their
     checkpoint-<step>/ folders); unsealed leftovers of interrupted saves go too."""
     folder = output_dir / DS_CHECKPOINT_DIR
-    if dist.is_main and (folder / tag / MANIFEST).exists():  # re-writing a step (after a resume): unseal first
+    seals = writes_node_copy(dist)  # rank 0; on node-local disks each node's local rank 0 too (engine/runtime/nodes.py)
+    if seals and (folder / tag / MANIFEST).exists():  # re-writing a step (after a resume): unseal first
         (folder / tag / MANIFEST).unlink()
     barrier()
     for name, engine in _named_engines(engines).items():
@@ -221,7 +223,7 @@ def save_resume_state(engines: Any, output_dir: Path, tag: str, client_state: di
     save_file(tensors, str(_rng_file(folder / tag, dist.rank)), metadata=meta)
     faults.mid_save(tag_step(tag))
     barrier()
-    if dist.is_main:
+    if seals:
         _seal(folder, tag, list(_named_engines(engines)), dist.world_size)
         write_atomically(folder / "latest", tag)  # DeepSpeed's tools (zero_to_fp32.py) read `latest`
         if keep:
@@ -357,7 +359,8 @@ def load_resume_state(engines: Any, output_dir: Path, dist: DistInfo, keys: tupl
     step = tag_step(tag)
     if all_reduce_sum([float(step)], dist.device)[0] != step * dist.world_size:
         raise UserError(f"--resume: the ranks found different checkpoints in {folder}; --output_dir must be one "
-                        "folder that every rank sees (a shared file system)")
+                        "folder that every rank sees (a shared file system), or, on disks of each machine's own, hold "
+                        "the same checkpoints on every machine (as the run wrote them there)")
     client_state: dict[str, Any] = {}
     for name, engine in _named_engines(engines).items():
         with safe_checkpoint_loading(engine):

@@ -136,7 +136,8 @@ class Host:
     def run(self, argv: list[str], env: dict[str, str] | None = None, cwd: str | Path | None = None,
             timeout: float = 600, **kwargs) -> subprocess.CompletedProcess:
         """Run `argv` in this host to the end; captures text output unless told otherwise."""
-        kwargs.setdefault("capture_output", True)
+        if "stdout" not in kwargs and "stderr" not in kwargs:
+            kwargs.setdefault("capture_output", True)
         kwargs.setdefault("text", True)
         return subprocess.run(self.argv(argv), env=env, cwd=cwd, timeout=timeout, **kwargs)
 
@@ -155,6 +156,7 @@ class Hosts:
         self.tag = f"{PREFIX}{os.getpid()}"
         self.bridge_ns = f"{self.tag}br"
         self.hosts: list[Host] = []
+        self.ssh_env: dict[str, str] | None = None  # set by start_sshd
         for i in range(n):
             own = {}
             for k, path in enumerate(private):
@@ -268,6 +270,7 @@ class Hosts:
         env = {"PATH": f"{bin_dir}:{os.environ.get('PATH', '')}"}
         for h in self.hosts:
             self._wait_for_ssh(h, env)
+        self.ssh_env = env
         return env
 
     def _wait_for_ssh(self, target: Host, env: dict[str, str], wait_s: float = 20) -> None:
