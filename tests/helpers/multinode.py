@@ -42,6 +42,13 @@ def torchrun(hosts: Hosts, script: str, args: list[str], env: dict[str, str], fo
     return [_finish(h, log, proc, folder, time.monotonic() + timeout) for h, log, proc in procs]
 
 
+def one_host(hosts: Hosts, script: str, args: list[str], env: dict[str, str], folder: Path, nproc: int = 2,
+             timeout: float = 600) -> NodeResult:
+    """The same world size on one host (the first): `torchrun --nproc_per_node nproc` in its namespace, so its
+    ports are that host's own and cannot collide with other tests on this machine."""
+    return torchrun([hosts[0]], script, args, env, folder, nproc=nproc, timeout=timeout)[0]
+
+
 def _finish(host, log, proc: subprocess.Popen, folder: Path, deadline: float) -> NodeResult:
     try:
         proc.wait(timeout=max(1.0, deadline - time.monotonic()))
