@@ -88,6 +88,7 @@ def init_distributed(seed: int, peer_timeout: float = 0.0) -> DistInfo:
         network.check_master()  # an unusable MASTER_ADDR, or gloo left on loopback: said before the rendezvous
     if not torch.distributed.is_initialized():
         check_rendezvous_port()  # before DeepSpeed's import and op build: a busy port fails in seconds
+        network.check_world_size()  # across machines: a node started with another WORLD_SIZE is named at once
     op_builds.install()  # before DeepSpeed loads an op, here or later (cpu_adam with --offload)
     if not torch.distributed.is_initialized():
         import deepspeed

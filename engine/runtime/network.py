@@ -17,12 +17,15 @@ import socket
 from pathlib import Path
 
 import psutil
+import torch
 
 from engine.errors import UserError
 
 logger = logging.getLogger("engine")
 
 NO_ROUTE = (errno.ENETUNREACH, errno.EHOSTUNREACH)
+WORLD_KEY = "rlhf_engine/world_size"  # in the rendezvous store, beside torch's own (prefixed) keys
+_server = None  # rank 0's rendezvous store, started by check_world_size; torch's own store shares its server
 
 
 def check_master(env: dict[str, str] | os._Environ = os.environ) -> None:
@@ -41,6 +44,37 @@ def check_master(env: dict[str, str] | os._Environ = os.environ) -> None:
             env["GLOO_SOCKET_IFNAME"] = name
             logger.info("host name %s resolves to a loopback address: gloo uses interface %s (the route to "
                         "MASTER_ADDR %s); set GLOO_SOCKET_IFNAME to choose another", socket.gethostname(), name, addr)
+
+
+def check_world_size(env: dict[str, str] | os._Environ = os.environ, wait_s: float = 60.0) -> None:
+    """Across machines, under a launcher that sets WORLD_SIZE per node (SLURM, mpirun, by hand, DeepSpeed's
+    with a hostfile per node; not torchrun, whose agents agree first): each rank compares its WORLD_SIZE with rank 0's
+    through the rendezvous store, which rank 0 starts here, so a node started with another world size is named
+    at once instead of waiting in the rendezvous. Call it after the port check (rank 0 then holds the port)."""
+    if env.get("TORCHELASTIC_USE_AGENT_STORE", "").lower() == "true":  # torchrun's agents agreed already
+        return
+    addr, port = env.get("MASTER_ADDR", ""), int(env.get("MASTER_PORT", "0") or 0)
+    rank, world = int(env.get("RANK", "0")), int(env.get("WORLD_SIZE", "1") or 1)
+    if world <= 1 or not addr or port <= 0 or ipaddress.ip_address(resolve(addr)).is_loopback:
+        return
+    from datetime import timedelta
+
+    global _server
+    try:
+        # multi_tenant, as torch's env:// rendezvous makes its store: that store then shares this server.
+        store = torch.distributed.TCPStore(addr, port, world, is_master=rank == 0, multi_tenant=True,
+                                           wait_for_workers=False, timeout=timedelta(seconds=wait_s))
+        if rank == 0:
+            store.set(WORLD_KEY, str(world))
+            _server = store
+            return
+        theirs = int(store.get(WORLD_KEY))
+    except (RuntimeError, ValueError):
+        return  # rank 0 not up in time (or an older server): the rendezvous and its own timeout decide
+    if theirs != world:
+        raise UserError(f"this rank (RANK {rank} on host {socket.gethostname()}) was started with WORLD_SIZE {world}, "
+                        f"rank 0 (MASTER_ADDR {addr}) with {theirs}: start every node with the same number of nodes "
+                        "and ranks per node")
 
 
 def resolve(addr: str) -> str:

@@ -19,8 +19,8 @@ JOIN = ("from engine.runtime.distributed import init_distributed, all_reduce_sum
         "import torch; torch.distributed.barrier(); torch.distributed.destroy_process_group()")
 
 
-def _rank_env(engine_cache, rank: int, master: str) -> dict[str, str]:
-    return offline_env(engine_cache) | {"RANK": str(rank), "LOCAL_RANK": "0", "WORLD_SIZE": "2",
+def _rank_env(engine_cache, rank: int, master: str, world: int = 2) -> dict[str, str]:
+    return offline_env(engine_cache) | {"RANK": str(rank), "LOCAL_RANK": "0", "WORLD_SIZE": str(world),
                                         "MASTER_ADDR": master, "MASTER_PORT": "29500", "PYTHONPATH": str(ROOT)}
 
 
@@ -53,3 +53,18 @@ def test_hosts_whose_names_resolve_to_loopback_still_join(hosts, engine_cache):
         pytest.fail("the ranks hung: gloo listened on loopback")
     for proc, out in zip(procs, outputs, strict=True):
         assert proc.returncode == 0 and "sum 3.0 eth0" in out, out[-3000:]
+
+
+def test_a_node_started_with_another_world_size_is_named(hosts, engine_cache, tmp_path):
+    """node1 believes in 3 ranks, node0 (rank 0) in 2: node1's rank says so at once instead of waiting in the
+    rendezvous for a rank 2 that never comes (rank 0 then waits for rank 1 until its start-up timeout)."""
+    step1 = [sys.executable, str(ROOT / "step1_sft/main.py"), "--output_dir", str(tmp_path / "out")]
+    ranks = [h.popen(step1, env=_rank_env(engine_cache, h.index, "node0", world), cwd=ROOT, stdout=subprocess.PIPE,
+                     stderr=subprocess.STDOUT, text=True) for h, world in zip(hosts, (2, 3), strict=True)]
+    try:
+        out = ranks[1].communicate(timeout=90)[0]
+    finally:
+        hosts.kill(hosts[0])
+    assert ranks[1].returncode == 2 and "Traceback" not in out, out[-3000:]
+    assert ("error: this rank (RANK 1 on host node1) was started with WORLD_SIZE 3, rank 0 (MASTER_ADDR node0) with "
+            "2: start every node with the same number of nodes and ranks per node") in out, out[-3000:]

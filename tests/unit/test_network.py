@@ -102,3 +102,14 @@ def test_e2e_multi_node_checks_the_hostfile_before_anything_runs(tmp_path, monke
     monkeypatch.setenv("HOSTFILE", str(tmp_path / "missing"))
     with pytest.raises(UserError, match="hostfile .*missing not found"):
         e2e.main(["--actor-model", "66b", "--deployment-type", "multi_node", "--output_dir", str(out)])
+
+
+def test_world_size_check_only_across_machines_and_not_under_torchrun(monkeypatch):
+    def no_store(*args, **kwargs):
+        raise AssertionError("no store expected")
+
+    monkeypatch.setattr(network.torch.distributed, "TCPStore", no_store)
+    base = {"RANK": "1", "WORLD_SIZE": "3", "MASTER_PORT": "29500"}
+    network.check_world_size(base | {"MASTER_ADDR": "127.0.0.1"})  # one machine
+    network.check_world_size(base | {"MASTER_ADDR": "10.99.0.1", "TORCHELASTIC_USE_AGENT_STORE": "True"})
+    network.check_world_size({"RANK": "0", "WORLD_SIZE": "1", "MASTER_ADDR": "10.99.0.1", "MASTER_PORT": "29500"})
