@@ -14,12 +14,14 @@ import logging
 import os
 import re
 import socket
+import threading
 from pathlib import Path
 
 import psutil
 import torch
 
 from engine.errors import UserError
+from engine.runtime import watchdog
 
 logger = logging.getLogger("engine")
 
@@ -46,35 +48,45 @@ def check_master(env: dict[str, str] | os._Environ = os.environ) -> None:
                         "MASTER_ADDR %s); set GLOO_SOCKET_IFNAME to choose another", socket.gethostname(), name, addr)
 
 
-def check_world_size(env: dict[str, str] | os._Environ = os.environ, wait_s: float = 60.0) -> None:
+def check_world_size(env: dict[str, str] | os._Environ = os.environ, wait_s: float = 600.0) -> None:
     """Across machines, under a launcher that sets WORLD_SIZE per node (SLURM, mpirun, by hand, DeepSpeed's
-    with a hostfile per node; not torchrun, whose agents agree first): each rank compares its WORLD_SIZE with rank 0's
-    through the rendezvous store, which rank 0 starts here, so a node started with another world size is named
-    at once instead of waiting in the rendezvous. Call it after the port check (rank 0 then holds the port)."""
-    if env.get("TORCHELASTIC_USE_AGENT_STORE", "").lower() == "true":  # torchrun's agents agreed already
+    with a hostfile per node; not torchrun, whose agents agree first): rank 0 starts the rendezvous store here
+    and puts its WORLD_SIZE there; every other rank compares its own in a background thread while the main
+    thread joins as usual, so a node started with another world size stops at once with one line instead of
+    waiting in the rendezvous, and nothing waits longer than before. Call it after the port check (rank 0 then
+    holds the port)."""
+    if env.get("TORCHELASTIC_USE_AGENT_STORE", "").lower() == "true":
         return
     addr, port = env.get("MASTER_ADDR", ""), int(env.get("MASTER_PORT", "0") or 0)
     rank, world = int(env.get("RANK", "0")), int(env.get("WORLD_SIZE", "1") or 1)
     if world <= 1 or not addr or port <= 0 or ipaddress.ip_address(resolve(addr)).is_loopback:
         return
+    global _server
+    if rank == 0:
+        # multi_tenant, as torch's env:// rendezvous makes its store: that store then shares this server.
+        _server = _store(addr, port, world, True, wait_s)
+        _server.set(WORLD_KEY, str(world))
+        return
+    threading.Thread(target=_compare_world_size, args=(addr, port, rank, world, wait_s), daemon=True,
+                     name="world-size-check").start()
+
+
+def _store(addr: str, port: int, world: int, is_master: bool, wait_s: float):
     from datetime import timedelta
 
-    global _server
+    return torch.distributed.TCPStore(addr, port, world, is_master=is_master, multi_tenant=True,
+                                      wait_for_workers=False, timeout=timedelta(seconds=wait_s))
+
+
+def _compare_world_size(addr: str, port: int, rank: int, world: int, wait_s: float) -> None:
     try:
-        # multi_tenant, as torch's env:// rendezvous makes its store: that store then shares this server.
-        store = torch.distributed.TCPStore(addr, port, world, is_master=rank == 0, multi_tenant=True,
-                                           wait_for_workers=False, timeout=timedelta(seconds=wait_s))
-        if rank == 0:
-            store.set(WORLD_KEY, str(world))
-            _server = store
-            return
-        theirs = int(store.get(WORLD_KEY))
+        theirs = int(_store(addr, port, world, False, wait_s).get(WORLD_KEY))
     except (RuntimeError, ValueError):
-        return  # rank 0 not up in time (or an older server): the rendezvous and its own timeout decide
+        return  # rank 0 not reached (its own timeout and message follow in the main thread), or no number there
     if theirs != world:
-        raise UserError(f"this rank (RANK {rank} on host {socket.gethostname()}) was started with WORLD_SIZE {world}, "
-                        f"rank 0 (MASTER_ADDR {addr}) with {theirs}: start every node with the same number of nodes "
-                        "and ranks per node")
+        watchdog.stop_process(2, f"this rank (RANK {rank} on host {socket.gethostname()}) was started with "
+                                 f"WORLD_SIZE {world}, rank 0 (MASTER_ADDR {addr}) with {theirs}: start every node "
+                                 "with the same number of nodes and ranks per node")
 
 
 def resolve(addr: str) -> str:
