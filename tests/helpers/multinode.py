@@ -27,8 +27,10 @@ class NodeResult:
 
 
 def torchrun(hosts: Hosts, script: str, args: list[str], env: dict[str, str], folder: Path, nproc: int = 1,
-             timeout: float = 600, extra_env: dict[str, dict[str, str]] | None = None) -> list[NodeResult]:
-    """`torchrun --nnodes N --node_rank i --master_addr node0` on every host at once; waits for all.
+             timeout: float = 600, extra_env: dict[str, dict[str, str]] | None = None,
+             grace: float = 60) -> list[NodeResult]:
+    """`torchrun --nnodes N --node_rank i --master_addr node0` on every host at once; waits for all, but kills
+    the others `grace` seconds after one node failed (torchrun's agents can wait minutes for a lost peer).
     `extra_env`: {host name: variables} added for that host only."""
     folder.mkdir(parents=True, exist_ok=True)
     procs = []
@@ -39,7 +41,13 @@ def torchrun(hosts: Hosts, script: str, args: list[str], env: dict[str, str], fo
         log = open(folder / f"{h.name}.log", "w")  # closed in _finish
         node_env = dict(env, **(extra_env or {}).get(h.name, {}))
         procs.append((h, log, h.popen(cmd, env=node_env, cwd=ROOT, stdout=log, stderr=subprocess.STDOUT)))
-    return [_finish(h, log, proc, folder, time.monotonic() + timeout) for h, log, proc in procs]
+    deadline, failed_at = time.monotonic() + timeout, None
+    while time.monotonic() < deadline and any(proc.poll() is None for _, _, proc in procs):
+        if failed_at is None and any(proc.poll() not in (None, 0) for _, _, proc in procs):
+            failed_at = time.monotonic()
+            deadline = min(deadline, failed_at + grace)
+        time.sleep(0.5)
+    return [_finish(h, log, proc, folder, deadline) for h, log, proc in procs]
 
 
 def one_host(hosts: Hosts, script: str, args: list[str], env: dict[str, str], folder: Path, nproc: int = 2,
