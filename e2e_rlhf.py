@@ -145,6 +145,10 @@ def main(argv: Sequence[str] | None = None) -> None:
     reward = args.reward_model or DEFAULT_REWARD.get(family, args.actor_model)
     deployment = args.deployment_type or default_deployment()
     check_choices(args.actor_model, reward, family, deployment, args.algorithm)
+    if deployment == "multi_node":  # every node named must resolve before anything starts on any of them
+        from engine.runtime.network import read_hostfile
+
+        read_hostfile(Path(os.environ.get("HOSTFILE", "/job/hostfile")))
     if shutil.which("deepspeed") is None:
         raise UserError("the deepspeed launcher is not on PATH; install the project (pip install -e .)")
     stages = plan(args, out, family, reward, deployment)

@@ -65,6 +65,7 @@ from engine.runtime.distributed import DistInfo, all_reduce_max, all_reduce_sum,
 from engine.runtime.ds_config import DTYPE_BYTES
 from engine.runtime.ds_private import full_numel
 from engine.runtime.entry import run_main
+from engine.runtime.nodes import probe_output_dir
 from engine.runtime.run import (
     Schedule,
     check_inputs,
@@ -157,6 +158,7 @@ def build(cfg: Step3Config) -> Run:
     check_role_paths(cfg)
     dist = init_distributed(cfg.train.seed, peer_timeout=cfg.fault.peer_timeout)
     setup_logging(dist.is_main, cfg.log.verbose)
+    probe_output_dir(out, dist)  # shared or node-local: who writes which checkpoint files
     for notice in cfg.compat_notices(cuda=dist.device.type == "cuda"):
         logger.warning("%s", notice)
 

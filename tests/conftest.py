@@ -8,10 +8,12 @@ Tiers (markers in pyproject.toml):
   on 2 cores); marked here, by the fixture they use, and kept on one xdist worker, which builds it once.
 - distributed (tests/distributed/): 2 CPU ranks under the deepspeed launcher; about a minute each.
 - gpu (tests/gpu/): needs CUDA; skipped without it.
+- multihost (tests/multihost/): two or three hosts made of network namespaces (tests/helpers/netns.py), as
+  root; skipped, saying why, without root, `ip` or namespace support. `python -m pytest -q -m multihost`.
 
-`python -m pytest -q` runs unit and smoke (pyproject's addopts: `-m "not e2e and not distributed"`);
-`python -m pytest -q -m "e2e or distributed"` the other two; `-m ""` every tier; `.ci/run` runs both
-commands. A later `-m` replaces the default one, so a file of a left-out tier needs it:
+`python -m pytest -q` runs unit and smoke (addopts: `-m "not e2e and not distributed and not multihost"`);
+`python -m pytest -q -m "e2e or distributed"` two others, `-m multihost` the last; `-m ""` every tier;
+`.ci/run` runs the three commands. A later `-m` replaces the default one, so a file of a left-out tier needs it:
 `python -m pytest -q -m distributed tests/distributed/test_step1_two_ranks.py`.
 """
 from __future__ import annotations

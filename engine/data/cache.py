@@ -135,13 +135,20 @@ def _build_and_write(path: Path, build: Callable[[], tuple[dict[str, torch.Tenso
 
 def cached_tensors(path: Path, build: Callable[[], tuple[dict[str, torch.Tensor], dict[str, str]]],
                    dist: DistInfo) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
-    """(tensors, metadata) of the cache at `path`, which rank 0 builds with `build()` if missing or damaged.
+    """(tensors, metadata) of the cache at `path`, which rank 0 builds with `build()` if missing or damaged (and
+    each other machine's local rank 0 where the folder is on that machine's own disk).
 
     Nothing is written when `build` fails, so a refused dataset leaves no cache (and no cache folder)."""
     failed = _build_and_write(path, build) if dist.is_main and not _complete(path) else ""
     # Every rank learns whether rank 0 failed, so none is left waiting at a barrier.
     if all_reduce_sum([float(bool(failed))], dist.device)[0] > 0:
         raise UserError(failed or "rank 0 could not build the dataset; see its error")
+    barrier()
+    # A cache folder on each machine's own disk: the first rank of every other machine builds its copy (after
+    # rank 0, so that on a shared folder nobody builds twice).
+    failed = _build_and_write(path, build) if dist.local_rank == 0 and not dist.is_main and not _complete(path) else ""
+    if all_reduce_sum([float(bool(failed))], dist.device)[0] > 0:
+        raise UserError(failed or "another machine could not build its copy of the dataset cache; see its error")
     barrier()
     try:
         with safe_open(str(path), framework="pt") as f:

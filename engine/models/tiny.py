@@ -62,6 +62,7 @@ def ensure_tiny_model(seed: int) -> Path:
     if (target / "config.json").is_file():
         return target
     import torch  # here, not above: importing the Llama classes takes seconds a ready folder does not need
+    from safetensors.torch import save_model
     from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM
 
     tok = AutoTokenizer.from_pretrained(str(TOKENIZER_DIR))
@@ -73,7 +74,13 @@ def ensure_tiny_model(seed: int) -> Path:
         model = LlamaForCausalLM(config)
 
     def write(folder: Path) -> None:
-        model.save_pretrained(str(folder))
+        # Not model.save_pretrained: once torch.distributed is up, transformers writes only on global rank 0, and
+        # this runs on local rank 0 of every machine (a second machine then published a folder without weights).
+        model.config.architectures = [type(model).__name__]  # as save_pretrained records them
+        model.config.dtype = next(model.parameters()).dtype
+        model.config.save_pretrained(str(folder))
+        model.generation_config.save_pretrained(str(folder))
+        save_model(model, str(folder / "model.safetensors"), metadata={"format": "pt"})
         tok.save_pretrained(str(folder))
 
     write_cache_folder(target, write, f"cannot write the built-in model to {target}",

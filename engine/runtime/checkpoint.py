@@ -33,6 +33,7 @@ from engine.runtime import faults
 from engine.runtime.atomic import publish_folder, remove_folder, staging_folder, write_atomically
 from engine.runtime.distributed import DistInfo, all_reduce_sum, barrier, set_seed
 from engine.runtime.ds_private import safe_checkpoint_loading, universal_loading
+from engine.runtime.nodes import output_is_node_local, writes_node_copy
 from engine.runtime.universal import UNIVERSAL_DIR, UNIVERSAL_MANIFEST, ensure_universal, is_sharded, remove_universal
 
 logger = logging.getLogger("engine")
@@ -208,7 +209,8 @@ def save_resume_state(engines: Any, output_dir: Path, tag: str, client_state: di
     `keep` > 0: afterwards only the newest `keep` sealed checkpoints are kept (with their
     checkpoint-<step>/ folders); unsealed leftovers of interrupted saves go too."""
     folder = output_dir / DS_CHECKPOINT_DIR
-    if dist.is_main and (folder / tag / MANIFEST).exists():  # re-writing a step (after a resume): unseal first
+    seals = writes_node_copy(dist)  # rank 0; on node-local disks each node's local rank 0 too (engine/runtime/nodes.py)
+    if seals and (folder / tag / MANIFEST).exists():  # re-writing a step (after a resume): unseal first
         (folder / tag / MANIFEST).unlink()
         remove_universal(folder, tag, list(_named_engines(engines)))  # its universal copy is of the old state
     barrier()
@@ -226,7 +228,7 @@ def save_resume_state(engines: Any, output_dir: Path, tag: str, client_state: di
     save_file(tensors, str(_rng_file(folder / tag, dist.rank)), metadata=meta)
     faults.mid_save(tag_step(tag))
     barrier()
-    if dist.is_main:
+    if seals:
         position = {k: client_state[k] for k in POSITION_KEYS if k in client_state}
         _seal(folder, tag, list(_named_engines(engines)), dist.world_size, position)
         write_atomically(folder / "latest", tag)  # DeepSpeed's tools (zero_to_fp32.py) read `latest`
@@ -386,9 +388,15 @@ def load_resume_state(engines: Any, output_dir: Path, dist: DistInfo, keys: tupl
     step = tag_step(tag)
     if all_reduce_sum([float(step)], dist.device)[0] != step * dist.world_size:
         raise UserError(f"--resume: the ranks found different checkpoints in {folder}; --output_dir must be one "
-                        "folder that every rank sees (a shared file system)")
+                        "folder that every rank sees (a shared file system), or, on disks of each machine's own, hold "
+                        "the same checkpoints on every machine (as the run wrote them there)")
     saved_world = saved_world_size(tag_folder)
     elastic = saved_world != dist.world_size
+    if elastic and output_is_node_local():
+        # The converter reads every rank's shards from one folder; a node-local disk holds only its node's.
+        raise UserError(f"--resume: checkpoint {tag_folder} was written by {saved_world} ranks, this run has "
+                        f"{dist.world_size}, and --output_dir is on each machine's own disk; resume with "
+                        f"{saved_world} ranks, or copy every machine's {folder.name}/ into one shared --output_dir")
     if elastic:
         _convert_on_rank0(folder, tag, list(_named_engines(engines)), saved_world, dist)
     client_state: dict[str, Any] = {}

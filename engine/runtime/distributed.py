@@ -17,7 +17,7 @@ from tqdm import tqdm
 
 from engine.errors import UserError
 from engine.observe import startup
-from engine.runtime import op_builds, watchdog
+from engine.runtime import network, op_builds, watchdog
 
 logger = logging.getLogger("engine")
 
@@ -85,7 +85,10 @@ def init_distributed(seed: int, peer_timeout: float = 0.0) -> DistInfo:
         os.environ.update(RANK="0", LOCAL_RANK="0", WORLD_SIZE="1",
                           MASTER_ADDR="127.0.0.1", MASTER_PORT=str(free_port()))
     if not torch.distributed.is_initialized():
+        network.check_master()  # an unusable MASTER_ADDR, or gloo left on loopback: said before the rendezvous
+    if not torch.distributed.is_initialized():
         check_rendezvous_port()  # before DeepSpeed's import and op build: a busy port fails in seconds
+        network.check_world_size()  # across machines: a node started with another WORLD_SIZE is named at once
     op_builds.install()  # before DeepSpeed loads an op, here or later (cpu_adam with --offload)
     if not torch.distributed.is_initialized():
         import deepspeed

@@ -10,6 +10,7 @@ from engine.errors import UserError
 from engine.runtime.distributed import gpu_wanted
 from engine.runtime.ds_config import fill_template, load_template, size_reduce_bucket, train_ds_config
 from engine.runtime.ds_private import full_numel
+from engine.runtime.nodes import ds_checkpoint_config
 
 
 def build_ds_config(ds: DeepSpeedArgs, train: TrainArgs, world_size: int) -> dict[str, Any]:
@@ -49,7 +50,7 @@ def deepspeed_initialize(model: torch.nn.Module, optimizer: Any, scheduler: Any,
     import deepspeed
 
     engine, *_ = deepspeed.initialize(model=model, optimizer=optimizer, lr_scheduler=scheduler,
-                                      config=ds_config, dist_init_required=False)
+                                      config=ds_checkpoint_config(ds_config), dist_init_required=False)
     return engine
 
 

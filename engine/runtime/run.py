@@ -19,6 +19,7 @@ from engine.observe import startup
 from engine.observe.metrics import MetricsLogger
 from engine.runtime.distributed import DistInfo, init_distributed, setup_logging
 from engine.runtime.engines import build_ds_config
+from engine.runtime.nodes import probe_output_dir
 
 logger = logging.getLogger("engine")
 
@@ -276,6 +277,7 @@ def prepare_step(cfg: Any, load_data: Callable[..., tuple[Any, Any]], collate: C
     check_given_model(cfg.model, role=role)  # again in resolve_model_path; here before DeepSpeed starts
     dist = init_distributed(cfg.train.seed, peer_timeout=cfg.fault.peer_timeout)
     setup_logging(dist.is_main, cfg.log.verbose)
+    probe_output_dir(out, dist)  # shared or node-local: who writes which checkpoint files
     ds_config = build_ds_config(cfg.ds, cfg.train, dist.world_size)
     with startup.part("model"):
         model_path = resolve_model_path(cfg.model, cfg.train.seed, dist, role=role)
