@@ -145,7 +145,8 @@ def build(cfg: Step3Config) -> Run:
                                                                cfg.ds.reward_quantization)))
     check_inputs(cfg)  # before DeepSpeed's start-up, which can take a minute the first time
     check_role_paths(cfg)
-    dist = init_distributed(cfg.train.seed, peer_timeout=cfg.fault.peer_timeout)
+    dist = init_distributed(cfg.train.seed, peer_timeout=cfg.fault.peer_timeout,
+                            startup_timeout=cfg.fault.startup_timeout)
     setup_logging(dist.is_main, cfg.log.verbose)
     for notice in cfg.compat_notices():
         logger.warning("%s", notice)
