@@ -7,10 +7,18 @@ of its own: a rank not through in `timeout` seconds prints one line naming the m
 check, and exits with status 2 (a set-up problem, like bad input). A communication error raised inside
 becomes the same message, as a UserError. Time this process spends building one of DeepSpeed's ops
 (`paused()`) does not count: a cold build takes a minute or more and has nothing to do with the network.
+
+While it waits, torch's store client logs every failed connection attempt from C++, each with a C++ stack
+("Exception raised from ... frame #0 ..."): pages of it for one unreachable address. So stderr (file
+descriptor 2, which C++ writes to) is held in a temporary file during start-up (`HeldStderr`): a start-up
+that succeeds writes it all out unchanged, one that fails without torch's log lines, before its one line.
 """
 from __future__ import annotations
 
 import os
+import re
+import sys
+import tempfile
 import threading
 import time
 from collections.abc import Iterator
@@ -20,6 +28,8 @@ from engine.errors import UserError
 from engine.runtime import watchdog
 
 POLL_S = 0.2
+# torch's C++ log lines (`[W1207 06:49:22.276213071 socket.cpp:764] ...`) and the stack that follows each.
+TORCH_LOG = re.compile(r"^(\[[IWEF]\d{4} \d|Exception raised from |frame #\d+: |<omitting python frames>|\s*$)")
 
 
 def message(seconds: float | None, what: str) -> str:
@@ -36,6 +46,36 @@ def message(seconds: float | None, what: str) -> str:
             f"interface that reaches the other hosts")
 
 
+class HeldStderr:
+    """File descriptor 2 goes to a temporary file until `release`."""
+
+    def __init__(self):
+        sys.stderr.flush()
+        self.saved = os.dup(2)
+        self.file = tempfile.TemporaryFile()
+        os.dup2(self.file.fileno(), 2)
+        self.lock = threading.Lock()  # the guard's thread may release while the main thread does
+        self.held = True
+
+    def release(self, drop_torch_log: bool = False) -> None:
+        """Put fd 2 back and write out what it held (less torch's C++ log lines with `drop_torch_log`)."""
+        with self.lock:
+            if not self.held:
+                return
+            self.held = False
+            sys.stderr.flush()
+            os.dup2(self.saved, 2)
+            os.close(self.saved)
+            self.file.seek(0)
+            text = self.file.read().decode(errors="replace")
+            self.file.close()
+        if drop_torch_log:
+            text = "".join(line for line in text.splitlines(keepends=True) if not TORCH_LOG.match(line))
+        if text:
+            sys.stderr.write(text)
+            sys.stderr.flush()
+
+
 class StartupGuard:
     """Counts the seconds of start-up, less the paused ones, on a thread of its own."""
 
@@ -45,6 +85,7 @@ class StartupGuard:
         self.pauses = 0  # nesting depth of `paused()`; changed by the main thread only
         self.what = "joining the process group"
         self.done = threading.Event()
+        self.stderr = HeldStderr()
         self.thread = threading.Thread(target=self._run, name="startup-guard", daemon=True)
 
     def _run(self) -> None:
@@ -55,6 +96,7 @@ class StartupGuard:
                 self.spent += now - last
             last = now
             if self.spent >= self.timeout:
+                self.stderr.release(drop_torch_log=True)
                 watchdog.stop_process(2, message(self.spent, self.what))
                 return
 
@@ -72,14 +114,17 @@ def guard(timeout: float) -> Iterator[StartupGuard | None]:
         return
     _active = StartupGuard(timeout)
     _active.thread.start()
+    failed = False
     try:
         yield _active
     except Exception as err:
         if not watchdog.collective_error(err):
             raise
+        failed = True
         raise UserError(f"{message(None, _active.what)} ({watchdog.one_line(err)})") from None
     finally:
         _active.done.set()
+        _active.stderr.release(drop_torch_log=failed)
         _active = None
 
 
@@ -91,7 +136,11 @@ def paused() -> Iterator[None]:
         yield
         return
     active.pauses += 1
+    if active.pauses == 1:
+        active.stderr.release()  # a build announces itself and may print compiler output: let it through
     try:
         yield
     finally:
         active.pauses -= 1
+        if active.pauses == 0:
+            active.stderr = HeldStderr()

@@ -54,6 +54,8 @@ COLLECTIVE_ERRORS = ("gloo", "nccl", "connection reset", "connection closed", "b
 # Seconds rank 0 stays up after posting its own failure, so that the others can read the reason from
 # its store before the store goes away with it.
 LINGER_S = 3.0
+# Seconds a stopping rank tries to acknowledge that news before it exits anyway.
+ACK_WAIT_S = 1.0
 
 
 class Heartbeats:
@@ -280,13 +282,21 @@ class Watchdog:
             while time.monotonic() < deadline and self._count("acks") + self._count("nfailed") < self.world_size:
                 time.sleep(0.1)
 
-    def acknowledge(self) -> None:
-        """Tell rank 0 (lingering after its failure) that this rank has read the news."""
-        with self._store():
-            try:
-                self.store.add("acks", 1)
-            except (RuntimeError, OSError):
-                pass
+    def acknowledge(self, wait_s: float = ACK_WAIT_S) -> None:
+        """Tell rank 0 (lingering after its failure) that this rank has read the news: best effort, for at most
+        `wait_s` seconds, on a thread of its own (the store may be unreachable, and the store client held by a
+        thread blocked in a call that never returns)."""
+
+        def send() -> None:
+            with self._store():
+                try:
+                    self.store.add("acks", 1)
+                except (RuntimeError, OSError):
+                    pass
+
+        sender = threading.Thread(target=send, name="peer-watchdog-ack", daemon=True)
+        sender.start()
+        sender.join(wait_s)
 
     def finish(self) -> None:
         """This rank is done: keep watching until every rank is, then stop the threads."""

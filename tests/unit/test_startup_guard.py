@@ -3,6 +3,7 @@ naming the master address and what to check; a communication error inside become
 building an op does not count."""
 from __future__ import annotations
 
+import os
 import time
 
 import pytest
@@ -64,3 +65,21 @@ def test_no_limit_at_zero(stops):
         assert guard is None
         with startup_guard.paused():
             pass
+
+
+TORCH_LINES = ("[W1207 06:49:22.276213071 socket.cpp:764] [c10d] The client socket has failed to connect to "
+               "10.77.0.1:29511 (errno: 113 - No route to host).\n"
+               "Exception raised from run at /pytorch/torch/csrc/distributed/c10d/socket.cpp:820 (most recent call "
+               "first):\nframe #0: c10::Error::Error(c10::SourceLocation) + 0x9d (0x7f in libc10.so)\n"
+               "<omitting python frames>\n\n")
+
+
+def test_torch_connection_log_is_dropped_from_a_failed_start_up_only(stops, capfd):
+    with startup_guard.guard(30):
+        os.write(2, b"a DeepSpeed warning\n" + TORCH_LINES.encode())
+    assert capfd.readouterr().err == "a DeepSpeed warning\n" + TORCH_LINES  # a start-up that succeeds: all of it
+    with pytest.raises(UserError):
+        with startup_guard.guard(30):
+            os.write(2, TORCH_LINES.encode() + b"a DeepSpeed warning\n")
+            raise torch.distributed.DistNetworkError("failed to connect")
+    assert capfd.readouterr().err == "a DeepSpeed warning\n"

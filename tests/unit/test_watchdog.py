@@ -183,3 +183,13 @@ def test_collective_errors_are_told_from_engine_bugs():
     assert watchdog.collective_error(torch.distributed.DistNetworkError("failed to connect"))
     assert not watchdog.collective_error(RuntimeError("injected fault (RLHF_ENGINE_FAULT) at step 3"))
     assert not watchdog.collective_error(KeyError("gloo"))
+
+
+def test_a_stopping_rank_does_not_wait_on_an_unreachable_store():
+    store = BlockingStore()
+    rank1 = Watchdog(store, 1, 2, peer_timeout=5, host="10.0.0.1:29500", on_peer_failure=print)
+    store.blocked.set()
+    started = time.monotonic()
+    rank1.acknowledge(wait_s=0.2)  # what stop_process does before it prints and exits
+    assert time.monotonic() - started < 1
+    store.release.set()
