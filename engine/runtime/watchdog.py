@@ -56,6 +56,8 @@ COLLECTIVE_ERRORS = ("gloo", "nccl", "connection reset", "connection closed", "b
 LINGER_S = 3.0
 # Seconds a stopping rank tries to acknowledge that news before it exits anyway.
 ACK_WAIT_S = 1.0
+# c10's log level for errors only (`quiet_torch_warnings`).
+CPP_LOG_ERROR = 2
 
 
 class Heartbeats:
@@ -333,6 +335,27 @@ def stop_process(status: int, message: str) -> None:
     os._exit(status)
 
 
+def quiet_torch_warnings() -> None:
+    """torch's C++ warnings off (errors stay) unless TORCH_CPP_LOG_LEVEL is set.
+
+    When a peer's machine goes away, the store client and gloo log a warning with a C++ stack ("Exception
+    raised from ... frame #0: ...") for each failed call, pages of them above the watchdog's one line. torch
+    reads TORCH_CPP_LOG_LEVEL only when it is imported, before the engine can set it, so this sets the level
+    torch read it into (c10's exported FLAGS_caffe2_log_level: 0 info, 1 warning, 2 error); where that symbol
+    is not found (another torch build, or not Linux), nothing changes."""
+    if os.environ.get("TORCH_CPP_LOG_LEVEL"):
+        return
+    import ctypes
+
+    import torch
+
+    try:
+        c10 = ctypes.CDLL(str(Path(torch.__file__).parent / "lib" / "libc10.so"))  # the copy torch loaded
+        ctypes.c_int32.in_dll(c10, "FLAGS_caffe2_log_level").value = CPP_LOG_ERROR
+    except (OSError, ValueError):
+        pass
+
+
 def start(rank: int, world_size: int, peer_timeout: float, device) -> None:
     """Start this rank's watchdog; call on every rank right after the default process group is up.
     `device`: the torch.device of this rank's collectives (the port is broadcast on it)."""
@@ -349,6 +372,7 @@ def start(rank: int, world_size: int, peer_timeout: float, device) -> None:
         store = torch.distributed.TCPStore(host, int(port.item()), None, False, timedelta(seconds=peer_timeout))
     _active = Watchdog(store, rank, world_size, peer_timeout, f"{host}:{int(port.item())}")
     _active.start()
+    quiet_torch_warnings()
 
 
 def peer_failure(wait: bool = False) -> tuple[int, str] | None:

@@ -26,13 +26,12 @@ from tests.conftest import ROOT, offline_env, tiny_model_folder
 pytestmark = pytest.mark.multihost
 
 PEER_TIMEOUT = 10
-STARTUP_TIMEOUT = 10
+STARTUP_TIMEOUT = 5  # the start-up test only: the healthy runs keep the default
 # Seconds past the limit a rank may take to stop: a poll of the watchdog, the exit itself, a loaded machine.
 MARGIN_S = 15
 PORT = "29533"  # each host has its own ports: no other job can hold this one
 COMMON = ["--disable_tqdm", "--per_device_train_batch_size", "4", "--max_seq_len", "48", "--zero_stage", "2",
-          "--dtype", "fp32", "--save_interval", "2", "--test_stop_step", "20", "--peer_timeout", str(PEER_TIMEOUT),
-          "--startup_timeout", str(STARTUP_TIMEOUT)]
+          "--dtype", "fp32", "--save_interval", "2", "--test_stop_step", "20", "--peer_timeout", str(PEER_TIMEOUT)]
 
 
 class Run:
@@ -96,7 +95,8 @@ def test_link_down_then_resume_then_master_killed(hosts, engine_cache, tmp_path)
     assert f"error: rank 1 (pid {run.procs[1].pid} on host node1) sent no heartbeat for " in err0, err0[-2000:]
     assert (f"error: rank 0 (pid {run.procs[0].pid} on host node0, which hosts the watchdog store at {node0.addr}:"
             in err1 and "did not answer for " in err1), err1[-2000:]
-    assert "Traceback" not in err0 + err1
+    assert "Traceback" not in err0 + err1 and "frame #" not in err0 + err1  # nor torch's C++ stacks
+    print(f"MEASURE link down: rank 0 {end0 - down:.1f} s, rank 1 {end1 - down:.1f} s")
     # Steps are fast: the link may have gone down in step 3, 4 or step 4's save. The newest sealed checkpoint
     # is whole and any later one is not.
     newest = tag_step(checkpoint_tags(out / "ds_checkpoint")[0])
@@ -119,7 +119,8 @@ def test_link_down_then_resume_then_master_killed(hosts, engine_cache, tmp_path)
     assert end1 - killed < PEER_TIMEOUT + MARGIN_S
     assert (f"error: rank 0 (pid {resumed.procs[0].pid} on host node0, which hosts the watchdog store at "
             f"{node0.addr}:" in err1), err1[-3000:]
-    assert "Traceback" not in err1
+    assert "Traceback" not in err1 and "frame #" not in err1
+    print(f"MEASURE master killed: rank 1 {end1 - killed:.1f} s")
     assert intact(out, newest + 2)
 
 
@@ -127,7 +128,7 @@ def test_link_down_at_start_up_stops_both_naming_the_master(hosts, engine_cache,
     node0, node1 = hosts
     hosts.link_down(node1)
     started = time.monotonic()
-    run = Run(hosts, engine_cache, tmp_path / "out")
+    run = Run(hosts, engine_cache, tmp_path / "out", ["--startup_timeout", str(STARTUP_TIMEOUT)])
     results = run.wait(STARTUP_TIMEOUT + MARGIN_S + 60)  # + the imports before start-up begins
     for rank, (code, end, err) in enumerate(results):
         assert code == 2, err[-3000:]
@@ -137,3 +138,4 @@ def test_link_down_at_start_up_stops_both_naming_the_master(hosts, engine_cache,
                 f"joining the process group, {side}. Check that all 2 ranks were started; that "
                 f"MASTER_ADDR={node0.addr} is the master host's address") in err, err[-3000:]
         assert "Traceback" not in err and "frame #" not in err
+        print(f"MEASURE start-up rank {rank}: {end - started:.1f} s")

@@ -1,12 +1,14 @@
 """The peer watchdog's decisions, in one process: two Watchdog objects over one TCPStore stand for two ranks."""
 from __future__ import annotations
 
+import ctypes
 import os
 import subprocess
 import sys
 import threading
 import time
 from datetime import timedelta
+from pathlib import Path
 
 import pytest
 import torch
@@ -193,3 +195,24 @@ def test_a_stopping_rank_does_not_wait_on_an_unreachable_store():
     rank1.acknowledge(wait_s=0.2)  # what stop_process does before it prints and exits
     assert time.monotonic() - started < 1
     store.release.set()
+
+
+def c10_log_level() -> ctypes.c_int32:
+    return ctypes.c_int32.in_dll(ctypes.CDLL(str(Path(torch.__file__).parent / "lib" / "libc10.so")),
+                                 "FLAGS_caffe2_log_level")
+
+
+@pytest.mark.skipif(sys.platform != "linux", reason="reads libc10.so")
+def test_torch_cpp_warnings_go_quiet_unless_the_user_set_a_level(monkeypatch):
+    level = c10_log_level()
+    before = level.value
+    try:
+        level.value = 1  # warnings on, as torch starts without TORCH_CPP_LOG_LEVEL
+        monkeypatch.setenv("TORCH_CPP_LOG_LEVEL", "WARNING")
+        watchdog.quiet_torch_warnings()
+        assert level.value == 1  # the user's choice stands
+        monkeypatch.delenv("TORCH_CPP_LOG_LEVEL")
+        watchdog.quiet_torch_warnings()
+        assert level.value == 2  # errors only
+    finally:
+        level.value = before
