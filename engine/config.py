@@ -306,13 +306,18 @@ class FaultArgs:
     peer_timeout: float = arg(
         180.0, "Seconds a rank may go without a heartbeat before the others presume it dead and stop, "
         "naming it (0: no watchdog; collectives then wait for DeepSpeed's 30-minute timeout).")
+    startup_timeout: float = arg(
+        300.0, "Seconds a rank may take to join the others at start-up (the rendezvous at MASTER_ADDR:MASTER_PORT, "
+        "the process group's connections, the peer watchdog's store); then it stops, naming the master address and "
+        "what to check (0: no limit of ours; torch's store then waits DeepSpeed's 10 minutes). Time spent building "
+        "DeepSpeed's ops on this machine does not count.")
     max_bad_steps: int = arg(
         10, "Stop after this many consecutive bad steps: a NaN or inf loss or reward, or an update the "
         "optimizer skipped (fp16 loss-scale overflow). 0: never stop.")
 
     def problems(self) -> list[str]:
-        if self.peer_timeout < 0 or self.max_bad_steps < 0:
-            return ["--peer_timeout and --max_bad_steps must be >= 0"]
+        if self.peer_timeout < 0 or self.max_bad_steps < 0 or self.startup_timeout < 0:
+            return ["--peer_timeout, --startup_timeout and --max_bad_steps must be >= 0"]
         return []
 
 

@@ -156,7 +156,8 @@ def build(cfg: Step3Config) -> Run:
                                                                cfg.ds.reward_quantization)))
     check_inputs(cfg)  # before DeepSpeed's start-up, which can take a minute the first time
     check_role_paths(cfg)
-    dist = init_distributed(cfg.train.seed, peer_timeout=cfg.fault.peer_timeout)
+    dist = init_distributed(cfg.train.seed, peer_timeout=cfg.fault.peer_timeout,
+                            startup_timeout=cfg.fault.startup_timeout)
     setup_logging(dist.is_main, cfg.log.verbose)
     probe_output_dir(out, dist)  # shared or node-local: who writes which checkpoint files
     for notice in cfg.compat_notices(cuda=dist.device.type == "cuda"):

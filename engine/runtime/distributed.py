@@ -17,7 +17,7 @@ from tqdm import tqdm
 
 from engine.errors import UserError
 from engine.observe import startup
-from engine.runtime import network, op_builds, watchdog
+from engine.runtime import network, op_builds, startup_guard, watchdog
 
 logger = logging.getLogger("engine")
 
@@ -71,12 +71,14 @@ def gpu_wanted() -> bool:
     return torch.cuda.is_available() and os.environ.get("DS_ACCELERATOR", "cuda") in ("", "cuda")
 
 
-def init_distributed(seed: int, peer_timeout: float = 0.0) -> DistInfo:
+def init_distributed(seed: int, peer_timeout: float = 0.0, startup_timeout: float = 0.0) -> DistInfo:
     """Join (or create) the process group and seed every RNG the same way on every rank.
 
     peer_timeout > 0 with more than one rank starts the peer watchdog (engine/runtime/watchdog.py): if a rank
     dies or fails, the others stop within that many seconds, naming it; `run_main` stops it at the end.
-    0 (the default, for callers without a --peer_timeout flag): no watchdog."""
+    0 (the default, for callers without a --peer_timeout flag): no watchdog.
+    startup_timeout > 0: joining the process group and starting the watchdog must take at most that many
+    seconds (engine/runtime/startup_guard.py); 0: torch's own timeouts only."""
     if "DS_ACCELERATOR" not in os.environ and not torch.cuda.is_available():
         # What DeepSpeed picks on a machine without a GPU, said up front: it then skips its warning
         # "Setting accelerator to CPU. If you have GPU or other accelerator, we were unable to detect it".
@@ -86,10 +88,21 @@ def init_distributed(seed: int, peer_timeout: float = 0.0) -> DistInfo:
                           MASTER_ADDR="127.0.0.1", MASTER_PORT=str(free_port()))
     if not torch.distributed.is_initialized():
         network.check_master()  # an unusable MASTER_ADDR, or gloo left on loopback: said before the rendezvous
-    if not torch.distributed.is_initialized():
         check_rendezvous_port()  # before DeepSpeed's import and op build: a busy port fails in seconds
         network.check_world_size()  # across machines: a node started with another WORLD_SIZE is named at once
     op_builds.install()  # before DeepSpeed loads an op, here or later (cpu_adam with --offload)
+    multi = int(os.environ.get("WORLD_SIZE", "1")) > 1
+    with startup_guard.guard(startup_timeout if multi else 0.0) as guard:
+        info = _join(seed)
+        if peer_timeout > 0 and info.world_size > 1:
+            if guard is not None:
+                guard.what = "starting the peer watchdog"
+            watchdog.start(info.rank, info.world_size, peer_timeout, info.device)
+    return info
+
+
+def _join(seed: int) -> DistInfo:
+    """The process group (joined unless it is up already), this rank's device, every RNG seeded."""
     if not torch.distributed.is_initialized():
         import deepspeed
 
@@ -102,11 +115,8 @@ def init_distributed(seed: int, peer_timeout: float = 0.0) -> DistInfo:
     else:
         device = torch.device("cpu")
     set_seed(seed)
-    info = DistInfo(rank=torch.distributed.get_rank(), local_rank=local_rank,
+    return DistInfo(rank=torch.distributed.get_rank(), local_rank=local_rank,
                     world_size=torch.distributed.get_world_size(), device=device)
-    if peer_timeout > 0 and info.world_size > 1:
-        watchdog.start(info.rank, info.world_size, peer_timeout, device)
-    return info
 
 
 def set_seed(seed: int) -> None:

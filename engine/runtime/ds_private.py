@@ -13,6 +13,7 @@ from typing import Any
 import torch
 
 from engine.observe import startup
+from engine.runtime import startup_guard
 
 VERIFIED_ON = "0.19.8"  # the DeepSpeed version every function below was checked on
 
@@ -223,7 +224,8 @@ def hook_op_builds(before: Callable[[str], None]) -> None:
     original = getattr(original, "engine_original", original)
 
     def jit_load(self: Any, verbose: bool = True) -> Any:
-        with startup.part("op_builds"):
+        # A build is local work of a minute or more: it does not count toward --startup_timeout.
+        with startup.part("op_builds"), startup_guard.paused():
             before(self.name)
             return original(self, verbose)
 

@@ -1,7 +1,8 @@
 """The entry-point wrapper of every script: a UserError becomes one line and exit status 2, no traceback.
 
 Any other exception is a bug in the engine and keeps its traceback, unless it comes from a collective
-that broke because a peer rank died or failed: then the one line names that rank (exit 1). Either way
+that broke because a peer rank died, failed or became unreachable: then the one line names that rank (exit 1),
+once the watchdog can tell (at most --peer_timeout after the collective broke). Either way
 the other ranks hear of it through the peer watchdog (engine/runtime/watchdog.py) and stop too.
 """
 from __future__ import annotations
@@ -32,8 +33,10 @@ def run_main(main: Callable[[Sequence[str] | None], object], argv: Sequence[str]
             watchdog.finish()
         raise
     except BaseException as err:
-        # A collective raises ("Connection closed by peer") when a peer vanished: name the peer instead.
-        peer = watchdog.peer_failure() if isinstance(err, Exception) else None
+        # A collective raises ("Connection reset by peer") when a peer vanished, often before the watchdog can
+        # tell why: wait for its verdict and name the peer instead, the same line whichever noticed first.
+        wait = isinstance(err, Exception) and watchdog.collective_error(err)
+        peer = watchdog.peer_failure(wait=wait) if isinstance(err, Exception) else None
         if peer is not None:
             watchdog.stop_process(*peer)
         watchdog.fail(1, watchdog.one_line(err))

@@ -85,18 +85,26 @@ def settle_lock(lock: Path, ours: bool, wait_s: float = LOCK_WAIT_S) -> None:
     for a live build, then raise a UserError."""
     deadline = time.monotonic() + wait_s
     told = False
+    suspect = None  # the lock file (identity) that no process held at the last poll
     while lock.exists():
         with _judging(lock):  # one process of a job judges and removes at a time
             if not lock.exists():
                 return
+            seen = _identity(lock)
             users = lock_users(lock)
             if users == set() or (users is None and _age(lock) > wait_s):
-                _stale(lock, ours)
-                return
+                # torch closes the lock before it removes it, and a scan of /proc outlasts that gap: only a
+                # file found unheld at two polls in a row is stale (a live one is removed within the poll).
+                if suspect is not None and suspect == seen == _identity(lock):
+                    _stale(lock, ours)
+                    return
+                suspect = seen
+            else:
+                suspect = None
         if time.monotonic() > deadline:
             raise UserError(f"a DeepSpeed op build has held {lock} for over {wait_s:.0f} s (processes "
                             f"{_pids(users)}); if it is stuck, stop them, remove the file (rm {lock}) and run again")
-        if not told:
+        if not told and suspect is None:
             logger.warning("waiting for another process (%s) to finish building DeepSpeed's %s op (lock %s), at most "
                            "%.0f s", _pids(users), lock.parent.name, lock, wait_s)
             told = True
@@ -148,6 +156,15 @@ def _stale(lock: Path, ours: bool) -> None:
     lock.unlink(missing_ok=True)
     logger.warning("removed %s, a lock left by a build of DeepSpeed's %s op that stopped part-way (no process "
                    "holds it); building it again", lock, lock.parent.name)
+
+
+def _identity(lock: Path) -> tuple[int, int, int] | None:
+    """(device, inode, change time) of `lock`: tells one lock file from the next one made at the same path."""
+    try:
+        st = lock.stat()
+    except FileNotFoundError:
+        return None
+    return st.st_dev, st.st_ino, st.st_ctime_ns
 
 
 def _age(lock: Path) -> float:

@@ -275,7 +275,8 @@ def prepare_step(cfg: Any, load_data: Callable[..., tuple[Any, Any]], collate: C
     keep_bitsandbytes_out(quantized=False)  # steps 1 and 2 quantize nothing
     check_inputs(cfg)
     check_given_model(cfg.model, role=role)  # again in resolve_model_path; here before DeepSpeed starts
-    dist = init_distributed(cfg.train.seed, peer_timeout=cfg.fault.peer_timeout)
+    dist = init_distributed(cfg.train.seed, peer_timeout=cfg.fault.peer_timeout,
+                            startup_timeout=cfg.fault.startup_timeout)
     setup_logging(dist.is_main, cfg.log.verbose)
     probe_output_dir(out, dist)  # shared or node-local: who writes which checkpoint files
     ds_config = build_ds_config(cfg.ds, cfg.train, dist.world_size)

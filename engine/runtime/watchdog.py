@@ -10,11 +10,22 @@ TCPStore of our own and reads the others'. A peer is presumed gone when
   died (killed, or out of memory)", seen within one poll;
 - its heartbeat counter has not moved for peer_timeout seconds of this rank's monotonic clock (no clock
   skew between machines): "rank 1 ... sent no heartbeat for N s";
-- the store itself is unreachable: rank 0 hosts it, so rank 0 is gone.
+- the store itself is gone (its connection refused or reset): rank 0 hosts it, so rank 0 is gone;
+- a store call has not returned for peer_timeout seconds: rank 0's machine, or the link to it, is down. A
+  TCP connection whose link is down fails only when the kernel gives up retransmitting (about 15 minutes),
+  so a guard thread, never blocked on the store itself, times every store call (`StoreGuard`).
+
+A collective that fails because a peer vanished (gloo's "Connection reset by peer") may be seen by the main
+thread before the watchdog sees why: `peer_failure(wait=True)` then waits up to peer_timeout for the
+watchdog's verdict, so that the user gets the same message whichever notices first.
 
 The watchdog thread then prints one `error: ...; stopping rank R too` line and calls os._exit: the main
 thread may be stuck inside a collective, so a hard exit is the only way out. The exit status is the failed
 peer's (2 when it stopped on a UserError, so a bad flag still exits 2 on every rank), else 1.
+
+Start-up (rendezvous, process-group creation, this store) has its own limit, --startup_timeout
+(`startup_guard`): a rank that is not through it in time prints one line naming the master address and what
+to check, and exits with status 2 (a set-up problem, like bad input).
 
 The store is not the default process group's: under torchrun that one lives in the launcher's agent.
 Rank 0 hosts ours on MASTER_ADDR at a free port and tells the others the port by a broadcast right after
@@ -29,15 +40,24 @@ import socket
 import sys
 import threading
 import time
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from datetime import timedelta
 from pathlib import Path
 
 # Seconds between heartbeats: well under any sensible --peer_timeout, and a store of 64 ranks then
 # serves about 64 * 67 small requests a second.
 POLL_S = 1.0
+# Substrings (lower case) of the errors a collective raises when a peer vanished: gloo's "Read error ...:
+# Connection reset by peer" or "Connection closed by peer", a broken pipe. NCCL's errors are DistErrors.
+COLLECTIVE_ERRORS = ("gloo", "nccl", "connection reset", "connection closed", "broken pipe")
 # Seconds rank 0 stays up after posting its own failure, so that the others can read the reason from
 # its store before the store goes away with it.
 LINGER_S = 3.0
+# Seconds a stopping rank tries to acknowledge that news before it exits anyway.
+ACK_WAIT_S = 1.0
+# c10's log level for errors only (`quiet_torch_warnings`).
+CPP_LOG_ERROR = 2
 
 
 class Heartbeats:
@@ -90,6 +110,47 @@ def process_gone(pid: int) -> bool:
     return state in ("Z", "X")
 
 
+def collective_error(err: BaseException) -> bool:
+    """Whether `err` may come from a collective or store call that broke because a peer vanished."""
+    import torch
+
+    if isinstance(err, torch.distributed.DistError):
+        return True
+    text = str(err).lower()
+    return isinstance(err, (RuntimeError, OSError)) and any(part in text for part in COLLECTIVE_ERRORS)
+
+
+class StoreGuard:
+    """Times the store calls of one Watchdog from a thread of its own, which never touches the store: calls
+    `on_timeout(seconds)` once when a call has not returned for `timeout` seconds (the thread that made it
+    may be blocked until the kernel gives up on the connection, about 15 minutes)."""
+
+    def __init__(self, timeout: float, poll_s: float, on_timeout: Callable[[float], None]):
+        self.timeout, self.poll_s, self.on_timeout = timeout, poll_s, on_timeout
+        self.started: float | None = None  # when the store call in flight began; None: none in flight
+        self.closed = threading.Event()
+        self.thread = threading.Thread(target=self._run, name="peer-watchdog-guard", daemon=True)
+
+    @contextmanager
+    def call(self) -> Iterator[None]:
+        """Time the store calls inside (callers hold the Watchdog's lock; a nested call keeps the outer start)."""
+        outer = self.started is None
+        if outer:
+            self.started = time.monotonic()
+        try:
+            yield
+        finally:
+            if outer:
+                self.started = None
+
+    def _run(self) -> None:
+        while not self.closed.wait(self.poll_s):
+            started = self.started
+            if started is not None and time.monotonic() - started >= self.timeout:
+                self.on_timeout(time.monotonic() - started)
+                return
+
+
 def one_line(err: BaseException) -> str:
     """`Type: first line of the message`, short enough for one log line."""
     text = str(err).strip().splitlines()
@@ -108,6 +169,7 @@ class Watchdog:
         self.procs: dict[int, tuple[str, int, str]] = {}  # peer -> (machine id, pid, hostname)
         self.me = (machine_id() or "-", os.getpid(), socket.gethostname())
         self.lock = threading.RLock()  # the store client is shared by the thread and the main thread
+        self.guard = StoreGuard(peer_timeout, self.poll_s, self._store_timed_out)
         self.stop = threading.Event()
         self.all_done = threading.Event()
         self.posted_done = False
@@ -116,6 +178,13 @@ class Watchdog:
 
     def start(self) -> None:
         self.thread.start()
+        self.guard.thread.start()
+
+    @contextmanager
+    def _store(self) -> Iterator[None]:
+        """Hold the store client, with the call timed by the guard."""
+        with self.lock, self.guard.call():
+            yield
 
     def _run(self) -> None:
         try:
@@ -134,14 +203,26 @@ class Watchdog:
 
     def check(self) -> tuple[int, str] | None:
         """(exit status, message) when a peer has failed, died or gone silent; None while all is well."""
-        with self.lock:
+        with self._store():
             try:
                 return self._check()
             except (RuntimeError, OSError) as err:  # torch's DistNetworkError is a RuntimeError
                 if self.rank == 0:
                     raise
-                return 1, (f"rank 0 (which hosts the watchdog store at {self.host}) is gone ({one_line(err)}); "
-                           f"stopping rank {self.rank} too")
+                return 1, f"{self._master()} is gone ({one_line(err)}); stopping rank {self.rank} too"
+
+    def _master(self) -> str:
+        """Rank 0, named with its pid and host when known, and the address of the store it hosts."""
+        known = f"{self._where(0)}, " if 0 in self.procs else ""
+        return f"rank 0 ({known}which hosts the watchdog store at {self.host})"
+
+    def _store_timed_out(self, seconds: float) -> None:
+        if self.rank == 0:
+            message = f"the watchdog store at {self.host}, on this rank, did not answer for {seconds:.0f} s"
+        else:
+            message = (f"{self._master()} did not answer for {seconds:.0f} s (its machine is down, or the network "
+                       f"between this host and it; --peer_timeout sets this limit)")
+        self.on_peer_failure(1, f"{message}; stopping rank {self.rank} too")
 
     def _check(self) -> tuple[int, str] | None:
         self.store.add(f"hb/{self.rank}", 1)
@@ -170,7 +251,7 @@ class Watchdog:
         return None
 
     def _count(self, key: str) -> int:
-        with self.lock:
+        with self._store():
             return self.store.add(key, 0)  # reads a counter without blocking (0 when absent)
 
     def _dead(self) -> list[int]:
@@ -182,16 +263,17 @@ class Watchdog:
         status, reason = self.store.get(f"failed/{peer}").decode().split(" ", 1)
         return int(status), f"rank {peer} failed: {reason}; stopping rank {self.rank} too"
 
-    def _name(self, peer: int) -> str:
-        if peer not in self.procs:
-            return f"rank {peer}"
+    def _where(self, peer: int) -> str:
         _, pid, hostname = self.procs[peer]
-        return f"rank {peer} (pid {pid} on host {hostname})"
+        return f"pid {pid} on host {hostname}"
+
+    def _name(self, peer: int) -> str:
+        return f"rank {peer} ({self._where(peer)})" if peer in self.procs else f"rank {peer}"
 
     def post_failure(self, status: int, reason: str) -> None:
         """Tell the peers this rank is stopping with `status` because of `reason` (one line)."""
         self.stop.set()
-        with self.lock:
+        with self._store():
             try:
                 self.store.set(f"failed/{self.rank}", f"{status} {reason}")
                 self.store.add("nfailed", 1)
@@ -202,17 +284,25 @@ class Watchdog:
             while time.monotonic() < deadline and self._count("acks") + self._count("nfailed") < self.world_size:
                 time.sleep(0.1)
 
-    def acknowledge(self) -> None:
-        """Tell rank 0 (lingering after its failure) that this rank has read the news."""
-        with self.lock:
-            try:
-                self.store.add("acks", 1)
-            except (RuntimeError, OSError):
-                pass
+    def acknowledge(self, wait_s: float = ACK_WAIT_S) -> None:
+        """Tell rank 0 (lingering after its failure) that this rank has read the news: best effort, for at most
+        `wait_s` seconds, on a thread of its own (the store may be unreachable, and the store client held by a
+        thread blocked in a call that never returns)."""
+
+        def send() -> None:
+            with self._store():
+                try:
+                    self.store.add("acks", 1)
+                except (RuntimeError, OSError):
+                    pass
+
+        sender = threading.Thread(target=send, name="peer-watchdog-ack", daemon=True)
+        sender.start()
+        sender.join(wait_s)
 
     def finish(self) -> None:
-        """This rank is done: keep watching until every rank is, then stop the thread."""
-        with self.lock:
+        """This rank is done: keep watching until every rank is, then stop the threads."""
+        with self._store():
             try:
                 self.store.set(f"done/{self.rank}", "1")
                 self.store.add("ndone", 1)
@@ -225,6 +315,9 @@ class Watchdog:
         self.all_done.wait()
         self.stop.set()
         self.thread.join()
+        self.guard.closed.set()
+        if self.guard.thread.is_alive():
+            self.guard.thread.join()
 
 
 _active: Watchdog | None = None
@@ -240,6 +333,27 @@ def stop_process(status: int, message: str) -> None:
     print(f"error: {message}", file=sys.stderr, flush=True)
     sys.stdout.flush()
     os._exit(status)
+
+
+def quiet_torch_warnings() -> None:
+    """torch's C++ warnings off (errors stay) unless TORCH_CPP_LOG_LEVEL is set.
+
+    When a peer's machine goes away, the store client and gloo log a warning with a C++ stack ("Exception
+    raised from ... frame #0: ...") for each failed call, pages of them above the watchdog's one line. torch
+    reads TORCH_CPP_LOG_LEVEL only when it is imported, before the engine can set it, so this sets the level
+    torch read it into (c10's exported FLAGS_caffe2_log_level: 0 info, 1 warning, 2 error); where that symbol
+    is not found (another torch build, or not Linux), nothing changes."""
+    if os.environ.get("TORCH_CPP_LOG_LEVEL"):
+        return
+    import ctypes
+
+    import torch
+
+    try:
+        c10 = ctypes.CDLL(str(Path(torch.__file__).parent / "lib" / "libc10.so"))  # the copy torch loaded
+        ctypes.c_int32.in_dll(c10, "FLAGS_caffe2_log_level").value = CPP_LOG_ERROR
+    except (OSError, ValueError):
+        pass
 
 
 def start(rank: int, world_size: int, peer_timeout: float, device) -> None:
@@ -258,16 +372,25 @@ def start(rank: int, world_size: int, peer_timeout: float, device) -> None:
         store = torch.distributed.TCPStore(host, int(port.item()), None, False, timedelta(seconds=peer_timeout))
     _active = Watchdog(store, rank, world_size, peer_timeout, f"{host}:{int(port.item())}")
     _active.start()
+    quiet_torch_warnings()
 
 
-def peer_failure() -> tuple[int, str] | None:
-    """(status, message) of a peer failure the watchdog can see now, or None (also with no watchdog)."""
+def peer_failure(wait: bool = False) -> tuple[int, str] | None:
+    """(status, message) of a peer failure the watchdog can see, or None (also with no watchdog). `wait`: for
+    an error from a collective, which may break a moment before the watchdog can tell why (a killed peer's
+    sockets close before its process is gone) or long before (a peer on another machine goes silent):
+    keep looking until a verdict or for peer_timeout and two polls."""
     if _active is None:
         return None
-    try:
-        return _active.check()
-    except (RuntimeError, OSError):
-        return None
+    deadline = time.monotonic() + (_active.timeout + 2 * _active.poll_s if wait else 0.0)
+    while True:
+        try:
+            verdict = _active.check()
+        except (RuntimeError, OSError):
+            verdict = None
+        if verdict is not None or time.monotonic() >= deadline:
+            return verdict
+        time.sleep(_active.poll_s)
 
 
 def fail(status: int, reason: str) -> None:

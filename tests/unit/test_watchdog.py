@@ -1,12 +1,14 @@
 """The peer watchdog's decisions, in one process: two Watchdog objects over one TCPStore stand for two ranks."""
 from __future__ import annotations
 
+import ctypes
 import os
 import subprocess
 import sys
 import threading
 import time
 from datetime import timedelta
+from pathlib import Path
 
 import pytest
 import torch
@@ -96,3 +98,121 @@ def test_store_gone_means_rank_0_is_gone():
     status, message = rank1.check()
     assert status == 1 and message.startswith("rank 0 (which hosts the watchdog store at 127.0.0.1:")
     assert message.endswith("; stopping rank 1 too")
+
+
+class BlockingStore:
+    """A store whose calls never return once `blocked` is set: what a TCP connection does when the link to rank 0
+    goes down (it fails only when the kernel gives up retransmitting, about 15 minutes later)."""
+
+    def __init__(self):
+        self.blocked = threading.Event()
+        self.release = threading.Event()  # set at the end of the test, so the blocked thread can end
+        self.values: dict[str, int] = {}
+
+    def _wait(self):
+        if self.blocked.is_set():
+            self.release.wait()
+            raise RuntimeError("released")
+
+    def set(self, key, value):
+        self._wait()
+
+    def add(self, key, n):
+        self._wait()
+        self.values[key] = self.values.get(key, 0) + n
+        return self.values[key]
+
+    def check(self, keys):
+        self._wait()
+        return False
+
+
+def test_a_store_call_that_never_returns_means_rank_0_is_unreachable():
+    store, verdicts = BlockingStore(), []
+    rank1 = Watchdog(store, 1, 2, peer_timeout=0.6, host="10.0.0.1:29500", poll_s=0.05,
+                     on_peer_failure=lambda s, m: verdicts.append((s, m)))
+    rank1.start()
+    time.sleep(0.2)
+    assert verdicts == []  # the store answers: all is well
+    store.blocked.set()  # the link goes down: the watchdog thread blocks inside a store call
+    started = time.monotonic()
+    while not verdicts and time.monotonic() - started < 5:
+        time.sleep(0.05)
+    store.release.set()
+    assert 0.6 <= time.monotonic() - started < 1.5
+    assert verdicts == [(1, "rank 0 (which hosts the watchdog store at 10.0.0.1:29500) did not answer for 1 s (its "
+                            "machine is down, or the network between this host and it; --peer_timeout sets this "
+                            "limit); stopping rank 1 too")]
+
+
+def test_a_store_call_of_the_main_thread_is_timed_too():
+    store, verdicts = BlockingStore(), []
+    rank1 = Watchdog(store, 1, 2, peer_timeout=0.4, host="10.0.0.1:29500", poll_s=0.05,
+                     on_peer_failure=lambda s, m: verdicts.append((s, m)))
+    rank1.procs[0] = ("m", 4321, "node0")  # read from the store earlier: rank 0 is named with its host
+    rank1.guard.thread.start()  # the guard only: no heartbeat thread, so the blocked call is the main thread's
+    store.blocked.set()
+    threading.Thread(target=rank1.finish, daemon=True).start()  # posting done/1 blocks
+    started = time.monotonic()
+    while not verdicts and time.monotonic() - started < 3:
+        time.sleep(0.05)
+    store.release.set()
+    assert verdicts and verdicts[0][1].startswith("rank 0 (pid 4321 on host node0, which hosts the watchdog store "
+                                                  "at 10.0.0.1:29500) did not answer for ")
+
+
+def test_a_collective_error_waits_for_the_watchdog_to_tell_why(pair, monkeypatch):
+    rank0, rank1, _ = pair
+    peer = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)"])
+    rank1.store.set("proc/1", f"{rank1.me[0]} {peer.pid} node1")  # rank 1 "is" this live process
+    rank0.timeout = 30.0  # a long --peer_timeout: only the death of the process can end the wait early
+    monkeypatch.setattr(watchdog, "_active", rank0)
+    assert watchdog.peer_failure() is None  # the collective broke a moment before rank 1's process is gone
+    threading.Timer(0.3, peer.kill).start()  # not reaped: a zombie, as a SIGKILLed rank is for a moment
+    started = time.monotonic()
+    verdict = watchdog.peer_failure(wait=True)
+    assert time.monotonic() - started < 2
+    assert verdict == (1, f"rank 1 (pid {peer.pid} on host node1) died (killed, or out of memory); stopping rank 0 "
+                          "too")
+    peer.wait()
+
+
+def test_collective_errors_are_told_from_engine_bugs():
+    gloo = RuntimeError("[../third_party/gloo/gloo/transport/tcp/pair.cc:537] Read error [10.77.0.2]:41234: "
+                        "Connection reset by peer. This is typically caused by a remote worker hanging or bugs in "
+                        "the application.")
+    assert watchdog.collective_error(gloo)
+    assert watchdog.collective_error(torch.distributed.DistNetworkError("failed to connect"))
+    assert not watchdog.collective_error(RuntimeError("injected fault (RLHF_ENGINE_FAULT) at step 3"))
+    assert not watchdog.collective_error(KeyError("gloo"))
+
+
+def test_a_stopping_rank_does_not_wait_on_an_unreachable_store():
+    store = BlockingStore()
+    rank1 = Watchdog(store, 1, 2, peer_timeout=5, host="10.0.0.1:29500", on_peer_failure=print)
+    store.blocked.set()
+    started = time.monotonic()
+    rank1.acknowledge(wait_s=0.2)  # what stop_process does before it prints and exits
+    assert time.monotonic() - started < 1
+    store.release.set()
+
+
+def c10_log_level() -> ctypes.c_int32:
+    return ctypes.c_int32.in_dll(ctypes.CDLL(str(Path(torch.__file__).parent / "lib" / "libc10.so")),
+                                 "FLAGS_caffe2_log_level")
+
+
+@pytest.mark.skipif(sys.platform != "linux", reason="reads libc10.so")
+def test_torch_cpp_warnings_go_quiet_unless_the_user_set_a_level(monkeypatch):
+    level = c10_log_level()
+    before = level.value
+    try:
+        level.value = 1  # warnings on, as torch starts without TORCH_CPP_LOG_LEVEL
+        monkeypatch.setenv("TORCH_CPP_LOG_LEVEL", "WARNING")
+        watchdog.quiet_torch_warnings()
+        assert level.value == 1  # the user's choice stands
+        monkeypatch.delenv("TORCH_CPP_LOG_LEVEL")
+        watchdog.quiet_torch_warnings()
+        assert level.value == 2  # errors only
+    finally:
+        level.value = before
