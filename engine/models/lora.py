@@ -11,10 +11,16 @@ weights train too, each LoRA layer is marked a ZeRO-3 leaf module, so its three 
 together, once. With --only_optimize_lora (a frozen base inside the layer) they are not: DeepSpeed 0.19.8's
 backward then finds a released LoRA weight (size 0) when the parameters are partitioned
 (tests/distributed/test_hybrid_generation.py trains that case).
+
+`forwards_through_wrapper` makes peft's `generate` call the model through its wrapper, so that ZeRO-3
+sees the forwards of generation as it sees those of training (see there).
 """
 from __future__ import annotations
 
+import contextlib
+import functools
 import logging
+from collections.abc import Iterator
 from typing import Any
 
 import torch
@@ -81,6 +87,60 @@ def mark_zero3_leaves(model: torch.nn.Module) -> int:
 
     classes = list(dict.fromkeys(type(m) for m in model.modules() if isinstance(m, LoraLayer)))
     return len(set_z3_leaf_modules(model, classes)) if classes else 0
+
+
+class _Routing:
+    """State of one `forwards_through_wrapper` block: the wrapper to call, and whether a call is inside it."""
+
+    def __init__(self, wrapper: torch.nn.Module):
+        self.wrapper, self.inside = wrapper, False
+
+
+def _routed_call(self: torch.nn.Module, *args: Any, **kwargs: Any) -> Any:
+    routing: _Routing = self.__dict__["_engine_routing"]
+    if routing.inside:  # the wrapper's own call of this model: the model's usual __call__
+        return super(type(self), self).__call__(*args, **kwargs)
+    routing.inside = True
+    try:
+        return routing.wrapper(*args, **kwargs)
+    finally:
+        routing.inside = False
+
+
+@functools.cache
+def _routed_class(cls: type) -> type:
+    # A subclass, because `self(...)` looks __call__ up on the type; same name, so transformers' checks
+    # of the class name (cache kinds) see the same model.
+    return type(cls.__name__, (cls,), {"__call__": _routed_call, "__module__": cls.__module__,
+                                       "__qualname__": cls.__qualname__})
+
+
+@contextlib.contextmanager
+def forwards_through_wrapper(module: torch.nn.Module) -> Iterator[None]:
+    """Inside the block, a call of the Hugging Face model inside peft wrapper `module` (as `generate` makes,
+    once per token) goes through `module` itself, which calls the model back; no-op without a wrapper.
+
+    Why: ZeRO-3 starts each step of its parameter trace in a hook on the engine's root module (the peft
+    wrapper) and, once a step's module order repeats, prefetches and keeps its persistent parameters.
+    peft's `generate` calls the inner model directly, so under plain ZeRO-3 generation no step ever
+    started: the trace never completed, every parameter (persistent ones too) was released after each
+    use and fetched again, one all-gather each, and the trace of training's forward no longer matched.
+    Through the wrapper, generation has the module order of training's forward, as without LoRA.
+    """
+    from engine.models.load import hf_model
+
+    inner = hf_model(module)
+    if inner is module:
+        yield
+        return
+    cls = type(inner)
+    inner.__dict__["_engine_routing"] = _Routing(module)  # not a Module attribute: no submodule registered
+    inner.__class__ = _routed_class(cls)
+    try:
+        yield
+    finally:
+        inner.__class__ = cls
+        del inner.__dict__["_engine_routing"]
 
 
 def is_lora_param(name: str) -> bool:

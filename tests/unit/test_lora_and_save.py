@@ -17,7 +17,13 @@ import engine.runtime.atomic as atomic
 import engine.runtime.checkpoint as checkpoint
 from engine.config import LoRAArgs
 from engine.errors import UserError
-from engine.models.lora import apply_lora, is_lora_param, lora_target_modules, optimizer_param_groups
+from engine.models.lora import (
+    apply_lora,
+    forwards_through_wrapper,
+    is_lora_param,
+    lora_target_modules,
+    optimizer_param_groups,
+)
 from engine.runtime.atomic import publish_folder
 from engine.runtime.checkpoint import _merged_model
 
@@ -127,6 +133,45 @@ def test_only_optimize_lora_keeps_per_module_zero3_fetches():
 
     model = apply_lora(tiny_llama(), LoRAArgs(lora_dim=4, only_optimize_lora=True))
     assert not any(z3_leaf_module(m) for m in model.modules())
+
+
+def _count_calls(module: torch.nn.Module) -> list[int]:
+    calls = [0]
+    module.register_forward_pre_hook(lambda *_: calls.__setitem__(0, calls[0] + 1))
+    return calls
+
+
+def test_generate_through_the_wrapper_calls_it_once_per_forward_and_keeps_the_tokens():
+    # ZeRO-3 starts a parameter-trace step in a hook on the engine's root (the peft wrapper); peft's generate
+    # bypasses it. In the block every forward of generate enters the wrapper once (1 prefill + 5 decode steps),
+    # the wrapper's call of the inner model runs it once (no loop), and the answer is the same.
+    model = apply_lora(tiny_llama(), LoRAArgs(lora_dim=4, only_optimize_lora=False)).eval()
+    inner = model.get_base_model()
+    outer_calls, inner_calls = _count_calls(model), _count_calls(inner)
+    ids = torch.tensor([[5, 6, 7, 8], [9, 10, 11, 12]])
+    kwargs = dict(input_ids=ids, attention_mask=torch.ones_like(ids), max_new_tokens=6, min_new_tokens=6,
+                  do_sample=False, pad_token_id=0)
+    with torch.no_grad():
+        plain = model.generate(**kwargs)
+        assert (outer_calls[0], inner_calls[0]) == (0, 6)
+        with forwards_through_wrapper(model):
+            routed = model.generate(**kwargs)
+    assert (outer_calls[0], inner_calls[0]) == (6, 12)
+    assert torch.equal(plain, routed)
+    assert type(inner) is LlamaForCausalLM and "_engine_routing" not in vars(inner)  # restored
+
+
+def test_generate_through_the_wrapper_restores_the_model_after_an_error():
+    model = apply_lora(tiny_llama(), LoRAArgs(lora_dim=4))
+    with pytest.raises(RuntimeError, match="boom"), forwards_through_wrapper(model):
+        raise RuntimeError("boom")
+    assert type(model.get_base_model()) is LlamaForCausalLM
+
+
+def test_generate_through_the_wrapper_is_a_no_op_without_peft():
+    model = tiny_llama()
+    with forwards_through_wrapper(model):
+        assert type(model) is LlamaForCausalLM
 
 
 def _group_of(groups: list[dict], param: torch.nn.Parameter) -> dict:
