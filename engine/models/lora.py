@@ -12,6 +12,10 @@ together, once. With --only_optimize_lora (a frozen base inside the layer) they 
 backward then finds a released LoRA weight (size 0) when the parameters are partitioned
 (tests/distributed/test_hybrid_generation.py trains that case).
 
+Each peft LoRA layer is also 11 modules where the Linear was 1, and DeepSpeed walks every module of the model
+at each forward (its engine hooks, ZeRO-3's fetch of a leaf, `train()`/`eval()`), per decoded token in
+generation: `apply_lora` takes the layer's empty and no-op containers out of the module tree (`_unregister_no_ops`).
+
 `forwards_through_wrapper` makes peft's `generate` call the model through its wrapper, so that ZeRO-3
 sees the forwards of generation as it sees those of training (see there).
 """
@@ -72,11 +76,43 @@ def apply_lora(model: torch.nn.Module, lora: LoRAArgs) -> torch.nn.Module:
     if not lora.only_optimize_lora:
         for p in peft_model.parameters():
             p.requires_grad_(True)
+    unregistered = _unregister_no_ops(peft_model)
     leaves = 0 if lora.only_optimize_lora else mark_zero3_leaves(peft_model)
-    logger.info("LoRA rank %d on %d Linear layers (%s)", lora.lora_dim, len(targets),
+    logger.info("LoRA rank %d on %d Linear layers (%s; %d empty peft sub-modules unregistered)",
+                lora.lora_dim, len(targets),
                 "LoRA only: one ZeRO-3 fetch per peft sub-module" if lora.only_optimize_lora else
-                f"base weights train too; {leaves} layers fetched whole under ZeRO-3")
+                f"base weights train too; {leaves} layers fetched whole under ZeRO-3", unregistered)
     return peft_model
+
+
+# peft LoraLayer containers that hold nothing for a plain LoRA Linear (embedding adapters, DoRA magnitudes)
+# or only a no-op (dropout 0 is nn.Identity).
+_NO_OP_CONTAINERS = ("lora_embedding_A", "lora_embedding_B", "lora_magnitude_vector", "lora_dropout")
+
+
+def _is_no_op(container: torch.nn.Module) -> bool:
+    return (next(container.parameters(), None) is None and next(container.buffers(), None) is None
+            and all(type(m) is torch.nn.Identity for m in container.children()))
+
+
+def _unregister_no_ops(model: torch.nn.Module) -> int:
+    """Take each peft LoRA layer's empty or identity-only containers out of the module tree; returns how many.
+
+    They stay plain attributes (peft's forward still looks `lora_dropout[name]` up), so the arithmetic and the
+    state dict are unchanged; they just no longer cost a visit in every walk over the modules (an adapted Linear
+    goes from 11 modules to 6).
+    """
+    from peft.tuners.lora import LoraLayer
+
+    count = 0
+    for layer in [m for m in model.modules() if isinstance(m, LoraLayer)]:
+        for name in _NO_OP_CONTAINERS:
+            container = layer._modules.get(name)
+            if container is not None and _is_no_op(container):
+                del layer._modules[name]
+                layer.__dict__[name] = container  # found by attribute lookup before Module.__getattr__
+                count += 1
+    return count
 
 
 def mark_zero3_leaves(model: torch.nn.Module) -> int:

@@ -135,6 +135,38 @@ def test_only_optimize_lora_keeps_per_module_zero3_fetches():
     assert not any(z3_leaf_module(m) for m in model.modules())
 
 
+@pytest.mark.parametrize("only_lora", [False, True])
+def test_unregistering_peft_no_op_containers_keeps_outputs_gradients_and_state(monkeypatch, only_lora):
+    # DeepSpeed walks every module at each forward (per decoded token): an adapted Linear is 6 modules, not
+    # peft's 11 (empty embedding/DoRA containers and the Identity dropout are out of the tree), and nothing else
+    # changes: same state dict, bit-equal outputs and gradients.
+    import engine.models.lora as lora_mod
+
+    args = LoRAArgs(lora_dim=4, only_optimize_lora=only_lora)
+    lean = apply_lora(tiny_llama(), args)
+    monkeypatch.setattr(lora_mod, "_unregister_no_ops", lambda model: 0)
+    plain = apply_lora(tiny_llama(), args)
+    q_lean, q_plain = (m.base_model.model.model.layers[0].self_attn.q_proj for m in (lean, plain))
+    assert (len(list(q_lean.modules())), len(list(q_plain.modules()))) == (6, 11)
+    assert len(list(lean.modules())) == len(list(plain.modules())) - 5 * LAYERS * len(LLAMA_LINEARS)
+    assert isinstance(q_lean.lora_dropout["default"], torch.nn.Identity)  # still there for peft's forward
+    with torch.no_grad():  # a non-zero lora_B, so the adapters take part
+        for model in (lean, plain):
+            for name, p in model.named_parameters():
+                if "lora_B" in name:
+                    p.copy_(torch.linspace(-1, 1, p.numel()).view_as(p))
+    state_lean, state_plain = lean.state_dict(), plain.state_dict()
+    assert list(state_lean) == list(state_plain)
+    assert all(torch.equal(state_lean[k], state_plain[k]) for k in state_lean)
+    ids = torch.tensor([[5, 6, 7, 8, 9, 10]])
+    losses = [m.train()(input_ids=ids, labels=ids).loss for m in (lean, plain)]
+    assert torch.equal(losses[0], losses[1])
+    for loss in losses:
+        loss.backward()
+    grads = [{n: p.grad for n, p in m.named_parameters() if p.requires_grad} for m in (lean, plain)]
+    assert list(grads[0]) == list(grads[1]) and all(torch.equal(grads[0][n], grads[1][n]) for n in grads[0])
+
+
 def _count_calls(module: torch.nn.Module) -> list[int]:
     calls = [0]
     module.register_forward_pre_hook(lambda *_: calls.__setitem__(0, calls[0] + 1))
