@@ -136,18 +136,20 @@ def test_only_optimize_lora_keeps_per_module_zero3_fetches():
 
 
 @pytest.mark.parametrize("only_lora", [False, True])
-def test_unregistering_peft_no_op_containers_keeps_outputs_gradients_and_state(monkeypatch, only_lora):
+def test_lean_peft_layers_keep_outputs_gradients_and_state(monkeypatch, only_lora):
     # DeepSpeed walks every module at each forward (per decoded token): an adapted Linear is 6 modules, not
-    # peft's 11 (empty embedding/DoRA containers and the Identity dropout are out of the tree), and nothing else
-    # changes: same state dict, bit-equal outputs and gradients.
+    # peft's 11 (empty embedding/DoRA containers and the Identity dropout are out of the tree), and runs a
+    # shorter forward; nothing else changes: same state dict, bit-equal outputs and gradients.
     import engine.models.lora as lora_mod
 
     args = LoRAArgs(lora_dim=4, only_optimize_lora=only_lora)
     lean = apply_lora(tiny_llama(), args)
     monkeypatch.setattr(lora_mod, "_unregister_no_ops", lambda model: 0)
+    monkeypatch.setattr(lora_mod, "_use_lean_forward", lambda model: None)
     plain = apply_lora(tiny_llama(), args)
     q_lean, q_plain = (m.base_model.model.model.layers[0].self_attn.q_proj for m in (lean, plain))
     assert (len(list(q_lean.modules())), len(list(q_plain.modules()))) == (6, 11)
+    assert type(q_lean).forward is lora_mod._lean_forward and type(q_plain).forward is not lora_mod._lean_forward
     assert len(list(lean.modules())) == len(list(plain.modules())) - 5 * LAYERS * len(LLAMA_LINEARS)
     assert isinstance(q_lean.lora_dropout["default"], torch.nn.Identity)  # still there for peft's forward
     with torch.no_grad():  # a non-zero lora_B, so the adapters take part
@@ -165,6 +167,11 @@ def test_unregistering_peft_no_op_containers_keeps_outputs_gradients_and_state(m
         loss.backward()
     grads = [{n: p.grad for n, p in m.named_parameters() if p.requires_grad} for m in (lean, plain)]
     assert list(grads[0]) == list(grads[1]) and all(torch.equal(grads[0][n], grads[1][n]) for n in grads[0])
+    with torch.no_grad():
+        adapted = lean(input_ids=ids).logits
+        with lean.disable_adapter(), plain.disable_adapter():  # peft's own forward, lean layers or not
+            base = lean(input_ids=ids).logits
+            assert torch.equal(base, plain(input_ids=ids).logits) and not torch.equal(base, adapted)
 
 
 def _count_calls(module: torch.nn.Module) -> list[int]:
