@@ -10,8 +10,9 @@ no persistence), standing in for a model too large to keep whole. Both modes gen
 the same prompts with the same (LoRA-trained) actor; the tokens must match. Prints and writes JSON:
 wall time, generated tokens, all-gather calls and bytes per generated token for each mode, and
 `speedup` and `allgather_bytes_ratio` (naive over hybrid). `--compare_leaves` adds `leaves`: naive
-generation with peft's LoRA layers as ZeRO-3 leaf modules (engine.models.lora) against one fetch per
-peft sub-module (before issue 18): same tokens, largest log-prob difference, all-gather calls and time.
+generation with peft's LoRA layers as ZeRO-3 leaf modules (engine.models.lora), routed as step 3 generates,
+against one fetch per peft sub-module through peft's own generate (before issue 18): same tokens, largest
+log-prob difference, all-gather calls and time.
 """
 from __future__ import annotations
 
@@ -31,6 +32,7 @@ from engine.data.sort_task import generate as synthetic_rows
 from engine.models.hybrid import generation_mode
 from engine.models.load import load_causal_lm, load_tokenizer, resolve_model_path
 from engine.models.lora import apply_lora, optimizer_param_groups
+from engine.ppo.trainer import generate_sequences
 from engine.runtime.distributed import init_distributed, setup_logging
 from engine.runtime.engines import build_ds_config, deepspeed_initialize, make_optimizer
 
@@ -104,8 +106,12 @@ def lora_steps(engine, tok, n: int, device) -> None:
         engine.step()
 
 
-def naive_generate(engine, enc, gen) -> torch.Tensor:
-    """Generation through ZeRO-3's hooks (every rank steps until all finish)."""
+def naive_generate(engine, enc, gen, routed: bool = False) -> torch.Tensor:
+    """Generation through ZeRO-3's hooks (every rank steps until all finish); `routed`: as step 3 does it
+    (`engine.ppo.trainer.generate_sequences`: a peft actor's forwards go through its wrapper)."""
+    if routed:
+        with torch.no_grad():
+            return generate_sequences(engine, 3, enc["input_ids"], enc["attention_mask"], gen, hybrid=False)
     engine.module.eval()
     with torch.no_grad():
         out = engine.module.generate(**enc, use_cache=True, synced_gpus=True, **gen)
@@ -123,16 +129,18 @@ def sequence_logprobs(engine, sequences: torch.Tensor, pad_id: int) -> torch.Ten
 
 
 def compare_leaves(args, dist, tok, enc, gen) -> dict:
-    """Issue 18's fix pinned: the same actor (base weights trained too, where apply_lora marks leaves) built
-    with and without ZeRO-3 leaf LoRA layers, trained the same way, gives the same greedy tokens and
-    log-probs; and how many all-gathers each needs."""
+    """Issue 18's fixes pinned: the same actor (base weights trained too, where apply_lora marks leaves) built
+    with ZeRO-3 leaf LoRA layers (with engine.models.lora's short forward) generating as step 3 does (forwards
+    through the peft wrapper), and without leaves (peft's forward, one fetch per sub-module) generating through
+    peft directly, trained the same way, gives the same greedy tokens and log-probs; and how many all-gathers
+    each needs."""
     runs = {}
     for name, leaves in (("leaf", True), ("per_module", False)):
         engine, _ = build_actor(args, dist, only_lora=False, zero3_leaves=leaves)
         lora_steps(engine, tok, 3, dist.device)
         counter = GatherCounter()
         with counter.counting():
-            tokens, seconds = timed(functools.partial(naive_generate, engine, enc, gen))
+            tokens, seconds = timed(functools.partial(naive_generate, engine, enc, gen, routed=leaves))
         runs[name] = {"tokens": tokens, "logprobs": sequence_logprobs(engine, tokens, tok.pad_token_id),
                       "wall_s": seconds, "allgather_calls": counter.calls}
     a, b = runs["leaf"], runs["per_module"]

@@ -6,6 +6,7 @@ every per-position tensor is indexed by action (see `engine.rl.ppo`).
 """
 from __future__ import annotations
 
+import contextlib
 import logging
 import math
 from typing import Any
@@ -17,6 +18,7 @@ from engine.models.ema import ema_update
 from engine.models.hybrid import generation_mode
 from engine.models.lm_head import lm_loss, token_logprobs
 from engine.models.load import position_ids
+from engine.models.lora import forwards_through_wrapper
 from engine.models.roles import Roles
 from engine.ppo.experience import (
     Experience,
@@ -59,7 +61,8 @@ def generate_sequences(actor: Any, zero_stage: int, input_ids: torch.Tensor, att
 
     hybrid: a hook-free replica, gathered once (ZeRO-3), LoRA fused, KV cache (`engine.models.hybrid`).
     Otherwise (or with `unpin` under ZeRO-3) the training module itself generates: ZeRO-3 gathers
-    each layer per token, and `synced_gpus` keeps every rank stepping until all have finished.
+    each layer per token, and `synced_gpus` keeps every rank stepping until all have finished; a peft
+    (LoRA) actor's forwards go through its wrapper, as in training (`forwards_through_wrapper`).
     """
     if hybrid and not (unpin and zero_stage == 3):
         with generation_mode(actor, zero_stage) as model:
@@ -69,8 +72,9 @@ def generate_sequences(actor: Any, zero_stage: int, input_ids: torch.Tensor, att
     module.eval()
     try:
         synced = zero_stage == 3 and torch.distributed.is_initialized() and torch.distributed.get_world_size() > 1
-        return module.generate(input_ids=input_ids, attention_mask=attention_mask, use_cache=True,
-                               synced_gpus=synced, **gen_kwargs)
+        with forwards_through_wrapper(module) if zero_stage == 3 else contextlib.nullcontext():
+            return module.generate(input_ids=input_ids, attention_mask=attention_mask, use_cache=True,
+                                   synced_gpus=synced, **gen_kwargs)
     finally:
         module.train(was_training)
 

@@ -17,7 +17,13 @@ import engine.runtime.atomic as atomic
 import engine.runtime.checkpoint as checkpoint
 from engine.config import LoRAArgs
 from engine.errors import UserError
-from engine.models.lora import apply_lora, is_lora_param, lora_target_modules, optimizer_param_groups
+from engine.models.lora import (
+    apply_lora,
+    forwards_through_wrapper,
+    is_lora_param,
+    lora_target_modules,
+    optimizer_param_groups,
+)
 from engine.runtime.atomic import publish_folder
 from engine.runtime.checkpoint import _merged_model
 
@@ -127,6 +133,84 @@ def test_only_optimize_lora_keeps_per_module_zero3_fetches():
 
     model = apply_lora(tiny_llama(), LoRAArgs(lora_dim=4, only_optimize_lora=True))
     assert not any(z3_leaf_module(m) for m in model.modules())
+
+
+@pytest.mark.parametrize("only_lora", [False, True])
+def test_lean_peft_layers_keep_outputs_gradients_and_state(monkeypatch, only_lora):
+    # DeepSpeed walks every module at each forward (per decoded token): an adapted Linear is 6 modules, not
+    # peft's 11 (empty embedding/DoRA containers and the Identity dropout are out of the tree), and runs a
+    # shorter forward; nothing else changes: same state dict, bit-equal outputs and gradients.
+    import engine.models.lora as lora_mod
+
+    args = LoRAArgs(lora_dim=4, only_optimize_lora=only_lora)
+    lean = apply_lora(tiny_llama(), args)
+    monkeypatch.setattr(lora_mod, "_unregister_no_ops", lambda model: 0)
+    monkeypatch.setattr(lora_mod, "_use_lean_forward", lambda model: None)
+    plain = apply_lora(tiny_llama(), args)
+    q_lean, q_plain = (m.base_model.model.model.layers[0].self_attn.q_proj for m in (lean, plain))
+    assert (len(list(q_lean.modules())), len(list(q_plain.modules()))) == (6, 11)
+    assert type(q_lean).forward is lora_mod._lean_forward and type(q_plain).forward is not lora_mod._lean_forward
+    assert len(list(lean.modules())) == len(list(plain.modules())) - 5 * LAYERS * len(LLAMA_LINEARS)
+    assert isinstance(q_lean.lora_dropout["default"], torch.nn.Identity)  # still there for peft's forward
+    with torch.no_grad():  # a non-zero lora_B, so the adapters take part
+        for model in (lean, plain):
+            for name, p in model.named_parameters():
+                if "lora_B" in name:
+                    p.copy_(torch.linspace(-1, 1, p.numel()).view_as(p))
+    state_lean, state_plain = lean.state_dict(), plain.state_dict()
+    assert list(state_lean) == list(state_plain)
+    assert all(torch.equal(state_lean[k], state_plain[k]) for k in state_lean)
+    ids = torch.tensor([[5, 6, 7, 8, 9, 10]])
+    losses = [m.train()(input_ids=ids, labels=ids).loss for m in (lean, plain)]
+    assert torch.equal(losses[0], losses[1])
+    for loss in losses:
+        loss.backward()
+    grads = [{n: p.grad for n, p in m.named_parameters() if p.requires_grad} for m in (lean, plain)]
+    assert list(grads[0]) == list(grads[1]) and all(torch.equal(grads[0][n], grads[1][n]) for n in grads[0])
+    with torch.no_grad():
+        adapted = lean(input_ids=ids).logits
+        with lean.disable_adapter(), plain.disable_adapter():  # peft's own forward, lean layers or not
+            base = lean(input_ids=ids).logits
+            assert torch.equal(base, plain(input_ids=ids).logits) and not torch.equal(base, adapted)
+
+
+def _count_calls(module: torch.nn.Module) -> list[int]:
+    calls = [0]
+    module.register_forward_pre_hook(lambda *_: calls.__setitem__(0, calls[0] + 1))
+    return calls
+
+
+def test_generate_through_the_wrapper_calls_it_once_per_forward_and_keeps_the_tokens():
+    # ZeRO-3 starts a parameter-trace step in a hook on the engine's root (the peft wrapper); peft's generate
+    # bypasses it. In the block every forward of generate enters the wrapper once (1 prefill + 5 decode steps),
+    # the wrapper's call of the inner model runs it once (no loop), and the answer is the same.
+    model = apply_lora(tiny_llama(), LoRAArgs(lora_dim=4, only_optimize_lora=False)).eval()
+    inner = model.get_base_model()
+    outer_calls, inner_calls = _count_calls(model), _count_calls(inner)
+    ids = torch.tensor([[5, 6, 7, 8], [9, 10, 11, 12]])
+    kwargs = dict(input_ids=ids, attention_mask=torch.ones_like(ids), max_new_tokens=6, min_new_tokens=6,
+                  do_sample=False, pad_token_id=0)
+    with torch.no_grad():
+        plain = model.generate(**kwargs)
+        assert (outer_calls[0], inner_calls[0]) == (0, 6)
+        with forwards_through_wrapper(model):
+            routed = model.generate(**kwargs)
+    assert (outer_calls[0], inner_calls[0]) == (6, 12)
+    assert torch.equal(plain, routed)
+    assert type(inner) is LlamaForCausalLM and "_engine_routing" not in vars(inner)  # restored
+
+
+def test_generate_through_the_wrapper_restores_the_model_after_an_error():
+    model = apply_lora(tiny_llama(), LoRAArgs(lora_dim=4))
+    with pytest.raises(RuntimeError, match="boom"), forwards_through_wrapper(model):
+        raise RuntimeError("boom")
+    assert type(model.get_base_model()) is LlamaForCausalLM
+
+
+def test_generate_through_the_wrapper_is_a_no_op_without_peft():
+    model = tiny_llama()
+    with forwards_through_wrapper(model):
+        assert type(model) is LlamaForCausalLM
 
 
 def _group_of(groups: list[dict], param: torch.nn.Parameter) -> dict:
