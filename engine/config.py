@@ -456,6 +456,10 @@ class DPOArgs:
         "none", "Load the frozen copy's Linear weights with bitsandbytes: 8bit (LLM.int8) or 4bit (NF4), whole on "
         "every rank. Its log-probs then differ from the starting model's by the rounding, so the loss does not "
         "start at log 2.", choices=("none", "8bit", "4bit"))
+    auto_fit: bool = arg(
+        False, "Let the memory planner (python -m engine.planner --step dpo) choose the memory settings you did "
+        "not set (ZeRO stage, offload, LoRA, gradient checkpointing, how the reference is held, the batch size up "
+        "to the given one) for this machine's GPUs; flags you set, on the command line or in --config, are kept.")
 
     def problems(self) -> list[str]:
         out = []

@@ -43,6 +43,7 @@ from engine.runtime.entry import run_main
 from engine.runtime.run import (
     RunContext,
     Schedule,
+    epoch_start,
     epoch_windows,
     prepare_step,
     save_checkpoint,
@@ -57,7 +58,9 @@ def main(argv: Sequence[str] | None = None) -> None:
     startup.begin()
     cfg = parse_config(DPOConfig, argv, description=__doc__)
     # Output folder, ranks, DeepSpeed config, tokenizer and data first: bad input fails before anything is written.
-    inputs = prepare_step(cfg, load_dpo_pair_data, collate_dpo_pairs, role="sft")
+    inputs = prepare_step(cfg, load_dpo_pair_data, collate_dpo_pairs, role="sft",
+                          fit=fit_to_machine if cfg.dpo.auto_fit else None)
+    cfg = inputs.cfg
     out, dist, ds_config, zero_stage = inputs.out, inputs.dist, inputs.ds_config, inputs.zero_stage
     tokenizer, model_path, schedule = inputs.tokenizer, inputs.model_path, inputs.schedule
     train_loader, eval_loader = inputs.train_loader, inputs.eval_loader
@@ -96,6 +99,21 @@ def main(argv: Sequence[str] | None = None) -> None:
         logger.info("done%s: eval rewards/accuracies %.3f, margin %.3f; model in %s",
                     " (stopped by --test_stop_step)" if stopped else "", final["eval/rewards/accuracies"],
                     final["eval/rewards/margins"], out)
+
+
+def fit_to_machine(cfg: DPOConfig, dist, model_path: str) -> DPOConfig:
+    """--auto_fit: the planner's cheapest memory settings for this machine (flags the user set are kept)."""
+    from transformers import AutoConfig
+
+    from engine.planner.dpo import plan_dpo
+    from engine.planner.step3 import this_machine
+
+    model_config = AutoConfig.from_pretrained(model_path, trust_remote_code=cfg.model.trust_remote_code)
+    # --reference_model copy rules out the policy without adapters as the reference; auto and adapters_off allow it.
+    fitted, message = plan_dpo(cfg, this_machine(dist.world_size), model_config,
+                               adapter_reference=cfg.dpo.reference_model != "copy")
+    logger.info("%s", message)
+    return fitted
 
 
 def build_reference(cfg: DPOConfig, engine, model_path: str, tokenizer, dist, inputs) -> ref.Reference:
@@ -139,12 +157,12 @@ def train(run: RunContext, reference: ref.Reference, train_loader, eval_loader, 
     bar = tqdm(total=schedule.total_steps, initial=step, disable=not dist.is_main or cfg.log.disable_tqdm,
                desc="step 2 DPO")
     for epoch in range(position["epoch"], cfg.train.num_train_epochs):
-        first = position["step_in_epoch"] if epoch == position["epoch"] else 0
-        windows = epoch_windows(train_loader, epoch, first, schedule, accum)
-        for step_in_epoch, window in enumerate(windows, start=first):
+        first, consumed = epoch_start(position, epoch)
+        for step_in_epoch, (samples, window) in enumerate(epoch_windows(train_loader, epoch, consumed, accum),
+                                                          start=first):
             row = train_step(run, reference, window, step + 1, guard)
             step += 1
-            position.update(epoch=epoch, step_in_epoch=step_in_epoch + 1, global_step=step)
+            position.update(epoch=epoch, step_in_epoch=step_in_epoch + 1, samples_in_epoch=samples, global_step=step)
             row |= {"train/lr": engine.get_lr()[0], "train/epoch": epoch} | startup.first_step_done(dist.is_main)
             if interval_eval_due(cfg, step):
                 row |= run_eval(run, reference, eval_loader)

@@ -83,7 +83,9 @@ class DPOKnobs:
         """Where the reference log-probs come from (see the module docstring)."""
         if self.precompute_ref_logps:
             return "precomputed"
-        if self.lora_dim > 0 and self.only_optimize_lora and work.adapter_reference:
+        # A flag that sets how a frozen copy is held asks for one (the DPO config's reference_mode rule).
+        wants_copy = self.offload_reference_model or self.reference_quantization != "none"
+        if self.lora_dim > 0 and self.only_optimize_lora and work.adapter_reference and not wants_copy:
             return "lora"
         return "copy"
 

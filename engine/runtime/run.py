@@ -262,15 +262,17 @@ class StepInputs:
     eval_loader: torch.utils.data.DataLoader
     schedule: Schedule
     cache_dir: Path  # the tokenized-data cache folder (--data_output_path, or data_cache/ in --output_dir)
+    cfg: Any  # the config the step runs with (the parsed one, or `fit`'s)
 
 
 def prepare_step(cfg: Any, load_data: Callable[..., tuple[Any, Any]], collate: Callable[..., Any],
-                 role: str) -> StepInputs:
-    """Output folder, data paths, distributed set-up and seed, DeepSpeed config, model path, tokenizer, data
+                 role: str, fit: Callable[[Any, DistInfo, str], Any] | None = None) -> StepInputs:
+    """Output folder, data paths, distributed set-up and seed, model path, DeepSpeed config, tokenizer, data
     loaders and schedule of step 1 or 2, in this order: bad input fails before anything is written.
 
     load_data: `(data_args, tokenizer, cache_dir, seed, dist) -> (train_set, eval_set)`.
-    collate: a collate function taking `pad_id`. role: what errors call the model ("sft", "reward")."""
+    collate: a collate function taking `pad_id`. role: what errors call the model ("sft", "reward").
+    fit: `(cfg, dist, model_path) -> cfg` (--auto_fit), run before the DeepSpeed config and batch sizes."""
     out = check_output_dir(cfg.log.output_dir, resume=cfg.log.resume)
     keep_bitsandbytes_out(quantized=False)  # steps 1 and 2 quantize nothing
     check_inputs(cfg)
@@ -279,10 +281,12 @@ def prepare_step(cfg: Any, load_data: Callable[..., tuple[Any, Any]], collate: C
                             startup_timeout=cfg.fault.startup_timeout)
     setup_logging(dist.is_main, cfg.log.verbose)
     probe_output_dir(out, dist)  # shared or node-local: who writes which checkpoint files
-    ds_config = build_ds_config(cfg.ds, cfg.train, dist.world_size)
     with startup.part("model"):
         model_path = resolve_model_path(cfg.model, cfg.train.seed, dist, role=role)
+        if fit is not None:
+            cfg = fit(cfg, dist, model_path)
         tokenizer = load_tokenizer(model_path, cfg.model, cfg.data, role=role)
+    ds_config = build_ds_config(cfg.ds, cfg.train, dist.world_size)
     cache_dir = Path(cfg.data.data_output_path or out / "data_cache")
     with startup.part("data"):
         train_set, eval_set = load_data(cfg.data, tokenizer, cache_dir, cfg.train.seed, dist)
@@ -294,4 +298,4 @@ def prepare_step(cfg: Any, load_data: Callable[..., tuple[Any, Any]], collate: C
     schedule = schedule.resumed(resume_position(out) if cfg.log.resume else None, train_loader,
                                 t.gradient_accumulation_steps, t.num_train_epochs)
     return StepInputs(out, dist, ds_config, ds_config["zero_optimization"]["stage"], model_path, tokenizer,
-                      train_loader, eval_loader, schedule, cache_dir)
+                      train_loader, eval_loader, schedule, cache_dir, cfg)

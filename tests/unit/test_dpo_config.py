@@ -2,8 +2,18 @@
 resolves to."""
 from __future__ import annotations
 
+import importlib.util
+from pathlib import Path
+
+import torch
+
 from engine.config import DPOConfig
 from engine.flags import build_config, parse_config
+from engine.planner.plan import Hardware
+from engine.planner.shapes import load_config
+from engine.runtime.distributed import DistInfo
+
+ROOT = Path(__file__).resolve().parents[2]
 
 # Every flag of DeepSpeed-Chat's training/step2_dpo_finetuning/main.py (its parse_args), with a value.
 DSCHAT_DPO = ("--data_path Dahoas/rm-static Dahoas/synthetic-instruct-gptj-pair --data_split 2,4,4 "
@@ -41,3 +51,29 @@ def test_dpo_reference_mode():
     assert build_config(DPOConfig, lora_offload).reference_mode == "copy"
     assert build_config(DPOConfig, {"lora_dim": 4, "only_optimize_lora": True, "reference_quantization": "8bit"}
                         ).reference_mode == "copy"
+
+
+def dpo_main():
+    spec = importlib.util.spec_from_file_location("step2_dpo_main", ROOT / "step2_dpo" / "main.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_auto_fit_plans_the_parsed_config_and_keeps_the_given_flags(monkeypatch, tmp_path, caplog):
+    load_config("llama-2-7b").save_pretrained(tmp_path)  # the policy's folder, as the main hands it over
+    monkeypatch.setattr("engine.planner.step3.this_machine", lambda world: Hardware(world, 80, 256))
+    one_rank = DistInfo(rank=0, local_rank=0, world_size=1, device=torch.device("cpu"))
+    flags = ["--auto_fit", "--max_seq_len", "512", "--per_device_train_batch_size", "4", "--dtype", "bf16"]
+    parsed = parse_config(DPOConfig, flags)
+    with caplog.at_level("INFO", logger="engine"):
+        fitted = dpo_main().fit_to_machine(parsed, one_rank, str(tmp_path))
+    # a full 7B policy and its copy do not fit one 80 GiB GPU: the planner changed something, and says what
+    assert fitted != parsed and "--auto_fit chose" in caplog.text
+    assert fitted.problems() == [] and fitted.given == parsed.given
+    assert (fitted.data.max_seq_len, fitted.ds.dtype) == (512, "bf16")
+    assert fitted.train.per_device_train_batch_size <= 4
+    # --reference_model copy is kept: the plan never uses the policy without adapters as the reference
+    copy = dpo_main().fit_to_machine(parse_config(DPOConfig, flags + ["--reference_model", "copy"]), one_rank,
+                                     str(tmp_path))
+    assert copy.reference_mode == "copy" and copy.problems() == []

@@ -190,10 +190,11 @@ def test_plan_dpo_keeps_given_flags_and_fills_the_rest():
     assert "--auto_fit chose" in message and "reference: precomputed" in message
     with pytest.raises(UserError, match="nothing fits 1 x 8 GiB.*GiB more per GPU"):
         plan_dpo(cfg, Hardware(1, 8, 64), config)
-    # a flag given for nothing (no copy to offload with LoRA's adapters-off reference) is kept, not refused
+    # DeepSpeed-Chat's LoRA line with --offload_reference_model asks for an (offloaded) frozen copy, as the DPO
+    # config's reference_mode says: the flag is kept and the plan holds the copy, not the adapters-off reference
     habit = dpo_config(GIVEN | {"lora_dim": 8, "only_optimize_lora": True, "offload_reference_model": True})
     kept, message = plan_dpo(habit, Hardware(8, 24, 2048), config)
-    assert kept.dpo.offload_reference_model and "reference: lora" in message
+    assert kept.dpo.offload_reference_model and "reference: copy" in message
     with pytest.raises(UserError, match="no DPO flag combination agrees"):
         plan_dpo(dpo_config(GIVEN | {"offload": True, "zero_stage": 1}), Hardware(8, 24, 2048), config)
     unparsed = dpo_config({"zero_stage": 2})  # dtype None: the machine's, two bytes on a GPU or a CPU
