@@ -401,7 +401,8 @@ def load_resume_state(engines: Any, output_dir: Path, dist: DistInfo, keys: tupl
         _convert_on_rank0(folder, tag, list(_named_engines(engines)), saved_world, dist)
     client_state: dict[str, Any] = {}
     for name, engine in _named_engines(engines).items():
-        client_state = client_state or _load_engine(engine, folder, name, tag, elastic)
+        state = _load_engine(engine, folder, name, tag, elastic)  # every engine loads; the first's client state
+        client_state = client_state or state
     if extra is not None:
         extra(tag_folder)
     if elastic:
