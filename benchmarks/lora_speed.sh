@@ -10,7 +10,9 @@
 # Each run writes OUT_DIR/<variant>_r<round>_h<hybrid>_l<lora>.json (benchmarks/rlhf_step.py's report, with
 # per-phase time per step, first-step time, launch-to-first-step time and peak RSS per rank); the summary
 # (OUT_DIR/summary.json and summary.md) gives each figure's median over the rounds and LoRA's ratio to no
-# LoRA. Environment: STEPS (26), WARMUP (1), LORA_DIMS ("0 8"), HYBRID ("0 1"), VARIANTS ("this:<repo>").
+# LoRA. Environment: STEPS (26), WARMUP (1), LORA_DIMS ("0 8"), HYBRID ("0 1"), VARIANTS ("this:<repo>"),
+# SHAPE (extra benchmarks/rlhf_step.py flags, e.g. "--hidden_size 512 --intermediate_size 1536 --num_heads 8"
+# for a wider model than the built-in tiny one).
 set -euo pipefail
 ROOT="$(cd "$(dirname "$0")/.." && pwd)"
 OUT="${1:-output/lora_speed}"
@@ -20,6 +22,7 @@ WARMUP="${WARMUP:-1}"
 LORA_DIMS="${LORA_DIMS:-0 8}"
 HYBRID="${HYBRID:-0 1}"
 VARIANTS="${VARIANTS:-this:$ROOT}"
+read -r -a SHAPE_ARGS <<< "${SHAPE:-}"
 mkdir -p "$OUT"
 OUT="$(cd "$OUT" && pwd)"
 export OMP_NUM_THREADS="${OMP_NUM_THREADS:-1}" MALLOC_MMAP_THRESHOLD_="${MALLOC_MMAP_THRESHOLD_:-65536}"
@@ -37,7 +40,7 @@ for round in $(seq 1 "$ROUNDS"); do
         (cd "$repo" && RLHF_BENCH_LAUNCH_TIME="$(date +%s.%N)" PYTHONPATH="$repo" \
           deepspeed --num_gpus 2 benchmarks/rlhf_step.py --actor_model tiny --dtype bf16 \
           --max_prompt_seq_len 24 --max_answer_seq_len 16 --per_device_generation_batch_size 8 \
-          --per_device_training_batch_size 8 --steps "$STEPS" --warmup_steps "$WARMUP" \
+          --per_device_training_batch_size 8 --steps "$STEPS" --warmup_steps "$WARMUP" ${SHAPE_ARGS[@]+"${SHAPE_ARGS[@]}"} \
           --run_dir "$OUT/run_$tag" --out "$OUT/$tag.json" -- "${flags[@]}" > "$OUT/$tag.log" 2>&1)
       done
     done
