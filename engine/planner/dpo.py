@@ -31,13 +31,14 @@ from engine.errors import UserError
 from engine.flags import leaf_fields
 from engine.planner.activations import inference_activation_bytes, logits_bytes, training_activation_bytes
 from engine.planner.model_states import Bytes, frozen_role, trained_role
-from engine.planner.plan import QUANT_COST, Choice, Hardware, Prediction, engine_buffer_bytes
+from engine.planner.plan import QUANT_COST, Choice, Hardware, Prediction, couple_lora, engine_buffer_bytes
 from engine.planner.shapes import ModelShape, model_shape_of
 from engine.runtime.ds_config import frozen_zero_stage
 
 REFERENCE_MODES = ("copy", "lora", "precomputed")
 DPO_PHASES = ("reference", "train")
 QUANTIZATIONS = tuple(QUANT_COST)
+LORA_DIMS = ("lora_dim",)  # the DPO step's one LoRA rank flag (`couple_lora`)
 
 
 def _default(flag: str) -> Any:
@@ -250,17 +251,6 @@ def search_dpo(work: DPOWorkload, hw: Hardware, requested: DPOKnobs, fixed: dict
     return None, closest
 
 
-def couple_lora(fixed: dict[str, Any], lora_rank: int) -> dict[str, Any]:
-    """Either LoRA flag fixes the whole LoRA choice: --lora_dim alone trains everything (as the flag does),
-    --only_optimize_lora alone takes `lora_rank` (or 0 when false)."""
-    fixed = dict(fixed)
-    if "lora_dim" in fixed:
-        fixed.setdefault("only_optimize_lora", False)
-    elif "only_optimize_lora" in fixed:
-        fixed["lora_dim"] = lora_rank if fixed["only_optimize_lora"] else 0
-    return fixed
-
-
 # -- a parsed DPO config ---------------------------------------------------------------------------
 
 def _part_of(cfg: Any, name: str) -> Any:
@@ -314,7 +304,7 @@ def plan_dpo(cfg: Any, hw: Hardware, model_config: Any, *, adapter_reference: bo
              if f.name not in REQUESTED and (f.name in given or f.name not in settable)}
     work = DPOWorkload(model_shape_of(model_config), cfg.data.max_seq_len, hw.num_gpus, adapter_reference)
     try:
-        best, closest = search_dpo(work, hw, current, couple_lora(fixed, lora_rank), lora_rank,
+        best, closest = search_dpo(work, hw, current, couple_lora(fixed, lora_rank, LORA_DIMS), lora_rank,
                                    refuse=lambda k: with_knobs(cfg, k).problems())
     except ValueError as err:
         raise UserError(f"--auto_fit: {err}; unset some of the memory flags you gave") from None

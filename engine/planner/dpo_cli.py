@@ -19,23 +19,19 @@ import sys
 from collections.abc import Sequence
 from typing import Any
 
-from engine.config import Step1Config
+from engine.config import DPOConfig
 from engine.errors import UserError
 from engine.flags import leaf_fields
 from engine.helptext import HelpFormatter
 from engine.planner.cli import add_hardware_args, hardware_of, parse_bool, phase_table
-from engine.planner.dpo import QUANTIZATIONS, DPOKnobs, DPOWorkload, couple_lora, search_dpo
+from engine.planner.dpo import LORA_DIMS, DPOKnobs, DPOWorkload, search_dpo
+from engine.planner.plan import couple_lora
 from engine.planner.shapes import load_config, model_shape_of
 
-# Knob flags shared with steps 1 and 2 (type, choices and help from their config fields) and the DPO
-# step's own; absent means "the planner chooses".
-SHARED = ("zero_stage", "offload", "gradient_checkpointing", "lora_dim", "only_optimize_lora")
-DPO_HELP = {  # the DPO config's fields (step2_dpo); their help lives there once it is on main
-    "offload_reference_model": "Offload the reference copy's parameters to CPU (ZeRO-3 policy).",
-    "reference_quantization": "Load the reference copy's Linear weights in 8bit or 4bit (bitsandbytes; whole on "
-                              "every rank).",
-    "precompute_ref_logps": "Compute the reference log-probs in one pass before training and hold no reference.",
-}
+# The DPO main's memory flags (type, choices and help from its config's fields); absent means "the planner
+# chooses".
+KNOB_FLAGS = ("zero_stage", "offload", "gradient_checkpointing", "lora_dim", "only_optimize_lora",
+              "offload_reference_model", "reference_quantization", "precompute_ref_logps")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -51,19 +47,14 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--lora_rank", type=int, default=64, help="LoRA rank the search uses when it turns LoRA on")
     p.add_argument("--json", action="store_true", help="print one JSON object")
     fixed = p.add_argument_group("DPO flags to keep (the planner chooses those not given)")
-    leaves = leaf_fields(Step1Config)
-    for name in SHARED:
+    leaves = leaf_fields(DPOConfig)
+    for name in KNOB_FLAGS:
         _, f, tp = leaves[name]
         text = f.metadata["help"].replace("%", "%%")
         if tp is bool:
             fixed.add_argument(f"--{name}", type=parse_bool, nargs="?", const=True, metavar="true|false", help=text)
         else:
             fixed.add_argument(f"--{name}", type=tp, choices=f.metadata["choices"], help=text)
-    for name, text in DPO_HELP.items():
-        if name == "reference_quantization":
-            fixed.add_argument(f"--{name}", choices=QUANTIZATIONS, help=text)
-        else:
-            fixed.add_argument(f"--{name}", type=parse_bool, nargs="?", const=True, metavar="true|false", help=text)
     return p
 
 
@@ -79,8 +70,8 @@ def plan(args: argparse.Namespace) -> dict[str, Any]:
     work = DPOWorkload(shape, args.max_seq_len, args.num_gpus)
     requested = DPOKnobs(per_device_train_batch_size=args.per_device_train_batch_size, dtype=args.dtype,
                          logprob_chunk_size=args.logprob_chunk_size)
-    fixed = couple_lora({n: getattr(args, n) for n in (*SHARED, *DPO_HELP) if getattr(args, n) is not None},
-                        args.lora_rank)
+    fixed = couple_lora({n: getattr(args, n) for n in KNOB_FLAGS if getattr(args, n) is not None}, args.lora_rank,
+                        LORA_DIMS)
     bad = DPOKnobs(**fixed).problems()
     if bad:
         raise UserError("the given DPO flags do not go together: " + "; ".join(bad))

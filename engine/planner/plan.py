@@ -27,7 +27,7 @@ import dataclasses
 import functools
 import itertools
 import math
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -464,14 +464,14 @@ REQUESTED = ("per_device_generation_batch_size", "per_device_training_batch_size
 LORA_FLAGS = ("actor_lora_dim", "critic_lora_dim")
 
 
-def couple_lora(fixed: dict[str, Any], lora_rank: int) -> dict[str, Any]:
-    """Any LoRA flag fixes the whole LoRA choice: a rank not given is 0, or `lora_rank` for both roles
-    when only --only_optimize_lora is given."""
+def couple_lora(fixed: dict[str, Any], lora_rank: int, dims: Sequence[str] = LORA_FLAGS) -> dict[str, Any]:
+    """Any LoRA flag fixes the whole LoRA choice: a rank flag (`dims`: step 3's two roles', or the DPO step's
+    one) not given is 0, or `lora_rank` for each when only --only_optimize_lora is given."""
     fixed = dict(fixed)
-    if any(d in fixed for d in LORA_FLAGS):
+    if any(d in fixed for d in dims):
         fixed.setdefault("only_optimize_lora", False)
-        for d in LORA_FLAGS:
+        for d in dims:
             fixed.setdefault(d, 0)
     elif "only_optimize_lora" in fixed:
-        fixed |= {d: lora_rank if fixed["only_optimize_lora"] else 0 for d in LORA_FLAGS}
+        fixed |= {d: lora_rank if fixed["only_optimize_lora"] else 0 for d in dims}
     return fixed
