@@ -22,7 +22,7 @@ import torch
 
 from engine.config import DPOConfig
 from engine.data import ref_logps
-from engine.data.cache import source_fingerprint, tokenizer_fingerprint
+from engine.data.cache import tokenizer_fingerprint
 from engine.data.pairs import collate_dpo_pairs
 from engine.dpo.logps import PairLogps, answer_counts, pair_logps
 from engine.models.load import load_causal_lm
@@ -91,11 +91,12 @@ def load_reference_copy(cfg: DPOConfig, model_path: str, tokenizer: Any, dist: D
 
 
 def reference_fingerprint(cfg: DPOConfig, model_path: str) -> str:
-    """What the reference's numbers depend on: the starting model's files, the dtype and the quantization (not
-    how it is held: a copy and the policy without adapters give the same numbers)."""
+    """What the reference's numbers depend on: the starting model's config and weights (a hub name's cached
+    snapshot; `ref_logps.fingerprint_model_folder`), the dtype and the quantization (not how it is held: a copy
+    and the policy without adapters give the same numbers)."""
     from engine.data.cache import digest
 
-    return digest({"model": source_fingerprint(model_path), "dtype": cfg.ds.dtype,
+    return digest({"model": ref_logps.fingerprint_model_folder(model_path), "dtype": cfg.ds.dtype,
                    "quantization": cfg.dpo.reference_quantization})
 
 
