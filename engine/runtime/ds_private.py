@@ -44,15 +44,31 @@ def persistent(p: torch.Tensor) -> bool:
     return bool(getattr(p, "ds_persist", False))
 
 
+def resident(p: torch.Tensor) -> bool:
+    """Whether a ZeRO-3 parameter is `persistent` and whole on this rank now (`ds_status` AVAILABLE: ZeRO-3
+    gathers persistent parameters at their first use and after every optimizer step, and keeps them).
+    Verified on DeepSpeed 0.19.8."""
+    if not persistent(p):
+        return False
+    from deepspeed.runtime.zero.partition_parameters import ZeroParamStatus
+
+    return p.ds_status == ZeroParamStatus.AVAILABLE
+
+
 @contextlib.contextmanager
 def gathered_scratch(params: Sequence[torch.Tensor]) -> Iterator[None]:
     """Gather ZeRO-3 parameters for reading; the gathered tensors of non-`persistent` parameters are
     scratch: `modifier_rank=None` makes DeepSpeed re-partition from the unchanged shards on exit, so an
     in-place change (the hybrid mode folds LoRA into them) is dropped. A persistent parameter's tensor
-    is the parameter itself: never change it in place. Verified on DeepSpeed 0.19.8."""
+    is the parameter itself: never change it in place.
+
+    `resident` parameters are left out: they are whole already, and DeepSpeed's exit would release them
+    (its re-partition does not spare persistent parameters), so that the next forward would fetch each again,
+    one collective per module without a prefetch (measured on 2 CPU ranks with LoRA: 14 more collectives per
+    experience pass, one per adapted Linear). Verified on DeepSpeed 0.19.8."""
     import deepspeed
 
-    with deepspeed.zero.GatheredParameters(list(params), modifier_rank=None):
+    with deepspeed.zero.GatheredParameters([p for p in params if not resident(p)], modifier_rank=None):
         yield
 
 
@@ -130,6 +146,43 @@ def shadow_step(obj: Any, wrap: Callable[[Callable[..., Any]], Callable[..., Any
             obj.step = own
 
     return undo
+
+
+def coalesce_persistent_gather(engine: Any) -> int:
+    """Make a ZeRO-3 engine re-gather its persistent parameters in one collective after each optimizer step;
+    returns how many parameters that gather covers (0: not ZeRO-3, or none persistent; nothing changed).
+
+    After every step, DeepSpeed's `_post_step` rebuilds the persistent parameters (those under
+    stage3_param_persistence_threshold, which every rank keeps whole) from their updated partitions with
+    `persistent_parameters[0].all_gather(persistent_parameters)`. That call's blocking path issues one
+    collective per parameter. LoRA adds two small persistent parameters per adapted Linear, so that is two
+    more collectives per layer and step. On gloo a collective costs about 0.7 ms however small it is (measured
+    here: 2 CPU ranks, bf16, 731 us for 256 elements, 738 us for 28 times as many), 20 ms a step for the
+    28 adapters of the tiny model. The replacement gathers the same parameters with DeepSpeed's own coalesced
+    gather (`all_gather_coalesced`, the one its prefetcher uses for a module's parameters: one flat collective
+    per dtype, then each parameter copied into its own buffer), so the result is bit for bit the same.
+    Other calls (async, one parameter, hpZ secondary partitions) keep DeepSpeed's path. Installed as an
+    instance attribute of that one parameter, as DeepSpeed installs the original. Verified on DeepSpeed
+    0.19.8."""
+    from deepspeed.runtime.zero.partition_parameters import ZeroParamStatus
+
+    params = list(getattr(getattr(engine, "optimizer", None), "persistent_parameters", None) or [])
+    if not params or not hasattr(params[0], "all_gather_coalesced"):
+        return 0
+    first = params[0]
+    original = first.all_gather
+
+    def all_gather(param_list: Sequence[torch.Tensor] | None = None, async_op: bool = False,
+                   hierarchy: int = 0) -> Any:
+        pending = [p for p in param_list or () if p.ds_status == ZeroParamStatus.NOT_AVAILABLE]
+        if (async_op or hierarchy or len(pending) < 2
+                or any(getattr(p, "ds_secondary_tensor", None) is not None for p in pending)):
+            return original(param_list, async_op=async_op, hierarchy=hierarchy)
+        first.all_gather_coalesced(pending).wait()
+        return None
+
+    first.all_gather = all_gather
+    return len(params)
 
 
 # ----------------------------------------------------------------------------------------------

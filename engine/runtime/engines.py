@@ -9,7 +9,7 @@ from engine.config import DeepSpeedArgs, TrainArgs
 from engine.errors import UserError
 from engine.runtime.distributed import gpu_wanted
 from engine.runtime.ds_config import fill_template, load_template, size_reduce_bucket, train_ds_config
-from engine.runtime.ds_private import full_numel
+from engine.runtime.ds_private import coalesce_persistent_gather, full_numel
 from engine.runtime.nodes import ds_checkpoint_config
 
 
@@ -51,6 +51,7 @@ def deepspeed_initialize(model: torch.nn.Module, optimizer: Any, scheduler: Any,
 
     engine, *_ = deepspeed.initialize(model=model, optimizer=optimizer, lr_scheduler=scheduler,
                                       config=ds_checkpoint_config(ds_config), dist_init_required=False)
+    coalesce_persistent_gather(engine)  # ZeRO-3: one collective, not one per parameter, after each step
     return engine
 
 

@@ -7,6 +7,7 @@ outlives it in the test process; its findings come back as JSON.
 """
 from __future__ import annotations
 
+import copy
 import inspect
 import json
 import os
@@ -203,6 +204,21 @@ def test_gathered_scratch_drops_in_place_changes(real):
     assert real["zero3"]["scratch_change_dropped"] is True
 
 
+def test_gathered_scratch_leaves_resident_parameters_resident(real):
+    z3 = real["zero3"]
+    assert z3["small_resident_before_a_forward"] is False and z3["small_resident_after_a_forward"] is True
+    assert z3["small_resident_after_scratch"] is True  # DeepSpeed's own exit would have released it
+    assert z3["big_resident_after_scratch"] is False
+
+
+def test_persistent_parameters_are_gathered_in_one_call_after_a_step(real):
+    gather = real["persistent_gather"]
+    assert gather["covered"] == 3  # the first Linear's bias, the second's weight and bias
+    assert gather["coalesced_calls"] == 1 and gather["status_after_step"] == ["AVAILABLE"] * 3
+    assert gather["equal_to_torch_adamw"] is True  # the updated values, not the stale ones (lr 0.1)
+    assert gather["stale_would_differ"] is True
+
+
 def test_skipped_step_makes_a_real_zero2_engine_skip(real):
     z2 = real["zero2"]
     assert z2["changed_by_a_normal_step"] is True
@@ -256,6 +272,41 @@ def _probe_zero3() -> dict:
         big.data.add_(1.0)
     with ds_private.gathered_scratch([big]):
         out["scratch_change_dropped"] = bool(torch.equal(big.data, before))
+    out["small_resident_before_a_forward"] = ds_private.resident(small)
+    with torch.no_grad():  # the first forward records ZeRO-3's trace; from the second the persistent bias stays
+        engine(torch.ones(2, 32))
+        engine(torch.ones(2, 32))
+    out["small_resident_after_a_forward"] = ds_private.resident(small)
+    with ds_private.gathered_scratch([big, small]):
+        pass
+    out["small_resident_after_scratch"] = ds_private.resident(small)
+    out["big_resident_after_scratch"] = ds_private.resident(big)
+    return out
+
+
+def _probe_persistent_gather() -> dict:
+    """One ZeRO-3 step (1 rank, fp32) of a model with three persistent parameters, against torch's AdamW."""
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Linear(32, 64), torch.nn.Linear(64, 1))
+    twin = copy.deepcopy(model)
+    engine = _engine(3, model)
+    persistent = [p for p in engine.module.parameters() if ds_private.persistent(p)]
+    first = engine.optimizer.persistent_parameters[0]
+    calls = []
+    coalesced = first.all_gather_coalesced
+    first.all_gather_coalesced = lambda params, *a, **k: calls.append(len(params)) or coalesced(params, *a, **k)
+    _backward(engine)
+    engine.step()
+    out = {"covered": len(persistent) if "coalesce_persistent_gather" in first.all_gather.__qualname__ else 0,
+           "coalesced_calls": len(calls), "status_after_step": [p.ds_status.name for p in persistent]}
+    before = [p.detach().clone() for p in twin.parameters() if p.numel() <= 100]
+    optimizer = torch.optim.AdamW(twin.parameters(), lr=0.1)
+    twin(torch.ones(2, 32)).float().sum().backward()
+    torch.nn.utils.clip_grad_norm_(twin.parameters(), 1.0)  # train_ds_config's default gradient_clipping
+    optimizer.step()
+    expected = [p for p in twin.parameters() if p.numel() <= 100]
+    out["equal_to_torch_adamw"] = all(torch.allclose(a, b, atol=1e-6) for a, b in zip(persistent, expected))
+    out["stale_would_differ"] = not any(torch.allclose(a, b, atol=1e-6) for a, b in zip(before, expected))
     return out
 
 
@@ -315,7 +366,8 @@ def probe() -> None:
 
     init_distributed(0)
     with tempfile.TemporaryDirectory() as folder:
-        result = {"zero3": _probe_zero3(), "zero2": _probe_zero2(Path(folder))}
+        result = {"zero3": _probe_zero3(), "persistent_gather": _probe_persistent_gather(),
+                  "zero2": _probe_zero2(Path(folder))}
     print(json.dumps(result), flush=True)
 
 
