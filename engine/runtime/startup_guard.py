@@ -113,6 +113,11 @@ def guard(timeout: float) -> Iterator[StartupGuard | None]:
         yield None
         return
     _active = StartupGuard(timeout)
+    # Another thread may stop the process during start-up (the world-size check, engine/runtime/network.py):
+    # its line must reach the real stderr, not the held file.
+    active = _active
+    release = lambda: active.stderr.release(drop_torch_log=True)  # noqa: E731 (the file `paused()` holds now)
+    watchdog.before_stop.append(release)
     _active.thread.start()
     failed = False
     try:
@@ -123,6 +128,7 @@ def guard(timeout: float) -> Iterator[StartupGuard | None]:
         failed = True
         raise UserError(f"{message(None, _active.what)} ({watchdog.one_line(err)})") from None
     finally:
+        watchdog.before_stop.remove(release)
         _active.done.set()
         _active.stderr.release(drop_torch_log=failed)
         _active = None

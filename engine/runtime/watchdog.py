@@ -322,6 +322,9 @@ class Watchdog:
 
 _active: Watchdog | None = None
 _exiting = threading.Lock()
+# Run by `stop_process` before it prints: the start-up guard's release of stderr, which it holds in a file
+# while the process group forms (engine/runtime/startup_guard.py); a line printed there would die with the file.
+before_stop: list[Callable[[], None]] = []
 
 
 def stop_process(status: int, message: str) -> None:
@@ -330,6 +333,8 @@ def stop_process(status: int, message: str) -> None:
         return  # another thread is already stopping this process
     if _active is not None:
         _active.acknowledge()
+    for release in list(before_stop):
+        release()
     print(f"error: {message}", file=sys.stderr, flush=True)
     sys.stdout.flush()
     os._exit(status)

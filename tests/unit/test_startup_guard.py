@@ -4,7 +4,10 @@ building an op does not count."""
 from __future__ import annotations
 
 import os
+import subprocess
+import sys
 import time
+from pathlib import Path
 
 import pytest
 import torch
@@ -83,3 +86,25 @@ def test_torch_connection_log_is_dropped_from_a_failed_start_up_only(stops, capf
             os.write(2, TORCH_LINES.encode() + b"a DeepSpeed warning\n")
             raise torch.distributed.DistNetworkError("failed to connect")
     assert capfd.readouterr().err == "a DeepSpeed warning\n"
+
+
+STOP_FROM_ANOTHER_THREAD = f"""
+import os, threading
+from engine.runtime import startup_guard, watchdog
+with startup_guard.guard(60):
+    with startup_guard.paused():  # an op build lets stderr through, then the guard holds it in a new file
+        pass
+    os.write(2, {TORCH_LINES.encode()!r} + b"a DeepSpeed warning\\n")
+    threading.Thread(target=watchdog.stop_process, args=(2, "the world-size check says so")).start()
+    threading.Event().wait(30)
+"""
+
+
+def test_a_stop_from_another_thread_during_start_up_prints_its_line():
+    """The world-size check (engine/runtime/network.py) stops the process from a thread of its own while the
+    guard holds stderr in a file: its line and what was held reach the real stderr, less torch's log lines."""
+    env = {**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parents[2]), **RANK1}
+    proc = subprocess.run([sys.executable, "-c", STOP_FROM_ANOTHER_THREAD], env=env, capture_output=True, text=True,
+                          timeout=60)
+    assert proc.returncode == 2
+    assert proc.stderr == "a DeepSpeed warning\nerror: the world-size check says so\n"
