@@ -78,16 +78,19 @@ def run_step(engine_cache):
             port = str(28500 + os.getpid() % 1000)
             cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", str(nprocs),
                    "--master_port", port, str(ROOT / script)]
-        shm = f"deepspeed_allreduce_buffer_{os.getuid()}_127.0.0.1_{port}_*" if nprocs > 1 else None
-        for stale in Path("/dev/shm").glob(shm) if shm else ():
-            stale.unlink()  # left by a run killed while it set up, or by an engine older than the fix
+        from engine.runtime.distributed import shm_buffer_path
+
+        # DeepSpeed's CPU all-reduce buffers of this launch (66 MB a rank in /dev/shm), named by the engine's rule.
+        shm = [shm_buffer_path(r, {"MASTER_ADDR": "127.0.0.1", "MASTER_PORT": port}) for r in range(nprocs)
+               ] if nprocs > 1 else []
+        for stale in shm:
+            stale.unlink(missing_ok=True)  # left by a run killed while it set up, or by an engine older than the fix
         proc = subprocess.run(cmd + ["--disable_tqdm", *args], cwd=ROOT, env=env, capture_output=True,
                               text=True, timeout=timeout, umask=umask)
         if check and proc.returncode != 0:
             raise AssertionError(f"{script} failed ({proc.returncode}):\n{proc.stderr[-4000:]}\n{proc.stdout[-2000:]}")
-        # DeepSpeed's CPU all-reduce buffers (66 MB a rank in /dev/shm) are unlinked by the engine once set up
-        # (engine/runtime/distributed.py): none may outlive the run.
-        assert not (leaked := sorted(Path("/dev/shm").glob(shm) if shm else ())), f"left in /dev/shm: {leaked}"
+        # The engine unlinks them once set up (engine/runtime/distributed.py): none may outlive the run.
+        assert not (leaked := [path for path in shm if path.exists()]), f"left in /dev/shm: {leaked}"
         return proc
 
     return run

@@ -148,9 +148,9 @@ def shadow_step(obj: Any, wrap: Callable[[Callable[..., Any]], Callable[..., Any
     return undo
 
 
-def coalesce_persistent_gather(engine: Any) -> int:
-    """Make a ZeRO-3 engine re-gather its persistent parameters in one collective after each optimizer step;
-    returns how many parameters that gather covers (0: not ZeRO-3, or none persistent; nothing changed).
+def coalesce_persistent_gather(engine: Any) -> None:
+    """Make a ZeRO-3 engine re-gather its persistent parameters in one collective after each optimizer step
+    (nothing changes without ZeRO-3 or without persistent parameters).
 
     After every step, DeepSpeed's `_post_step` rebuilds the persistent parameters (those under
     stage3_param_persistence_threshold, which every rank keeps whole) from their updated partitions with
@@ -168,7 +168,7 @@ def coalesce_persistent_gather(engine: Any) -> int:
 
     params = list(getattr(getattr(engine, "optimizer", None), "persistent_parameters", None) or [])
     if not params or not hasattr(params[0], "all_gather_coalesced"):
-        return 0
+        return
     first = params[0]
     original = first.all_gather
 
@@ -182,7 +182,6 @@ def coalesce_persistent_gather(engine: Any) -> int:
         return None
 
     first.all_gather = all_gather
-    return len(params)
 
 
 # ----------------------------------------------------------------------------------------------

@@ -88,6 +88,11 @@ class StartupGuard:
         self.stderr = HeldStderr()
         self.thread = threading.Thread(target=self._run, name="startup-guard", daemon=True)
 
+    def release_before_stop(self) -> None:
+        """Put the held stderr back, less torch's log lines, before a stop (`watchdog.before_stop`): the file
+        held now, which `paused()` may have replaced since the guard began."""
+        self.stderr.release(drop_torch_log=True)
+
     def _run(self) -> None:
         last = time.monotonic()
         while not self.done.wait(self.poll_s):
@@ -96,8 +101,7 @@ class StartupGuard:
                 self.spent += now - last
             last = now
             if self.spent >= self.timeout:
-                self.stderr.release(drop_torch_log=True)
-                watchdog.stop_process(2, message(self.spent, self.what))
+                watchdog.stop_process(2, message(self.spent, self.what))  # releases stderr (`before_stop`)
                 return
 
 
@@ -113,10 +117,9 @@ def guard(timeout: float) -> Iterator[StartupGuard | None]:
         yield None
         return
     _active = StartupGuard(timeout)
-    # Another thread may stop the process during start-up (the world-size check, engine/runtime/network.py):
-    # its line must reach the real stderr, not the held file.
-    active = _active
-    release = lambda: active.stderr.release(drop_torch_log=True)  # noqa: E731 (the file `paused()` holds now)
+    # Any thread may stop the process during start-up (this guard's, the world-size check's in
+    # engine/runtime/network.py): its line must reach the real stderr, not the held file.
+    release = _active.release_before_stop
     watchdog.before_stop.append(release)
     _active.thread.start()
     failed = False
