@@ -9,10 +9,11 @@ ZeRO-3 is set up so the model does not stay resident between steps (stage3_max_r
 no persistence), standing in for a model too large to keep whole. Both modes generate greedily from
 the same prompts with the same (LoRA-trained) actor; the tokens must match. Prints and writes JSON:
 wall time, generated tokens, all-gather calls and bytes per generated token for each mode, and
-`speedup` and `allgather_bytes_ratio` (naive over hybrid). `--compare_leaves` adds `leaves`: naive
-generation with peft's LoRA layers as ZeRO-3 leaf modules (engine.models.lora), routed as step 3 generates,
-against one fetch per peft sub-module through peft's own generate (before issue 18): same tokens, largest
-log-prob difference, all-gather calls and time.
+`speedup` and `allgather_bytes_ratio` (naive over hybrid). `--compare_lora_layout` adds `lora_layout`: naive
+generation with each adapted Linear one module (engine.models.lora's layout), routed as step 3 generates, against
+peft's own module tree (one fetch per peft sub-module) through peft's own generate (before issue 18), with the
+base trained and with LoRA alone (--only_optimize_lora): same tokens, largest log-prob difference, all-gather
+calls and time.
 """
 from __future__ import annotations
 
@@ -25,7 +26,6 @@ from contextlib import contextmanager
 
 import torch
 import torch.distributed as tdist
-from deepspeed.utils import set_z3_leaf_module, z3_leaf_module
 
 from engine.config import DeepSpeedArgs, LoRAArgs, ModelArgs, TrainArgs
 from engine.data.sort_task import generate as synthetic_rows
@@ -71,9 +71,9 @@ class GatherCounter:
                 delattr(backend, name)  # back to the class's method
 
 
-def build_actor(args: argparse.Namespace, dist, only_lora: bool = True, zero3_leaves: bool = True):
-    """The LoRA actor under ZeRO-3 (`only_lora`: --only_optimize_lora); `zero3_leaves=False` undoes
-    apply_lora's leaf marking (one fetch per peft sub-module, as before issue 18) to compare the two."""
+def build_actor(args: argparse.Namespace, dist, only_lora: bool = True, one_module_layers: bool = True):
+    """The LoRA actor under ZeRO-3 (`only_lora`: --only_optimize_lora); `one_module_layers=False` keeps peft's
+    module tree (one fetch per peft sub-module, as before issue 18) to compare the two."""
     torch.manual_seed(args.seed)  # the same LoRA initialisation for every actor built
     model_args = ModelArgs(model_name_or_path=args.model_name_or_path)
     path = resolve_model_path(model_args, args.seed, dist, role="benchmarked")
@@ -86,11 +86,7 @@ def build_actor(args: argparse.Namespace, dist, only_lora: bool = True, zero3_le
     ds_config["zero_optimization"].update(stage3_max_reuse_distance=0, stage3_param_persistence_threshold=0,
                                           stage3_max_live_parameters=0, stage3_prefetch_bucket_size=0)
     model = load_causal_lm(path, model_args, tok, args.dtype, ds_config, gradient_checkpointing=False)
-    model = apply_lora(model, LoRAArgs(lora_dim=args.lora_dim, only_optimize_lora=only_lora))
-    if not zero3_leaves:
-        for module in model.modules():
-            if z3_leaf_module(module):
-                set_z3_leaf_module(module, False)
+    model = apply_lora(model, LoRAArgs(lora_dim=args.lora_dim, only_optimize_lora=only_lora), one_module_layers)
     groups = optimizer_param_groups(model, 0.0, 1e-2)
     engine = deepspeed_initialize(model, make_optimizer(groups, 1e-2, (0.9, 0.95), False), None, ds_config)
     return engine, tok
@@ -128,22 +124,21 @@ def sequence_logprobs(engine, sequences: torch.Tensor, pad_id: int) -> torch.Ten
     return torch.log_softmax(logits[:, :-1], dim=-1).gather(-1, sequences[:, 1:, None]).squeeze(-1)
 
 
-def compare_leaves(args, dist, tok, enc, gen) -> dict:
-    """Issue 18's fixes pinned: the same actor (base weights trained too, where apply_lora marks leaves) built
-    with ZeRO-3 leaf LoRA layers (with engine.models.lora's short forward) generating as step 3 does (forwards
-    through the peft wrapper), and without leaves (peft's forward, one fetch per sub-module) generating through
-    peft directly, trained the same way, gives the same greedy tokens and log-probs; and how many all-gathers
-    each needs."""
+def compare_lora_layouts(args, dist, tok, enc, gen, only_lora: bool) -> dict:
+    """Issue 18's fixes pinned: the same actor built with one module per adapted Linear (engine.models.lora)
+    generating as step 3 does (forwards through the peft wrapper), and with peft's module tree (peft's forward,
+    one fetch per sub-module) generating through peft directly, trained the same way, gives the same greedy
+    tokens and log-probs; and how many all-gathers each needs."""
     runs = {}
-    for name, leaves in (("leaf", True), ("per_module", False)):
-        engine, _ = build_actor(args, dist, only_lora=False, zero3_leaves=leaves)
+    for name, one_module in (("one_module", True), ("peft_tree", False)):
+        engine, _ = build_actor(args, dist, only_lora=only_lora, one_module_layers=one_module)
         lora_steps(engine, tok, 3, dist.device)
         counter = GatherCounter()
         with counter.counting():
-            tokens, seconds = timed(functools.partial(naive_generate, engine, enc, gen, routed=leaves))
+            tokens, seconds = timed(functools.partial(naive_generate, engine, enc, gen, routed=one_module))
         runs[name] = {"tokens": tokens, "logprobs": sequence_logprobs(engine, tokens, tok.pad_token_id),
                       "wall_s": seconds, "allgather_calls": counter.calls}
-    a, b = runs["leaf"], runs["per_module"]
+    a, b = runs["one_module"], runs["peft_tree"]
     same = torch.tensor([float(torch.equal(a["tokens"], b["tokens"]))])
     diff = torch.tensor([(a["logprobs"] - b["logprobs"]).abs().max().item() if bool(same) else float("inf")])
     tdist.all_reduce(same, op=tdist.ReduceOp.MIN)
@@ -169,8 +164,9 @@ def main() -> None:
     p.add_argument("--dtype", default="bf16", choices=("fp32", "bf16", "fp16"))
     p.add_argument("--seed", type=int, default=1234)
     p.add_argument("--out", default=None, help="Also write the JSON here.")
-    p.add_argument("--compare_leaves", action="store_true", help="Also build the actor with and without "
-                   "ZeRO-3 leaf LoRA layers and compare their greedy tokens, log-probs and all-gathers ('leaves').")
+    p.add_argument("--compare_lora_layout", action="store_true", help="Also build the actor with one module per "
+                   "adapted Linear and with peft's module tree, base trained and LoRA alone, and compare their "
+                   "greedy tokens, log-probs and all-gathers ('lora_layout').")
     p.add_argument("--local_rank", type=int, default=-1)
     args = p.parse_args()
 
@@ -210,8 +206,9 @@ def main() -> None:
                "same_tokens": bool(same_all.item()), "world_size": dist.world_size,
                "batch_size_per_rank": args.batch_size, "max_new_tokens": args.max_new_tokens,
                "dtype": args.dtype, "lora_dim": args.lora_dim}
-    if args.compare_leaves:
-        report["leaves"] = compare_leaves(args, dist, tok, enc, gen)
+    if args.compare_lora_layout:
+        report["lora_layout"] = {key: compare_lora_layouts(args, dist, tok, enc, gen, only_lora)
+                                 for key, only_lora in (("base_trains", False), ("lora_only", True))}
     if dist.is_main:
         text = json.dumps(report, indent=2)
         print(text, flush=True)

@@ -21,6 +21,12 @@ def _storages(modules: Iterable[torch.nn.Module]) -> dict[tuple[str, int], int]:
     return out
 
 
+def _held(module: torch.nn.Module) -> list[torch.nn.Module]:
+    """The modules `module` holds: its children, and modules kept as plain attributes (a one-module LoRA layer's
+    base layer and adapters, engine.models.lora)."""
+    return [*module.children(), *(v for v in vars(module).values() if isinstance(v, torch.nn.Module))]
+
+
 def live_modules(collect: bool = True) -> list[torch.nn.Module]:
     """Every `torch.nn.Module` alive in this process (after a garbage collection, unless `collect` is False:
     then modules kept alive only by reference cycles are still there)."""
@@ -34,7 +40,7 @@ def count_weights(mine: torch.nn.Module, modules: list[torch.nn.Module]) -> dict
     being trained), "non_policy_bytes": the rest (what a reference holds), "models_with_weights": modules
     that hold weights and sit inside no other of `modules`}."""
     every, own = _storages(modules), _storages(mine.modules())
-    inside = {id(c) for m in modules for c in m.children()}
+    inside = {id(c) for m in modules for c in _held(m)}
     outer = [m for m in modules if id(m) not in inside and _storages(m.modules())]
     return {"live_module_bytes": sum(every.values()), "policy_bytes": sum(own.values()),
             "non_policy_bytes": sum(n for k, n in every.items() if k not in own), "models_with_weights": len(outer)}

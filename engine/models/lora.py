@@ -5,17 +5,15 @@ before `deepspeed.initialize`, the order that works under every ZeRO stage (the 
 tests train LoRA at ZeRO 0-3). Merging for a save happens on a gathered copy
 (`engine.runtime.checkpoint`), never on the partitioned model.
 
-peft turns each adapted Linear into three modules (base layer, lora_A, lora_B); ZeRO-3 would then
-gather and release three times per Linear per forward (per decoded token in generation). When the base
-weights train too, each LoRA layer is marked a ZeRO-3 leaf module, so its three weights are fetched
-together, once. With --only_optimize_lora (a frozen base inside the layer) they are not: DeepSpeed 0.19.8's
-backward then finds a released LoRA weight (size 0) when the parameters are partitioned
-(tests/distributed/test_hybrid_generation.py trains that case).
-
-Each peft LoRA layer is also 11 modules where the Linear was 1, and DeepSpeed walks every module of the model
-at each forward (its engine hooks, ZeRO-3's fetch of a leaf, `train()`/`eval()`), per decoded token in
-generation: `apply_lora` takes the layer's empty and no-op containers out of the module tree (`_unregister_no_ops`),
-and gives peft's Linear a shorter forward for the one-adapter case (`_lean_forward`: the same operations).
+peft turns each adapted Linear into 11 modules (base layer, lora_A and lora_B containers and their Linears,
+dropout, empty embedding/DoRA containers). DeepSpeed walks every module of the model at each forward (its
+engine hooks, ZeRO-3's fetch and release, `train()`/`eval()`), per decoded token in generation, and ZeRO-3
+fetches each module's parameters with one all-gather. `apply_lora` therefore makes each plain LoRA Linear one
+module, the shape of DeepSpeed-Chat's LoRA layer: the empty and no-op containers leave the module tree
+(`_unregister_no_ops`), the base and adapter weights become the layer's own parameters under their usual names
+(`_one_module_layers`: same state dict), and the layer gets a shorter forward for the one-adapter case
+(`_lean_forward`: the same operations). ZeRO-3 then fetches base, lora_A and lora_B together, once, whether or
+not the base trains (--only_optimize_lora).
 
 `forwards_through_wrapper` makes peft's `generate` call the model through its wrapper, so that ZeRO-3
 sees the forwards of generation as it sees those of training (see there).
@@ -65,8 +63,9 @@ def lora_target_modules(model: torch.nn.Module, module_name: str) -> list[str]:
     return names
 
 
-def apply_lora(model: torch.nn.Module, lora: LoRAArgs) -> torch.nn.Module:
-    """Wrap `model` with LoRA adapters (peft). Without --only_optimize_lora the base trains too."""
+def apply_lora(model: torch.nn.Module, lora: LoRAArgs, one_module_layers: bool = True) -> torch.nn.Module:
+    """Wrap `model` with LoRA adapters (peft). Without --only_optimize_lora the base trains too.
+    `one_module_layers=False` keeps peft's own module tree (for comparisons: benchmarks/generation_bench.py)."""
     from peft import LoraConfig, get_peft_model
 
     targets = lora_target_modules(model, lora.lora_module_name)
@@ -78,13 +77,12 @@ def apply_lora(model: torch.nn.Module, lora: LoRAArgs) -> torch.nn.Module:
     if not lora.only_optimize_lora:
         for p in peft_model.parameters():
             p.requires_grad_(True)
-    unregistered = _unregister_no_ops(peft_model)
-    _use_lean_forward(peft_model)
-    leaves = 0 if lora.only_optimize_lora else mark_zero3_leaves(peft_model)
-    logger.info("LoRA rank %d on %d Linear layers (%s; %d empty peft sub-modules unregistered)",
-                lora.lora_dim, len(targets),
-                "LoRA only: one ZeRO-3 fetch per peft sub-module" if lora.only_optimize_lora else
-                f"base weights train too; {leaves} layers fetched whole under ZeRO-3", unregistered)
+    single = 0
+    if one_module_layers:
+        _unregister_no_ops(peft_model)
+        single = _one_module_layers(peft_model)
+    logger.info("LoRA rank %d on %d Linear layers (%s; %d of them one module each)", lora.lora_dim, len(targets),
+                "LoRA only" if lora.only_optimize_lora else "base weights train too", single)
     return peft_model
 
 
@@ -118,45 +116,88 @@ def _unregister_no_ops(model: torch.nn.Module) -> int:
     return count
 
 
-def mark_zero3_leaves(model: torch.nn.Module) -> int:
-    """Mark every peft LoRA layer of `model` a ZeRO-3 leaf module (one fetch for base + adapters); returns
-    how many. Must run before `deepspeed.initialize`, which installs the hooks; ZeRO 0-2 ignore the mark."""
-    from deepspeed.utils import set_z3_leaf_modules
-    from peft.tuners.lora import LoraLayer
+# The children of a plain LoRA Linear once its no-op containers are gone (`_unregister_no_ops`).
+_WEIGHT_CHILDREN = ("base_layer", "lora_A", "lora_B")
 
-    classes = list(dict.fromkeys(type(m) for m in model.modules() if isinstance(m, LoraLayer)))
-    return len(set_z3_leaf_modules(model, classes)) if classes else 0
+
+def _one_module_layers(model: torch.nn.Module) -> int:
+    """Make each plain LoRA Linear of `model` one module; returns how many.
+
+    The layer holds its base and adapter weights as its own parameters, under their usual names and in their
+    usual order (`base_layer.weight`, `lora_A.default.weight`, ...), its children leave the module tree, and it
+    gets a shorter forward (`_lean_forward`). The children stay plain attributes holding the same Parameter
+    objects, so peft's own code (merge, disable, the delta weight, its forward) sees no difference, and the state
+    dict keeps its keys and order. ZeRO-3 then fetches the layer with one all-gather, and each walk DeepSpeed
+    makes per forward visits it once."""
+    from peft.tuners.lora.layer import Linear
+
+    layers = [m for m in model.modules() if type(m) is Linear and set(m._modules) == set(_WEIGHT_CHILDREN)
+              and all(type(d) is torch.nn.Identity for d in m.lora_dropout.values())]
+    for layer in layers:
+        for child_name in list(layer._modules):  # peft's order
+            child = layer._modules.pop(child_name)
+            layer.__dict__[child_name] = child  # found by attribute lookup before Module.__getattr__
+            for key, param in child.named_parameters():
+                layer._parameters[f"{child_name}.{key}"] = param  # a dotted key: the same state-dict name
+        layer.__class__ = _lean_class(Linear)
+    return len(layers)
 
 
 def _lean_forward(self: Any, x: torch.Tensor, *args: Any, **kwargs: Any) -> torch.Tensor:
     """peft's Linear.forward for one plain LoRA adapter, with less Python per call (per decoded token): the same
-    operations in the same order (`base(x) + B(A(x)) * scaling`, dropout 0), with A and B applied as functions
-    rather than through their modules. Any other case (merged, disabled, several adapters, DoRA, extra
-    arguments, or A and B fetched by ZeRO-3 on their own, outside a leaf) goes to peft's forward."""
+    operations in the same order (`base(x) + B(A(x)) * scaling`, dropout 0), with the base (a torch Linear), A
+    and B applied as functions rather than through their modules. Any other case (merged, disabled, several or
+    absent adapters, a variant such as DoRA, extra arguments) goes to peft's forward."""
     active = self.active_adapters
-    a_weight = self.lora_A[active[0]].weight if len(active) == 1 and active[0] in self.lora_A else None
-    if (a_weight is None or args or kwargs or self.disable_adapters or self.merged or self.lora_variant
-            or not (getattr(self, "_z3_leaf", False) or not hasattr(a_weight, "ds_id"))):
+    if (args or kwargs or len(active) != 1 or active[0] not in self.lora_A or self._disable_adapters
+            or self.merged_adapters or self.lora_variant):
         return super(type(self), self).forward(x, *args, **kwargs)
     name = active[0]
-    result = self.base_layer(x)
+    a_weight = self.lora_A[name].weight
+    base = self.base_layer
+    result = F.linear(x, base.weight, base.bias) if type(base) is torch.nn.Linear else base(x)
     x = self._cast_input_dtype(x, a_weight.dtype)
     lora = F.linear(F.linear(x, a_weight), self.lora_B[name].weight)
     return (result + lora * self.scaling[name]).to(result.dtype)
 
 
+def _held_parameters(layer: torch.nn.Module) -> Iterator[tuple[str, torch.nn.Module, str]]:
+    """(the layer's own key, the child module holding it, the key there) for each weight of a one-module layer."""
+    for child_name in _WEIGHT_CHILDREN:
+        for sub_name, sub in layer.__dict__[child_name].named_modules(prefix=child_name):
+            for key, param in sub._parameters.items():
+                if param is not None:  # a Linear without bias holds None
+                    yield f"{sub_name}.{key}", sub, key
+
+
+def _lean_load_from_state_dict(self: Any, state_dict: dict[str, Any], prefix: str, local_metadata: dict[str, Any],
+                               strict: bool, missing_keys: list[str], unexpected_keys: list[str],
+                               error_msgs: list[str]) -> None:
+    """Load through the modules that hold the weights, as torch would if they were still children (its own
+    check would call `base_layer.weight` unexpected: no child named `base_layer`); then the layer holds whatever
+    they hold (`assign=True` replaces Parameter objects)."""
+    for child_name in _WEIGHT_CHILDREN:
+        for sub_name, sub in self.__dict__[child_name].named_modules(prefix=prefix + child_name):
+            sub._load_from_state_dict(state_dict, sub_name + ".", local_metadata, strict, missing_keys,
+                                      unexpected_keys, error_msgs)
+    for own_key, sub, key in _held_parameters(self):
+        self._parameters[own_key] = sub._parameters[key]
+
+
+def _lean_apply(self: Any, fn: Any, recurse: bool = True) -> Any:
+    """`Module._apply` (`to`, `float`, ...) on the layer's own parameters; the modules holding them then hold
+    the same objects (torch may make new Parameters, with swap or overwrite-on-conversion set)."""
+    out = super(type(self), self)._apply(fn, recurse)
+    for own_key, sub, key in _held_parameters(self):
+        sub._parameters[key] = self._parameters[own_key]
+    return out
+
+
 @functools.cache
 def _lean_class(cls: type) -> type:
-    return type(cls.__name__, (cls,), {"forward": _lean_forward, "__module__": cls.__module__,
+    return type(cls.__name__, (cls,), {"forward": _lean_forward, "_load_from_state_dict": _lean_load_from_state_dict,
+                                       "_apply": _lean_apply, "__module__": cls.__module__,
                                        "__qualname__": cls.__qualname__})
-
-
-def _use_lean_forward(model: torch.nn.Module) -> None:
-    from peft.tuners.lora.layer import Linear
-
-    for module in model.modules():
-        if type(module) is Linear and all(type(d) is torch.nn.Identity for d in module.lora_dropout.values()):
-            module.__class__ = _lean_class(Linear)
 
 
 class _Routing:
@@ -222,8 +263,8 @@ def _no_decay_names(model: torch.nn.Module) -> set[str]:
     out = set()
     for mod_name, module in model.named_modules():
         is_norm = "norm" in type(module).__name__.lower()
-        for p_name, _ in module.named_parameters(recurse=False):
-            if is_norm or p_name == "bias":
+        for p_name, _ in module.named_parameters(recurse=False):  # a one-module LoRA layer's: base_layer.bias
+            if is_norm or p_name.rsplit(".", 1)[-1] == "bias":
                 out.add(f"{mod_name}.{p_name}" if mod_name else p_name)
     return out
 

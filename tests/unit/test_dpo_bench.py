@@ -35,6 +35,22 @@ def test_a_second_model_is_counted_and_wrapping_or_sharing_is_not():
     assert count_weights(wrapper, [wrapper, *policy.modules(), alias])["non_policy_bytes"] == 0
 
 
+def test_a_lora_policy_is_one_model_though_its_layers_hold_their_sub_modules_as_attributes():
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    from engine.config import LoRAArgs
+    from engine.models.lora import apply_lora
+
+    config = LlamaConfig(hidden_size=16, intermediate_size=32, num_hidden_layers=1, num_attention_heads=2,
+                         num_key_value_heads=2, vocab_size=32)
+    policy = apply_lora(LlamaForCausalLM(config), LoRAArgs(lora_dim=4))
+    layer = policy.base_model.model.model.layers[0].self_attn.q_proj
+    detached = [layer.base_layer, layer.lora_A, layer.lora_B]  # out of the module tree (one-module LoRA layers)
+    assert not any(m is d for m in policy.modules() for d in detached)
+    census = count_weights(policy, [*policy.modules(), *detached])
+    assert (census["models_with_weights"], census["non_policy_bytes"]) == (1, 0)
+
+
 def test_the_census_sees_every_live_module():
     reference = torch.nn.Linear(8, 2)
     assert any(m is reference for m in live_modules(collect=False))  # no collection: a second less

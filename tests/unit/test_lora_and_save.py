@@ -116,41 +116,39 @@ def test_lora_rank_and_scale_follow_the_flags():
     assert q.scaling["default"] == 0.5  # lora_scaling / lora_dim = 2 / 4 (DeepSpeed-Chat's convention)
 
 
-def test_every_lora_layer_is_one_zero3_leaf():
-    # ZeRO-3 then fetches base, lora_A and lora_B of an adapted Linear in one go (issue 18), and nothing else
-    # is a leaf: the decoder layers keep their own per-module fetch.
+@pytest.mark.parametrize("only_lora", [False, True])
+def test_every_lora_layer_is_one_module_holding_its_three_weights(only_lora):
+    # ZeRO-3 then fetches base, lora_A and lora_B of an adapted Linear with one all-gather (issue 18), whether
+    # the base trains or not, and no module is a ZeRO-3 leaf (a leaf's backward hook costs a call per forward).
     from deepspeed.utils import z3_leaf_module
 
-    model = apply_lora(tiny_llama(), LoRAArgs(lora_dim=4, only_optimize_lora=False))
-    leaves = sorted(name for name, m in model.named_modules() if z3_leaf_module(m))
-    assert len(leaves) == LAYERS * len(LLAMA_LINEARS)  # 2 x 7 = 14
-    assert all(name.endswith(tuple(LLAMA_LINEARS)) for name in leaves)
-
-
-def test_only_optimize_lora_keeps_per_module_zero3_fetches():
-    # A frozen base inside a leaf breaks DeepSpeed 0.19.8's ZeRO-3 backward (engine.models.lora's docstring).
-    from deepspeed.utils import z3_leaf_module
-
-    model = apply_lora(tiny_llama(), LoRAArgs(lora_dim=4, only_optimize_lora=True))
+    model = apply_lora(tiny_llama(), LoRAArgs(lora_dim=4, only_optimize_lora=only_lora))
+    layers = {name: m for name, m in model.named_modules() if name.endswith(tuple(LLAMA_LINEARS))}
+    assert len(layers) == LAYERS * len(LLAMA_LINEARS)  # 2 x 7 = 14
+    for layer in layers.values():
+        assert list(layer.children()) == []
+        assert [n for n, _ in layer.named_parameters()] == [
+            "base_layer.weight", "lora_A.default.weight", "lora_B.default.weight"]
+        assert layer.lora_A["default"].weight is layer._parameters["lora_A.default.weight"]  # one Parameter
+        assert layer.get_base_layer().weight is layer._parameters["base_layer.weight"]
     assert not any(z3_leaf_module(m) for m in model.modules())
 
 
 @pytest.mark.parametrize("only_lora", [False, True])
-def test_lean_peft_layers_keep_outputs_gradients_and_state(monkeypatch, only_lora):
-    # DeepSpeed walks every module at each forward (per decoded token): an adapted Linear is 6 modules, not
-    # peft's 11 (empty embedding/DoRA containers and the Identity dropout are out of the tree), and runs a
-    # shorter forward; nothing else changes: same state dict, bit-equal outputs and gradients.
+def test_lean_peft_layers_keep_outputs_gradients_and_state(only_lora):
+    # DeepSpeed walks every module at each forward (per decoded token): an adapted Linear is 1 module, not
+    # peft's 11 (empty embedding/DoRA containers and the Identity dropout are out of the tree, the base and
+    # adapter weights are the layer's own), and runs a shorter forward; nothing else changes: same state dict
+    # (keys and order), bit-equal outputs and gradients.
     import engine.models.lora as lora_mod
 
     args = LoRAArgs(lora_dim=4, only_optimize_lora=only_lora)
     lean = apply_lora(tiny_llama(), args)
-    monkeypatch.setattr(lora_mod, "_unregister_no_ops", lambda model: 0)
-    monkeypatch.setattr(lora_mod, "_use_lean_forward", lambda model: None)
-    plain = apply_lora(tiny_llama(), args)
+    plain = apply_lora(tiny_llama(), args, one_module_layers=False)
     q_lean, q_plain = (m.base_model.model.model.layers[0].self_attn.q_proj for m in (lean, plain))
-    assert (len(list(q_lean.modules())), len(list(q_plain.modules()))) == (6, 11)
+    assert (len(list(q_lean.modules())), len(list(q_plain.modules()))) == (1, 11)
     assert type(q_lean).forward is lora_mod._lean_forward and type(q_plain).forward is not lora_mod._lean_forward
-    assert len(list(lean.modules())) == len(list(plain.modules())) - 5 * LAYERS * len(LLAMA_LINEARS)
+    assert len(list(lean.modules())) == len(list(plain.modules())) - 10 * LAYERS * len(LLAMA_LINEARS)
     assert isinstance(q_lean.lora_dropout["default"], torch.nn.Identity)  # still there for peft's forward
     with torch.no_grad():  # a non-zero lora_B, so the adapters take part
         for model in (lean, plain):
@@ -172,6 +170,33 @@ def test_lean_peft_layers_keep_outputs_gradients_and_state(monkeypatch, only_lor
         with lean.disable_adapter(), plain.disable_adapter():  # peft's own forward, lean layers or not
             base = lean(input_ids=ids).logits
             assert torch.equal(base, plain(input_ids=ids).logits) and not torch.equal(base, adapted)
+
+
+@pytest.mark.parametrize("assign", [False, True])
+def test_one_module_lora_layers_load_a_strict_state_dict_into_the_weights_they_use(assign):
+    # DeepSpeed's checkpoint load is a strict load_state_dict; torch's own check would call the layer's
+    # `base_layer.weight` unexpected (no child named base_layer). With assign=True torch replaces the Parameter
+    # objects: the layer and peft's modules must still hold the same ones.
+    model = apply_lora(tiny_llama(), LoRAArgs(lora_dim=4, only_optimize_lora=False))
+    state = {k: torch.full_like(v, 0.25) for k, v in model.state_dict().items()}
+    result = model.load_state_dict(state, strict=True, assign=assign)
+    assert (result.missing_keys, result.unexpected_keys) == ([], [])
+    q = model.base_model.model.model.layers[0].self_attn.q_proj
+    assert q.get_base_layer().weight is q._parameters["base_layer.weight"]
+    assert q.lora_B["default"].weight is q._parameters["lora_B.default.weight"]
+    assert all(torch.all(p == 0.25) for p in model.parameters())
+    assert list(model.state_dict()) == list(state)
+    with pytest.raises(RuntimeError, match="Missing key"):
+        model.load_state_dict({k: v for k, v in state.items() if "q_proj.lora_A" not in k}, strict=True)
+
+
+def test_one_module_lora_layers_keep_one_parameter_through_a_dtype_change():
+    model = apply_lora(tiny_llama(), LoRAArgs(lora_dim=4)).to(torch.float64)
+    q = model.base_model.model.model.layers[0].self_attn.q_proj
+    assert q.lora_A["default"].weight is q._parameters["lora_A.default.weight"]
+    assert q.lora_A["default"].weight.dtype == q.get_base_layer().weight.dtype == torch.float64
+    ids = torch.tensor([[5, 6, 7]])
+    assert model(input_ids=ids).logits.dtype == torch.float64
 
 
 def _count_calls(module: torch.nn.Module) -> list[int]:
@@ -247,6 +272,17 @@ def test_param_groups_put_biases_and_layernorms_out_of_decay():
     for name in ("model.decoder.layers.0.fc1.bias", "model.decoder.layers.1.self_attn_layer_norm.weight",
                  "model.decoder.final_layer_norm.bias"):
         assert _group_of(groups, params[name]) is no_decay, name
+
+
+def test_param_groups_keep_the_biases_of_one_module_lora_layers_out_of_decay():
+    # An adapted Linear holds its base bias as its own `base_layer.bias` (apply_lora): still not decayed.
+    model = apply_lora(tiny_opt(), LoRAArgs(lora_dim=4, only_optimize_lora=False))
+    decay, lora, no_decay = optimizer_param_groups(model, weight_decay=0.1, lora_learning_rate=5e-4)
+    # the same 14 / 22 split as without LoRA, and 2 x 6 x 2 adapter weights
+    assert (len(decay["params"]), len(lora["params"]), len(no_decay["params"])) == (14, 24, 22)
+    params = dict(model.named_parameters())
+    assert _group_of([decay, lora, no_decay], params[
+        "base_model.model.model.decoder.layers.0.fc1.base_layer.bias"]) is no_decay
 
 
 def test_param_groups_skip_frozen_parameters():
