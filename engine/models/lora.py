@@ -176,6 +176,8 @@ def _lean_load_from_state_dict(self: Any, state_dict: dict[str, Any], prefix: st
     """Load through the modules that hold the weights, as torch would if they were still children (its own
     check would call `base_layer.weight` unexpected: no child named `base_layer`); then the layer holds whatever
     they hold (`assign=True` replaces Parameter objects)."""
+    for hook in self._load_state_dict_pre_hooks.values():  # what Module._load_from_state_dict runs first
+        hook(state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys, error_msgs)
     for child_name in _WEIGHT_CHILDREN:
         for sub_name, sub in self.__dict__[child_name].named_modules(prefix=prefix + child_name):
             sub._load_from_state_dict(state_dict, sub_name + ".", local_metadata, strict, missing_keys,
