@@ -95,6 +95,7 @@ def init_distributed(seed: int, peer_timeout: float = 0.0, startup_timeout: floa
     multi = int(os.environ.get("WORLD_SIZE", "1")) > 1
     with startup_guard.guard(startup_timeout if multi else 0.0) as guard:
         info = _join(seed)
+        network.release_world_size_store()
         if peer_timeout > 0 and info.world_size > 1:
             if guard is not None:
                 guard.what = "starting the peer watchdog"

@@ -71,6 +71,18 @@ def check_world_size(env: dict[str, str] | os._Environ = os.environ, wait_s: flo
                      name="world-size-check").start()
 
 
+def release_world_size_store() -> None:
+    """Drop rank 0's reference to the store `check_world_size` started, once the process group has joined: torch's
+    env:// store shares its server and keeps it up while the group lives (the other ranks may still be reading
+    the world size), and it then stops with the group rather than in the interpreter's teardown. Held here until
+    exit, a two-host join that ended with a clean destroy_process_group sometimes aborted at exit
+    ("terminate called without an active exception", status -6, on rank 1): 7 of 53 runs of
+    tests/multihost/test_bad_setups.py's loopback test before, 0 of 60 after (2026-12-07). Which of torch's
+    teardown paths aborted was not pinned down."""
+    global _server
+    _server = None
+
+
 def _store(addr: str, port: int, world: int, is_master: bool, wait_s: float):
     from datetime import timedelta
 
