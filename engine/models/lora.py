@@ -134,11 +134,10 @@ def _one_module_layers(model: torch.nn.Module) -> int:
     layers = [m for m in model.modules() if type(m) is Linear and set(m._modules) == set(_WEIGHT_CHILDREN)
               and all(type(d) is torch.nn.Identity for d in m.lora_dropout.values())]
     for layer in layers:
-        for child_name in list(layer._modules):  # peft's order
-            child = layer._modules.pop(child_name)
-            layer.__dict__[child_name] = child  # found by attribute lookup before Module.__getattr__
-            for key, param in child.named_parameters():
-                layer._parameters[f"{child_name}.{key}"] = param  # a dotted key: the same state-dict name
+        layer.__dict__["_held_children"] = tuple(layer._modules)  # peft's order: the state dict's
+        for child_name in layer._held_children:
+            layer.__dict__[child_name] = layer._modules.pop(child_name)  # found before Module.__getattr__
+        _own_held_parameters(layer)
         layer.__class__ = _lean_class(Linear)
     return len(layers)
 
@@ -162,12 +161,18 @@ def _lean_forward(self: Any, x: torch.Tensor, *args: Any, **kwargs: Any) -> torc
 
 
 def _held_parameters(layer: torch.nn.Module) -> Iterator[tuple[str, torch.nn.Module, str]]:
-    """(the layer's own key, the child module holding it, the key there) for each weight of a one-module layer."""
-    for child_name in _WEIGHT_CHILDREN:
+    """(the layer's own key, the module holding it, the key there) for each weight of a one-module layer."""
+    for child_name in layer._held_children:
         for sub_name, sub in layer.__dict__[child_name].named_modules(prefix=child_name):
             for key, param in sub._parameters.items():
                 if param is not None:  # a Linear without bias holds None
                     yield f"{sub_name}.{key}", sub, key
+
+
+def _own_held_parameters(layer: torch.nn.Module) -> None:
+    """Make the layer's own parameters those its held modules hold, under their state-dict names (dotted keys)."""
+    for own_key, sub, key in _held_parameters(layer):
+        layer._parameters[own_key] = sub._parameters[key]
 
 
 def _lean_load_from_state_dict(self: Any, state_dict: dict[str, Any], prefix: str, local_metadata: dict[str, Any],
@@ -178,12 +183,11 @@ def _lean_load_from_state_dict(self: Any, state_dict: dict[str, Any], prefix: st
     they hold (`assign=True` replaces Parameter objects)."""
     for hook in self._load_state_dict_pre_hooks.values():  # what Module._load_from_state_dict runs first
         hook(state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys, error_msgs)
-    for child_name in _WEIGHT_CHILDREN:
+    for child_name in self._held_children:
         for sub_name, sub in self.__dict__[child_name].named_modules(prefix=prefix + child_name):
             sub._load_from_state_dict(state_dict, sub_name + ".", local_metadata, strict, missing_keys,
                                       unexpected_keys, error_msgs)
-    for own_key, sub, key in _held_parameters(self):
-        self._parameters[own_key] = sub._parameters[key]
+    _own_held_parameters(self)
 
 
 def _lean_apply(self: Any, fn: Any, recurse: bool = True) -> Any:
