@@ -456,6 +456,10 @@ class DPOArgs:
         "none", "Load the frozen copy's Linear weights with bitsandbytes: 8bit (LLM.int8) or 4bit (NF4), whole on "
         "every rank. Its log-probs then differ from the starting model's by the rounding, so the loss does not "
         "start at log 2.", choices=("none", "8bit", "4bit"))
+    num_padding_at_beginning: int = arg(
+        1, "Accepted for DeepSpeed-Chat's DPO sweep script, which passes step 2's flag set (DeepSpeed-Chat's own "
+        "DPO main.py refuses it). Not needed: DPO's batches carry the tokenizer's attention mask, so a BOS equal "
+        "to the pad id (OPT's) is never taken for padding.")
     auto_fit: bool = arg(
         False, "Let the memory planner (python -m engine.planner --step dpo) choose the memory settings you did "
         "not set (ZeRO stage, offload, LoRA, gradient checkpointing, how the reference is held, the batch size up "
@@ -473,6 +477,8 @@ class DPOArgs:
                        "simpo, or drop it")
         if self.nll_coef < 0:
             out.append(f"--nll_coef must be >= 0 (got {self.nll_coef})")
+        if self.num_padding_at_beginning < 0:
+            out.append(f"--num_padding_at_beginning must be >= 0 (got {self.num_padding_at_beginning})")
         if self.offload_reference_model and self.reference_quantization != "none":
             out.append("--offload_reference_model and --reference_quantization exclude each other: offloading moves "
                        "ZeRO-3 partitions to the CPU, and a quantized reference is not partitioned; drop one of them")

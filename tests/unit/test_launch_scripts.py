@@ -209,8 +209,12 @@ def test_logs_to_output(script: Path) -> None:
     assert re.search(r'\|\s*tee\s+"\$OUTPUT/training\.log"', text), "output goes to $OUTPUT/training.log"
 
 
-@pytest.mark.parametrize("script", [p for p in SCRIPTS if p.is_relative_to(ROOT / "step1_sft")],
-                         ids=[i for i in SCRIPT_IDS if i.startswith("step1_sft")])
+# Sweep points take DeepSpeed-Chat's positional order (stage, switches, then the output folder); they are checked
+# by test_sweep_points_take_dschat_positional_order.
+STEP1_FRONT = [p for p in SCRIPTS if p.is_relative_to(ROOT / "step1_sft") and p.parent.name != "sweep"]
+
+
+@pytest.mark.parametrize("script", STEP1_FRONT, ids=[str(p.relative_to(ROOT)) for p in STEP1_FRONT])
 def test_step1_positional_args(script: Path) -> None:
     text = script.read_text()
     assert re.search(r"^OUTPUT=\$\{1:-[^}]+\}$", text, re.M)
@@ -219,6 +223,26 @@ def test_step1_positional_args(script: Path) -> None:
     args = parse_flags(main_py_args(script))
     assert ("zero_stage", ["$ZERO_STAGE"]) in args
     assert ("output_dir", ["$OUTPUT"]) in args
+
+
+# DeepSpeed-Chat's sweep points: their positional arguments in order, with the defaults it gives them.
+DSCHAT_SWEEP_POSITIONALS = {
+    "step1_sft": ["ZERO_STAGE=${1:-2}", "OFFLOAD=${2:-false}", "LORA=${3:-false}", "OUTPUT=${4:-./output}"],
+    "step2_reward": ["ZERO_STAGE=${1:-0}", "OFFLOAD=${2:-false}", "OUTPUT=${3:-./output}"],
+    "step2_dpo": ["ZERO_STAGE=${1:-0}", "OFFLOAD=${2:-false}", "OUTPUT=${3:-./output}"],
+    "step3_rlhf": ["ACTOR_MODEL_PATH=${1:?$USAGE}", "CRITIC_MODEL_PATH=${2:?$USAGE}", "ACTOR_ZERO_STAGE=${3:-2}",
+                   "CRITIC_ZERO_STAGE=${4:-2}", "HYBRID_ENGINE=${5:-false}", "OFFLOAD=${6:-false}",
+                   "LORA=${7:-false}", "MIXED_PRECISION_LORA=${8:-false}", "OUTPUT=${9:-./output}",
+                   "TEST=${10:-false}", "TEST_STOP_STEP=${11:-5}"],
+}
+
+
+@pytest.mark.parametrize("step", sorted(DSCHAT_SWEEP_POSITIONALS))
+def test_sweep_points_take_dschat_positional_order(step: str) -> None:
+    """A DeepSpeed-Chat user calls a sweep point by hand with its arguments in DeepSpeed-Chat's order."""
+    text = (ROOT / step / "training_scripts/opt/single_node/sweep/run_single.sh").read_text()
+    assigned = re.findall(r"^([A-Z_]+=\$\{\d+[:?-][^}]*\})$", text, re.M)
+    assert assigned == DSCHAT_SWEEP_POSITIONALS[step]
 
 
 @pytest.mark.parametrize("script", SCRIPTS, ids=SCRIPT_IDS)
@@ -261,12 +285,14 @@ DSCHAT_SHAPES = {
                   "opt/single_node/run_1.3b_lora.sh", "opt/single_node/run_6.7b.sh", "opt/single_node/run_13b.sh",
                   "opt/single_node/run_30b_lora.sh", "opt/multi_node/run_66b.sh", "llama2/run_llama2_7b.sh",
                   "llama2/run_llama2_7b_lora.sh", "opt/single_node/sweep/run_single.sh",
-                  "opt/single_node/sweep/run_step1_sweep.sh"},
+                  "opt/single_node/sweep/run_step1_sweep.sh", "other_language/run_chinese.sh",
+                  "other_language/run_japanese.sh"},
     "step2_reward": {"opt/single_gpu/run_350m.sh", "opt/single_node/run_350m.sh", "opt/multi_node/run_350m.sh",
                      "llama2/run_llama2_7b.sh", "llama2/run_llama2_7b_lora.sh", "opt/single_node/sweep/run_single.sh",
                      "opt/single_node/sweep/run_step2_sweep.sh"},
     "step2_dpo": {"opt/single_gpu/run_350m.sh", "opt/single_node/run_350m.sh", "opt/multi_node/run_350m.sh",
-                  "llama2/run_llama2_7b.sh", "llama2/run_llama2_7b_lora.sh"},
+                  "llama2/run_llama2_7b.sh", "llama2/run_llama2_7b_lora.sh", "opt/single_node/sweep/run_single.sh",
+                  "opt/single_node/sweep/run_step2_sweep.sh"},
     "step3_rlhf": {"opt/single_gpu/run_1.3b.sh", "opt/single_gpu/run_6.7b_lora.sh", "opt/single_node/run_1.3b.sh",
                    "opt/single_node/run_1.3b_lora.sh", "opt/single_node/run_6.7b.sh", "opt/single_node/run_13b.sh",
                    "opt/single_node/run_30b_lora.sh", "opt/multi_node/run_66b.sh", "llama2/run_llama2_7b.sh",

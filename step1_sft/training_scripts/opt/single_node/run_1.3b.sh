@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # Step 1 (SFT): full fine-tuning of facebook/opt-1.3b on one node with 8 GPUs (DeepSpeed-Chat's
 # single_node script: 4 Dahoas/yitingxie datasets, 16 epochs, lr 9.65e-6, micro batch 8 per GPU).
-# TensorBoard events go to $OUTPUT/step1_tensorboard (the default --tensorboard_path is inside --output_dir).
+# TensorBoard events go to $OUTPUT/ds_tensorboard_logs/step1_model_tensorboard, as in DeepSpeed-Chat.
 #
 # Usage: run_1.3b.sh [OUTPUT=./output] [ZERO_STAGE=2] [main.py flags...]
 set -euo pipefail
@@ -29,6 +29,7 @@ deepspeed "$ROOT/step1_sft/main.py" \
    --zero_stage "$ZERO_STAGE" \
    --deepspeed \
    --enable_tensorboard \
+   --tensorboard_path "$OUTPUT" \
    --output_dir "$OUTPUT" \
    "${@:3}" \
    2>&1 | tee "$OUTPUT/training.log"

@@ -5,13 +5,15 @@
 # weight decay, LoRA with only the LoRA weights trained at lr 1e-3 and weight decay 0.1).
 # run_step1_sweep.sh calls it once per combination.
 #
-# Usage: run_single.sh [OUTPUT=./output] [ZERO_STAGE=2] [OFFLOAD=false] [LORA=false] [main.py flags...]
+# The arguments come in DeepSpeed-Chat's order.
+#
+# Usage: run_single.sh [ZERO_STAGE=2] [OFFLOAD=false] [LORA=false] [OUTPUT=./output] [main.py flags...]
 set -euo pipefail
 
-OUTPUT=${1:-./output}
-ZERO_STAGE=${2:-2}
-OFFLOAD=${3:-false}
-LORA=${4:-false}
+ZERO_STAGE=${1:-2}
+OFFLOAD=${2:-false}
+LORA=${3:-false}
+OUTPUT=${4:-./output}
 ROOT=$(cd "$(dirname "${BASH_SOURCE[0]}")/../../../../.." && pwd)
 export PYTHONPATH="$ROOT${PYTHONPATH:+:$PYTHONPATH}"
 OPTIONAL=()

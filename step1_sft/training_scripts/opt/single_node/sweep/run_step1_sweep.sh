@@ -13,7 +13,7 @@ for z in 2 3; do
       for lora in true false; do
          name="z${z}_offload_${offload}_lora_${lora}"
          echo "=== $name"
-         bash "$HERE/run_single.sh" "$name" "$z" "$offload" "$lora" || failed+=("$name")
+         bash "$HERE/run_single.sh" "$z" "$offload" "$lora" "$name" || failed+=("$name")
       done
    done
 done

@@ -5,12 +5,14 @@
 # starts every row with its BOS token, which equals the pad id: --num_padding_at_beginning 1.
 # run_step2_sweep.sh calls it once per combination.
 #
-# Usage: run_single.sh [OUTPUT=./output] [ZERO_STAGE=2] [OFFLOAD=false] [main.py flags...]
+# The arguments come in DeepSpeed-Chat's order, with its default stage.
+#
+# Usage: run_single.sh [ZERO_STAGE=0] [OFFLOAD=false] [OUTPUT=./output] [main.py flags...]
 set -euo pipefail
 
-OUTPUT=${1:-./output}
-ZERO_STAGE=${2:-2}
-OFFLOAD=${3:-false}
+ZERO_STAGE=${1:-0}
+OFFLOAD=${2:-false}
+OUTPUT=${3:-./output}
 ROOT=$(cd "$(dirname "${BASH_SOURCE[0]}")/../../../../.." && pwd)
 export PYTHONPATH="$ROOT${PYTHONPATH:+:$PYTHONPATH}"
 OPTIONAL=()

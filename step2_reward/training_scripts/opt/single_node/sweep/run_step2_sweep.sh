@@ -12,7 +12,7 @@ for z in 2 3; do
    for offload in true false; do
       name="z${z}_offload_${offload}"
       echo "=== $name"
-      bash "$HERE/run_single.sh" "$name" "$z" "$offload" || failed+=("$name")
+      bash "$HERE/run_single.sh" "$z" "$offload" "$name" || failed+=("$name")
    done
 done
 if (( ${#failed[@]} )); then
