@@ -932,9 +932,10 @@ class Step3DeepSpeedArgs(role_twins(
         8, "Accepted for DeepSpeed-Chat scripts, no effect here (with a warning when set): DeepSpeed's layers "
         "gathered at a time for tensor-parallel generation, which this engine does not do.", section="generation")
     enable_mixed_precision_lora: bool = arg(
-        False, "MixZ++: quantize the actor's frozen base weights under ZeRO-3 with LoRA. Needs a CUDA GPU: on a CPU it "
-        "is accepted for DeepSpeed-Chat scripts with a warning and has no effect (the base stays in --dtype). On a "
-        "GPU it cannot be combined with --enable_hybrid_engine.")
+        False, "MixZ++: quantize the actor's frozen base weights under ZeRO-3 with LoRA (DeepSpeed's 8-bit kernel). "
+        "Needs a CUDA GPU: on a CPU it is accepted for DeepSpeed-Chat scripts with a warning and has no effect (the "
+        "base stays in --dtype). Works with --enable_hybrid_engine: the hybrid mode folds LoRA into the gathered, "
+        "dequantized copies and leaves the stored 8-bit weights as they were.")
     actor_quantization: str = arg(
         "none", "QLoRA: load the actor's base Linear weights in 4-bit NF4 (bitsandbytes, computing in --dtype), "
         "frozen, and train LoRA adapters on them. Needs --actor_lora_dim > 0, --only_optimize_lora and "

@@ -76,12 +76,6 @@ def _step3_preflight(cfg: Step3Config) -> list[str]:
         ptx_problem = missing_source_problem(cfg.data.unsupervised_dataset_name)  # a local path that is not there
         if ptx_problem:
             out.append(ptx_problem)
-    # The pure check asks for actor LoRA under ZeRO-3 first; only then is the GPU the missing piece.
-    # On a CPU the flag is a no-op with a warning (Step3Config.compat_notices), so only a GPU sees the conflict.
-    if ds.enable_mixed_precision_lora and ds.enable_hybrid_engine and cuda_available():
-        out.append("--enable_mixed_precision_lora cannot be combined with --enable_hybrid_engine on a GPU (the hybrid "
-                   "mode fuses LoRA into the gathered weights, which MixZ++ would re-quantize); choose one, as "
-                   "DeepSpeed-Chat's llama2 _mixz script does")
     chosen = [f"--{role}_quantization" for role in ("actor", "reference", "reward")
               if getattr(ds, f"{role}_quantization") != "none"]
     missing = missing_quantization_packages() if chosen else []

@@ -1,7 +1,8 @@
 """The hybrid generation mode under ZeRO-3 with 2 CPU ranks: the same greedy tokens as naive ZeRO-3
 generation (fp32, LoRA-trained actor), with far fewer all-gathered bytes per token. Each LoRA layer one module
 (issue 18): the same greedy tokens and log-probs as peft's module tree, one fetch per peft sub-module (bf16), with
-the base trained and with LoRA alone."""
+the base trained and with LoRA alone. MixZ++ (8-bit frozen base) with the hybrid mode: the stored weights untouched,
+the tokens of plain ZeRO-3 generation."""
 from __future__ import annotations
 
 import json
@@ -10,6 +11,7 @@ import subprocess
 
 import pytest
 
+from engine.runtime.distributed import free_port
 from tests.conftest import ROOT
 
 pytestmark = pytest.mark.distributed
@@ -47,3 +49,24 @@ def test_one_module_lora_layers_keep_tokens_and_logprobs_with_fewer_gathers(engi
         assert report["max_logprob_diff"] <= 1e-2, mode
         # One fetch per adapted Linear instead of three (base, lora_A, lora_B): at least 2x fewer all-gathers.
         assert report["allgather_calls_one_module"] * 2 <= report["allgather_calls_peft_tree"], mode
+
+
+def test_mixed_precision_lora_with_the_hybrid_mode(engine_cache, tmp_path):
+    """DeepSpeed-Chat's sweep runs MixZ++ with the hybrid engine. DeepSpeed's quantizer is a CUDA kernel; the probe
+    puts a torch one in its place and leaves the rest (quantizing the frozen base, dequantizing on gather,
+    releasing) to DeepSpeed (tests/helpers/mixz_probe.py)."""
+    out = tmp_path / "mixz.json"
+    env = dict(os.environ, RLHF_ENGINE_CACHE=str(engine_cache), HF_HUB_OFFLINE="1", OMP_NUM_THREADS="1")
+    port = str(free_port())
+    proc = subprocess.run(["deepspeed", "--num_gpus", "2", "--master_port", port,
+                           str(ROOT / "tests/helpers/mixz_probe.py"), "--out", str(out)], cwd=ROOT, env=env,
+                          capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    report = json.loads(out.read_text())
+    assert report["quantized_weights"] == 7  # the 7 adapted Linears of the 1-layer probe model, stored in 8 bits
+    assert report["lora_changes_tokens"] is True  # so that the two checks below can fail
+    # Folding LoRA into the gathered copies never reaches the stored weights (with modifier_rank=0 in
+    # engine.runtime.ds_private.gathered_scratch, DeepSpeed re-quantizes the folded copies: this fails).
+    assert report["partitions_unchanged"] is True and report["hybrid_repeatable"] is True
+    # LoRA is folded (without the fold in engine.models.hybrid, this fails).
+    assert report["hybrid_equals_naive"] is True

@@ -373,7 +373,9 @@ def test_flag_sets_of_a_sweep_and_a_refused_set_are_seen(tmp_path, monkeypatch):
 
     sweep = ROOT / "step3_rlhf/training_scripts/opt/single_node/sweep/run_step3_sweep.sh"
     sets = launched_flag_sets(sweep, tmp_path / "sweep")
-    assert len(sets) == 17 and sum("--enable_mixed_precision_lora" in s for s in sets) == 1
+    mixz = [s for s in sets if "--enable_mixed_precision_lora" in s]
+    assert len(sets) == 18 and len(mixz) == 2  # DeepSpeed-Chat's grid: MixZ++ with and without the hybrid engine
+    assert sorted("--enable_hybrid_engine" in s for s in mixz) == [False, True]
     bad = tmp_path / "bad.sh"
     bad.write_text('#!/usr/bin/env bash\ndeepspeed "$0/step3_rlhf/main.py" --inference_tp_size 0\n')
     words, = launched_flag_sets(bad, tmp_path / "bad")

@@ -207,12 +207,13 @@ def test_mixed_precision_lora_on_cpu_is_a_warned_no_op(monkeypatch):
         "zero_quantized_nontrainable_weights"] is True
 
 
-def test_mixed_precision_lora_on_gpu_accepted_but_not_with_hybrid(monkeypatch):
+def test_mixed_precision_lora_on_gpu_accepted_with_and_without_hybrid(monkeypatch):
+    """DeepSpeed-Chat's step-3 sweep runs MixZ++ with and without the hybrid engine; both run here
+    (tests/distributed/test_hybrid_generation.py checks the pair on CPU ranks)."""
     monkeypatch.setattr(preflight, "cuda_available", lambda: True)
     base = {"enable_mixed_precision_lora": True, "actor_zero_stage": 3, "actor_lora_dim": 8}
     assert make_config(Step3Config, base).ds.dtype == "fp16"
-    with pytest.raises(UserError, match="--enable_hybrid_engine"):
-        make_config(Step3Config, {**base, "enable_hybrid_engine": True})
+    assert make_config(Step3Config, {**base, "enable_hybrid_engine": True}).ds.enable_hybrid_engine
 
 
 def test_align_overflow_accepted_with_fp16_and_zero(monkeypatch):

@@ -2,9 +2,8 @@
 # Step 3 (RLHF, PPO): as run_llama2_7b_lora.sh (Llama-2-7b actor, reward model and critic, rank-64
 # LoRA under "layers." of actor and critic, ZeRO-3, one node with 8 GPUs) but with MixZ++
 # (--enable_mixed_precision_lora: the actor's frozen base weights quantized under ZeRO-3) in place of
-# the hybrid-engine generation, as DeepSpeed-Chat's llama2 _mixz script. Needs CUDA GPUs (refused on a
-# CPU-only machine); MixZ++ together with --enable_hybrid_engine is refused here (the hybrid mode
-# gathers full-precision weights), so this script does not add it.
+# the hybrid-engine generation, as DeepSpeed-Chat's llama2 _mixz script. Needs CUDA GPUs (a no-op with a
+# warning on a CPU-only machine). Add --enable_hybrid_engine for both: step 3 accepts the pair.
 # The defaults are the folders step1_sft/training_scripts/llama2/run_llama2_7b_lora.sh and
 # step2_reward/training_scripts/llama2/run_llama2_7b_lora.sh write by default (run from the same
 # folder). --num_padding_at_beginning 1 is kept from DeepSpeed-Chat's script; step 3 accepts it for

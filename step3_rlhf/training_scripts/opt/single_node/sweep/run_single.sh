@@ -4,8 +4,7 @@
 # test-mode stop chosen by the arguments, as DeepSpeed-Chat's step-3 sweep point (Dahoas/rm-static,
 # 4 prompts per generation batch and 4 sequences per PPO micro-batch per GPU, prompts and answers up
 # to 256 tokens each, actor lr 9.65e-6, critic lr 5e-6, cosine schedule with 100 warm-up steps, actor
-# dropout off, answers printed, fp16). run_step3_sweep.sh calls it once per combination. MixZ++ with
-# the hybrid engine is refused by step 3 (the hybrid mode gathers full-precision weights).
+# dropout off, answers printed, fp16). run_step3_sweep.sh calls it once per combination.
 # CRITIC_MODEL_PATH must be a reward model in Hugging Face *ForSequenceClassification form (one
 # label), as step2_reward/main.py writes it. --num_padding_at_beginning is accepted for
 # compatibility only (step 3 works from real attention masks).

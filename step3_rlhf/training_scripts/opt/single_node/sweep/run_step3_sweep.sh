@@ -1,10 +1,9 @@
 #!/usr/bin/env bash
 # Step 3 (RLHF, PPO) sweep, as DeepSpeed-Chat's: run_single.sh for ZeRO-2 and ZeRO-3 (actor and critic
 # alike), each with and without the hybrid engine, CPU offload and actor LoRA (16 runs), then MixZ++
-# (ZeRO-3, LoRA, no offload) without the hybrid engine. DeepSpeed-Chat also runs MixZ++ with the hybrid
-# engine; step 3 refuses that pair (the hybrid mode gathers full-precision weights), so it is skipped
-# here. Each run goes into ./<its settings>/; a failed run is reported and the sweep goes on, and the
-# exit status is 1 if any failed. MixZ++ needs CUDA GPUs.
+# (ZeRO-3, LoRA, no offload) with and without the hybrid engine (2 runs). Each run goes into
+# ./<its settings>/; a failed run is reported and the sweep goes on, and the exit status is 1 if any
+# failed. MixZ++ needs CUDA GPUs (on a CPU it is accepted with a warning and does nothing).
 #
 # Usage: run_step3_sweep.sh [ACTOR_MODEL_PATH=AdamG012/chat-opt-1.3b-sft-deepspeed]
 #                           [CRITIC_MODEL_PATH=AdamG012/chat-opt-350m-reward-deepspeed]
@@ -30,7 +29,9 @@ for z in 2 3; do
       done
    done
 done
-point 3 false false true true "z3_he_false_offload_false_lora_true_mpl_true"
+for he in true false; do
+   point 3 "$he" false true true "z3_he_${he}_offload_false_lora_true_mpl_true"
+done
 if (( ${#failed[@]} )); then
    echo "failed: ${failed[*]}"
    exit 1
