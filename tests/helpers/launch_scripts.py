@@ -2,8 +2,10 @@
 them against the configs; tests/smoke/test_planner_recipes.py runs them)."""
 from __future__ import annotations
 
+import os
 import re
 import shlex
+import subprocess
 from pathlib import Path
 
 # The end of the main.py command: a redirection, pipe or command separator.
@@ -46,3 +48,35 @@ def array_words(script: Path, name: str) -> list[str]:
         if m:
             words += shlex.split(m.group(1))
     return words
+
+
+FAKE_DEEPSPEED = """#!/usr/bin/env bash
+# records its arguments (NUL-separated, one record per line of the index) instead of launching anything
+n=$(ls "$FAKE_DS_DIR" | wc -l)
+printf '%s\\0' "$@" > "$FAKE_DS_DIR/call_$n"
+"""
+
+
+def launched_flag_sets(script: Path, tmp_path: Path) -> list[list[str]]:
+    """The main.py argument lists a script launches, from a run with a stand-in `deepspeed` that only records
+    them (required positional arguments get placeholder paths; the others their defaults)."""
+    bin_dir, calls, work = tmp_path / "bin", tmp_path / "calls", tmp_path / "work"
+    for folder in (bin_dir, calls, work):
+        folder.mkdir(parents=True, exist_ok=True)
+    fake = bin_dir / "deepspeed"
+    fake.write_text(FAKE_DEEPSPEED)
+    fake.chmod(0o755)
+    text = code_lines(script.read_text())
+    required = [int(n) for n in re.findall(r"\$\{(\d+):\?", text)]
+    args = [f"/models/arg{n}" for n in range(1, max(required, default=0) + 1)]
+    env = dict(os.environ, PATH=f"{bin_dir}:{os.environ['PATH']}", FAKE_DS_DIR=str(calls))
+    result = subprocess.run(["bash", str(script), *args], cwd=work, env=env, capture_output=True, text=True,
+                            timeout=60)
+    assert result.returncode == 0, result.stdout + result.stderr
+    sets = []
+    for record in sorted(calls.iterdir(), key=lambda p: int(p.name.split("_")[1])):
+        words = record.read_text().split("\0")[:-1]
+        at = [i for i, w in enumerate(words) if w.endswith("main.py")]
+        assert at, words
+        sets.append([*words[at[0]:]])
+    return sets

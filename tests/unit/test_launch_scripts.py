@@ -19,7 +19,7 @@ import pytest
 
 import engine.config as engine_config
 from engine.flags import leaf_fields
-from tests.helpers.launch_scripts import code_lines, main_py_args
+from tests.helpers.launch_scripts import code_lines, launched_flag_sets, main_py_args
 
 ROOT = Path(__file__).resolve().parents[2]
 ALL_SCRIPTS = sorted(ROOT.glob("step*/training_scripts/**/*.sh"))
@@ -315,38 +315,6 @@ def test_driver_runs_scripts_that_exist(script):
     called = re.findall(r'"\$HERE/([\w.]+\.sh)"', code_lines(script.read_text()))
     assert called, f"{script.name} calls no script"
     assert all((script.parent / name).is_file() for name in called)
-
-
-FAKE_DEEPSPEED = """#!/usr/bin/env bash
-# records its arguments (NUL-separated, one record per line of the index) instead of launching anything
-n=$(ls "$FAKE_DS_DIR" | wc -l)
-printf '%s\\0' "$@" > "$FAKE_DS_DIR/call_$n"
-"""
-
-
-def launched_flag_sets(script: Path, tmp_path: Path) -> list[list[str]]:
-    """The main.py argument lists a script launches, from a run with a stand-in `deepspeed` that only records
-    them (required positional arguments get placeholder paths; the others their defaults)."""
-    bin_dir, calls, work = tmp_path / "bin", tmp_path / "calls", tmp_path / "work"
-    for folder in (bin_dir, calls, work):
-        folder.mkdir(parents=True, exist_ok=True)
-    fake = bin_dir / "deepspeed"
-    fake.write_text(FAKE_DEEPSPEED)
-    fake.chmod(0o755)
-    text = code_lines(script.read_text())
-    required = [int(n) for n in re.findall(r"\$\{(\d+):\?", text)]
-    args = [f"/models/arg{n}" for n in range(1, max(required, default=0) + 1)]
-    env = dict(os.environ, PATH=f"{bin_dir}:{os.environ['PATH']}", FAKE_DS_DIR=str(calls))
-    result = subprocess.run(["bash", str(script), *args], cwd=work, env=env, capture_output=True, text=True,
-                            timeout=60)
-    assert result.returncode == 0, result.stdout + result.stderr
-    sets = []
-    for record in sorted(calls.iterdir(), key=lambda p: int(p.name.split("_")[1])):
-        words = record.read_text().split("\0")[:-1]
-        at = [i for i, w in enumerate(words) if w.endswith("main.py")]
-        assert at, words
-        sets.append([*words[at[0]:]])
-    return sets
 
 
 @pytest.mark.skipif(shutil.which("bash") is None, reason="bash is not installed")
