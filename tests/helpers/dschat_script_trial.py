@@ -23,7 +23,7 @@ import tempfile
 import time
 from pathlib import Path
 
-from tests.helpers.launch_scripts import launched_flag_sets
+from tests.helpers.launch_scripts import launched_flag_sets, parse_flags
 
 ROOT = Path(__file__).resolve().parents[2]
 # Our own scripts, not DeepSpeed-Chat's: the tiny demos and the planner's Llama-2 recipes.
@@ -44,21 +44,10 @@ def small_models(shape: str, cache: Path) -> dict[str, Path]:
     return {role: ensure_random_model(config, role, "fp32", 1234, cache) for role in ("actor", "critic")}
 
 
-def split_flags(words: list[str]) -> list[tuple[str, list[str]]]:
-    flags: list[tuple[str, list[str]]] = []
-    for word in words:
-        if word.startswith("--"):
-            name, eq, value = word[2:].partition("=")
-            flags.append((name, [value] if eq else []))
-        elif flags:
-            flags[-1][1].append(word)
-    return flags
-
-
 def trial_flags(words: list[str], models: dict[str, Path], output: Path, step: str) -> list[str]:
     """The script's flags with the swaps described above."""
     out: list[str] = []
-    for name, values in split_flags(words):
+    for name, values in parse_flags(words):
         if name in ("data_path", "local_rank", "output_dir"):
             continue
         if name == "model_name_or_path":

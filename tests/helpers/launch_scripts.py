@@ -40,6 +40,19 @@ def main_py_args(script: Path) -> list[str]:
     return args
 
 
+def parse_flags(args: list[str]) -> list[tuple[str, list[str]]]:
+    """[(flag name without dashes, its values)] in order; `--flag=value` is split."""
+    flags: list[tuple[str, list[str]]] = []
+    for word in args:
+        if word.startswith("--"):
+            name, eq, value = word[2:].partition("=")
+            flags.append((name, [value] if eq else []))
+        else:
+            assert flags, f"value {word!r} before any flag"
+            flags[-1][1].append(word)
+    return flags
+
+
 def array_words(script: Path, name: str) -> list[str]:
     """The words a script assigns or appends to the bash array `name`."""
     words: list[str] = []

@@ -19,7 +19,7 @@ import pytest
 
 import engine.config as engine_config
 from engine.flags import leaf_fields
-from tests.helpers.launch_scripts import code_lines, launched_flag_sets, main_py_args
+from tests.helpers.launch_scripts import code_lines, launched_flag_sets, main_py_args, parse_flags
 
 ROOT = Path(__file__).resolve().parents[2]
 ALL_SCRIPTS = sorted(ROOT.glob("step*/training_scripts/**/*.sh"))
@@ -56,19 +56,6 @@ def config_class(script: Path) -> type:
     if cls is None:
         pytest.skip(f"engine.config has no {name} yet, so the flags of {script.name} cannot be checked")
     return cls
-
-
-def parse_flags(args: list[str]) -> list[tuple[str, list[str]]]:
-    """[(flag name without dashes, its values)] in order; `--flag=value` is split."""
-    flags: list[tuple[str, list[str]]] = []
-    for word in args:
-        if word.startswith("--"):
-            name, eq, value = word[2:].partition("=")
-            flags.append((name, [value] if eq else []))
-        else:
-            assert flags, f"value {word!r} before any flag"
-            flags[-1][1].append(word)
-    return flags
 
 
 def _base(tp: Any) -> Any:
