@@ -29,7 +29,12 @@ ROOT = Path(__file__).resolve().parents[2]
 # Our own scripts, not DeepSpeed-Chat's: the tiny demos and the planner's Llama-2 recipes.
 OURS = re.compile(r"/tiny/|_\d+x\d+gb\.sh$")
 SHRINK = {"max_seq_len": 64, "max_prompt_seq_len": 16, "max_answer_seq_len": 16, "num_train_epochs": 1}
-SMALL_BATCH = ("per_device_train_batch_size", "per_device_eval_batch_size", "per_device_generation_batch_size")
+SIZES = {"step3_rlhf": ("max_prompt_seq_len", "max_answer_seq_len", "per_device_generation_batch_size",
+                        "per_device_training_batch_size")}
+SIZES.update(dict.fromkeys(("step1_sft", "step2_reward", "step2_dpo"),
+                           ("max_seq_len", "per_device_train_batch_size", "per_device_eval_batch_size")))
+SMALL_BATCH = ("per_device_train_batch_size", "per_device_eval_batch_size", "per_device_generation_batch_size",
+               "per_device_training_batch_size")
 
 
 def family(script: Path) -> str:
@@ -63,6 +68,9 @@ def trial_flags(words: list[str], models: dict[str, Path], output: Path, step: s
         out += [f"--{name}", *values]
     if step != "step3_rlhf" and "--model_name_or_path" not in out:  # a script with the model's default
         out += ["--model_name_or_path", str(models["actor"])]
+    for name in SIZES[step]:  # a script that leaves a size at its default (256-token answers, 16 per batch)
+        if f"--{name}" not in out:
+            out += [f"--{name}", str(SHRINK.get(name, 2))]
     if "--test_stop_step" not in out:
         out += ["--test_stop_step", "2"]
     if step == "step3_rlhf":  # DeepSpeed-Chat's step 3 never evaluates; ours would, before and after
