@@ -33,8 +33,7 @@ SIZES = {"step3_rlhf": ("max_prompt_seq_len", "max_answer_seq_len", "per_device_
                         "per_device_training_batch_size")}
 SIZES.update(dict.fromkeys(("step1_sft", "step2_reward", "step2_dpo"),
                            ("max_seq_len", "per_device_train_batch_size", "per_device_eval_batch_size")))
-SMALL_BATCH = ("per_device_train_batch_size", "per_device_eval_batch_size", "per_device_generation_batch_size",
-               "per_device_training_batch_size")
+SMALL_BATCH = {name for names in SIZES.values() for name in names if name.startswith("per_device_")}
 
 
 def family(script: Path) -> str:
@@ -55,9 +54,7 @@ def trial_flags(words: list[str], models: dict[str, Path], output: Path, step: s
     for name, values in parse_flags(words):
         if name in ("data_path", "local_rank", "output_dir"):
             continue
-        if name == "model_name_or_path":
-            values = [str(models["actor"])]
-        elif name == "actor_model_name_or_path":
+        if name in ("model_name_or_path", "actor_model_name_or_path"):
             values = [str(models["actor"])]
         elif name == "critic_model_name_or_path":
             values = [str(models["critic"])]
