@@ -12,7 +12,9 @@
 # (OUT_DIR/summary.json and summary.md) gives each figure's median over the rounds and LoRA's ratio to no
 # LoRA. Environment: STEPS (26), WARMUP (1), LORA_DIMS ("0 8"), HYBRID ("0 1"), VARIANTS ("this:<repo>"),
 # SHAPE (extra benchmarks/rlhf_step.py flags, e.g. "--hidden_size 512 --intermediate_size 1536 --num_heads 8"
-# for a wider model than the built-in tiny one).
+# for a wider model than the built-in tiny one), FLAGS_<variant> (extra benchmarks/rlhf_step.py flags for that
+# variant alone). LoRA's arithmetic against its structure, one checkout:
+#   VARIANTS="real:$PWD nomath:$PWD" FLAGS_nomath=--no_lora_arithmetic benchmarks/lora_speed.sh out 2
 set -euo pipefail
 ROOT="$(cd "$(dirname "$0")/.." && pwd)"
 OUT="${1:-output/lora_speed}"
@@ -32,6 +34,8 @@ for round in $(seq 1 "$ROUNDS"); do
     for lora in $LORA_DIMS; do
       for variant in $VARIANTS; do
         name="${variant%%:*}" repo="${variant#*:}"
+        flags_var="FLAGS_$name"
+        read -r -a variant_args <<< "${!flags_var:-}"
         tag="${name}_r${round}_h${hybrid}_l${lora}"
         flags=(--actor_zero_stage 3 --critic_zero_stage 3 --no-do_sample --actor_lora_dim "$lora")
         [ "$hybrid" = 1 ] && flags+=(--enable_hybrid_engine)
@@ -41,6 +45,7 @@ for round in $(seq 1 "$ROUNDS"); do
           deepspeed --num_gpus 2 benchmarks/rlhf_step.py --actor_model tiny --dtype bf16 \
           --max_prompt_seq_len 24 --max_answer_seq_len 16 --per_device_generation_batch_size 8 \
           --per_device_training_batch_size 8 --steps "$STEPS" --warmup_steps "$WARMUP" ${SHAPE_ARGS[@]+"${SHAPE_ARGS[@]}"} \
+          ${variant_args[@]+"${variant_args[@]}"} \
           --run_dir "$OUT/run_$tag" --out "$OUT/$tag.json" -- "${flags[@]}" > "$OUT/$tag.log" 2>&1)
       done
     done

@@ -97,6 +97,11 @@ def parse_args(argv: Sequence[str]) -> tuple[argparse.Namespace, list[str]]:
                    help="Memory bandwidth (GB/s) for the decode roofline. Default: 4800 on an H200, else none.")
     p.add_argument("--no_reward_model", action="store_true",
                    help="Critic-free runs only: no reward model (the --reward_funcs after -- score alone).")
+    p.add_argument("--no_lora_arithmetic", action="store_true",
+                   help="Diagnostic: each one-module LoRA layer returns its base layer's output and skips the "
+                   "adapter matmuls, while the adapters stay parameters with gradients (through a zero-weighted "
+                   "term), hooks and their optimizer group. Against a real LoRA run it separates what LoRA's "
+                   "arithmetic costs from what its structure costs. The hybrid mode still folds the adapters.")
     p.add_argument("--local_rank", type=int, default=-1, help="Set by the deepspeed launcher; ignored.")
     args = p.parse_args(own)
     if args.json and args.compare is None:
@@ -287,7 +292,8 @@ def run_config(args: argparse.Namespace, probe: Probe, folders: dict[str, tuple[
         "actor_zero_stage": cfg.ds.actor_zero_stage, "critic_zero_stage": cfg.ds.critic_zero_stage,
         "offload": cfg.ds.offload, "enable_hybrid_engine": cfg.ds.enable_hybrid_engine,
         "actor_lora_dim": cfg.lora.actor_lora_dim, "critic_lora_dim": cfg.lora.critic_lora_dim,
-        "only_optimize_lora": cfg.lora.only_optimize_lora, "step3_flags": list(step3_flags),
+        "only_optimize_lora": cfg.lora.only_optimize_lora, "no_lora_arithmetic": args.no_lora_arithmetic,
+        "step3_flags": list(step3_flags),
         "versions": {"torch": torch.__version__, "deepspeed": deepspeed.__version__,
                      "transformers": transformers.__version__},
     }
@@ -336,6 +342,21 @@ def make_report(args: argparse.Namespace, probe: Probe, folders: dict[str, tuple
     return report
 
 
+def drop_lora_arithmetic() -> None:
+    """--no_lora_arithmetic: one-module LoRA layers compute `base(x) + 0 * (sum A + sum B)` in this process."""
+    import torch.nn.functional as F
+    from peft.tuners.lora.layer import Linear
+
+    from engine.models import lora
+
+    def base_only(self: Any, x: Any, *args: Any, **kwargs: Any) -> Any:
+        name, base = self.active_adapters[0], self.base_layer
+        zero = (self.lora_A[name].weight.sum() + self.lora_B[name].weight.sum()) * 0
+        return F.linear(x, base.weight, base.bias) + zero
+
+    lora._lean_class(Linear).forward = base_only
+
+
 def run_benchmark(args: argparse.Namespace, step3_flags: list[str]) -> dict[str, Any] | None:
     """Build the models, run step 3 in this process, and return the report (None on ranks other than 0)."""
     from engine.config import Step3Config
@@ -348,6 +369,8 @@ def run_benchmark(args: argparse.Namespace, step3_flags: list[str]) -> dict[str,
     setup_logging(dist.is_main)
     dtype = args.dtype or default_dtype()
     folders = build_models(args, dist, dtype)
+    if args.no_lora_arithmetic:
+        drop_lora_arithmetic()
     probe = Probe()
     run = step3.build(parse_config(Step3Config, step3_argv(args, folders, dtype, step3_flags)))
     probe(run)

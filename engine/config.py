@@ -244,7 +244,10 @@ class LoRAArgs:
         "auto", "LoRA goes on the Linear layers whose name contains this string. 'auto': every "
         "Linear layer of the decoder stack, for any model family. DeepSpeed-Chat's default "
         "'decoder.layers.' matches OPT only.")
-    only_optimize_lora: bool = arg(False, "Train only the LoRA weights; the base model stays frozen.")
+    only_optimize_lora: bool = arg(
+        False, "Train only the LoRA weights; the base model stays frozen. Without it, as in DeepSpeed-Chat, the "
+        "weights of the Linear layers that get LoRA stay frozen and everything else trains beside the adapters "
+        "(embeddings, norms, biases, the output head, Linear layers without LoRA).")
     lora_learning_rate: float = arg(5e-4, "Learning rate of the LoRA weights.")
     lora_scaling: float = arg(
         1.0, "LoRA output scale numerator: the update is multiplied by lora_scaling / lora_dim "
@@ -988,7 +991,9 @@ class Step3LoRAArgs(role_twins(
         critic_lora_module_name="Critic Linear layers whose name contains this get LoRA ('auto': every decoder "
         "Linear layer; on OPT the same layers as DeepSpeed-Chat's default 'decoder.layers.', which matches no "
         "other family).",
-        only_optimize_lora="Train only the LoRA weights (and the critic's value head).",
+        only_optimize_lora="Train only the LoRA weights (and the critic's value head). Without it, as in "
+        "DeepSpeed-Chat, the weights of the Linear layers that get LoRA stay frozen and everything else trains "
+        "beside the adapters (embeddings, norms, biases, the output head, Linear layers without LoRA).",
         lora_scaling="LoRA output scale numerator (update x lora_scaling / lora_dim).")):
     pass
 

@@ -12,8 +12,7 @@ fetches each module's parameters with one all-gather. `apply_lora` therefore mak
 module, the shape of DeepSpeed-Chat's LoRA layer: the empty and no-op containers leave the module tree
 (`_unregister_no_ops`), the base and adapter weights become the layer's own parameters under their usual names
 (`_one_module_layers`: same state dict), and the layer gets a shorter forward for the one-adapter case
-(`_lean_forward`: the same operations). ZeRO-3 then fetches base, lora_A and lora_B together, once, whether or
-not the base trains (--only_optimize_lora).
+(`_lean_forward`: the same operations). ZeRO-3 then fetches base, lora_A and lora_B together, once.
 
 `forwards_through_wrapper` makes peft's `generate` call the model through its wrapper, so that ZeRO-3
 sees the forwards of generation as it sees those of training (see there).
@@ -64,9 +63,12 @@ def lora_target_modules(model: torch.nn.Module, module_name: str) -> list[str]:
 
 
 def apply_lora(model: torch.nn.Module, lora: LoRAArgs, one_module_layers: bool = True) -> torch.nn.Module:
-    """Wrap `model` with LoRA adapters (peft). Without --only_optimize_lora the base trains too.
+    """Wrap `model` with LoRA adapters (peft). What trains is DeepSpeed-Chat's rule: the adapters always, the
+    weights of the adapted Linear layers never, and everything else (embeddings, norms, biases, the head, Linear
+    layers without LoRA) unless --only_optimize_lora.
     `one_module_layers=False` keeps peft's own module tree (for comparisons: benchmarks/generation_bench.py)."""
     from peft import LoraConfig, get_peft_model
+    from peft.tuners.lora import LoraLayer
 
     targets = lora_target_modules(model, lora.lora_module_name)
     config = LoraConfig(r=lora.lora_dim, lora_alpha=lora.lora_scaling, lora_dropout=0.0,
@@ -75,14 +77,15 @@ def apply_lora(model: torch.nn.Module, lora: LoRAArgs, one_module_layers: bool =
     # one dtype across a parameter group (peft's default upcasts bf16 adapters to fp32).
     peft_model = get_peft_model(model, config, autocast_adapter_dtype=False)
     if not lora.only_optimize_lora:
+        adapted = {id(m.get_base_layer().weight) for m in peft_model.modules() if isinstance(m, LoraLayer)}
         for p in peft_model.parameters():
-            p.requires_grad_(True)
+            p.requires_grad_(id(p) not in adapted)
     single = 0
     if one_module_layers:
         _unregister_no_ops(peft_model)
         single = _one_module_layers(peft_model)
     logger.info("LoRA rank %d on %d Linear layers (%s; %d of them one module each)", lora.lora_dim, len(targets),
-                "LoRA only" if lora.only_optimize_lora else "base weights train too", single)
+                "LoRA only" if lora.only_optimize_lora else "their weights frozen, the rest trains", single)
     return peft_model
 
 

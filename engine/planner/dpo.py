@@ -120,7 +120,7 @@ def dpo_role_states(work: DPOWorkload, k: DPOKnobs) -> dict[str, dict[str, Bytes
     engine's ZeRO buffers."""
     p = work.policy
     lora = p.lora_params(k.lora_dim)
-    trainable = lora if k.only_optimize_lora and lora else p.params + lora
+    trainable = lora if k.only_optimize_lora and lora else p.trainable_params(k.lora_dim)
     common = dict(dtype=k.dtype, world_size=work.world_size)
     roles = {"policy": trained_role(p.params + lora, trainable, p.largest_layer_params, zero_stage=k.zero_stage,
                                     offload=k.offload, offload_params=k.offload and k.zero_stage == 3, **common)}

@@ -192,9 +192,9 @@ def role_states(work: Workload, knobs: Knobs) -> dict[str, dict[str, Bytes]]:
     roles: dict[str, dict[str, Bytes]] = {}
 
     # Parameters each trained role's optimizer holds: the adapters (+ the critic's value head) with
-    # --only_optimize_lora, else all of them.
-    trainable_a = lora_a if k.only_optimize_lora and lora_a else a.params + lora_a
-    trainable_c = lora_c + c.hidden_size if k.only_optimize_lora and lora_c else c.params + lora_c
+    # --only_optimize_lora, else all of them but the adapted Linear weights (`trainable_params`).
+    trainable_a = lora_a if k.only_optimize_lora and lora_a else a.trainable_params(k.actor_lora_dim)
+    trainable_c = lora_c + c.hidden_size if k.only_optimize_lora and lora_c else c.trainable_params(k.critic_lora_dim)
 
     def trained(shape: ModelShape, lora: int, trainable: int, stage: int) -> dict[str, Bytes]:
         return trained_role(shape.params + lora, trainable, shape.largest_layer_params, zero_stage=stage,

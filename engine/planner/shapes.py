@@ -66,6 +66,11 @@ class ModelShape:
         """Parameters LoRA of `rank` adds on the 'auto' targets: rank x (in + out) per Linear layer."""
         return sum(rank * (fan_in + fan_out) for fan_in, fan_out in self.lora_targets)
 
+    def trainable_params(self, rank: int) -> int:
+        """What trains without --only_optimize_lora: everything, or with LoRA of `rank` the adapters and
+        everything but the adapted Linear weights ('auto' targets; engine.models.lora.apply_lora)."""
+        return self.params - self.linear_params + self.lora_params(rank) if rank else self.params
+
 
 def model_shape_of(config: Any, *, sequence_classification: bool = False) -> ModelShape:
     """The shape of the causal LM (or, with `sequence_classification`, the one-label reward model) of `config`."""

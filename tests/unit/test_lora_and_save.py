@@ -102,11 +102,20 @@ def test_only_optimize_lora_leaves_only_lora_trainable():
     assert len(frozen) == N_LLAMA_NORM + N_LLAMA_DECAY and not any(is_lora_param(n) for n in frozen)
 
 
-def test_without_only_optimize_lora_everything_trains():
+def test_without_only_optimize_lora_all_but_the_adapted_weights_train():
+    # DeepSpeed-Chat's LoRA layer freezes the weight it wraps whatever --only_optimize_lora says; the flag only
+    # decides whether the rest (embeddings, norms, head, Linear layers without LoRA) trains beside the adapters.
     model = apply_lora(tiny_llama(), LoRAArgs(lora_dim=4, only_optimize_lora=False))
     params = dict(model.named_parameters())
     assert len(params) == N_LLAMA_LORA + N_LLAMA_NORM + N_LLAMA_DECAY  # 28 + 5 + 16 = 49
-    assert all(p.requires_grad for p in params.values())
+    frozen = sorted(n for n, p in params.items() if not p.requires_grad)
+    assert len(frozen) == LAYERS * len(LLAMA_LINEARS) and all(n.endswith(".base_layer.weight") for n in frozen)
+    assert "base_model.model.model.embed_tokens.weight" not in frozen
+    assert "base_model.model.lm_head.weight" not in frozen and "base_model.model.model.norm.weight" not in frozen
+    # With a name fragment, the Linear layers left without LoRA train whole.
+    partial = apply_lora(tiny_llama(), LoRAArgs(lora_dim=4, lora_module_name="q_proj"))
+    frozen = {n for n, p in partial.named_parameters() if not p.requires_grad}
+    assert frozen == {f"base_model.model.model.layers.{i}.self_attn.q_proj.base_layer.weight" for i in range(LAYERS)}
 
 
 def test_lora_rank_and_scale_follow_the_flags():
@@ -118,8 +127,8 @@ def test_lora_rank_and_scale_follow_the_flags():
 
 @pytest.mark.parametrize("only_lora", [False, True])
 def test_every_lora_layer_is_one_module_holding_its_three_weights(only_lora):
-    # ZeRO-3 then fetches base, lora_A and lora_B of an adapted Linear with one all-gather (issue 18), whether
-    # the base trains or not, and no module is a ZeRO-3 leaf (a leaf's backward hook costs a call per forward).
+    # ZeRO-3 then fetches base, lora_A and lora_B of an adapted Linear with one all-gather (issue 18), whatever
+    # else trains, and no module is a ZeRO-3 leaf (a leaf's backward hook costs a call per forward).
     from deepspeed.utils import z3_leaf_module
 
     model = apply_lora(tiny_llama(), LoRAArgs(lora_dim=4, only_optimize_lora=only_lora))
@@ -247,7 +256,9 @@ def _group_of(groups: list[dict], param: torch.nn.Parameter) -> dict:
 def test_param_groups_with_lora():
     model = apply_lora(tiny_llama(), LoRAArgs(lora_dim=4))
     groups = optimizer_param_groups(model, weight_decay=0.1, lora_learning_rate=5e-4)
-    assert [len(g["params"]) for g in groups] == [N_LLAMA_DECAY, N_LLAMA_LORA, N_LLAMA_NORM]
+    # The adapted Linear weights stay frozen (DeepSpeed-Chat's rule): decay keeps embeddings and head.
+    assert [len(g["params"]) for g in groups] == [N_LLAMA_DECAY - LAYERS * len(LLAMA_LINEARS), N_LLAMA_LORA,
+                                                  N_LLAMA_NORM]
     decay, lora, no_decay = groups
     assert decay["weight_decay"] == 0.1 and "lr" not in decay
     assert lora["weight_decay"] == 0.1 and lora["lr"] == 5e-4
@@ -256,7 +267,8 @@ def test_param_groups_with_lora():
     pre = "base_model.model."
     assert _group_of(groups, params[pre + "model.norm.weight"]) is no_decay
     assert _group_of(groups, params[pre + "model.layers.1.input_layernorm.weight"]) is no_decay
-    assert _group_of(groups, params[pre + "model.layers.0.self_attn.q_proj.base_layer.weight"]) is decay
+    frozen = params[pre + "model.layers.0.self_attn.q_proj.base_layer.weight"]
+    assert not any(p is frozen for g in groups for p in g["params"])
     assert _group_of(groups, params[pre + "model.layers.0.self_attn.q_proj.lora_A.default.weight"]) is lora
     assert _group_of(groups, params[pre + "lm_head.weight"]) is decay
 
@@ -278,8 +290,9 @@ def test_param_groups_keep_the_biases_of_one_module_lora_layers_out_of_decay():
     # An adapted Linear holds its base bias as its own `base_layer.bias` (apply_lora): still not decayed.
     model = apply_lora(tiny_opt(), LoRAArgs(lora_dim=4, only_optimize_lora=False))
     decay, lora, no_decay = optimizer_param_groups(model, weight_decay=0.1, lora_learning_rate=5e-4)
-    # the same 14 / 22 split as without LoRA, and 2 x 6 x 2 adapter weights
-    assert (len(decay["params"]), len(lora["params"]), len(no_decay["params"])) == (14, 24, 22)
+    # 14 / 22 without LoRA; the 12 adapted Linear weights (2 layers x 6) stay frozen, and 2 x 6 x 2 adapter
+    # weights train
+    assert (len(decay["params"]), len(lora["params"]), len(no_decay["params"])) == (2, 24, 22)
     params = dict(model.named_parameters())
     assert _group_of([decay, lora, no_decay], params[
         "base_model.model.model.decoder.layers.0.fc1.base_layer.bias"]) is no_decay
@@ -442,3 +455,38 @@ def test_interrupted_publish_leaves_no_config_json(tmp_path, monkeypatch):
     assert (target / "model.safetensors").read_text() == "new weights"
     assert not (target / "config.json").exists()
     assert (target / "metrics.jsonl").exists()
+
+
+def test_the_benchmarks_no_arithmetic_diagnostic_keeps_the_structure_and_drops_the_math(monkeypatch):
+    # benchmarks/rlhf_step.py --no_lora_arithmetic: a one-module layer returns its base output, and its adapters
+    # still get (zero) gradients, so DeepSpeed's hooks and the optimizer group see them as in a real run.
+    import importlib.util
+
+    from peft.tuners.lora.layer import Linear
+
+    import engine.models.lora as lora_mod
+    from tests.conftest import ROOT
+
+    spec = importlib.util.spec_from_file_location("rlhf_step_bench", ROOT / "benchmarks" / "rlhf_step.py")
+    bench = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(bench)
+    lean_class = lora_mod._lean_class(Linear)
+    monkeypatch.setattr(lean_class, "forward", lean_class.forward)  # restored after the test
+    model = apply_lora(tiny_llama(), LoRAArgs(lora_dim=4, only_optimize_lora=False))
+    with torch.no_grad():  # a non-zero lora_B: the real layer's output differs from its base's
+        for name, p in model.named_parameters():
+            if "lora_B" in name:
+                p.copy_(torch.linspace(-1, 1, p.numel()).view_as(p))
+    ids = torch.tensor([[5, 6, 7, 8, 9, 10]])
+    with torch.no_grad():
+        adapted = model(input_ids=ids).logits
+        with model.disable_adapter():
+            base = model(input_ids=ids).logits
+    bench.drop_lora_arithmetic()
+    assert torch.equal(model(input_ids=ids).logits.detach(), base) and not torch.equal(base, adapted)
+    model(input_ids=ids, labels=ids).loss.backward()
+    lora_grads = [p.grad for n, p in model.named_parameters() if "lora_" in n]
+    assert len(lora_grads) == 2 * LAYERS * len(LLAMA_LINEARS)
+    assert all(g is not None and not g.any() for g in lora_grads)
+    norm_grad = model.base_model.model.model.layers[0].input_layernorm.weight.grad
+    assert norm_grad is not None and norm_grad.any()  # the rest of the model still learns

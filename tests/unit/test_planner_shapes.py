@@ -31,6 +31,27 @@ def test_shape_fields_of_llama_2_7b():
     assert s.lora_params(8) == 32 * 8 * per_layer and len(s.lora_targets) == 32 * 7
 
 
+def test_trainable_parameters_with_lora_follow_the_engine():
+    # Without --only_optimize_lora the adapted Linear weights stay frozen (engine.models.lora.apply_lora, as in
+    # DeepSpeed-Chat): Llama-2-7B keeps its embeddings, norms and head trainable beside the adapters.
+    s = model_shape_of(load_config("llama-2-7b"))
+    linear = 32 * (4 * 4096 * 4096 + 3 * 4096 * 11008)
+    assert s.linear_params == linear
+    assert s.trainable_params(8) == 6_738_415_616 - linear + s.lora_params(8)
+    assert s.trainable_params(0) == s.params  # no LoRA: everything trains
+    # ... and the count is the engine's, on the embedded tiny Llama.
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    from engine.config import LoRAArgs
+    from engine.models.lora import apply_lora
+    from engine.models.tiny import TINY_LLAMA, VOCAB_SIZE
+
+    model = LlamaForCausalLM(LlamaConfig(**TINY_LLAMA, vocab_size=VOCAB_SIZE))
+    shape = model_shape_of(model.config)
+    lora = apply_lora(model, LoRAArgs(lora_dim=4))
+    assert sum(p.numel() for p in lora.parameters() if p.requires_grad) == shape.trainable_params(4)
+
+
 def test_grouped_query_attention_narrows_the_kv_cache():
     assert model_shape_of(load_config("qwen2.5-7b")).kv_width == 4 * 128  # 4 kv heads of 128 of 28 heads
 

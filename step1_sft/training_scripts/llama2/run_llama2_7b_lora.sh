@@ -1,10 +1,10 @@
 #!/usr/bin/env bash
 # Step 1 (SFT): LoRA fine-tuning of meta-llama/Llama-2-7b-hf on one node with 8 GPUs, ZeRO-3 and
 # gradient checkpointing: rank-128 LoRA on the Linear layers under "layers.", 4 Dahoas/yitingxie
-# datasets, 4 epochs, micro batch 4 per GPU. As in DeepSpeed-Chat's script, the 7B base weights train
-# too, at --learning_rate (9.65e-6), and the LoRA weights at --lora_learning_rate (5e-4); pass
-# --only_optimize_lora to freeze the base. The model is gated on the Hugging Face hub: accept its
-# licence and log in first.
+# datasets, 4 epochs, micro batch 4 per GPU. As in DeepSpeed-Chat's script, the adapted Linear weights
+# stay frozen, the rest of the model (embeddings, norms, head) trains at --learning_rate (9.65e-6) and
+# the LoRA weights at --lora_learning_rate (5e-4); pass --only_optimize_lora to train the LoRA weights
+# alone. The model is gated on the Hugging Face hub: accept its licence and log in first.
 #
 # Usage: run_llama2_7b_lora.sh [OUTPUT=./output_step1_llama2_7b_lora] [ZERO_STAGE=3] [main.py flags...]
 set -euo pipefail

@@ -1,10 +1,10 @@
 #!/usr/bin/env bash
 # Step 2 (DPO): LoRA DPO fine-tuning of meta-llama/Llama-2-7b-hf on one node with 8 GPUs, ZeRO-3 with CPU
 # offload and gradient checkpointing: rank-128 LoRA on the Linear layers under "layers.", Dahoas/rm-static, 1
-# epoch, micro batch 8 pairs per GPU (DeepSpeed-Chat's DPO llama2 LoRA script). As in DeepSpeed-Chat the base
-# weights train too (lr 9.65e-6, LoRA at --lora_learning_rate 5e-4), so the reference is a frozen copy; add
-# --only_optimize_lora to freeze the base, and the reference becomes the policy with its adapters switched off
-# (no second copy of the 7B weights). The model is gated on the Hugging Face hub: accept its licence first.
+# epoch, micro batch 8 pairs per GPU (DeepSpeed-Chat's DPO llama2 LoRA script). As in DeepSpeed-Chat the adapted
+# Linear weights stay frozen and the rest (embeddings, norms, head) trains (lr 9.65e-6, LoRA at
+# --lora_learning_rate 5e-4), so the reference is a frozen copy; add --only_optimize_lora to train LoRA alone,
+# and the reference becomes the policy with its adapters switched off (no second copy of the 7B weights). The model is gated on the Hugging Face hub: accept its licence first.
 #
 # Usage: run_llama2_7b_lora.sh [OUTPUT=./output_step2_dpo_llama2_7b_lora] [ZERO_STAGE=3] [main.py flags...]   (--offload needs ZERO_STAGE 2 or 3)
 set -euo pipefail

@@ -2,9 +2,9 @@
 # Step 2 (reward model): LoRA fine-tuning of meta-llama/Llama-2-7b-hf as a reward model on one node
 # with 8 GPUs, ZeRO-3 with CPU offload and gradient checkpointing: rank-128 LoRA on the Linear layers
 # under "layers.", Dahoas/rm-static, 1 epoch, micro batch 8 pairs per GPU (DeepSpeed-Chat's llama2
-# LoRA script). As in DeepSpeed-Chat, the base weights train too, at --learning_rate 9.65e-6, and the
-# LoRA weights at --lora_learning_rate (5e-4); add --only_optimize_lora to freeze the base (the value
-# head always trains). Llama-2's BOS is not its pad token: --num_padding_at_beginning 0. The model is
+# LoRA script). As in DeepSpeed-Chat, the adapted Linear weights stay frozen, the rest of the model trains
+# at --learning_rate 9.65e-6 and the LoRA weights at --lora_learning_rate (5e-4); add --only_optimize_lora
+# to train LoRA alone (the value head always trains). Llama-2's BOS is not its pad token: --num_padding_at_beginning 0. The model is
 # gated on the Hugging Face hub: accept its licence and log in first.
 #
 # Usage: run_llama2_7b_lora.sh [OUTPUT=./output_step2_llama2_7b_lora] [ZERO_STAGE=3] [main.py flags...]   (--offload needs ZERO_STAGE 2 or 3)

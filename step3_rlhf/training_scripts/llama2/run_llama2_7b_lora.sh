@@ -5,10 +5,10 @@
 # Dahoas/rm-static, 1 prompt / 1 sequence per GPU per batch, prompts and answers up to 256 tokens,
 # actor lr 9.65e-6, critic lr 5e-6, weight decay 0.1, cosine schedule with 100 warm-up steps, actor
 # dropout off, gradient checkpointing of both, reference model offloaded to CPU, hybrid-engine
-# generation, fp16). As in DeepSpeed-Chat, the base weights train too (at --actor_learning_rate and
-# --critic_learning_rate) and the LoRA weights at --actor_lora_learning_rate and
-# --critic_lora_learning_rate (5e-4); add --only_optimize_lora to freeze the bases (the critic's value
-# head always trains).
+# generation, fp16). As in DeepSpeed-Chat, the adapted Linear weights stay frozen, the rest of each
+# model trains (at --actor_learning_rate and --critic_learning_rate) and the LoRA weights at
+# --actor_lora_learning_rate and --critic_lora_learning_rate (5e-4); add --only_optimize_lora to train
+# LoRA alone (the critic's value head always trains).
 # The defaults are the folders step1_sft/training_scripts/llama2/run_llama2_7b_lora.sh and
 # step2_reward/training_scripts/llama2/run_llama2_7b_lora.sh write by default (run from the same
 # folder). --offload_reference_model needs ACTOR_ZERO_STAGE 3. --num_padding_at_beginning 1 is kept

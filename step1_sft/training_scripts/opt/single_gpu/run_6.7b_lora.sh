@@ -2,7 +2,7 @@
 # Step 1 (SFT): LoRA fine-tuning of facebook/opt-6.7b on one GPU (DeepSpeed-Chat's single_gpu
 # 6.7b LoRA script: 4 Dahoas/yitingxie datasets, 16 epochs, lr 1e-3, micro batch 8, 16 accumulation
 # steps, gradient checkpointing, rank-128 LoRA on the decoder layers, fp16). As in DeepSpeed-Chat the
-# base weights train too (add --only_optimize_lora to freeze them).
+# adapted Linear weights stay frozen and the rest trains (add --only_optimize_lora to train LoRA alone).
 #
 # Usage: run_6.7b_lora.sh [OUTPUT=./output] [ZERO_STAGE=0] [main.py flags...]
 set -euo pipefail

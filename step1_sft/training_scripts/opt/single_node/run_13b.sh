@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # Step 1 (SFT): facebook/opt-13b on one node with 8 GPUs and ZeRO-3 (DeepSpeed-Chat's single_node
 # 13b script: 4 Dahoas/yitingxie datasets, 16 epochs, lr 1e-4, micro batch 4 per GPU, gradient
-# checkpointing, rank-128 LoRA on the decoder layers with the base weights training too, fp16).
+# checkpointing, rank-128 LoRA on the decoder layers, the adapted weights frozen, the rest training, fp16).
 #
 # Usage: run_13b.sh [OUTPUT=./output] [ZERO_STAGE=3] [main.py flags...]
 set -euo pipefail

@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # Step 1 (SFT): facebook/opt-30b with LoRA on one node with 8 GPUs and ZeRO-3 (DeepSpeed-Chat's
 # single_node 30b LoRA script: 4 Dahoas/yitingxie datasets, 16 epochs, lr 9.65e-6, micro batch 4 per
-# GPU, gradient checkpointing, rank-128 LoRA with the base weights training too, fp16). DeepSpeed-Chat's
+# GPU, gradient checkpointing, rank-128 LoRA, the adapted weights frozen, the rest training, fp16). DeepSpeed-Chat's
 # LoRA default matches OPT's decoder layers; ours ('auto') matches every decoder Linear layer, the same
 # ones for OPT.
 #

@@ -5,8 +5,8 @@
 # prompts and answers up to 256 tokens each, actor lr 5e-4, critic lr 5e-6, weight decay 0.1 for
 # both, cosine schedule with 100 warm-up steps, actor dropout off, actor gradient checkpointing,
 # rank-128 LoRA on the actor's decoder layers, hybrid-engine generation, fp16). As in DeepSpeed-Chat,
-# the actor's base weights train too (at --actor_learning_rate), its LoRA weights at
-# --actor_lora_learning_rate (5e-4).
+# the actor's adapted Linear weights stay frozen, the rest trains at --actor_learning_rate and its LoRA
+# weights at --actor_lora_learning_rate (5e-4).
 # DeepSpeed-Chat's --inference_tp_size 8 --tp_gather_partition_size 4 are kept but have no effect here
 # (step 3 logs a warning): there is no tensor-parallel generation, the hybrid mode gathers the whole
 # actor on each GPU instead (add --unpin_actor_parameters to gather it layer by layer if that does

@@ -4,7 +4,7 @@
 # ZeRO-2 (DeepSpeed-Chat's single_node 1.3b LoRA script: Dahoas/rm-static, 4 prompts per generation
 # batch and 4 sequences per PPO micro-batch per GPU, prompts and answers up to 256 tokens each, actor
 # lr 9.65e-6, critic lr 5e-6, cosine schedule with 100 warm-up steps, actor dropout off,
-# hybrid-engine generation, fp16). As in DeepSpeed-Chat the actor's base weights train too.
+# hybrid-engine generation, fp16). As in DeepSpeed-Chat the adapted weights stay frozen.
 # CRITIC_MODEL_PATH must be a reward model in Hugging Face *ForSequenceClassification form (one
 # label), as step2_reward/main.py writes it. --num_padding_at_beginning is accepted for
 # compatibility only (step 3 works from real attention masks).

@@ -4,8 +4,9 @@
 # script: Dahoas/rm-static, 16 prompts per generation batch and 16 sequences per PPO micro-batch per
 # GPU, prompts and answers up to 256 tokens each, actor lr 5e-4, critic lr 5e-6, cosine schedule with
 # 100 warm-up steps, actor dropout off, actor gradient checkpointing, rank-128 LoRA on the actor's
-# decoder layers, hybrid-engine generation, fp16). As in DeepSpeed-Chat, the actor's base weights
-# train too (at --actor_learning_rate), its LoRA weights at --actor_lora_learning_rate (5e-4).
+# decoder layers, hybrid-engine generation, fp16). As in DeepSpeed-Chat, the actor's adapted Linear
+# weights stay frozen, the rest trains at --actor_learning_rate, the LoRA weights at
+# --actor_lora_learning_rate (5e-4).
 # DeepSpeed-Chat's --inference_tp_size 2 is kept but has no effect here (step 3 logs a warning): there
 # is no tensor-parallel generation, the hybrid mode gathers the whole actor on each GPU instead (add
 # --unpin_actor_parameters if that does not fit).

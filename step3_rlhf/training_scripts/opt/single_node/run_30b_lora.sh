@@ -4,7 +4,7 @@
 # (DeepSpeed-Chat's single_node 30b LoRA script: Dahoas/rm-static, 4 prompts per generation batch and
 # 4 sequences per PPO micro-batch per GPU, prompts and answers up to 256 tokens each, actor lr 5e-4,
 # critic lr 5e-6, cosine schedule with 100 warm-up steps, actor gradient checkpointing, actor dropout
-# off, hybrid-engine generation, fp16). As in DeepSpeed-Chat the actor's base weights train too.
+# off, hybrid-engine generation, fp16). As in DeepSpeed-Chat the adapted weights stay frozen.
 # CRITIC_MODEL_PATH must be a reward model in Hugging Face *ForSequenceClassification form (one
 # label), as step2_reward/main.py writes it. --num_padding_at_beginning is accepted for
 # compatibility only (step 3 works from real attention masks).
