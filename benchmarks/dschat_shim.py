@@ -17,9 +17,6 @@ shims (DeepSpeed-Chat's files are not edited):
   - The critic / reward model is cast to its ZeRO-3 parameters' dtype after creation: `v_head` is made outside
     zero.Init in fp32, and DeepSpeed 0.19 no longer casts a ZeRO-Init model's other parameters (older
     releases called module.bfloat16()), so ZeRO-3's flat buffer would mix dtypes (assert in defragment).
-  - Only with DSCHAT_LORA_TRAIN_BASE=1 (not a compatibility fix: an equal-work variant): DeepSpeed-Chat's
-    LinearLayer_LoRA always freezes the Linear weight it wraps, even without --only_optimize_lora; this sets
-    requires_grad back on them, so the base weights train beside LoRA as in our step 3.
 Timing wraps DeepSpeedPPOTrainer: generate (`_generate_sequence`), experience (the rest of
 `generate_experience`: actor, reference, reward and critic forwards), train (`train_rlhf`); a step ends at
 main.py's `print_throughput_step3` call. Rank 0 writes DSCHAT_TIMING_OUT: per step those seconds, their sum
@@ -98,17 +95,6 @@ def install_shims() -> None:
         return model.to(next(model.rwtransformer.parameters()).dtype)
 
     rlhf_engine.create_critic_model = critic_in_run_dtype
-    if os.environ.get("DSCHAT_LORA_TRAIN_BASE") == "1":
-        convert = rlhf_engine.convert_linear_layer_to_lora
-
-        def lora_with_trained_base(model, *args, **kwargs):
-            model = convert(model, *args, **kwargs)
-            for module in model.modules():
-                if type(module).__name__ == "LinearLayer_LoRA":
-                    module.weight.requires_grad = True
-            return model
-
-        rlhf_engine.convert_linear_layer_to_lora = lora_with_trained_base
 
 
 def install_timing(steps: list[dict]) -> None:

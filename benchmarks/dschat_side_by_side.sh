@@ -10,11 +10,11 @@
 # 8-row micro-batch; no gradient checkpointing; LoRA on every Linear of the decoder layers ('layers.'),
 # scaling 1/rank; critic without LoRA; optimizer torch.optim.AdamW for actor and critic (ours takes it on CPU;
 # DeepSpeed-Chat's FusedAdam is CUDA-only and is swapped for it); 26 steps, the first left out.
+# LoRA trains the same weights on both sides: the adapters, not the adapted Linear weights, and the rest of
+# the model (no --only_optimize_lora).
 # Differs: each side's own code (LoRA layer, PPO math, reward end-score loop, peft vs DeepSpeed-Chat's
-# LinearLayer_LoRA); DeepSpeed-Chat pads the vocabulary to 288 rows (ours 285) and pads with EOS (ours <pad>);
-# DeepSpeed-Chat's LoRA freezes the Linear weights it wraps even without --only_optimize_lora, while ours
-# trains them: variant "dschat_trainbase" (LoRA 8 only) runs DeepSpeed-Chat with them trained, the same
-# work as ours. benchmarks/dschat_shim.py lists the runtime shims and defines the phases.
+# LinearLayer_LoRA); DeepSpeed-Chat pads the vocabulary to 288 rows (ours 285) and pads with EOS (ours <pad>).
+# benchmarks/dschat_shim.py lists the runtime shims and defines the phases.
 #
 # Writes DSCHAT/applications/DeepSpeed-Chat/data/{train,eval}.json (its local/jsonfile dataset), and in OUT_DIR:
 # models/ (DeepSpeed-Chat-format folders), <variant>_r<round>_l<lora>.json and .log per run, summary.json with
@@ -42,7 +42,7 @@ run() {  # variant round lora
       --steps "$STEPS" --warmup_steps 1 --run_dir "$OUT/run_$tag" --out "$OUT/$tag.json" \
       -- --actor_zero_stage 3 --critic_zero_stage 3 --no-do_sample --actor_lora_dim "$3"
   else
-    DSCHAT_APP="$APP" DSCHAT_TIMING_OUT="$OUT/$tag.json" DSCHAT_LORA_TRAIN_BASE="$([ "$1" = dschat_trainbase ] && echo 1)" \
+    DSCHAT_APP="$APP" DSCHAT_TIMING_OUT="$OUT/$tag.json" \
       deepspeed --num_gpus 2 "$ROOT/benchmarks/dschat_shim.py" --data_path local/jsonfile --data_split 0,0,1 \
       --data_output_path "$OUT/dschat_data_cache" --actor_model_name_or_path "$OUT/models/actor" \
       --critic_model_name_or_path "$OUT/models/critic" --num_padding_at_beginning 0 "${shape[@]}" \
@@ -52,7 +52,7 @@ run() {  # variant round lora
 }
 
 for round in $(seq 1 "$ROUNDS"); do
-  for config in dschat:0 ours:0 dschat:8 dschat_trainbase:8 ours:8; do
+  for config in dschat:0 ours:0 dschat:8 ours:8; do
     run "${config%:*}" "$round" "${config#*:}"
   done
 done
@@ -80,17 +80,15 @@ def step_means(path):
             "steps": report["steps"]["measured"]}
 
 
-configs = ("dschat_l0", "dschat_l8", "dschat_trainbase_l8", "ours_l0", "ours_l8")
+configs = ("dschat_l0", "dschat_l8", "ours_l0", "ours_l8")
 runs = {c: [step_means(out / f"{c.rsplit('_', 1)[0]}_r{r}_{c.rsplit('_', 1)[1]}.json") for r in range(1, rounds + 1)]
         for c in configs}
 median = {c: {k: statistics.median(run[k] for run in rs) for k in rs[0]} | {"e2e_s_per_round": [r["e2e_s"] for r in rs]}
           for c, rs in runs.items()}
 pairs = {"dschat_lora8_over_lora0": ("dschat_l8", "dschat_l0"),
-         "dschat_trainbase_lora8_over_lora0": ("dschat_trainbase_l8", "dschat_l0"),
          "ours_lora8_over_lora0": ("ours_l8", "ours_l0"),
          "ours_over_dschat_lora0": ("ours_l0", "dschat_l0"),
-         "ours_over_dschat_lora8": ("ours_l8", "dschat_l8"),
-         "ours_over_dschat_trainbase_lora8": ("ours_l8", "dschat_trainbase_l8")}
+         "ours_over_dschat_lora8": ("ours_l8", "dschat_l8")}
 ratios = {name: {"of_medians": median[a]["e2e_s"] / median[b]["e2e_s"],
                  "per_round": [ra["e2e_s"] / rb["e2e_s"] for ra, rb in zip(runs[a], runs[b])]}
           for name, (a, b) in pairs.items()}

@@ -34,8 +34,10 @@ def test_zero3_offload_lora_checkpointing(run_step, local_inputs, tmp_path):
                                    "--dtype", "bf16", "--per_device_train_batch_size", "8",
                                    "--output_dir", str(out)], nprocs=2)
     evals = eval_rows(out)
-    # Measured 282 -> 88 (3.20x) with --seed 1234, 3.19x / 3.24x with seeds 1 / 2, 3.20x on AVX2 kernels.
-    assert evals[-1]["eval/perplexity"] < evals[0]["eval/perplexity"] / 3
+    # LoRA trains the adapters, embeddings, norms and head; the adapted Linear weights stay frozen (as in
+    # DeepSpeed-Chat). Measured 288 -> 120 (2.40x) with --seed 1234, 2.37x / 2.39x with seeds 1 / 2
+    # (3.2x when those weights trained too).
+    assert evals[-1]["eval/perplexity"] < evals[0]["eval/perplexity"] / 2
     # A fresh process loads the folder as a plain Hugging Face model.
     probe = ("import sys, torch; from transformers import AutoModelForCausalLM as M; "
              "m = M.from_pretrained(sys.argv[1]); assert not any('lora' in k for k in m.state_dict()); "
