@@ -11,6 +11,7 @@ Layouts:
 - `none`: the model without LoRA;
 - `peft`: peft's LoRA layers as peft builds them (rank 8, every Linear but the head);
 - `engine`: the same after engine.models.lora.apply_lora (one module per adapted Linear, the lean forward).
+Both train what step 3 trains with LoRA (apply_lora): the adapters and all but the adapted Linear weights.
 Runs are interleaved (`--rounds`) and each figure is the median of its rounds. Prints and writes JSON, with each
 LoRA layout's ratio to `none`.
 """
@@ -25,11 +26,10 @@ import torch
 
 
 def build(args: argparse.Namespace, layout: str) -> torch.nn.Module:
-    from peft import LoraConfig, get_peft_model
     from transformers import LlamaConfig, LlamaForCausalLM
 
     from engine.config import LoRAArgs
-    from engine.models.lora import apply_lora, lora_target_modules
+    from engine.models.lora import apply_lora
     from engine.models.tiny import TINY_LLAMA, VOCAB_SIZE
 
     shape = dict(TINY_LLAMA, vocab_size=VOCAB_SIZE, hidden_size=args.hidden_size,
@@ -37,14 +37,9 @@ def build(args: argparse.Namespace, layout: str) -> torch.nn.Module:
                  num_key_value_heads=args.num_heads)
     torch.manual_seed(0)
     model = LlamaForCausalLM(LlamaConfig(**shape)).to(torch.bfloat16)
-    if layout == "engine":
-        model = apply_lora(model, LoRAArgs(lora_dim=args.lora_dim, only_optimize_lora=False))
-    elif layout == "peft":
-        config = LoraConfig(r=args.lora_dim, lora_alpha=1.0, lora_dropout=0.0,
-                            target_modules=lora_target_modules(model, "auto"), bias="none")
-        model = get_peft_model(model, config, autocast_adapter_dtype=False)
-        for p in model.parameters():
-            p.requires_grad_(True)
+    if layout in ("engine", "peft"):  # what trains: the engine's rule (the adapted Linear weights stay frozen)
+        model = apply_lora(model, LoRAArgs(lora_dim=args.lora_dim, only_optimize_lora=False),
+                           one_module_layers=layout == "engine")
     return model
 
 
