@@ -440,10 +440,20 @@ def _load_engine(engine: Any, folder: Path, name: str, tag: str, elastic: bool) 
                         "offloaded to NVMe, whose per-rank swap files DeepSpeed cannot re-shard; resume with "
                         "the ranks that wrote it")
     load_dir, load_tag = (role_folder, UNIVERSAL_DIR) if universal else (folder / name, tag)
-    with safe_checkpoint_loading(engine), universal_loading(engine) if universal else contextlib.nullcontext():
-        load_path, state = engine.load_checkpoint(
-            str(load_dir), tag=load_tag, load_optimizer_states=True, load_lr_scheduler_states=True,
-            custom_load_fn=_load_trained if is_quantized(engine.module) else None)
+    try:
+        with safe_checkpoint_loading(engine), universal_loading(engine) if universal else contextlib.nullcontext():
+            load_path, state = engine.load_checkpoint(
+                str(load_dir), tag=load_tag, load_optimizer_states=True, load_lr_scheduler_states=True,
+                custom_load_fn=_load_trained if is_quantized(engine.module) else None)
+    except (KeyError, ValueError) as err:
+        # What DeepSpeed raises when the saved trained parameters are not this model's: a parameter it cannot
+        # find (ZeRO) or an optimizer group of another size (torch's optimizer).
+        raise UserError(f"--resume: {role_folder} does not fit the {name or 'model'} this run builds "
+                        f"({type(err).__name__}: {str(err)[:160]}): it was saved with other trained parameters, "
+                        "e.g. other LoRA flags (--lora_dim, --lora_module_name, --only_optimize_lora), or before "
+                        "2026-12-08, when LoRA without --only_optimize_lora also trained the adapted Linear "
+                        "weights; resume with the flags it was saved with, or start again in a new --output_dir"
+                        ) from None
     if load_path is None:
         raise UserError(f"--resume: DeepSpeed could not load {load_dir / load_tag}")
     return state

@@ -128,3 +128,17 @@ def test_prompt_eval_compares_two_models(run_step, sft_run, engine_cache):
     assert proc.returncode == 0, proc.stderr[-2000:]
     assert proc.stderr.count("==========prompt==========") == 8
     assert "finetune:" in proc.stderr and "answers correct by the sorting rule" in proc.stderr
+
+
+@pytest.mark.parametrize("zero_stage", ["0", "3"])
+def test_resume_with_other_trained_parameters_is_refused_with_a_message(run_step, tmp_path, zero_stage):
+    # A checkpoint of LoRA adapters alone, resumed by a run that also trains the embeddings, norms and head:
+    # DeepSpeed meets an optimizer group of another size (stage 0) or a parameter it does not know (ZeRO).
+    out = tmp_path / "out"
+    common = [*SMALL, "--output_dir", str(out), "--zero_stage", zero_stage, "--lora_dim", "4", "--save_interval", "2"]
+    run_step("step1_sft/main.py", [*common, "--only_optimize_lora", "--test_stop_step", "2"])
+    proc = run_step("step1_sft/main.py", [*common, "--test_stop_step", "4", "--resume"], check=False)
+    assert proc.returncode == 2, proc.stderr[-3000:]
+    assert "Traceback" not in proc.stderr
+    assert "--resume:" in proc.stderr and "other trained parameters" in proc.stderr
+    assert "resume with the flags it was saved with" in proc.stderr
