@@ -43,6 +43,8 @@ def prepare(out: Path, app: Path) -> None:
 
     from engine.bench.random_models import embedded_tokenizer, ensure_random_model, load_shape
     from engine.data.sort_task import ASSET_DIR
+    from engine.models.convert_dschat import BASE_PREFIX, HEAD_KEY, WEIGHTS
+    from engine.models.reward_model import HEAD
     from engine.runtime.atomic import cache_root
 
     config = load_shape("tiny")
@@ -59,13 +61,13 @@ def prepare(out: Path, app: Path) -> None:
     shutil.rmtree(critic, ignore_errors=True)
     critic.mkdir()
     state = load_file(ours["critic"] / "model.safetensors")
-    dschat = {"rwtransformer." + k.removeprefix("model."): v for k, v in state.items() if k.startswith("model.")}
-    dschat["v_head.weight"] = state["score.weight"]
+    dschat = {BASE_PREFIX + k.removeprefix("model."): v for k, v in state.items() if k.startswith("model.")}
+    dschat[HEAD_KEY] = state[f"{HEAD}.weight"]
     # DeepSpeed-Chat resizes every model's vocabulary to a multiple of 8 before loading (its step 2 saved that
     # shape too); the extra rows never occur in the input.
-    embed = dschat["rwtransformer.embed_tokens.weight"]
-    dschat["rwtransformer.embed_tokens.weight"] = torch.nn.functional.pad(embed, (0, 0, 0, -len(embed) % 8))
-    torch.save(dschat, critic / "pytorch_model.bin")
+    embed_key = f"{BASE_PREFIX}embed_tokens.weight"
+    dschat[embed_key] = torch.nn.functional.pad(dschat[embed_key], (0, 0, 0, -len(dschat[embed_key]) % 8))
+    torch.save(dschat, critic / WEIGHTS)
     cfg = json.loads((ours["critic"] / "config.json").read_text())
     for key in ("id2label", "label2id"):
         cfg.pop(key, None)
